@@ -1,0 +1,236 @@
+"""Readers: bytes, digests and sidecar captions of listed inputs.
+
+`FileReader` reads one file per row; `TarReader` expands WebDataset tars into one row per
+sample. Both keep going on bad input: a file that cannot be read becomes a rejected row
+(`unreadable`, or `too_large` when it exceeds the byte cap), never a crash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tarfile
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import fsspec
+import pyarrow as pa
+from webdataset.tariterators import base_plus_ext
+
+from curation import schema
+from curation.base import Stage, column, set_columns
+
+SIDECAR = "sidecar"  # listing column: URI of a sidecar caption file
+KIND = "kind"  # listing column: "file" | "tar"
+
+CAPTION_EXTS = ("txt",)
+CAPTION_ZH_EXTS = ("zh.txt",)
+META_EXTS = ("json",)
+
+
+def read_bytes(source: str, tar_offset: int | None = None, size: int | None = None) -> bytes:
+    """Read an input's bytes again: a whole file, or `size` bytes of a tar member.
+
+    Args:
+        source: the manifest's `source` (for tar members, `tar-uri#member`).
+        tar_offset: byte offset of a tar member's data (None for plain files).
+        size: the member's size (required with `tar_offset`).
+    """
+    if tar_offset is None:
+        with fsspec.open(source, "rb") as fh:
+            return fh.read()
+    tar_uri = source.rsplit("#", 1)[0]
+    with fsspec.open(tar_uri, "rb") as fh:
+        fh.seek(tar_offset)
+        data = fh.read(size)
+    if len(data) != size:
+        raise OSError(f"tar member truncated: read {len(data)} of {size} bytes")
+    return data
+
+
+def caption_from_json(raw: bytes) -> tuple[str | None, str | None]:
+    """(English, Chinese) captions from a sidecar JSON's `caption`/`caption_en`/`caption_zh`."""
+    try:
+        meta = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return None, None
+    if not isinstance(meta, dict):
+        return None, None
+    en = meta.get("caption_en", meta.get("caption"))
+    zh = meta.get("caption_zh")
+    return (en if isinstance(en, str) else None), (zh if isinstance(zh, str) else None)
+
+
+def _text(raw: bytes) -> str | None:
+    try:
+        text = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return None
+    return text or None
+
+
+@dataclass(kw_only=True)
+class FileReader(Stage):
+    """Read each listed file's bytes, size, sha256 and sidecar caption.
+
+    Reads: `source`, `sidecar`. Writes: `data`, `size_bytes`, `sha256`, `caption_en`,
+    `caption_zh`. Rejects: `unreadable` (missing, permission, I/O error), `too_large` (file over
+    `max_file_bytes`, never read). Resources: 1 CPU (I/O bound).
+    """
+
+    name: ClassVar[str] = "read"
+    batch_size: ClassVar[int] = 8
+    reads: ClassVar[tuple[str, ...]] = (schema.SOURCE, SIDECAR)
+    writes: ClassVar[tuple[str, ...]] = (
+        schema.DATA, schema.SIZE_BYTES, schema.SHA256, schema.CAPTION_EN, schema.CAPTION_ZH,
+    )
+    max_file_bytes: int = 512 * 1024 * 1024
+
+    def process(self, table: pa.Table) -> pa.Table:
+        out: dict[str, list[Any]] = {c: [] for c in (*self.writes, schema.STATUS, schema.REASON, schema.DETAIL)}
+        for src, side in zip(column(table, schema.SOURCE), column(table, SIDECAR), strict=True):
+            row = _read_one(src, side, self.max_file_bytes)
+            for c in out:
+                out[c].append(row.get(c))
+        return set_columns(table, out)
+
+
+def _read_one(src: str, sidecar: str | None, max_bytes: int) -> dict[str, Any]:
+    try:
+        fs, path = fsspec.core.url_to_fs(src)
+        size = fs.size(path)
+        if size is not None and size > max_bytes:
+            return {
+                schema.SIZE_BYTES: size, schema.STATUS: schema.STATUS_REJECTED,
+                schema.REASON: "too_large",
+                schema.DETAIL: f"file is {size} bytes, over the {max_bytes}-byte cap; not read",
+            }
+        with fs.open(path, "rb") as fh:
+            data = fh.read()
+    except Exception as e:  # any I/O failure is this input's verdict, not the job's
+        return {
+            schema.STATUS: schema.STATUS_REJECTED, schema.REASON: "unreadable",
+            schema.DETAIL: f"cannot read: {type(e).__name__}: {e}"[:500],
+        }
+    row: dict[str, Any] = {
+        schema.DATA: data, schema.SIZE_BYTES: len(data),
+        schema.SHA256: hashlib.sha256(data).hexdigest(),
+    }
+    if sidecar:
+        try:
+            with fsspec.open(sidecar, "rb") as fh:
+                raw = fh.read()
+        except Exception:  # a missing caption is not a reason to lose the image
+            raw = b""
+        if sidecar.lower().endswith(".json"):
+            row[schema.CAPTION_EN], row[schema.CAPTION_ZH] = caption_from_json(raw)
+        else:
+            row[schema.CAPTION_EN] = _text(raw)
+    return row
+
+
+@dataclass(kw_only=True)
+class TarReader(Stage):
+    """Expand WebDataset tars into one row per sample (members grouped by key).
+
+    Reads: `source` (a tar URI). Writes one row per sample: `source` (`tar-uri#member`),
+    `tar_offset`, `data`, `size_bytes`, `sha256`, `caption_en`/`caption_zh` from `.txt`/`.zh.txt`
+    or `.json` members. Rejects: `unreadable` for a tar that cannot be opened (one row for the
+    tar) or a truncated member. Resources: 1 CPU; one tar per batch.
+    """
+
+    name: ClassVar[str] = "read_tar"
+    batch_size: ClassVar[int] = 1
+    reads: ClassVar[tuple[str, ...]] = (schema.SOURCE,)
+    writes: ClassVar[tuple[str, ...]] = (
+        schema.SOURCE, schema.TAR_OFFSET, schema.DATA, schema.SIZE_BYTES, schema.SHA256,
+        schema.CAPTION_EN, schema.CAPTION_ZH,
+    )
+    max_file_bytes: int = 512 * 1024 * 1024
+
+    def process(self, table: pa.Table) -> pa.Table:
+        rows: list[dict[str, Any]] = []
+        for tar_uri in column(table, schema.SOURCE):
+            rows.extend(self._expand(tar_uri))
+        cols = (*self.writes, schema.STATUS, schema.REASON, schema.DETAIL)
+        return pa.table(
+            {c: pa.array([r.get(c) for r in rows], type=schema.arrow_type(c)) for c in cols}
+        )
+
+    def _expand(self, tar_uri: str) -> list[dict[str, Any]]:
+        samples: dict[str, dict[str, Any]] = {}
+        order: list[str] = []
+        error: str | None = None
+        try:
+            with fsspec.open(tar_uri, "rb") as fh, tarfile.open(fileobj=fh, mode="r|*") as tf:
+                for member in tf:
+                    if not member.isfile():
+                        continue
+                    key, ext = base_plus_ext(member.name)
+                    if key is None:
+                        continue
+                    if key not in samples:
+                        samples[key] = {"members": {}}
+                        order.append(key)
+                    if member.size > self.max_file_bytes:
+                        samples[key]["error"] = (
+                            f"{member.name}: {member.size} bytes, over the "
+                            f"{self.max_file_bytes}-byte cap; not read"
+                        )
+                        samples[key]["too_large"] = True
+                        continue
+                    try:
+                        data = tf.extractfile(member).read()
+                    except Exception as e:
+                        samples[key]["error"] = f"{member.name}: {type(e).__name__}: {e}"
+                        continue
+                    if len(data) != member.size:
+                        samples[key]["error"] = f"{member.name}: truncated tar member"
+                        continue
+                    samples[key]["members"][ext.lower()] = (member.name, member.offset_data, data)
+        except Exception as e:
+            error = f"{type(e).__name__}: {e}"[:500]
+        rows: list[dict[str, Any]] = []
+        for key in order:
+            rows.extend(_sample_rows(tar_uri, key, samples[key]))
+        if error is not None and not rows:
+            rows.append({
+                schema.SOURCE: tar_uri, schema.STATUS: schema.STATUS_REJECTED,
+                schema.REASON: "unreadable", schema.DETAIL: f"cannot read tar: {error}",
+            })
+        elif error is not None:
+            rows.append({
+                schema.SOURCE: f"{tar_uri}#<rest>", schema.STATUS: schema.STATUS_REJECTED,
+                schema.REASON: "unreadable",
+                schema.DETAIL: f"tar ends in error after {len(order)} samples: {error}",
+            })
+        return rows
+
+
+def _sample_rows(tar_uri: str, key: str, sample: dict[str, Any]) -> list[dict[str, Any]]:
+    members = sample["members"]
+    en = zh = None
+    if "json" in members:
+        en, zh = caption_from_json(members["json"][2])
+    for e in CAPTION_EXTS:
+        if e in members:
+            en = _text(members[e][2]) or en
+    for e in CAPTION_ZH_EXTS:
+        if e in members:
+            zh = _text(members[e][2]) or zh
+    images = [e for e in members if e not in (*CAPTION_EXTS, *CAPTION_ZH_EXTS, *META_EXTS)]
+    rows = []
+    for ext in sorted(images):
+        name, offset, data = members[ext]
+        rows.append({
+            schema.SOURCE: f"{tar_uri}#{name}", schema.TAR_OFFSET: offset, schema.DATA: data,
+            schema.SIZE_BYTES: len(data), schema.SHA256: hashlib.sha256(data).hexdigest(),
+            schema.CAPTION_EN: en, schema.CAPTION_ZH: zh,
+        })
+    if "error" in sample:
+        rows.append({
+            schema.SOURCE: f"{tar_uri}#{key}", schema.STATUS: schema.STATUS_REJECTED,
+            schema.REASON: "too_large" if sample.get("too_large") else "unreadable",
+            schema.DETAIL: sample["error"][:500],
+        })
+    return rows

@@ -1,0 +1,127 @@
+"""Header probe: format, oriented size, mode and frame count, without decoding pixels."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import pyarrow as pa
+from PIL import Image, UnidentifiedImageError
+
+from curation import schema
+from curation.base import Stage, column, pending_mask, set_columns
+
+SUPPORTED_FORMATS = ("jpeg", "mpo", "png", "webp", "tiff", "bmp", "gif", "avif", "jpeg2000")
+"""PIL formats the job decodes; anything else is `unsupported_format`."""
+
+EXTENSIONS = {
+    "jpeg": "jpg", "mpo": "jpg", "png": "png", "webp": "webp", "tiff": "tif", "bmp": "bmp",
+    "gif": "gif", "avif": "avif", "jpeg2000": "jp2",
+}
+"""Shard member extension for each format (the bytes are stored unchanged)."""
+
+ROTATING_ORIENTATIONS = (5, 6, 7, 8)
+EXIF_ORIENTATION_TAG = 0x0112
+
+
+def sniff_non_image(data: bytes) -> str | None:
+    """Words for bytes that are plainly not a raster image (SVG, HTML, text), else None."""
+    head = data[:512].lstrip().lower()
+    if head.startswith(b"<?xml") or b"<svg" in head:
+        return "SVG vector image (not a raster format)"
+    if head.startswith((b"<!doctype html", b"<html")):
+        return "HTML document, not an image"
+    if head.startswith(b"%pdf"):
+        return "PDF document, not an image"
+    try:
+        text = data[:4096].decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    if text and all(ch.isprintable() or ch in "\r\n\t" for ch in text):
+        return "text file, not an image"
+    return None
+
+
+def probe(data: bytes) -> dict[str, Any]:
+    """Header facts of one image's bytes (no pixel decode).
+
+    Returns a dict with `format`, `width`, `height` (after EXIF orientation), `mode`,
+    `num_frames`, `orientation`, or with `reason`/`detail` when the bytes are no usable image.
+    """
+    if not data:
+        return {"reason": "decode_error", "detail": "empty file (0 bytes)"}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img = Image.open(io.BytesIO(data))
+            fmt = (img.format or "").lower()
+            width, height = img.size
+            mode = img.mode
+            frames = int(getattr(img, "n_frames", 1) or 1)
+            try:
+                orientation = int(img.getexif().get(EXIF_ORIENTATION_TAG, 1) or 1)
+            except Exception:  # a broken EXIF block does not make the image unusable
+                orientation = 1
+    except UnidentifiedImageError:
+        what = sniff_non_image(data)
+        if what:
+            return {"reason": "unsupported_format", "detail": what}
+        return {"reason": "decode_error", "detail": "not a recognisable image format"}
+    except Exception as e:
+        return {"reason": "decode_error", "detail": f"header unreadable: {type(e).__name__}: {e}"[:300]}
+    if orientation not in range(1, 9):
+        orientation = 1
+    if orientation in ROTATING_ORIENTATIONS:
+        width, height = height, width
+    row = {
+        "format": fmt, "width": width, "height": height, "mode": mode,
+        "num_frames": frames, "orientation": orientation,
+    }
+    if fmt not in SUPPORTED_FORMATS:
+        row.update(reason="unsupported_format", detail=f"format {fmt or 'unknown'} is not supported")
+    elif frames > 1 and fmt != "mpo":
+        row.update(reason="unsupported_format", detail=f"animated {fmt} ({frames} frames)")
+    return row
+
+
+@dataclass(kw_only=True)
+class HeaderProbe(Stage):
+    """Read each pending image's header: format, size after EXIF orientation, mode, frames.
+
+    Reads: `data`. Writes: `format`, `width`, `height`, `mode`, `num_frames`, `orientation`.
+    Rejects: `decode_error` (empty, unidentifiable, broken header), `unsupported_format`
+    (SVG, text, animations, formats outside `SUPPORTED_FORMATS`). Size thresholds are decided
+    by the `ThresholdFilter` after it. Resources: 1 CPU, header bytes only.
+    """
+
+    name: ClassVar[str] = "probe"
+    batch_size: ClassVar[int] = 32
+    reads: ClassVar[tuple[str, ...]] = (schema.DATA,)
+    writes: ClassVar[tuple[str, ...]] = (
+        schema.FORMAT, schema.WIDTH, schema.HEIGHT, schema.MODE, schema.NUM_FRAMES,
+        schema.ORIENTATION,
+    )
+
+    def setup(self) -> None:
+        Image.MAX_IMAGE_PIXELS = None  # sizes are judged by ThresholdFilter, before any decode
+
+    def process(self, table: pa.Table) -> pa.Table:
+        keys = ("format", "width", "height", "mode", "num_frames", "orientation")
+        cols: dict[str, list[Any]] = {k: [] for k in keys}
+        status = column(table, schema.STATUS)
+        reason = column(table, schema.REASON)
+        detail = column(table, schema.DETAIL)
+        for i, (pending, data) in enumerate(
+            zip(pending_mask(table), column(table, schema.DATA), strict=True)
+        ):
+            row = probe(data) if pending else {}
+            for k in keys:
+                cols[k].append(row.get(k))
+            if pending and "reason" in row:
+                status[i], reason[i], detail[i] = schema.STATUS_REJECTED, row["reason"], row["detail"]
+        return set_columns(
+            table,
+            {**cols, schema.STATUS: status, schema.REASON: reason, schema.DETAIL: detail},
+        )

@@ -1,0 +1,144 @@
+"""Every column name and Arrow type of the curation job, defined once.
+
+The manifest columns follow `data-contract.md`; the working columns (bytes, hashes,
+thumbnails) travel between stages but never reach the manifest.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+MANIFEST_VERSION = 1
+
+# --- identity and input -------------------------------------------------------------------
+SOURCE = "source"  # URI as found: path, s3://..., or tar-uri#member
+SIZE_BYTES = "size_bytes"  # bytes of the input file (null if unreadable)
+SHA256 = "sha256"
+CAPTION_EN = "caption_en"
+CAPTION_ZH = "caption_zh"
+
+# --- decision -----------------------------------------------------------------------------
+STATUS = "status"  # "kept" | "rejected"; null while undecided inside the job
+REASON = "reason"
+DETAIL = "detail"
+
+# --- header probe -------------------------------------------------------------------------
+FORMAT = "format"  # lower-case PIL format name: jpeg, png, webp, ...
+WIDTH = "width"  # after EXIF orientation
+HEIGHT = "height"
+NUM_FRAMES = "num_frames"
+MODE = "mode"  # PIL mode as stored in the file (RGB, L, P, CMYK, I;16, ...)
+ORIENTATION = "orientation"  # EXIF orientation tag (1 when absent)
+
+# --- pixel analysis (scores) ----------------------------------------------------------------
+SHARPNESS = "sharpness"
+FLAT_FRACTION = "flat_fraction"
+ENTROPY = "entropy"
+NATIVE_SCORE = "native_score"
+UPSCALE_FACTOR = "upscale_factor"
+NATIVE_DETAIL = "native_detail"
+PHASH = "phash"  # 64-bit perceptual hash as signed int64 (bit pattern of imagehash.phash)
+THUMBNAIL = "thumbnail"  # small JPEG for the model scorers (working column)
+AESTHETIC = "aesthetic"
+QUALITY = "quality"
+
+# --- dedup, bucket, shard -------------------------------------------------------------------
+KEY = "key"
+DUPLICATE_OF = "duplicate_of"
+BUCKET = "bucket"
+CROP_LEFT = "crop_left"
+CROP_TOP = "crop_top"
+CROP_RIGHT = "crop_right"
+CROP_BOTTOM = "crop_bottom"
+SHARD = "shard"
+EXTENSION = "extension"  # member extension in the shard (jpg, png, webp, ...)
+
+# --- working columns (never written to the manifest) ----------------------------------------
+DATA = "data"  # the input's bytes
+TAR_OFFSET = "tar_offset"  # byte offset of a tar member's data inside its tar (re-read later)
+STAGE_SECONDS = "stage_seconds"  # JSON text: seconds spent per stage on this row
+
+STATUS_KEPT = "kept"
+STATUS_REJECTED = "rejected"
+
+REASONS = (
+    "unreadable",
+    "decode_error",
+    "unsupported_format",
+    "too_large",
+    "too_small",
+    "aspect_ratio",
+    "upscaled",
+    "blurry",
+    "flat",
+    "low_entropy",
+    "low_quality",
+    "low_aesthetic",
+    "duplicate",
+)
+
+FIELDS: dict[str, pa.DataType] = {
+    SOURCE: pa.string(),
+    SIZE_BYTES: pa.int64(),
+    SHA256: pa.string(),
+    STATUS: pa.string(),
+    REASON: pa.string(),
+    DETAIL: pa.string(),
+    FORMAT: pa.string(),
+    WIDTH: pa.int64(),
+    HEIGHT: pa.int64(),
+    NUM_FRAMES: pa.int64(),
+    MODE: pa.string(),
+    ORIENTATION: pa.int64(),
+    KEY: pa.string(),
+    BUCKET: pa.string(),
+    SHARD: pa.string(),
+    EXTENSION: pa.string(),
+    CROP_LEFT: pa.int64(),
+    CROP_TOP: pa.int64(),
+    CROP_RIGHT: pa.int64(),
+    CROP_BOTTOM: pa.int64(),
+    DUPLICATE_OF: pa.string(),
+    SHARPNESS: pa.float64(),
+    FLAT_FRACTION: pa.float64(),
+    ENTROPY: pa.float64(),
+    NATIVE_SCORE: pa.float64(),
+    UPSCALE_FACTOR: pa.float64(),
+    NATIVE_DETAIL: pa.string(),
+    AESTHETIC: pa.float64(),
+    QUALITY: pa.float64(),
+    PHASH: pa.int64(),
+    CAPTION_EN: pa.string(),
+    CAPTION_ZH: pa.string(),
+    TAR_OFFSET: pa.int64(),
+    STAGE_SECONDS: pa.string(),
+    DATA: pa.binary(),
+    THUMBNAIL: pa.binary(),
+}
+
+WORKING_COLUMNS = (DATA, THUMBNAIL)
+"""Columns dropped before anything is written to disk."""
+
+SCORE_COLUMNS = (SHARPNESS, FLAT_FRACTION, ENTROPY, NATIVE_SCORE, AESTHETIC, QUALITY)
+
+MANIFEST_COLUMNS = tuple(c for c in FIELDS if c not in WORKING_COLUMNS)
+MANIFEST_SCHEMA = pa.schema([(c, FIELDS[c]) for c in MANIFEST_COLUMNS])
+
+
+def arrow_type(column: str) -> pa.DataType:
+    """The Arrow type of a column; unknown columns are a programming error."""
+    assert column in FIELDS, f"column {column!r} is not declared in curation/schema.py"
+    return FIELDS[column]
+
+
+def conform(table: pa.Table, columns: tuple[str, ...] = MANIFEST_COLUMNS) -> pa.Table:
+    """Return `table` with exactly `columns`, in order, cast to their types (missing → nulls)."""
+    arrays = []
+    for name in columns:
+        typ = arrow_type(name)
+        if name in table.column_names:
+            col = table.column(name)
+            arrays.append(col if col.type == typ else col.cast(typ))
+        else:
+            arrays.append(pa.nulls(table.num_rows, typ))
+    return pa.Table.from_arrays(arrays, schema=pa.schema([(c, arrow_type(c)) for c in columns]))

@@ -1,0 +1,82 @@
+"""The one stage that decides: thresholds over score columns set `status`/`reason`/`detail`.
+
+Scorers only add columns; this filter reads them, so a threshold can be re-tuned without
+re-running a scorer, and rejected rows stay in the batch to reach the manifest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import pyarrow as pa
+
+from curation import schema
+from curation.base import Stage, column, pending_mask, reject
+
+PIXELS = "pixels"  # derived: width * height
+ASPECT = "aspect"  # derived: width / height
+DERIVED = {PIXELS: (schema.WIDTH, schema.HEIGHT), ASPECT: (schema.WIDTH, schema.HEIGHT)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Rule:
+    """Reject pending rows whose `column` lies outside [`min`, `max`] with `reason`.
+
+    A row whose value is null is left alone (it was not scored). `min` is inclusive, `max`
+    inclusive: a value equal to a bound passes.
+    """
+
+    column: str
+    reason: str
+    min: float | None = None
+    max: float | None = None
+
+    def __post_init__(self) -> None:
+        assert self.reason in schema.REASONS, self.reason
+        assert self.column in schema.FIELDS or self.column in DERIVED, self.column
+
+
+def _values(table: pa.Table, name: str) -> list[Any]:
+    if name not in DERIVED:
+        return column(table, name)
+    widths, heights = column(table, schema.WIDTH), column(table, schema.HEIGHT)
+    out: list[Any] = []
+    for w, h in zip(widths, heights, strict=True):
+        if w is None or h is None or h == 0:
+            out.append(None)
+        else:
+            out.append(w * h if name == PIXELS else w / h)
+    return out
+
+
+def _fmt(v: float) -> str:
+    if abs(v) >= 1e5:
+        return f"{v:,.0f}"
+    return f"{v:.4g}"
+
+
+@dataclass(kw_only=True)
+class ThresholdFilter(Stage):
+    """Apply `rules` in order; the first rule a pending row fails gives its reason.
+
+    Reads: the rules' columns. Writes: `status`, `reason`, `detail`. Resources: 1 CPU, cheap.
+    """
+
+    name: ClassVar[str] = "threshold"
+    batch_size: ClassVar[int] = 256
+    writes: ClassVar[tuple[str, ...]] = (schema.STATUS, schema.REASON, schema.DETAIL)
+    rules: list[Rule] = field(default_factory=list)
+
+    def process(self, table: pa.Table) -> pa.Table:
+        pending = pending_mask(table)
+        verdicts: dict[int, tuple[str, str | None]] = {}
+        for rule in self.rules:
+            for i, v in enumerate(_values(table, rule.column)):
+                if not pending[i] or i in verdicts or v is None:
+                    continue
+                if rule.min is not None and v < rule.min:
+                    verdicts[i] = (rule.reason, f"{rule.column} {_fmt(v)} < {_fmt(rule.min)}")
+                elif rule.max is not None and v > rule.max:
+                    verdicts[i] = (rule.reason, f"{rule.column} {_fmt(v)} > {_fmt(rule.max)}")
+        return reject(table, verdicts)
