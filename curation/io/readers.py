@@ -188,6 +188,10 @@ class TarReader(Stage):
                         samples[key]["error"] = f"{member.name}: truncated tar member"
                         continue
                     samples[key]["members"][ext.lower()] = (member.name, member.offset_data, data)
+                end = fh.tell()
+                fh.seek(0, 2)
+                if fh.tell() % 512 or fh.tell() < end:
+                    raise tarfile.ReadError(f"truncated: {fh.tell()} bytes is no whole tar")
         except Exception as e:
             error = f"{type(e).__name__}: {e}"[:500]
         rows: list[dict[str, Any]] = []

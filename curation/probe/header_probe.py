@@ -52,6 +52,7 @@ def probe(data: bytes) -> dict[str, Any]:
     """
     if not data:
         return {"reason": "decode_error", "detail": "empty file (0 bytes)"}
+    Image.MAX_IMAGE_PIXELS = None  # sizes are judged by thresholds; nothing is decoded here
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -103,9 +104,6 @@ class HeaderProbe(Stage):
         schema.FORMAT, schema.WIDTH, schema.HEIGHT, schema.MODE, schema.NUM_FRAMES,
         schema.ORIENTATION,
     )
-
-    def setup(self) -> None:
-        Image.MAX_IMAGE_PIXELS = None  # sizes are judged by ThresholdFilter, before any decode
 
     def process(self, table: pa.Table) -> pa.Table:
         keys = ("format", "width", "height", "mode", "num_frames", "orientation")

@@ -1,0 +1,87 @@
+"""A focus measure that keeps sharp subjects on soft backgrounds and rejects global blur.
+
+Method: the image is cut into a grid of about 16×9 tiles (the grid follows the image's aspect
+ratio, so tiles scale with the image). From the centre of each tile a square patch is taken and
+the root-mean-square of its pixel-to-pixel differences is compared with that of the same patch
+averaged over 4×4 blocks (differences between neighbouring blocks, divided by 4 to put them on a
+per-pixel scale). The ratio is contrast-normalised: a smooth ramp (any blurred content) gives
+about 0.25, a sharp edge about 1, pure noise about 4. Patches without structure at the 4-pixel
+scale (sky, bokeh) are left out. The score is a high percentile of the remaining patches, so a
+sharp subject covering a tenth of the frame is enough.
+
+The measure works on pixel scale, which is what "sharp at this resolution" means; the tile grid
+is relative to the image size, so 2560-px and 3840-px images are treated alike. Calibration on
+Debian's wallpaper photographs: see ``bench/calibrate_native.py`` and
+``docs/native-detection.md``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+DEFAULT_SHARPNESS_THRESHOLD: float = 0.45
+"""Images with ``sharpness_score(...) < DEFAULT_SHARPNESS_THRESHOLD`` are rejected as ``blurry``."""
+
+_GRID_LONG = 16  # tiles along the longer side
+_PATCH = 96  # patch side in pixels (a multiple of 4), or the tile side if smaller
+_MIN_CONTRAST = 2.0  # rms per-pixel difference (gray levels) at the 4-px scale to count a patch
+_PERCENTILE = 90.0
+
+
+def _patches(gray: np.ndarray) -> np.ndarray:
+    """Centre patches of a tile grid, stacked as ``(num_tiles, side, side)`` float32."""
+    h, w = gray.shape
+    if w >= h:
+        nx = _GRID_LONG
+        ny = max(1, round(_GRID_LONG * h / w))
+    else:
+        ny = _GRID_LONG
+        nx = max(1, round(_GRID_LONG * w / h))
+    tile = min(h // ny, w // nx)
+    side = min(_PATCH, tile) // 4 * 4
+    if side < 8:
+        raise ValueError(f"image too small for the sharpness grid: {gray.shape}")
+    ys = (np.arange(ny) * h) // ny + (h // ny - side) // 2
+    xs = (np.arange(nx) * w) // nx + (w // nx - side) // 2
+    out = np.empty((ny * nx, side, side), np.float32)
+    k = 0
+    for y in ys:
+        for x in xs:
+            out[k] = gray[y : y + side, x : x + side]
+            k += 1
+    return out
+
+
+def _rms_differences(p: np.ndarray) -> np.ndarray:
+    """Per-patch rms of horizontal and vertical neighbour differences."""
+    dx = np.diff(p, axis=2)
+    dy = np.diff(p, axis=1)
+    return np.sqrt(((dx * dx).mean(axis=(1, 2)) + (dy * dy).mean(axis=(1, 2))) / 2)
+
+
+def sharpness_score(gray: np.ndarray) -> float:
+    """Contrast-normalised fine-detail measure of a grayscale image (higher = sharper).
+
+    Args:
+        gray: 2-D ``uint8`` array, full resolution.
+
+    Returns:
+        The 90th percentile over structured tiles of ``rms(1-px differences) / rms(4-px
+        differences)`` (per pixel): about 0.25 for blurred content, 0.6–1 for sharp photographs.
+        ``0.0`` when no tile has structure (a flat image).
+
+    Raises:
+        ValueError: If ``gray`` is not a 2-D uint8 array large enough for the tile grid.
+    """
+    if gray.ndim != 2 or gray.dtype != np.uint8:
+        raise ValueError(f"expected a 2-D uint8 array, got {gray.dtype} {gray.shape}")
+    p = _patches(gray)
+    n, side, _ = p.shape
+    coarse = p.reshape(n, side // 4, 4, side // 4, 4).mean(axis=(2, 4))
+    fine_rms = _rms_differences(p)
+    coarse_rms = _rms_differences(coarse) / 4.0
+    structured = coarse_rms >= _MIN_CONTRAST
+    if not structured.any():
+        return 0.0
+    ratio = fine_rms[structured] / coarse_rms[structured]
+    return float(np.percentile(ratio, _PERCENTILE))

@@ -1,0 +1,126 @@
+"""Exact and near-duplicate detection over perceptual hashes, as distributable steps.
+
+The job-wide step is built from three pieces that a pipeline runs with group-bys (never on
+one machine's memory):
+
+1. `BandSplitter`: by the pigeonhole principle, two 64-bit hashes within Hamming distance
+   `k` agree exactly on at least one of `k + 1` disjoint bit bands; each row is emitted once
+   per band, keyed by (band index, band bits).
+2. `match_band`: inside one band group, every pair within distance `k` is compared; each row
+   with a better-ranked neighbour emits an edge to it.
+3. `pick_parent`: per row, the best-ranked of its better neighbours is its parent. Following
+   parents to a row with none (pointer jumping) gives the kept copy that the row duplicates.
+
+Rank ("the copy kept is the best one"): larger pixel count, then sharper, then more native,
+then the smaller source URI (a deterministic tie-break).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import pyarrow as pa
+
+from curation import schema
+from curation.base import Stage, column
+
+BAND = "band"
+PARENT = "parent"
+PARENT_SHA256 = "parent_sha256"
+DISTANCE = "distance"
+PARENT_PIXELS = "parent_pixels"
+PARENT_SHARPNESS = "parent_sharpness"
+PARENT_NATIVE = "parent_native"
+
+HASH_COLUMNS = (
+    schema.SOURCE, schema.SHA256, schema.PHASH, schema.WIDTH, schema.HEIGHT, schema.SHARPNESS,
+    schema.NATIVE_SCORE,
+)
+"""The slim columns the dedup step reads (no bytes travel through its shuffles)."""
+
+EDGE_SCHEMA = pa.schema([
+    (schema.SOURCE, pa.string()), (schema.SHA256, pa.string()), (PARENT, pa.string()), (PARENT_SHA256, pa.string()),
+    (DISTANCE, pa.int64()), (PARENT_PIXELS, pa.int64()), (PARENT_SHARPNESS, pa.float64()),
+    (PARENT_NATIVE, pa.float64()),
+])
+
+
+def bands(num_bits: int, max_distance: int) -> list[tuple[int, int]]:
+    """(shift, width) of `max_distance + 1` disjoint bit bands covering `num_bits` bits."""
+    n = max_distance + 1
+    edges = [round(i * num_bits / n) for i in range(n + 1)]
+    return [(edges[i], edges[i + 1] - edges[i]) for i in range(n)]
+
+
+def band_keys(phash: int, max_distance: int) -> list[int]:
+    """One int key per band: band index in the high bits, the band's hash bits below."""
+    u = phash & ((1 << 64) - 1)
+    return [
+        (i << 40) | ((u >> shift) & ((1 << width) - 1))
+        for i, (shift, width) in enumerate(bands(64, max_distance))
+    ]
+
+
+def rank_key(pixels: Any, sharpness: Any, native: Any, source: str) -> tuple:
+    """Sort key of a copy: smaller is better (larger, sharper, more native, smaller URI)."""
+    return (-(pixels or 0), -(sharpness or 0.0), -(native or 0.0), source)
+
+
+@dataclass(kw_only=True)
+class BandSplitter(Stage):
+    """Emit each hashed row once per pigeonhole band (adds the `band` key column).
+
+    Reads: `HASH_COLUMNS`. Writes: `band`. Resources: 1 CPU, cheap.
+    """
+
+    name: ClassVar[str] = "dedup_bands"
+    batch_size: ClassVar[int] = 4096
+    reads: ClassVar[tuple[str, ...]] = HASH_COLUMNS
+    writes: ClassVar[tuple[str, ...]] = (BAND,)
+    max_distance: int = 6
+
+    def process(self, t: pa.Table) -> pa.Table:
+        keys = [band_keys(h, self.max_distance) for h in column(t, schema.PHASH)]
+        idx = [i for i, ks in enumerate(keys) for _ in ks]
+        out = t.select(list(HASH_COLUMNS)).take(pa.array(idx, type=pa.int64()))
+        return out.append_column(BAND, pa.array([k for ks in keys for k in ks], type=pa.int64()))
+
+
+def match_band(group: pa.Table, max_distance: int) -> pa.Table:
+    """Edges from each row of one band group to every better-ranked row within distance."""
+    n = group.num_rows
+    out: dict[str, list[Any]] = {f.name: [] for f in EDGE_SCHEMA}
+    if n >= 2:
+        hashes = np.array(column(group, schema.PHASH), dtype=np.int64).view(np.uint64)
+        src, sha = column(group, schema.SOURCE), column(group, schema.SHA256)
+        w, h = column(group, schema.WIDTH), column(group, schema.HEIGHT)
+        sharp, native = column(group, schema.SHARPNESS), column(group, schema.NATIVE_SCORE)
+        pixels = [(a or 0) * (b or 0) for a, b in zip(w, h, strict=True)]
+        keys = [rank_key(*r) for r in zip(pixels, sharp, native, src, strict=True)]
+        for i in range(n):
+            dist = np.bitwise_count(hashes ^ hashes[i])
+            for j in np.nonzero(dist <= max_distance)[0]:
+                if keys[j] < keys[i]:
+                    out[schema.SOURCE].append(src[i])
+                    out[schema.SHA256].append(sha[i])
+                    out[PARENT].append(src[j])
+                    out[PARENT_SHA256].append(sha[j])
+                    out[DISTANCE].append(int(dist[j]))
+                    out[PARENT_PIXELS].append(pixels[j])
+                    out[PARENT_SHARPNESS].append(sharp[j])
+                    out[PARENT_NATIVE].append(native[j])
+    return pa.table(out, schema=EDGE_SCHEMA)
+
+
+def pick_parent(edges: pa.Table) -> pa.Table:
+    """Per source, keep only the edge to its best-ranked better neighbour."""
+    best: dict[str, tuple[tuple, int]] = {}
+    cols = [column(edges, c) for c in (PARENT_PIXELS, PARENT_SHARPNESS, PARENT_NATIVE, PARENT)]
+    for i, src in enumerate(column(edges, schema.SOURCE)):
+        k = rank_key(*(c[i] for c in cols))
+        if src not in best or k < best[src][0]:
+            best[src] = (k, i)
+    idx = sorted(i for _, i in best.values())
+    return edges.take(pa.array(idx, type=pa.int64()))

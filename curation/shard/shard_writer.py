@@ -1,0 +1,111 @@
+"""Shard planning and writing: WebDataset tars per bucket, original bytes unchanged."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import pyarrow as pa
+import webdataset as wds
+
+from curation import schema
+from curation.base import Stage, column, set_columns
+from curation.io.atomic import atomic_write, join
+from curation.io.readers import read_bytes
+
+KEY_HEX = 32
+"""Hex digits of sha256 in a sample key (128 bits: unique within any real job)."""
+
+
+def sample_key(sha256: str) -> str:
+    """The content-derived key of a kept sample: only [0-9a-z], stable across reruns."""
+    return sha256[:KEY_HEX]
+
+
+def shard_name(bucket: str, index: int) -> str:
+    """Path of a shard relative to OUT, as the data contract lays it out."""
+    return f"shards/{bucket}/{bucket}-{index:06d}.tar"
+
+
+def plan_bucket(rows: pa.Table, max_samples: int, max_bytes: int) -> pa.Table:
+    """Cut one bucket's kept rows, sorted by key, into shards by count and bytes.
+
+    The cut depends only on the keys and sizes, so a rerun over the same inputs writes the
+    same shards with the same members.
+    """
+    if rows.num_rows == 0:
+        return rows
+    rows = rows.sort_by(schema.KEY)
+    buckets, sizes = column(rows, schema.BUCKET), column(rows, schema.SIZE_BYTES, 0)
+    names, index, count, used = [], 0, 0, 0
+    for bucket, size in zip(buckets, sizes, strict=True):
+        member = (size or 0) + 2048  # the image, its JSON and tar headers
+        if count and (count >= max_samples or used + member > max_bytes):
+            index, count, used = index + 1, 0, 0
+        names.append(shard_name(bucket, index))
+        count, used = count + 1, used + member
+    return set_columns(rows, {schema.SHARD: names})
+
+
+def manifest_record(row: dict[str, Any]) -> dict[str, Any]:
+    """A manifest row as plain JSON data (NaN scores become null)."""
+    out = {}
+    for c in schema.MANIFEST_COLUMNS:
+        v = row.get(c)
+        if isinstance(v, float) and not math.isfinite(v):
+            v = None
+        out[c] = v
+    return out
+
+
+@dataclass(kw_only=True)
+class ShardWriter(Stage):
+    """Write one planned shard (all rows of one `shard` value) atomically.
+
+    Each sample's bytes are read again from its source and checked against the manifest's
+    sha256, then written unchanged as `<key>.<ext>` next to `<key>.json` (its manifest row),
+    `<key>.txt` and `<key>.zh.txt` (captions, when present). Reads: the manifest columns.
+    Rejects: `unreadable` when a source vanished or changed since it was analysed (the row
+    leaves the shard). Resources: 1 CPU, memory of one image at a time.
+    """
+
+    name: ClassVar[str] = "write"
+    batch_size: ClassVar[int] = 0  # one shard per call (map_groups)
+    output: str = ""
+
+    def process(self, t: pa.Table) -> pa.Table:
+        t = t.sort_by(schema.KEY)
+        shards = set(column(t, schema.SHARD))
+        assert len(shards) == 1, f"one shard per call, got {shards}"
+        shard = shards.pop()
+        rows = t.to_pylist()
+        with atomic_write(join(self.output, shard)) as fh:
+            writer = wds.TarWriter(fh, encoder=False, mtime=0.0)
+            for row in rows:
+                try:
+                    data = read_bytes(row[schema.SOURCE], row.get(schema.TAR_OFFSET), row[schema.SIZE_BYTES])
+                    if hashlib.sha256(data).hexdigest() != row[schema.SHA256]:
+                        raise OSError("content changed since it was analysed")
+                except Exception as e:  # a vanished input is this row's verdict
+                    row.update({
+                        schema.STATUS: schema.STATUS_REJECTED, schema.REASON: "unreadable",
+                        schema.DETAIL: f"cannot re-read for writing: {e}"[:300],
+                        schema.SHARD: None, schema.KEY: None, schema.BUCKET: None,
+                    })
+                    continue
+                sample = {"__key__": row[schema.KEY], row[schema.EXTENSION]: data}
+                sample["json"] = json.dumps(manifest_record(row), sort_keys=True).encode()
+                if row.get(schema.CAPTION_EN):
+                    sample["txt"] = row[schema.CAPTION_EN].encode()
+                if row.get(schema.CAPTION_ZH):
+                    sample["zh.txt"] = row[schema.CAPTION_ZH].encode()
+                writer.write(sample)
+            writer.close()
+        fields = list(t.schema)
+        for c in (schema.STATUS, schema.REASON, schema.DETAIL):
+            if c not in t.column_names:
+                fields.append(pa.field(c, schema.arrow_type(c)))
+        return pa.Table.from_pylist(rows, schema=pa.schema(fields))

@@ -1,0 +1,139 @@
+"""The `native4k` command line: curate, stats, verify, report, config, generate."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+
+def _curate(args: argparse.Namespace) -> int:
+    from pipelines.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config, args.set)
+    except ConfigError as e:
+        print(f"native4k: configuration error: {e}", file=sys.stderr)
+        return 2
+    from pipelines.curate import bucket_table, run_curate
+    from pipelines.report import summary_text
+
+    try:
+        bucket_table(cfg)
+        result = run_curate(args.inputs, args.output, cfg, ray_address=args.ray_address)
+    except ConfigError as e:
+        print(f"native4k: configuration error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        print(f"native4k: {e}", file=sys.stderr)
+        return 2
+    for note in result.notes:
+        print(f"native4k: {note}")
+    print()
+    print(summary_text(result.stats))
+    print()
+    print(f"shards:   {result.output}/shards/")
+    print(f"manifest: {result.output}/manifest/")
+    print(f"stats:    {result.output}/stats.json   (native4k stats {result.output})")
+    return 0
+
+
+def _stats(args: argparse.Namespace) -> int:
+    from pipelines.report import load_stats, summary_text
+
+    try:
+        stats = load_stats(args.output)
+    except ValueError as e:
+        print(f"native4k: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(stats, indent=2, sort_keys=True) if args.json else summary_text(stats))
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from pipelines.verify import verify
+
+    problems = verify(args.output)
+    for p in problems:
+        print(f"MISMATCH {p}")
+    if problems:
+        print(f"native4k verify: {len(problems)} problem(s) in {args.output}", file=sys.stderr)
+        return 1
+    print(f"native4k verify: {args.output} agrees with its manifest")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from pipelines.report import write_report
+
+    try:
+        print(write_report(args.output))
+    except ValueError as e:
+        print(f"native4k: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _config(args: argparse.Namespace) -> int:
+    from pipelines.config import ConfigError, dump_yaml, load_config
+
+    try:
+        print(dump_yaml(load_config(args.config, args.set)))
+    except ConfigError as e:
+        print(f"native4k: configuration error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(prog="native4k", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def config_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", help="YAML file overriding the defaults (see `native4k config`)")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override one setting, e.g. --set dedup.max_hamming=4")
+
+    p = sub.add_parser("curate", help="curate INPUTs into native-4K WebDataset shards")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="folder, URI list file, s3:// prefix, or WebDataset tar (brace patterns ok)")
+    p.add_argument("--output", "-o", required=True, help="output folder or s3:// prefix")
+    p.add_argument("--ray-address", help="address of a running Ray cluster (default: local Ray)")
+    config_args(p)
+    p.set_defaults(func=_curate)
+
+    p = sub.add_parser("stats", help="print the per-bucket and per-reason tables of OUT")
+    p.add_argument("output", metavar="OUT")
+    p.add_argument("--json", action="store_true", help="print stats.json as it is")
+    p.set_defaults(func=_stats)
+
+    p = sub.add_parser("verify", help="re-read every shard of OUT and check it against the manifest")
+    p.add_argument("output", metavar="OUT")
+    p.set_defaults(func=_verify)
+
+    p = sub.add_parser("report", help="write OUT/report.html for auditors")
+    p.add_argument("output", metavar="OUT")
+    p.set_defaults(func=_report)
+
+    p = sub.add_parser("config", help="print the resolved configuration, documented")
+    config_args(p)
+    p.set_defaults(func=_config)
+
+    p = sub.add_parser("generate", help="generate an image with an UltraFlux model folder")
+    from pipelines import generate
+
+    generate.add_arguments(p)
+    p.set_defaults(func=generate.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `native4k` console script."""
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,474 @@
+"""The curation job: stages composed on Ray Data, in three passes with barriers between.
+
+1. analyse (streaming): read → header probe → header thresholds → one decode with every pixel
+   analysis → pixel thresholds → `_work/analysis/part-*.parquet` (no bytes), one atomic file
+   per batch named by its inputs, so a rerun skips what an interrupted run finished;
+2. dedup (global, distributed): pigeonhole bands of the pHash → group-by band → edges to
+   better copies → best parent per row → pointer jumping to the kept copy;
+3. write: decisions joined back → buckets → shard plan per bucket (deterministic) → one
+   atomic tar per shard (bytes re-read, sha256 checked) → manifest, buckets.json,
+   config.yaml, stats.json and `_SUCCESS` last.
+
+This module is the only place that knows Ray.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from ray.data.datasource.filename_provider import FilenameProvider
+
+from curation import schema
+from curation.analyze.pixel_analyzer import PixelAnalyzer
+from curation.base import Stage, column, pending_mask, set_columns
+from curation.bucket.bucketer import Bucket, Bucketer, coverage_gaps, default_table
+from curation.dedup.near_dup import (
+    BAND,
+    HASH_COLUMNS,
+    PARENT,
+    PARENT_SHA256,
+    BandSplitter,
+    match_band,
+    pick_parent,
+)
+from curation.io.atomic import atomic_write, is_local, join
+from curation.io.listing import InputItem, list_inputs
+from curation.io.readers import SIDECAR, FileReader, TarReader
+from curation.probe.header_probe import EXTENSIONS, HeaderProbe
+from curation.shard.shard_writer import ShardWriter, plan_bucket, sample_key
+from curation.threshold_filter import ASPECT, PIXELS, Rule, ThresholdFilter
+from pipelines.config import ConfigError, JobConfig, dump_yaml, to_dict
+
+log = logging.getLogger("native4k")
+
+ANALYSIS_COLUMNS = tuple(c for c in schema.MANIFEST_COLUMNS if c != schema.KEY)
+AWS_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
+           "AWS_SESSION_TOKEN")
+
+
+@dataclass
+class JobResult:
+    """What a finished job wrote and counted."""
+
+    output: str
+    stats: dict[str, Any]
+    seconds: float
+    skipped_inputs: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+# --- the recipe ---------------------------------------------------------------------------
+
+def header_rules(cfg: JobConfig) -> list[Rule]:
+    """Thresholds decided from the header, before any decode (bombs are never decoded)."""
+    p = cfg.probe
+    return [
+        Rule(column=PIXELS, reason="too_large", max=p.max_pixels),
+        Rule(column=PIXELS, reason="too_small", min=p.min_pixels),
+        Rule(column=ASPECT, reason="aspect_ratio", min=p.min_aspect, max=p.max_aspect),
+    ]
+
+
+def pixel_rules(cfg: JobConfig) -> list[Rule]:
+    """Thresholds over the pixel scores, in the order their reasons take precedence."""
+    a = cfg.analyze
+    return [
+        Rule(column=schema.NATIVE_SCORE, reason="upscaled", min=a.min_native_score),
+        Rule(column=schema.SHARPNESS, reason="blurry", min=a.min_sharpness),
+        Rule(column=schema.FLAT_FRACTION, reason="flat", max=a.max_flat_fraction),
+        Rule(column=schema.ENTROPY, reason="low_entropy", min=a.min_entropy),
+    ]
+
+
+def analysis_stages(cfg: JobConfig) -> list[Stage]:
+    """The streaming stages after reading, in order."""
+    return [
+        HeaderProbe(),
+        ThresholdFilter(rules=header_rules(cfg)),
+        PixelAnalyzer(flat_patch=cfg.analyze.flat_patch, flat_variance=cfg.analyze.flat_variance),
+        ThresholdFilter(rules=pixel_rules(cfg)),
+    ]
+
+
+def bucket_table(cfg: JobConfig) -> list[Bucket]:
+    """The configured bucket table, checked to hold every acceptable image without upscaling."""
+    if cfg.bucket.buckets:
+        table = sorted({Bucket.parse(b) for b in cfg.bucket.buckets})
+    else:
+        table = default_table(cfg.bucket.tier_scales)
+    gaps = coverage_gaps(table, cfg.probe.min_pixels, cfg.probe.min_aspect, cfg.probe.max_aspect)
+    if gaps:
+        w, h = gaps[0]
+        raise ConfigError(
+            f"config key 'bucket' leaves {len(gaps)} image shapes without a bucket that needs no "
+            f"upscaling (e.g. {w}x{h}); add lower-area buckets or a smaller tier scale"
+        )
+    return table
+
+
+# --- stages that only exist to move data between passes ------------------------------------
+
+@dataclass(kw_only=True)
+class ParquetSink(Stage):
+    """Write each batch (manifest columns only, no bytes) to one atomic Parquet file.
+
+    The file is named by a digest of the batch's sources, so a retried batch rewrites the
+    same file and a rerun can tell which inputs are done. Returns one row: the count.
+    """
+
+    name = "sink"
+    batch_size = 64
+    folder: str = ""
+
+    def process(self, t: pa.Table) -> pa.Table:
+        sources = sorted(column(t, schema.SOURCE))
+        digest = hashlib.sha1("\n".join(sources).encode()).hexdigest()[:20]
+        out = schema.conform(t, ANALYSIS_COLUMNS)
+        with atomic_write(join(self.folder, f"part-{digest}.parquet")) as fh:
+            pq.write_table(out, fh)
+        return pa.table({"rows": [t.num_rows]})
+
+    def __call__(self, batch: Any) -> pa.Table:  # no timing column on the count row
+        return self.process(batch) if batch.num_rows else pa.table({"rows": pa.array([], pa.int64())})
+
+
+@dataclass(kw_only=True)
+class SkipDone(Stage):
+    """Drop rows whose source an interrupted earlier run already analysed."""
+
+    name = "skip_done"
+    batch_size = 64
+    done: frozenset[str] = frozenset()
+
+    def process(self, t: pa.Table) -> pa.Table:
+        keep = [s not in self.done for s in column(t, schema.SOURCE)]
+        return t.filter(pa.array(keep, type=pa.bool_()))
+
+
+def _apply(ds: Any, stage: Stage) -> Any:
+    return ds.map_batches(stage, batch_format="pyarrow", zero_copy_batch=True, **stage.ray_options())
+
+
+# --- pass helpers --------------------------------------------------------------------------
+
+def _read_done(folder: str) -> set[str]:
+    fs, path = fsspec.core.url_to_fs(folder)
+    if not fs.exists(path):
+        return set()
+    done: set[str] = set()
+    for f in fs.glob(path.rstrip("/") + "/part-*.parquet"):
+        with fs.open(f, "rb") as fh:
+            done.update(pq.read_table(fh, columns=[schema.SOURCE]).column(0).to_pylist())
+    return done
+
+
+def _finalize(t: pa.Table) -> pa.Table:
+    """Pending rows become kept, with their content key and shard member extension."""
+    pending = pending_mask(t)
+    status = [schema.STATUS_KEPT if p else s for p, s in zip(pending, column(t, schema.STATUS), strict=True)]
+    keys = [sample_key(h) if p else None for p, h in zip(pending, column(t, schema.SHA256), strict=True)]
+    exts = [EXTENSIONS.get(f or "", None) if p else None for p, f in zip(pending, column(t, schema.FORMAT), strict=True)]
+    return set_columns(t, {schema.STATUS: status, schema.KEY: keys, schema.EXTENSION: exts})
+
+
+def _apply_duplicates(t: pa.Table) -> pa.Table:
+    """Rows with a resolved parent become `duplicate` rejections pointing at its key."""
+    parents = column(t, "root")
+    if not any(parents):
+        return t.drop_columns([c for c in ("root", "root_sha256", "root_distance") if c in t.column_names])
+    roots_sha = column(t, "root_sha256")
+    shas = column(t, schema.SHA256)
+    status, reason, detail = (column(t, c) for c in (schema.STATUS, schema.REASON, schema.DETAIL))
+    dup_of = column(t, schema.DUPLICATE_OF)
+    for i, root in enumerate(parents):
+        if root is None or status[i] is not None:
+            continue
+        kind = "exact copy" if roots_sha[i] == shas[i] else "near duplicate"
+        status[i], reason[i] = schema.STATUS_REJECTED, "duplicate"
+        detail[i] = f"{kind} of {root}"
+        dup_of[i] = sample_key(roots_sha[i])
+    t = set_columns(t, {schema.STATUS: status, schema.REASON: reason, schema.DETAIL: detail,
+                        schema.DUPLICATE_OF: dup_of})
+    return t.drop_columns(["root", "root_sha256", "root_distance"])
+
+
+def _jump(t: pa.Table) -> pa.Table:
+    """One pointer-jumping step: a row whose parent has a parent takes the grandparent."""
+    gp, gp_sha = column(t, "gp"), column(t, "gp_sha256")
+    parent, parent_sha = column(t, PARENT), column(t, PARENT_SHA256)
+    moved = [g is not None for g in gp]
+    parent = [g if m else p for g, m, p in zip(gp, moved, parent, strict=True)]
+    parent_sha = [g if m else p for g, m, p in zip(gp_sha, moved, parent_sha, strict=True)]
+    t = t.drop_columns(["gp", "gp_sha256", "gp_source"] if "gp_source" in t.column_names else ["gp", "gp_sha256"])
+    t = t.set_column(t.schema.get_field_index(PARENT), PARENT, pa.array(parent, pa.string()))
+    t = t.set_column(t.schema.get_field_index(PARENT_SHA256), PARENT_SHA256, pa.array(parent_sha, pa.string()))
+    return t.append_column("moved", pa.array(moved, pa.bool_()))
+
+
+def _partitions(ctx_cpus: int) -> int:
+    return max(2, min(64, ctx_cpus * 2))
+
+
+def dedup_decisions(rd: Any, analysis: str, cfg: JobConfig, num_partitions: int) -> Any:
+    """Distributed duplicate resolution: (source → root source, root sha256) per duplicate."""
+    k = cfg.dedup.max_hamming
+    hashed = rd.read_parquet(analysis, columns=[*HASH_COLUMNS, schema.STATUS]).map_batches(
+        lambda t: t.filter(pc.and_(pc.is_null(t[schema.STATUS]), pc.is_valid(t[schema.PHASH]))),
+        batch_format="pyarrow",
+    )
+    splitter = BandSplitter(max_distance=k)
+    edges = _apply(hashed, splitter).groupby(BAND).map_groups(
+        lambda g: match_band(g, k), batch_format="pyarrow"
+    )
+    parents = edges.groupby(schema.SOURCE).map_groups(pick_parent, batch_format="pyarrow")
+    parents = parents.select_columns([schema.SOURCE, PARENT, PARENT_SHA256]).materialize()
+    for _ in range(64):  # pointer jumping halves every chain; 64 rounds cover any job
+        grand = parents.select_columns([schema.SOURCE, PARENT, PARENT_SHA256]).rename_columns(
+            {schema.SOURCE: "gp_source", PARENT: "gp", PARENT_SHA256: "gp_sha256"}
+        )
+        joined = parents.join(grand, "left_outer", num_partitions, on=(PARENT,), right_on=("gp_source",))
+        stepped = joined.map_batches(_jump, batch_format="pyarrow").materialize()
+        moved = stepped.filter(lambda r: r["moved"]).count() if stepped.count() else 0
+        parents = stepped.drop_columns(["moved"]).materialize()
+        if moved == 0:
+            break
+    return parents.rename_columns({PARENT: "root", PARENT_SHA256: "root_sha256"})
+
+
+# --- the job -------------------------------------------------------------------------------
+
+def init_ray(cfg: JobConfig, address: str | None) -> Any:
+    """Connect to a cluster (`address`) or start a local Ray instance."""
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    env = {k: os.environ[k] for k in AWS_ENV if k in os.environ}
+    runtime_env = {"env_vars": env} if env else None
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
+    else:
+        kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
+        if cfg.ray.num_cpus:
+            kwargs["num_cpus"] = cfg.ray.num_cpus
+        if cfg.ray.object_store_memory:
+            kwargs["object_store_memory"] = cfg.ray.object_store_memory
+        ray.init(runtime_env=runtime_env, **kwargs)
+    return ray
+
+
+def _remove(uri: str) -> None:
+    fs, path = fsspec.core.url_to_fs(uri)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def _write_text(uri: str, text: str) -> None:
+    with atomic_write(uri, "w") as fh:
+        fh.write(text)
+
+
+def run_curate(
+    inputs: Sequence[str],
+    output: str,
+    cfg: JobConfig,
+    *,
+    ray_address: str | None = None,
+    echo: Callable[[str], None] = print,
+) -> JobResult:
+    """Run the whole curation job; see the module docstring for its passes."""
+    start = time.perf_counter()
+    table = bucket_table(cfg)
+    items = list(list_inputs(inputs, sidecar_extensions=cfg.input.sidecar_extensions,
+                             list_extensions=cfg.input.list_extensions))
+    if not items:
+        raise ValueError(f"no input files found in {', '.join(inputs)}")
+    output = output if not is_local(output) else os.path.abspath(output.removeprefix("file://"))
+    work = join(output, "_work")
+    analysis = join(work, "analysis")
+    _remove(join(output, "_SUCCESS"))
+    notes = _reset_if_changed(work, inputs, cfg)
+    done = _read_done(analysis)
+    echo(f"native4k: {len(items)} inputs listed; {len(done)} rows already analysed by an earlier run")
+
+    ray = init_ray(cfg, ray_address)
+    rd = ray.data
+    rd.DataContext.get_current().enable_progress_bars = True
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+
+    # Pass 1: analyse, streaming, resumable.
+    files = [i for i in items if i.kind == "file" and i.uri not in done]
+    tars = [i for i in items if i.kind == "tar"]
+    reader_cap = cfg.probe.max_file_bytes
+    streams = []
+    if files:
+        ds = rd.from_items([{schema.SOURCE: i.uri, SIDECAR: i.sidecar} for i in files],
+                           override_num_blocks=max(1, min(len(files) // 4, cpus * 8)))
+        streams.append(_apply(ds, FileReader(max_file_bytes=reader_cap)))
+    if tars:
+        ds = rd.from_items([{schema.SOURCE: i.uri} for i in tars], override_num_blocks=len(tars))
+        ds = _apply(ds, TarReader(max_file_bytes=reader_cap))
+        if done:
+            ds = _apply(ds, SkipDone(done=frozenset(s for s in done if "#" in s)))
+        streams.append(ds)
+    analysed = 0
+    if streams:
+        ds = streams[0] if len(streams) == 1 else streams[0].union(*streams[1:])
+        for stage in analysis_stages(cfg):
+            ds = _apply(ds, stage)
+        sunk = _apply(ds, ParquetSink(folder=analysis))
+        analysed = int(sunk.sum("rows") or 0)
+    echo(f"native4k: analysed {analysed} inputs in this run")
+
+    # Pass 2: dedup across the whole job.
+    rows = rd.read_parquet(analysis)
+    if cfg.dedup.enabled:
+        decisions = dedup_decisions(rd, analysis, cfg, _partitions(cpus))
+        rows = rows.join(decisions, "left_outer", _partitions(cpus), on=(schema.SOURCE,))
+        rows = rows.map_batches(_apply_duplicates, batch_format="pyarrow")
+
+    # Pass 3: buckets, shard plan, shards, manifest.
+    rows = rows.map_batches(_finalize, batch_format="pyarrow")
+    rows = _apply(rows, Bucketer(table=table)).materialize()
+    kept = rows.filter(lambda r: r[schema.STATUS] == schema.STATUS_KEPT)
+    others = rows.filter(lambda r: r[schema.STATUS] != schema.STATUS_KEPT)
+    s = cfg.shard
+    planned = kept.groupby(schema.BUCKET).map_groups(
+        lambda g: plan_bucket(g, s.max_samples, s.max_bytes), batch_format="pyarrow"
+    )
+    writer = ShardWriter(output=output)
+    written = planned.groupby(schema.SHARD).map_groups(writer, batch_format="pyarrow")
+    final = others.union(written).map_batches(
+        lambda t: schema.conform(t), batch_format="pyarrow"
+    ).materialize()
+    shards = {x for x in final.unique(schema.SHARD) if x}
+    _remove_stale_shards(output, shards)
+
+    manifest_tmp = join(work, f"manifest-{os.getpid()}-{int(time.time())}")
+    final.repartition(max(1, min(64, final.count() // 50_000 + 1))).write_parquet(
+        manifest_tmp, filename_provider=_PartNames(file_format="parquet")
+    )
+    manifest = join(output, "manifest")
+    _remove(manifest)
+    fs, _ = fsspec.core.url_to_fs(output)
+    fs.mv(fsspec.core.url_to_fs(manifest_tmp)[1], fsspec.core.url_to_fs(manifest)[1], recursive=True)
+
+    stats = compute_stats(final, table, cfg, time.perf_counter() - start)
+    _write_text(join(output, "buckets.json"), json.dumps(
+        {"buckets": [{"name": b.name, "width": b.width, "height": b.height} for b in table]}, indent=1))
+    _write_text(join(output, "config.yaml"), dump_yaml(cfg))
+    _write_text(join(output, "stats.json"), json.dumps(stats, indent=2, sort_keys=True))
+    _write_text(join(output, "_SUCCESS"), json.dumps({"manifest_version": schema.MANIFEST_VERSION,
+                                                      "rows": stats["total"]}))
+    return JobResult(output, stats, time.perf_counter() - start, skipped_inputs=len(done), notes=notes)
+
+
+def _reset_if_changed(work: str, inputs: Sequence[str], cfg: JobConfig) -> list[str]:
+    """Forget an earlier run's analysis when it ran on other inputs or settings."""
+    job = json.dumps({"inputs": list(inputs), "config": to_dict(cfg)}, sort_keys=True)
+    marker = join(work, "job.json")
+    fs, path = fsspec.core.url_to_fs(marker)
+    notes = []
+    if fs.exists(path):
+        with fs.open(path, "r") as fh:
+            if fh.read() != job:
+                _remove(work)
+                notes.append("inputs or configuration changed since the last run: analysing afresh")
+    _write_text(marker, job)
+    return notes
+
+
+class _PartNames(FilenameProvider):
+    """Manifest files named `part-NNNNN.parquet`, as the data contract lays them out."""
+
+    def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+        del write_uuid
+        return f"part-{task_index:05d}.{self.file_format}"
+
+
+def _remove_stale_shards(output: str, keep: set[str]) -> None:
+    fs, root = fsspec.core.url_to_fs(output)
+    base = root.rstrip("/") + "/shards"
+    if not fs.exists(base):
+        return
+    for f in fs.find(base):
+        rel = f[len(root.rstrip("/")) + 1 :]
+        if rel not in keep:
+            fs.rm(f)
+
+
+def _summary(values: list[float]) -> dict[str, float] | None:
+    arr = np.array([v for v in values if v is not None and np.isfinite(v)], dtype=np.float64)
+    if arr.size == 0:
+        return None
+    q = np.quantile(arr, [0.05, 0.5, 0.95])
+    return {"mean": float(arr.mean()), "min": float(arr.min()), "p05": float(q[0]),
+            "p50": float(q[1]), "p95": float(q[2]), "max": float(arr.max())}
+
+
+def _bucket_summary(g: pa.Table) -> pa.Table:
+    scores = {c: _summary(column(g, c)) for c in schema.SCORE_COLUMNS}
+    row = {
+        "bucket": column(g, schema.BUCKET)[0],
+        "count": g.num_rows,
+        "bytes": int(sum(v or 0 for v in column(g, schema.SIZE_BYTES))),
+        "shards": len(set(column(g, schema.SHARD))),
+        "captioned": sum(1 for v in column(g, schema.CAPTION_EN) if v),
+        "scores": json.dumps({k: v for k, v in scores.items() if v}),
+    }
+    return pa.Table.from_pylist([row])
+
+
+def _stage_seconds(t: pa.Table) -> pa.Table:
+    total: dict[str, float] = {}
+    for text in column(t, schema.STAGE_SECONDS):
+        for k, v in json.loads(text or "{}").items():
+            total[k] = total.get(k, 0.0) + v
+    return pa.table({"seconds": [json.dumps(total)]})
+
+
+def compute_stats(final: Any, table: list[Bucket], cfg: JobConfig, seconds: float) -> dict[str, Any]:
+    """Counts and score summaries per bucket and per reason, from the final manifest."""
+    del cfg
+    total = final.count()
+    by_reason = {
+        (r["reason"] or "kept"): r["count()"] for r in final.groupby(schema.REASON).count().take_all()
+    }
+    kept = final.filter(lambda r: r[schema.STATUS] == schema.STATUS_KEPT)
+    buckets = {}
+    if by_reason.get("kept"):
+        for r in kept.groupby(schema.BUCKET).map_groups(_bucket_summary, batch_format="pyarrow").take_all():
+            name = r["bucket"]
+            buckets[name] = {k: r[k] for k in ("count", "bytes", "shards", "captioned")}
+            buckets[name]["scores"] = json.loads(r["scores"])
+    per_stage: dict[str, float] = {}
+    for r in final.map_batches(_stage_seconds, batch_format="pyarrow").take_all():
+        for k, v in json.loads(r["seconds"]).items():
+            per_stage[k] = per_stage.get(k, 0.0) + v
+    empty = [b.name for b in table if b.name not in buckets]
+    return {
+        "manifest_version": schema.MANIFEST_VERSION,
+        "total": total,
+        "kept": by_reason.get("kept", 0),
+        "rejected": total - by_reason.get("kept", 0),
+        "reasons": {k: v for k, v in sorted(by_reason.items()) if k != "kept"},
+        "buckets": dict(sorted(buckets.items())),
+        "empty_buckets": len(empty),
+        "stage_seconds": {k: round(v, 3) for k, v in sorted(per_stage.items())},
+        "wall_seconds": round(seconds, 2),
+    }
+
+
+__all__ = ["JobResult", "run_curate", "InputItem", "to_dict"]

@@ -1,0 +1,68 @@
+import io
+
+import numpy as np
+from PIL import Image
+
+from curation import schema
+from curation.analyze.pixel_analyzer import PixelAnalyzer, decode_gray, perceptual_hash
+
+
+def _enc(img, fmt="PNG", **kw):
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def test_decode_gray_handles_modes_and_orientation():
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)
+    ref = np.asarray(Image.fromarray(rgb).convert("L"))
+    assert decode_gray(_enc(Image.fromarray(rgb))).shape == (40, 60)
+    g16 = (ref.astype(np.uint16) * 257)
+    assert np.array_equal(decode_gray(_enc(Image.fromarray(g16))), ref)  # high byte of 16-bit
+    rgba = Image.fromarray(rgb).convert("RGBA")
+    assert decode_gray(_enc(rgba)).shape == (40, 60)
+    pal = Image.fromarray(rgb).convert("P")
+    assert decode_gray(_enc(pal)).shape == (40, 60)
+    cmyk = Image.fromarray(rgb).convert("CMYK")
+    assert decode_gray(_enc(cmyk, "JPEG", quality=95)).shape == (40, 60)
+    rotated = decode_gray(_enc(Image.fromarray(rgb)), orientation=6)
+    assert rotated.shape == (60, 40)
+    assert np.array_equal(rotated, np.rot90(decode_gray(_enc(Image.fromarray(rgb))), k=-1))
+
+
+def test_jpeg_luma_decode_matches_full_decode():
+    rng = np.random.default_rng(1)
+    small = rng.integers(0, 255, (16, 24, 3), dtype=np.uint8)
+    rgb = np.asarray(Image.fromarray(small).resize((384, 256), Image.Resampling.BICUBIC))
+    data = _enc(Image.fromarray(rgb), "JPEG", quality=95)
+    full = np.asarray(Image.open(io.BytesIO(data)).convert("L")).astype(int)
+    diff = np.abs(decode_gray(data).astype(int) - full)
+    assert diff.mean() < 0.6 and np.percentile(diff, 99) <= 2
+
+
+def test_phash_is_stable_under_reencode_and_differs_between_images():
+    rng = np.random.default_rng(2)
+    a = rng.integers(0, 255, (512, 768), dtype=np.uint8)
+    a = np.asarray(Image.fromarray(a).resize((96, 64)).resize((768, 512), Image.Resampling.BICUBIC))
+    b = np.ascontiguousarray(a[::-1])
+    ha, hb = perceptual_hash(a), perceptual_hash(b)
+    again = decode_gray(_enc(Image.fromarray(a), "JPEG", quality=80))
+    assert bin((ha ^ perceptual_hash(again)) & (2**64 - 1)).count("1") <= 2
+    assert bin((ha ^ hb) & (2**64 - 1)).count("1") > 10
+
+
+def test_analyzer_scores_pending_rows_and_rejects_corrupt_pixels():
+    rng = np.random.default_rng(3)
+    good = _enc(Image.fromarray(rng.integers(0, 255, (480, 720), dtype=np.uint8)))
+    truncated = _enc(Image.fromarray(rng.integers(0, 255, (480, 720), dtype=np.uint8)), "JPEG")[:3000]
+    t = PixelAnalyzer()({
+        schema.DATA: [good, truncated, good],
+        schema.ORIENTATION: [1, 1, 1],
+        schema.STATUS: [None, None, "rejected"],
+    })
+    rows = t.to_pylist()
+    assert rows[0][schema.ENTROPY] > 7.9 and rows[0][schema.PHASH] is not None
+    assert rows[0][schema.FLAT_FRACTION] == 0.0 and rows[0][schema.SHARPNESS] is not None
+    assert rows[1][schema.REASON] == "decode_error" and rows[1][schema.ENTROPY] is None
+    assert rows[2][schema.ENTROPY] is None  # rejected earlier: never decoded

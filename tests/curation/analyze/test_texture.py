@@ -1,0 +1,40 @@
+import cv2
+import numpy as np
+
+from curation.analyze.texture import flat_fraction, gray_entropy
+
+
+def _reference_flat_fraction(gray, patch=240, thr=800.0):
+    r, c = gray.shape[0] // patch, gray.shape[1] // patch
+    dx = cv2.Sobel(gray, cv2.CV_64F, 1, 0, ksize=3)
+    dy = cv2.Sobel(gray, cv2.CV_64F, 0, 1, ksize=3)
+    mag = np.sqrt(dx * dx + dy * dy)[: r * patch, : c * patch]
+    var = mag.reshape(r, patch, c, patch).var(axis=(1, 3))
+    return float((var < thr).mean())
+
+
+def test_flat_fraction_matches_the_paper_definition():
+    rng = np.random.default_rng(0)
+    gray = np.zeros((1000, 1500), np.uint8)
+    gray[:, 700:] = cv2.GaussianBlur((rng.random((1000, 800)) * 255).astype(np.uint8), (0, 0), 1.0)
+    got = flat_fraction(gray)
+    assert got == _reference_flat_fraction(gray)
+    assert 0.3 < got < 0.7  # left half is flat, right half textured
+    assert flat_fraction(np.full((480, 480), 128, np.uint8)) == 1.0
+    assert flat_fraction(np.zeros((100, 100), np.uint8)) == 1.0  # smaller than one patch
+
+
+def test_flat_fraction_variance_threshold_is_configurable():
+    rng = np.random.default_rng(1)
+    gray = cv2.GaussianBlur((rng.random((480, 480)) * 255).astype(np.uint8), (0, 0), 2.0)
+    assert flat_fraction(gray, flat_variance=1e9) == 1.0
+    assert flat_fraction(gray, flat_variance=0.0) == 0.0
+
+
+def test_entropy_is_shannon_bits_of_the_histogram():
+    assert gray_entropy(np.full((64, 64), 7, np.uint8)) == 0.0
+    two = np.zeros((64, 64), np.uint8)
+    two[:32] = 255
+    assert abs(gray_entropy(two) - 1.0) < 1e-9
+    uniform = np.arange(256, dtype=np.uint8).repeat(16).reshape(64, 64)
+    assert abs(gray_entropy(uniform) - 8.0) < 1e-9

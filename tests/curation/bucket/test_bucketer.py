@@ -1,0 +1,54 @@
+import pytest
+
+from curation import schema
+from curation.bucket.bucketer import (
+    PAPER_4096_TIER,
+    Bucket,
+    Bucketer,
+    assign,
+    coverage_gaps,
+    crop_box,
+    default_table,
+)
+
+
+def test_default_table_holds_the_paper_tier_with_64px_sides():
+    table = default_table()
+    names = {b.name for b in table}
+    assert {f"{w}x{h}" for w, h in PAPER_4096_TIER} <= names
+    assert all(b.width % 64 == 0 and b.height % 64 == 0 for b in table)
+
+
+def test_every_acceptable_image_fits_a_bucket_without_upscaling():
+    assert coverage_gaps(default_table(), 3840 * 2160, 1 / 3, 3.0) == []
+    # the paper's table alone upscales 8.3 MP images: it cannot hold them
+    paper = [Bucket(w, h) for w, h in PAPER_4096_TIER]
+    assert coverage_gaps(paper, 3840 * 2160, 1 / 3, 3.0, steps=200)
+
+
+@pytest.mark.parametrize("w,h", [(3840, 2160), (2160, 3840), (4000, 3000), (6000, 4000),
+                                 (8000, 2667), (2900, 2900), (7952, 5304), (4990, 1664)])
+def test_assignment_never_upscales_and_box_matches_bucket_aspect(w, h):
+    bucket, (l, t, r, b) = assign(w, h, default_table())
+    assert 0 <= l < r <= w and 0 <= t < b <= h
+    assert r - l >= bucket.width and b - t >= bucket.height
+    assert abs((r - l) / (b - t) - bucket.aspect) < 2 / min(r - l, b - t) + 1e-3
+
+
+def test_least_cropping_then_largest():
+    table = [Bucket(4096, 4096), Bucket(5440, 3072), Bucket(3712, 2112)]
+    assert assign(5440, 3072, table)[0].name == "5440x3072"
+    assert assign(3840, 2160, table)[0].name == "3712x2112"  # 5440x3072 would upscale
+    assert assign(4096, 4096, table)[0].name == "4096x4096"
+    assert crop_box(4000, 2000, Bucket(64, 64)) == (1000, 0, 3000, 2000)
+
+
+def test_bucketer_stage_only_buckets_kept_rows():
+    t = Bucketer(table=[Bucket(3712, 2112)])({
+        schema.STATUS: ["kept", "rejected", "kept"],
+        schema.WIDTH: [3840, 3840, 1000],
+        schema.HEIGHT: [2160, 2160, 1000],
+    })
+    assert t.column(schema.BUCKET).to_pylist() == ["3712x2112", None, None]
+    assert t.column(schema.REASON).to_pylist() == [None, None, "too_small"]
+    assert t.column(schema.CROP_LEFT).to_pylist()[0] == 22

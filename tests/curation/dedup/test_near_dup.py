@@ -1,0 +1,74 @@
+import itertools
+
+import numpy as np
+import pyarrow as pa
+
+from curation import schema
+from curation.dedup.near_dup import (
+    BAND,
+    PARENT,
+    BandSplitter,
+    band_keys,
+    bands,
+    match_band,
+    pick_parent,
+)
+
+
+def _signed(u: int) -> int:
+    return u - (1 << 64) if u >= (1 << 63) else u
+
+
+def test_bands_cover_64_bits_disjointly():
+    for k in range(0, 12):
+        b = bands(64, k)
+        assert len(b) == k + 1 and sum(w for _, w in b) == 64
+        assert [s for s, _ in b] == sorted(s for s, _ in b)
+
+
+def test_pigeonhole_any_pair_within_distance_shares_a_band_key():
+    rng = np.random.default_rng(0)
+    for k in (2, 6, 10):
+        for _ in range(200):
+            a = int(rng.integers(0, 2**63)) * 2 + int(rng.integers(0, 2))
+            flips = rng.choice(64, size=k, replace=False)
+            b = a
+            for f in flips:
+                b ^= 1 << int(f)
+            assert set(band_keys(_signed(a), k)) & set(band_keys(_signed(b), k))
+
+
+def _rows(specs):
+    return pa.table({
+        schema.SOURCE: [s[0] for s in specs],
+        schema.SHA256: [s[1] for s in specs],
+        schema.PHASH: pa.array([_signed(s[2]) for s in specs], pa.int64()),
+        schema.WIDTH: [s[3] for s in specs],
+        schema.HEIGHT: [s[4] for s in specs],
+        schema.SHARPNESS: [s[5] for s in specs],
+        schema.NATIVE_SCORE: [1.0] * len(specs),
+    })
+
+
+def test_match_band_points_every_copy_at_better_ones_within_distance():
+    t = _rows([
+        ("big", "s1", 0b1111, 5000, 3000, 1.0),
+        ("small", "s2", 0b1110, 4000, 2400, 1.0),  # 1 bit from big
+        ("blurry_same_size", "s3", 0b1111, 5000, 3000, 0.5),
+        ("other", "s4", 0xFFFF_0000_FFFF_0000, 5000, 3000, 1.0),
+    ])
+    edges = match_band(t, max_distance=2)
+    pairs = set(zip(edges.column(schema.SOURCE).to_pylist(), edges.column(PARENT).to_pylist(), strict=True))
+    assert pairs == {("small", "big"), ("blurry_same_size", "big"), ("small", "blurry_same_size")}
+    best = pick_parent(edges)
+    assert dict(zip(best.column(schema.SOURCE).to_pylist(), best.column(PARENT).to_pylist(), strict=True)) == {
+        "small": "big", "blurry_same_size": "big",
+    }
+
+
+def test_splitter_emits_one_row_per_band():
+    t = _rows([("a", "s", 123, 1, 1, 0.0), ("b", "t", 456, 1, 1, 0.0)])
+    out = BandSplitter(max_distance=3)(t)
+    assert out.num_rows == 8
+    for (src, keys) in itertools.groupby(zip(out.column(schema.SOURCE).to_pylist(), out.column(BAND).to_pylist(), strict=True), key=lambda x: x[0]):
+        assert len({k for _, k in keys}) == 4, src

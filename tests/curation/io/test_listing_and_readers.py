@@ -1,0 +1,87 @@
+import hashlib
+import io
+import json
+import tarfile
+
+from curation import schema
+from curation.io.listing import list_inputs
+from curation.io.readers import FileReader, TarReader, read_bytes
+
+
+def _tar(path, members):
+    with tarfile.open(path, "w") as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+
+
+def test_listing_walks_folders_pairs_sidecars_and_reads_lists(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / "x.jpg").write_bytes(b"x")
+    (tmp_path / "a" / "x.txt").write_text("cap x")
+    (tmp_path / "a" / "b" / "y.png").write_bytes(b"y")
+    (tmp_path / "a" / "b" / "y.json").write_text(json.dumps({"caption": "cap y"}))
+    (tmp_path / "a" / "stray.json").write_text("{}")
+    (tmp_path / "a" / ".hidden.jpg").write_bytes(b"h")
+    _tar(tmp_path / "a" / "s-000.tar", [("k.jpg", b"k")])
+    items = list(list_inputs([str(tmp_path / "a")]))
+    kinds = {i.uri.rsplit("/", 1)[-1]: (i.kind, i.sidecar and i.sidecar.rsplit("/", 1)[-1]) for i in items}
+    assert kinds == {"x.jpg": ("file", "x.txt"), "y.png": ("file", "y.json"), "s-000.tar": ("tar", None)}
+
+    lst = tmp_path / "inputs.lst"
+    lst.write_text(f"{tmp_path}/a/x.jpg\n# comment\n{tmp_path}/missing.jpg\n")
+    listed = [i.uri for i in list_inputs([str(lst)])]
+    assert listed == [f"{tmp_path}/a/x.jpg", f"{tmp_path}/missing.jpg"]
+
+
+def test_listing_brace_patterns(tmp_path):
+    for i in range(3):
+        _tar(tmp_path / f"s-{i:03d}.tar", [("k.jpg", b"k")])
+    items = list(list_inputs([str(tmp_path / "s-{000..001}.tar")]))
+    assert [i.uri.rsplit("/", 1)[-1] for i in items] == ["s-000.tar", "s-001.tar"]
+
+
+def test_file_reader_reads_bytes_digest_captions_and_survives_bad_paths(tmp_path):
+    (tmp_path / "x.jpg").write_bytes(b"pixels")
+    (tmp_path / "x.txt").write_text("  a caption \n")
+    (tmp_path / "y.jpg").write_bytes(b"more")
+    (tmp_path / "y.json").write_text(json.dumps({"caption": "en", "caption_zh": "中文"}))
+    (tmp_path / "big.jpg").write_bytes(b"0" * 100)
+    t = FileReader(max_file_bytes=50)({
+        schema.SOURCE: [str(tmp_path / n) for n in ("x.jpg", "y.jpg", "nope.jpg", "big.jpg")],
+        "sidecar": [str(tmp_path / "x.txt"), str(tmp_path / "y.json"), None, None],
+    })
+    rows = t.to_pylist()
+    assert rows[0][schema.DATA] == b"pixels"
+    assert rows[0][schema.SHA256] == hashlib.sha256(b"pixels").hexdigest()
+    assert rows[0][schema.CAPTION_EN] == "a caption"
+    assert (rows[1][schema.CAPTION_EN], rows[1][schema.CAPTION_ZH]) == ("en", "中文")
+    assert rows[2][schema.REASON] == "unreadable" and "nope.jpg" in rows[2][schema.DETAIL]
+    assert rows[3][schema.REASON] == "too_large" and rows[3][schema.DATA] is None
+
+
+def test_tar_reader_groups_members_keeps_offsets_and_reports_truncation(tmp_path):
+    tar = tmp_path / "s.tar"
+    _tar(tar, [("a.jpg", b"AAAA"), ("a.txt", b"cap a"), ("a.zh.txt", "甲".encode()),
+               ("dir/b.png", b"BBBBBB"), ("dir/b.json", json.dumps({"caption": "cap b"}).encode())])
+    rows = TarReader()({schema.SOURCE: [str(tar)]}).to_pylist()
+    by = {r[schema.SOURCE].split("#")[1]: r for r in rows}
+    assert set(by) == {"a.jpg", "dir/b.png"}
+    assert by["a.jpg"][schema.CAPTION_EN] == "cap a" and by["a.jpg"][schema.CAPTION_ZH] == "甲"
+    assert by["dir/b.png"][schema.CAPTION_EN] == "cap b"
+    for r in rows:  # the offset lets the writer re-read exactly these bytes later
+        assert read_bytes(r[schema.SOURCE], r[schema.TAR_OFFSET], r[schema.SIZE_BYTES]) == r[schema.DATA]
+
+    for n in (1100, 1024 + 512 + 3):  # inside the second header; inside its data
+        cut = tmp_path / f"cut{n}.tar"
+        cut.write_bytes(tar.read_bytes()[:n])
+        rows = TarReader()({schema.SOURCE: [str(cut)]}).to_pylist()
+        assert any(r[schema.REASON] == "unreadable" for r in rows), n
+        assert all(r[schema.SOURCE].startswith(str(cut)) for r in rows)
+        assert any(r[schema.SOURCE].endswith("#a.jpg") and r[schema.STATUS] is None for r in rows)
+
+    bad = tmp_path / "bad.tar"
+    bad.write_bytes(b"not a tar at all" * 10)
+    rows = TarReader()({schema.SOURCE: [str(bad)]}).to_pylist()
+    assert len(rows) == 1 and rows[0][schema.REASON] == "unreadable"
