@@ -4,10 +4,11 @@ Method: the image is cut into a grid of about 16×9 tiles (the grid follows the 
 ratio, so tiles scale with the image). From the centre of each tile a square patch is taken and
 the root-mean-square of its pixel-to-pixel differences is compared with that of the same patch
 averaged over 4×4 blocks (differences between neighbouring blocks, divided by 4 to put them on a
-per-pixel scale). The ratio is contrast-normalised: a smooth ramp (any blurred content) gives
-about 0.25, a sharp edge about 1, pure noise about 4. Patches without structure at the 4-pixel
-scale (sky, bokeh) are left out. The score is a high percentile of the remaining patches, so a
-sharp subject covering a tenth of the frame is enough.
+per-pixel scale). The ratio is contrast-normalised: a smooth ramp (any blurred content) gives 1,
+an isolated sharp edge 2, pure noise 16; the score is its base-2 logarithm (0, 1, 4). Patches
+with little structure at the 4-pixel scale (sky, bokeh; below a quarter of the most structured
+patch) are left out. The score is a high percentile of the remaining patches, so a sharp
+subject covering a tenth of the frame is enough.
 
 The measure works on pixel scale, which is what "sharp at this resolution" means; the tile grid
 is relative to the image size, so 2560-px and 3840-px images are treated alike. Calibration on
@@ -19,12 +20,13 @@ from __future__ import annotations
 
 import numpy as np
 
-DEFAULT_SHARPNESS_THRESHOLD: float = 0.45
+DEFAULT_SHARPNESS_THRESHOLD: float = 0.5
 """Images with ``sharpness_score(...) < DEFAULT_SHARPNESS_THRESHOLD`` are rejected as ``blurry``."""
 
 _GRID_LONG = 16  # tiles along the longer side
-_PATCH = 96  # patch side in pixels (a multiple of 4), or the tile side if smaller
-_MIN_CONTRAST = 2.0  # rms per-pixel difference (gray levels) at the 4-px scale to count a patch
+_PATCH = 64  # patch side in pixels (a multiple of 4), or the tile side if smaller
+_MIN_CONTRAST = 0.5  # rms per-pixel difference (gray levels) at the 4-px scale to count a patch
+_RELATIVE_CONTRAST = 0.25  # ... and at least this fraction of the most structured patch's
 _PERCENTILE = 90.0
 
 
@@ -66,9 +68,9 @@ def sharpness_score(gray: np.ndarray) -> float:
         gray: 2-D ``uint8`` array, full resolution.
 
     Returns:
-        The 90th percentile over structured tiles of ``rms(1-px differences) / rms(4-px
-        differences)`` (per pixel): about 0.25 for blurred content, 0.6–1 for sharp photographs.
-        ``0.0`` when no tile has structure (a flat image).
+        ``log2`` of the 90th percentile over structured tiles of ``rms(1-px differences) /
+        rms(4-px differences)`` (per pixel): near 0 for blurred content, 0.3–3 for sharp
+        photographs. ``0.0`` when no tile has structure (a flat image).
 
     Raises:
         ValueError: If ``gray`` is not a 2-D uint8 array large enough for the tile grid.
@@ -80,8 +82,8 @@ def sharpness_score(gray: np.ndarray) -> float:
     coarse = p.reshape(n, side // 4, 4, side // 4, 4).mean(axis=(2, 4))
     fine_rms = _rms_differences(p)
     coarse_rms = _rms_differences(coarse) / 4.0
-    structured = coarse_rms >= _MIN_CONTRAST
+    structured = coarse_rms >= max(_MIN_CONTRAST, _RELATIVE_CONTRAST * float(coarse_rms.max()))
     if not structured.any():
         return 0.0
     ratio = fine_rms[structured] / coarse_rms[structured]
-    return float(np.percentile(ratio, _PERCENTILE))
+    return float(np.log2(np.percentile(ratio, _PERCENTILE)))

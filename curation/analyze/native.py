@@ -1,0 +1,204 @@
+"""Evidence that an image's pixels were not upscaled from a smaller image.
+
+Resampling forensics (Popescu & Farid 2005; Kirchner 2008): interpolating an image by a factor
+``f`` makes the local derivative statistics of the result periodic along each axis, with a
+period of ``f`` output pixels. Averaging ``|first difference|`` and ``|second difference|`` over
+all rows (columns) of the image gives a 1-D profile per axis whose spectrum then carries a line
+at ``1/f`` cycles per pixel (aliased into ``[0, 0.5]``) and its harmonics. Native photographs,
+including downscaled ones, have no such line.
+
+Two tests, both on those profiles:
+
+* **spectral**: the strongest line of the normalised periodogram (power over its running median)
+  that appears at the same frequency on both axes. The JPEG block grid puts lines at ``k/8``
+  cycles per pixel; those frequencies are masked out here. A JPEG-compressed source that was
+  then upscaled shows its own block grid at period ``8 f``, which this test also sees.
+* **block fold** (factors whose lines sit on the JPEG grid: 4/3, 8/5, 2, 4): the profile is folded
+  modulo 8 in absolute pixel coordinates. A JPEG grid is symmetric within its block and changes
+  mostly the differences across block boundaries; two contrasts between interior positions
+  (``T`` and ``U`` below) are near zero for JPEG-only patterns but large for resampling with a
+  period of 2, 4 or 8 pixels (the phase test for integer factors).
+
+Each test's statistic is divided by a threshold calibrated on real photographs
+(``bench/calibrate_native.py``, ``docs/native-detection.md``); the largest ratio ``E`` becomes
+``score = 2 ** -E``, so ``score = 0.5`` is the decision boundary of the calibrated tests.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import cv2
+import numpy as np
+
+DEFAULT_NATIVE_THRESHOLD: float = 0.5
+"""Images with ``native_score(...).score`` below this are rejected as ``upscaled``."""
+
+# Calibrated on Debian's wallpaper photographs (see docs/native-detection.md).
+_SPECTRAL_THRESHOLD = 70.0  # both-axes normalised periodogram peak
+_FOLD_T_THRESHOLD = 20.0  # |T| in percent of the mean |difference|
+_FOLD_U_LOW = -14.0  # U in percent; JPEG grids push U up, resampling by 8/5 pushes it down
+_FOLD_U_HIGH = 20.0
+_FOLD_MIN_Z = 6.0  # the fold contrasts must also be significant against their own noise
+_MIN_FREQ = 0.02  # cycles/px below which image content dominates the profile spectrum
+_GRID_MASK = 0.004  # half-width (cycles/px) of the masks around the JPEG lines k/8
+_FREQ_TOL = 0.0015  # how far apart (cycles/px) the two axes' lines may be
+_MIN_SIDE = 64
+
+
+class NativeEvidence(NamedTuple):
+    """Result of :func:`native_score`.
+
+    Attributes:
+        score: Higher means more native; roughly in ``[0, 1]``; ``0.5`` at the calibrated
+            decision boundary.
+        factor: Estimated upscale factor, ``nan`` when no resampling trace was found.
+        detail: A few words for a person explaining the strongest evidence.
+    """
+
+    score: float
+    factor: float
+    detail: str
+
+
+def _profiles(gray: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Mean |first| and |second| differences per column (x) and per row (y)."""
+    d1x = cv2.subtract(gray[:, 1:], gray[:, :-1], dtype=cv2.CV_16S)
+    d1y = cv2.subtract(gray[1:, :], gray[:-1, :], dtype=cv2.CV_16S)
+    p1x = cv2.reduce(np.abs(d1x), 0, cv2.REDUCE_AVG, dtype=cv2.CV_32F).ravel()
+    p1y = cv2.reduce(np.abs(d1y), 1, cv2.REDUCE_AVG, dtype=cv2.CV_32F).ravel()
+    p2x = cv2.reduce(cv2.absdiff(d1x[:, 1:], d1x[:, :-1]), 0, cv2.REDUCE_AVG,
+                     dtype=cv2.CV_32F).ravel()
+    p2y = cv2.reduce(cv2.absdiff(d1y[1:, :], d1y[:-1, :]), 1, cv2.REDUCE_AVG,
+                     dtype=cv2.CV_32F).ravel()
+    return p1x, p2x, p1y, p2y
+
+
+def _running_median(x: np.ndarray, size: int) -> np.ndarray:
+    """Running median with a centred window of ``size`` (odd) samples, edges clamped."""
+    half = size // 2
+    padded = np.pad(x, half, mode="edge")
+    windows = np.lib.stride_tricks.sliding_window_view(padded, size)
+    return np.median(windows, axis=1)
+
+
+def _normalised_periodogram(profile: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Periodogram of a profile divided by its running median (≈1 where there is no line)."""
+    n = profile.size
+    p = profile.astype(np.float64)
+    p = (p - p.mean()) * np.hanning(n)
+    power = np.abs(np.fft.rfft(p)) ** 2
+    freq = np.fft.rfftfreq(n)
+    size = max(15, (n // 100) | 1)
+    background = _running_median(power, size)
+    return freq, power / (background + 1e-12 * power.max() + 1e-30)
+
+
+def _line_strength(freq: np.ndarray, norm: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """Normalised power on ``grid`` frequencies, taking the max within ``_FREQ_TOL``."""
+    step = freq[1] - freq[0]
+    width = max(1, round(_FREQ_TOL / step))
+    padded = np.pad(norm, width, mode="constant")
+    windows = np.lib.stride_tricks.sliding_window_view(padded, 2 * width + 1)
+    peak = windows.max(axis=1)
+    return np.interp(grid, freq, peak)
+
+
+def _spectral_evidence(px: np.ndarray, py: np.ndarray) -> tuple[float, float]:
+    """Strongest line present on both axes away from the JPEG grid: (strength, frequency)."""
+    fx, nx = _normalised_periodogram(px)
+    fy, ny = _normalised_periodogram(py)
+    grid = fx if fx.size >= fy.size else fy
+    both = np.minimum(_line_strength(fx, nx, grid), _line_strength(fy, ny, grid))
+    masked = (grid < _MIN_FREQ) | (grid > 0.5 - _GRID_MASK)
+    for k in range(1, 4):
+        masked |= np.abs(grid - k / 8) < _GRID_MASK
+    both[masked] = 0.0
+    i = int(np.argmax(both))
+    return float(both[i]), float(grid[i])
+
+
+def _fold_contrasts(profile: np.ndarray) -> tuple[float, float, float, float]:
+    """Interior contrasts of the profile folded modulo 8: (T, z_T, U, z_U), in percent.
+
+    Index ``i`` of a first-difference profile is the step between pixels ``i`` and ``i + 1``,
+    so ``i % 8 == 7`` crosses a JPEG block boundary. With ``v`` the fold:
+    ``T = (v1 + v5)/2 - (v2 + v4)/2`` (alternation; a period of 2 or 8 px) and
+    ``U = v3 - (v2 + v4)/2`` (block centre; a period of 4 or 8 px).
+    """
+    nb = profile.size // 8
+    blocks = profile[: nb * 8].reshape(nb, 8).astype(np.float64)
+    scale = blocks.mean() + 1e-9
+    t = ((blocks[:, 1] + blocks[:, 5]) - (blocks[:, 2] + blocks[:, 4])) / 2 / scale * 100
+    u = (blocks[:, 3] - (blocks[:, 2] + blocks[:, 4]) / 2) / scale * 100
+    t_mean, u_mean = float(t.mean()), float(u.mean())
+    t_se = float(t.std()) / np.sqrt(nb) + 1e-9
+    u_se = float(u.std()) / np.sqrt(nb) + 1e-9
+    return t_mean, t_mean / t_se, u_mean, u_mean / u_se
+
+
+def _fold_evidence(px: np.ndarray, py: np.ndarray) -> tuple[float, str, float]:
+    """Evidence ratio of the block-fold test, its description and the implied factor."""
+    tx, ztx, ux, zux = _fold_contrasts(px)
+    ty, zty, uy, zuy = _fold_contrasts(py)
+    # Both axes must agree: take the weaker one.
+    t_ratio = min(abs(tx) / _FOLD_T_THRESHOLD * (abs(ztx) >= _FOLD_MIN_Z),
+                  abs(ty) / _FOLD_T_THRESHOLD * (abs(zty) >= _FOLD_MIN_Z))
+    if np.sign(tx) != np.sign(ty):
+        t_ratio = 0.0
+
+    def u_ratio(u: float, z: float) -> float:
+        if abs(z) < _FOLD_MIN_Z:
+            return 0.0
+        return max(u / _FOLD_U_HIGH, u / _FOLD_U_LOW, 0.0)
+
+    ur = min(u_ratio(ux, zux), u_ratio(uy, zuy))
+    if t_ratio >= ur:
+        factor = 2.0 if min(ux, uy) > _FOLD_U_LOW else 1.6
+        words = f"alternating even/odd difference statistics (T={tx:.1f}%/{ty:.1f}%)"
+        return t_ratio, words, factor
+    factor = 1.6 if ux < 0 else 4 / 3
+    return ur, f"4/8-px difference pattern inside JPEG blocks (U={ux:.1f}%/{uy:.1f}%)", factor
+
+
+def _factor_from_frequency(freq: float) -> tuple[float, str]:
+    """Upscale factors whose resampling line aliases to ``freq``: the smaller one first."""
+    low, high = 1.0 / (1.0 - freq), 1.0 / freq
+    return low, f"≈{low:.2f}× or {high:.2f}× upscale"
+
+
+def native_score(gray: np.ndarray) -> NativeEvidence:
+    """Score how likely a grayscale image is at its native resolution (not upscaled).
+
+    Args:
+        gray: 2-D ``uint8`` array, full resolution, EXIF orientation applied.
+
+    Returns:
+        A :class:`NativeEvidence`; ``score < DEFAULT_NATIVE_THRESHOLD`` means upscaled.
+
+    Raises:
+        ValueError: If ``gray`` is not a 2-D uint8 array of at least 64×64 pixels.
+    """
+    if gray.ndim != 2 or gray.dtype != np.uint8:
+        raise ValueError(f"expected a 2-D uint8 array, got {gray.dtype} {gray.shape}")
+    if min(gray.shape) < _MIN_SIDE:
+        raise ValueError(f"image too small for resampling analysis: {gray.shape}")
+    gray = np.ascontiguousarray(gray)
+    p1x, p2x, p1y, p2y = _profiles(gray)
+    s1, f1 = _spectral_evidence(p1x, p1y)
+    s2, f2 = _spectral_evidence(p2x, p2y)
+    strength, freq = (s1, f1) if s1 >= s2 else (s2, f2)
+    spectral = strength / _SPECTRAL_THRESHOLD
+    fold, fold_detail, fold_factor = _fold_evidence(p1x, p1y)
+    evidence = max(spectral, fold)
+    score = float(2.0 ** -evidence)
+    if evidence < 1.0:
+        return NativeEvidence(score, float("nan"),
+                              f"no resampling trace (strongest line {strength:.1f}× background "
+                              f"at {freq:.3f} cyc/px; block fold {fold:.2f} of threshold)")
+    if spectral >= fold:
+        factor, words = _factor_from_frequency(freq)
+        return NativeEvidence(score, factor,
+                              f"periodic resampling peak at {freq:.3f} cyc/px on both axes "
+                              f"({strength:.0f}× background, {words})")
+    return NativeEvidence(score, fold_factor, f"{fold_detail} (≈{fold_factor:.2f}× upscale)")
