@@ -21,9 +21,9 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
-from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
 
 from model.transformer import UltraFluxTransformer2DModel
 from model.vae import AutoencoderKLF16
@@ -114,7 +114,6 @@ class UltraFluxPipeline(DiffusionPipeline):
         self.latent_scale_factor = vae.spatial_scale_factor
         # Pixels per transformer token along one side: 16 (VAE) × 2 (patch) = 32.
         self.vae_scale_factor = self.latent_scale_factor * PATCH_SIZE
-        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
     # -- loading --------------------------------------------------------------------------------
 
@@ -251,7 +250,8 @@ class UltraFluxPipeline(DiffusionPipeline):
             max_sequence_length: T5 tokens (512 for UltraFlux).
             shift: Fixed timestep shift; default is the resolution-dependent one.
             tiled_decode: Partitioned VAE decode; default on above 2048² px.
-            output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``.
+            output_type: ``"pil"`` (RGB images), ``"np"`` (B, H, W, 3) uint8, ``"pt"``
+                (B, 3, H, W) float in [0, 1], or ``"latent"`` (B, 16, H/16, W/16).
 
         Returns:
             A list of PIL images, an array, or a tensor, by ``output_type``.
@@ -309,6 +309,7 @@ class UltraFluxPipeline(DiffusionPipeline):
             return latents
         return self.decode_latents(latents, tiled=tiled_decode, output_type=output_type)
 
+    @torch.no_grad()
     def decode_latents(
         self, latents: torch.Tensor, *, tiled: bool | None = None, output_type: str = "pil"
     ) -> list[Any] | torch.Tensor | np.ndarray:
@@ -325,7 +326,14 @@ class UltraFluxPipeline(DiffusionPipeline):
             image = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
         finally:
             self.vae.use_tiling = previous
-        return self.image_processor.postprocess(image, output_type=output_type)
+        if output_type == "pt":
+            return (image.float() / 2 + 0.5).clamp(0, 1)
+        # Straight to uint8 in torch: 16.7 MP images make float numpy round trips slow.
+        pixels_BHWC = ((image.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+        pixels_BHWC = pixels_BHWC.permute(0, 2, 3, 1).cpu().numpy()
+        if output_type == "np":
+            return pixels_BHWC
+        return [Image.fromarray(p) for p in pixels_BHWC]
 
 
 def _require_model_files(folder: Path, what: str) -> None:

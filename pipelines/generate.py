@@ -1,0 +1,149 @@
+"""``native4k generate``: sample one image from a local UltraFlux model folder.
+
+Example::
+
+    native4k generate --model /models/ultraflux --prompt "a fjord at dawn" \\
+        --size 5440x3072 --steps 50 --out fjord.png
+
+The folder is in diffusers layout (``transformer/``, ``vae/``, ``scheduler/`` and the text
+encoders, see :mod:`model.pipeline`); nothing is downloaded. torch and diffusers are imported
+only when the command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``"WIDTHxHEIGHT"`` → ``(width, height)``; both positive multiples of 32 px."""
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must look like 5440x3072, got {text!r}") from None
+    if width <= 0 or height <= 0 or width % 32 or height % 32:
+        raise argparse.ArgumentTypeError(
+            f"width and height must be positive multiples of 32 px (one token), got {text!r}"
+        )
+    return width, height
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``generate`` options to ``parser``."""
+    parser.add_argument("--model", required=True, type=Path, help="local model folder")
+    parser.add_argument("--prompt", help="text prompt (needs the text encoders in the folder)")
+    parser.add_argument(
+        "--prompt-embeds",
+        type=Path,
+        help="torch file with 'prompt_embeds' (1, L, 4096) and 'pooled_prompt_embeds' (1, 768), "
+        "instead of --prompt",
+    )
+    parser.add_argument(
+        "--size",
+        type=parse_size,
+        default=(4096, 4096),
+        help="WIDTHxHEIGHT in px (default 4096x4096)",
+    )
+    parser.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
+    parser.add_argument("--guidance", type=float, default=4.0, help="embedded guidance (default 4)")
+    parser.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    parser.add_argument("--out", required=True, type=Path, help="output image file (.png, .jpg)")
+    parser.add_argument(
+        "--shift", type=float, help="fixed timestep shift (default: resolution-dependent)"
+    )
+    parser.add_argument("--max-sequence-length", type=int, default=512, help="T5 tokens")
+    parser.add_argument(
+        "--rope-method",
+        help="override the model's RoPE method: base, yarn, resonance, resonance_yarn, "
+        "ultraflux_released",
+    )
+    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16")
+    parser.add_argument("--device", help="torch device (default: cuda if present, else cpu)")
+    parser.add_argument(
+        "--fp8", action="store_true", help="e4m3 linear layers in the blocks (Hopper GPUs)"
+    )
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile the transformer blocks"
+    )
+    parser.add_argument(
+        "--tiled-decode",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="partitioned VAE decode (auto: above 2048² px)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Generate one image as ``args`` say; return the exit status (0 ok, 1 load, 2 usage)."""
+    if (args.prompt is None) == (args.prompt_embeds is None):
+        print("error: give exactly one of --prompt and --prompt-embeds", file=sys.stderr)
+        return 2
+    import torch
+
+    from model.fp8 import convert_linears_to_fp8
+    from model.pipeline import UltraFluxPipeline
+
+    dtype = getattr(torch, _DTYPES[args.dtype])
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    width, height = args.size
+    embeds = {}
+    try:
+        if args.prompt_embeds is not None:
+            embeds = _load_prompt_embeds(args.prompt_embeds)
+        pipe = UltraFluxPipeline.from_folder(
+            args.model,
+            torch_dtype=dtype,
+            rope_method=args.rope_method,
+            load_text_encoders=args.prompt is not None,
+        )
+    except (FileNotFoundError, KeyError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    pipe.to(device)
+    if args.fp8:
+        convert_linears_to_fp8(pipe.transformer)
+    if args.compile:
+        pipe.transformer.compile_repeated_blocks()
+    tiled = {"auto": None, "on": True, "off": False}[args.tiled_decode]
+    start = time.perf_counter()
+    try:
+        images = pipe(
+            args.prompt,
+            height=height,
+            width=width,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            generator=torch.Generator("cpu").manual_seed(args.seed),
+            max_sequence_length=args.max_sequence_length,
+            shift=args.shift,
+            tiled_decode=tiled,
+            **embeds,
+        )
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    images[0].save(args.out)
+    print(f"{args.out}: {width}x{height}, {args.steps} steps, {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _load_prompt_embeds(path: Path) -> dict:
+    """Read ``prompt_embeds`` and ``pooled_prompt_embeds`` from a torch file."""
+    import torch
+
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt embeddings file {path} not found")
+    data = torch.load(path, map_location="cpu", weights_only=True)
+    missing = {"prompt_embeds", "pooled_prompt_embeds"} - set(data)
+    if missing:
+        raise KeyError(f"{path} lacks {', '.join(sorted(missing))}")
+    return {
+        "prompt_embeds": data["prompt_embeds"],
+        "pooled_prompt_embeds": data["pooled_prompt_embeds"],
+    }

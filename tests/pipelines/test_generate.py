@@ -1,0 +1,239 @@
+"""End-to-end tests of the UltraFlux pipeline and ``native4k generate`` with tiny random models."""
+
+import argparse
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+from PIL import Image
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from tokenizers.pre_tokenizers import Whitespace
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    PreTrainedTokenizerFast,
+    T5Config,
+    T5EncoderModel,
+)
+
+from model.pipeline import UltraFluxPipeline, pack_latents, resolution_shift, unpack_latents
+from model.transformer import UltraFluxTransformer2DModel
+from model.vae import AutoencoderKLF16
+from pipelines import generate
+
+TEXT_DIM, POOLED_DIM = 32, 16
+VAE = {
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [4, 4, 4, 4],
+    "layers_per_block": 1,
+    "latent_channels": 16,
+    "norm_num_groups": 2,
+    "sample_size": 256,
+    "scaling_factor": 0.3611,
+    "shift_factor": 0.1159,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+    "mid_block_add_attention": False,
+}
+SCHEDULER = {
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+}
+
+
+def tiny_tokenizer(max_length: int) -> PreTrainedTokenizerFast:
+    words = ["a", "photo", "of", "fjord", "at", "dawn", "mountain", "lake", "sky"]
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[EOS]": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    tok = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        eos_token="[EOS]",
+        model_max_length=max_length,
+    )
+
+
+def save_tiny_model(root: Path, *, text_encoders: bool) -> None:
+    """A complete model folder in diffusers layout, random weights."""
+    torch.manual_seed(0)
+    UltraFluxTransformer2DModel(
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=TEXT_DIM,
+        pooled_projection_dim=POOLED_DIM,
+        in_channels=64,
+        axes_dims_rope=(4, 6, 6),
+        guidance_embeds=True,
+    ).save_pretrained(root / "transformer")
+    AutoencoderKLF16(**VAE).save_pretrained(root / "vae")
+    FlowMatchEulerDiscreteScheduler(**SCHEDULER).save_pretrained(root / "scheduler")
+    if text_encoders:
+        clip = CLIPTextConfig(
+            vocab_size=16,
+            hidden_size=POOLED_DIM,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            projection_dim=POOLED_DIM,
+        )
+        CLIPTextModel(clip).save_pretrained(root / "text_encoder")
+        tiny_tokenizer(77).save_pretrained(root / "tokenizer")
+        t5 = T5Config(vocab_size=16, d_model=TEXT_DIM, d_kv=8, d_ff=64, num_layers=1, num_heads=2)
+        T5EncoderModel(t5).save_pretrained(root / "text_encoder_2")
+        tiny_tokenizer(512).save_pretrained(root / "tokenizer_2")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("ultraflux_tiny")
+    save_tiny_model(root, text_encoders=True)
+    return root
+
+
+@pytest.fixture(scope="module")
+def embeds_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("embeds") / "embeds.pt"
+    g = torch.Generator().manual_seed(1)
+    torch.save(
+        {
+            "prompt_embeds": torch.randn(1, 24, TEXT_DIM, generator=g),
+            "pooled_prompt_embeds": torch.randn(1, POOLED_DIM, generator=g),
+        },
+        path,
+    )
+    return path
+
+
+def cli(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    generate.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+@pytest.mark.parametrize(
+    ("size", "use_text_encoders", "ext"),
+    [("5440x3072", False, "jpg"), ("3072x5440", False, "jpg"), ("4096x4096", True, "png")],
+    ids=["landscape", "portrait", "square"],
+)
+def test_generate_writes_an_image_of_the_bucket_size(
+    model_dir: Path,
+    embeds_file: Path,
+    tmp_path: Path,
+    size: str,
+    use_text_encoders: bool,
+    ext: str,
+) -> None:
+    out = tmp_path / f"img.{ext}"
+    prompt = ["--prompt", "a fjord at dawn"] if use_text_encoders else []
+    embeds = [] if use_text_encoders else ["--prompt-embeds", str(embeds_file)]
+    argv = ["--model", str(model_dir), "--size", size, "--steps", "1", "--out", str(out)]
+    args = cli([*argv, "--dtype", "fp32", "--device", "cpu", *prompt, *embeds])
+    assert generate.run(args) == 0
+    width, height = (int(v) for v in size.split("x"))
+    with Image.open(out) as image:
+        assert image.size == (width, height)
+        assert image.mode == "RGB"
+        small = image.resize((64, 64))
+    pixels = torch.frombuffer(bytearray(small.tobytes()), dtype=torch.uint8).float()
+    assert pixels.std() > 0  # a real decode, not a constant fill
+
+
+def test_pipeline_without_text_encoders_and_determinism(tmp_path: Path) -> None:
+    save_tiny_model(tmp_path, text_encoders=False)
+    pipe = UltraFluxPipeline.from_folder(tmp_path, torch_dtype=torch.float32)
+    assert pipe.text_encoder is None and pipe.vae_scale_factor == 32
+    g = torch.Generator().manual_seed(2)
+    embeds = {
+        "prompt_embeds": torch.randn(1, 8, TEXT_DIM, generator=g),
+        "pooled_prompt_embeds": torch.randn(1, POOLED_DIM, generator=g),
+    }
+
+    def sample(seed: int, guidance: float) -> torch.Tensor:
+        return pipe(
+            height=320,
+            width=192,
+            num_inference_steps=3,
+            guidance_scale=guidance,
+            generator=torch.Generator().manual_seed(seed),
+            output_type="latent",
+            **embeds,
+        )
+
+    latents = sample(0, 4.0)
+    assert latents.shape == (1, 16, 20, 12)
+    assert torch.equal(latents, sample(0, 4.0))
+    assert not torch.allclose(latents, sample(1, 4.0))
+    assert not torch.allclose(latents, sample(0, 1.0))  # guidance is embedded and used
+    with pytest.raises(ValueError, match="text_encoder"):
+        pipe("a prompt", height=64, width=64, num_inference_steps=1)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        pipe(height=100, width=64, num_inference_steps=1, **embeds)
+
+
+def test_resolution_dependent_shift(model_dir: Path) -> None:
+    pipe = UltraFluxPipeline.from_folder(
+        model_dir, torch_dtype=torch.float32, load_text_encoders=False
+    )
+    num_tokens = 16384  # 4096² px
+    mu = resolution_shift(num_tokens, pipe.scheduler.config)
+    assert mu == pytest.approx(0.5 + (1.15 - 0.5) / (4096 - 256) * (num_tokens - 256))
+    timesteps = pipe.timesteps_for(10, num_tokens, None, torch.device("cpu"))
+    sigma = 0.9  # second of linspace(1, 0.1, 10)
+    shifted = math.exp(mu) / (math.exp(mu) + (1 / sigma - 1))
+    assert timesteps[1].item() == pytest.approx(1000 * shifted, rel=1e-5)
+    small = pipe.timesteps_for(10, 1024, None, torch.device("cpu"))
+    assert small[1] < timesteps[1]  # fewer tokens, less shift
+    fixed = pipe.timesteps_for(10, num_tokens, 4.0, torch.device("cpu"))
+    assert fixed[1].item() == pytest.approx(1000 * 4 * sigma / (1 + 3 * sigma), rel=1e-5)
+
+
+def test_pack_unpack_round_trip() -> None:
+    latents = torch.randn(2, 16, 6, 10)
+    tokens = pack_latents(latents)
+    assert tokens.shape == (2, 15, 64)
+    assert torch.equal(unpack_latents(tokens, 3, 5), latents)
+    # Token (row 1, col 2) holds the 2×2 latent patch at rows 2..3, cols 4..5.
+    assert torch.equal(tokens[0, 1 * 5 + 2].reshape(16, 2, 2), latents[0, :, 2:4, 4:6])
+
+
+def test_missing_files_give_one_clear_error(
+    tmp_path: Path, embeds_file: Path, capsys: pytest.CaptureFixture
+) -> None:
+    save_tiny_model(tmp_path, text_encoders=False)
+    (tmp_path / "transformer" / "diffusion_pytorch_model.safetensors").unlink()
+    args = cli(["--model", str(tmp_path), "--prompt-embeds", str(embeds_file), "--out", "x.png"])
+    assert generate.run(args) == 1
+    err = capsys.readouterr().err
+    assert "transformer" in err and "diffusion_pytorch_model.safetensors" in err
+    args = cli(["--model", str(tmp_path), "--prompt", "a lake", "--out", "x.png"])
+    (tmp_path / "transformer" / "config.json").unlink()
+    assert generate.run(args) == 1
+    assert "config.json" in capsys.readouterr().err
+
+
+def test_f8_vae_folder_is_converted_on_load(tmp_path: Path) -> None:
+    save_tiny_model(tmp_path, text_encoders=False)
+    f8_config = {k: v for k, v in VAE.items()}
+    AutoencoderKL(**f8_config).save_pretrained(tmp_path / "vae")
+    pipe = UltraFluxPipeline.from_folder(tmp_path, torch_dtype=torch.float32)
+    assert isinstance(pipe.vae, AutoencoderKLF16) and pipe.vae.config.stride == 2
+    assert pipe.vae_scale_factor == 32
+
+
+def test_size_argument_is_validated() -> None:
+    with pytest.raises(SystemExit):
+        cli(["--model", "m", "--out", "o.png", "--size", "5440x3000"])
+    assert generate.parse_size("6336x2624") == (6336, 2624)
