@@ -265,11 +265,15 @@ def bench_transformer(args: argparse.Namespace, device: torch.device, results: d
         return out
 
     out_eager = run_variant("eager", 1)
+    model.fuse_qkv_projections()
+    if device.type == "cuda" and "compiled_flash" in args.variants:
+        compile_blocks(model, inputs, device, results)
+        run_variant("compiled_flash", 2)
     if device.type == "cuda":
         model.set_attention_backend("_native_cudnn")
-        out_cudnn = run_variant("eager_cudnn", 1)
-        results["transformer"]["rel_err_cudnn_vs_eager"] = rel_err(out_cudnn, out_eager)
-    model.fuse_qkv_projections()
+        if "eager_cudnn" in args.variants:
+            out_cudnn = run_variant("eager_cudnn", 1)
+            results["transformer"]["rel_err_cudnn_vs_eager"] = rel_err(out_cudnn, out_eager)
     compile_blocks(model, inputs, device, results)
     out_bf16 = run_variant("compiled", 2)
     results["transformer"]["rel_err_compiled_vs_eager"] = rel_err(out_bf16, out_eager)
@@ -322,10 +326,26 @@ def bench_vae(args: argparse.Namespace, device: torch.device, results: dict) -> 
                 entry["whole_peak_mem_gib"] = peak_gib(device)
                 entry["max_abs_diff_tiled_vs_whole"] = (tiled - whole).abs().max().item()
                 entry["rel_err_tiled_vs_whole"] = rel_err(tiled, whole)
-                del whole
             except torch.OutOfMemoryError:
+                whole = None
                 entry["whole"] = "out of memory"
         assert tiled.shape == (1, 3, height, width)
+        if args.vae_reference:
+            # bf16 decodes against an fp32 whole decode, and fp32 tiled against fp32 whole.
+            vae.to(torch.float32)
+            with torch.no_grad():
+                vae.disable_tiling()
+                ref = vae.decode(z.float()).sample
+                vae.enable_tiling()
+                tiled32 = vae.decode(z.float()).sample
+            entry["rel_err_tiled_fp32_vs_whole_fp32"] = rel_err(tiled32, ref)
+            entry["max_abs_diff_tiled_fp32_vs_whole_fp32"] = (tiled32 - ref).abs().max().item()
+            entry["rel_err_tiled_bf16_vs_whole_fp32"] = rel_err(tiled, ref)
+            if whole is not None:
+                entry["rel_err_whole_bf16_vs_whole_fp32"] = rel_err(whole, ref)
+            entry["output_std"] = ref.std().item()
+            del ref, tiled32
+            vae.to(torch.bfloat16)
         del tiled
         results["vae"][key] = entry
         log(f"vae {key}: {entry}")
@@ -345,8 +365,18 @@ def main() -> int:
     parser.add_argument("--num-text", type=int, default=512)
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--vae-iters", type=int, default=3)
+    parser.add_argument(
+        "--vae-reference", action="store_true", help="compare decodes against fp32 (whole)"
+    )
     parser.add_argument("--full-steps", type=int, default=50, help="0 skips the full loops")
     parser.add_argument("--skip", nargs="*", default=[], choices=["transformer", "vae"])
+    parser.add_argument(
+        "--variants",
+        nargs="*",
+        default=["eager_cudnn"],
+        choices=["eager_cudnn", "compiled_flash"],
+        help="optional variants besides eager, compiled and compiled_fp8",
+    )
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test with tiny models")
     args = parser.parse_args()
     device = torch.device("cpu" if args.tiny else "cuda")
