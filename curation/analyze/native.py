@@ -3,16 +3,20 @@
 Resampling forensics (Popescu & Farid 2005; Kirchner 2008): interpolating an image by a factor
 ``f`` makes the local derivative statistics of the result periodic along each axis, with a
 period of ``f`` output pixels. Averaging ``|first difference|`` and ``|second difference|`` over
-all rows (columns) of the image gives a 1-D profile per axis whose spectrum then carries a line
+the rows (columns) of the most textured horizontal (vertical) bands gives a 1-D profile per
+axis whose spectrum then carries a line
 at ``1/f`` cycles per pixel (aliased into ``[0, 0.5]``) and its harmonics. Native photographs,
 including downscaled ones, have no such line.
 
 Two tests, both on those profiles:
 
 * **spectral**: the strongest line of the normalised periodogram (power over its running median)
-  that appears at the same frequency on both axes. The JPEG block grid puts lines at ``k/8``
-  cycles per pixel; those frequencies are masked out here. A JPEG-compressed source that was
-  then upscaled shows its own block grid at period ``8 f``, which this test also sees.
+  that appears at the same frequency on both axes; it must also be deep (its amplitude a few
+  percent of the profile's mean). A line's strength grows with the number of pixels averaged,
+  so the strength threshold is stated for 2560×1440 and scaled with the pixel count. The JPEG
+  block grid puts lines at ``k/8`` cycles per pixel; those frequencies are masked out here.
+  A JPEG-compressed source that was then upscaled shows its own block grid at period ``8 f``,
+  which this test also sees.
 * **block fold** (factors whose lines sit on the JPEG grid: 4/3, 8/5, 2, 4): the profile is folded
   modulo 8 in absolute pixel coordinates. A JPEG grid is symmetric within its block and changes
   mostly the differences across block boundaries; two contrasts between interior positions
@@ -35,15 +39,20 @@ DEFAULT_NATIVE_THRESHOLD: float = 0.5
 """Images with ``native_score(...).score`` below this are rejected as ``upscaled``."""
 
 # Calibrated on Debian's wallpaper photographs (see docs/native-detection.md).
-_SPECTRAL_THRESHOLD = 70.0  # both-axes normalised periodogram peak
-_FOLD_T_THRESHOLD = 20.0  # |T| in percent of the mean |difference|
-_FOLD_U_LOW = -14.0  # U in percent; JPEG grids push U up, resampling by 8/5 pushes it down
-_FOLD_U_HIGH = 20.0
+_SPECTRAL_THRESHOLD = 80.0  # both-axes periodogram peak (× background) per 2560×1440 px...
+_REFERENCE_PIXELS = 2560 * 1440
+_DEPTH_THRESHOLD = 3.0  # ...and its modulation depth (percent of the mean |difference|)
+_FOLD_T_THRESHOLD = 16.0  # |T| in percent of the mean |difference|
+_FOLD_U_LOW = -6.0  # U in percent; JPEG grids push U up, resampling by 8/5 pushes it down
+_FOLD_U_HIGH = 10.0
 _FOLD_MIN_Z = 6.0  # the fold contrasts must also be significant against their own noise
 _MIN_FREQ = 0.02  # cycles/px below which image content dominates the profile spectrum
 _GRID_MASK = 0.004  # half-width (cycles/px) of the masks around the JPEG lines k/8
 _FREQ_TOL = 0.0015  # how far apart (cycles/px) the two axes' lines may be
 _MIN_SIDE = 64
+_TEXTURE_STEP = 8  # subsampling of the cheap texture map used to choose bands
+_NUM_BANDS = 16  # the image is cut into this many bands per axis...
+_BANDS_USED = 5  # ...and the most textured of them are analysed
 
 
 class NativeEvidence(NamedTuple):
@@ -61,37 +70,83 @@ class NativeEvidence(NamedTuple):
     detail: str
 
 
-def _profiles(gray: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Mean |first| and |second| differences per column (x) and per row (y)."""
-    d1x = cv2.subtract(gray[:, 1:], gray[:, :-1], dtype=cv2.CV_16S)
-    d1y = cv2.subtract(gray[1:, :], gray[:-1, :], dtype=cv2.CV_16S)
-    p1x = cv2.reduce(np.abs(d1x), 0, cv2.REDUCE_AVG, dtype=cv2.CV_32F).ravel()
-    p1y = cv2.reduce(np.abs(d1y), 1, cv2.REDUCE_AVG, dtype=cv2.CV_32F).ravel()
-    p2x = cv2.reduce(cv2.absdiff(d1x[:, 1:], d1x[:, :-1]), 0, cv2.REDUCE_AVG,
-                     dtype=cv2.CV_32F).ravel()
-    p2y = cv2.reduce(cv2.absdiff(d1y[1:, :], d1y[:-1, :]), 1, cv2.REDUCE_AVG,
-                     dtype=cv2.CV_32F).ravel()
-    return p1x, p2x, p1y, p2y
+def _band_starts(texture: np.ndarray, size: int, count: int, step: int) -> list[int]:
+    """Start offsets of the ``count`` most textured of the bands of ``size`` pixels.
+
+    ``texture`` holds one value per ``step`` pixels along the axis.
+    """
+    n = texture.size * step // size
+    per_band = [float(texture[i * size // step : (i + 1) * size // step].sum()) for i in range(n)]
+    order = np.argsort(per_band)[::-1][:count]
+    return sorted(int(i) * size for i in order)
+
+
+def _profiles(gray: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+    """Mean |first| and |second| differences per column (x) and per row (y).
+
+    Only the most textured horizontal bands feed the x profiles and the most textured vertical
+    bands the y profiles (about a third of the image each), which keeps the cost low and the
+    flat regions (sky), which carry no resampling trace, out.
+
+    Returns:
+        The x and y profiles and the number of pixels averaged into them.
+    """
+    h, w = gray.shape
+    sub = gray[::_TEXTURE_STEP, ::_TEXTURE_STEP].astype(np.int16)
+    tex_rows = np.abs(np.diff(sub, axis=1)).sum(axis=1)
+    tex_cols = np.abs(np.diff(sub, axis=0)).sum(axis=0)
+    sums = [np.zeros(w - 1, np.float64), np.zeros(w - 2, np.float64),
+            np.zeros(h - 1, np.float64), np.zeros(h - 2, np.float64)]
+    used = 0
+    band = max(_TEXTURE_STEP, h // _NUM_BANDS // _TEXTURE_STEP * _TEXTURE_STEP)
+    for y in _band_starts(tex_rows, band, _BANDS_USED, _TEXTURE_STEP):
+        rows = gray[y : y + band]
+        d1 = cv2.subtract(rows[:, 1:], rows[:, :-1], dtype=cv2.CV_16S)
+        sums[0] += cv2.reduce(cv2.absdiff(rows[:, 1:], rows[:, :-1]), 0, cv2.REDUCE_SUM,
+                              dtype=cv2.CV_32F).ravel()
+        sums[1] += cv2.reduce(cv2.absdiff(d1[:, 1:], d1[:, :-1]), 0, cv2.REDUCE_SUM,
+                              dtype=cv2.CV_32F).ravel()
+        used += rows.size
+    band = max(_TEXTURE_STEP, w // _NUM_BANDS // _TEXTURE_STEP * _TEXTURE_STEP)
+    for x in _band_starts(tex_cols, band, _BANDS_USED, _TEXTURE_STEP):
+        cols = gray[:, x : x + band]
+        d1 = cv2.subtract(cols[1:], cols[:-1], dtype=cv2.CV_16S)
+        sums[2] += cv2.reduce(cv2.absdiff(cols[1:], cols[:-1]), 1, cv2.REDUCE_SUM,
+                              dtype=cv2.CV_32F).ravel()
+        sums[3] += cv2.reduce(cv2.absdiff(d1[1:], d1[:-1]), 1, cv2.REDUCE_SUM,
+                              dtype=cv2.CV_32F).ravel()
+        used += cols.size
+    return sums[0], sums[1], sums[2], sums[3], used // 2
 
 
 def _running_median(x: np.ndarray, size: int) -> np.ndarray:
-    """Running median with a centred window of ``size`` (odd) samples, edges clamped."""
-    half = size // 2
-    padded = np.pad(x, half, mode="edge")
-    windows = np.lib.stride_tricks.sliding_window_view(padded, size)
-    return np.median(windows, axis=1)
+    """Smooth background of ``x``: medians of blocks of ``size`` samples, linearly interpolated."""
+    n = x.size // size
+    if n < 2:
+        return np.full_like(x, np.median(x))
+    medians = np.median(x[: n * size].reshape(n, size), axis=1)
+    centres = np.arange(n) * size + (size - 1) / 2
+    return np.interp(np.arange(x.size), centres, medians)
 
 
-def _normalised_periodogram(profile: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Periodogram of a profile divided by its running median (≈1 where there is no line)."""
+def _normalised_periodogram(profile: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Periodogram of a profile over its running median (≈1 where there is no line).
+
+    Returns:
+        Frequencies, normalised power and the modulation depth of each frequency (amplitude of
+        that sinusoid relative to the profile's mean, in percent).
+    """
     n = profile.size
     p = profile.astype(np.float64)
-    p = (p - p.mean()) * np.hanning(n)
-    power = np.abs(np.fft.rfft(p)) ** 2
+    mean = p.mean() + 1e-9
+    window = np.hanning(n)
+    spectrum = np.abs(np.fft.rfft((p - mean) * window))
+    power = spectrum**2
     freq = np.fft.rfftfreq(n)
     size = max(15, (n // 100) | 1)
     background = _running_median(power, size)
-    return freq, power / (background + 1e-12 * power.max() + 1e-30)
+    depth = 200.0 * spectrum / (window.sum() * mean)
+    return freq, power / (background + 1e-12 * power.max() + 1e-30), depth
 
 
 def _line_strength(freq: np.ndarray, norm: np.ndarray, grid: np.ndarray) -> np.ndarray:
@@ -104,18 +159,19 @@ def _line_strength(freq: np.ndarray, norm: np.ndarray, grid: np.ndarray) -> np.n
     return np.interp(grid, freq, peak)
 
 
-def _spectral_evidence(px: np.ndarray, py: np.ndarray) -> tuple[float, float]:
-    """Strongest line present on both axes away from the JPEG grid: (strength, frequency)."""
-    fx, nx = _normalised_periodogram(px)
-    fy, ny = _normalised_periodogram(py)
+def _spectral_evidence(px: np.ndarray, py: np.ndarray) -> tuple[float, float, float]:
+    """Strongest line on both axes away from the JPEG grid: (strength, frequency, depth %)."""
+    fx, nx, dx = _normalised_periodogram(px)
+    fy, ny, dy = _normalised_periodogram(py)
     grid = fx if fx.size >= fy.size else fy
     both = np.minimum(_line_strength(fx, nx, grid), _line_strength(fy, ny, grid))
+    depth = np.minimum(_line_strength(fx, dx, grid), _line_strength(fy, dy, grid))
     masked = (grid < _MIN_FREQ) | (grid > 0.5 - _GRID_MASK)
     for k in range(1, 4):
         masked |= np.abs(grid - k / 8) < _GRID_MASK
     both[masked] = 0.0
     i = int(np.argmax(both))
-    return float(both[i]), float(grid[i])
+    return float(both[i]), float(grid[i]), float(depth[i])
 
 
 def _fold_contrasts(profile: np.ndarray) -> tuple[float, float, float, float]:
@@ -184,11 +240,13 @@ def native_score(gray: np.ndarray) -> NativeEvidence:
     if min(gray.shape) < _MIN_SIDE:
         raise ValueError(f"image too small for resampling analysis: {gray.shape}")
     gray = np.ascontiguousarray(gray)
-    p1x, p2x, p1y, p2y = _profiles(gray)
-    s1, f1 = _spectral_evidence(p1x, p1y)
-    s2, f2 = _spectral_evidence(p2x, p2y)
-    strength, freq = (s1, f1) if s1 >= s2 else (s2, f2)
-    spectral = strength / _SPECTRAL_THRESHOLD
+    p1x, p2x, p1y, p2y, used = _profiles(gray)
+    lines = [_spectral_evidence(p1x, p1y), _spectral_evidence(p2x, p2y)]
+    threshold = _SPECTRAL_THRESHOLD * used / _REFERENCE_PIXELS
+    ratios = [min(s / threshold, d / _DEPTH_THRESHOLD) for s, _, d in lines]
+    best = int(np.argmax(ratios))
+    spectral = ratios[best]
+    strength, freq, depth = lines[best]
     fold, fold_detail, fold_factor = _fold_evidence(p1x, p1y)
     evidence = max(spectral, fold)
     score = float(2.0 ** -evidence)
@@ -200,5 +258,5 @@ def native_score(gray: np.ndarray) -> NativeEvidence:
         factor, words = _factor_from_frequency(freq)
         return NativeEvidence(score, factor,
                               f"periodic resampling peak at {freq:.3f} cyc/px on both axes "
-                              f"({strength:.0f}× background, {words})")
+                              f"({strength:.0f}× background, depth {depth:.1f}%, {words})")
     return NativeEvidence(score, fold_factor, f"{fold_detail} (≈{fold_factor:.2f}× upscale)")

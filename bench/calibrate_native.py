@@ -1,0 +1,248 @@
+"""Calibration sweep for `native_score` (upscale detection) and `sharpness_score` (blur).
+
+Real photographs and renders come from Debian's plasma-workspace-wallpapers and mate-backgrounds
+(`/usr/share/wallpapers`, `/usr/share/backgrounds`). Every distinct picture (largest file per
+folder, shorter side ≥ 1000 px) is centre-cropped to at most `--max-width`×`--max-height` (a crop
+of a native image is native) and then turned into:
+
+* natives: as is (PNG-equivalent), JPEG re-encodes q85/q90/q95/q100, an odd-offset crop,
+  downscales with PIL's antialiasing bicubic and Lanczos (÷1.25, ÷1.333, ÷1.5, ÷2) saved at q90;
+  OpenCV `INTER_AREA` downscales (÷1.25, ÷1.5) are reported apart (see docs);
+* upscaled: an area downscale to 1/f, then back up by f with PIL bicubic/Lanczos and OpenCV
+  cubic/Lanczos4, kept lossless (PNG) or saved as JPEG q90/q95/q100; f in 1.25 … 3;
+* blurred (for sharpness): Gaussian σ = 3 px on the 4K-and-larger pictures (resized to 3840
+  wide), σ = 2 px on 2560-px pictures (the same blur relative to the frame).
+
+Prints Markdown tables (recall per factor × quality and per factor × method, false rejections of
+natives, sharpness separation) and the time per 3840×2160 image of each function on one thread.
+
+Usage: `python bench/calibrate_native.py [--workers 2] [--limit N]`
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import io
+import os
+import platform
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from curation.analyze.native import DEFAULT_NATIVE_THRESHOLD, native_score
+from curation.analyze.sharpness import DEFAULT_SHARPNESS_THRESHOLD, sharpness_score
+
+FACTORS = (1.25, 1.333, 1.5, 1.6, 1.78, 2.0, 2.5, 3.0)
+METHODS = ("pil_bicubic", "pil_lanczos", "cv_cubic", "cv_lanczos")
+QUALITIES = (0, 90, 95, 100)  # 0 = lossless
+FOLDERS = ("/usr/share/wallpapers", "/usr/share/backgrounds")
+
+
+def find_pictures(min_side: int = 1000) -> list[tuple[str, str]]:
+    """(name, path) of the largest distinct picture in each wallpaper folder."""
+    best: dict[str, tuple[int, str]] = {}
+    paths = sorted(glob.glob("/usr/share/wallpapers/*/contents/images*/*"))
+    paths += sorted(glob.glob("/usr/share/backgrounds/**/*.*", recursive=True))
+    for p in paths:
+        if not p.lower().endswith((".jpg", ".jpeg", ".png")):
+            continue
+        real = os.path.realpath(p)
+        try:
+            with Image.open(real) as im:
+                w, h = im.size
+        except OSError:
+            continue
+        if min(w, h) < min_side:
+            continue
+        parts = p.split("/")
+        key = f"{parts[3]}/{parts[-2]}" if parts[3] == "wallpapers" else p
+        if key not in best or w * h > best[key][0]:
+            best[key] = (w * h, real)
+    return sorted((k, v[1]) for k, v in best.items())
+
+
+def load_gray(path: str) -> np.ndarray:
+    """8-bit luma of a picture (the same plane the curation job analyses)."""
+    with Image.open(path) as im:
+        return np.asarray(im.convert("L"))
+
+
+def center_crop(gray: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Centre crop to at most width×height."""
+    h, w = gray.shape
+    ch, cw = min(h, height), min(w, width)
+    y, x = (h - ch) // 2, (w - cw) // 2
+    return np.ascontiguousarray(gray[y : y + ch, x : x + cw])
+
+
+def jpeg(gray: np.ndarray, quality: int) -> np.ndarray:
+    """Encode as JPEG and decode again (quality 0: unchanged, i.e. lossless)."""
+    if quality == 0:
+        return gray
+    buf = io.BytesIO()
+    Image.fromarray(gray).save(buf, "JPEG", quality=quality)
+    buf.seek(0)
+    with Image.open(buf) as im:
+        return np.asarray(im.convert("L"))
+
+
+def resize(gray: np.ndarray, size: tuple[int, int], method: str) -> np.ndarray:
+    """Resize to (width, height) with a named library method."""
+    pil = {"pil_bicubic": Image.BICUBIC, "pil_lanczos": Image.LANCZOS}
+    cv = {"cv_cubic": cv2.INTER_CUBIC, "cv_lanczos": cv2.INTER_LANCZOS4, "cv_area": cv2.INTER_AREA}
+    if method in pil:
+        return np.asarray(Image.fromarray(gray).resize(size, pil[method]))
+    return cv2.resize(gray, size, interpolation=cv[method])
+
+
+def upscaled(gray: np.ndarray, factor: float, method: str) -> np.ndarray:
+    """Area-downscale to 1/factor, then upscale back to the original size with `method`."""
+    h, w = gray.shape
+    small = resize(gray, (round(w / factor), round(h / factor)), "cv_area")
+    return resize(small, (w, h), method)
+
+
+def variants(gray: np.ndarray) -> Iterator[tuple[str, str, float, int, np.ndarray]]:
+    """(set, method, factor, quality, image) for every test case built from one native."""
+    h, w = gray.shape
+    for q in (0, 85, 90, 95, 100):
+        yield "native", "as is", 1.0, q, jpeg(gray, q)
+    yield "native", "crop+3px", 1.0, 90, jpeg(np.ascontiguousarray(gray[3:, 5:]), 90)
+    for d, m in ((1.25, "pil_bicubic"), (1.333, "pil_lanczos"), (1.5, "pil_bicubic"),
+                 (2.0, "pil_lanczos")):
+        yield "native", f"down {m}", 1 / d, 90, jpeg(resize(gray, (round(w / d), round(h / d)),
+                                                            m), 90)
+    for d in (1.25, 1.5):
+        small = resize(gray, (round(w / d), round(h / d)), "cv_area")
+        yield "native_area", "down cv_area", 1 / d, 90, jpeg(small, 90)
+    for f in FACTORS:
+        for m in METHODS:
+            up = upscaled(gray, f, m)
+            for q in QUALITIES:
+                yield "upscaled", m, f, q, jpeg(up, q)
+
+
+def sharpness_cases(gray_full: np.ndarray) -> list[tuple[str, float]]:
+    """(label, sharpness) for a picture and its globally blurred copy at a 4K-like scale."""
+    h, w = gray_full.shape
+    if w >= 3840:
+        g = cv2.resize(gray_full, (3840, round(h * 3840 / w)), interpolation=cv2.INTER_AREA)
+        sigma = 3.0
+    else:
+        g, sigma = gray_full, 3.0 * w / 3840
+    blurred = cv2.GaussianBlur(g, (0, 0), sigma)
+    return [("sharp", sharpness_score(g)), ("blurred", sharpness_score(jpeg(blurred, 95)))]
+
+
+def run_picture(args: tuple[str, str, int, int]) -> dict:
+    """All cases of one picture: detection rows and sharpness rows."""
+    cv2.setNumThreads(1)
+    name, path, max_w, max_h = args
+    full = load_gray(path)
+    gray = center_crop(full, max_w, max_h)
+    rows = []
+    for kind, method, factor, q, img in variants(gray):
+        ev = native_score(img)
+        rows.append((kind, method, factor, q, ev.score < DEFAULT_NATIVE_THRESHOLD, ev.detail))
+    return {"name": name, "shape": full.shape, "rows": rows, "sharp": sharpness_cases(full)}
+
+
+def timing(path: str, repeats: int = 20) -> tuple[float, float]:
+    """Median ms per 3840×2160 image of native_score and sharpness_score on one thread."""
+    cv2.setNumThreads(1)
+    g = load_gray(path)
+    g = np.ascontiguousarray(resize(g, (3840, 2160), "pil_lanczos"))
+    out = []
+    for fn in (native_score, sharpness_score):
+        fn(g)
+        ts = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn(g)
+            ts.append(time.perf_counter() - t)
+        out.append(1e3 * float(np.median(ts)))
+    return out[0], out[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--limit", type=int, default=0, help="use only the first N pictures")
+    ap.add_argument("--max-width", type=int, default=2560)
+    ap.add_argument("--max-height", type=int, default=1600)
+    a = ap.parse_args()
+    pictures = find_pictures()
+    if not pictures:
+        raise SystemExit(f"no pictures under {FOLDERS}: apt-get install plasma-workspace-wallpapers"
+                         " mate-backgrounds")
+    if a.limit:
+        pictures = pictures[: a.limit]
+    t0 = time.time()
+    jobs = [(n, p, a.max_width, a.max_height) for n, p in pictures]
+    with ProcessPoolExecutor(a.workers) as ex:
+        results = list(ex.map(run_picture, jobs))
+    elapsed = time.time() - t0
+
+    hits: dict[tuple, list[bool]] = defaultdict(list)
+    false_by_picture: dict[str, list[str]] = defaultdict(list)
+    for r in results:
+        for kind, method, factor, q, rejected, detail in r["rows"]:
+            hits[(kind, "fq", factor, q)].append(rejected)
+            hits[(kind, "fm", factor, method)].append(rejected)
+            hits[(kind, "all")].append(rejected)
+            if kind != "upscaled":
+                hits[(kind, method, q)].append(rejected)
+                if rejected:
+                    false_by_picture[r["name"]].append(f"{method} q{q}: {detail}")
+
+    def rate(key: tuple) -> str:
+        v = hits[key]
+        return f"{np.mean(v):.2f}" if v else "-"
+
+    print(f"# native_score calibration — {len(results)} pictures, {platform.machine()}, "
+          f"{elapsed:.0f} s, threshold {DEFAULT_NATIVE_THRESHOLD}\n")
+    print("## Recall on upscaled images, by factor × quality (0 = lossless PNG)\n")
+    print("| factor | " + " | ".join(f"q{q}" if q else "PNG" for q in QUALITIES) + " |")
+    print("|---" * (len(QUALITIES) + 1) + "|")
+    for f in FACTORS:
+        print(f"| {f} | " + " | ".join(rate(("upscaled", "fq", f, q)) for q in QUALITIES) + " |")
+    print("\n## Recall on upscaled images, by factor × method\n")
+    print("| factor | " + " | ".join(METHODS) + " |")
+    print("|---" * (len(METHODS) + 1) + "|")
+    for f in FACTORS:
+        print(f"| {f} | " + " | ".join(rate(("upscaled", "fm", f, m)) for m in METHODS) + " |")
+    n_up = len(hits[("upscaled", "all")])
+    print(f"\nOverall recall: {rate(('upscaled', 'all'))} of {n_up} upscaled images.\n")
+    print("## False rejections of natives\n")
+    print("| variant | quality | rate | n |\n|---|---|---|---|")
+    for key in sorted(k for k in hits if k[0] in ("native", "native_area") and len(k) == 3):
+        print(f"| {key[0]}: {key[1]} | {key[2] or 'PNG'} | {rate(key)} | {len(hits[key])} |")
+    n_nat = len(hits[("native", "all")])
+    print(f"\nAll natives (without cv2 INTER_AREA downscales): {rate(('native', 'all'))} of "
+          f"{n_nat}; cv2 INTER_AREA downscales: {rate(('native_area', 'all'))}.\n")
+    for name, items in sorted(false_by_picture.items()):
+        print(f"- {name}: {len(items)} false: {items[0]}")
+
+    sharp = [s for r in results for lab, s in r["sharp"] if lab == "sharp"]
+    blur = [s for r in results for lab, s in r["sharp"] if lab == "blurred"]
+    print(f"\n## sharpness_score (threshold {DEFAULT_SHARPNESS_THRESHOLD})\n")
+    print("| set | n | min | 5th pct | median | max | rejected |\n|---|---|---|---|---|---|---|")
+    for label, v in (("sharp originals", sharp), ("blurred σ=3 px at 4K", blur)):
+        v = np.asarray(v)
+        print(f"| {label} | {v.size} | {v.min():.2f} | {np.percentile(v, 5):.2f} | "
+              f"{np.median(v):.2f} | {v.max():.2f} | "
+              f"{np.mean(v < DEFAULT_SHARPNESS_THRESHOLD):.2f} |")
+    big = next((p for _, p in pictures if min(load_gray(p).shape) >= 2160), pictures[0][1])
+    t_native, t_sharp = timing(big)
+    print(f"\n## Speed (3840×2160, one thread, median)\n\nnative_score {t_native:.1f} ms, "
+          f"sharpness_score {t_sharp:.1f} ms ({os.path.basename(os.path.dirname(big))})")
+
+
+if __name__ == "__main__":
+    main()
