@@ -132,7 +132,9 @@ class UltraFluxPipeline(DiffusionPipeline):
             folder: Holds ``transformer/``, ``vae/``, ``scheduler/`` and optionally the text
                 encoders and tokenizers.
             torch_dtype: Dtype of the networks.
-            rope_method: Override the transformer's saved RoPE method.
+            rope_method: Override the transformer's saved RoPE method. A transformer config
+                without RoPE keys (a released UltraFlux or plain Flux folder) runs with
+                ``"ultraflux_released"``, as the authors' inference code does.
             load_text_encoders: Skip the text encoders (prompt embeddings will be given).
 
         Raises:
@@ -150,8 +152,14 @@ class UltraFluxPipeline(DiffusionPipeline):
                 "(FlowMatchEulerDiscreteScheduler config) into the model folder"
             )
         scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler")
+        dit_config = UltraFluxTransformer2DModel.load_config(root / "transformer")
+        legacy = {}
+        if "rope_method" not in dit_config and "method" not in dit_config:
+            # A plain Flux-layout transformer (as UltraFlux releases it): its inference code
+            # always applies the released Resonance + NTK-by-parts RoPE.
+            legacy = {"method": "yarn"}
         transformer = UltraFluxTransformer2DModel.from_pretrained(
-            root / "transformer", torch_dtype=torch_dtype
+            root / "transformer", torch_dtype=torch_dtype, **legacy
         )
         if rope_method is not None:
             transformer.set_rope_method(rope_method)

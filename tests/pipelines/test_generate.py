@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 from PIL import Image
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
@@ -25,6 +25,17 @@ from model.vae import AutoencoderKLF16
 from pipelines import generate
 
 TEXT_DIM, POOLED_DIM = 32, 16
+FLUX_KEYS = (
+    "num_layers",
+    "num_single_layers",
+    "attention_head_dim",
+    "num_attention_heads",
+    "joint_attention_dim",
+    "pooled_projection_dim",
+    "in_channels",
+    "axes_dims_rope",
+    "guidance_embeds",
+)
 VAE = {
     "down_block_types": ["DownEncoderBlock2D"] * 4,
     "up_block_types": ["UpDecoderBlock2D"] * 4,
@@ -231,6 +242,18 @@ def test_f8_vae_folder_is_converted_on_load(tmp_path: Path) -> None:
     pipe = UltraFluxPipeline.from_folder(tmp_path, torch_dtype=torch.float32)
     assert isinstance(pipe.vae, AutoencoderKLF16) and pipe.vae.config.stride == 2
     assert pipe.vae_scale_factor == 32
+
+
+def test_released_flux_layout_transformer_runs_the_released_rope(tmp_path: Path) -> None:
+    save_tiny_model(tmp_path, text_encoders=False)
+    ours = UltraFluxTransformer2DModel.from_pretrained(tmp_path / "transformer")
+    flux = FluxTransformer2DModel(**{k: v for k, v in ours.config.items() if k in FLUX_KEYS})
+    flux.load_state_dict(ours.state_dict())
+    flux.save_pretrained(tmp_path / "transformer")
+    pipe = UltraFluxPipeline.from_folder(tmp_path, torch_dtype=torch.float32)
+    assert pipe.transformer.config.rope_method == "ultraflux_released"
+    pipe = UltraFluxPipeline.from_folder(tmp_path, torch_dtype=torch.float32, rope_method="base")
+    assert pipe.transformer.pos_embed.method == "base"
 
 
 def test_size_argument_is_validated() -> None:
