@@ -238,38 +238,46 @@ def _rows_per_stripe(channels: int, width: int, budget: int) -> int:
 
 
 def _group_stats(norm: nn.GroupNorm, x: torch.Tensor, rows: int) -> tuple[torch.Tensor, ...]:
-    """Per-(sample, group) mean and 1/std of ``x`` over the whole map, gathered by stripes."""
-    num_b, num_c, height, width = x.shape
+    """Per-channel scale and shift that apply ``norm`` with statistics of the whole map.
+
+    Mean and variance per (sample, group) are computed stripe by stripe and merged exactly
+    (Chan et al.'s pairwise update, in float64), then folded with the affine weights.
+
+    Returns:
+        ``(scale, shift)``, each (B, C, 1, 1) float32: ``norm(x) == x * scale + shift``.
+    """
+    num_b, num_c, height, _ = x.shape
     num_g = norm.num_groups
-    total = torch.zeros(num_b, num_g, dtype=torch.float64, device=x.device)
-    total_sq = torch.zeros_like(total)
+    count = 0.0
+    mean = torch.zeros(num_b, num_g, dtype=torch.float64, device=x.device)
+    m2 = torch.zeros_like(mean)
     for r0 in range(0, height, rows):
         xs = x[:, :, r0 : r0 + rows].float().reshape(num_b, num_g, -1)
-        total += xs.sum(dim=-1, dtype=torch.float64)
-        total_sq += xs.square().sum(dim=-1, dtype=torch.float64)
-    count = (num_c // num_g) * height * width
-    mean = total / count
-    var = (total_sq / count - mean.square()).clamp_min(0.0)
-    rstd = torch.rsqrt(var + norm.eps)
-    return mean.float(), rstd.float()
+        var_s, mean_s = torch.var_mean(xs, dim=-1, correction=0)
+        n_s = xs.shape[-1]
+        delta = mean_s.double() - mean
+        total = count + n_s
+        mean = mean + delta * (n_s / total)
+        m2 = m2 + var_s.double() * n_s + delta.square() * (count * n_s / total)
+        count = total
+    rstd = torch.rsqrt(m2 / count + norm.eps).float()
+    rstd_c = rstd.repeat_interleave(num_c // num_g, dim=1)
+    mean_c = mean.float().repeat_interleave(num_c // num_g, dim=1)
+    weight = norm.weight.float() if norm.affine else torch.ones(num_c, device=x.device)
+    bias = norm.bias.float() if norm.affine else torch.zeros(num_c, device=x.device)
+    scale = rstd_c * weight
+    shift = bias - mean_c * scale
+    return scale[:, :, None, None], shift[:, :, None, None]
 
 
 def _norm_act(
-    norm: nn.GroupNorm,
     act: Callable[[torch.Tensor], torch.Tensor],
     xs: torch.Tensor,
     stats: tuple[torch.Tensor, torch.Tensor],
 ) -> torch.Tensor:
-    """GroupNorm with the given global statistics, then the activation, on one stripe."""
-    mean, rstd = stats
-    num_b, num_c, height, width = xs.shape
-    num_g = norm.num_groups
-    y = xs.float().reshape(num_b, num_g, num_c // num_g, height, width)
-    y = (y - mean[:, :, None, None, None]) * rstd[:, :, None, None, None]
-    y = y.reshape(num_b, num_c, height, width)
-    if norm.affine:
-        y = y * norm.weight.float()[None, :, None, None] + norm.bias.float()[None, :, None, None]
-    return act(y.to(xs.dtype))
+    """GroupNorm with precomputed global statistics (see :func:`_group_stats`), then ``act``."""
+    scale, shift = stats
+    return act(torch.addcmul(shift, xs.float(), scale).to(xs.dtype))
 
 
 def _conv_rows(
@@ -279,13 +287,17 @@ def _conv_rows(
     r0: int,
     r1: int,
 ) -> torch.Tensor:
-    """Output rows ``[r0, r1)`` of a stride-1 ``conv`` whose input rows come from ``get_rows``."""
+    """Output rows ``[r0, r1)`` of a stride-1 ``conv`` whose input rows come from ``get_rows``.
+
+    The input stripe carries ``padding`` halo rows where they exist; the convolution zero-pads
+    the stripe at both ends, which is exact at the image border, and the rows next to a cut
+    halo are cropped away.
+    """
     assert conv.stride == (1, 1) and conv.dilation == (1, 1)
-    pad_h, pad_w = conv.padding
+    pad_h = conv.padding[0]
     lo, hi = max(r0 - pad_h, 0), min(r1 + pad_h, height)
-    xs = get_rows(lo, hi)
-    xs = F.pad(xs, (0, 0, pad_h - (r0 - lo), pad_h - (hi - r1)))
-    return F.conv2d(xs, conv.weight, conv.bias, padding=(0, pad_w))
+    y = F.conv2d(get_rows(lo, hi), conv.weight, conv.bias, padding=conv.padding)
+    return y[:, :, r0 - lo : r1 - lo]
 
 
 def _resnet_by_rows(resnet: ResnetBlock2D, x: torch.Tensor, budget: int) -> torch.Tensor:
@@ -302,7 +314,7 @@ def _resnet_by_rows(resnet: ResnetBlock2D, x: torch.Tensor, budget: int) -> torc
         r1 = min(r0 + rows, height)
         h[:, :, r0:r1] = _conv_rows(
             resnet.conv1,
-            lambda a, b: _norm_act(resnet.norm1, act, x[:, :, a:b], stats1),
+            lambda a, b: _norm_act(act, x[:, :, a:b], stats1),
             height,
             r0,
             r1,
@@ -314,7 +326,7 @@ def _resnet_by_rows(resnet: ResnetBlock2D, x: torch.Tensor, budget: int) -> torc
         r1 = min(r0 + rows, height)
         y = _conv_rows(
             resnet.conv2,
-            lambda a, b: _norm_act(resnet.norm2, act, h[:, :, a:b], stats2),
+            lambda a, b: _norm_act(act, h[:, :, a:b], stats2),
             height,
             r0,
             r1,
@@ -366,7 +378,7 @@ def _output_by_rows(
 
     def get_rows(a: int, b: int) -> torch.Tensor:
         src_lo, src_hi = a // factor, math.ceil(b / factor)
-        ys = _norm_act(norm, act, x[:, :, src_lo:src_hi], stats)
+        ys = _norm_act(act, x[:, :, src_lo:src_hi], stats)
         if factor != 1:
             ys = F.interpolate(ys, scale_factor=factor, mode="nearest")
         offset = a - src_lo * factor
