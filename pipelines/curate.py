@@ -186,8 +186,9 @@ def _finalize(t: pa.Table) -> pa.Table:
 def _apply_duplicates(t: pa.Table) -> pa.Table:
     """Rows with a resolved parent become `duplicate` rejections pointing at its key."""
     parents = column(t, "root")
+    join_cols = [c for c in ("root", "root_sha256") if c in t.column_names]
     if not any(parents):
-        return t.drop_columns([c for c in ("root", "root_sha256", "root_distance") if c in t.column_names])
+        return t.drop_columns(join_cols)
     roots_sha = column(t, "root_sha256")
     shas = column(t, schema.SHA256)
     status, reason, detail = (column(t, c) for c in (schema.STATUS, schema.REASON, schema.DETAIL))
@@ -201,7 +202,7 @@ def _apply_duplicates(t: pa.Table) -> pa.Table:
         dup_of[i] = sample_key(roots_sha[i])
     t = set_columns(t, {schema.STATUS: status, schema.REASON: reason, schema.DETAIL: detail,
                         schema.DUPLICATE_OF: dup_of})
-    return t.drop_columns(["root", "root_sha256", "root_distance"])
+    return t.drop_columns(join_cols)
 
 
 def _jump(t: pa.Table) -> pa.Table:
@@ -221,18 +222,28 @@ def _partitions(ctx_cpus: int) -> int:
     return max(2, min(64, ctx_cpus * 2))
 
 
+def _kept(t: pa.Table) -> pa.Table:
+    return t.filter(pc.fill_null(pc.equal(t[schema.STATUS], schema.STATUS_KEPT), False))
+
+
+def _not_kept(t: pa.Table) -> pa.Table:
+    return t.filter(pc.invert(pc.fill_null(pc.equal(t[schema.STATUS], schema.STATUS_KEPT), False)))
+
+
 def dedup_decisions(rd: Any, analysis: str, cfg: JobConfig, num_partitions: int) -> Any:
     """Distributed duplicate resolution: (source → root source, root sha256) per duplicate."""
     k = cfg.dedup.max_hamming
-    hashed = rd.read_parquet(analysis, columns=[*HASH_COLUMNS, schema.STATUS]).map_batches(
+    hashed = _read_parquet(rd, analysis).select_columns([*HASH_COLUMNS, schema.STATUS]).map_batches(
         lambda t: t.filter(pc.and_(pc.is_null(t[schema.STATUS]), pc.is_valid(t[schema.PHASH]))),
         batch_format="pyarrow",
     )
     splitter = BandSplitter(max_distance=k)
-    edges = _apply(hashed, splitter).groupby(BAND).map_groups(
+    edges = _apply(hashed, splitter).groupby(BAND, num_partitions=num_partitions).map_groups(
         lambda g: match_band(g, k), batch_format="pyarrow"
     )
-    parents = edges.groupby(schema.SOURCE).map_groups(pick_parent, batch_format="pyarrow")
+    parents = edges.groupby(schema.SOURCE, num_partitions=num_partitions).map_groups(
+        pick_parent, batch_format="pyarrow"
+    )
     parents = parents.select_columns([schema.SOURCE, PARENT, PARENT_SHA256]).materialize()
     for _ in range(64):  # pointer jumping halves every chain; 64 rounds cover any job
         grand = parents.select_columns([schema.SOURCE, PARENT, PARENT_SHA256]).rename_columns(
@@ -240,7 +251,7 @@ def dedup_decisions(rd: Any, analysis: str, cfg: JobConfig, num_partitions: int)
         )
         joined = parents.join(grand, "left_outer", num_partitions, on=(PARENT,), right_on=("gp_source",))
         stepped = joined.map_batches(_jump, batch_format="pyarrow").materialize()
-        moved = stepped.filter(lambda r: r["moved"]).count() if stepped.count() else 0
+        moved = stepped.sum("moved") if stepped.count() else 0
         parents = stepped.drop_columns(["moved"]).materialize()
         if moved == 0:
             break
@@ -267,6 +278,21 @@ def init_ray(cfg: JobConfig, address: str | None) -> Any:
             kwargs["object_store_memory"] = cfg.ray.object_store_memory
         ray.init(runtime_env=runtime_env, **kwargs)
     return ray
+
+
+def _arrow_fs(uri: str) -> tuple[Any, str]:
+    """A pyarrow filesystem and path for Ray's Parquet I/O, through the same fsspec settings."""
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    fs, path = fsspec.core.url_to_fs(uri)
+    if is_local(uri):
+        return None, path
+    return PyFileSystem(FSSpecHandler(fs)), path
+
+
+def _read_parquet(rd: Any, uri: str, **kwargs: Any) -> Any:
+    filesystem, path = _arrow_fs(uri)
+    return rd.read_parquet(path, filesystem=filesystem, **kwargs)
 
 
 def _remove(uri: str) -> None:
@@ -333,7 +359,7 @@ def run_curate(
     echo(f"native4k: analysed {analysed} inputs in this run")
 
     # Pass 2: dedup across the whole job.
-    rows = rd.read_parquet(analysis)
+    rows = _read_parquet(rd, analysis)
     if cfg.dedup.enabled:
         decisions = dedup_decisions(rd, analysis, cfg, _partitions(cpus))
         rows = rows.join(decisions, "left_outer", _partitions(cpus), on=(schema.SOURCE,))
@@ -342,30 +368,35 @@ def run_curate(
     # Pass 3: buckets, shard plan, shards, manifest.
     rows = rows.map_batches(_finalize, batch_format="pyarrow")
     rows = _apply(rows, Bucketer(table=table)).materialize()
-    kept = rows.filter(lambda r: r[schema.STATUS] == schema.STATUS_KEPT)
-    others = rows.filter(lambda r: r[schema.STATUS] != schema.STATUS_KEPT)
+    parts = _partitions(cpus)
+    kept = rows.map_batches(_kept, batch_format="pyarrow")
+    others = rows.map_batches(_not_kept, batch_format="pyarrow")
     s = cfg.shard
-    planned = kept.groupby(schema.BUCKET).map_groups(
+    planned = kept.groupby(schema.BUCKET, num_partitions=parts).map_groups(
         lambda g: plan_bucket(g, s.max_samples, s.max_bytes), batch_format="pyarrow"
     )
     writer = ShardWriter(output=output)
-    written = planned.groupby(schema.SHARD).map_groups(writer, batch_format="pyarrow")
+    written = planned.groupby(schema.SHARD, num_partitions=parts).map_groups(
+        lambda g: writer(g), batch_format="pyarrow"
+    )
     final = others.union(written).map_batches(
         lambda t: schema.conform(t), batch_format="pyarrow"
     ).materialize()
-    shards = {x for x in final.unique(schema.SHARD) if x}
-    _remove_stale_shards(output, shards)
+    stats = compute_stats(final, table, parts, time.perf_counter() - start)
+    _remove_stale_shards(output, {n for b in stats["buckets"].values() for n in b.pop("shard_names")})
 
     manifest_tmp = join(work, f"manifest-{os.getpid()}-{int(time.time())}")
+    filesystem, tmp_path = _arrow_fs(manifest_tmp)
     final.repartition(max(1, min(64, final.count() // 50_000 + 1))).write_parquet(
-        manifest_tmp, filename_provider=_PartNames(file_format="parquet")
+        tmp_path, filesystem=filesystem, filename_provider=_PartNames(file_format="parquet"),
+        mode=rd.SaveMode.OVERWRITE,
     )
     manifest = join(output, "manifest")
     _remove(manifest)
     fs, _ = fsspec.core.url_to_fs(output)
     fs.mv(fsspec.core.url_to_fs(manifest_tmp)[1], fsspec.core.url_to_fs(manifest)[1], recursive=True)
 
-    stats = compute_stats(final, table, cfg, time.perf_counter() - start)
+    stats["wall_seconds"] = round(time.perf_counter() - start, 2)
     _write_text(join(output, "buckets.json"), json.dumps(
         {"buckets": [{"name": b.name, "width": b.width, "height": b.height} for b in table]}, indent=1))
     _write_text(join(output, "config.yaml"), dump_yaml(cfg))
@@ -425,38 +456,52 @@ def _bucket_summary(g: pa.Table) -> pa.Table:
         "count": g.num_rows,
         "bytes": int(sum(v or 0 for v in column(g, schema.SIZE_BYTES))),
         "shards": len(set(column(g, schema.SHARD))),
+        "shard_names": json.dumps(sorted(set(column(g, schema.SHARD)))),
         "captioned": sum(1 for v in column(g, schema.CAPTION_EN) if v),
         "scores": json.dumps({k: v for k, v in scores.items() if v}),
     }
     return pa.Table.from_pylist([row])
 
 
-def _stage_seconds(t: pa.Table) -> pa.Table:
-    total: dict[str, float] = {}
+def _partials(t: pa.Table) -> pa.Table:
+    """One row per batch: outcome counts and CPU seconds per stage (summed on the driver)."""
+    reasons: dict[str, int] = {}
+    for status, reason in zip(column(t, schema.STATUS), column(t, schema.REASON), strict=True):
+        k = "kept" if status == schema.STATUS_KEPT else (reason or "unknown")
+        reasons[k] = reasons.get(k, 0) + 1
+    stages: dict[str, float] = {}
     for text in column(t, schema.STAGE_SECONDS):
         for k, v in json.loads(text or "{}").items():
-            total[k] = total.get(k, 0.0) + v
-    return pa.table({"seconds": [json.dumps(total)]})
+            stages[k] = stages.get(k, 0.0) + v
+    return pa.table({"partial": [json.dumps({"reasons": reasons, "stages": stages})]})
 
 
-def compute_stats(final: Any, table: list[Bucket], cfg: JobConfig, seconds: float) -> dict[str, Any]:
-    """Counts and score summaries per bucket and per reason, from the final manifest."""
-    del cfg
-    total = final.count()
-    by_reason = {
-        (r["reason"] or "kept"): r["count()"] for r in final.groupby(schema.REASON).count().take_all()
-    }
-    kept = final.filter(lambda r: r[schema.STATUS] == schema.STATUS_KEPT)
+def compute_stats(final: Any, table: list[Bucket], parts: int, seconds: float) -> dict[str, Any]:
+    """Counts and score summaries per bucket and per reason, from the final manifest.
+
+    Two distributed passes: per-batch partial counts, and one group-by bucket for the score
+    quantiles. Only per-batch and per-bucket summaries reach the driver.
+    """
+    by_reason: dict[str, int] = {}
+    per_stage: dict[str, float] = {}
+    for r in final.map_batches(_partials, batch_format="pyarrow").take_all():
+        part = json.loads(r["partial"])
+        for k, v in part["reasons"].items():
+            by_reason[k] = by_reason.get(k, 0) + v
+        for k, v in part["stages"].items():
+            per_stage[k] = per_stage.get(k, 0.0) + v
+    total = sum(by_reason.values())
     buckets = {}
     if by_reason.get("kept"):
-        for r in kept.groupby(schema.BUCKET).map_groups(_bucket_summary, batch_format="pyarrow").take_all():
+        kept = final.map_batches(_kept, batch_format="pyarrow")
+        summaries = kept.groupby(schema.BUCKET, num_partitions=parts).map_groups(
+            _bucket_summary, batch_format="pyarrow"
+        )
+        for r in summaries.take_all():
             name = r["bucket"]
             buckets[name] = {k: r[k] for k in ("count", "bytes", "shards", "captioned")}
             buckets[name]["scores"] = json.loads(r["scores"])
-    per_stage: dict[str, float] = {}
-    for r in final.map_batches(_stage_seconds, batch_format="pyarrow").take_all():
-        for k, v in json.loads(r["seconds"]).items():
-            per_stage[k] = per_stage.get(k, 0.0) + v
+            buckets[name]["shard_names"] = json.loads(r["shard_names"])
     empty = [b.name for b in table if b.name not in buckets]
     return {
         "manifest_version": schema.MANIFEST_VERSION,

@@ -26,3 +26,48 @@ def real_photo_paths(limit: int = 8) -> list[Path]:
     from pipelines.samples import _real_photos
 
     return _real_photos(limit)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 server (moto) on 127.0.0.1; AWS_* variables point every client at it.
+
+    Started before Ray so that local Ray workers inherit the endpoint.
+    """
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-west-2",
+    }
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield env["AWS_ENDPOINT_URL"]
+    finally:
+        server.stop()
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def local_ray(s3_server):
+    """One local Ray instance (2 CPUs) for every test that runs the job in-process."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {k: os.environ[k] for k in os.environ if k.startswith("AWS_")}})
+    yield ray
+    ray.shutdown()
