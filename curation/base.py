@@ -38,8 +38,10 @@ def set_columns(table: pa.Table, columns: Mapping[str, Sequence[Any] | pa.Array]
     """Add or replace columns, each typed from `schema.py`."""
     for name, values in columns.items():
         typ = schema.arrow_type(name)
-        arr = values if isinstance(values, pa.Array | pa.ChunkedArray) else pa.array(
-            list(values), type=typ
+        arr = (
+            values
+            if isinstance(values, pa.Array | pa.ChunkedArray)
+            else pa.array(list(values), type=typ)
         )
         if arr.type != typ:
             arr = arr.cast(typ)
@@ -63,9 +65,7 @@ def pending_mask(table: pa.Table) -> list[bool]:
     return [s is None for s in column(table, schema.STATUS)]
 
 
-def reject(
-    table: pa.Table, rows: Mapping[int, tuple[str, str | None]]
-) -> pa.Table:
+def reject(table: pa.Table, rows: Mapping[int, tuple[str, str | None]]) -> pa.Table:
     """Mark rows rejected: `rows` maps row index to (reason, detail)."""
     if not rows:
         return table

@@ -93,12 +93,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     def config_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--config", help="YAML file overriding the defaults (see `native4k config`)")
-        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override one setting, e.g. --set dedup.max_hamming=4")
+        p.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override one setting, e.g. --set dedup.max_hamming=4",
+        )
 
     p = sub.add_parser("curate", help="curate INPUTs into native-4K WebDataset shards")
-    p.add_argument("inputs", nargs="+", metavar="INPUT",
-                   help="folder, URI list file, s3:// prefix, or WebDataset tar (brace patterns ok)")
+    p.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="folder, URI list file, s3:// prefix, or WebDataset tar (brace patterns ok)",
+    )
     p.add_argument("--output", "-o", required=True, help="output folder or s3:// prefix")
     p.add_argument("--ray-address", help="address of a running Ray cluster (default: local Ray)")
     config_args(p)
@@ -109,7 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print stats.json as it is")
     p.set_defaults(func=_stats)
 
-    p = sub.add_parser("verify", help="re-read every shard of OUT and check it against the manifest")
+    p = sub.add_parser(
+        "verify", help="re-read every shard of OUT and check it against the manifest"
+    )
     p.add_argument("output", metavar="OUT")
     p.set_defaults(func=_verify)
 

@@ -50,7 +50,9 @@ class InputConfig:
 class ProbeConfig:
     """Cheap header checks, before any full decode."""
 
-    min_pixels: int = _f(3840 * 2160, "Reject (too_small) below this many pixels (paper: 3840x2160).")
+    min_pixels: int = _f(
+        3840 * 2160, "Reject (too_small) below this many pixels (paper: 3840x2160)."
+    )
     max_pixels: int = _f(
         120_000_000,
         "Reject (too_large) above this many pixels, without decoding: the decompression-bomb cap.",
@@ -74,12 +76,18 @@ class AnalyzeConfig:
     min_sharpness: float = _f(
         DEFAULT_SHARPNESS_THRESHOLD, "Reject (blurry) when the focus measure is below this."
     )
-    flat_patch: int = _f(240, "Side of the non-overlapping grayscale patches for flatness (paper: 240).")
+    flat_patch: int = _f(
+        240, "Side of the non-overlapping grayscale patches for flatness (paper: 240)."
+    )
     flat_variance: float = _f(
         800.0, "A patch is flat when the variance of its Sobel gradient magnitude is below this."
     )
-    max_flat_fraction: float = _f(0.5, "Reject (flat) when more than this fraction of patches is flat.")
-    min_entropy: float = _f(7.0, "Reject (low_entropy) when the 8-bit grayscale entropy (bits) is below this.")
+    max_flat_fraction: float = _f(
+        0.5, "Reject (flat) when more than this fraction of patches is flat."
+    )
+    min_entropy: float = _f(
+        7.0, "Reject (low_entropy) when the 8-bit grayscale entropy (bits) is below this."
+    )
     thumbnail_size: int = _f(
         512, "Longest side of the small JPEG handed to model scorers (0 disables thumbnails)."
     )
@@ -118,7 +126,9 @@ class ShardConfig:
     """WebDataset shard sizes."""
 
     max_samples: int = _f(1000, "At most this many samples per shard.")
-    max_bytes: int = _f(2 * 1024**3, "Start a new shard before a shard would exceed this many bytes.")
+    max_bytes: int = _f(
+        2 * 1024**3, "Start a new shard before a shard would exceed this many bytes."
+    )
 
 
 @dataclass(kw_only=True)
@@ -126,7 +136,9 @@ class RayConfig:
     """How the job uses Ray."""
 
     num_cpus: int = _f(0, "CPUs for a local Ray instance (0: all of this machine's).")
-    object_store_memory: int = _f(0, "Bytes of object store for a local Ray instance (0: Ray's default).")
+    object_store_memory: int = _f(
+        0, "Bytes of object store for a local Ray instance (0: Ray's default)."
+    )
 
 
 @dataclass(kw_only=True)
@@ -147,7 +159,11 @@ class JobConfig:
         checks = [
             (p.min_pixels > 0, "probe.min_pixels", "must be positive"),
             (p.max_pixels > p.min_pixels, "probe.max_pixels", "must exceed probe.min_pixels"),
-            (0 < p.min_aspect < p.max_aspect, "probe.min_aspect", "must be in (0, probe.max_aspect)"),
+            (
+                0 < p.min_aspect < p.max_aspect,
+                "probe.min_aspect",
+                "must be in (0, probe.max_aspect)",
+            ),
             (a.flat_patch >= 8, "analyze.flat_patch", "must be at least 8"),
             (0 <= a.max_flat_fraction <= 1, "analyze.max_flat_fraction", "must be in [0, 1]"),
             (0 <= a.min_entropy <= 8, "analyze.min_entropy", "must be in [0, 8] bits"),
@@ -162,9 +178,12 @@ class JobConfig:
                 raise ConfigError(f"config key '{key}' {msg}")
         for b in self.bucket.buckets:
             parts = b.lower().split("x")
-            if len(parts) != 2 or not all(x.isdigit() and int(x) > 0 and int(x) % 64 == 0 for x in parts):
+            if len(parts) != 2 or not all(
+                x.isdigit() and int(x) > 0 and int(x) % 64 == 0 for x in parts
+            ):
                 raise ConfigError(
-                    f"config key 'bucket.buckets' has {b!r}: expected 'WxH' with sides multiples of 64"
+                    f"config key 'bucket.buckets' has {b!r}: "
+                    "expected 'WxH' with sides multiples of 64"
                 )
 
 

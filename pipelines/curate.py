@@ -54,8 +54,13 @@ from pipelines.config import ConfigError, JobConfig, dump_yaml, to_dict
 log = logging.getLogger("native4k")
 
 ANALYSIS_COLUMNS = tuple(c for c in schema.MANIFEST_COLUMNS if c != schema.KEY)
-AWS_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
-           "AWS_SESSION_TOKEN")
+AWS_ENV = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_DEFAULT_REGION",
+    "AWS_SESSION_TOKEN",
+)
 
 
 @dataclass
@@ -70,6 +75,7 @@ class JobResult:
 
 
 # --- the recipe ---------------------------------------------------------------------------
+
 
 def header_rules(cfg: JobConfig) -> list[Rule]:
     """Thresholds decided from the header, before any decode (bombs are never decoded)."""
@@ -120,6 +126,7 @@ def bucket_table(cfg: JobConfig) -> list[Bucket]:
 
 # --- stages that only exist to move data between passes ------------------------------------
 
+
 @dataclass(kw_only=True)
 class ParquetSink(Stage):
     """Write each batch (manifest columns only, no bytes) to one atomic Parquet file.
@@ -141,7 +148,9 @@ class ParquetSink(Stage):
         return pa.table({"rows": [t.num_rows]})
 
     def __call__(self, batch: Any) -> pa.Table:  # no timing column on the count row
-        return self.process(batch) if batch.num_rows else pa.table({"rows": pa.array([], pa.int64())})
+        return (
+            self.process(batch) if batch.num_rows else pa.table({"rows": pa.array([], pa.int64())})
+        )
 
 
 @dataclass(kw_only=True)
@@ -158,10 +167,13 @@ class SkipDone(Stage):
 
 
 def _apply(ds: Any, stage: Stage) -> Any:
-    return ds.map_batches(stage, batch_format="pyarrow", zero_copy_batch=True, **stage.ray_options())
+    return ds.map_batches(
+        stage, batch_format="pyarrow", zero_copy_batch=True, **stage.ray_options()
+    )
 
 
 # --- pass helpers --------------------------------------------------------------------------
+
 
 def _read_done(folder: str) -> set[str]:
     fs, path = fsspec.core.url_to_fs(folder)
@@ -177,9 +189,17 @@ def _read_done(folder: str) -> set[str]:
 def _finalize(t: pa.Table) -> pa.Table:
     """Pending rows become kept, with their content key and shard member extension."""
     pending = pending_mask(t)
-    status = [schema.STATUS_KEPT if p else s for p, s in zip(pending, column(t, schema.STATUS), strict=True)]
-    keys = [sample_key(h) if p else None for p, h in zip(pending, column(t, schema.SHA256), strict=True)]
-    exts = [EXTENSIONS.get(f or "", None) if p else None for p, f in zip(pending, column(t, schema.FORMAT), strict=True)]
+    status = [
+        schema.STATUS_KEPT if p else s
+        for p, s in zip(pending, column(t, schema.STATUS), strict=True)
+    ]
+    keys = [
+        sample_key(h) if p else None for p, h in zip(pending, column(t, schema.SHA256), strict=True)
+    ]
+    exts = [
+        EXTENSIONS.get(f or "", None) if p else None
+        for p, f in zip(pending, column(t, schema.FORMAT), strict=True)
+    ]
     return set_columns(t, {schema.STATUS: status, schema.KEY: keys, schema.EXTENSION: exts})
 
 
@@ -200,8 +220,15 @@ def _apply_duplicates(t: pa.Table) -> pa.Table:
         status[i], reason[i] = schema.STATUS_REJECTED, "duplicate"
         detail[i] = f"{kind} of {root}"
         dup_of[i] = sample_key(roots_sha[i])
-    t = set_columns(t, {schema.STATUS: status, schema.REASON: reason, schema.DETAIL: detail,
-                        schema.DUPLICATE_OF: dup_of})
+    t = set_columns(
+        t,
+        {
+            schema.STATUS: status,
+            schema.REASON: reason,
+            schema.DETAIL: detail,
+            schema.DUPLICATE_OF: dup_of,
+        },
+    )
     return t.drop_columns(join_cols)
 
 
@@ -212,9 +239,13 @@ def _jump(t: pa.Table) -> pa.Table:
     moved = [g is not None for g in gp]
     parent = [g if m else p for g, m, p in zip(gp, moved, parent, strict=True)]
     parent_sha = [g if m else p for g, m, p in zip(gp_sha, moved, parent_sha, strict=True)]
-    t = t.drop_columns(["gp", "gp_sha256", "gp_source"] if "gp_source" in t.column_names else ["gp", "gp_sha256"])
+    t = t.drop_columns(
+        ["gp", "gp_sha256", "gp_source"] if "gp_source" in t.column_names else ["gp", "gp_sha256"]
+    )
     t = t.set_column(t.schema.get_field_index(PARENT), PARENT, pa.array(parent, pa.string()))
-    t = t.set_column(t.schema.get_field_index(PARENT_SHA256), PARENT_SHA256, pa.array(parent_sha, pa.string()))
+    t = t.set_column(
+        t.schema.get_field_index(PARENT_SHA256), PARENT_SHA256, pa.array(parent_sha, pa.string())
+    )
     return t.append_column("moved", pa.array(moved, pa.bool_()))
 
 
@@ -233,13 +264,19 @@ def _not_kept(t: pa.Table) -> pa.Table:
 def dedup_decisions(rd: Any, analysis: str, cfg: JobConfig, num_partitions: int) -> Any:
     """Distributed duplicate resolution: (source → root source, root sha256) per duplicate."""
     k = cfg.dedup.max_hamming
-    hashed = _read_parquet(rd, analysis).select_columns([*HASH_COLUMNS, schema.STATUS]).map_batches(
-        lambda t: t.filter(pc.and_(pc.is_null(t[schema.STATUS]), pc.is_valid(t[schema.PHASH]))),
-        batch_format="pyarrow",
+    hashed = (
+        _read_parquet(rd, analysis)
+        .select_columns([*HASH_COLUMNS, schema.STATUS])
+        .map_batches(
+            lambda t: t.filter(pc.and_(pc.is_null(t[schema.STATUS]), pc.is_valid(t[schema.PHASH]))),
+            batch_format="pyarrow",
+        )
     )
     splitter = BandSplitter(max_distance=k)
-    edges = _apply(hashed, splitter).groupby(BAND, num_partitions=num_partitions).map_groups(
-        lambda g: match_band(g, k), batch_format="pyarrow"
+    edges = (
+        _apply(hashed, splitter)
+        .groupby(BAND, num_partitions=num_partitions)
+        .map_groups(lambda g: match_band(g, k), batch_format="pyarrow")
     )
     parents = edges.groupby(schema.SOURCE, num_partitions=num_partitions).map_groups(
         pick_parent, batch_format="pyarrow"
@@ -249,7 +286,9 @@ def dedup_decisions(rd: Any, analysis: str, cfg: JobConfig, num_partitions: int)
         grand = parents.select_columns([schema.SOURCE, PARENT, PARENT_SHA256]).rename_columns(
             {schema.SOURCE: "gp_source", PARENT: "gp", PARENT_SHA256: "gp_sha256"}
         )
-        joined = parents.join(grand, "left_outer", num_partitions, on=(PARENT,), right_on=("gp_source",))
+        joined = parents.join(
+            grand, "left_outer", num_partitions, on=(PARENT,), right_on=("gp_source",)
+        )
         stepped = joined.map_batches(_jump, batch_format="pyarrow").materialize()
         moved = stepped.sum("moved") if stepped.count() else 0
         parents = stepped.drop_columns(["moved"]).materialize()
@@ -259,6 +298,7 @@ def dedup_decisions(rd: Any, analysis: str, cfg: JobConfig, num_partitions: int)
 
 
 # --- the job -------------------------------------------------------------------------------
+
 
 def init_ray(cfg: JobConfig, address: str | None) -> Any:
     """Connect to a cluster (`address`) or start a local Ray instance."""
@@ -317,8 +357,13 @@ def run_curate(
     """Run the whole curation job; see the module docstring for its passes."""
     start = time.perf_counter()
     table = bucket_table(cfg)
-    items = list(list_inputs(inputs, sidecar_extensions=cfg.input.sidecar_extensions,
-                             list_extensions=cfg.input.list_extensions))
+    items = list(
+        list_inputs(
+            inputs,
+            sidecar_extensions=cfg.input.sidecar_extensions,
+            list_extensions=cfg.input.list_extensions,
+        )
+    )
     if not items:
         raise ValueError(f"no input files found in {', '.join(inputs)}")
     output = output if not is_local(output) else os.path.abspath(output.removeprefix("file://"))
@@ -327,7 +372,9 @@ def run_curate(
     _remove(join(output, "_SUCCESS"))
     notes = _reset_if_changed(work, inputs, cfg)
     done = _read_done(analysis)
-    echo(f"native4k: {len(items)} inputs listed; {len(done)} rows already analysed by an earlier run")
+    echo(
+        f"native4k: {len(items)} inputs listed; {len(done)} rows already analysed by an earlier run"
+    )
 
     ray = init_ray(cfg, ray_address)
     rd = ray.data
@@ -340,8 +387,10 @@ def run_curate(
     reader_cap = cfg.probe.max_file_bytes
     streams = []
     if files:
-        ds = rd.from_items([{schema.SOURCE: i.uri, SIDECAR: i.sidecar} for i in files],
-                           override_num_blocks=max(1, min(len(files) // 4, cpus * 8)))
+        ds = rd.from_items(
+            [{schema.SOURCE: i.uri, SIDECAR: i.sidecar} for i in files],
+            override_num_blocks=max(1, min(len(files) // 4, cpus * 8)),
+        )
         streams.append(_apply(ds, FileReader(max_file_bytes=reader_cap)))
     if tars:
         ds = rd.from_items([{schema.SOURCE: i.uri} for i in tars], override_num_blocks=len(tars))
@@ -379,31 +428,48 @@ def run_curate(
     written = planned.groupby(schema.SHARD, num_partitions=parts).map_groups(
         lambda g: writer(g), batch_format="pyarrow"
     )
-    final = others.union(written).map_batches(
-        lambda t: schema.conform(t), batch_format="pyarrow"
-    ).materialize()
+    final = (
+        others.union(written)
+        .map_batches(lambda t: schema.conform(t), batch_format="pyarrow")
+        .materialize()
+    )
     stats = compute_stats(final, table, parts, time.perf_counter() - start)
-    _remove_stale_shards(output, {n for b in stats["buckets"].values() for n in b.pop("shard_names")})
+    _remove_stale_shards(
+        output, {n for b in stats["buckets"].values() for n in b.pop("shard_names")}
+    )
 
     manifest_tmp = join(work, f"manifest-{os.getpid()}-{int(time.time())}")
     filesystem, tmp_path = _arrow_fs(manifest_tmp)
     final.repartition(max(1, min(64, final.count() // 50_000 + 1))).write_parquet(
-        tmp_path, filesystem=filesystem, filename_provider=_PartNames(file_format="parquet"),
+        tmp_path,
+        filesystem=filesystem,
+        filename_provider=_PartNames(file_format="parquet"),
         mode=rd.SaveMode.OVERWRITE,
     )
     manifest = join(output, "manifest")
     _remove(manifest)
     fs, _ = fsspec.core.url_to_fs(output)
-    fs.mv(fsspec.core.url_to_fs(manifest_tmp)[1], fsspec.core.url_to_fs(manifest)[1], recursive=True)
+    fs.mv(
+        fsspec.core.url_to_fs(manifest_tmp)[1], fsspec.core.url_to_fs(manifest)[1], recursive=True
+    )
 
     stats["wall_seconds"] = round(time.perf_counter() - start, 2)
-    _write_text(join(output, "buckets.json"), json.dumps(
-        {"buckets": [{"name": b.name, "width": b.width, "height": b.height} for b in table]}, indent=1))
+    _write_text(
+        join(output, "buckets.json"),
+        json.dumps(
+            {"buckets": [{"name": b.name, "width": b.width, "height": b.height} for b in table]},
+            indent=1,
+        ),
+    )
     _write_text(join(output, "config.yaml"), dump_yaml(cfg))
     _write_text(join(output, "stats.json"), json.dumps(stats, indent=2, sort_keys=True))
-    _write_text(join(output, "_SUCCESS"), json.dumps({"manifest_version": schema.MANIFEST_VERSION,
-                                                      "rows": stats["total"]}))
-    return JobResult(output, stats, time.perf_counter() - start, skipped_inputs=len(done), notes=notes)
+    _write_text(
+        join(output, "_SUCCESS"),
+        json.dumps({"manifest_version": schema.MANIFEST_VERSION, "rows": stats["total"]}),
+    )
+    return JobResult(
+        output, stats, time.perf_counter() - start, skipped_inputs=len(done), notes=notes
+    )
 
 
 def _reset_if_changed(work: str, inputs: Sequence[str], cfg: JobConfig) -> list[str]:
@@ -445,8 +511,14 @@ def _summary(values: list[float]) -> dict[str, float] | None:
     if arr.size == 0:
         return None
     q = np.quantile(arr, [0.05, 0.5, 0.95])
-    return {"mean": float(arr.mean()), "min": float(arr.min()), "p05": float(q[0]),
-            "p50": float(q[1]), "p95": float(q[2]), "max": float(arr.max())}
+    return {
+        "mean": float(arr.mean()),
+        "min": float(arr.min()),
+        "p05": float(q[0]),
+        "p50": float(q[1]),
+        "p95": float(q[2]),
+        "max": float(arr.max()),
+    }
 
 
 def _bucket_summary(g: pa.Table) -> pa.Table:
@@ -516,4 +588,4 @@ def compute_stats(final: Any, table: list[Bucket], parts: int, seconds: float) -
     }
 
 
-__all__ = ["JobResult", "run_curate", "InputItem", "to_dict"]
+__all__ = ["InputItem", "JobResult", "run_curate", "to_dict"]

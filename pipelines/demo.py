@@ -16,8 +16,10 @@ def main() -> int:
     samples, curated = root / "samples", root / "curated"
     start = time.perf_counter()
     expected = build_samples(samples, real_photos=10)
-    print(f"demo: wrote {len(expected)} sample inputs to {samples} "
-          f"({time.perf_counter() - start:.0f} s; expected outcomes in expected.json)")
+    print(
+        f"demo: wrote {len(expected)} sample inputs to {samples} "
+        f"({time.perf_counter() - start:.0f} s; expected outcomes in expected.json)"
+    )
     rc = cli_main(["curate", str(samples), "--output", str(curated)])
     if rc != 0:
         return rc

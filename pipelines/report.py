@@ -35,16 +35,35 @@ def bucket_rows(stats: dict[str, Any]) -> list[list[str]]:
     kept = max(1, stats["kept"])
     rows = []
     for name, b in stats["buckets"].items():
-        rows.append([
-            name, str(b["count"]), f"{100 * b['count'] / kept:.1f}%", f"{b['bytes'] / 1e6:.1f}",
-            str(b["shards"]), str(b["captioned"]), _median(b, "sharpness"),
-            _median(b, "native_score"), _median(b, "entropy"), _median(b, "flat_fraction"),
-        ])
+        rows.append(
+            [
+                name,
+                str(b["count"]),
+                f"{100 * b['count'] / kept:.1f}%",
+                f"{b['bytes'] / 1e6:.1f}",
+                str(b["shards"]),
+                str(b["captioned"]),
+                _median(b, "sharpness"),
+                _median(b, "native_score"),
+                _median(b, "entropy"),
+                _median(b, "flat_fraction"),
+            ]
+        )
     return rows
 
 
-BUCKET_HEADER = ["bucket", "kept", "share", "MB", "shards", "captioned", "sharpness",
-                 "native", "entropy", "flat"]
+BUCKET_HEADER = [
+    "bucket",
+    "kept",
+    "share",
+    "MB",
+    "shards",
+    "captioned",
+    "sharpness",
+    "native",
+    "entropy",
+    "flat",
+]
 
 
 def reason_rows(stats: dict[str, Any]) -> list[list[str]]:
@@ -92,9 +111,9 @@ def write_report(output: str) -> str:
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse;margin:1em 0}}
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}th{{background:#eee}}</style>
 </head><body><h1>native4k curation report</h1>
-<p>{stats['total']} inputs, {stats['kept']} kept, {stats['rejected']} rejected;
-{len(stats['buckets'])} buckets used, {stats.get('empty_buckets', 0)} empty.
-Manifest version {stats.get('manifest_version')}.</p>
+<p>{stats["total"]} inputs, {stats["kept"]} kept, {stats["rejected"]} rejected;
+{len(stats["buckets"])} buckets used, {stats.get("empty_buckets", 0)} empty.
+Manifest version {stats.get("manifest_version")}.</p>
 <h2>Outcomes</h2>{table(["outcome", "count", "share"], reason_rows(stats))}
 <h2>Buckets</h2>{table(BUCKET_HEADER, bucket_rows(stats))}
 <h2>CPU seconds per stage</h2>{table(["stage", "seconds"], stages)}

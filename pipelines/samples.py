@@ -83,8 +83,11 @@ def png_bomb(width: int, height: int) -> bytes:
 
     Written row by row so that making it never holds the decoded image in memory.
     """
+
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
 
     comp = zlib.compressobj(9)
     row = b"\x00" * (width + 1)  # filter byte + pixels
@@ -111,11 +114,15 @@ def _real_photos(limit: int) -> list[Path]:
                 pixels = im.size[0] * im.size[1]
             if theme not in by_theme or pixels > by_theme[theme][1]:
                 by_theme[theme] = (p, pixels)
-    photos = sorted((p for p, _ in by_theme.values()), key=lambda p: (p.suffix.lower() != ".jpg", str(p)))
+    photos = sorted(
+        (p for p, _ in by_theme.values()), key=lambda p: (p.suffix.lower() != ".jpg", str(p))
+    )
     return photos[:limit]
 
 
-def build_samples(folder: str | Path, *, real_photos: int = 6, seed: int = 0) -> dict[str, Expected]:
+def build_samples(
+    folder: str | Path, *, real_photos: int = 6, seed: int = 0
+) -> dict[str, Expected]:
     """Write the sample set into `folder` and return {relative path: expected outcome}.
 
     Args:
@@ -134,31 +141,48 @@ def build_samples(folder: str | Path, *, real_photos: int = 6, seed: int = 0) ->
         exp[name] = e
 
     # Native renders over several aspect ratios and formats.
-    sizes = [(3840, 2160, "JPEG"), (4032, 3024, "JPEG"), (2160, 3840, "JPEG"), (3072, 3072, "PNG"),
-             (4480, 1920, "WEBP"), (2880, 3840, "JPEG")]
+    sizes = [
+        (3840, 2160, "JPEG"),
+        (4032, 3024, "JPEG"),
+        (2160, 3840, "JPEG"),
+        (3072, 3072, "PNG"),
+        (4480, 1920, "WEBP"),
+        (2880, 3840, "JPEG"),
+    ]
     for i, (w, h, fmt) in enumerate(sizes):
         ext = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}[fmt]
         kw = {"quality": 95} if fmt in ("JPEG", "WEBP") else {}
-        put(f"native/render_{i}_{w}x{h}.{ext}", encode(render(w, h, seed + i), fmt, **kw),
-            Expected("kept", size=(w, h)))
+        put(
+            f"native/render_{i}_{w}x{h}.{ext}",
+            encode(render(w, h, seed + i), fmt, **kw),
+            Expected("kept", size=(w, h)),
+        )
     (out / "native/render_0_3840x2160.txt").write_text("A procedural test scene at 3840x2160.\n")
     exp["native/render_0_3840x2160.jpg"] = Expected(
         "kept", size=(3840, 2160), caption="A procedural test scene at 3840x2160."
     )
     (out / "native/render_1_4032x3024.json").write_text(json.dumps({"caption": "Shapes, 4:3."}))
-    exp["native/render_1_4032x3024.jpg"] = Expected("kept", size=(4032, 3024), caption="Shapes, 4:3.")
+    exp["native/render_1_4032x3024.jpg"] = Expected(
+        "kept", size=(4032, 3024), caption="Shapes, 4:3."
+    )
 
     # The same content in odd encodings that must still be processed and kept.
     base = render(3840, 2160, seed + 100)
-    put("odd/cmyk.jpg", _cmyk_jpeg(base),
-        Expected("kept", note="CMYK JPEG", size=(3840, 2160)))
+    put("odd/cmyk.jpg", _cmyk_jpeg(base), Expected("kept", note="CMYK JPEG", size=(3840, 2160)))
     base16 = render(3840, 2400, seed + 101)
-    put("odd/gray16.png", _gray16_png(base16), Expected("kept", note="16-bit gray PNG", size=(3840, 2400)))
+    put(
+        "odd/gray16.png",
+        _gray16_png(base16),
+        Expected("kept", note="16-bit gray PNG", size=(3840, 2400)),
+    )
     rot = render(3840, 2560, seed + 102)
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90° clockwise on display: the oriented image is portrait
-    put("odd/exif_rotated.jpg", encode(rot, "JPEG", quality=95, exif=exif),
-        Expected("kept", note="EXIF orientation 6", size=(2560, 3840)))
+    put(
+        "odd/exif_rotated.jpg",
+        encode(rot, "JPEG", quality=95, exif=exif),
+        Expected("kept", note="EXIF orientation 6", size=(2560, 3840)),
+    )
 
     # Duplicates of a large original: the original must be the copy kept.
     orig = render(5120, 2880, seed + 200)
@@ -166,13 +190,21 @@ def build_samples(folder: str | Path, *, real_photos: int = 6, seed: int = 0) ->
     put("dup/original.jpg", orig_jpg, Expected("kept", size=(5120, 2880)))
     # Byte-identical copies rank equal; the smaller URI is kept, so the copy sorts after.
     put("dup/original_copy.jpg", orig_jpg, Expected("duplicate", duplicate_of="dup/original.jpg"))
-    put("dup/reencoded_q85.jpg", encode(orig, "JPEG", quality=85),
-        Expected("duplicate", duplicate_of="dup/original.jpg"))
-    put("dup/resized_0.8.jpg",
+    put(
+        "dup/reencoded_q85.jpg",
+        encode(orig, "JPEG", quality=85),
+        Expected("duplicate", duplicate_of="dup/original.jpg"),
+    )
+    put(
+        "dup/resized_0.8.jpg",
         encode(cv2.resize(orig, (4096, 2304), interpolation=cv2.INTER_AREA), "JPEG", quality=95),
-        Expected("duplicate", duplicate_of="dup/original.jpg"))
-    put("dup/cropped_2pct.png", encode(orig[58:-58, 102:-102], "PNG"),
-        Expected("duplicate", duplicate_of="dup/original.jpg"))
+        Expected("duplicate", duplicate_of="dup/original.jpg"),
+    )
+    put(
+        "dup/cropped_2pct.png",
+        encode(orig[58:-58, 102:-102], "PNG"),
+        Expected("duplicate", duplicate_of="dup/original.jpg"),
+    )
 
     # One example of each content rejection.
     small = render(2560, 1440, seed + 300)
@@ -185,35 +217,56 @@ def build_samples(folder: str | Path, *, real_photos: int = 6, seed: int = 0) ->
     blur = cv2.GaussianBlur(render(3840, 2160, seed + 303), (0, 0), 4.0)
     put("reject/blurred_sigma4.jpg", encode(blur, "JPEG", quality=95), Expected("blurry"))
     put("reject/flat_gradient.png", encode(_flat(3840, 2160, seed + 304), "PNG"), Expected("flat"))
-    put("reject/low_entropy.png", encode(_posterized(3840, 2160, seed + 305), "PNG"),
-        Expected("low_entropy"))
-    put("reject/panorama_4to1.png", encode(np.zeros((1600, 6400, 3), np.uint8) + 90, "PNG"),
-        Expected("aspect_ratio"))
+    put(
+        "reject/low_entropy.png",
+        encode(_posterized(3840, 2160, seed + 305), "PNG"),
+        Expected("low_entropy"),
+    )
+    put(
+        "reject/panorama_4to1.png",
+        encode(np.zeros((1600, 6400, 3), np.uint8) + 90, "PNG"),
+        Expected("aspect_ratio"),
+    )
     put("reject/bomb_20000x20000.png", png_bomb(20000, 20000), Expected("too_large"))
 
     # Broken and odd files: each gets a precise reason, none stops the job.
     good = encode(render(3840, 2160, seed + 400), "JPEG", quality=95)
     put("broken/truncated.jpg", good[: len(good) * 6 // 10], Expected("decode_error"))
     put("broken/empty.jpg", b"", Expected("decode_error"))
-    put("broken/random_bytes.jpg", np.random.default_rng(seed).bytes(4096), Expected("decode_error"))
+    put(
+        "broken/random_bytes.jpg", np.random.default_rng(seed).bytes(4096), Expected("decode_error")
+    )
     put("broken/text_named.png", b"this is not an image\n" * 20, Expected("unsupported_format"))
-    put("broken/vector.svg", b'<svg xmlns="http://www.w3.org/2000/svg" width="4000" height="3000">'
-        b'<rect width="4000" height="3000" fill="red"/></svg>', Expected("unsupported_format"))
+    put(
+        "broken/vector.svg",
+        b'<svg xmlns="http://www.w3.org/2000/svg" width="4000" height="3000">'
+        b'<rect width="4000" height="3000" fill="red"/></svg>',
+        Expected("unsupported_format"),
+    )
     frames = [Image.fromarray(np.full((64, 64, 3), v, np.uint8)) for v in (0, 255)]
     buf = io.BytesIO()
     frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
     put("broken/animated.gif", buf.getvalue(), Expected("unsupported_format"))
 
     # A WebDataset tar with a caption member and one duplicate of a folder image.
-    tar_imgs = {"tarsample_a": render(3840, 2160, seed + 500), "tarsample_b": render(2160, 3840, seed + 501)}
+    tar_imgs = {
+        "tarsample_a": render(3840, 2160, seed + 500),
+        "tarsample_b": render(2160, 3840, seed + 501),
+    }
     with tarfile.open(out / "shard-input-000.tar", "w") as tf:
         for key, img in tar_imgs.items():
             _tar_add(tf, f"{key}.jpg", encode(img, "JPEG", quality=95))
             _tar_add(tf, f"{key}.txt", f"caption of {key}".encode())
         _tar_add(tf, "tarsample_c.jpg", orig_jpg)
-    exp["shard-input-000.tar#tarsample_a.jpg"] = Expected("kept", caption="caption of tarsample_a", size=(3840, 2160))
-    exp["shard-input-000.tar#tarsample_b.jpg"] = Expected("kept", caption="caption of tarsample_b", size=(2160, 3840))
-    exp["shard-input-000.tar#tarsample_c.jpg"] = Expected("duplicate", duplicate_of="dup/original.jpg")
+    exp["shard-input-000.tar#tarsample_a.jpg"] = Expected(
+        "kept", caption="caption of tarsample_a", size=(3840, 2160)
+    )
+    exp["shard-input-000.tar#tarsample_b.jpg"] = Expected(
+        "kept", caption="caption of tarsample_b", size=(2160, 3840)
+    )
+    exp["shard-input-000.tar#tarsample_c.jpg"] = Expected(
+        "duplicate", duplicate_of="dup/original.jpg"
+    )
 
     # Real photographs, as they are and (below 4K) upscaled 1.5x.
     for i, p in enumerate(_real_photos(real_photos)):
@@ -229,10 +282,14 @@ def build_samples(folder: str | Path, *, real_photos: int = 6, seed: int = 0) ->
             if up.shape[0] * up.shape[1] >= 3840 * 2160:
                 # Upscaled photos must not be kept; most are caught as `upscaled`, some (soft
                 # originals) by the flatness or blur filters first.
-                put(f"real/{i:02d}_upscaled_1.5x.jpg", encode(up, "JPEG", quality=95),
-                    Expected(REJECTED, note=f"{p} upscaled 1.5x"))
-    (out / "expected.json").write_text(json.dumps(
-        {k: v.__dict__ for k, v in sorted(exp.items())}, indent=1, default=list))
+                put(
+                    f"real/{i:02d}_upscaled_1.5x.jpg",
+                    encode(up, "JPEG", quality=95),
+                    Expected(REJECTED, note=f"{p} upscaled 1.5x"),
+                )
+    (out / "expected.json").write_text(
+        json.dumps({k: v.__dict__ for k, v in sorted(exp.items())}, indent=1, default=list)
+    )
     return exp
 
 

@@ -15,8 +15,16 @@ from curation import schema
 from curation.io.atomic import join
 
 SLIM = (
-    schema.SOURCE, schema.STATUS, schema.REASON, schema.KEY, schema.SHARD, schema.SHA256,
-    schema.BUCKET, schema.EXTENSION, schema.CAPTION_EN, schema.CAPTION_ZH,
+    schema.SOURCE,
+    schema.STATUS,
+    schema.REASON,
+    schema.KEY,
+    schema.SHARD,
+    schema.SHA256,
+    schema.BUCKET,
+    schema.EXTENSION,
+    schema.CAPTION_EN,
+    schema.CAPTION_ZH,
 )
 
 
@@ -75,7 +83,8 @@ def verify(output: str, *, max_problems: int = 50) -> list[str]:
         else:
             problem(f"row {r[schema.SOURCE]} has status {r[schema.STATUS]!r}")
     on_disk = {
-        f[len(root) + 1 :] for f in (fs.find(f"{root}/shards") if fs.exists(f"{root}/shards") else [])
+        f[len(root) + 1 :]
+        for f in (fs.find(f"{root}/shards") if fs.exists(f"{root}/shards") else [])
     }
     for extra in sorted(on_disk - set(expected)):
         problem(f"{extra} is on disk but not in the manifest")
@@ -87,7 +96,9 @@ def verify(output: str, *, max_problems: int = 50) -> list[str]:
     return problems
 
 
-def _verify_shard(fs: Any, path: str, shard: str, rows: dict[str, dict[str, Any]], problem: Any) -> None:
+def _verify_shard(
+    fs: Any, path: str, shard: str, rows: dict[str, dict[str, Any]], problem: Any
+) -> None:
     seen: dict[str, dict[str, bytes]] = defaultdict(dict)
     try:
         with fs.open(path, "rb") as fh:

@@ -67,7 +67,11 @@ def local_ray(s3_server):
     """One local Ray instance (2 CPUs) for every test that runs the job in-process."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {k: os.environ[k] for k in os.environ if k.startswith("AWS_")}})
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {k: os.environ[k] for k in os.environ if k.startswith("AWS_")}},
+    )
     yield ray
     ray.shutdown()

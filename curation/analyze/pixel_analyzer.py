@@ -43,8 +43,10 @@ def decode_gray(data: bytes, orientation: int = 1) -> np.ndarray:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         img = Image.open(io.BytesIO(data))
-        if img.format in ("JPEG", "MPO") and img.mode in ("RGB", "L") and not img.info.get(
-            "progressive"
+        if (
+            img.format in ("JPEG", "MPO")
+            and img.mode in ("RGB", "L")
+            and not img.info.get("progressive")
         ):
             img.draft("L", img.size)
         img.load()
@@ -96,8 +98,13 @@ class PixelAnalyzer(Stage):
     memory: ClassVar[int] = 1536 * 1024**2
     reads: ClassVar[tuple[str, ...]] = (schema.DATA, schema.ORIENTATION)
     writes: ClassVar[tuple[str, ...]] = (
-        schema.NATIVE_SCORE, schema.UPSCALE_FACTOR, schema.NATIVE_DETAIL, schema.SHARPNESS,
-        schema.FLAT_FRACTION, schema.ENTROPY, schema.PHASH,
+        schema.NATIVE_SCORE,
+        schema.UPSCALE_FACTOR,
+        schema.NATIVE_DETAIL,
+        schema.SHARPNESS,
+        schema.FLAT_FRACTION,
+        schema.ENTROPY,
+        schema.PHASH,
     )
     flat_patch: int = 240
     flat_variance: float = 800.0
@@ -127,7 +134,9 @@ class PixelAnalyzer(Stage):
         reason = column(table, schema.REASON)
         detail = column(table, schema.DETAIL)
         rows = zip(
-            pending_mask(table), column(table, schema.DATA), column(table, schema.ORIENTATION, 1),
+            pending_mask(table),
+            column(table, schema.DATA),
+            column(table, schema.ORIENTATION, 1),
             strict=True,
         )
         for i, (pending, data, orientation) in enumerate(rows):

@@ -14,9 +14,20 @@ from curation.base import Stage, column, set_columns
 
 PAPER_4096_TIER: tuple[tuple[int, int], ...] = (
     (4096, 4096),
-    (5440, 3072), (5184, 3264), (4992, 3328), (4736, 3520), (5824, 2880), (6272, 2688),
-    (5568, 3008), (6336, 2624), (5632, 3008), (4608, 3648),
-    (3072, 5440), (3648, 4608), (3520, 4736), (3328, 4992),
+    (5440, 3072),
+    (5184, 3264),
+    (4992, 3328),
+    (4736, 3520),
+    (5824, 2880),
+    (6272, 2688),
+    (5568, 3008),
+    (6336, 2624),
+    (5632, 3008),
+    (4608, 3648),
+    (3072, 5440),
+    (3648, 4608),
+    (3520, 4736),
+    (3328, 4992),
 )
 """UltraFlux's 4096²-area bucket table, as printed in the paper."""
 
@@ -50,7 +61,7 @@ class Bucket:
 
 
 def _round64(x: float) -> int:
-    return max(64, int(round(x / 64.0)) * 64)
+    return max(64, round(x / 64.0) * 64)
 
 
 def default_table(tier_scales: Sequence[float] = (1.0, 0.875, 0.75, 0.6875)) -> list[Bucket]:
@@ -87,7 +98,9 @@ def crop_box(width: int, height: int, bucket: Bucket) -> tuple[int, int, int, in
     return 0, top, width, top + ch
 
 
-def assign(width: int, height: int, table: Iterable[Bucket]) -> tuple[Bucket, tuple[int, int, int, int]] | None:
+def assign(
+    width: int, height: int, table: Iterable[Bucket]
+) -> tuple[Bucket, tuple[int, int, int, int]] | None:
     """The bucket for an image: no upscaling, least cropping, then the largest.
 
     A bucket fits when the image's centered crop at the bucket's AR is at least the bucket's
@@ -112,7 +125,11 @@ def assign(width: int, height: int, table: Iterable[Bucket]) -> tuple[Bucket, tu
 
 
 def coverage_gaps(
-    table: Sequence[Bucket], min_pixels: int, min_aspect: float, max_aspect: float, steps: int = 4000
+    table: Sequence[Bucket],
+    min_pixels: int,
+    min_aspect: float,
+    max_aspect: float,
+    steps: int = 4000,
 ) -> list[tuple[int, int]]:
     """Smallest images (w, h ≥ `min_pixels`) over the AR range that fit no bucket."""
     gaps = []
@@ -141,13 +158,19 @@ class Bucketer(Stage):
     batch_size: ClassVar[int] = 1024
     reads: ClassVar[tuple[str, ...]] = (schema.STATUS, schema.WIDTH, schema.HEIGHT)
     writes: ClassVar[tuple[str, ...]] = (
-        schema.BUCKET, schema.CROP_LEFT, schema.CROP_TOP, schema.CROP_RIGHT, schema.CROP_BOTTOM,
+        schema.BUCKET,
+        schema.CROP_LEFT,
+        schema.CROP_TOP,
+        schema.CROP_RIGHT,
+        schema.CROP_BOTTOM,
     )
     table: list[Bucket] = field(default_factory=default_table)
 
     def process(self, t: pa.Table) -> pa.Table:
         cols: dict[str, list[Any]] = {c: [] for c in self.writes}
-        status, reason, detail = (column(t, c) for c in (schema.STATUS, schema.REASON, schema.DETAIL))
+        status, reason, detail = (
+            column(t, c) for c in (schema.STATUS, schema.REASON, schema.DETAIL)
+        )
         for i, (s, w, h) in enumerate(
             zip(status, column(t, schema.WIDTH), column(t, schema.HEIGHT), strict=True)
         ):

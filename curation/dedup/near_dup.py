@@ -35,16 +35,28 @@ PARENT_SHARPNESS = "parent_sharpness"
 PARENT_NATIVE = "parent_native"
 
 HASH_COLUMNS = (
-    schema.SOURCE, schema.SHA256, schema.PHASH, schema.WIDTH, schema.HEIGHT, schema.SHARPNESS,
+    schema.SOURCE,
+    schema.SHA256,
+    schema.PHASH,
+    schema.WIDTH,
+    schema.HEIGHT,
+    schema.SHARPNESS,
     schema.NATIVE_SCORE,
 )
 """The slim columns the dedup step reads (no bytes travel through its shuffles)."""
 
-EDGE_SCHEMA = pa.schema([
-    (schema.SOURCE, pa.string()), (schema.SHA256, pa.string()), (PARENT, pa.string()), (PARENT_SHA256, pa.string()),
-    (DISTANCE, pa.int64()), (PARENT_PIXELS, pa.int64()), (PARENT_SHARPNESS, pa.float64()),
-    (PARENT_NATIVE, pa.float64()),
-])
+EDGE_SCHEMA = pa.schema(
+    [
+        (schema.SOURCE, pa.string()),
+        (schema.SHA256, pa.string()),
+        (PARENT, pa.string()),
+        (PARENT_SHA256, pa.string()),
+        (DISTANCE, pa.int64()),
+        (PARENT_PIXELS, pa.int64()),
+        (PARENT_SHARPNESS, pa.float64()),
+        (PARENT_NATIVE, pa.float64()),
+    ]
+)
 
 
 def bands(num_bits: int, max_distance: int) -> list[tuple[int, int]]:

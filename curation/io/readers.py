@@ -82,12 +82,18 @@ class FileReader(Stage):
     batch_size: ClassVar[int] = 8
     reads: ClassVar[tuple[str, ...]] = (schema.SOURCE, SIDECAR)
     writes: ClassVar[tuple[str, ...]] = (
-        schema.DATA, schema.SIZE_BYTES, schema.SHA256, schema.CAPTION_EN, schema.CAPTION_ZH,
+        schema.DATA,
+        schema.SIZE_BYTES,
+        schema.SHA256,
+        schema.CAPTION_EN,
+        schema.CAPTION_ZH,
     )
     max_file_bytes: int = 512 * 1024 * 1024
 
     def process(self, table: pa.Table) -> pa.Table:
-        out: dict[str, list[Any]] = {c: [] for c in (*self.writes, schema.STATUS, schema.REASON, schema.DETAIL)}
+        out: dict[str, list[Any]] = {
+            c: [] for c in (*self.writes, schema.STATUS, schema.REASON, schema.DETAIL)
+        }
         for src, side in zip(column(table, schema.SOURCE), column(table, SIDECAR), strict=True):
             row = _read_one(src, side, self.max_file_bytes)
             for c in out:
@@ -101,7 +107,8 @@ def _read_one(src: str, sidecar: str | None, max_bytes: int) -> dict[str, Any]:
         size = fs.size(path)
         if size is not None and size > max_bytes:
             return {
-                schema.SIZE_BYTES: size, schema.STATUS: schema.STATUS_REJECTED,
+                schema.SIZE_BYTES: size,
+                schema.STATUS: schema.STATUS_REJECTED,
                 schema.REASON: "too_large",
                 schema.DETAIL: f"file is {size} bytes, over the {max_bytes}-byte cap; not read",
             }
@@ -109,11 +116,13 @@ def _read_one(src: str, sidecar: str | None, max_bytes: int) -> dict[str, Any]:
             data = fh.read()
     except Exception as e:  # any I/O failure is this input's verdict, not the job's
         return {
-            schema.STATUS: schema.STATUS_REJECTED, schema.REASON: "unreadable",
+            schema.STATUS: schema.STATUS_REJECTED,
+            schema.REASON: "unreadable",
             schema.DETAIL: f"cannot read: {type(e).__name__}: {e}"[:500],
         }
     row: dict[str, Any] = {
-        schema.DATA: data, schema.SIZE_BYTES: len(data),
+        schema.DATA: data,
+        schema.SIZE_BYTES: len(data),
         schema.SHA256: hashlib.sha256(data).hexdigest(),
     }
     if sidecar:
@@ -143,8 +152,13 @@ class TarReader(Stage):
     batch_size: ClassVar[int] = 1
     reads: ClassVar[tuple[str, ...]] = (schema.SOURCE,)
     writes: ClassVar[tuple[str, ...]] = (
-        schema.SOURCE, schema.TAR_OFFSET, schema.DATA, schema.SIZE_BYTES, schema.SHA256,
-        schema.CAPTION_EN, schema.CAPTION_ZH,
+        schema.SOURCE,
+        schema.TAR_OFFSET,
+        schema.DATA,
+        schema.SIZE_BYTES,
+        schema.SHA256,
+        schema.CAPTION_EN,
+        schema.CAPTION_ZH,
     )
     max_file_bytes: int = 512 * 1024 * 1024
 
@@ -198,16 +212,23 @@ class TarReader(Stage):
         for key in order:
             rows.extend(_sample_rows(tar_uri, key, samples[key]))
         if error is not None and not rows:
-            rows.append({
-                schema.SOURCE: tar_uri, schema.STATUS: schema.STATUS_REJECTED,
-                schema.REASON: "unreadable", schema.DETAIL: f"cannot read tar: {error}",
-            })
+            rows.append(
+                {
+                    schema.SOURCE: tar_uri,
+                    schema.STATUS: schema.STATUS_REJECTED,
+                    schema.REASON: "unreadable",
+                    schema.DETAIL: f"cannot read tar: {error}",
+                }
+            )
         elif error is not None:
-            rows.append({
-                schema.SOURCE: f"{tar_uri}#<rest>", schema.STATUS: schema.STATUS_REJECTED,
-                schema.REASON: "unreadable",
-                schema.DETAIL: f"tar ends in error after {len(order)} samples: {error}",
-            })
+            rows.append(
+                {
+                    schema.SOURCE: f"{tar_uri}#<rest>",
+                    schema.STATUS: schema.STATUS_REJECTED,
+                    schema.REASON: "unreadable",
+                    schema.DETAIL: f"tar ends in error after {len(order)} samples: {error}",
+                }
+            )
         return rows
 
 
@@ -226,15 +247,24 @@ def _sample_rows(tar_uri: str, key: str, sample: dict[str, Any]) -> list[dict[st
     rows = []
     for ext in sorted(images):
         name, offset, data = members[ext]
-        rows.append({
-            schema.SOURCE: f"{tar_uri}#{name}", schema.TAR_OFFSET: offset, schema.DATA: data,
-            schema.SIZE_BYTES: len(data), schema.SHA256: hashlib.sha256(data).hexdigest(),
-            schema.CAPTION_EN: en, schema.CAPTION_ZH: zh,
-        })
+        rows.append(
+            {
+                schema.SOURCE: f"{tar_uri}#{name}",
+                schema.TAR_OFFSET: offset,
+                schema.DATA: data,
+                schema.SIZE_BYTES: len(data),
+                schema.SHA256: hashlib.sha256(data).hexdigest(),
+                schema.CAPTION_EN: en,
+                schema.CAPTION_ZH: zh,
+            }
+        )
     if "error" in sample:
-        rows.append({
-            schema.SOURCE: f"{tar_uri}#{key}", schema.STATUS: schema.STATUS_REJECTED,
-            schema.REASON: "too_large" if sample.get("too_large") else "unreadable",
-            schema.DETAIL: sample["error"][:500],
-        })
+        rows.append(
+            {
+                schema.SOURCE: f"{tar_uri}#{key}",
+                schema.STATUS: schema.STATUS_REJECTED,
+                schema.REASON: "too_large" if sample.get("too_large") else "unreadable",
+                schema.DETAIL: sample["error"][:500],
+            }
+        )
     return rows

@@ -17,8 +17,15 @@ SUPPORTED_FORMATS = ("jpeg", "mpo", "png", "webp", "tiff", "bmp", "gif", "avif",
 """PIL formats the job decodes; anything else is `unsupported_format`."""
 
 EXTENSIONS = {
-    "jpeg": "jpg", "mpo": "jpg", "png": "png", "webp": "webp", "tiff": "tif", "bmp": "bmp",
-    "gif": "gif", "avif": "avif", "jpeg2000": "jp2",
+    "jpeg": "jpg",
+    "mpo": "jpg",
+    "png": "png",
+    "webp": "webp",
+    "tiff": "tif",
+    "bmp": "bmp",
+    "gif": "gif",
+    "avif": "avif",
+    "jpeg2000": "jp2",
 }
 """Shard member extension for each format (the bytes are stored unchanged)."""
 
@@ -71,17 +78,26 @@ def probe(data: bytes) -> dict[str, Any]:
             return {"reason": "unsupported_format", "detail": what}
         return {"reason": "decode_error", "detail": "not a recognisable image format"}
     except Exception as e:
-        return {"reason": "decode_error", "detail": f"header unreadable: {type(e).__name__}: {e}"[:300]}
+        return {
+            "reason": "decode_error",
+            "detail": f"header unreadable: {type(e).__name__}: {e}"[:300],
+        }
     if orientation not in range(1, 9):
         orientation = 1
     if orientation in ROTATING_ORIENTATIONS:
         width, height = height, width
     row = {
-        "format": fmt, "width": width, "height": height, "mode": mode,
-        "num_frames": frames, "orientation": orientation,
+        "format": fmt,
+        "width": width,
+        "height": height,
+        "mode": mode,
+        "num_frames": frames,
+        "orientation": orientation,
     }
     if fmt not in SUPPORTED_FORMATS:
-        row.update(reason="unsupported_format", detail=f"format {fmt or 'unknown'} is not supported")
+        row.update(
+            reason="unsupported_format", detail=f"format {fmt or 'unknown'} is not supported"
+        )
     elif frames > 1 and fmt != "mpo":
         row.update(reason="unsupported_format", detail=f"animated {fmt} ({frames} frames)")
     return row
@@ -101,7 +117,11 @@ class HeaderProbe(Stage):
     batch_size: ClassVar[int] = 32
     reads: ClassVar[tuple[str, ...]] = (schema.DATA,)
     writes: ClassVar[tuple[str, ...]] = (
-        schema.FORMAT, schema.WIDTH, schema.HEIGHT, schema.MODE, schema.NUM_FRAMES,
+        schema.FORMAT,
+        schema.WIDTH,
+        schema.HEIGHT,
+        schema.MODE,
+        schema.NUM_FRAMES,
         schema.ORIENTATION,
     )
 
@@ -118,7 +138,11 @@ class HeaderProbe(Stage):
             for k in keys:
                 cols[k].append(row.get(k))
             if pending and "reason" in row:
-                status[i], reason[i], detail[i] = schema.STATUS_REJECTED, row["reason"], row["detail"]
+                status[i], reason[i], detail[i] = (
+                    schema.STATUS_REJECTED,
+                    row["reason"],
+                    row["detail"],
+                )
         return set_columns(
             table,
             {**cols, schema.STATUS: status, schema.REASON: reason, schema.DETAIL: detail},

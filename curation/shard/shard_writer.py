@@ -86,15 +86,22 @@ class ShardWriter(Stage):
             writer = wds.TarWriter(fh, encoder=False, mtime=0.0)
             for row in rows:
                 try:
-                    data = read_bytes(row[schema.SOURCE], row.get(schema.TAR_OFFSET), row[schema.SIZE_BYTES])
+                    data = read_bytes(
+                        row[schema.SOURCE], row.get(schema.TAR_OFFSET), row[schema.SIZE_BYTES]
+                    )
                     if hashlib.sha256(data).hexdigest() != row[schema.SHA256]:
                         raise OSError("content changed since it was analysed")
                 except Exception as e:  # a vanished input is this row's verdict
-                    row.update({
-                        schema.STATUS: schema.STATUS_REJECTED, schema.REASON: "unreadable",
-                        schema.DETAIL: f"cannot re-read for writing: {e}"[:300],
-                        schema.SHARD: None, schema.KEY: None, schema.BUCKET: None,
-                    })
+                    row.update(
+                        {
+                            schema.STATUS: schema.STATUS_REJECTED,
+                            schema.REASON: "unreadable",
+                            schema.DETAIL: f"cannot re-read for writing: {e}"[:300],
+                            schema.SHARD: None,
+                            schema.KEY: None,
+                            schema.BUCKET: None,
+                        }
+                    )
                     continue
                 sample = {"__key__": row[schema.KEY], row[schema.EXTENSION]: data}
                 sample["json"] = json.dumps(manifest_record(row), sort_keys=True).encode()

@@ -35,25 +35,40 @@ def test_stage_records_time_per_row_and_runs_setup_once():
 
 
 def test_threshold_first_failing_rule_wins_and_rejected_rows_untouched():
-    f = ThresholdFilter(rules=[
-        Rule(column=PIXELS, reason="too_large", max=100),
-        Rule(column=PIXELS, reason="too_small", min=50),
-        Rule(column=ASPECT, reason="aspect_ratio", min=0.5, max=2.0),
-    ])
-    t = f({
-        schema.WIDTH: [20, 5, 10, 2, 8, None],
-        schema.HEIGHT: [20, 5, 6, 30, 8, None],
-        schema.STATUS: [None, None, None, None, None, None],
-        schema.REASON: [None] * 6,
-    })
+    f = ThresholdFilter(
+        rules=[
+            Rule(column=PIXELS, reason="too_large", max=100),
+            Rule(column=PIXELS, reason="too_small", min=50),
+            Rule(column=ASPECT, reason="aspect_ratio", min=0.5, max=2.0),
+        ]
+    )
+    t = f(
+        {
+            schema.WIDTH: [20, 5, 10, 2, 8, None],
+            schema.HEIGHT: [20, 5, 6, 30, 8, None],
+            schema.STATUS: [None, None, None, None, None, None],
+            schema.REASON: [None] * 6,
+        }
+    )
     assert t.column(schema.REASON).to_pylist() == [
-        "too_large", "too_small", None, "aspect_ratio", None, None,
+        "too_large",
+        "too_small",
+        None,
+        "aspect_ratio",
+        None,
+        None,
     ]
     assert t.column(schema.STATUS).to_pylist()[:2] == ["rejected", "rejected"]
     assert "400 > 100" in t.column(schema.DETAIL).to_pylist()[0]
 
-    already = f({schema.WIDTH: [1], schema.HEIGHT: [1], schema.STATUS: ["rejected"],
-                 schema.REASON: ["decode_error"]})
+    already = f(
+        {
+            schema.WIDTH: [1],
+            schema.HEIGHT: [1],
+            schema.STATUS: ["rejected"],
+            schema.REASON: ["decode_error"],
+        }
+    )
     assert already.column(schema.REASON).to_pylist() == ["decode_error"]
 
 

@@ -56,8 +56,7 @@ def test_every_input_gets_exactly_its_expected_outcome(samples, curated):
             assert r["duplicate_of"] == by_rel[e["duplicate_of"]]["key"], rel
 
 
-def test_kept_samples_are_bucketed_without_upscaling_and_bytes_unchanged(samples, curated):
-    folder, _ = samples
+def test_kept_samples_are_bucketed_without_upscaling_and_bytes_unchanged(curated):
     kept = [r for r in _rows(curated).values() if r["status"] == "kept"]
     assert len(kept) >= 10
     for r in kept:
@@ -91,7 +90,9 @@ def test_outputs_and_verify_stats_report(curated):
     cli = Path(sys.executable).with_name("native4k")
     done = subprocess.run([str(cli), "verify", str(curated)], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
-    done = subprocess.run([str(cli), "stats", str(curated), "--json"], capture_output=True, text=True)
+    done = subprocess.run(
+        [str(cli), "stats", str(curated), "--json"], capture_output=True, text=True
+    )
     assert json.loads(done.stdout)["total"] == stats["total"]
     assert main(["report", str(curated)]) == 0
     assert "<table>" in (curated / "report.html").read_text()

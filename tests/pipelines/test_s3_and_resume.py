@@ -20,8 +20,13 @@ from pipelines.verify import read_manifest, verify
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 SUBSET = [
-    "native/render_0_3840x2160.jpg", "native/render_0_3840x2160.txt", "native/render_3_3072x3072.png",
-    "dup/original.jpg", "dup/reencoded_q85.jpg", "broken/truncated.jpg", "reject/small_2560x1440.jpg",
+    "native/render_0_3840x2160.jpg",
+    "native/render_0_3840x2160.txt",
+    "native/render_3_3072x3072.png",
+    "dup/original.jpg",
+    "dup/reencoded_q85.jpg",
+    "broken/truncated.jpg",
+    "reject/small_2560x1440.jpg",
     "shard-input-000.tar",
 ]
 
@@ -54,8 +59,10 @@ def e_caption(expected: dict) -> str:
 
 
 def _manifest(out: Path) -> dict[str, tuple]:
-    return {r["source"]: (r["status"], r["reason"], r["key"], r["shard"])
-            for r in pq.read_table(out / "manifest").to_pylist()}
+    return {
+        r["source"]: (r["status"], r["reason"], r["key"], r["shard"])
+        for r in pq.read_table(out / "manifest").to_pylist()
+    }
 
 
 def test_interrupted_job_resumes_without_duplicates_or_gaps(samples, tmp_path, local_ray):
@@ -63,9 +70,13 @@ def test_interrupted_job_resumes_without_duplicates_or_gaps(samples, tmp_path, l
     out = tmp_path / "out"
     cli = Path(sys.executable).with_name("native4k")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([str(cli), "curate", str(folder), "--output", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [str(cli), "curate", str(folder), "--output", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        start_new_session=True,
+    )
     analysis = out / "_work" / "analysis"
     deadline = time.time() + 300
     while time.time() < deadline and len(list(analysis.glob("part-*.parquet"))) < 2:

@@ -18,7 +18,7 @@ def test_decode_gray_handles_modes_and_orientation():
     rgb = rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)
     ref = np.asarray(Image.fromarray(rgb).convert("L"))
     assert decode_gray(_enc(Image.fromarray(rgb))).shape == (40, 60)
-    g16 = (ref.astype(np.uint16) * 257)
+    g16 = ref.astype(np.uint16) * 257
     assert np.array_equal(decode_gray(_enc(Image.fromarray(g16))), ref)  # high byte of 16-bit
     rgba = Image.fromarray(rgb).convert("RGBA")
     assert decode_gray(_enc(rgba)).shape == (40, 60)
@@ -55,12 +55,16 @@ def test_phash_is_stable_under_reencode_and_differs_between_images():
 def test_analyzer_scores_pending_rows_and_rejects_corrupt_pixels():
     rng = np.random.default_rng(3)
     good = _enc(Image.fromarray(rng.integers(0, 255, (480, 720), dtype=np.uint8)))
-    truncated = _enc(Image.fromarray(rng.integers(0, 255, (480, 720), dtype=np.uint8)), "JPEG")[:3000]
-    t = PixelAnalyzer()({
-        schema.DATA: [good, truncated, good],
-        schema.ORIENTATION: [1, 1, 1],
-        schema.STATUS: [None, None, "rejected"],
-    })
+    truncated = _enc(Image.fromarray(rng.integers(0, 255, (480, 720), dtype=np.uint8)), "JPEG")[
+        :3000
+    ]
+    t = PixelAnalyzer()(
+        {
+            schema.DATA: [good, truncated, good],
+            schema.ORIENTATION: [1, 1, 1],
+            schema.STATUS: [None, None, "rejected"],
+        }
+    )
     rows = t.to_pylist()
     assert rows[0][schema.ENTROPY] > 7.9 and rows[0][schema.PHASH] is not None
     assert rows[0][schema.FLAT_FRACTION] == 0.0 and rows[0][schema.SHARPNESS] is not None

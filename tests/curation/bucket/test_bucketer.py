@@ -26,13 +26,24 @@ def test_every_acceptable_image_fits_a_bucket_without_upscaling():
     assert coverage_gaps(paper, 3840 * 2160, 1 / 3, 3.0, steps=200)
 
 
-@pytest.mark.parametrize("w,h", [(3840, 2160), (2160, 3840), (4000, 3000), (6000, 4000),
-                                 (8000, 2667), (2900, 2900), (7952, 5304), (4990, 1664)])
+@pytest.mark.parametrize(
+    "w,h",
+    [
+        (3840, 2160),
+        (2160, 3840),
+        (4000, 3000),
+        (6000, 4000),
+        (8000, 2667),
+        (2900, 2900),
+        (7952, 5304),
+        (4990, 1664),
+    ],
+)
 def test_assignment_never_upscales_and_box_matches_bucket_aspect(w, h):
-    bucket, (l, t, r, b) = assign(w, h, default_table())
-    assert 0 <= l < r <= w and 0 <= t < b <= h
-    assert r - l >= bucket.width and b - t >= bucket.height
-    assert abs((r - l) / (b - t) - bucket.aspect) < 2 / min(r - l, b - t) + 1e-3
+    bucket, (left, t, r, b) = assign(w, h, default_table())
+    assert 0 <= left < r <= w and 0 <= t < b <= h
+    assert r - left >= bucket.width and b - t >= bucket.height
+    assert abs((r - left) / (b - t) - bucket.aspect) < 2 / min(r - left, b - t) + 1e-3
 
 
 def test_least_cropping_then_largest():
@@ -44,11 +55,13 @@ def test_least_cropping_then_largest():
 
 
 def test_bucketer_stage_only_buckets_kept_rows():
-    t = Bucketer(table=[Bucket(3712, 2112)])({
-        schema.STATUS: ["kept", "rejected", "kept"],
-        schema.WIDTH: [3840, 3840, 1000],
-        schema.HEIGHT: [2160, 2160, 1000],
-    })
+    t = Bucketer(table=[Bucket(3712, 2112)])(
+        {
+            schema.STATUS: ["kept", "rejected", "kept"],
+            schema.WIDTH: [3840, 3840, 1000],
+            schema.HEIGHT: [2160, 2160, 1000],
+        }
+    )
     assert t.column(schema.BUCKET).to_pylist() == ["3712x2112", None, None]
     assert t.column(schema.REASON).to_pylist() == [None, None, "too_small"]
     assert t.column(schema.CROP_LEFT).to_pylist()[0] == 22

@@ -39,30 +39,39 @@ def test_pigeonhole_any_pair_within_distance_shares_a_band_key():
 
 
 def _rows(specs):
-    return pa.table({
-        schema.SOURCE: [s[0] for s in specs],
-        schema.SHA256: [s[1] for s in specs],
-        schema.PHASH: pa.array([_signed(s[2]) for s in specs], pa.int64()),
-        schema.WIDTH: [s[3] for s in specs],
-        schema.HEIGHT: [s[4] for s in specs],
-        schema.SHARPNESS: [s[5] for s in specs],
-        schema.NATIVE_SCORE: [1.0] * len(specs),
-    })
+    return pa.table(
+        {
+            schema.SOURCE: [s[0] for s in specs],
+            schema.SHA256: [s[1] for s in specs],
+            schema.PHASH: pa.array([_signed(s[2]) for s in specs], pa.int64()),
+            schema.WIDTH: [s[3] for s in specs],
+            schema.HEIGHT: [s[4] for s in specs],
+            schema.SHARPNESS: [s[5] for s in specs],
+            schema.NATIVE_SCORE: [1.0] * len(specs),
+        }
+    )
 
 
 def test_match_band_points_every_copy_at_better_ones_within_distance():
-    t = _rows([
-        ("big", "s1", 0b1111, 5000, 3000, 1.0),
-        ("small", "s2", 0b1110, 4000, 2400, 1.0),  # 1 bit from big
-        ("blurry_same_size", "s3", 0b1111, 5000, 3000, 0.5),
-        ("other", "s4", 0xFFFF_0000_FFFF_0000, 5000, 3000, 1.0),
-    ])
+    t = _rows(
+        [
+            ("big", "s1", 0b1111, 5000, 3000, 1.0),
+            ("small", "s2", 0b1110, 4000, 2400, 1.0),  # 1 bit from big
+            ("blurry_same_size", "s3", 0b1111, 5000, 3000, 0.5),
+            ("other", "s4", 0xFFFF_0000_FFFF_0000, 5000, 3000, 1.0),
+        ]
+    )
     edges = match_band(t, max_distance=2)
-    pairs = set(zip(edges.column(schema.SOURCE).to_pylist(), edges.column(PARENT).to_pylist(), strict=True))
+    pairs = set(
+        zip(edges.column(schema.SOURCE).to_pylist(), edges.column(PARENT).to_pylist(), strict=True)
+    )
     assert pairs == {("small", "big"), ("blurry_same_size", "big"), ("small", "blurry_same_size")}
     best = pick_parent(edges)
-    assert dict(zip(best.column(schema.SOURCE).to_pylist(), best.column(PARENT).to_pylist(), strict=True)) == {
-        "small": "big", "blurry_same_size": "big",
+    assert dict(
+        zip(best.column(schema.SOURCE).to_pylist(), best.column(PARENT).to_pylist(), strict=True)
+    ) == {
+        "small": "big",
+        "blurry_same_size": "big",
     }
 
 
@@ -70,5 +79,8 @@ def test_splitter_emits_one_row_per_band():
     t = _rows([("a", "s", 123, 1, 1, 0.0), ("b", "t", 456, 1, 1, 0.0)])
     out = BandSplitter(max_distance=3)(t)
     assert out.num_rows == 8
-    for (src, keys) in itertools.groupby(zip(out.column(schema.SOURCE).to_pylist(), out.column(BAND).to_pylist(), strict=True), key=lambda x: x[0]):
+    for src, keys in itertools.groupby(
+        zip(out.column(schema.SOURCE).to_pylist(), out.column(BAND).to_pylist(), strict=True),
+        key=lambda x: x[0],
+    ):
         assert len({k for _, k in keys}) == 4, src

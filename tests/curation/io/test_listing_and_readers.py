@@ -26,8 +26,15 @@ def test_listing_walks_folders_pairs_sidecars_and_reads_lists(tmp_path):
     (tmp_path / "a" / ".hidden.jpg").write_bytes(b"h")
     _tar(tmp_path / "a" / "s-000.tar", [("k.jpg", b"k")])
     items = list(list_inputs([str(tmp_path / "a")]))
-    kinds = {i.uri.rsplit("/", 1)[-1]: (i.kind, i.sidecar and i.sidecar.rsplit("/", 1)[-1]) for i in items}
-    assert kinds == {"x.jpg": ("file", "x.txt"), "y.png": ("file", "y.json"), "s-000.tar": ("tar", None)}
+    kinds = {
+        i.uri.rsplit("/", 1)[-1]: (i.kind, i.sidecar and i.sidecar.rsplit("/", 1)[-1])
+        for i in items
+    }
+    assert kinds == {
+        "x.jpg": ("file", "x.txt"),
+        "y.png": ("file", "y.json"),
+        "s-000.tar": ("tar", None),
+    }
 
     lst = tmp_path / "inputs.lst"
     lst.write_text(f"{tmp_path}/a/x.jpg\n# comment\n{tmp_path}/missing.jpg\n")
@@ -48,10 +55,12 @@ def test_file_reader_reads_bytes_digest_captions_and_survives_bad_paths(tmp_path
     (tmp_path / "y.jpg").write_bytes(b"more")
     (tmp_path / "y.json").write_text(json.dumps({"caption": "en", "caption_zh": "中文"}))
     (tmp_path / "big.jpg").write_bytes(b"0" * 100)
-    t = FileReader(max_file_bytes=50)({
-        schema.SOURCE: [str(tmp_path / n) for n in ("x.jpg", "y.jpg", "nope.jpg", "big.jpg")],
-        "sidecar": [str(tmp_path / "x.txt"), str(tmp_path / "y.json"), None, None],
-    })
+    t = FileReader(max_file_bytes=50)(
+        {
+            schema.SOURCE: [str(tmp_path / n) for n in ("x.jpg", "y.jpg", "nope.jpg", "big.jpg")],
+            "sidecar": [str(tmp_path / "x.txt"), str(tmp_path / "y.json"), None, None],
+        }
+    )
     rows = t.to_pylist()
     assert rows[0][schema.DATA] == b"pixels"
     assert rows[0][schema.SHA256] == hashlib.sha256(b"pixels").hexdigest()
@@ -63,15 +72,26 @@ def test_file_reader_reads_bytes_digest_captions_and_survives_bad_paths(tmp_path
 
 def test_tar_reader_groups_members_keeps_offsets_and_reports_truncation(tmp_path):
     tar = tmp_path / "s.tar"
-    _tar(tar, [("a.jpg", b"AAAA"), ("a.txt", b"cap a"), ("a.zh.txt", "甲".encode()),
-               ("dir/b.png", b"BBBBBB"), ("dir/b.json", json.dumps({"caption": "cap b"}).encode())])
+    _tar(
+        tar,
+        [
+            ("a.jpg", b"AAAA"),
+            ("a.txt", b"cap a"),
+            ("a.zh.txt", "甲".encode()),
+            ("dir/b.png", b"BBBBBB"),
+            ("dir/b.json", json.dumps({"caption": "cap b"}).encode()),
+        ],
+    )
     rows = TarReader()({schema.SOURCE: [str(tar)]}).to_pylist()
     by = {r[schema.SOURCE].split("#")[1]: r for r in rows}
     assert set(by) == {"a.jpg", "dir/b.png"}
     assert by["a.jpg"][schema.CAPTION_EN] == "cap a" and by["a.jpg"][schema.CAPTION_ZH] == "甲"
     assert by["dir/b.png"][schema.CAPTION_EN] == "cap b"
     for r in rows:  # the offset lets the writer re-read exactly these bytes later
-        assert read_bytes(r[schema.SOURCE], r[schema.TAR_OFFSET], r[schema.SIZE_BYTES]) == r[schema.DATA]
+        assert (
+            read_bytes(r[schema.SOURCE], r[schema.TAR_OFFSET], r[schema.SIZE_BYTES])
+            == r[schema.DATA]
+        )
 
     for n in (1100, 1024 + 512 + 3):  # inside the second header; inside its data
         cut = tmp_path / f"cut{n}.tar"

@@ -28,7 +28,8 @@ def test_probe_names_what_is_wrong():
     assert probe(b"")["detail"].startswith("empty file")
     assert probe(b"\x00\x01garbage" * 100)["reason"] == "decode_error"
     assert probe(b"hello, I am text\n" * 10) == {
-        "reason": "unsupported_format", "detail": "text file, not an image"
+        "reason": "unsupported_format",
+        "detail": "text file, not an image",
     }
     assert "SVG" in probe(b'<?xml version="1.0"?><svg xmlns="x"/>')["detail"]
     frames = [Image.new("RGB", (8, 8), c) for c in ("red", "blue")]
@@ -46,11 +47,13 @@ def test_decompression_bomb_is_sized_from_its_header_without_decoding():
 
 
 def test_stage_leaves_rejected_rows_alone():
-    t = HeaderProbe()({
-        schema.DATA: [_png(64, 32), b"", None],
-        schema.STATUS: [None, None, "rejected"],
-        schema.REASON: [None, None, "unreadable"],
-    })
+    t = HeaderProbe()(
+        {
+            schema.DATA: [_png(64, 32), b"", None],
+            schema.STATUS: [None, None, "rejected"],
+            schema.REASON: [None, None, "unreadable"],
+        }
+    )
     assert t.column(schema.WIDTH).to_pylist() == [64, None, None]
     assert t.column(schema.REASON).to_pylist() == [None, "decode_error", "unreadable"]
     assert np.array_equal(t.column(schema.NUM_FRAMES).to_pylist()[:1], [1])

@@ -15,16 +15,23 @@ def test_keys_are_content_derived_and_safe():
 
 
 def test_plan_cuts_by_count_and_bytes_in_key_order():
-    t = pa.table({schema.KEY: ["c", "a", "b", "d", "e"], schema.BUCKET: ["64x64"] * 5,
-                  schema.SIZE_BYTES: [10, 10, 10, 5000, 10]})
+    t = pa.table(
+        {
+            schema.KEY: ["c", "a", "b", "d", "e"],
+            schema.BUCKET: ["64x64"] * 5,
+            schema.SIZE_BYTES: [10, 10, 10, 5000, 10],
+        }
+    )
     by_count = plan_bucket(t, max_samples=2, max_bytes=10**9)
     assert by_count.column(schema.KEY).to_pylist() == ["a", "b", "c", "d", "e"]
-    assert by_count.column(schema.SHARD).to_pylist() == [
-        "shards/64x64/64x64-000000.tar"] * 2 + ["shards/64x64/64x64-000001.tar"] * 2 + [
-        "shards/64x64/64x64-000002.tar"]
+    assert by_count.column(schema.SHARD).to_pylist() == ["shards/64x64/64x64-000000.tar"] * 2 + [
+        "shards/64x64/64x64-000001.tar"
+    ] * 2 + ["shards/64x64/64x64-000002.tar"]
     by_bytes = plan_bucket(t, max_samples=100, max_bytes=10_000)  # a+b+c | d+e
     assert by_bytes.column(schema.SHARD).to_pylist()[2:4] == [
-        "shards/64x64/64x64-000000.tar", "shards/64x64/64x64-000001.tar"]
+        "shards/64x64/64x64-000000.tar",
+        "shards/64x64/64x64-000001.tar",
+    ]
     assert len(set(by_bytes.column(schema.SHARD).to_pylist())) == 2
 
 
@@ -37,11 +44,21 @@ def test_writer_stores_original_bytes_json_and_captions_and_drops_vanished(tmp_p
     rows = []
     for (src, data), ext in zip([*srcs, (str(gone), b"zzz")], ["jpg", "png", "jpg"], strict=True):
         sha = hashlib.sha256(data).hexdigest()
-        rows.append({schema.SOURCE: src, schema.SHA256: sha, schema.KEY: sample_key(sha),
-                     schema.SIZE_BYTES: len(data), schema.EXTENSION: ext, schema.STATUS: "kept",
-                     schema.BUCKET: "64x64", schema.SHARD: "shards/64x64/64x64-000000.tar",
-                     schema.CAPTION_EN: "hello" if ext == "jpg" else None,
-                     schema.CAPTION_ZH: "你好" if ext == "jpg" else None, schema.TAR_OFFSET: None})
+        rows.append(
+            {
+                schema.SOURCE: src,
+                schema.SHA256: sha,
+                schema.KEY: sample_key(sha),
+                schema.SIZE_BYTES: len(data),
+                schema.EXTENSION: ext,
+                schema.STATUS: "kept",
+                schema.BUCKET: "64x64",
+                schema.SHARD: "shards/64x64/64x64-000000.tar",
+                schema.CAPTION_EN: "hello" if ext == "jpg" else None,
+                schema.CAPTION_ZH: "你好" if ext == "jpg" else None,
+                schema.TAR_OFFSET: None,
+            }
+        )
     out = ShardWriter(output=str(tmp_path / "out"))(pa.Table.from_pylist(rows)).to_pylist()
     assert [r[schema.STATUS] for r in out].count("rejected") == 1
     assert next(r for r in out if r[schema.SOURCE] == str(gone))[schema.REASON] == "unreadable"
