@@ -41,14 +41,18 @@ from curation.analyze.sharpness import DEFAULT_SHARPNESS_THRESHOLD, sharpness_sc
 FACTORS = (1.25, 1.333, 1.5, 1.6, 1.78, 2.0, 2.5, 3.0)
 METHODS = ("pil_bicubic", "pil_lanczos", "cv_cubic", "cv_lanczos")
 QUALITIES = (0, 90, 95, 100)  # 0 = lossless
-FOLDERS = ("/usr/share/wallpapers", "/usr/share/backgrounds")
+FOLDERS = ("/usr/share/wallpapers", "/usr/share/backgrounds/mate/nature")
 
 
 def find_pictures(min_side: int = 1000) -> list[tuple[str, str]]:
-    """(name, path) of the largest distinct picture in each wallpaper folder."""
+    """(name, path) of the largest distinct picture in each wallpaper folder.
+
+    Photographs and renders only: KDE's wallpapers and MATE's `nature` folder (MATE's `abstract`
+    and `desktop` folders hold flat graphics, not pictures).
+    """
     best: dict[str, tuple[int, str]] = {}
     paths = sorted(glob.glob("/usr/share/wallpapers/*/contents/images*/*"))
-    paths += sorted(glob.glob("/usr/share/backgrounds/**/*.*", recursive=True))
+    paths += sorted(glob.glob("/usr/share/backgrounds/mate/nature/*"))
     for p in paths:
         if not p.lower().endswith((".jpg", ".jpeg", ".png")):
             continue
@@ -61,7 +65,7 @@ def find_pictures(min_side: int = 1000) -> list[tuple[str, str]]:
         if min(w, h) < min_side:
             continue
         parts = p.split("/")
-        key = f"{parts[3]}/{parts[-2]}" if parts[3] == "wallpapers" else p
+        key = f"{parts[4]}/{parts[-2]}" if parts[3] == "wallpapers" else parts[-1]
         if key not in best or w * h > best[key][0]:
             best[key] = (w * h, real)
     return sorted((k, v[1]) for k, v in best.items())

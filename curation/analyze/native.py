@@ -39,8 +39,9 @@ DEFAULT_NATIVE_THRESHOLD: float = 0.5
 """Images with ``native_score(...).score`` below this are rejected as ``upscaled``."""
 
 # Calibrated on Debian's wallpaper photographs (see docs/native-detection.md).
-_SPECTRAL_THRESHOLD = 80.0  # both-axes periodogram peak (× background) per 2560×1440 px...
+_SPECTRAL_THRESHOLD = 160.0  # both-axes periodogram peak (× background) per 2560×1440 px...
 _REFERENCE_PIXELS = 2560 * 1440
+_SPECTRAL_FLOOR = 25.0  # never below this (small images: chance peaks of the periodogram)
 _DEPTH_THRESHOLD = 3.0  # ...and its modulation depth (percent of the mean |difference|)
 _FOLD_T_THRESHOLD = 16.0  # |T| in percent of the mean |difference|
 _FOLD_U_LOW = -6.0  # U in percent; JPEG grids push U up, resampling by 8/5 pushes it down
@@ -174,16 +175,17 @@ def _spectral_evidence(px: np.ndarray, py: np.ndarray) -> tuple[float, float, fl
     return float(both[i]), float(grid[i]), float(depth[i])
 
 
-def _fold_contrasts(profile: np.ndarray) -> tuple[float, float, float, float]:
-    """Interior contrasts of the profile folded modulo 8: (T, z_T, U, z_U), in percent.
+def _fold_contrasts(profile: np.ndarray, phase: int) -> tuple[float, float, float, float]:
+    """Interior contrasts of the profile folded modulo 8 from ``phase``: (T, z_T, U, z_U) in %.
 
-    Index ``i`` of a first-difference profile is the step between pixels ``i`` and ``i + 1``,
-    so ``i % 8 == 7`` crosses a JPEG block boundary. With ``v`` the fold:
-    ``T = (v1 + v5)/2 - (v2 + v4)/2`` (alternation; a period of 2 or 8 px) and
-    ``U = v3 - (v2 + v4)/2`` (block centre; a period of 4 or 8 px).
+    Index ``i`` of a first-difference profile is the step between pixels ``i`` and ``i + 1``;
+    with the JPEG grid at the image origin, ``(i - phase) % 8 == 7`` crosses a block boundary
+    for ``phase == 0``. With ``v`` the fold: ``T = (v1 + v5)/2 - (v2 + v4)/2`` (alternation; a
+    period of 2 or 8 px) and ``U = v3 - (v2 + v4)/2`` (block centre; a period of 4 or 8 px).
     """
-    nb = profile.size // 8
-    blocks = profile[: nb * 8].reshape(nb, 8).astype(np.float64)
+    p = profile[phase:]
+    nb = p.size // 8
+    blocks = p[: nb * 8].reshape(nb, 8).astype(np.float64)
     scale = blocks.mean() + 1e-9
     t = ((blocks[:, 1] + blocks[:, 5]) - (blocks[:, 2] + blocks[:, 4])) / 2 / scale * 100
     u = (blocks[:, 3] - (blocks[:, 2] + blocks[:, 4]) / 2) / scale * 100
@@ -193,28 +195,42 @@ def _fold_contrasts(profile: np.ndarray) -> tuple[float, float, float, float]:
     return t_mean, t_mean / t_se, u_mean, u_mean / u_se
 
 
+def _fold_ratio(t: float, zt: float, u: float, zu: float) -> float:
+    """Evidence ratio of one fold: the larger of the T and U tests (0 when not significant)."""
+    t_ratio = abs(t) / _FOLD_T_THRESHOLD if abs(zt) >= _FOLD_MIN_Z else 0.0
+    u_ratio = max(u / _FOLD_U_HIGH, u / _FOLD_U_LOW, 0.0) if abs(zu) >= _FOLD_MIN_Z else 0.0
+    return max(t_ratio, u_ratio)
+
+
+def _axis_fold(profile: np.ndarray) -> tuple[float, float, float]:
+    """(ratio, T, U) of the most JPEG-like of the 8 fold phases of one axis.
+
+    Trying every phase keeps an image cropped off the 8-px grid after its last JPEG encoding
+    native; a 2× resampling pattern looks the same at every phase, 4/3 and 8/5 patterns stay
+    unlike a JPEG grid at all phases.
+    """
+    best = (np.inf, 0.0, 0.0)
+    for phase in range(8):
+        t, zt, u, zu = _fold_contrasts(profile, phase)
+        ratio = _fold_ratio(t, zt, u, zu)
+        if ratio < best[0]:
+            best = (ratio, t, u)
+    return best
+
+
 def _fold_evidence(px: np.ndarray, py: np.ndarray) -> tuple[float, str, float]:
-    """Evidence ratio of the block-fold test, its description and the implied factor."""
-    tx, ztx, ux, zux = _fold_contrasts(px)
-    ty, zty, uy, zuy = _fold_contrasts(py)
-    # Both axes must agree: take the weaker one.
-    t_ratio = min(abs(tx) / _FOLD_T_THRESHOLD * (abs(ztx) >= _FOLD_MIN_Z),
-                  abs(ty) / _FOLD_T_THRESHOLD * (abs(zty) >= _FOLD_MIN_Z))
-    if np.sign(tx) != np.sign(ty):
-        t_ratio = 0.0
-
-    def u_ratio(u: float, z: float) -> float:
-        if abs(z) < _FOLD_MIN_Z:
-            return 0.0
-        return max(u / _FOLD_U_HIGH, u / _FOLD_U_LOW, 0.0)
-
-    ur = min(u_ratio(ux, zux), u_ratio(uy, zuy))
-    if t_ratio >= ur:
-        factor = 2.0 if min(ux, uy) > _FOLD_U_LOW else 1.6
-        words = f"alternating even/odd difference statistics (T={tx:.1f}%/{ty:.1f}%)"
-        return t_ratio, words, factor
-    factor = 1.6 if ux < 0 else 4 / 3
-    return ur, f"4/8-px difference pattern inside JPEG blocks (U={ux:.1f}%/{uy:.1f}%)", factor
+    """Evidence ratio of the block-fold test (both axes must agree), words and factor."""
+    rx, tx, ux = _axis_fold(px)
+    ry, ty, uy = _axis_fold(py)
+    ratio = min(rx, ry)
+    t, u = (tx, ux) if rx <= ry else (ty, uy)
+    if abs(abs(t) - abs(u)) <= 0.35 * max(abs(t), abs(u)):
+        factor, words = 2.0, "alternating even/odd difference statistics"
+    elif u < 0:
+        factor, words = 1.6, "8-px resampling pattern inside JPEG blocks"
+    else:
+        factor, words = 4 / 3, "4-px resampling pattern inside JPEG blocks"
+    return ratio, f"{words} (T={t:.1f}%, U={u:.1f}%)", factor
 
 
 def _factor_from_frequency(freq: float) -> tuple[float, str]:
@@ -242,7 +258,7 @@ def native_score(gray: np.ndarray) -> NativeEvidence:
     gray = np.ascontiguousarray(gray)
     p1x, p2x, p1y, p2y, used = _profiles(gray)
     lines = [_spectral_evidence(p1x, p1y), _spectral_evidence(p2x, p2y)]
-    threshold = _SPECTRAL_THRESHOLD * used / _REFERENCE_PIXELS
+    threshold = max(_SPECTRAL_FLOOR, _SPECTRAL_THRESHOLD * used / _REFERENCE_PIXELS)
     ratios = [min(s / threshold, d / _DEPTH_THRESHOLD) for s, _, d in lines]
     best = int(np.argmax(ratios))
     spectral = ratios[best]

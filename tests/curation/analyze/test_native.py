@@ -1,0 +1,136 @@
+"""native_score: synthetic cases and real photographs from Debian's wallpaper packages.
+
+The full sweep (every picture, factor, resizer and JPEG quality) is bench/calibrate_native.py;
+these tests use a few photographs cropped to 1280×800 to stay fast.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from curation.analyze.native import DEFAULT_NATIVE_THRESHOLD, NativeEvidence, native_score
+
+THR = DEFAULT_NATIVE_THRESHOLD
+WALL = "/usr/share/wallpapers"
+PHOTOS = [f"{WALL}/{n}/contents/images/2560x1600.jpg"
+          for n in ("Autumn", "Kite", "OneStandsOut", "Grey")]
+
+
+def _photo(path: str, width: int = 1280, height: int = 800) -> np.ndarray:
+    """Centre crop of a real photograph's luma (a crop of a native image is native)."""
+    if not os.path.exists(path):
+        pytest.skip(f"{path} missing: apt-get install plasma-workspace-wallpapers")
+    with Image.open(path) as im:
+        g = np.asarray(im.convert("L"))
+    h, w = g.shape
+    y, x = (h - height) // 2, (w - width) // 2
+    return np.ascontiguousarray(g[y : y + height, x : x + width])
+
+
+def _texture(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """A natural-looking random texture: 1/f amplitude spectrum, 8-bit."""
+    rng = np.random.default_rng(seed)
+    fy = np.fft.fftfreq(h)[:, None]
+    fx = np.fft.rfftfreq(w)[None, :]
+    amp = 1.0 / np.maximum(np.hypot(fx, fy), 1.0 / max(h, w))
+    img = np.fft.irfft2(amp * np.exp(2j * np.pi * rng.random(amp.shape)), s=(h, w))
+    img = (img - img.mean()) / img.std() * 40 + 128
+    return np.clip(img + rng.normal(0, 1.0, img.shape), 0, 255).astype(np.uint8)
+
+
+def _jpeg(gray: np.ndarray, quality: int) -> np.ndarray:
+    buf = io.BytesIO()
+    Image.fromarray(gray).save(buf, "JPEG", quality=quality)
+    buf.seek(0)
+    with Image.open(buf) as im:
+        return np.asarray(im.convert("L"))
+
+
+def _upscale(gray: np.ndarray, factor: float, method: str) -> np.ndarray:
+    """Area-downscale by 1/factor, then upscale back to the same size."""
+    h, w = gray.shape
+    small = cv2.resize(gray, (round(w / factor), round(h / factor)), interpolation=cv2.INTER_AREA)
+    if method == "pil_bicubic":
+        return np.asarray(Image.fromarray(small).resize((w, h), Image.BICUBIC))
+    if method == "pil_lanczos":
+        return np.asarray(Image.fromarray(small).resize((w, h), Image.LANCZOS))
+    flag = {"cv_cubic": cv2.INTER_CUBIC, "cv_lanczos": cv2.INTER_LANCZOS4}[method]
+    return cv2.resize(small, (w, h), interpolation=flag)
+
+
+def _close_to(factor: float, candidates: tuple[float, ...], tol: float = 0.03) -> bool:
+    return any(abs(factor - c) <= tol * c for c in candidates)
+
+
+def test_result_type_and_native_texture() -> None:
+    ev = native_score(_texture(800, 1280))
+    assert isinstance(ev, NativeEvidence)
+    assert ev.score >= THR
+    assert math.isnan(ev.factor)
+    assert "no resampling" in ev.detail
+
+
+def test_synthetic_upscales_rejected_with_factor() -> None:
+    tex = _texture(800, 1280, seed=1)
+    ev = native_score(_upscale(tex, 1.5, "pil_bicubic"))
+    assert ev.score < THR
+    assert _close_to(ev.factor, (1.5, 3.0)), ev
+    assert "cyc/px" in ev.detail
+    ev2 = native_score(_upscale(tex, 2.0, "cv_cubic"))  # integer factor: phase (fold) test
+    assert ev2.score < THR
+    assert _close_to(ev2.factor, (2.0,)), ev2
+
+
+def test_rejects_bad_input() -> None:
+    with pytest.raises(ValueError):
+        native_score(np.zeros((200, 200, 3), np.uint8))
+    with pytest.raises(ValueError):
+        native_score(np.zeros((200, 200), np.float64))
+    with pytest.raises(ValueError):
+        native_score(np.zeros((32, 400), np.uint8))
+
+
+def test_deterministic_and_accepts_views() -> None:
+    tex = _upscale(_texture(600, 900, seed=2), 1.25, "pil_lanczos")
+    view = np.pad(tex, 4)[4:-4, 4:-4]
+    assert not view.flags.c_contiguous
+    assert native_score(tex) == native_score(tex) == native_score(view)
+
+
+def test_flat_image_is_not_flagged() -> None:
+    assert native_score(np.full((600, 800), 128, np.uint8)).score >= THR
+
+
+@pytest.mark.parametrize("path", PHOTOS)
+def test_real_photographs_stay_native(path: str) -> None:
+    """As is, JPEG re-encoded, shifted crop and antialiased downscale: all native."""
+    g = _photo(path)
+    h, w = g.shape
+    down = np.asarray(Image.fromarray(g).resize((round(w / 1.5), round(h / 1.5)), Image.LANCZOS))
+    cases = {"as is": g, "q85": _jpeg(g, 85), "q100": _jpeg(g, 100),
+             "crop": np.ascontiguousarray(g[3:, 5:]), "down 1.5 q90": _jpeg(down, 90)}
+    for name, img in cases.items():
+        ev = native_score(img)
+        assert ev.score >= THR, (name, ev)
+
+
+@pytest.mark.parametrize(("factor", "method", "quality"), [
+    (1.25, "pil_lanczos", 0), (1.5, "pil_bicubic", 95), (1.78, "cv_cubic", 100),
+    (2.0, "pil_bicubic", 100), (2.5, "cv_lanczos", 0), (3.0, "pil_bicubic", 90),
+])
+def test_real_photographs_upscaled_are_rejected(factor: float, method: str, quality: int) -> None:
+    """At least three of the four photographs are caught for each case."""
+    caught = 0
+    for path in PHOTOS:
+        img = _upscale(_photo(path), factor, method)
+        if quality:
+            img = _jpeg(img, quality)
+        caught += native_score(img).score < THR
+    assert caught >= 3
