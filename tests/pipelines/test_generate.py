@@ -193,6 +193,11 @@ def test_pipeline_without_text_encoders_and_determinism(tmp_path: Path) -> None:
     assert torch.equal(latents, sample(0, 4.0))
     assert not torch.allclose(latents, sample(1, 4.0))
     assert not torch.allclose(latents, sample(0, 1.0))  # guidance is embedded and used
+    # save_pretrained writes diffusers layout (model_index.json + subfolders) that loads back.
+    pipe.save_pretrained(tmp_path / "saved")
+    assert (tmp_path / "saved" / "model_index.json").is_file()
+    pipe = UltraFluxPipeline.from_folder(tmp_path / "saved", torch_dtype=torch.float32)
+    assert torch.equal(latents, sample(0, 4.0))
     with pytest.raises(ValueError, match="text_encoder"):
         pipe("a prompt", height=64, width=64, num_inference_steps=1)
     with pytest.raises(ValueError, match="multiples of 32"):
