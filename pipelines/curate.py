@@ -136,7 +136,7 @@ class ParquetSink(Stage):
     """
 
     name = "sink"
-    batch_size = 64
+    batch_size = 16
     folder: str = ""
 
     def process(self, t: pa.Table) -> pa.Table:
@@ -151,6 +151,26 @@ class ParquetSink(Stage):
         return (
             self.process(batch) if batch.num_rows else pa.table({"rows": pa.array([], pa.int64())})
         )
+
+
+@dataclass(kw_only=True)
+class Retune(Stage):
+    """Clear earlier pixel-threshold verdicts and decide them again with the current rules."""
+
+    name = "retune"
+    batch_size = 4096
+    rules: list[Rule] = field(default_factory=list)
+
+    def process(self, t: pa.Table) -> pa.Table:
+        retunable = {r.reason for r in self.rules}
+        status, reason, detail = (
+            column(t, c) for c in (schema.STATUS, schema.REASON, schema.DETAIL)
+        )
+        for i, r in enumerate(reason):
+            if r in retunable:
+                status[i] = reason[i] = detail[i] = None
+        t = set_columns(t, {schema.STATUS: status, schema.REASON: reason, schema.DETAIL: detail})
+        return ThresholdFilter(rules=self.rules).process(t)
 
 
 @dataclass(kw_only=True)
@@ -261,16 +281,12 @@ def _not_kept(t: pa.Table) -> pa.Table:
     return t.filter(pc.invert(pc.fill_null(pc.equal(t[schema.STATUS], schema.STATUS_KEPT), False)))
 
 
-def dedup_decisions(rd: Any, analysis: str, cfg: JobConfig, num_partitions: int) -> Any:
+def dedup_decisions(rows: Any, cfg: JobConfig, num_partitions: int) -> Any:
     """Distributed duplicate resolution: (source → root source, root sha256) per duplicate."""
     k = cfg.dedup.max_hamming
-    hashed = (
-        _read_parquet(rd, analysis)
-        .select_columns([*HASH_COLUMNS, schema.STATUS])
-        .map_batches(
-            lambda t: t.filter(pc.and_(pc.is_null(t[schema.STATUS]), pc.is_valid(t[schema.PHASH]))),
-            batch_format="pyarrow",
-        )
+    hashed = rows.select_columns([*HASH_COLUMNS, schema.STATUS]).map_batches(
+        lambda t: t.filter(pc.and_(pc.is_null(t[schema.STATUS]), pc.is_valid(t[schema.PHASH]))),
+        batch_format="pyarrow",
     )
     splitter = BandSplitter(max_distance=k)
     edges = (
@@ -408,9 +424,15 @@ def run_curate(
     echo(f"native4k: analysed {analysed} inputs in this run")
 
     # Pass 2: dedup across the whole job.
-    rows = _read_parquet(rd, analysis)
+    # Pixel thresholds are decided again from the stored scores, so re-tuning them needs no
+    # new decode: a rerun with other `analyze.min_*` values reuses the analysis.
+    rows = (
+        _read_parquet(rd, analysis)
+        .map_batches(Retune(rules=pixel_rules(cfg)), batch_format="pyarrow")
+        .materialize()
+    )
     if cfg.dedup.enabled:
-        decisions = dedup_decisions(rd, analysis, cfg, _partitions(cpus))
+        decisions = dedup_decisions(rows, cfg, _partitions(cpus))
         rows = rows.join(decisions, "left_outer", _partitions(cpus), on=(schema.SOURCE,))
         rows = rows.map_batches(_apply_duplicates, batch_format="pyarrow")
 
@@ -473,8 +495,17 @@ def run_curate(
 
 
 def _reset_if_changed(work: str, inputs: Sequence[str], cfg: JobConfig) -> list[str]:
-    """Forget an earlier run's analysis when it ran on other inputs or settings."""
-    job = json.dumps({"inputs": list(inputs), "config": to_dict(cfg)}, sort_keys=True)
+    """Forget an earlier run's analysis when it ran on other inputs or analysis settings.
+
+    Pixel thresholds, dedup, buckets and shard sizes are applied after the analysis, so
+    changing them keeps it.
+    """
+    settings = {
+        "probe": to_dict(cfg.probe),
+        "flat": [cfg.analyze.flat_patch, cfg.analyze.flat_variance],
+        "input": to_dict(cfg.input),
+    }
+    job = json.dumps({"inputs": list(inputs), "analysis": settings}, sort_keys=True)
     marker = join(work, "job.json")
     fs, path = fsspec.core.url_to_fs(marker)
     notes = []

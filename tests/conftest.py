@@ -75,3 +75,14 @@ def local_ray(s3_server):
     )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def curated(samples, local_ray, tmp_path_factory) -> Path:
+    """The sample set curated once by the real CLI on local Ray (shared by the e2e tests)."""
+    from pipelines.cli import main
+
+    folder, _ = samples
+    out = tmp_path_factory.mktemp("curated")
+    assert main(["curate", str(folder), "--output", str(out)]) == 0
+    return out

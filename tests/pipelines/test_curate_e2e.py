@@ -26,14 +26,6 @@ def _rel(samples: Path, source: str) -> str:
     return source.replace(str(samples.resolve()) + "/", "")
 
 
-@pytest.fixture(scope="module")
-def curated(samples, local_ray, tmp_path_factory):
-    folder, _ = samples
-    out = tmp_path_factory.mktemp("curated")
-    assert main(["curate", str(folder), "--output", str(out)]) == 0
-    return out
-
-
 def test_every_input_gets_exactly_its_expected_outcome(samples, curated):
     folder, expected = samples
     rows = _rows(curated)
@@ -134,3 +126,17 @@ def test_bad_config_stops_before_work(samples, tmp_path, capsys):
     assert main(["curate", str(folder), "--output", str(tmp_path / "o"), "--config", str(bad)]) == 2
     assert "analyze.min_sharpnes" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_retuning_a_pixel_threshold_reuses_the_analysis(samples, curated, tmp_path, capsys):
+    folder, expected = samples
+    copy = tmp_path / "copy"
+    shutil.copytree(curated, copy)
+    capsys.readouterr()
+    args = ["curate", str(folder), "--output", str(copy), "--set", "analyze.min_entropy=1.0"]
+    assert main(args) == 0
+    assert "analysed 0 inputs in this run" in capsys.readouterr().out
+    rows = {_rel(folder, s): r for s, r in _rows(copy).items()}
+    assert rows["reject/low_entropy.png"]["status"] == "kept"
+    assert rows["reject/flat_gradient.png"]["reason"] == "flat"
+    assert main(["verify", str(copy)]) == 0

@@ -33,9 +33,14 @@ SUBSET = [
 
 def test_curate_from_s3_to_s3(samples, local_ray, s3_server):
     folder, expected = samples
+    import boto3
+
+    client = boto3.client("s3")
+    for bucket in ("raw", "curated"):
+        client.create_bucket(
+            Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": "us-west-2"}
+        )
     fs = fsspec.filesystem("s3")
-    fs.mkdir("raw")
-    fs.mkdir("curated")
     for rel in SUBSET:
         fs.put_file(str(folder / rel), f"raw/in/{rel}")
     assert main(["curate", "s3://raw/in", "--output", "s3://curated/run1"]) == 0
@@ -65,7 +70,7 @@ def _manifest(out: Path) -> dict[str, tuple]:
     }
 
 
-def test_interrupted_job_resumes_without_duplicates_or_gaps(samples, tmp_path, local_ray):
+def test_interrupted_job_resumes_without_duplicates_or_gaps(samples, curated, tmp_path):
     folder, expected = samples
     out = tmp_path / "out"
     cli = Path(sys.executable).with_name("native4k")
@@ -79,8 +84,8 @@ def test_interrupted_job_resumes_without_duplicates_or_gaps(samples, tmp_path, l
     )
     analysis = out / "_work" / "analysis"
     deadline = time.time() + 300
-    while time.time() < deadline and len(list(analysis.glob("part-*.parquet"))) < 2:
-        time.sleep(0.2)
+    while time.time() < deadline and not list(analysis.glob("part-*.parquet")):
+        time.sleep(0.1)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and its Ray processes, mid-analysis
     proc.wait()
     parts = list(analysis.glob("part-*.parquet"))
@@ -97,6 +102,4 @@ def test_interrupted_job_resumes_without_duplicates_or_gaps(samples, tmp_path, l
     stats = json.loads((out / "stats.json").read_text())
     assert stats["total"] == len(expected)
 
-    fresh = tmp_path / "fresh"
-    assert main(["curate", str(folder), "--output", str(fresh)]) == 0
-    assert _manifest(fresh) == _manifest(out)
+    assert _manifest(out) == _manifest(curated)  # the same as an uninterrupted run
