@@ -41,6 +41,8 @@ from curation.analyze.sharpness import DEFAULT_SHARPNESS_THRESHOLD, sharpness_sc
 FACTORS = (1.25, 1.333, 1.5, 1.6, 1.78, 2.0, 2.5, 3.0)
 METHODS = ("pil_bicubic", "pil_lanczos", "cv_cubic", "cv_lanczos")
 QUALITIES = (0, 90, 95, 100)  # 0 = lossless
+# Pictures whose every variant shows a resampling trace: probably resized up before packaging.
+SUSPECTED = ("FreshFlower.jpg", "OneStandsOut/images")
 FOLDERS = ("/usr/share/wallpapers", "/usr/share/backgrounds/mate/nature")
 
 
@@ -202,6 +204,8 @@ def main() -> None:
             hits[(kind, "all")].append(rejected)
             if kind != "upscaled":
                 hits[(kind, method, q)].append(rejected)
+                if kind == "native" and r["name"] not in SUSPECTED:
+                    hits[("native_clean", "all")].append(rejected)
                 if rejected:
                     false_by_picture[r["name"]].append(f"{method} q{q}: {detail}")
 
@@ -229,7 +233,8 @@ def main() -> None:
         print(f"| {key[0]}: {key[1]} | {key[2] or 'PNG'} | {rate(key)} | {len(hits[key])} |")
     n_nat = len(hits[("native", "all")])
     print(f"\nAll natives (without cv2 INTER_AREA downscales): {rate(('native', 'all'))} of "
-          f"{n_nat}; cv2 INTER_AREA downscales: {rate(('native_area', 'all'))}.\n")
+          f"{n_nat}; without the suspected {SUSPECTED}: {rate(('native_clean', 'all'))}; "
+          f"cv2 INTER_AREA downscales: {rate(('native_area', 'all'))}.\n")
     for name, items in sorted(false_by_picture.items()):
         print(f"- {name}: {len(items)} false: {items[0]}")
 

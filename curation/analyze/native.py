@@ -39,21 +39,22 @@ DEFAULT_NATIVE_THRESHOLD: float = 0.5
 """Images with ``native_score(...).score`` below this are rejected as ``upscaled``."""
 
 # Calibrated on Debian's wallpaper photographs (see docs/native-detection.md).
-_SPECTRAL_THRESHOLD = 160.0  # both-axes periodogram peak (× background) per 2560×1440 px...
+_SPECTRAL_THRESHOLD = 80.0  # both-axes periodogram peak (× background) per 2560×1440 px...
 _REFERENCE_PIXELS = 2560 * 1440
 _SPECTRAL_FLOOR = 25.0  # never below this (small images: chance peaks of the periodogram)
-_DEPTH_THRESHOLD = 3.0  # ...and its modulation depth (percent of the mean |difference|)
-_FOLD_T_THRESHOLD = 16.0  # |T| in percent of the mean |difference|
-_FOLD_U_LOW = -6.0  # U in percent; JPEG grids push U up, resampling by 8/5 pushes it down
+_DEPTH_THRESHOLD = 4.0  # ...and its modulation depth (percent of the mean |difference|)
+_FOLD_T_THRESHOLD = 20.0  # |T| in percent of the mean |difference|
+_FOLD_U_LOW = -8.0  # U in percent; JPEG grids push U up, resampling by 8/5 pushes it down
 _FOLD_U_HIGH = 10.0
 _FOLD_MIN_Z = 6.0  # the fold contrasts must also be significant against their own noise
-_MIN_FREQ = 0.02  # cycles/px below which image content dominates the profile spectrum
+_MIN_FREQ = 0.065  # cycles/px below which image content (and render patterns) dominate
 _GRID_MASK = 0.004  # half-width (cycles/px) of the masks around the JPEG lines k/8
 _FREQ_TOL = 0.0015  # how far apart (cycles/px) the two axes' lines may be
 _MIN_SIDE = 64
 _TEXTURE_STEP = 8  # subsampling of the cheap texture map used to choose bands
 _NUM_BANDS = 16  # the image is cut into this many bands per axis...
 _BANDS_USED = 5  # ...and the most textured of them are analysed
+_D2_X = np.array([[1.0, -2.0, 1.0]], np.float32)  # second difference along x
 
 
 class NativeEvidence(NamedTuple):
@@ -102,20 +103,18 @@ def _profiles(gray: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.
     band = max(_TEXTURE_STEP, h // _NUM_BANDS // _TEXTURE_STEP * _TEXTURE_STEP)
     for y in _band_starts(tex_rows, band, _BANDS_USED, _TEXTURE_STEP):
         rows = gray[y : y + band]
-        d1 = cv2.subtract(rows[:, 1:], rows[:, :-1], dtype=cv2.CV_16S)
+        d2 = cv2.convertScaleAbs(cv2.filter2D(rows, cv2.CV_16S, _D2_X))[:, 1:-1]
         sums[0] += cv2.reduce(cv2.absdiff(rows[:, 1:], rows[:, :-1]), 0, cv2.REDUCE_SUM,
                               dtype=cv2.CV_32F).ravel()
-        sums[1] += cv2.reduce(cv2.absdiff(d1[:, 1:], d1[:, :-1]), 0, cv2.REDUCE_SUM,
-                              dtype=cv2.CV_32F).ravel()
+        sums[1] += cv2.reduce(d2, 0, cv2.REDUCE_SUM, dtype=cv2.CV_32F).ravel()
         used += rows.size
     band = max(_TEXTURE_STEP, w // _NUM_BANDS // _TEXTURE_STEP * _TEXTURE_STEP)
     for x in _band_starts(tex_cols, band, _BANDS_USED, _TEXTURE_STEP):
         cols = gray[:, x : x + band]
-        d1 = cv2.subtract(cols[1:], cols[:-1], dtype=cv2.CV_16S)
+        d2 = cv2.convertScaleAbs(cv2.filter2D(cols, cv2.CV_16S, _D2_X.T))[1:-1]
         sums[2] += cv2.reduce(cv2.absdiff(cols[1:], cols[:-1]), 1, cv2.REDUCE_SUM,
                               dtype=cv2.CV_32F).ravel()
-        sums[3] += cv2.reduce(cv2.absdiff(d1[1:], d1[:-1]), 1, cv2.REDUCE_SUM,
-                              dtype=cv2.CV_32F).ravel()
+        sums[3] += cv2.reduce(d2, 1, cv2.REDUCE_SUM, dtype=cv2.CV_32F).ravel()
         used += cols.size
     return sums[0], sums[1], sums[2], sums[3], used // 2
 
@@ -203,19 +202,17 @@ def _fold_ratio(t: float, zt: float, u: float, zu: float) -> float:
 
 
 def _axis_fold(profile: np.ndarray) -> tuple[float, float, float]:
-    """(ratio, T, U) of the most JPEG-like of the 8 fold phases of one axis.
+    """(ratio, T, U) of one axis, folded with its strongest step at fold index 7.
 
-    Trying every phase keeps an image cropped off the 8-px grid after its last JPEG encoding
-    native; a 2× resampling pattern looks the same at every phase, 4/3 and 8/5 patterns stay
-    unlike a JPEG grid at all phases.
+    A JPEG grid's strongest step is its block boundary, so this finds the grid phase of an
+    image cropped off the 8-px grid after its last encoding; resampling patterns of period 2, 4
+    and 8 px peak there too, so aligned and unaligned images are judged alike.
     """
-    best = (np.inf, 0.0, 0.0)
-    for phase in range(8):
-        t, zt, u, zu = _fold_contrasts(profile, phase)
-        ratio = _fold_ratio(t, zt, u, zu)
-        if ratio < best[0]:
-            best = (ratio, t, u)
-    return best
+    nb = profile.size // 8
+    v = profile[: nb * 8].reshape(nb, 8).mean(axis=0)
+    phase = (int(np.argmax(v)) + 1) % 8
+    t, zt, u, zu = _fold_contrasts(profile, phase)
+    return _fold_ratio(t, zt, u, zu), t, u
 
 
 def _fold_evidence(px: np.ndarray, py: np.ndarray) -> tuple[float, str, float]:
