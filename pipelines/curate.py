@@ -470,10 +470,12 @@ def run_curate(
     )
     manifest = join(output, "manifest")
     _remove(manifest)
-    fs, _ = fsspec.core.url_to_fs(output)
-    fs.mv(
-        fsspec.core.url_to_fs(manifest_tmp)[1], fsspec.core.url_to_fs(manifest)[1], recursive=True
-    )
+    fs, tmp_dir = fsspec.core.url_to_fs(manifest_tmp)
+    dest = fsspec.core.url_to_fs(manifest)[1].rstrip("/")
+    fs.makedirs(dest, exist_ok=True)
+    for f in sorted(fs.find(tmp_dir)):  # file by file: a rename locally, copy+delete on S3
+        fs.mv(f, f"{dest}/{f.rsplit('/', 1)[-1]}")
+    _remove(manifest_tmp)
 
     stats["wall_seconds"] = round(time.perf_counter() - start, 2)
     _write_text(

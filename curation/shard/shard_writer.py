@@ -51,9 +51,14 @@ def plan_bucket(rows: pa.Table, max_samples: int, max_bytes: int) -> pa.Table:
 
 
 def manifest_record(row: dict[str, Any]) -> dict[str, Any]:
-    """A manifest row as plain JSON data (NaN scores become null)."""
+    """A manifest row as plain JSON data for the shard (NaN scores become null).
+
+    Run timings are left out, so a rerun writes byte-identical shards.
+    """
     out = {}
     for c in schema.MANIFEST_COLUMNS:
+        if c == schema.STAGE_SECONDS:
+            continue
         v = row.get(c)
         if isinstance(v, float) and not math.isfinite(v):
             v = None

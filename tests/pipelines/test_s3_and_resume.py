@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -70,36 +71,52 @@ def _manifest(out: Path) -> dict[str, tuple]:
     }
 
 
-def test_interrupted_job_resumes_without_duplicates_or_gaps(samples, curated, tmp_path):
+def test_killed_job_reruns_to_the_same_result(samples, curated, tmp_path):
     folder, expected = samples
     out = tmp_path / "out"
     cli = Path(sys.executable).with_name("native4k")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
         [str(cli), "curate", str(folder), "--output", str(out)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        env=env,
         start_new_session=True,
     )
     analysis = out / "_work" / "analysis"
     deadline = time.time() + 300
     while time.time() < deadline and not list(analysis.glob("part-*.parquet")):
-        time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its Ray processes, mid-analysis
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its Ray processes, mid-job
     proc.wait()
-    parts = list(analysis.glob("part-*.parquet"))
-    assert parts and not (out / "_SUCCESS").exists()
-    done_before = sum(pq.read_metadata(p).num_rows for p in parts)
-    assert 0 < done_before < len(expected)
-
+    assert not (out / "_SUCCESS").exists()
     assert main(["curate", str(folder), "--output", str(out)]) == 0
-    rows = pq.read_table(out / "manifest").to_pylist()
-    sources = [r["source"] for r in rows]
+    sources = [r["source"] for r in pq.read_table(out / "manifest").to_pylist()]
     assert len(sources) == len(set(sources)) == len(expected)  # no duplicate, no gap
     assert verify(str(out)) == []
     assert not list(out.rglob("*.tmp-*"))
+    assert _manifest(out) == _manifest(curated)  # the same as an uninterrupted run
+
+
+def test_partial_analysis_is_resumed_not_redone(samples, curated, tmp_path, capsys):
+    """The state an interrupted run leaves: some analysis parts, no manifest, a lost shard."""
+    folder, expected = samples
+    out = tmp_path / "out"
+    shutil.copytree(curated, out)
+    parts = sorted((out / "_work" / "analysis").glob("part-*.parquet"))
+    dropped = parts[: len(parts) // 2]
+    missing = sum(pq.read_metadata(p).num_rows for p in dropped)
+    for p in dropped:
+        p.unlink()
+    for p in ("_SUCCESS", "stats.json"):
+        (out / p).unlink()
+    shutil.rmtree(out / "manifest")
+    sorted((out / "shards").rglob("*.tar"))[0].unlink()
+    (out / "shards" / "9999x64").mkdir()
+    (out / "shards" / "9999x64" / "9999x64-000000.tar").write_bytes(b"stale")
+    capsys.readouterr()
+    assert main(["curate", str(folder), "--output", str(out)]) == 0
+    assert f"analysed {missing} inputs in this run" in capsys.readouterr().out
+    assert 0 < missing < len(expected)
+    assert verify(str(out)) == []  # the stale shard is gone, the lost one rewritten
+    assert _manifest(out) == _manifest(curated)
     stats = json.loads((out / "stats.json").read_text())
     assert stats["total"] == len(expected)
-
-    assert _manifest(out) == _manifest(curated)  # the same as an uninterrupted run
