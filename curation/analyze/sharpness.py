@@ -33,12 +33,13 @@ _PERCENTILE = 90.0
 def _patches(gray: np.ndarray) -> np.ndarray:
     """Centre patches of a tile grid, stacked as ``(num_tiles, side, side)`` float32."""
     h, w = gray.shape
+    grid = max(1, min(_GRID_LONG, max(h, w) // 32))  # small images: fewer, 32-px tiles
     if w >= h:
-        nx = _GRID_LONG
-        ny = max(1, round(_GRID_LONG * h / w))
+        nx = grid
+        ny = max(1, round(grid * h / w))
     else:
-        ny = _GRID_LONG
-        nx = max(1, round(_GRID_LONG * w / h))
+        ny = grid
+        nx = max(1, round(grid * w / h))
     tile = min(h // ny, w // nx)
     side = min(_PATCH, tile) // 4 * 4
     if side < 8:
