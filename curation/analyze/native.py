@@ -10,13 +10,14 @@ including downscaled ones, have no such line.
 
 Two tests, both on those profiles:
 
-* **spectral**: the strongest line of the normalised periodogram (power over its running median)
-  that appears at the same frequency on both axes; it must also be deep (its amplitude a few
-  percent of the profile's mean). A line's strength grows with the number of pixels averaged,
-  so the strength threshold is stated for 2560×1440 and scaled with the pixel count. The JPEG
-  block grid puts lines at ``k/8`` cycles per pixel; those frequencies are masked out here.
-  A JPEG-compressed source that was then upscaled shows its own block grid at period ``8 f``,
-  which this test also sees.
+* **spectral**: per frequency, the normalised periodograms (power over a block-median
+  background) of the order-1 and order-2 profiles are averaged per axis and the weaker axis is
+  kept (one factor scales both axes). A line counts when it is strong (× background; the
+  threshold grows with the number of pixels averaged, as a coherent line does) and deep (its
+  amplitude a few percent of the profile's mean): depth is what separates resampling from the
+  faint periodicities of natives. The JPEG block grid puts lines at ``k/8`` cycles per pixel;
+  those frequencies are masked out. A JPEG-compressed source that was then upscaled shows its
+  own block grid at period ``8 f``, which this test also sees.
 * **block fold** (factors whose lines sit on the JPEG grid: 4/3, 8/5, 2, 4): the profile is folded
   modulo 8 in absolute pixel coordinates. A JPEG grid is symmetric within its block and changes
   mostly the differences across block boundaries; two contrasts between interior positions
@@ -39,10 +40,10 @@ DEFAULT_NATIVE_THRESHOLD: float = 0.5
 """Images with ``native_score(...).score`` below this are rejected as ``upscaled``."""
 
 # Calibrated on Debian's wallpaper photographs (see docs/native-detection.md).
-_SPECTRAL_THRESHOLD = 80.0  # both-axes periodogram peak (× background) per 2560×1440 px...
+_SPECTRAL_THRESHOLD = 20.0  # both-axes periodogram peak (× background) per 2560×1440 px...
 _REFERENCE_PIXELS = 2560 * 1440
-_SPECTRAL_FLOOR = 25.0  # never below this (small images: chance peaks of the periodogram)
-_DEPTH_THRESHOLD = 4.0  # ...and its modulation depth (percent of the mean |difference|)
+_SPECTRAL_FLOOR = 8.0  # never below this (small images: chance peaks of the periodogram)
+_DEPTH_THRESHOLD = 5.0  # ...and its modulation depth (percent of the mean |difference|)
 _FOLD_T_THRESHOLD = 20.0  # |T| in percent of the mean |difference|
 _FOLD_U_LOW = -8.0  # U in percent; JPEG grids push U up, resampling by 8/5 pushes it down
 _FOLD_U_HIGH = 10.0
@@ -159,19 +160,32 @@ def _line_strength(freq: np.ndarray, norm: np.ndarray, grid: np.ndarray) -> np.n
     return np.interp(grid, freq, peak)
 
 
-def _spectral_evidence(px: np.ndarray, py: np.ndarray) -> tuple[float, float, float]:
-    """Strongest line on both axes away from the JPEG grid: (strength, frequency, depth %)."""
-    fx, nx, dx = _normalised_periodogram(px)
-    fy, ny, dy = _normalised_periodogram(py)
-    grid = fx if fx.size >= fy.size else fy
-    both = np.minimum(_line_strength(fx, nx, grid), _line_strength(fy, ny, grid))
-    depth = np.minimum(_line_strength(fx, dx, grid), _line_strength(fy, dy, grid))
+def _spectral_evidence(
+    p1x: np.ndarray, p2x: np.ndarray, p1y: np.ndarray, p2y: np.ndarray, threshold: float
+) -> tuple[float, float, float, float]:
+    """Best line on both axes away from the JPEG grid.
+
+    Per axis, the normalised powers of the order-1 and order-2 profiles are averaged (a
+    resampling line shows in both, chance peaks rarely do); the strength of a frequency is the
+    weaker axis, its depth the larger of the two orders' weaker-axis depths.
+
+    Returns:
+        (evidence ratio, frequency, strength, depth) of the frequency with the highest
+        ``min(strength / threshold, depth / _DEPTH_THRESHOLD)``.
+    """
+    spectra = [_normalised_periodogram(p) for p in (p1x, p2x, p1y, p2y)]
+    grid = spectra[0][0] if spectra[0][0].size >= spectra[2][0].size else spectra[2][0]
+    power = [_line_strength(f, n, grid) for f, n, _ in spectra]
+    depths = [_line_strength(f, d, grid) for f, _, d in spectra]
+    strength = np.minimum(power[0] + power[1], power[2] + power[3]) / 2
+    depth = np.maximum(np.minimum(depths[0], depths[2]), np.minimum(depths[1], depths[3]))
     masked = (grid < _MIN_FREQ) | (grid > 0.5 - _GRID_MASK)
     for k in range(1, 4):
         masked |= np.abs(grid - k / 8) < _GRID_MASK
-    both[masked] = 0.0
-    i = int(np.argmax(both))
-    return float(both[i]), float(grid[i]), float(depth[i])
+    ratio = np.minimum(strength / threshold, depth / _DEPTH_THRESHOLD)
+    ratio[masked] = 0.0
+    i = int(np.argmax(ratio))
+    return float(ratio[i]), float(grid[i]), float(strength[i]), float(depth[i])
 
 
 def _fold_contrasts(profile: np.ndarray, phase: int) -> tuple[float, float, float, float]:
@@ -254,19 +268,16 @@ def native_score(gray: np.ndarray) -> NativeEvidence:
         raise ValueError(f"image too small for resampling analysis: {gray.shape}")
     gray = np.ascontiguousarray(gray)
     p1x, p2x, p1y, p2y, used = _profiles(gray)
-    lines = [_spectral_evidence(p1x, p1y), _spectral_evidence(p2x, p2y)]
     threshold = max(_SPECTRAL_FLOOR, _SPECTRAL_THRESHOLD * used / _REFERENCE_PIXELS)
-    ratios = [min(s / threshold, d / _DEPTH_THRESHOLD) for s, _, d in lines]
-    best = int(np.argmax(ratios))
-    spectral = ratios[best]
-    strength, freq, depth = lines[best]
+    spectral, freq, strength, depth = _spectral_evidence(p1x, p2x, p1y, p2y, threshold)
     fold, fold_detail, fold_factor = _fold_evidence(p1x, p1y)
     evidence = max(spectral, fold)
     score = float(2.0 ** -evidence)
     if evidence < 1.0:
         return NativeEvidence(score, float("nan"),
-                              f"no resampling trace (strongest line {strength:.1f}× background "
-                              f"at {freq:.3f} cyc/px; block fold {fold:.2f} of threshold)")
+                              f"no resampling trace (best line candidate at {freq:.3f} cyc/px: "
+                              f"{strength:.1f}× background, depth {depth:.1f}%; block fold "
+                              f"{fold:.2f} of threshold)")
     if spectral >= fold:
         factor, words = _factor_from_frequency(freq)
         return NativeEvidence(score, factor,
