@@ -4,9 +4,8 @@ Resampling forensics (Popescu & Farid 2005; Kirchner 2008): interpolating an ima
 ``f`` makes the local derivative statistics of the result periodic along each axis, with a
 period of ``f`` output pixels. Averaging ``|first difference|`` and ``|second difference|`` over
 the rows (columns) of the most textured horizontal (vertical) bands gives a 1-D profile per
-axis whose spectrum then carries a line
-at ``1/f`` cycles per pixel (aliased into ``[0, 0.5]``) and its harmonics. Native photographs,
-including downscaled ones, have no such line.
+axis whose spectrum then carries a line at ``1/f`` cycles per pixel (aliased into ``[0, 0.5]``)
+and its harmonics. Native photographs, including downscaled ones, mostly have no such line.
 
 Two tests, both on those profiles:
 
@@ -18,15 +17,18 @@ Two tests, both on those profiles:
   faint periodicities of natives. The JPEG block grid puts lines at ``k/8`` cycles per pixel;
   those frequencies are masked out. A JPEG-compressed source that was then upscaled shows its
   own block grid at period ``8 f``, which this test also sees.
-* **block fold** (factors whose lines sit on the JPEG grid: 4/3, 8/5, 2, 4): the profile is folded
-  modulo 8 in absolute pixel coordinates. A JPEG grid is symmetric within its block and changes
-  mostly the differences across block boundaries; two contrasts between interior positions
-  (``T`` and ``U`` below) are near zero for JPEG-only patterns but large for resampling with a
-  period of 2, 4 or 8 pixels (the phase test for integer factors).
+* **block fold** (factors whose lines sit on the JPEG grid: 4/3, 8/5, 2, 4): the order-1
+  profile is folded modulo 8 with its strongest step (a JPEG block boundary) at index 7. A JPEG
+  grid is symmetric within its block and changes mostly the differences across boundaries;
+  two contrasts between interior positions (``T`` and ``U`` below) are near zero for JPEG-only
+  patterns but large for resampling with a period of 2, 4 or 8 pixels (the phase test for
+  integer factors).
 
-Each test's statistic is divided by a threshold calibrated on real photographs
-(``bench/calibrate_native.py``, ``docs/native-detection.md``); the largest ratio ``E`` becomes
-``score = 2 ** -E``, so ``score = 0.5`` is the decision boundary of the calibrated tests.
+Each test's statistic is divided by a threshold calibrated on real photographs and renders
+(``bench/calibrate_native.py``, ``docs/native-detection.md``: recall 0.61 on bicubic/Lanczos
+upscales by 1.25–3×, PNG to JPEG q90; 1.3 % false rejections of natives); the largest ratio
+``E`` becomes ``score = 2 ** -E``, so ``score = 0.5`` is the decision boundary. About 6 ms for a
+3840×2160 image on one core.
 """
 
 from __future__ import annotations
