@@ -116,6 +116,10 @@ FIELDS: dict[str, pa.DataType] = {
     THUMBNAIL: pa.binary(),
 }
 
+DECISION_COLUMNS = (STATUS, REASON, DETAIL)
+READ_COLUMNS = (DATA, SIZE_BYTES, SHA256, CAPTION_EN, CAPTION_ZH)
+"""What a reader adds to each input row."""
+
 WORKING_COLUMNS = (DATA, THUMBNAIL)
 """Columns dropped before anything is written to disk."""
 

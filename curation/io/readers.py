@@ -81,18 +81,12 @@ class FileReader(Stage):
     name: ClassVar[str] = "read"
     batch_size: ClassVar[int] = 8
     reads: ClassVar[tuple[str, ...]] = (schema.SOURCE, SIDECAR)
-    writes: ClassVar[tuple[str, ...]] = (
-        schema.DATA,
-        schema.SIZE_BYTES,
-        schema.SHA256,
-        schema.CAPTION_EN,
-        schema.CAPTION_ZH,
-    )
+    writes: ClassVar[tuple[str, ...]] = schema.READ_COLUMNS
     max_file_bytes: int = 512 * 1024 * 1024
 
     def process(self, table: pa.Table) -> pa.Table:
         out: dict[str, list[Any]] = {
-            c: [] for c in (*self.writes, schema.STATUS, schema.REASON, schema.DETAIL)
+            c: [] for c in (*self.writes, *schema.DECISION_COLUMNS)
         }
         for src, side in zip(column(table, schema.SOURCE), column(table, SIDECAR), strict=True):
             row = _read_one(src, side, self.max_file_bytes)
@@ -151,22 +145,14 @@ class TarReader(Stage):
     name: ClassVar[str] = "read_tar"
     batch_size: ClassVar[int] = 1
     reads: ClassVar[tuple[str, ...]] = (schema.SOURCE,)
-    writes: ClassVar[tuple[str, ...]] = (
-        schema.SOURCE,
-        schema.TAR_OFFSET,
-        schema.DATA,
-        schema.SIZE_BYTES,
-        schema.SHA256,
-        schema.CAPTION_EN,
-        schema.CAPTION_ZH,
-    )
+    writes: ClassVar[tuple[str, ...]] = (schema.SOURCE, schema.TAR_OFFSET, *schema.READ_COLUMNS)
     max_file_bytes: int = 512 * 1024 * 1024
 
     def process(self, table: pa.Table) -> pa.Table:
         rows: list[dict[str, Any]] = []
         for tar_uri in column(table, schema.SOURCE):
             rows.extend(self._expand(tar_uri))
-        cols = (*self.writes, schema.STATUS, schema.REASON, schema.DETAIL)
+        cols = (*self.writes, *schema.DECISION_COLUMNS)
         return pa.table(
             {c: pa.array([r.get(c) for r in rows], type=schema.arrow_type(c)) for c in cols}
         )
