@@ -1,0 +1,1 @@
+"""Benchmarks: each script prints its figures and names its section of docs/benchmarks.md."""
