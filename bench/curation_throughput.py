@@ -16,8 +16,8 @@ The set (built once in `--scratch`, reused): the JPEGs of at least 3840×2160 fr
 plasma-workspace-wallpapers and mate-backgrounds as they are, plus 3840×2160 crops of them saved
 at q95, baseline and progressive. Nothing is upscaled. Those large files are digital renders and
 artwork, not camera photographs; the real photographs in those packages are at most 2560 px wide,
-so they are measured apart, as they are, as a control (`--photos`), with the size floor lowered
-so that they reach the pixel analyses.
+so they are measured apart, as they are, as a control (`--no-photos` skips it), with the size
+floor lowered so that they reach the pixel analyses.
 
 Usage: `python -m bench.curation_throughput [--images N] [--cores C]`; `--report A.json B.json`
 renders saved runs into `docs/benchmarks.md` without measuring.
