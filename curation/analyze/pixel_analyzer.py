@@ -33,7 +33,7 @@ _TRANSPOSE = {
 def decode_gray(data: bytes, orientation: int = 1) -> np.ndarray:
     """Decode to an oriented 8-bit grayscale array (the full-resolution luma).
 
-    Baseline JPEGs decode their luma plane only (no colour conversion); every other format and
+    JPEGs decode their luma plane only (no colour conversion); every other format and
     mode (8/16-bit, gray, palette, alpha, CMYK, float) is converted to 8-bit gray, 16-bit data
     by its high byte. EXIF orientation is applied.
 

@@ -15,7 +15,6 @@ from typing import Any, ClassVar
 
 import fsspec
 import pyarrow as pa
-from webdataset.tariterators import base_plus_ext
 
 from curation import schema
 from curation.base import Stage, column, set_columns
@@ -158,6 +157,9 @@ class TarReader(Stage):
         )
 
     def _expand(self, tar_uri: str) -> list[dict[str, Any]]:
+        # Imported here: webdataset pulls in torch (~0.7 GB per worker); only tar readers pay.
+        from webdataset.tariterators import base_plus_ext
+
         samples: dict[str, dict[str, Any]] = {}
         order: list[str] = []
         error: str | None = None

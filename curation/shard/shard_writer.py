@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import pyarrow as pa
-import webdataset as wds
 
 from curation import schema
 from curation.base import Stage, column, set_columns
@@ -87,6 +86,8 @@ class ShardWriter(Stage):
         assert len(shards) == 1, f"one shard per call, got {shards}"
         shard = shards.pop()
         rows = t.to_pylist()
+        import webdataset as wds  # here, not at module level: it imports torch
+
         with atomic_write(join(self.output, shard)) as fh:
             writer = wds.TarWriter(fh, encoder=False, mtime=0.0)
             for row in rows:
