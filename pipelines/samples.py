@@ -209,8 +209,10 @@ def build_samples(
     # One example of each content rejection.
     small = render(2560, 1440, seed + 300)
     put("reject/small_2560x1440.jpg", encode(small, "JPEG", quality=95), Expected("too_small"))
-    up = cv2.resize(render(2560, 1440, seed + 301), (3840, 2160), interpolation=cv2.INTER_CUBIC)
-    put("reject/upscaled_bicubic_1.5x.jpg", encode(up, "JPEG", quality=95), Expected("upscaled"))
+    # The common "stretch to 4K" case: 3072x1728 enlarged 1.25x (PIL bicubic), saved at q95.
+    src = Image.fromarray(render(3072, 1728, seed + 301))
+    up = np.asarray(src.resize((3840, 2160), Image.Resampling.BICUBIC))
+    put("reject/upscaled_bicubic_1.25x.jpg", encode(up, "JPEG", quality=95), Expected("upscaled"))
     blur = cv2.GaussianBlur(render(3840, 2160, seed + 303), (0, 0), 4.0)
     put("reject/blurred_sigma4.jpg", encode(blur, "JPEG", quality=95), Expected("blurry"))
     put("reject/flat_gradient.png", encode(_flat(3840, 2160, seed + 304), "PNG"), Expected("flat"))
