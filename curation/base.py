@@ -91,7 +91,10 @@ class Stage:
     num_gpus: ClassVar[float] = 0.0
     memory: ClassVar[int] = 0
     """Bytes of memory one worker of this stage may use at peak (0: not declared)."""
-    batch_size: ClassVar[int] = 16
+    batch_size: ClassVar[int | None] = 16
+    """Rows per call; None for cheap stages that take whatever block arrives (Ray fuses a
+    chain of stages under the largest batch size, so a large one would starve the next
+    stage of parallel tasks)."""
     reads: ClassVar[tuple[str, ...]] = ()
     writes: ClassVar[tuple[str, ...]] = ()
 

@@ -64,7 +64,7 @@ class ThresholdFilter(Stage):
     """
 
     name: ClassVar[str] = "threshold"
-    batch_size: ClassVar[int] = 256
+    batch_size: ClassVar[int | None] = None
     writes: ClassVar[tuple[str, ...]] = (schema.STATUS, schema.REASON, schema.DETAIL)
     rules: list[Rule] = field(default_factory=list)
 

@@ -158,7 +158,7 @@ class Retune(Stage):
     """Clear earlier pixel-threshold verdicts and decide them again with the current rules."""
 
     name = "retune"
-    batch_size = 4096
+    batch_size = None
     rules: list[Rule] = field(default_factory=list)
 
     def process(self, t: pa.Table) -> pa.Table:
@@ -178,7 +178,7 @@ class SkipDone(Stage):
     """Drop rows whose source an interrupted earlier run already analysed."""
 
     name = "skip_done"
-    batch_size = 64
+    batch_size = None
     done: frozenset[str] = frozenset()
 
     def process(self, t: pa.Table) -> pa.Table:

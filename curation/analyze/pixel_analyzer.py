@@ -95,7 +95,9 @@ class PixelAnalyzer(Stage):
 
     name: ClassVar[str] = "analyze"
     batch_size: ClassVar[int] = 4
-    memory: ClassVar[int] = 1536 * 1024**2
+    # Peak about 4 bytes per pixel of the largest image allowed (0.5 GB at 120 MP), declared
+    # in words rather than as `memory`: a memory request would stop Ray from fusing the reader
+    # and this stage into one task, and the image bytes would cross the object store.
     reads: ClassVar[tuple[str, ...]] = (schema.DATA, schema.ORIENTATION)
     writes: ClassVar[tuple[str, ...]] = (
         schema.NATIVE_SCORE,

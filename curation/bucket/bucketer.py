@@ -155,7 +155,7 @@ class Bucketer(Stage):
     """
 
     name: ClassVar[str] = "bucket"
-    batch_size: ClassVar[int] = 1024
+    batch_size: ClassVar[int | None] = None
     reads: ClassVar[tuple[str, ...]] = (schema.STATUS, schema.WIDTH, schema.HEIGHT)
     writes: ClassVar[tuple[str, ...]] = (
         schema.BUCKET,

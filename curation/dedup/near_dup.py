@@ -88,7 +88,7 @@ class BandSplitter(Stage):
     """
 
     name: ClassVar[str] = "dedup_bands"
-    batch_size: ClassVar[int] = 4096
+    batch_size: ClassVar[int | None] = None
     reads: ClassVar[tuple[str, ...]] = HASH_COLUMNS
     writes: ClassVar[tuple[str, ...]] = (BAND,)
     max_distance: int = 6

@@ -114,7 +114,7 @@ class HeaderProbe(Stage):
     """
 
     name: ClassVar[str] = "probe"
-    batch_size: ClassVar[int] = 32
+    batch_size: ClassVar[int | None] = None
     reads: ClassVar[tuple[str, ...]] = (schema.DATA,)
     writes: ClassVar[tuple[str, ...]] = (
         schema.FORMAT,
