@@ -199,7 +199,7 @@ def run_chain(reader: Stage, stages: Sequence[Stage], paths: Sequence[str]) -> p
 
     table = reader({schema.SOURCE: list(paths), SIDECAR: [None] * len(paths)})
     for stage in stages:
-        n = stage.batch_size
+        n = stage.batch_size or max(1, table.num_rows)  # None: the whole block
         parts = [stage(table.slice(i, n)) for i in range(0, table.num_rows, n)]
         table = pa.concat_tables(parts, promote_options="permissive")
     return table
@@ -498,7 +498,7 @@ def ray_pass1(
     from curation import schema
     from curation.io.readers import SIDECAR, FileReader
     from pipelines.config import load_config
-    from pipelines.curate import _apply, analysis_stages
+    from pipelines.curate import _apply, analysis_stages, input_blocks
 
     cfg = load_config()
     ctx = rd.DataContext.get_current()
@@ -507,12 +507,11 @@ def ray_pass1(
         ctx.target_max_block_size = max_block_mib * 1024**2
     t0 = time.perf_counter()
     ds = rd.from_items([{schema.SOURCE: p, SIDECAR: None} for p in paths],
-                       override_num_blocks=max(1, min(len(paths) // 4, cores * 8)))
+                       override_num_blocks=input_blocks(len(paths), cores))
     ds = _apply(ds, FileReader(max_file_bytes=cfg.probe.max_file_bytes))
     for stage in analysis_stages(cfg):
         ds = _apply(ds, stage)
-    ds = ds.map_batches(_ray_sink, batch_format="pyarrow", zero_copy_batch=True, num_cpus=1,
-                        batch_size=64)
+    ds = ds.map_batches(_ray_sink, batch_format="pyarrow", zero_copy_batch=True, num_cpus=1)
     rows = ds.take_all()
     seconds = time.perf_counter() - t0
     ctx.target_max_block_size = default_max

@@ -136,7 +136,7 @@ class ParquetSink(Stage):
     """
 
     name = "sink"
-    batch_size = 16
+    batch_size = None  # one file per block; a batch size would re-bundle the fused pass 1
     folder: str = ""
 
     def process(self, t: pa.Table) -> pa.Table:
@@ -267,6 +267,12 @@ def _jump(t: pa.Table) -> pa.Table:
         t.schema.get_field_index(PARENT_SHA256), PARENT_SHA256, pa.array(parent_sha, pa.string())
     )
     return t.append_column("moved", pa.array(moved, pa.bool_()))
+
+
+def input_blocks(num_inputs: int, cpus: int) -> int:
+    """Blocks of the listing: pass 1 is fused into one task per block, so at least 4 per CPU
+    for parallelism, and at most one per 64 inputs so that resume files stay few."""
+    return max(1, min(num_inputs, max(cpus * 4, num_inputs // 64)))
 
 
 def _partitions(ctx_cpus: int) -> int:
@@ -405,7 +411,7 @@ def run_curate(
     if files:
         ds = rd.from_items(
             [{schema.SOURCE: i.uri, SIDECAR: i.sidecar} for i in files],
-            override_num_blocks=max(1, min(len(files) // 4, cpus * 8)),
+            override_num_blocks=input_blocks(len(files), cpus),
         )
         streams.append(_apply(ds, FileReader(max_file_bytes=reader_cap)))
     if tars:
@@ -416,11 +422,13 @@ def run_curate(
         streams.append(ds)
     analysed = 0
     if streams:
-        ds = streams[0] if len(streams) == 1 else streams[0].union(*streams[1:])
-        for stage in analysis_stages(cfg):
-            ds = _apply(ds, stage)
-        sunk = _apply(ds, ParquetSink(folder=analysis))
-        analysed = int(sunk.sum("rows") or 0)
+        sunk = []
+        for ds in streams:  # stages per stream, so Ray fuses read → analyse → sink in one task
+            for stage in analysis_stages(cfg):
+                ds = _apply(ds, stage)
+            sunk.append(_apply(ds, ParquetSink(folder=analysis)))
+        counts = sunk[0] if len(sunk) == 1 else sunk[0].union(*sunk[1:])
+        analysed = int(counts.sum("rows") or 0)
     echo(f"native4k: analysed {analysed} inputs in this run")
 
     # Pass 2: dedup across the whole job.
