@@ -130,7 +130,7 @@ def test_bad_config_stops_before_work(samples, tmp_path, capsys):
 
 
 def test_retuning_a_pixel_threshold_reuses_the_analysis(samples, curated, tmp_path, capsys):
-    folder, expected = samples
+    folder, _ = samples
     copy = tmp_path / "copy"
     shutil.copytree(curated, copy)
     capsys.readouterr()
