@@ -43,11 +43,7 @@ def decode_gray(data: bytes, orientation: int = 1) -> np.ndarray:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         img = Image.open(io.BytesIO(data))
-        if (
-            img.format in ("JPEG", "MPO")
-            and img.mode in ("RGB", "L")
-            and not img.info.get("progressive")
-        ):
+        if img.format in ("JPEG", "MPO") and img.mode in ("RGB", "L"):
             img.draft("L", img.size)
         img.load()
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
