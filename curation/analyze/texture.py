@@ -37,8 +37,10 @@ def flat_fraction(gray: np.ndarray, *, patch: int = 240, flat_variance: float = 
         dy = cv2.Sobel(strip, cv2.CV_32F, 0, 1, ksize=3)[y0 - a : y0 - a + patch]
         mag_sq = cv2.add(cv2.multiply(dx, dx), cv2.multiply(dy, dy))
         mag = cv2.sqrt(mag_sq)
-        sum_sq = mag_sq.reshape(patch, cols, patch).sum(axis=(0, 2), dtype=np.float64)
-        sum_m = mag.reshape(patch, cols, patch).sum(axis=(0, 2), dtype=np.float64)
+        # Column sums over the strip (one SIMD pass), then sums over each patch's columns.
+        sum_sq = cv2.reduce(mag_sq, 0, cv2.REDUCE_SUM, dtype=cv2.CV_64F).reshape(cols, patch)
+        sum_m = cv2.reduce(mag, 0, cv2.REDUCE_SUM, dtype=cv2.CV_64F).reshape(cols, patch)
+        sum_sq, sum_m = sum_sq.sum(axis=1), sum_m.sum(axis=1)
         var[r] = sum_sq / n - (sum_m / n) ** 2
     return float(np.count_nonzero(var < flat_variance)) / var.size
 
