@@ -24,18 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from model.fp8 import convert_linears_to_fp8
-from model.pipeline import UltraFluxPipeline
+from model.pipeline import FLUX_SCHEDULER_CONFIG, UltraFluxPipeline
 from model.transformer import FLUX_DEV_CONFIG, UltraFluxTransformer2DModel
 from model.vae import FLUX_VAE_CONFIG, AutoencoderKLF16
-
-FLUX_DEV_SCHEDULER = {
-    "shift": 3.0,
-    "use_dynamic_shifting": True,
-    "base_image_seq_len": 256,
-    "max_image_seq_len": 4096,
-    "base_shift": 0.5,
-    "max_shift": 1.15,
-}
 
 
 def log(msg: str) -> None:
@@ -61,7 +52,7 @@ def build(args: argparse.Namespace, device: torch.device) -> UltraFluxPipeline:
         transformer = UltraFluxTransformer2DModel(**dit).eval().requires_grad_(False)
         vae = AutoencoderKLF16(**vae_config, stride=2).eval().requires_grad_(False)
     torch.set_default_dtype(default_dtype)
-    scheduler = FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER)
+    scheduler = FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG)
     pipe = UltraFluxPipeline(scheduler=scheduler, vae=vae, transformer=transformer)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -32,6 +32,16 @@ logger = logging.getLogger(__name__)
 
 PATCH_SIZE = 2
 
+FLUX_SCHEDULER_CONFIG: dict[str, Any] = {
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+}
+"""FLUX.1-dev's `FlowMatchEulerDiscreteScheduler` settings (UltraFlux keeps them)."""
+
 
 def resolution_shift(num_tokens: int, scheduler_config: Any) -> float:
     """Flux's resolution-dependent shift ``mu`` (the sigmas are shifted by ``exp(mu)``).

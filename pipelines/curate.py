@@ -44,7 +44,7 @@ from curation.dedup.near_dup import (
     pick_parent,
 )
 from curation.io.atomic import atomic_write, is_local, join
-from curation.io.listing import InputItem, list_inputs
+from curation.io.listing import list_inputs
 from curation.io.readers import SIDECAR, FileReader, TarReader
 from curation.probe.header_probe import EXTENSIONS, HeaderProbe
 from curation.shard.shard_writer import ShardWriter, plan_bucket, sample_key
@@ -254,19 +254,15 @@ def _apply_duplicates(t: pa.Table) -> pa.Table:
 
 def _jump(t: pa.Table) -> pa.Table:
     """One pointer-jumping step: a row whose parent has a parent takes the grandparent."""
-    gp, gp_sha = column(t, "gp"), column(t, "gp_sha256")
-    parent, parent_sha = column(t, PARENT), column(t, PARENT_SHA256)
-    moved = [g is not None for g in gp]
-    parent = [g if m else p for g, m, p in zip(gp, moved, parent, strict=True)]
-    parent_sha = [g if m else p for g, m, p in zip(gp_sha, moved, parent_sha, strict=True)]
-    t = t.drop_columns(
-        ["gp", "gp_sha256", "gp_source"] if "gp_source" in t.column_names else ["gp", "gp_sha256"]
-    )
-    t = t.set_column(t.schema.get_field_index(PARENT), PARENT, pa.array(parent, pa.string()))
+    moved = pc.is_valid(t["gp"])
+    t = t.set_column(t.schema.get_field_index(PARENT), PARENT, pc.coalesce(t["gp"], t[PARENT]))
     t = t.set_column(
-        t.schema.get_field_index(PARENT_SHA256), PARENT_SHA256, pa.array(parent_sha, pa.string())
+        t.schema.get_field_index(PARENT_SHA256),
+        PARENT_SHA256,
+        pc.coalesce(t["gp_sha256"], t[PARENT_SHA256]),
     )
-    return t.append_column("moved", pa.array(moved, pa.bool_()))
+    t = t.drop_columns([c for c in ("gp", "gp_sha256", "gp_source") if c in t.column_names])
+    return t.append_column("moved", moved)
 
 
 def input_blocks(num_inputs: int, cpus: int) -> int:
@@ -629,4 +625,4 @@ def compute_stats(final: Any, table: list[Bucket], parts: int, seconds: float) -
     }
 
 
-__all__ = ["InputItem", "JobResult", "run_curate", "to_dict"]
+__all__ = ["JobResult", "bucket_table", "run_curate"]

@@ -6,18 +6,6 @@ import torch
 from model.fp8 import FP8_DTYPE, Fp8Linear, convert_linears_to_fp8, quantize_rowwise
 from model.transformer import UltraFluxTransformer2DModel
 
-TINY = {
-    "num_layers": 1,
-    "num_single_layers": 1,
-    "attention_head_dim": 16,
-    "num_attention_heads": 2,
-    "joint_attention_dim": 32,
-    "pooled_projection_dim": 16,
-    "in_channels": 16,
-    "axes_dims_rope": (4, 6, 6),
-    "guidance_embeds": True,
-}
-
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
@@ -46,9 +34,9 @@ def test_fp8_linear_matches_linear_within_tolerance() -> None:
 
 
 @torch.no_grad()
-def test_convert_transformer_blocks_only() -> None:
+def test_convert_transformer_blocks_only(tiny_dit: dict) -> None:
     torch.manual_seed(0)
-    model = UltraFluxTransformer2DModel(**TINY).eval()
+    model = UltraFluxTransformer2DModel(**tiny_dit).eval()
     img_ids = torch.stack(torch.meshgrid(torch.arange(6), torch.arange(6), indexing="ij"), -1)
     inputs = {
         "hidden_states": torch.randn(1, 36, 16),

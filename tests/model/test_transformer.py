@@ -8,18 +8,6 @@ from diffusers import FluxTransformer2DModel
 
 from model.transformer import UltraFluxTransformer2DModel
 
-TINY = {
-    "num_layers": 1,
-    "num_single_layers": 1,
-    "attention_head_dim": 16,
-    "num_attention_heads": 2,
-    "joint_attention_dim": 32,
-    "pooled_projection_dim": 16,
-    "in_channels": 16,
-    "axes_dims_rope": (4, 6, 6),
-    "guidance_embeds": True,
-}
-
 
 def inputs(rows: int, cols: int, seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
@@ -37,17 +25,19 @@ def inputs(rows: int, cols: int, seed: int = 0) -> dict[str, torch.Tensor]:
     }
 
 
-def paired_models(rope_method: str) -> tuple[FluxTransformer2DModel, UltraFluxTransformer2DModel]:
+def paired_models(
+    config: dict, rope_method: str
+) -> tuple[FluxTransformer2DModel, UltraFluxTransformer2DModel]:
     torch.manual_seed(0)
-    flux = FluxTransformer2DModel(**TINY).eval()
-    ultra = UltraFluxTransformer2DModel(**TINY, rope_method=rope_method).eval()
+    flux = FluxTransformer2DModel(**config).eval()
+    ultra = UltraFluxTransformer2DModel(**config, rope_method=rope_method).eval()
     ultra.load_state_dict(flux.state_dict(), strict=True)
     return flux, ultra
 
 
 @torch.no_grad()
-def test_same_as_flux_inside_window_and_not_outside() -> None:
-    flux, ultra = paired_models("resonance_yarn")
+def test_same_as_flux_inside_window_and_not_outside(tiny_dit: dict) -> None:
+    flux, ultra = paired_models(tiny_dit, "resonance_yarn")
     x = inputs(8, 12)
     assert torch.equal(flux(**x).sample, ultra(**x).sample)
     x = inputs(4, 80)  # W spans 80 tokens > 64: extrapolated.
@@ -56,8 +46,8 @@ def test_same_as_flux_inside_window_and_not_outside() -> None:
     assert torch.equal(flux(**x).sample, ultra(**x).sample)
 
 
-def test_rope_settings_saved_with_the_model(tmp_path: Path) -> None:
-    model = UltraFluxTransformer2DModel(**TINY, rope_method="resonance", rope_train_len=32)
+def test_rope_settings_saved_with_the_model(tmp_path: Path, tiny_dit: dict) -> None:
+    model = UltraFluxTransformer2DModel(**tiny_dit, rope_method="resonance", rope_train_len=32)
     model.save_pretrained(tmp_path)
     loaded = UltraFluxTransformer2DModel.from_pretrained(tmp_path)
     assert loaded.config.rope_method == "resonance"
@@ -65,8 +55,8 @@ def test_rope_settings_saved_with_the_model(tmp_path: Path) -> None:
     assert loaded.pos_embed.train_len == [32, 32]
 
 
-def test_loads_flux_and_released_folders(tmp_path: Path) -> None:
-    flux, _ = paired_models("base")
+def test_loads_flux_and_released_folders(tmp_path: Path, tiny_dit: dict) -> None:
+    flux, _ = paired_models(tiny_dit, "base")
     flux.save_pretrained(tmp_path)
     loaded = UltraFluxTransformer2DModel.from_pretrained(tmp_path)
     for (name, a), (_, b) in zip(
@@ -78,4 +68,4 @@ def test_loads_flux_and_released_folders(tmp_path: Path) -> None:
     assert released.config.rope_method == "ultraflux_released"
     assert released.pos_embed.method == "ultraflux_released"
     with pytest.raises(ValueError, match="rope_method"):
-        UltraFluxTransformer2DModel(**TINY, rope_method="ntk")
+        UltraFluxTransformer2DModel(**tiny_dit, rope_method="ntk")

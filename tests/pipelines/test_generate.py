@@ -19,7 +19,13 @@ from transformers import (
     T5EncoderModel,
 )
 
-from model.pipeline import UltraFluxPipeline, pack_latents, resolution_shift, unpack_latents
+from model.pipeline import (
+    FLUX_SCHEDULER_CONFIG,
+    UltraFluxPipeline,
+    pack_latents,
+    resolution_shift,
+    unpack_latents,
+)
 from model.transformer import UltraFluxTransformer2DModel
 from model.vae import AutoencoderKLF16
 from pipelines import generate
@@ -49,14 +55,6 @@ VAE = {
     "use_quant_conv": False,
     "use_post_quant_conv": False,
     "mid_block_add_attention": False,
-}
-SCHEDULER = {
-    "shift": 3.0,
-    "use_dynamic_shifting": True,
-    "base_image_seq_len": 256,
-    "max_image_seq_len": 4096,
-    "base_shift": 0.5,
-    "max_shift": 1.15,
 }
 
 
@@ -89,7 +87,7 @@ def save_tiny_model(root: Path, *, text_encoders: bool) -> None:
         guidance_embeds=True,
     ).save_pretrained(root / "transformer")
     AutoencoderKLF16(**VAE).save_pretrained(root / "vae")
-    FlowMatchEulerDiscreteScheduler(**SCHEDULER).save_pretrained(root / "scheduler")
+    FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG).save_pretrained(root / "scheduler")
     if text_encoders:
         clip = CLIPTextConfig(
             vocab_size=16,
