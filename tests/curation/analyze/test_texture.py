@@ -38,3 +38,22 @@ def test_entropy_is_shannon_bits_of_the_histogram():
     assert abs(gray_entropy(two) - 1.0) < 1e-9
     uniform = np.arange(256, dtype=np.uint8).repeat(16).reshape(64, 64)
     assert abs(gray_entropy(uniform) - 8.0) < 1e-9
+
+
+def test_flat_fraction_equals_the_float64_definition_across_thresholds():
+    """Every patch's decision matches float64, whichever bound (or the exact path) decides it."""
+    rng = np.random.default_rng(2)
+    noise = (rng.random((720, 1200)) * 255).astype(np.uint8)
+    for sigma in (0.6, 1.5, 4.0):
+        gray = cv2.GaussianBlur(noise, (0, 0), sigma)
+        gray[:, ::97] = 255  # thin lines: heavy-tailed gradients in some patches
+        for patch in (60, 240):
+            ref = [_reference_flat_fraction(gray, patch, t) for t in (10.0, 800.0, 5000.0)]
+            got = [flat_fraction(gray, patch=patch, flat_variance=t) for t in (10.0, 800.0, 5000.0)]
+            assert got == ref
+        # thresholds right at a patch's variance: the undecided path must agree too
+        dx = cv2.Sobel(gray, cv2.CV_64F, 1, 0, ksize=3)
+        dy = cv2.Sobel(gray, cv2.CV_64F, 0, 1, ksize=3)
+        var = np.sqrt(dx * dx + dy * dy)[:240, :240].var()
+        for t in (var * (1 - 1e-6), var * (1 + 1e-6)):
+            assert flat_fraction(gray, flat_variance=t) == _reference_flat_fraction(gray, 240, t)
