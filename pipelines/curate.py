@@ -266,9 +266,12 @@ def _jump(t: pa.Table) -> pa.Table:
 
 
 def input_blocks(num_inputs: int, cpus: int) -> int:
-    """Blocks of the listing: pass 1 is fused into one task per block, so at least 4 per CPU
-    for parallelism, and at most one per 64 inputs so that resume files stay few."""
-    return max(1, min(num_inputs, max(cpus * 4, num_inputs // 64)))
+    """Blocks of the listing: pass 1 is fused into one task per block.
+
+    At least 8 per CPU, so that the last wave of tasks leaves little idle time; beyond that,
+    one per 64 inputs, so that the resume files (one per block) stay few.
+    """
+    return max(1, min(num_inputs, max(cpus * 8, num_inputs // 64)))
 
 
 def _partitions(ctx_cpus: int) -> int:

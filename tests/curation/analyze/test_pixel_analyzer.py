@@ -31,6 +31,25 @@ def test_decode_gray_handles_modes_and_orientation():
     assert np.array_equal(rotated, np.rot90(decode_gray(_enc(Image.fromarray(rgb))), k=-1))
 
 
+def test_decode_gray_pixels_are_exact_with_and_without_the_no_copy_export():
+    """'L' and 'RGB' images come out exactly, one memory block (Arrow view) or several (copy)."""
+    import cv2
+
+    rng = np.random.default_rng(3)
+    rgb = rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)
+    assert np.array_equal(decode_gray(_enc(Image.fromarray(rgb))),
+                          cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY))
+    gray = rng.integers(0, 256, (4200, 4200), dtype=np.uint8)  # 17.6 MB: several 16 MiB blocks
+    default = Image.core.get_block_size()
+    try:
+        for block in (default, 64 * 1024**2):
+            Image.core.set_block_size(block)
+            out = decode_gray(_enc(Image.fromarray(gray), compress_level=0))
+            assert np.array_equal(out, gray)
+    finally:
+        Image.core.set_block_size(default)
+
+
 def test_jpeg_luma_decode_matches_full_decode():
     rng = np.random.default_rng(1)
     small = rng.integers(0, 255, (16, 24, 3), dtype=np.uint8)
