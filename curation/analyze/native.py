@@ -6,8 +6,11 @@ period of ``f`` output pixels. Averaging ``|first difference|`` and ``|second di
 the rows (columns) of the most textured horizontal (vertical) bands gives a 1-D profile per
 axis whose spectrum then carries a line at ``1/f`` cycles per pixel (aliased into ``[0, 0.5]``)
 and its harmonics. Native photographs, including downscaled ones, mostly have no such line.
+The same resampling also makes the spectrum's components at ``v`` and ``1/f − v`` copies of one
+another, with a phase that is the same in every row; `curation.analyze.native_coherence`
+measures that cyclic spectral coherence, which survives JPEG compression better.
 
-Two tests, both on those profiles:
+Two tests on the profiles:
 
 * **spectral**: per frequency, the normalised periodograms (power over a block-median
   background) of the order-1 and order-2 profiles are averaged per axis and the weaker axis is
@@ -24,11 +27,14 @@ Two tests, both on those profiles:
   patterns but large for resampling with a period of 2, 4 or 8 pixels (the phase test for
   integer factors).
 
+and two on the cyclic coherence: a **harmonic** sum of the coherence at ``k/f`` (off the JPEG
+grid) and the coherence at the **grid** frequencies 3/8, 1/2, 5/8, 3/4 (factors 8/3, 2, 8/5,
+4/3), above what JPEG grids of native photographs reach.
+
 Each test's statistic is divided by a threshold calibrated on real photographs and renders
-(``bench/calibrate_native.py``, ``docs/native-detection.md``: recall 0.61 on bicubic/Lanczos
-upscales by 1.25–3×, PNG to JPEG q90; 1.3 % false rejections of natives); the largest ratio
-``E`` becomes ``score = 2 ** -E``, so ``score = 0.5`` is the decision boundary. About 6 ms for a
-3840×2160 image on one core.
+(``bench/calibrate_native.py``; tables and held-out figures in ``docs/native-detection.md``);
+the largest ratio ``E`` becomes ``score = 2 ** -E``, so ``score = 0.5`` is the decision
+boundary. About 15 ms for a 3840×2160 image on one core (profiles 6, coherence 9).
 """
 
 from __future__ import annotations
@@ -38,12 +44,16 @@ from typing import NamedTuple
 import cv2
 import numpy as np
 
+from curation.analyze.native_coherence import GRID, coherence_statistics
+
 DEFAULT_NATIVE_THRESHOLD: float = 0.5
 """Images with ``native_score(...).score`` below this are rejected as ``upscaled``."""
 
 # Calibrated on Debian's wallpaper photographs (see docs/native-detection.md).
 _SPECTRAL_THRESHOLD = 20.0  # both-axes periodogram peak (× background) per 2560×1440 px...
 _REFERENCE_PIXELS = 2560 * 1440
+_HARMONIC_THRESHOLD = 49.0  # cyclic coherence: harmonic sum of z (native_coherence)
+_GRID_THRESHOLDS = (12.7, 27.8, 55.4, 123.2)  # ... z at GRID: 1.1 × the natives' maxima
 _SPECTRAL_FLOOR = 8.0  # never below this (small images: chance peaks of the periodogram)
 _DEPTH_THRESHOLD = 5.0  # ...and its modulation depth (percent of the mean |difference|)
 _FOLD_T_THRESHOLD = 20.0  # |T| in percent of the mean |difference|
@@ -252,6 +262,37 @@ def _factor_from_frequency(freq: float) -> tuple[float, str]:
     return low, f"≈{low:.2f}× or {high:.2f}× upscale"
 
 
+def _profile_evidence(gray: np.ndarray) -> tuple[float, float, str]:
+    """(evidence ratio, factor, detail) of the profile tests (spectral line and block fold)."""
+    p1x, p2x, p1y, p2y, used = _profiles(gray)
+    threshold = max(_SPECTRAL_FLOOR, _SPECTRAL_THRESHOLD * used / _REFERENCE_PIXELS)
+    spectral, freq, strength, depth = _spectral_evidence(p1x, p2x, p1y, p2y, threshold)
+    fold, fold_detail, fold_factor = _fold_evidence(p1x, p1y)
+    if spectral >= fold:
+        factor, words = _factor_from_frequency(freq)
+        return spectral, factor, (f"periodic resampling peak at {freq:.3f} cyc/px on both axes "
+                                  f"({strength:.0f}× background, depth {depth:.1f}%, {words})")
+    return fold, fold_factor, f"{fold_detail} (≈{fold_factor:.2f}× upscale)"
+
+
+def _coherence_evidence(gray: np.ndarray) -> tuple[float, float, str]:
+    """(evidence ratio, factor, detail) of the cyclic-coherence tests (harmonic and grid)."""
+    harmonic, alpha1, grid = coherence_statistics(gray)
+    ratios = [harmonic / _HARMONIC_THRESHOLD] + [
+        z / t for z, t in zip(grid, _GRID_THRESHOLDS, strict=True)
+    ]
+    j = int(np.argmax(ratios))
+    if j == 0:
+        alias = 1.0 / max((2 * alpha1) % 1.0, 1e-3)
+        return ratios[0], 1.0 / alpha1, (
+            f"coherent spectral correlation at cyclic frequency {alpha1:.4f} cyc/px and its "
+            f"harmonics (sum z={harmonic:.0f}; ≈{1 / alpha1:.2f}× or {alias:.2f}× upscale)")
+    g = GRID[j - 1]
+    detail = (f"coherent spectral correlation at {g:.3f} cyc/px (z={grid[j - 1]:.0f}, beyond "
+              f"JPEG-grid level; ≈{1 / g:.2f}× upscale)")
+    return ratios[j], 1.0 / g, detail
+
+
 def native_score(gray: np.ndarray) -> NativeEvidence:
     """Score how likely a grayscale image is at its native resolution (not upscaled).
 
@@ -269,20 +310,11 @@ def native_score(gray: np.ndarray) -> NativeEvidence:
     if min(gray.shape) < _MIN_SIDE:
         raise ValueError(f"image too small for resampling analysis: {gray.shape}")
     gray = np.ascontiguousarray(gray)
-    p1x, p2x, p1y, p2y, used = _profiles(gray)
-    threshold = max(_SPECTRAL_FLOOR, _SPECTRAL_THRESHOLD * used / _REFERENCE_PIXELS)
-    spectral, freq, strength, depth = _spectral_evidence(p1x, p2x, p1y, p2y, threshold)
-    fold, fold_detail, fold_factor = _fold_evidence(p1x, p1y)
-    evidence = max(spectral, fold)
+    tests = [_profile_evidence(gray), _coherence_evidence(gray)]
+    evidence, factor, detail = max(tests, key=lambda t: t[0])
     score = float(2.0 ** -evidence)
     if evidence < 1.0:
         return NativeEvidence(score, float("nan"),
-                              f"no resampling trace (best line candidate at {freq:.3f} cyc/px: "
-                              f"{strength:.1f}× background, depth {depth:.1f}%; block fold "
-                              f"{fold:.2f} of threshold)")
-    if spectral >= fold:
-        factor, words = _factor_from_frequency(freq)
-        return NativeEvidence(score, factor,
-                              f"periodic resampling peak at {freq:.3f} cyc/px on both axes "
-                              f"({strength:.0f}× background, depth {depth:.1f}%, {words})")
-    return NativeEvidence(score, fold_factor, f"{fold_detail} (≈{fold_factor:.2f}× upscale)")
+                              f"no resampling trace (profile tests {tests[0][0]:.2f}, "
+                              f"cyclic coherence {tests[1][0]:.2f} of their thresholds)")
+    return NativeEvidence(score, factor, detail)

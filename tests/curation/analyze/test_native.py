@@ -134,3 +134,16 @@ def test_real_photographs_upscaled_are_rejected(factor: float, method: str, qual
             img = _jpeg(img, quality)
         caught += native_score(img).score < THR
     assert caught >= 3
+
+
+@pytest.mark.parametrize(("factor", "method"), [(1.6, "pil_bicubic"), (2.0, "cv_lanczos")])
+def test_cyclic_coherence_catches_q90_upscales(factor: float, method: str) -> None:
+    """JPEG q90 hides these from the profile tests; the coherence of spectral copies remains."""
+    caught, by_coherence = 0, 0
+    for path in PHOTOS:
+        g = _photo(path, 2560, 1600)
+        assert native_score(_jpeg(g, 90)).score >= THR  # the photograph itself stays native
+        ev = native_score(_jpeg(_upscale(g, factor, method), 90))
+        caught += ev.score < THR
+        by_coherence += ev.score < THR and ev.detail.startswith("coherent spectral correlation")
+    assert caught >= 3 and by_coherence >= 3
