@@ -240,9 +240,9 @@ def measure_one_core(files: list[dict[str, Any]], repeats: int,
                      overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Per image on one core: plain decode vs the stage chain, interleaved batch by batch.
 
-    For each batch of 8 files (the reader's batch size), `repeats` times: the plain decode of
+    For each batch of files (the reader's batch size), `repeats` times: the plain decode of
     each file, the stage chain on each file alone (a one-row batch: exact per-image figures),
-    then the chain on the whole batch as the job batches it (read 8, analyse 4). Wall and CPU
+    then the chain on the whole batch as the job batches it (read 4, analyse 4). Wall and CPU
     time (`time.thread_time`) are both kept; per file and per batch the fastest repeat counts
     (least disturbed by other processes on a shared machine). Per-stage times come from the
     stages' own `stage_seconds`.
@@ -745,7 +745,7 @@ def render(runs: list[dict[str, Any]]) -> str:
         lambda r: f"{_ms_pair(_one(r)['decode'])}; {_one(r)['decode_cpu_mean']:.0f}")
     row("default stage set per file (1-row batches): wall median / mean ms; CPU mean ms",
         lambda r: f"{_ms_pair(_one(r)['stages'])}; {_one(r)['stages_cpu_mean']:.0f}")
-    row("default stage set on batches like the job (read 8, analyse 4): wall / CPU mean ms",
+    row("default stage set on batches like the job (read 4, analyse 4): wall / CPU mean ms",
         lambda r: f"{_one(r)['batched_mean']:.0f} / {_one(r)['batched_cpu_mean']:.0f}")
     row("**ratio stage set / decode, batched, by CPU time** — goal ≤ 1.5×",
         lambda r: f"**{_one(r)['batched_ratio_cpu']:.2f}×**")

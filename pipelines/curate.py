@@ -269,9 +269,12 @@ def input_blocks(num_inputs: int, cpus: int) -> int:
     """Blocks of the listing: pass 1 is fused into one task per block.
 
     At least 8 per CPU, so that the last wave of tasks leaves little idle time; beyond that,
-    one per 64 inputs, so that the resume files (one per block) stay few.
+    one per 64 inputs, so that the resume files (one per block) stay few. A block holds at
+    least `FileReader.batch_size` inputs: Ray Data bundles smaller blocks up to a stage's batch
+    size, which would undo the split.
     """
-    return max(1, min(num_inputs, max(cpus * 8, num_inputs // 64)))
+    per_block = FileReader.batch_size
+    return max(1, min(num_inputs // per_block, max(cpus * 8, num_inputs // 64)))
 
 
 def _partitions(ctx_cpus: int) -> int:

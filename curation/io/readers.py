@@ -78,7 +78,7 @@ class FileReader(Stage):
     """
 
     name: ClassVar[str] = "read"
-    batch_size: ClassVar[int] = 8
+    batch_size: ClassVar[int] = 4
     reads: ClassVar[tuple[str, ...]] = (schema.SOURCE, SIDECAR)
     writes: ClassVar[tuple[str, ...]] = schema.READ_COLUMNS
     max_file_bytes: int = 512 * 1024 * 1024
