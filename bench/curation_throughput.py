@@ -498,7 +498,7 @@ def ray_pass1(
     from curation import schema
     from curation.io.readers import SIDECAR, FileReader
     from pipelines.config import load_config
-    from pipelines.curate import _apply, analysis_stages, input_blocks
+    from pipelines.curate import _apply, analysis_stages, input_blocks, no_operator_reservation
 
     cfg = load_config()
     ctx = rd.DataContext.get_current()
@@ -506,13 +506,14 @@ def ray_pass1(
     if max_block_mib:
         ctx.target_max_block_size = max_block_mib * 1024**2
     t0 = time.perf_counter()
-    ds = rd.from_items([{schema.SOURCE: p, SIDECAR: None} for p in paths],
-                       override_num_blocks=input_blocks(len(paths), cores))
-    ds = _apply(ds, FileReader(max_file_bytes=cfg.probe.max_file_bytes))
-    for stage in analysis_stages(cfg):
-        ds = _apply(ds, stage)
-    ds = ds.map_batches(_ray_sink, batch_format="pyarrow", zero_copy_batch=True, num_cpus=1)
-    rows = ds.take_all()
+    with no_operator_reservation(rd):
+        ds = rd.from_items([{schema.SOURCE: p, SIDECAR: None} for p in paths],
+                           override_num_blocks=input_blocks(len(paths), cores))
+        ds = _apply(ds, FileReader(max_file_bytes=cfg.probe.max_file_bytes))
+        for stage in analysis_stages(cfg):
+            ds = _apply(ds, stage)
+        ds = ds.map_batches(_ray_sink, batch_format="pyarrow", zero_copy_batch=True, num_cpus=1)
+        rows = ds.take_all()
     seconds = time.perf_counter() - t0
     ctx.target_max_block_size = default_max
     found = re.search(r"MapBatches\(PixelAnalyzer\)[^:\n]*: (\d+) tasks executed", ds.stats())

@@ -14,12 +14,13 @@ This module is the only place that knows Ray.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,7 +45,7 @@ from curation.dedup.near_dup import (
     pick_parent,
 )
 from curation.io.atomic import atomic_write, is_local, join
-from curation.io.listing import list_inputs
+from curation.io.listing import InputItem, list_inputs
 from curation.io.readers import SIDECAR, FileReader, TarReader
 from curation.probe.header_probe import EXTENSIONS, HeaderProbe
 from curation.shard.shard_writer import ShardWriter, plan_bucket, sample_key
@@ -265,6 +266,23 @@ def _jump(t: pa.Table) -> pa.Table:
     return t.append_column("moved", moved)
 
 
+@contextlib.contextmanager
+def no_operator_reservation(rd: Any) -> Iterator[None]:
+    """Turn off Ray Data's per-operator resource reservation while pass 1 runs.
+
+    Pass 1 is one fused operator per input stream. The reservation, which keeps the operators
+    of a longer pipeline from starving one another, here only leaves CPUs idle: 16 tasks of
+    0.5 s on 2 CPUs took 5.7 s with it and 4.2 s without (Ray 2.60).
+    """
+    ctx = rd.DataContext.get_current()
+    saved = ctx.op_resource_reservation_enabled
+    ctx.op_resource_reservation_enabled = False
+    try:
+        yield
+    finally:
+        ctx.op_resource_reservation_enabled = saved
+
+
 def input_blocks(num_inputs: int, cpus: int) -> int:
     """Blocks of the listing: pass 1 is fused into one task per block.
 
@@ -370,6 +388,40 @@ def _write_text(uri: str, text: str) -> None:
         fh.write(text)
 
 
+def _analyse(rd: Any, items: Sequence[InputItem], done: set[str], analysis: str, cpus: int,
+             cfg: JobConfig) -> int:
+    """Pass 1: read, probe and analyse every input not analysed yet; rows go to `analysis`.
+
+    Returns the number of inputs analysed in this run.
+    """
+    files = [i for i in items if i.kind == "file" and i.uri not in done]
+    tars = [i for i in items if i.kind == "tar"]
+    reader_cap = cfg.probe.max_file_bytes
+    streams = []
+    if files:
+        ds = rd.from_items(
+            [{schema.SOURCE: i.uri, SIDECAR: i.sidecar} for i in files],
+            override_num_blocks=input_blocks(len(files), cpus),
+        )
+        streams.append(_apply(ds, FileReader(max_file_bytes=reader_cap)))
+    if tars:
+        ds = rd.from_items([{schema.SOURCE: i.uri} for i in tars], override_num_blocks=len(tars))
+        ds = _apply(ds, TarReader(max_file_bytes=reader_cap))
+        if done:
+            ds = _apply(ds, SkipDone(done=frozenset(s for s in done if "#" in s)))
+        streams.append(ds)
+    analysed = 0
+    if streams:
+        sunk = []
+        for ds in streams:  # stages per stream, so Ray fuses read → analyse → sink in one task
+            for stage in analysis_stages(cfg):
+                ds = _apply(ds, stage)
+            sunk.append(_apply(ds, ParquetSink(folder=analysis)))
+        counts = sunk[0] if len(sunk) == 1 else sunk[0].union(*sunk[1:])
+        analysed = int(counts.sum("rows") or 0)
+    return analysed
+
+
 def run_curate(
     inputs: Sequence[str],
     output: str,
@@ -406,31 +458,8 @@ def run_curate(
     cpus = int(ray.cluster_resources().get("CPU", 1))
 
     # Pass 1: analyse, streaming, resumable.
-    files = [i for i in items if i.kind == "file" and i.uri not in done]
-    tars = [i for i in items if i.kind == "tar"]
-    reader_cap = cfg.probe.max_file_bytes
-    streams = []
-    if files:
-        ds = rd.from_items(
-            [{schema.SOURCE: i.uri, SIDECAR: i.sidecar} for i in files],
-            override_num_blocks=input_blocks(len(files), cpus),
-        )
-        streams.append(_apply(ds, FileReader(max_file_bytes=reader_cap)))
-    if tars:
-        ds = rd.from_items([{schema.SOURCE: i.uri} for i in tars], override_num_blocks=len(tars))
-        ds = _apply(ds, TarReader(max_file_bytes=reader_cap))
-        if done:
-            ds = _apply(ds, SkipDone(done=frozenset(s for s in done if "#" in s)))
-        streams.append(ds)
-    analysed = 0
-    if streams:
-        sunk = []
-        for ds in streams:  # stages per stream, so Ray fuses read → analyse → sink in one task
-            for stage in analysis_stages(cfg):
-                ds = _apply(ds, stage)
-            sunk.append(_apply(ds, ParquetSink(folder=analysis)))
-        counts = sunk[0] if len(sunk) == 1 else sunk[0].union(*sunk[1:])
-        analysed = int(counts.sum("rows") or 0)
+    with no_operator_reservation(rd):
+        analysed = _analyse(rd, items, done, analysis, cpus, cfg)
     echo(f"native4k: analysed {analysed} inputs in this run")
 
     # Pass 2: dedup across the whole job.
