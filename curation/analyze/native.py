@@ -34,7 +34,7 @@ grid) and the coherence at the **grid** frequencies 3/8, 1/2, 5/8, 3/4 (factors 
 Each test's statistic is divided by a threshold calibrated on real photographs and renders
 (``bench/calibrate_native.py``; tables and held-out figures in ``docs/native-detection.md``);
 the largest ratio ``E`` becomes ``score = 2 ** -E``, so ``score = 0.5`` is the decision
-boundary. About 15 ms for a 3840×2160 image on one core (profiles 6, coherence 9).
+boundary. About 19 ms for a 3840×2160 image on one core (profiles 6, coherence 12).
 """
 
 from __future__ import annotations
@@ -52,8 +52,8 @@ DEFAULT_NATIVE_THRESHOLD: float = 0.5
 # Calibrated on Debian's wallpaper photographs (see docs/native-detection.md).
 _SPECTRAL_THRESHOLD = 20.0  # both-axes periodogram peak (× background) per 2560×1440 px...
 _REFERENCE_PIXELS = 2560 * 1440
-_HARMONIC_THRESHOLD = 49.0  # cyclic coherence: harmonic sum of z (native_coherence)
-_GRID_THRESHOLDS = (12.7, 27.8, 55.4, 123.2)  # ... z at GRID: 1.1 × the natives' maxima
+_HARMONIC_THRESHOLD = 45.0  # cyclic coherence: harmonic sum of z (native_coherence)
+_GRID_THRESHOLDS = (11.6, 33.2, 63.1, 141.7)  # ... z at GRID: 1.1 × the natives' maxima
 _SPECTRAL_FLOOR = 8.0  # never below this (small images: chance peaks of the periodogram)
 _DEPTH_THRESHOLD = 5.0  # ...and its modulation depth (percent of the mean |difference|)
 _FOLD_T_THRESHOLD = 20.0  # |T| in percent of the mean |difference|

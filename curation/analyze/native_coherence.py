@@ -26,7 +26,7 @@ Two statistics come out:
 * **grid values**: ``z`` at ``α = 3/8, 1/2, 5/8, 3/4`` (factors 8/3, 2, 8/5, 4/3), which a JPEG
   grid also produces, so they get their own thresholds (in `curation.analyze.native`).
 
-About 9 ms for a 3840×2160 image on one core.
+About 12 ms for a 3840×2160 image on one core (256 rows per axis).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ _HARMONICS = 4
 _AMIN, _AMAX = 0.28, 0.84  # scanned cyclic frequencies (cycles/px)
 _LO, _HI = 0.30, 0.81  # candidate fundamentals
 _HALF_BAND = 0.03  # pairs v within this of alpha/2
-_ROWS = 192  # rows (columns) per axis; more rows: better recall, more time (256: ~12 ms)
+_ROWS = 256  # rows (columns) per axis: 192 rows save 3.5 ms but lose 2 points of recall
 _MAX_LEN = 2560  # longest row (column) segment analysed
 _GRID_MASK = 0.004
 _NUM_BANDS, _BANDS_USED, _TEXTURE_STEP = 16, 5, 8
