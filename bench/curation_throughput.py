@@ -870,7 +870,10 @@ def render(runs: list[dict[str, Any]]) -> str:
               f"- Per-image cost ≤ 1.5× one full decode: **{'met' if met else 'not met'}** — "
               + ", ".join(f"{x:.2f}×" for x in ratios) + f" by CPU time ({by} against the 1.5× "
               "goal); by wall time " + ", ".join(f"{_one(r)['batched_ratio']:.2f}×" for r in runs)
-              + "."]
+              + ". By kind of file (" + heads[-1] + "): " + "; ".join(
+                  f"{g} {v['ratio_mean']:.2f}×" for g, v in _one(last)["groups"].items())
+              + ("; real photographs (control) " + f"{last['photos']['batched_ratio_cpu']:.2f}×"
+                 if "photos" in last else "") + "."]
     if has_cores:
         ov = [r["cores"]["overhead_warm"] for r in runs]
         ok = ov[-1] <= 0.2
