@@ -49,6 +49,7 @@ _GRID_MASK = 0.004
 _NUM_BANDS, _BANDS_USED, _TEXTURE_STEP = 16, 5, 8
 
 
+@functools.lru_cache(maxsize=64)
 def _fast_len_below(n: int) -> int:
     """Largest 2^a 3^b 5^c <= n (fast for pocketfft)."""
     best = 1
@@ -65,6 +66,7 @@ def _fast_len_below(n: int) -> int:
     return best
 
 
+@functools.lru_cache(maxsize=64)
 def _fast_len_above(n: int) -> int:
     """Smallest 2^a 3^b 5^c >= n (fast for pocketfft)."""
     m = n

@@ -26,19 +26,16 @@ def _patch_is_flat(px: np.ndarray, py: np.ndarray, flat_variance: float) -> bool
     if e2 < flat_variance - margin:  # var ≤ E[m²]
         return True
     l1 = (cv2.norm(px, cv2.NORM_L1) + cv2.norm(py, cv2.NORM_L1)) / n
-    lo, hi = l1 / _SQRT2, min(l1, math.sqrt(e2))
-    if e2 - hi * hi >= flat_variance + margin:
-        return False
-    if e2 - lo * lo >= flat_variance - margin:  # not decided yet: bracket by max(|x|,|y|)
-        mx = (cv2.norm(cv2.add(px, py), cv2.NORM_L1)
-              + cv2.norm(cv2.subtract(px, py), cv2.NORM_L1)) / (2.0 * n)
-        lo, hi = max(lo, mx), min(hi, mx + (_SQRT2 - 1.0) * (l1 - mx))
-        if e2 - lo * lo < flat_variance - margin:
+    lo, hi = l1 / _SQRT2, min(l1, math.sqrt(e2))  # bracket of E[m]
+    for tighter in (False, True):
+        if tighter:  # not decided yet: bracket by max(|x|,|y|) too
+            mx = (cv2.norm(cv2.add(px, py), cv2.NORM_L1)
+                  + cv2.norm(cv2.subtract(px, py), cv2.NORM_L1)) / (2.0 * n)
+            lo, hi = max(lo, mx), min(hi, mx + (_SQRT2 - 1.0) * (l1 - mx))
+        if e2 - lo * lo < flat_variance - margin:  # even the largest variance is flat
             return True
-        if e2 - hi * hi >= flat_variance + margin:
+        if e2 - hi * hi >= flat_variance + margin:  # even the smallest is not
             return False
-    else:
-        return True
     m = cv2.magnitude(px.astype(np.float64), py.astype(np.float64))
     return float((m * m).mean() - m.mean() ** 2) < flat_variance
 
