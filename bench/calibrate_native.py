@@ -242,6 +242,8 @@ def main() -> None:
             hits[(kind, "fq", factor, q)].append(rejected)
             hits[(kind, "fm", factor, method)].append(rejected)
             hits[(kind, "all")].append(rejected)
+            if kind == "upscaled" and q >= 90:
+                hits[(kind, "jpeg")].append(rejected)
             if kind == "upscaled_real":
                 hits[(kind, "rq", factor, q)].append(rejected)
                 hits[(kind, "rm", factor, method)].append(rejected)
@@ -253,9 +255,9 @@ def main() -> None:
                 if rejected:
                     false_by_picture[r["name"]].append(f"{method} q{q}: {detail}")
 
-    def rate(key: tuple) -> str:
+    def rate(key: tuple, digits: int = 2) -> str:
         v = hits[key]
-        return f"{np.mean(v):.2f}" if v else "-"
+        return f"{np.mean(v):.{digits}f}" if v else "-"
 
     print(f"# native_score calibration — {len(results)} pictures, {platform.machine()}, "
           f"{elapsed:.0f} s, threshold {DEFAULT_NATIVE_THRESHOLD}\n")
@@ -270,7 +272,9 @@ def main() -> None:
     for f in FACTORS:
         print(f"| {f} | " + " | ".join(rate(("upscaled", "fm", f, m)) for m in METHODS) + " |")
     n_up = len(hits[("upscaled", "all")])
-    print(f"\nOverall recall: {rate(('upscaled', 'all'))} of {n_up} upscaled images.\n")
+    print(f"\nOverall recall: {rate(('upscaled', 'all'), 3)} of {n_up} upscaled images; "
+          f"saved as JPEG q90–q100 only: {rate(('upscaled', 'jpeg'), 3)} of "
+          f"{len(hits[('upscaled', 'jpeg')])}.\n")
     print("## Recall on pictures upscaled as they are (own JPEG history), by factor\n")
     print("| factor | q90 | q95 | " + " | ".join(METHODS) + " |")
     print("|---" * (len(METHODS) + 3) + "|")
@@ -279,15 +283,16 @@ def main() -> None:
         cells += [rate(("upscaled_real", "rm", f, m)) for m in METHODS]
         print(f"| {f} | " + " | ".join(cells) + " |")
     n_real = len(hits[("upscaled_real", "all")])
-    print(f"\nOverall: {rate(('upscaled_real', 'all'))} of {n_real}.\n")
+    print(f"\nOverall: {rate(('upscaled_real', 'all'), 3)} of {n_real}.\n")
     print("## False rejections of natives\n")
     print("| variant | quality | rate | n |\n|---|---|---|---|")
     for key in sorted(k for k in hits if k[0] in ("native", "native_area") and len(k) == 3):
         print(f"| {key[0]}: {key[1]} | {key[2] or 'PNG'} | {rate(key)} | {len(hits[key])} |")
     n_nat = len(hits[("native", "all")])
-    print(f"\nAll natives (without cv2 INTER_AREA downscales): {rate(('native', 'all'))} of "
-          f"{n_nat}; without the suspected {SUSPECTED}: {rate(('native_clean', 'all'))}; "
-          f"cv2 INTER_AREA downscales: {rate(('native_area', 'all'))}.\n")
+    print(f"\nAll natives (without cv2 INTER_AREA downscales): {rate(('native', 'all'), 3)} of "
+          f"{n_nat}; without the suspected {SUSPECTED}: {rate(('native_clean', 'all'), 3)} of "
+          f"{len(hits[('native_clean', 'all')])}; cv2 INTER_AREA downscales: "
+          f"{rate(('native_area', 'all'), 3)}.\n")
     for name, items in sorted(false_by_picture.items()):
         print(f"- {name}: {len(items)} false: {items[0]}")
 

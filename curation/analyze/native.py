@@ -52,8 +52,10 @@ DEFAULT_NATIVE_THRESHOLD: float = 0.5
 # Calibrated on Debian's wallpaper photographs (see docs/native-detection.md).
 _SPECTRAL_THRESHOLD = 20.0  # both-axes periodogram peak (× background) per 2560×1440 px...
 _REFERENCE_PIXELS = 2560 * 1440
-_HARMONIC_THRESHOLD = 45.0  # cyclic coherence: harmonic sum of z (native_coherence)
-_GRID_THRESHOLDS = (11.6, 33.2, 63.1, 141.7)  # ... z at GRID: 1.1 × the natives' maxima
+_HARMONIC_THRESHOLD = 55.0  # cyclic coherence: harmonic sum of z (native_coherence)
+_GRID_THRESHOLDS = (15.4, 42.7, 90.0, 199.5)  # ... z at GRID: 1.1 × the natives' maxima
+_QUARTER_THRESHOLD = 34.0  # ... 4-px period beyond the JPEG grid (`_quarter_period`)
+_QUARTER_GRID_WEIGHT = 0.5
 _SPECTRAL_FLOOR = 8.0  # never below this (small images: chance peaks of the periodogram)
 _DEPTH_THRESHOLD = 5.0  # ...and its modulation depth (percent of the mean |difference|)
 _FOLD_T_THRESHOLD = 20.0  # |T| in percent of the mean |difference|
@@ -275,13 +277,31 @@ def _profile_evidence(gray: np.ndarray) -> tuple[float, float, str]:
     return fold, fold_factor, f"{fold_detail} (≈{fold_factor:.2f}× upscale)"
 
 
+def _quarter_period(grid: list[float]) -> float:
+    """Coherence of a 4-px period (a 4/3 upscale) in excess of the JPEG grid's.
+
+    A JPEG grid is cyclostationary at every ``k/8``; resampling with a 4-px period adds ``1/4``,
+    ``1/2`` and ``3/4`` only. So the geometric mean of ``z`` at 1/2 and 3/4, less half the ``z``
+    at 5/8 (an odd eighth, which only the JPEG grid feeds), grows with the resampling and not
+    with the grid.
+    """
+    z = dict(zip(GRID, grid, strict=True))
+    return float(np.sqrt(z[0.5] * z[0.75]) - _QUARTER_GRID_WEIGHT * z[0.625])
+
+
 def _coherence_evidence(gray: np.ndarray) -> tuple[float, float, str]:
     """(evidence ratio, factor, detail) of the cyclic-coherence tests (harmonic and grid)."""
     harmonic, alpha1, grid = coherence_statistics(gray)
+    quarter = _quarter_period(grid)
     ratios = [harmonic / _HARMONIC_THRESHOLD] + [
         z / t for z, t in zip(grid, _GRID_THRESHOLDS, strict=True)
-    ]
+    ] + [quarter / _QUARTER_THRESHOLD]
     j = int(np.argmax(ratios))
+    if j == len(ratios) - 1:
+        return ratios[j], 4 / 3, (
+            f"coherent spectral correlation at 1/2 and 3/4 cyc/px (z={grid[1]:.0f}, "
+            f"{grid[3]:.0f}) beyond the JPEG-grid level at 5/8 (z={grid[2]:.0f}): a 4-px "
+            f"resampling period (≈1.33× or 2× upscale)")
     if j == 0:
         alias = 1.0 / max((2 * alpha1) % 1.0, 1e-3)
         return ratios[0], 1.0 / alpha1, (

@@ -147,3 +147,13 @@ def test_cyclic_coherence_catches_q90_upscales(factor: float, method: str) -> No
         caught += ev.score < THR
         by_coherence += ev.score < THR and ev.detail.startswith("coherent spectral correlation")
     assert caught >= 3 and by_coherence >= 3
+
+
+@pytest.mark.parametrize("method", ["pil_bicubic", "pil_lanczos"])
+def test_four_pixel_period_catches_q90_four_thirds(method: str) -> None:
+    """4/3 puts every cyclic frequency on the JPEG grid; its 1/2 and 3/4 excess still shows."""
+    caught = 0
+    for path in PHOTOS:
+        ev = native_score(_jpeg(_upscale(_photo(path, 2560, 1600), 4 / 3, method), 90))
+        caught += ev.score < THR
+    assert caught >= 3
