@@ -244,6 +244,7 @@ def main() -> None:
             hits[(kind, "all")].append(rejected)
             if kind == "upscaled" and q >= 90:
                 hits[(kind, "jpeg")].append(rejected)
+                hits[(kind, "jpeg", method.split("_")[0])].append(rejected)
             if kind == "upscaled_real":
                 hits[(kind, "rq", factor, q)].append(rejected)
                 hits[(kind, "rm", factor, method)].append(rejected)
@@ -274,7 +275,9 @@ def main() -> None:
     n_up = len(hits[("upscaled", "all")])
     print(f"\nOverall recall: {rate(('upscaled', 'all'), 3)} of {n_up} upscaled images; "
           f"saved as JPEG q90–q100 only: {rate(('upscaled', 'jpeg'), 3)} of "
-          f"{len(hits[('upscaled', 'jpeg')])}.\n")
+          f"{len(hits[('upscaled', 'jpeg')])} (PIL's resizers "
+          f"{rate(('upscaled', 'jpeg', 'pil'), 3)}, "
+          f"OpenCV's {rate(('upscaled', 'jpeg', 'cv'), 3)}).\n")
     print("## Recall on pictures upscaled as they are (own JPEG history), by factor\n")
     print("| factor | q90 | q95 | " + " | ".join(METHODS) + " |")
     print("|---" * (len(METHODS) + 3) + "|")

@@ -27,14 +27,16 @@ Two tests on the profiles:
   patterns but large for resampling with a period of 2, 4 or 8 pixels (the phase test for
   integer factors).
 
-and two on the cyclic coherence: a **harmonic** sum of the coherence at ``k/f`` (off the JPEG
-grid) and the coherence at the **grid** frequencies 3/8, 1/2, 5/8, 3/4 (factors 8/3, 2, 8/5,
-4/3), above what JPEG grids of native photographs reach.
+and three on the cyclic coherence: a **harmonic** sum of the coherence at ``k/f`` (off the JPEG
+grid); the coherence at the **grid** frequencies 3/8, 1/2, 5/8, 3/4 (factors 8/3, 2, 8/5, 4/3),
+above what JPEG grids of native photographs reach; and a **4-px period** (factor 4/3, whose
+cyclic frequencies all lie on the grid): the coherence at 1/2 and 3/4 in excess of the level at
+5/8, which only a JPEG grid feeds.
 
 Each test's statistic is divided by a threshold calibrated on real photographs and renders
 (``bench/calibrate_native.py``; tables and held-out figures in ``docs/native-detection.md``);
 the largest ratio ``E`` becomes ``score = 2 ** -E``, so ``score = 0.5`` is the decision
-boundary. About 19 ms for a 3840×2160 image on one core (profiles 6, coherence 12).
+boundary. About 24 ms for a 3840×2160 image on one core (profiles 6, coherence 18).
 """
 
 from __future__ import annotations
