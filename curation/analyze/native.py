@@ -68,6 +68,9 @@ _MIN_FREQ = 0.065  # cycles/px below which image content (and render patterns) d
 _GRID_MASK = 0.004  # half-width (cycles/px) of the masks around the JPEG lines k/8
 _FREQ_TOL = 0.0015  # how far apart (cycles/px) the two axes' lines may be
 _MIN_SIDE = 64
+# The analysed window: the centre of the image, at most the size of the calibration pictures
+# (2560×1600 plus the pixel the differences use), long side along the image's long side.
+_WINDOW_LONG, _WINDOW_SHORT = 2561, 1601
 _TEXTURE_STEP = 8  # subsampling of the cheap texture map used to choose bands
 _NUM_BANDS = 16  # the image is cut into this many bands per axis...
 _BANDS_USED = 5  # ...and the most textured of them are analysed
@@ -292,7 +295,7 @@ def _quarter_period(grid: list[float]) -> float:
 
 
 def _coherence_evidence(gray: np.ndarray) -> tuple[float, float, str]:
-    """(evidence ratio, factor, detail) of the cyclic-coherence tests (harmonic and grid)."""
+    """(evidence ratio, factor, detail) of the cyclic-coherence tests (harmonic, grid, 4-px)."""
     harmonic, alpha1, grid = coherence_statistics(gray)
     quarter = _quarter_period(grid)
     ratios = [harmonic / _HARMONIC_THRESHOLD] + [
@@ -315,6 +318,18 @@ def _coherence_evidence(gray: np.ndarray) -> tuple[float, float, str]:
     return ratios[j], 1.0 / g, detail
 
 
+def _central_window(gray: np.ndarray) -> np.ndarray:
+    """The centre of ``gray``, at most ``_WINDOW_LONG`` × ``_WINDOW_SHORT`` pixels (a view).
+
+    The thresholds hold for this much image: the statistics of a coherent trace, and of a
+    native's JPEG grid alike, grow with the pixels analysed. It also bounds the cost at 4K.
+    """
+    h, w = gray.shape
+    mh, mw = (_WINDOW_SHORT, _WINDOW_LONG) if w >= h else (_WINDOW_LONG, _WINDOW_SHORT)
+    y, x = max(0, (h - mh) // 2), max(0, (w - mw) // 2)
+    return gray[y : y + mh, x : x + mw]
+
+
 def native_score(gray: np.ndarray) -> NativeEvidence:
     """Score how likely a grayscale image is at its native resolution (not upscaled).
 
@@ -331,7 +346,7 @@ def native_score(gray: np.ndarray) -> NativeEvidence:
         raise ValueError(f"expected a 2-D uint8 array, got {gray.dtype} {gray.shape}")
     if min(gray.shape) < _MIN_SIDE:
         raise ValueError(f"image too small for resampling analysis: {gray.shape}")
-    gray = np.ascontiguousarray(gray)
+    gray = np.ascontiguousarray(_central_window(gray))
     tests = [_profile_evidence(gray), _coherence_evidence(gray)]
     evidence, factor, detail = max(tests, key=lambda t: t[0])
     score = float(2.0 ** -evidence)

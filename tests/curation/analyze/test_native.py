@@ -157,3 +157,16 @@ def test_four_pixel_period_catches_q90_four_thirds(method: str) -> None:
         ev = native_score(_jpeg(_upscale(_photo(path, 2560, 1600), 4 / 3, method), 90))
         caught += ev.score < THR
     assert caught >= 3
+
+
+def test_large_images_are_judged_on_their_central_window() -> None:
+    """The thresholds hold for a 2560×1600 window; a 4K image is judged on its centre."""
+    def judged(a: np.ndarray) -> tuple[float, str]:
+        ev = native_score(np.ascontiguousarray(a))
+        return ev.score, ev.detail
+
+    img = _texture(2160, 3840, seed=3)
+    centre = img[279 : 279 + 1601, 639 : 639 + 2561]
+    assert judged(img) == judged(centre)
+    assert judged(img.T) == judged(centre.T)  # portrait: the window turns with the image
+    assert judged(img) != judged(img[:1601, :2561])  # another window, other statistics
