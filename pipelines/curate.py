@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -283,6 +284,17 @@ def no_operator_reservation(rd: Any) -> Iterator[None]:
         ctx.op_resource_reservation_enabled = saved
 
 
+def configure_progress(rd: Any, interactive: bool) -> None:
+    """Progress bars on a terminal; in a log, only the job's total progress.
+
+    Without a terminal Ray Data logs every operator's state every 10 s (about 15 lines per
+    dataset), which buries the job's own lines in batch and cluster logs.
+    """
+    ctx = rd.DataContext.get_current()
+    ctx.enable_progress_bars = True
+    ctx.enable_operator_progress_bars = interactive
+
+
 def input_blocks(num_inputs: int, cpus: int) -> int:
     """Blocks of the listing: pass 1 is fused into one task per block.
 
@@ -454,7 +466,7 @@ def run_curate(
 
     ray = init_ray(cfg, ray_address)
     rd = ray.data
-    rd.DataContext.get_current().enable_progress_bars = True
+    configure_progress(rd, sys.stdout.isatty())
     cpus = int(ray.cluster_resources().get("CPU", 1))
 
     # Pass 1: analyse, streaming, resumable.
