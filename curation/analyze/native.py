@@ -93,45 +93,60 @@ class NativeEvidence(NamedTuple):
     detail: str
 
 
-def _band_starts(texture: np.ndarray, size: int, count: int, step: int) -> list[int]:
-    """Start offsets of the ``count`` most textured of the bands of ``size`` pixels.
+Bands = list[tuple[int, int]]
 
-    ``texture`` holds one value per ``step`` pixels along the axis.
+
+def _top_bands(texture: np.ndarray, length: int) -> Bands:
+    """The ``_BANDS_USED`` most textured of the bands along an axis of ``length`` pixels.
+
+    ``texture`` holds one value per ``_TEXTURE_STEP`` pixels along the axis; bands are
+    ``(start, stop)`` in order.
     """
-    n = texture.size * step // size
-    per_band = [float(texture[i * size // step : (i + 1) * size // step].sum()) for i in range(n)]
-    order = np.argsort(per_band)[::-1][:count]
-    return sorted(int(i) * size for i in order)
+    size = max(_TEXTURE_STEP, length // _NUM_BANDS // _TEXTURE_STEP * _TEXTURE_STEP)
+    n = texture.size * _TEXTURE_STEP // size
+    per_band = [float(texture[i * size // _TEXTURE_STEP : (i + 1) * size // _TEXTURE_STEP].sum())
+                for i in range(n)]
+    order = np.argsort(per_band)[::-1][:_BANDS_USED]
+    return [(int(i) * size, min(length, (int(i) + 1) * size)) for i in sorted(order)]
 
 
-def _profiles(gray: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+def _textured_bands(gray: np.ndarray) -> tuple[Bands, Bands]:
+    """The most textured horizontal and vertical bands, from a sparse texture map.
+
+    Flat regions (sky) carry no resampling trace, only JPEG noise; both the profile and the
+    coherence tests analyse these bands only.
+    """
+    sub = gray[::_TEXTURE_STEP, ::_TEXTURE_STEP].astype(np.int16)
+    rows = _top_bands(np.abs(np.diff(sub, axis=1)).sum(axis=1), gray.shape[0])
+    cols = _top_bands(np.abs(np.diff(sub, axis=0)).sum(axis=0), gray.shape[1])
+    return rows, cols
+
+
+def _profiles(
+    gray: np.ndarray, row_bands: Bands, col_bands: Bands
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
     """Mean |first| and |second| differences per column (x) and per row (y).
 
     Only the most textured horizontal bands feed the x profiles and the most textured vertical
     bands the y profiles (about a third of the image each), which keeps the cost low and the
-    flat regions (sky), which carry no resampling trace, out.
+    flat regions out.
 
     Returns:
         The x and y profiles and the number of pixels averaged into them.
     """
     h, w = gray.shape
-    sub = gray[::_TEXTURE_STEP, ::_TEXTURE_STEP].astype(np.int16)
-    tex_rows = np.abs(np.diff(sub, axis=1)).sum(axis=1)
-    tex_cols = np.abs(np.diff(sub, axis=0)).sum(axis=0)
     sums = [np.zeros(w - 1, np.float64), np.zeros(w - 2, np.float64),
             np.zeros(h - 1, np.float64), np.zeros(h - 2, np.float64)]
     used = 0
-    band = max(_TEXTURE_STEP, h // _NUM_BANDS // _TEXTURE_STEP * _TEXTURE_STEP)
-    for y in _band_starts(tex_rows, band, _BANDS_USED, _TEXTURE_STEP):
-        rows = gray[y : y + band]
+    for y0, y1 in row_bands:
+        rows = gray[y0:y1]
         d2 = cv2.convertScaleAbs(cv2.filter2D(rows, cv2.CV_16S, _D2_X))[:, 1:-1]
         sums[0] += cv2.reduce(cv2.absdiff(rows[:, 1:], rows[:, :-1]), 0, cv2.REDUCE_SUM,
                               dtype=cv2.CV_32F).ravel()
         sums[1] += cv2.reduce(d2, 0, cv2.REDUCE_SUM, dtype=cv2.CV_32F).ravel()
         used += rows.size
-    band = max(_TEXTURE_STEP, w // _NUM_BANDS // _TEXTURE_STEP * _TEXTURE_STEP)
-    for x in _band_starts(tex_cols, band, _BANDS_USED, _TEXTURE_STEP):
-        cols = gray[:, x : x + band]
+    for x0, x1 in col_bands:
+        cols = gray[:, x0:x1]
         d2 = cv2.convertScaleAbs(cv2.filter2D(cols, cv2.CV_16S, _D2_X.T))[1:-1]
         sums[2] += cv2.reduce(cv2.absdiff(cols[1:], cols[:-1]), 1, cv2.REDUCE_SUM,
                               dtype=cv2.CV_32F).ravel()
@@ -270,9 +285,9 @@ def _factor_from_frequency(freq: float) -> tuple[float, str]:
     return low, f"≈{low:.2f}× or {high:.2f}× upscale"
 
 
-def _profile_evidence(gray: np.ndarray) -> tuple[float, float, str]:
+def _profile_evidence(gray: np.ndarray, bands: tuple[Bands, Bands]) -> tuple[float, float, str]:
     """(evidence ratio, factor, detail) of the profile tests (spectral line and block fold)."""
-    p1x, p2x, p1y, p2y, used = _profiles(gray)
+    p1x, p2x, p1y, p2y, used = _profiles(gray, *bands)
     threshold = max(_SPECTRAL_FLOOR, _SPECTRAL_THRESHOLD * used / _REFERENCE_PIXELS)
     spectral, freq, strength, depth = _spectral_evidence(p1x, p2x, p1y, p2y, threshold)
     fold, fold_detail, fold_factor = _fold_evidence(p1x, p1y)
@@ -295,9 +310,9 @@ def _quarter_period(grid: list[float]) -> float:
     return float(np.sqrt(z[0.5] * z[0.75]) - _QUARTER_GRID_WEIGHT * z[0.625])
 
 
-def _coherence_evidence(gray: np.ndarray) -> tuple[float, float, str]:
+def _coherence_evidence(gray: np.ndarray, bands: tuple[Bands, Bands]) -> tuple[float, float, str]:
     """(evidence ratio, factor, detail) of the cyclic-coherence tests (harmonic, grid, 4-px)."""
-    harmonic, alpha1, grid = coherence_statistics(gray)
+    harmonic, alpha1, grid = coherence_statistics(gray, *bands)
     quarter = _quarter_period(grid)
     ratios = [harmonic / _HARMONIC_THRESHOLD] + [
         z / t for z, t in zip(grid, _GRID_THRESHOLDS, strict=True)
@@ -348,7 +363,8 @@ def native_score(gray: np.ndarray) -> NativeEvidence:
     if min(gray.shape) < _MIN_SIDE:
         raise ValueError(f"image too small for resampling analysis: {gray.shape}")
     gray = np.ascontiguousarray(_central_window(gray))
-    tests = [_profile_evidence(gray), _coherence_evidence(gray)]
+    bands = _textured_bands(gray)
+    tests = [_profile_evidence(gray, bands), _coherence_evidence(gray, bands)]
     evidence, factor, detail = max(tests, key=lambda t: t[0])
     score = float(2.0 ** -evidence)
     if evidence < 1.0:

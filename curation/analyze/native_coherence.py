@@ -7,9 +7,10 @@ then has the same phase, set by the global resampling grid, in every row; in a n
 (stationary) image it is a random-phase term that averages out (Gardner's spectral
 correlation; Vázquez-Padín & Pérez-González on resampling forensics).
 
-Per axis, ``_ROWS`` rows (columns) are taken from the 5 most textured of 16 bands, cut to their
-central 2561 pixels at most (a cost cap), differentiated (whitening), Hann-windowed and
-transformed; each frequency is divided by its row-averaged magnitude. For every ``α`` in
+Per axis, up to ``_ROWS`` rows (columns) spread over the textured bands the caller chose (the
+same bands as the profile tests in `curation.analyze.native`, whose window also bounds the
+length) are differentiated (whitening), Hann-windowed and transformed; each frequency is
+divided by its row-averaged magnitude. For every ``α`` in
 ``[0.28, 0.84]`` cycles/px, ``C(α) = Σ_rows Σ_v X(v) X(α − v)`` over pairs ``v`` within ``±0.03``
 of ``α/2`` (one small FFT autoconvolution per frequency band, summed over rows before the
 inverse transform, so the sum stays phase-coherent) is normalised as a Rayleigh statistic
@@ -45,9 +46,7 @@ _AMIN, _AMAX = 0.28, 0.84  # scanned cyclic frequencies (cycles/px)
 _LO, _HI = 0.30, 0.81  # candidate fundamentals
 _HALF_BAND = 0.03  # pairs v within this of alpha/2
 _ROWS = 512  # rows (columns) per axis; z of a coherent trace grows with sqrt(rows)
-_MAX_LEN = 2560  # longest row (column) segment analysed
 _GRID_MASK = 0.004
-_NUM_BANDS, _BANDS_USED, _TEXTURE_STEP = 16, 5, 8
 
 
 @functools.lru_cache(maxsize=64)
@@ -76,21 +75,12 @@ def _fast_len_above(n: int) -> int:
     return m
 
 
-def _pick_rows(length: int, tex: np.ndarray) -> tuple[list[tuple[int, int]], np.ndarray]:
-    """The most textured bands of ``length`` rows, and up to ``_ROWS`` rows spread over them.
-
-    ``tex`` holds the texture of every ``_TEXTURE_STEP``-th row (column). Returns the bands as
-    ``(start, stop)`` in order and the chosen rows as positions in the bands' concatenation.
-    """
-    band = max(_TEXTURE_STEP, length // _NUM_BANDS // _TEXTURE_STEP * _TEXTURE_STEP)
-    n = length // band
-    per = [tex[i * band // _TEXTURE_STEP : (i + 1) * band // _TEXTURE_STEP].sum() for i in range(n)]
-    bands = [(i * band, (i + 1) * band) for i in sorted(np.argsort(per)[::-1][:_BANDS_USED])]
-    total = band * len(bands)
-    pos = np.arange(total)
-    if total > _ROWS:
-        pos = np.round(np.linspace(0, total - 1, _ROWS)).astype(int)
-    return bands, pos
+def _spread(bands: list[tuple[int, int]]) -> np.ndarray:
+    """Up to ``_ROWS`` indices spread evenly over the rows of ``bands`` (``(start, stop)``)."""
+    idx = np.concatenate([np.arange(a, b) for a, b in bands])
+    if idx.size > _ROWS:
+        idx = idx[np.round(np.linspace(0, idx.size - 1, _ROWS)).astype(int)]
+    return idx
 
 
 @functools.lru_cache(maxsize=8)
@@ -101,9 +91,6 @@ def _hann(k: int) -> np.ndarray:
 
 def _axis_coherence(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Cyclic frequencies (cycles/px) and Rayleigh statistic ``z`` of the rows of ``rows``."""
-    if rows.shape[1] > _MAX_LEN + 1:  # cost cap: the central _MAX_LEN + 1 pixels of each row
-        start = (rows.shape[1] - _MAX_LEN - 1) // 2
-        rows = rows[:, start : start + _MAX_LEN + 1]
     w = rows.shape[1]
     n = _fast_len_below(w)
     k = min(n, w - 1)
@@ -162,20 +149,14 @@ def _sliding_max(v: np.ndarray, half: int) -> np.ndarray:
     return np.lib.stride_tricks.sliding_window_view(np.pad(v, half), 2 * half + 1).max(axis=1)
 
 
-def _combined(gray: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _combined(
+    gray: np.ndarray, row_bands: list[tuple[int, int]], col_bands: list[tuple[int, int]]
+) -> tuple[np.ndarray, np.ndarray]:
     """Both axes' ``z`` on the x axis's frequency grid, combined with ``min``."""
-    sub = gray[::_TEXTURE_STEP, ::_TEXTURE_STEP].astype(np.int16)
-    bands, pos = _pick_rows(gray.shape[0], np.abs(np.diff(sub, axis=1)).sum(axis=1))
-    rows = np.concatenate([np.arange(a, b) for a, b in bands])[pos]
-    ax, zx = _axis_coherence(gray[rows])
-    bands, pos = _pick_rows(gray.shape[1], np.abs(np.diff(sub, axis=0)).sum(axis=0))
-    h = gray.shape[0]
-    if h > _MAX_LEN + 1:
-        start = (h - _MAX_LEN - 1) // 2
-        gray = gray[start : start + _MAX_LEN + 1]
+    ax, zx = _axis_coherence(gray[_spread(row_bands)])
     # columns as rows: transpose only the chosen bands
-    cols = np.concatenate([cv2.transpose(gray[:, a:b]) for a, b in bands])[pos]
-    ay, zy = _axis_coherence(cols)
+    cols = np.concatenate([cv2.transpose(gray[:, a:b]) for a, b in col_bands])
+    ay, zy = _axis_coherence(cols[_spread([(0, cols.shape[0])])])
     ym = _sliding_max(zy, max(1, int(np.ceil(0.0012 / (ay[1] - ay[0])))))
     xm = _sliding_max(zx, max(1, int(np.ceil(0.0004 / (ax[1] - ax[0])))))
     return ax, np.minimum(xm, np.interp(ax, ay, ym))
@@ -198,11 +179,15 @@ def _harmonic(alpha: np.ndarray, z: np.ndarray) -> tuple[float, float]:
     return float(total[i]), float(cand[i])
 
 
-def coherence_statistics(gray: np.ndarray) -> tuple[float, float, list[float]]:
+def coherence_statistics(
+    gray: np.ndarray, row_bands: list[tuple[int, int]], col_bands: list[tuple[int, int]]
+) -> tuple[float, float, list[float]]:
     """Raw statistics: (harmonic sum, its fundamental, combined ``z`` at each of `GRID`).
 
-    ``gray`` is a 2-D uint8 array of at least 64×64 pixels (checked by the caller).
+    ``gray`` is a C-contiguous 2-D uint8 array of at least 64×64 pixels; ``row_bands`` and
+    ``col_bands`` are the ``(start, stop)`` horizontal and vertical bands to analyse (checked and
+    chosen by the caller).
     """
-    alpha, z = _combined(np.ascontiguousarray(gray))
+    alpha, z = _combined(gray, row_bands, col_bands)
     h, a1 = _harmonic(alpha, z)
     return h, a1, [float(z[np.abs(alpha - g) < 0.0008].max(initial=0.0)) for g in GRID]
