@@ -20,10 +20,11 @@ scales both axes, so the two axes' ``z`` are combined with ``min`` (within a bin
 Two statistics come out:
 
 * **harmonic sum**: for each candidate fundamental ``α1 ∈ [0.30, 0.81]`` (``f`` ≈ 1.23–3.3),
-  ``z`` at ``k α1 mod 1``, ``k = 1..4``, summed, skipping ±0.004 around multiples of 1/8 (the
-  JPEG block grid is cyclostationary there too). JPEG at q90 wipes out the fundamental's
-  coherence near the source Nyquist for small factors; the harmonics' pairs sit lower in
-  frequency and survive.
+  ``z`` at ``k α1 mod 1``, ``k = 1..4``, summed, skipping ±0.002 around multiples of 1/8 (the
+  JPEG block grid is cyclostationary there too; 0.002 is the width a grid line keeps after the
+  window's main lobe and the axes' matching tolerance, so factors just off 4/3, 8/5 or 2 stay
+  visible). JPEG at q90 wipes out the fundamental's coherence near the source Nyquist for small
+  factors; the harmonics' pairs sit lower in frequency and survive.
 * **grid values**: ``z`` at ``α = 3/8, 1/2, 5/8, 3/4`` (factors 8/3, 2, 8/5, 4/3), which a JPEG
   grid also produces, so they get their own thresholds (in `curation.analyze.native`).
 
@@ -46,7 +47,7 @@ _AMIN, _AMAX = 0.28, 0.84  # scanned cyclic frequencies (cycles/px)
 _LO, _HI = 0.30, 0.81  # candidate fundamentals
 _HALF_BAND = 0.03  # pairs v within this of alpha/2
 _ROWS = 512  # rows (columns) per axis; z of a coherent trace grows with sqrt(rows)
-_GRID_MASK = 0.004
+_GRID_MASK = 0.002  # half-width (cycles/px) skipped around k/8 by the harmonic sum
 
 
 @functools.lru_cache(maxsize=64)

@@ -170,3 +170,40 @@ def test_large_images_are_judged_on_their_central_window() -> None:
     assert judged(img) == judged(centre)
     assert judged(img.T) == judged(centre.T)  # portrait: the window turns with the image
     assert judged(img) != judged(img[:1601, :2561])  # another window, other statistics
+
+
+def _full(path: str, package: str) -> np.ndarray:
+    """A whole picture's luma, as the job analyses it."""
+    if not os.path.exists(path):
+        pytest.skip(f"{path} missing: apt-get install {package}")
+    with Image.open(path) as im:
+        return np.asarray(im.convert("L"))
+
+
+BACKGROUNDS = "/usr/share/backgrounds"
+
+
+@pytest.mark.parametrize("quality", [0, 90])
+def test_an_enlargement_shipped_as_a_wallpaper_is_caught(quality: int) -> None:
+    """A real fake: 4224×3168 is exactly 1.294× a 3264×2448 (8 MP) camera frame."""
+    g = _full(f"{BACKGROUNDS}/Dragonfly_by_Bolly.jpg", "lomiri-wallpapers-16.04")
+    ev = native_score(_jpeg(g, quality) if quality else g)
+    assert ev.score < THR, ev
+    assert _close_to(ev.factor, (1.294, 4.41)), ev
+
+
+@pytest.mark.parametrize("name", [
+    "Patak/contents/images_dark/3840x2160.png",  # a 4K render
+    "sunset_by_Aitzol_Berasategi.jpg",  # 4272×2848 camera photographs, held out of calibration
+    "seeding_by_Clements_Engelhardt.jpg",
+    "Kleiber_by_Lukas_Baubkus.jpg",
+])
+def test_large_native_files_stay_native(name: str) -> None:
+    """Native files of 8 to 20 MP, at full size and re-encoded at q90."""
+    path = f"{WALL}/Patak/{name[6:]}" if name.startswith("Patak/") else f"{BACKGROUNDS}/{name}"
+    package = "plasma-workspace-wallpapers" if name.startswith("Patak/") else (
+        "lomiri-wallpapers-20.04" if "Kleiber" in name else "lomiri-wallpapers-16.04")
+    g = _full(path, package)
+    for img in (g, _jpeg(g, 90)):
+        ev = native_score(img)
+        assert ev.score >= THR, ev
