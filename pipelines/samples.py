@@ -107,8 +107,8 @@ def _real_photos(limit: int) -> list[Path]:
         for p in sorted(root.rglob("*")):
             if p.is_symlink() or p.suffix.lower() not in (".jpg", ".jpeg", ".png"):
                 continue
-            if "screenshot" in p.name:
-                continue
+            if "screenshot" in p.name or len(p.parts) == len(root.parts) + 1:
+                continue  # loose files (other packages' wallpapers) are not themes
             theme = p.parts[len(root.parts)]
             with Image.open(p) as im:
                 pixels = im.size[0] * im.size[1]
