@@ -21,6 +21,9 @@ import numpy as np
 from PIL import Image
 
 REAL_PHOTO_DIRS = ("/usr/share/wallpapers", "/usr/share/backgrounds")
+# A real fake: 4224×3168 is exactly 1.294× a 3264×2448 (8 MP) camera frame, shipped by Debian's
+# lomiri-wallpapers-16.04 (see docs/native-detection.md).
+REAL_ENLARGEMENT = Path("/usr/share/backgrounds/Dragonfly_by_Bolly.jpg")
 ANY = "*"  # expected outcome not fixed (real renders: kept or a content reason)
 REJECTED = "rejected"  # any rejection reason will do
 
@@ -128,7 +131,8 @@ def build_samples(
     Args:
         folder: where to write (created; existing files are overwritten).
         real_photos: how many Debian wallpapers to include (0: none), each as it is and, for
-            photographs below 4K, upscaled 1.5× (which must not be kept).
+            photographs below 4K, upscaled 1.5× (which must not be kept); with any, also the
+            real enlargement `REAL_ENLARGEMENT` when installed (which must be `upscaled`).
         seed: the render seed; the same seed gives the same bytes.
     """
     out = Path(folder)
@@ -290,6 +294,12 @@ def build_samples(
                     encode(up, "JPEG", quality=95),
                     Expected(REJECTED, note=f"{p} upscaled 1.5x"),
                 )
+    if real_photos and REAL_ENLARGEMENT.is_file():
+        put(
+            f"real/enlarged_{REAL_ENLARGEMENT.name}",
+            REAL_ENLARGEMENT.read_bytes(),
+            Expected("upscaled", note=f"{REAL_ENLARGEMENT}: 1.294x a 3264x2448 camera frame"),
+        )
     (out / "expected.json").write_text(
         json.dumps({k: v.__dict__ for k, v in sorted(exp.items())}, indent=1, default=list)
     )
