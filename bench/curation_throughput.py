@@ -17,7 +17,9 @@ plasma-workspace-wallpapers and mate-backgrounds as they are, plus 3840×2160 cr
 at q95, baseline and progressive. Nothing is upscaled. Those large files are digital renders and
 artwork, not camera photographs; the real photographs in those packages are at most 2560 px wide,
 so they are measured apart, as they are, as a control (`--no-photos` skips it), with the size
-floor lowered so that they reach the pixel analyses.
+floor lowered so that they reach the pixel analyses. Camera photographs of at least 4K pixels
+(9.8–20 MP, from lomiri-wallpapers-16.04/-20.04 when installed) are measured apart too, as they
+are: the closest this machine has to the camera JPEGs the job is for.
 
 Usage: `python -m bench.curation_throughput [--images N] [--cores C]`; `--report A.json B.json`
 renders saved runs into `docs/benchmarks.md` without measuring.
@@ -55,6 +57,13 @@ PHOTOS = (  # checked by eye: camera photographs (the other files there are rend
     "BytheWater", "ColdRipple", "ColorfulCups", "DarkestHour", "EveningGlow", "FallenLeaf",
     "Grey", "Kite", "OneStandsOut", "Path", "summer_1am", "Aqua", "Garden", "LadyBird",
     "TwoWings", "Wood", "YellowFlower",
+)
+# Camera photographs of at least 3840×2160 pixels, as shipped by lomiri-wallpapers(-16.04, -20.04)
+# (two of them are enlargements of smaller camera frames: docs/native-detection.md).
+CAMERA_4K = (
+    "Bridge_by_Sander_Klootwijk.jpg", "Dragonfly_by_Bolly.jpg", "Kleiber_by_Lukas_Baubkus.jpg",
+    "seeding_by_Clements_Engelhardt.jpg", "sunset_by_Aitzol_Berasategi.jpg",
+    "Wine_by_Jakkub_Mede.jpg",
 )
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 HEADING = "## Curation (issue 2)"
@@ -148,16 +157,35 @@ def build_set(scratch: Path) -> list[dict[str, Any]]:
 
 
 def _unique_jpegs() -> list[Path]:
-    """The JPEG files under SOURCE_DIRS, each once (the packages link one file many times)."""
+    """The JPEG files under SOURCE_DIRS, each once (the packages link one file many times).
+
+    Loose files directly in a source folder (other packages' wallpapers) are left out, so the
+    set stays the KDE and MATE files whatever else is installed.
+    """
     seen: set[Path] = set()
     out = []
     for d in SOURCE_DIRS:
         for p in sorted(Path(d).rglob("*")):
             if p.suffix.lower() not in (".jpg", ".jpeg") or p.is_symlink() or not p.is_file():
                 continue
+            if p.parent == Path(d):
+                continue
             if p.resolve() not in seen:
                 seen.add(p.resolve())
                 out.append(p)
+    return out
+
+
+def camera_set() -> list[dict[str, Any]]:
+    """Camera photographs of at least 4K pixels, as they are (`CAMERA_4K`; empty if absent)."""
+    out = []
+    for name in CAMERA_4K:
+        p = Path("/usr/share/backgrounds") / name
+        info = _jpeg_info(p) if p.is_file() else None
+        if info is not None and info[0] * info[1] >= UHD[0] * UHD[1]:
+            out.append({"path": str(p), "source": str(p), "kind": "camera 4K",
+                        "progressive": info[2], "width": info[0], "height": info[1],
+                        "bytes": p.stat().st_size})
     return out
 
 
@@ -764,6 +792,12 @@ def render(runs: list[dict[str, Any]]) -> str:
             lambda r: f"n={r['photos']['n']}: {r['photos']['decode_cpu_mean']:.0f} / "
                       f"{r['photos']['batched_cpu_mean']:.0f} ms, "
                       f"{r['photos']['batched_ratio_cpu']:.2f}×")
+    if "camera" in last:
+        row("camera photographs ≥ 4K pixels as they are (Lomiri's, 9.8–20 MP): decode / stages "
+            "batched, CPU mean ms, ratio",
+            lambda r: (f"n={r['camera']['n']}: {r['camera']['decode_cpu_mean']:.0f} / "
+                       f"{r['camera']['batched_cpu_mean']:.0f} ms, "
+                       f"{r['camera']['batched_ratio_cpu']:.2f}×") if "camera" in r else "-")
     lines += ["", f"| kind ({heads[-1]}, per file, CPU time) | n | MP | MB | decode median / "
               "mean ms | stages median / mean ms | ratio of means |",
               "|---|---|---|---|---|---|---|"]
@@ -873,7 +907,9 @@ def render(runs: list[dict[str, Any]]) -> str:
               + ". By kind of file (" + heads[-1] + "): " + "; ".join(
                   f"{g} {v['ratio_mean']:.2f}×" for g, v in _one(last)["groups"].items())
               + ("; real photographs (control) " + f"{last['photos']['batched_ratio_cpu']:.2f}×"
-                 if "photos" in last else "") + "."]
+                 if "photos" in last else "")
+              + ("; camera photographs ≥ 4K " + f"{last['camera']['batched_ratio_cpu']:.2f}×"
+                 if "camera" in last else "") + "."]
     if has_cores:
         ov = [r["cores"]["overhead_warm"] for r in runs]
         ok = ov[-1] <= 0.2
@@ -962,6 +998,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         photos = photo_set()
         run["photos"] = measure_one_core(photos, args.repeats, ["probe.min_pixels=1000000"])
         print(f"photos: ratio {run['photos']['ratio_mean']}", flush=True)
+        camera = camera_set()
+        if camera:
+            run["camera"] = measure_one_core(camera, args.repeats)
+            print(f"camera 4K: ratio {run['camera']['batched_ratio_cpu']}", flush=True)
     run["cores"] = measure_cores(files, cores, args.rounds, scratch, not args.no_job)
     if args.long > 1:
         run["cores_long"] = measure_cores(files, cores, args.rounds, scratch, False, args.long)
