@@ -755,7 +755,8 @@ def render(runs: list[dict[str, Any]]) -> str:
         "3840×2160 windows of them saved at q95. Caveat: those files are digital renders and a "
         "painting, not camera photographs (the packages' photographs are at most 2560 px wide), "
         "so the real photographs are measured apart as a control, as they are, with "
-        "`probe.min_pixels` lowered so that they reach the pixel analyses.",
+        "`probe.min_pixels` lowered so that they reach the pixel analyses; and so are camera "
+        "photographs of 9.8–20 MP from lomiri-wallpapers, as they are.",
         "",
         "**Per image on one core** (one thread: OpenCV/OpenMP/BLAS threads 1; stages called as "
         "plain functions in one process; decode and stages interleaved batch by batch; the "
