@@ -176,6 +176,12 @@ def _unique_jpegs() -> list[Path]:
     return out
 
 
+def _as_is(p: Path, info: tuple[int, int, bool], kind: str) -> dict[str, Any]:
+    """A set entry for a file measured as it is (no copy in the scratch folder)."""
+    return {"path": str(p), "source": str(p), "kind": kind, "progressive": info[2],
+            "width": info[0], "height": info[1], "bytes": p.stat().st_size}
+
+
 def camera_set() -> list[dict[str, Any]]:
     """Camera photographs of at least 4K pixels, as they are (`CAMERA_4K`; empty if absent)."""
     out = []
@@ -183,9 +189,7 @@ def camera_set() -> list[dict[str, Any]]:
         p = Path("/usr/share/backgrounds") / name
         info = _jpeg_info(p) if p.is_file() else None
         if info is not None and info[0] * info[1] >= UHD[0] * UHD[1]:
-            out.append({"path": str(p), "source": str(p), "kind": "camera 4K",
-                        "progressive": info[2], "width": info[0], "height": info[1],
-                        "bytes": p.stat().st_size})
+            out.append(_as_is(p, info, "camera 4K"))
     return out
 
 
@@ -196,9 +200,7 @@ def photo_set() -> list[dict[str, Any]]:
         if any(n in p.parts or p.stem == n for n in PHOTOS):
             info = _jpeg_info(p)
             if info is not None and info[0] >= 1600:
-                out.append({"path": str(p), "source": str(p), "kind": "photo",
-                            "progressive": info[2], "width": info[0], "height": info[1],
-                            "bytes": p.stat().st_size})
+                out.append(_as_is(p, info, "photo"))
     return out
 
 
@@ -787,18 +789,22 @@ def render(runs: list[dict[str, Any]]) -> str:
                   f"{1000 / _one(r)['decode_cpu_mean']:.2f}")
     row("CPU time / wall time of the stage set (1.00: the core was ours alone)",
         lambda r: f"{_one(r)['stages_cpu_s'] / _one(r)['stages']['total_s']:.2f}")
+    def apart(key: str) -> Callable[[dict[str, Any]], str]:
+        """A cell for a set measured apart (`photos`, `camera`): decode / stages, ratio."""
+        def cell(r: dict[str, Any]) -> str:
+            if key not in r:
+                return "-"
+            m = r[key]
+            return (f"n={m['n']}: {m['decode_cpu_mean']:.0f} / {m['batched_cpu_mean']:.0f} ms, "
+                    f"{m['batched_ratio_cpu']:.2f}×")
+        return cell
+
     if all("photos" in r for r in runs):
         row("control, real photographs as they are (2560 px): decode / stages batched, "
-            "CPU mean ms, ratio",
-            lambda r: f"n={r['photos']['n']}: {r['photos']['decode_cpu_mean']:.0f} / "
-                      f"{r['photos']['batched_cpu_mean']:.0f} ms, "
-                      f"{r['photos']['batched_ratio_cpu']:.2f}×")
+            "CPU mean ms, ratio", apart("photos"))
     if "camera" in last:
         row("camera photographs ≥ 4K pixels as they are (Lomiri's, 9.8–20 MP): decode / stages "
-            "batched, CPU mean ms, ratio",
-            lambda r: (f"n={r['camera']['n']}: {r['camera']['decode_cpu_mean']:.0f} / "
-                       f"{r['camera']['batched_cpu_mean']:.0f} ms, "
-                       f"{r['camera']['batched_ratio_cpu']:.2f}×") if "camera" in r else "-")
+            "batched, CPU mean ms, ratio", apart("camera"))
     lines += ["", f"| kind ({heads[-1]}, per file, CPU time) | n | MP | MB | decode median / "
               "mean ms | stages median / mean ms | ratio of means |",
               "|---|---|---|---|---|---|---|"]
