@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 
@@ -40,14 +39,14 @@ def _curate(args: argparse.Namespace) -> int:
 
 
 def _stats(args: argparse.Namespace) -> int:
-    from pipelines.report import load_stats, summary_text
+    from pipelines.stats import output_stats, stats_json, stats_text
 
     try:
-        stats = load_stats(args.output)
-    except ValueError as e:
+        stats = output_stats(args.output, by=args.by)
+    except (ValueError, OSError) as e:
         print(f"native4k: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(stats, indent=2, sort_keys=True) if args.json else summary_text(stats))
+    print(stats_json(stats) if args.json else stats_text(stats))
     return 0
 
 
@@ -114,8 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_curate)
 
     p = sub.add_parser("stats", help="print the per-bucket and per-reason tables of OUT")
-    p.add_argument("output", metavar="OUT")
-    p.add_argument("--json", action="store_true", help="print stats.json as it is")
+    p.add_argument("output", metavar="OUT", help="a finished job's folder or s3:// prefix")
+    p.add_argument("--json", action="store_true", help="print the tables as JSON")
+    p.add_argument(
+        "--by", metavar="COLUMN", help="cut every row by this manifest column (default: bucket)"
+    )
     p.set_defaults(func=_stats)
 
     p = sub.add_parser(

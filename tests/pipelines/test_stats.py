@@ -1,0 +1,180 @@
+"""`native4k stats`: per-bucket / per-reason / per-column tables from the manifest."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+
+import fsspec
+import pyarrow as pa
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from curation import schema
+from pipelines.cli import main
+from pipelines.stats import job_stats, output_stats
+
+BUCKETS = ["3840x2176", "4096x2048", "2880x2880"]
+REASONS = ["upscaled", "blurry", "too_small"]
+
+row_strategy = st.fixed_dictionaries(
+    {
+        "kept": st.booleans(),
+        "bucket": st.sampled_from(BUCKETS),
+        "reason": st.sampled_from(REASONS),
+        "shard": st.integers(0, 2),
+        "size": st.one_of(st.none(), st.integers(0, 10**9)),
+        "sharpness": st.one_of(st.none(), st.floats(-1e6, 1e6, allow_nan=False)),
+        "entropy": st.one_of(st.none(), st.floats(0, 8)),
+        "fmt": st.sampled_from(["jpeg", "png", None]),
+    }
+)
+
+
+def _table(rows: list[dict]) -> pa.Table:
+    cols = {
+        schema.SOURCE: [f"/in/{i}" for i in range(len(rows))],
+        schema.STATUS: ["kept" if r["kept"] else "rejected" for r in rows],
+        schema.REASON: [None if r["kept"] else r["reason"] for r in rows],
+        schema.BUCKET: [r["bucket"] if r["kept"] else None for r in rows],
+        schema.SHARD: [
+            f"shards/{r['bucket']}/{r['bucket']}-{r['shard']:06d}.tar" if r["kept"] else None
+            for r in rows
+        ],
+        schema.SIZE_BYTES: [r["size"] for r in rows],
+        schema.SHARPNESS: [r["sharpness"] for r in rows],
+        schema.ENTROPY: [r["entropy"] for r in rows],
+        schema.FORMAT: [r["fmt"] for r in rows],
+    }
+    return schema.conform(pa.table({k: pa.array(v, schema.FIELDS[k]) for k, v in cols.items()}))
+
+
+def _expect(rows: list[dict], score: str) -> tuple[float, float] | None:
+    vals = [r[score] for r in rows if r[score] is not None]
+    return (statistics.fmean(vals), statistics.median(vals)) if vals else None
+
+
+def _close(a: float | None, b: float) -> bool:
+    return a is not None and math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-6)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(row_strategy, max_size=40))
+def test_bucket_and_reason_tables_match_a_plain_python_count(rows):
+    s = job_stats(_table(rows))
+    kept = [r for r in rows if r["kept"]]
+    assert (s["total"], s["kept"], s["rejected"]) == (len(rows), len(kept), len(rows) - len(kept))
+    assert s["bytes"] == sum(r["size"] or 0 for r in rows)
+    assert s["kept_bytes"] == sum(r["size"] or 0 for r in kept)
+    groups = {g["bucket"]: g for g in s["groups"]}
+    assert set(groups) == {r["bucket"] for r in kept}
+    assert [g["samples"] for g in s["groups"]] == sorted(
+        (g["samples"] for g in s["groups"]), reverse=True
+    )
+    for b, g in groups.items():
+        members = [r for r in kept if r["bucket"] == b]
+        assert g["samples"] == g["kept"] == len(members)
+        assert g["shards"] == len({r["shard"] for r in members})
+        assert g["bytes"] == sum(r["size"] or 0 for r in members)
+        assert math.isclose(g["share"], len(members) / len(kept), abs_tol=1e-6)
+        for score in ("sharpness", "entropy"):
+            want = _expect(members, score)
+            if want is None:
+                assert score not in g["scores"]
+            else:
+                assert _close(g["scores"][score]["mean"], want[0])
+                assert _close(g["scores"][score]["median"], want[1])
+    reasons = {g["reason"]: g for g in s["reasons"]}
+    assert set(reasons) == {r["reason"] for r in rows if not r["kept"]}
+    for reason, g in reasons.items():
+        members = [r for r in rows if not r["kept"] and r["reason"] == reason]
+        assert g["samples"] == g["rejected"] == len(members)
+        assert math.isclose(g["share"], len(members) / len(rows), abs_tol=1e-6)
+        want = _expect(members, "sharpness")
+        assert (want is None) == ("sharpness" not in g["scores"])
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(row_strategy, min_size=1, max_size=30))
+def test_by_any_column_cuts_every_row(rows):
+    s = job_stats(_table(rows), by="format")
+    groups = {g["format"]: g for g in s["groups"]}
+    assert set(groups) == {r["fmt"] for r in rows}  # null is a group of its own
+    for fmt, g in groups.items():
+        members = [r for r in rows if r["fmt"] == fmt]
+        assert g["samples"] == len(members)
+        assert g["kept"] == sum(r["kept"] for r in members)
+        assert math.isclose(g["share"], len(members) / len(rows), abs_tol=1e-6)
+        want = _expect(members, "entropy")
+        if want:
+            assert _close(g["scores"]["entropy"]["median"], want[1])
+
+
+def _outputs(audit_output, audit_jpeg, n_kept: int):
+    kept = [
+        {
+            "data": audit_jpeg(64, 36, i),
+            "ext": "jpg",
+            "bucket": BUCKETS[i % 2],
+            "sharpness": 10.0 + i,
+            "entropy": 7.0 + i / 10,
+            "width": 3840,
+            "height": 2160,
+        }
+        for i in range(n_kept)
+    ]
+    rejected = [
+        {"source": "/in/a.jpg", "reason": "upscaled", "sharpness": 3.0, "size_bytes": 100},
+        {"source": "/in/b.jpg", "reason": "upscaled", "sharpness": 5.0, "size_bytes": 300},
+        {"source": "/in/c.png", "reason": "too_small", "size_bytes": 50},
+    ]
+    return audit_output(kept, rejected, name=f"out{n_kept}")
+
+
+@pytest.mark.parametrize("n_kept", [0, 1, 5])
+def test_cli_tables_json_and_by(audit_output, audit_jpeg, capsys, n_kept):
+    out, written = _outputs(audit_output, audit_jpeg, n_kept)
+    assert main(["stats", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert f"{n_kept + 3} inputs" in text and "upscaled" in text and "too_small" in text
+    assert ("(no kept images)" in text) == (n_kept == 0)
+    assert main(["stats", str(out), "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["kept"] == n_kept and s["rejected"] == 3
+    assert sum(g["samples"] for g in s["groups"]) == n_kept
+    up = next(g for g in s["reasons"] if g["reason"] == "upscaled")
+    assert up["samples"] == 2 and up["bytes"] == 400
+    assert up["scores"]["sharpness"] == {"mean": 4.0, "median": 4.0}
+    if n_kept:
+        top = s["groups"][0]
+        assert top["bucket"] == BUCKETS[0] and top["shards"] == -(-top["samples"] // 2)
+        assert top["scores"]["sharpness"]["median"] == statistics.median(
+            10.0 + i for i in range(n_kept) if i % 2 == 0
+        )
+    assert main(["stats", str(out), "--by", "status", "--json"]) == 0
+    by = {g["status"]: g for g in json.loads(capsys.readouterr().out)["groups"]}
+    assert by["rejected"]["samples"] == 3 and by.get("kept", {"samples": 0})["samples"] == n_kept
+    assert main(["stats", str(out), "--by", "no_such_column"]) == 2
+    assert "no_such_column" in capsys.readouterr().err
+
+
+def test_unfinished_output_is_refused(audit_output, audit_jpeg, capsys):
+    out, _ = _outputs(audit_output, audit_jpeg, 1)
+    (out / "_SUCCESS").unlink()
+    assert main(["stats", str(out)]) == 2
+    assert "no finished curation job" in capsys.readouterr().err
+
+
+def test_s3_output_gives_the_same_tables(audit_output, audit_jpeg, s3_server):
+    import boto3
+
+    out, _ = _outputs(audit_output, audit_jpeg, 3)
+    boto3.client("s3").create_bucket(
+        Bucket="audit-stats", CreateBucketConfiguration={"LocationConstraint": "us-west-2"}
+    )
+    fs = fsspec.filesystem("s3")
+    fs.put(str(out) + "/", "audit-stats/job", recursive=True)
+    assert output_stats("s3://audit-stats/job") == output_stats(str(out))
+    assert output_stats("s3://audit-stats/job", by="reason")["groups"]
