@@ -135,7 +135,7 @@ def _outputs(audit_output, audit_jpeg, n_kept: int):
 
 @pytest.mark.parametrize("n_kept", [0, 1, 5])
 def test_cli_tables_json_and_by(audit_output, audit_jpeg, capsys, n_kept):
-    out, written = _outputs(audit_output, audit_jpeg, n_kept)
+    out, _ = _outputs(audit_output, audit_jpeg, n_kept)
     assert main(["stats", str(out)]) == 0
     text = capsys.readouterr().out
     assert f"{n_kept + 3} inputs" in text and "upscaled" in text and "too_small" in text
