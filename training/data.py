@@ -1,0 +1,936 @@
+"""The bucketed streaming loader: curated WebDataset shards in, single-bucket pixel batches out.
+
+A curation output (`native4k curate`, local or `s3://`) has a Parquet manifest that names every
+kept sample's key, bucket, shard, crop box and scores. The loader plans each epoch from that
+manifest alone, identically on every rank, then streams only the shards that hold this rank's
+samples:
+
+1. **Select** rows (`status == "kept"`), optionally the top share by a manifest column.
+2. **Draw** each bucket's samples for the epoch: `bucket_weights[b]` copies of every sample (a
+   fraction draws a seeded random subset), in shard order (shards shuffled by `seed + epoch`),
+   shuffled within windows of `shuffle_window` consecutive draws, then cut into batches of
+   `batch_size`. A bucket's last, partial batch is filled by repeating samples of its last window
+   (flagged `padded`). Buckets with fewer samples than `max(batch_size, min_bucket_samples)` are
+   handled by `small_buckets`: an error, dropped (reported), or kept and padded (reported).
+3. **Split** every bucket's batch sequence into `world_size` contiguous parts whose sizes differ by
+   at most one, the extra batches going to the ranks with the fewest so far, so every rank gets
+   the same number of batches up to one; ranks one short repeat their first batch (`padded`).
+   This also holds when there are fewer shards (or buckets) than ranks: ranks share shards and
+   each reads only its own members.
+4. **Interleave** a rank's parts in a seeded random order that keeps each bucket's order, so a
+   rank reads each shard once per epoch, front to back, skipping other ranks' members.
+5. **Workers** (`num_workers > 0`): a rank's batch `j` is built by torch DataLoader worker
+   `j % num_workers`; the DataLoader returns them in order, so the batch sequence does not depend
+   on the number of workers.
+
+The position (epoch and batches consumed on this rank) is the loader's whole state: a loader
+restored from `state_dict()` yields exactly the batches an uninterrupted one would have yielded
+after the last consumed batch. Iterating the loader yields the rest of the current epoch; the
+next iteration starts the next epoch.
+
+Shards are read with webdataset's tar iterator over a plain byte stream (fsspec: local paths and
+`s3://` through s3fs). Only `<key>.<ext>` (decoded by PIL), `<key>.json` (`json.loads`) and
+caption text members are read; a member that could hold a pickle (`.pyd`, `.pickle`, `.pth`, …)
+stops the loader with an error naming it, and nothing from a shard is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import io
+import itertools
+import json
+import logging
+import math
+import re
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from PIL import Image, ImageOps
+
+log = logging.getLogger(__name__)
+
+MODES = ("bucket", "crop")
+SMALL_BUCKET_POLICIES = ("error", "drop", "pad")
+RESAMPLERS = ("lanczos", "area")
+CAPTIONS = {"en": ("caption_en", "txt"), "zh": ("caption_zh", "zh.txt")}
+# Suffixes whose usual readers unpickle (webdataset's `.pyd`/`.pickle`, torch's `.pth`/`.pt`, …).
+PICKLE_SUFFIXES = frozenset({"pyd", "pickle", "pkl", "pth", "pt", "ckpt", "joblib"})
+SIDE_MULTIPLE = 32
+"""Training sizes below the bucket size are rounded down to multiples of this."""
+
+_BUCKET_RE = re.compile(r"^(\d+)x(\d+)$")
+_MANIFEST_COLUMNS = (
+    "status",
+    "key",
+    "bucket",
+    "shard",
+    "extension",
+    "crop_left",
+    "crop_top",
+    "crop_right",
+    "crop_bottom",
+    "width",
+    "height",
+    "aesthetic",
+    "caption_en",
+    "caption_zh",
+)
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """What the training loader reads and how it batches it (validated on construction)."""
+
+    root: str
+    """A curation output: a folder or `s3://` prefix holding `manifest/` and `shards/`."""
+    mode: str = "bucket"
+    """`bucket`: crop each image to its recorded box and resize it down to its bucket's size;
+    `crop`: random `crop_size`² crops of the native (oriented) pixels, for VAE training."""
+    crop_size: int = 512
+    """Side of the random crops in `crop` mode (a multiple of 16)."""
+    batch_size: int = 1
+    """Samples per batch on each rank; every batch holds one bucket."""
+    resolution_divisor: int = 1
+    """Train below the bucket size (CPU demos and tests): the target is the bucket's sides
+    divided by this, rounded down to multiples of 32."""
+    select_column: str | None = None
+    """A numeric manifest column to select by (e.g. `aesthetic`, `flat_fraction`)."""
+    select_top: float | None = None
+    """Keep this top share of the kept rows by `select_column` (0.05: the top 5 %); rows
+    without a value are left out and counted in the report."""
+    select_ascending: bool = False
+    """True: the smallest values count as the top (e.g. the least flat)."""
+    bucket_weights: dict[str, float] = field(default_factory=dict)
+    """Per-bucket sampling weight (default 1): draws of each sample per epoch; 2 repeats every
+    sample twice, 0.5 draws a seeded random half each epoch, 0 leaves the bucket out."""
+    min_bucket_samples: int = 0
+    """A bucket with fewer selected samples than `max(batch_size, this)` is small."""
+    small_buckets: str = "error"
+    """What to do with small buckets: `error` (stop, naming them), `drop` (leave them out,
+    reported and logged) or `pad` (keep them, repeating samples to fill a batch; reported)."""
+    seed: int = 0
+    """Seed of every random choice; epoch `e` is planned from `(seed, e)`."""
+    num_workers: int = 0
+    """torch DataLoader worker processes decoding batches (0: decode in this process)."""
+    caption_language: str = "en"
+    """Which caption the batches carry: `en` or `zh` (empty string when a sample has none)."""
+    shuffle_window: int = 32
+    """Consecutive draws of a bucket (in shard order) shuffled together. Larger mixes more;
+    a worker holds up to this many encoded images per bucket in memory."""
+    resample: str = "lanczos"
+    """Downscaling filter in `bucket` mode: `lanczos` (PIL) or `area` (OpenCV INTER_AREA)."""
+    jpeg_draft: bool = True
+    """Let libjpeg decode JPEGs at 1/2, 1/4 or 1/8 scale when the target is at least that much
+    smaller than the crop box (`bucket` mode; the final resize is still `resample`)."""
+
+    def __post_init__(self) -> None:
+        def bad(key: str, msg: str) -> ValueError:
+            return ValueError(f"data config key '{key}' {msg}")
+
+        for name, typ in (
+            ("crop_size", int),
+            ("batch_size", int),
+            ("resolution_divisor", int),
+            ("min_bucket_samples", int),
+            ("seed", int),
+            ("num_workers", int),
+            ("shuffle_window", int),
+        ):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, typ):
+                raise bad(name, f"must be an integer, got {v!r}")
+        if not isinstance(self.root, str) or not self.root:
+            raise bad("root", "must name a curation output (folder or s3:// prefix)")
+        if self.mode not in MODES:
+            raise bad("mode", f"must be one of {MODES}, got {self.mode!r}")
+        if self.crop_size <= 0 or self.crop_size % 16:
+            raise bad("crop_size", f"must be a positive multiple of 16, got {self.crop_size}")
+        if self.batch_size < 1:
+            raise bad("batch_size", "must be at least 1")
+        if self.resolution_divisor < 1:
+            raise bad("resolution_divisor", "must be at least 1")
+        if (self.select_column is None) != (self.select_top is None):
+            raise bad(
+                "select_top" if self.select_top is None else "select_column",
+                "must be set together with "
+                + ("select_column" if self.select_top is None else "select_top"),
+            )
+        if self.select_top is not None:
+            if isinstance(self.select_top, bool) or not isinstance(self.select_top, int | float):
+                raise bad("select_top", f"must be a number, got {self.select_top!r}")
+            if not 0 < self.select_top <= 1:
+                raise bad("select_top", f"must be in (0, 1], got {self.select_top}")
+        if not isinstance(self.select_ascending, bool):
+            raise bad("select_ascending", "must be true or false")
+        if not isinstance(self.bucket_weights, dict):
+            raise bad("bucket_weights", "must map 'WxH' bucket names to weights")
+        for b, w in self.bucket_weights.items():
+            if not isinstance(b, str) or not _BUCKET_RE.match(b):
+                raise bad("bucket_weights", f"has {b!r}: expected a bucket name 'WxH'")
+            if isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w):
+                raise bad(f"bucket_weights.{b}", f"must be a finite number, got {w!r}")
+            if w < 0:
+                raise bad(f"bucket_weights.{b}", f"must be >= 0, got {w}")
+        if self.min_bucket_samples < 0:
+            raise bad("min_bucket_samples", "must be >= 0")
+        if self.small_buckets not in SMALL_BUCKET_POLICIES:
+            raise bad("small_buckets", f"must be one of {SMALL_BUCKET_POLICIES}")
+        if self.seed < 0:
+            raise bad("seed", "must be >= 0")
+        if self.num_workers < 0:
+            raise bad("num_workers", "must be >= 0")
+        if self.caption_language not in CAPTIONS:
+            raise bad("caption_language", f"must be one of {tuple(CAPTIONS)}")
+        if self.shuffle_window < 1:
+            raise bad("shuffle_window", "must be at least 1")
+        if self.resample not in RESAMPLERS:
+            raise bad("resample", f"must be one of {RESAMPLERS}")
+        if not isinstance(self.jpeg_draft, bool):
+            raise bad("jpeg_draft", "must be true or false")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DataConfig:
+        """Build from a plain mapping (e.g. a YAML section); an unknown key raises ValueError."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        for k in d:
+            if k not in names:
+                raise ValueError(f"data config has an unknown key '{k}'")
+        return cls(**d)
+
+    def target_size(self, bucket: str) -> tuple[int, int]:
+        """The (width, height) a batch of `bucket` has in `bucket` mode."""
+        w, h = parse_bucket(bucket)
+        if self.resolution_divisor == 1:
+            return w, h
+        tw = w // self.resolution_divisor // SIDE_MULTIPLE * SIDE_MULTIPLE
+        th = h // self.resolution_divisor // SIDE_MULTIPLE * SIDE_MULTIPLE
+        if tw < SIDE_MULTIPLE or th < SIDE_MULTIPLE:
+            raise ValueError(
+                f"data config key 'resolution_divisor' ({self.resolution_divisor}) shrinks bucket "
+                f"{bucket} below {SIDE_MULTIPLE} pixels"
+            )
+        return tw, th
+
+
+def parse_bucket(name: str) -> tuple[int, int]:
+    """`"WxH"` -> (W, H)."""
+    m = _BUCKET_RE.match(name)
+    if not m:
+        raise ValueError(f"not a bucket name 'WxH': {name!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+# --- the manifest ---------------------------------------------------------------------------
+
+
+@dataclass
+class _Samples:
+    """The kept, selected manifest rows as columns (row index = sample id)."""
+
+    key: list[str]
+    bucket: list[str]
+    shard: list[str]
+    extension: list[str]
+    box: np.ndarray  # [N, 4] int64 (left, top, right, bottom) in oriented pixels
+    size: np.ndarray  # [N, 2] int64 (width, height) oriented
+    aesthetic: np.ndarray  # [N] float64, nan when null
+    caption: list[str]
+
+
+def read_manifest(root: str, columns: tuple[str, ...]) -> pa.Table:
+    """The manifest of a finished curation output (only `columns` that exist)."""
+    fs, path = fsspec.core.url_to_fs(root)
+    path = path.rstrip("/")
+    if not fs.exists(f"{path}/_SUCCESS"):
+        raise ValueError(
+            f"{root} is not a finished curation output: _SUCCESS is missing "
+            "(run `native4k curate ... --output` to completion first)"
+        )
+    files = sorted(fs.glob(f"{path}/manifest/*.parquet"))
+    if not files:
+        raise ValueError(f"{root} has no manifest/*.parquet")
+    tables = []
+    for f in files:
+        with fs.open(f, "rb") as fh:
+            pf = pq.ParquetFile(fh)
+            have = set(pf.schema_arrow.names)
+            tables.append(pf.read(columns=[c for c in columns if c in have]))
+    return pa.concat_tables(tables, promote_options="default")
+
+
+def _column(t: pa.Table, name: str, default: Any = None) -> list[Any]:
+    if name not in t.column_names:
+        return [default] * t.num_rows
+    return t.column(name).to_pylist()
+
+
+# --- the epoch plan -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """One planned batch: sample ids, which of them are padding, and a plan-wide id."""
+
+    uid: int
+    ids: tuple[int, ...]
+    padded: tuple[bool, ...]
+    bucket: str
+
+
+class BucketedLoader:
+    """Single-bucket batches of decoded pixels from a curation output, for one rank.
+
+    Args:
+        cfg: the data configuration.
+        rank: this process's rank in `[0, world_size)`.
+        world_size: the number of ranks; every rank yields `len(self)` batches per epoch.
+
+    Yields (per batch) a dict: `pixels` float32 `[B, 3, H, W]` in [-1, 1]; `keys` (sample keys);
+    `bucket` (`"WxH"`); `captions` (`""` when none); `aesthetic` float32 `[B]` (nan when null);
+    `padded` bool `[B]` (a repeat that fills a batch or evens out the ranks); `epoch`, `index`
+    (the batch's position in this rank's epoch).
+
+    Raises:
+        ValueError: unknown bucket or column in the config, no samples left, small buckets under
+            `small_buckets: error`, a shard that disagrees with the manifest or holds a member
+            that could be a pickle.
+    """
+
+    def __init__(self, cfg: DataConfig, *, rank: int = 0, world_size: int = 1) -> None:
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self._epoch, self._consumed = 0, 0
+        self._report: dict[str, Any] = {}
+        self._samples = self._select()
+        self._draws_per_bucket = self._bucket_draw_counts()
+        total = sum(math.ceil(n / cfg.batch_size) for n in self._draws_per_bucket.values())
+        if total == 0:
+            raise ValueError(f"no samples left to train on in {cfg.root}: {self._report}")
+        self._batches_total = total
+        self._len = math.ceil(total / world_size)
+        self._report["epoch"] = {
+            "batches_total": total,
+            "batches_per_rank": self._len,
+            "rank_padding_batches": self._len * world_size - total,
+            "world_size": world_size,
+        }
+        self._plan_cache: tuple[int, list[_Batch]] | None = None
+
+    # ----- selection and small buckets --------------------------------------------------
+
+    def _select(self) -> _Samples:
+        cfg = self.cfg
+        cols = _MANIFEST_COLUMNS + ((cfg.select_column,) if cfg.select_column else ())
+        t = read_manifest(cfg.root, cols)
+        for c in ("status", "key", "bucket", "shard", "extension", "crop_left"):
+            if c not in t.column_names:
+                raise ValueError(f"{cfg.root}: the manifest has no '{c}' column")
+        t = t.filter(pc.equal(t.column("status"), "kept"))
+        available = _count(_column(t, "bucket"))
+        selection: dict[str, Any] = {"column": None}
+        if cfg.select_column:
+            col = cfg.select_column
+            if col not in t.column_names:
+                raise ValueError(f"data config key 'select_column': the manifest has no '{col}'")
+            if not pa.types.is_integer(t.schema.field(col).type) and not pa.types.is_floating(
+                t.schema.field(col).type
+            ):
+                raise ValueError(f"data config key 'select_column': '{col}' is not numeric")
+            values = np.array([np.nan if v is None else v for v in _column(t, col)], np.float64)
+            valid = np.flatnonzero(np.isfinite(values))
+            n_keep = math.ceil(cfg.select_top * len(valid) - 1e-9) if len(valid) else 0
+            keys = np.array(_column(t, "key"), dtype=object)
+            # Top by value, ties broken by key, so the selection does not depend on row order.
+            sign = 1.0 if cfg.select_ascending else -1.0
+            order = sorted(valid.tolist(), key=lambda i: (sign * values[i], keys[i]))
+            keep = sorted(order[:n_keep])
+            selection = {
+                "column": col,
+                "top": cfg.select_top,
+                "ascending": cfg.select_ascending,
+                "candidates": len(valid),
+                "without_value": int(t.num_rows - len(valid)),
+                "selected": n_keep,
+                "cutoff": float(values[order[n_keep - 1]]) if n_keep else None,
+            }
+            t = t.take(pa.array(keep, pa.int64()))
+        selected = _count(_column(t, "bucket"))
+        weights = cfg.bucket_weights
+        unknown = sorted(set(weights) - set(available))
+        if unknown:
+            raise ValueError(
+                f"data config key 'bucket_weights' names buckets with no kept samples in "
+                f"{cfg.root}: {unknown} (buckets there: {sorted(available)})"
+            )
+        small_at = max(cfg.batch_size, cfg.min_bucket_samples)
+        small = sorted(b for b, n in selected.items() if n < small_at and weights.get(b, 1.0) > 0)
+        if small and cfg.small_buckets == "error":
+            raise ValueError(
+                f"buckets with fewer than {small_at} selected samples: "
+                + ", ".join(f"{b} ({selected[b]})" for b in small)
+                + "; set data config key 'small_buckets' to 'drop' or 'pad'"
+            )
+        dropped: dict[str, str] = {}
+        for b in sorted(available):
+            if selected.get(b, 0) == 0:
+                dropped[b] = "none selected"
+            elif weights.get(b, 1.0) == 0:
+                dropped[b] = "weight 0"
+            elif b in small and cfg.small_buckets == "drop":
+                dropped[b] = f"small ({selected[b]} < {small_at})"
+                log.warning("dropping small bucket %s: %d samples", b, selected[b])
+        if dropped:
+            keep_mask = pc.invert(pc.is_in(t.column("bucket"), pa.array(sorted(dropped))))
+            t = t.filter(keep_mask)
+        t = t.sort_by([("bucket", "ascending"), ("shard", "ascending"), ("key", "ascending")])
+        self._report["buckets"] = {
+            b: {
+                "available": available[b],
+                "selected": selected.get(b, 0),
+                "weight": float(weights.get(b, 1.0)),
+                "dropped": dropped.get(b),
+                "small": b in small,
+            }
+            for b in sorted(available)
+        }
+        self._report["selection"] = selection
+        self._report["small_buckets"] = {
+            "policy": cfg.small_buckets,
+            "threshold": small_at,
+            "buckets": small,
+        }
+        cap_col = CAPTIONS[cfg.caption_language][0]
+        box = np.stack(
+            [np.array(_column(t, c, 0), np.int64) for c in CROP_COLUMNS], axis=1
+        ).reshape(-1, 4)
+        size = np.stack(
+            [np.array(_column(t, c, 0), np.int64) for c in ("width", "height")], axis=1
+        ).reshape(-1, 2)
+        aesthetic = np.array(
+            [np.nan if v is None else v for v in _column(t, "aesthetic")], np.float64
+        )
+        return _Samples(
+            key=_column(t, "key"),
+            bucket=_column(t, "bucket"),
+            shard=_column(t, "shard"),
+            extension=_column(t, "extension"),
+            box=box,
+            size=size,
+            aesthetic=aesthetic,
+            caption=[c or "" for c in _column(t, cap_col)],
+        )
+
+    def _bucket_draw_counts(self) -> dict[str, int]:
+        """Draws per bucket per epoch (before batch padding): the same every epoch."""
+        counts = _count(self._samples.bucket)
+        out = {}
+        for b, n in sorted(counts.items()):
+            w = float(self.cfg.bucket_weights.get(b, 1.0))
+            whole, frac = int(w), w - int(w)
+            d = whole * n + round(frac * n)
+            out[b] = max(d, 1)
+            nb = math.ceil(out[b] / self.cfg.batch_size)
+            rep = self._report["buckets"][b]
+            rep["draws_per_epoch"] = out[b]
+            rep["batches_per_epoch"] = nb
+            rep["padded_per_epoch"] = nb * self.cfg.batch_size - out[b]
+        return out
+
+    # ----- planning ---------------------------------------------------------------------
+
+    def _bucket_batches(self, epoch: int) -> dict[str, list[_Batch]]:
+        """Every bucket's batches of `epoch`, in the bucket's streaming order."""
+        cfg, s = self.cfg, self._samples
+        rng = np.random.default_rng([cfg.seed, epoch])
+        by_bucket: dict[str, dict[str, list[int]]] = {}
+        for i, (b, sh) in enumerate(zip(s.bucket, s.shard, strict=True)):
+            by_bucket.setdefault(b, {}).setdefault(sh, []).append(i)  # rows sorted by key
+        out: dict[str, list[_Batch]] = {}
+        uid = 0
+        for b in sorted(by_bucket):
+            shards = sorted(by_bucket[b])
+            order = [shards[j] for j in rng.permutation(len(shards))]
+            one_pass = [i for sh in order for i in by_bucket[b][sh]]
+            n = len(one_pass)
+            whole = int(float(cfg.bucket_weights.get(b, 1.0)))
+            seq = one_pass * whole
+            k = self._draws_per_bucket[b] - whole * n
+            if k > 0:  # a seeded subset, kept in shard order
+                pick = np.sort(rng.choice(n, size=k, replace=False))
+                seq += [one_pass[j] for j in pick]
+            win = cfg.shuffle_window
+            start = int(rng.integers(0, win)) if len(seq) > win else 0
+            bounds = [0, *range(start or win, len(seq), win), len(seq)]
+            shuffled: list[int] = []
+            for lo, hi in itertools.pairwise(bounds):
+                part = seq[lo:hi]
+                shuffled += [part[j] for j in rng.permutation(len(part))]
+            padded = [False] * len(shuffled)
+            short = -len(shuffled) % cfg.batch_size
+            if short:
+                tail = shuffled[-win:]
+                extra = rng.choice(len(tail), size=short, replace=short > len(tail))
+                shuffled += [tail[j] for j in extra]
+                padded += [True] * short
+            bs = cfg.batch_size
+            batches = []
+            for j in range(0, len(shuffled), bs):
+                batches.append(
+                    _Batch(uid, tuple(shuffled[j : j + bs]), tuple(padded[j : j + bs]), b)
+                )
+                uid += 1
+            out[b] = batches
+        return out
+
+    def _rank_plan(self, epoch: int) -> list[_Batch]:
+        """This rank's batches of `epoch`, in order (`len(self)` of them)."""
+        if self._plan_cache and self._plan_cache[0] == epoch:
+            return self._plan_cache[1]
+        cfg, world = self.cfg, self.world_size
+        per_bucket = self._bucket_batches(epoch)
+        rng = np.random.default_rng([cfg.seed, epoch, 1])
+        counts = [0] * world
+        parts: list[dict[str, list[_Batch]]] = [{} for _ in range(world)]
+        for b in sorted(per_bucket):
+            batches = per_bucket[b]
+            q, rem = divmod(len(batches), world)
+            tie = rng.permutation(world)
+            extra = set(sorted(range(world), key=lambda r: (counts[r], tie[r]))[:rem])
+            lo = 0
+            for r in range(world):
+                n = q + (r in extra)
+                if n:
+                    parts[r][b] = batches[lo : lo + n]
+                lo += n
+                counts[r] += n
+        mine = parts[self.rank]
+        labels = [b for b in sorted(mine) for _ in mine[b]]
+        order = np.random.default_rng([cfg.seed, epoch, 2, self.rank]).permutation(len(labels))
+        cursor = dict.fromkeys(mine, 0)
+        plan = []
+        for j in order:
+            b = labels[j]
+            plan.append(mine[b][cursor[b]])
+            cursor[b] += 1
+        source = plan or [x for p in parts for b in sorted(p) for x in p[b]]
+        i = 0
+        while len(plan) < self._len:  # even out: repeat this rank's first batches
+            x = source[i % len(source)]
+            plan.append(_Batch(x.uid, x.ids, (True,) * len(x.ids), x.bucket))
+            i += 1
+        assert len(plan) == self._len
+        self._plan_cache = (epoch, plan)
+        return plan
+
+    # ----- the public API ---------------------------------------------------------------
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank (the same on every rank and every epoch)."""
+        return self._len
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        """The rest of the current epoch (all of the next one when the current is done)."""
+        if self._consumed >= self._len:
+            self._epoch, self._consumed = self._epoch + 1, 0
+        epoch, start = self._epoch, self._consumed
+        plan = self._rank_plan(epoch)[start:]
+        stream = _EpochStream(
+            cfg=self.cfg, samples=self._samples, plan=plan, epoch=epoch, first_index=start
+        )
+        if self.cfg.num_workers > 0:
+            loader = torch.utils.data.DataLoader(
+                stream,
+                batch_size=None,
+                num_workers=min(self.cfg.num_workers, max(len(plan), 1)),
+                worker_init_fn=_worker_init,
+            )
+            it = iter(loader)
+        else:
+            it = iter(stream)
+        try:
+            for raw in it:
+                assert raw["index"] == self._consumed, (raw["index"], self._consumed)
+                self._consumed += 1
+                yield _finish(raw, epoch)
+        finally:
+            shutdown = getattr(it, "_shutdown_workers", None)
+            if shutdown:
+                shutdown()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position: epoch and batches consumed on this rank, plus what must not change."""
+        return {
+            "epoch": self._epoch,
+            "batches_consumed": self._consumed,
+            "seed": self.cfg.seed,
+            "world_size": self.world_size,
+            "batches_per_epoch": self._len,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a position: the next batch is the one after the last consumed.
+
+        Raises:
+            ValueError: the state comes from another seed, world size or data selection.
+        """
+        for k in ("seed", "world_size", "batches_per_epoch"):
+            mine = self.state_dict()[k]
+            if k in state and state[k] != mine:
+                raise ValueError(
+                    f"loader state has {k}={state[k]} but this loader has {k}={mine}: "
+                    "an exact resume needs the same seed, world size and data selection"
+                )
+        consumed = int(state["batches_consumed"])
+        if not 0 <= consumed <= self._len:
+            raise ValueError(f"loader state has batches_consumed={consumed} > {self._len}")
+        self._epoch, self._consumed = int(state["epoch"]), consumed
+
+    def report(self) -> dict[str, Any]:
+        """Per-bucket counts (available, selected, dropped, small, draws, batches, padded), the
+        selection summary, the small-bucket policy and the epoch's batch counts."""
+        return json.loads(json.dumps(self._report))
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the next batch comes from (before a completed epoch rolls over)."""
+        return self._epoch
+
+
+CROP_COLUMNS = ("crop_left", "crop_top", "crop_right", "crop_bottom")
+
+
+def _count(values: list[Any]) -> dict[Any, int]:
+    out: dict[Any, int] = {}
+    for v in values:
+        out[v] = out.get(v, 0) + 1
+    return out
+
+
+def _worker_init(_: int) -> None:
+    import cv2
+
+    cv2.setNumThreads(1)
+
+
+def _finish(raw: dict[str, Any], epoch: int) -> dict[str, Any]:
+    """uint8 `[B, H, W, 3]` from the stream -> float32 `[B, 3, H, W]` in [-1, 1]."""
+    u8 = raw["pixels"]
+    pixels = u8.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format)
+    pixels.div_(127.5).sub_(1.0)
+    return {
+        "pixels": pixels,
+        "keys": list(raw["keys"]),
+        "bucket": raw["bucket"],
+        "captions": list(raw["captions"]),
+        "aesthetic": raw["aesthetic"],
+        "padded": raw["padded"],
+        "epoch": epoch,
+        "index": raw["index"],
+    }
+
+
+# --- streaming and decoding -----------------------------------------------------------------
+
+
+class _EpochStream(torch.utils.data.IterableDataset):
+    """Decodes planned batches; in a DataLoader worker, only batches `j % num_workers == id`."""
+
+    def __init__(
+        self,
+        *,
+        cfg: DataConfig,
+        samples: _Samples,
+        plan: list[_Batch],
+        epoch: int,
+        first_index: int,
+    ) -> None:
+        super().__init__()
+        self.cfg, self.samples, self.plan = cfg, samples, plan
+        self.epoch, self.first_index = epoch, first_index
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = torch.utils.data.get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        mine = [(j, b) for j, b in enumerate(self.plan) if j % nw == wid]
+        reader = _MemberReader(self.cfg, self.samples, [b for _, b in mine])
+        try:
+            for j, batch in mine:
+                yield self._decode(j, batch, reader)
+        finally:
+            reader.close()
+
+    def _decode(self, j: int, batch: _Batch, reader: _MemberReader) -> dict[str, Any]:
+        cfg, s = self.cfg, self.samples
+        images, captions = [], []
+        for slot, i in enumerate(batch.ids):
+            members = reader.get(i)
+            data = members.get(s.extension[i])
+            if data is None:
+                raise ValueError(
+                    f"{s.shard[i]}: sample {s.key[i]} has no '.{s.extension[i]}' member"
+                )
+            if "json" in members:
+                meta = json.loads(members["json"])
+                if meta.get("key") != s.key[i] or meta.get("bucket") != s.bucket[i]:
+                    raise ValueError(
+                        f"{s.shard[i]}: member {s.key[i]}.json disagrees with the manifest "
+                        "(run `native4k verify`)"
+                    )
+            if cfg.mode == "bucket":
+                img = decode_bucket(
+                    data,
+                    tuple(int(v) for v in s.box[i]),
+                    cfg.target_size(s.bucket[i]),
+                    resample=cfg.resample,
+                    draft=cfg.jpeg_draft,
+                    name=f"{s.shard[i]}:{s.key[i]}",
+                )
+            else:
+                rng = np.random.default_rng([cfg.seed, self.epoch, batch.uid, slot])
+                img = decode_crop(data, cfg.crop_size, rng, name=f"{s.shard[i]}:{s.key[i]}")
+            images.append(img)
+            text = members.get(CAPTIONS[cfg.caption_language][1])
+            captions.append(text.decode("utf-8") if text is not None else s.caption[i])
+        return {
+            "pixels": torch.from_numpy(np.stack(images)),
+            "keys": [s.key[i] for i in batch.ids],
+            "bucket": batch.bucket,
+            "captions": captions,
+            "aesthetic": torch.tensor(s.aesthetic[list(batch.ids)], dtype=torch.float32),
+            "padded": torch.tensor(batch.padded, dtype=torch.bool),
+            "index": self.first_index + j,
+        }
+
+
+class _MemberReader:
+    """Fetches samples' members from their shards, one forward pass per shard where it can.
+
+    One open tar stream per bucket. A sample read on the way to another one is kept when this
+    reader needs it again within `shuffle_window` of its bucket's draws; anything else is
+    skipped (its bytes are not even copied). A sample needed behind the stream's position
+    reopens the shard.
+    """
+
+    def __init__(self, cfg: DataConfig, samples: _Samples, batches: list[_Batch]) -> None:
+        self.cfg, self.s = cfg, samples
+        self.fs, self.root = fsspec.core.url_to_fs(cfg.root)
+        self.root = self.root.rstrip("/")
+        self.wanted = {samples.key[i] for b in batches for i in b.ids}
+        suffixes = {"json", "txt", "zh.txt"} | {
+            samples.extension[i] for i in set(self._ids(batches))
+        }
+        self.suffixes = suffixes
+        # Per bucket: the positions (in this reader's draws of that bucket) where each id occurs.
+        self.pos: dict[int, list[int]] = {}
+        self.count: dict[str, int] = {}
+        self.draw_pos: list[int] = []
+        for i in self._ids(batches):
+            b = samples.bucket[i]
+            p = self.count.get(b, 0)
+            self.count[b] = p + 1
+            self.pos.setdefault(i, []).append(p)
+            self.draw_pos.append(p)
+        self.next_draw = 0
+        self.id_of_key = {samples.key[i]: i for i in set(self._ids(batches))}
+        self.streams: dict[str, tuple[str, Iterator[dict[str, Any]]]] = {}  # bucket -> shard
+        self.stash: dict[int, dict[str, bytes]] = {}
+        self.opened = 0  # shard opens (a reopen counts again)
+
+    @staticmethod
+    def _ids(batches: list[_Batch]) -> Iterator[int]:
+        for b in batches:
+            yield from b.ids
+
+    def close(self) -> None:
+        for _, it in self.streams.values():
+            close = getattr(it, "close", None)
+            if close:
+                close()
+        self.streams.clear()
+
+    def _needed_soon(self, i: int, here: int) -> bool:
+        """Is sample `i` drawn again by this reader within `shuffle_window` draws of `here`?"""
+        p = self.pos.get(i)
+        if not p:
+            return False
+        j = bisect.bisect_right(p, here)
+        return j < len(p) and p[j] <= here + self.cfg.shuffle_window
+
+    def get(self, i: int) -> dict[str, bytes]:
+        """The members (suffix -> bytes) of sample `i`, the next draw of this reader."""
+        here = self.draw_pos[self.next_draw]
+        self.next_draw += 1
+        if i in self.stash:
+            members = self.stash[i]
+            if not self._needed_soon(i, here):
+                del self.stash[i]
+            return members
+        s = self.s
+        bucket, shard, key = s.bucket[i], s.shard[i], s.key[i]
+        for attempt in range(2):
+            current = self.streams.get(bucket)
+            if current is None or current[0] != shard or attempt:
+                if current is not None:
+                    getattr(current[1], "close", lambda: None)()
+                self.streams[bucket] = (shard, self._open(shard))
+                self.opened += 1
+            _, it = self.streams[bucket]
+            for sample in it:
+                k = sample["__key__"]
+                members = {x: v for x, v in sample.items() if not x.startswith("__")}
+                if k == key:
+                    if self._needed_soon(i, here):
+                        self.stash[i] = members
+                    return members
+                j = self.id_of_key.get(k)
+                if j is not None and self._needed_soon(j, here):
+                    self.stash[j] = members
+            self.streams.pop(bucket)  # exhausted without finding it: reopen once
+        raise ValueError(f"{shard}: sample {key} is in the manifest but not in the shard")
+
+    def _open(self, shard: str) -> Iterator[dict[str, Any]]:
+        import webdataset as wds
+
+        url = f"{self.root}/{shard}"
+        wanted, suffixes = self.wanted, self.suffixes
+
+        def select(fname: str) -> bool:
+            key, _, suffix = fname.partition(".")
+            if suffix.lower().rsplit(".", 1)[-1] in PICKLE_SUFFIXES:
+                raise ValueError(
+                    f"{url}: member {fname!r} could hold a pickled object; native4k shards "
+                    "never do, and this loader never unpickles. Remove it (`native4k verify` "
+                    "lists unexpected members)."
+                )
+            return key in wanted and suffix.lower() in suffixes
+
+        def samples() -> Iterator[dict[str, Any]]:
+            with self.fs.open(url, "rb", block_size=8 * 1024 * 1024) as fh:
+                files = wds.tariterators.tar_file_iterator(fh, select_files=select)
+                files = ({**f, "__url__": url} for f in files)
+                yield from wds.tariterators.group_by_keys(files)
+
+        return samples()
+
+
+# --- decoding -------------------------------------------------------------------------------
+
+_TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+
+
+def _open_oriented(data: bytes, name: str) -> tuple[Image.Image, int, tuple[int, int]]:
+    """A PIL image (not yet loaded), its EXIF orientation and its oriented (width, height)."""
+    try:
+        im = Image.open(io.BytesIO(data))
+    except Exception as e:
+        raise ValueError(f"{name}: cannot decode image: {e}") from e
+    orientation = int(im.getexif().get(0x0112, 1) or 1)
+    w, h = im.size
+    return im, orientation, ((h, w) if orientation in _TRANSPOSED else (w, h))
+
+
+def to_rgb8(im: Image.Image) -> np.ndarray:
+    """Any PIL mode -> uint8 RGB `[H, W, 3]`.
+
+    16-bit and 32-bit grayscale keep their top 8 bits (PIL's own convert clips them); CMYK and
+    palette images go through PIL's conversions; transparency is composited over white.
+    """
+    mode = im.mode
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        a = np.asarray(im, dtype=np.float64 if mode == "F" else np.int64)
+        if mode == "F":
+            a = a * (255.0 if a.max() <= 1.0 else 1.0)
+        elif mode == "I" and a.max() <= 255:
+            pass
+        else:
+            a = a >> 8
+        g = np.clip(a, 0, 255).astype(np.uint8)
+        return np.repeat(g[..., None], 3, axis=2)
+    has_alpha = mode in ("RGBA", "LA", "La", "RGBa", "PA") or (
+        mode in ("P", "L", "RGB") and "transparency" in im.info
+    )
+    if has_alpha:
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
+    if mode != "RGB":
+        im = im.convert("RGB")
+    return np.asarray(im)
+
+
+def decode_bucket(
+    data: bytes,
+    box: tuple[int, int, int, int],
+    target: tuple[int, int],
+    *,
+    resample: str = "lanczos",
+    draft: bool = True,
+    name: str = "image",
+) -> np.ndarray:
+    """Decode, orient, crop to `box` (oriented pixels) and resize down to `target` (W, H).
+
+    Returns uint8 RGB `[H, W, 3]`. A target larger than the box raises: the loader never
+    upscales.
+    """
+    im, orientation, (ow, oh) = _open_oriented(data, name)
+    left, top, right, bottom = box
+    bw, bh = right - left, bottom - top
+    tw, th = target
+    if not (0 <= left < right <= ow and 0 <= top < bottom <= oh):
+        raise ValueError(f"{name}: crop box {box} is outside the {ow}x{oh} image")
+    if tw > bw or th > bh:
+        raise ValueError(f"{name}: target {tw}x{th} would upscale the {bw}x{bh} crop box")
+    scale = 1.0
+    if draft and im.format == "JPEG":
+        d = 8
+        while d > 1 and (bw // d < tw or bh // d < th):
+            d //= 2
+        if d > 1:
+            sw, sh = im.size
+            im.draft("RGB", (sw // d, sh // d))
+            scale = im.size[0] / sw
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        im.load()
+    if orientation != 1:
+        im = ImageOps.exif_transpose(im)
+    if scale != 1.0:
+        left, top = math.floor(left * scale), math.floor(top * scale)
+        right = min(max(math.ceil(right * scale), left + tw), im.size[0])
+        bottom = min(max(math.ceil(bottom * scale), top + th), im.size[1])
+    rgb = to_rgb8(im.crop((left, top, right, bottom)))
+    if rgb.shape[1] == tw and rgb.shape[0] == th:
+        return np.ascontiguousarray(rgb)
+    if resample == "area":
+        import cv2
+
+        return cv2.resize(rgb, (tw, th), interpolation=cv2.INTER_AREA)
+    return np.asarray(Image.fromarray(rgb).resize((tw, th), Image.Resampling.LANCZOS))
+
+
+def decode_crop(
+    data: bytes, size: int, rng: np.random.Generator, *, name: str = "image"
+) -> np.ndarray:
+    """A random `size`² crop of the full-resolution, oriented image: uint8 RGB `[size, size, 3]`."""
+    im, orientation, (ow, oh) = _open_oriented(data, name)
+    if ow < size or oh < size:
+        raise ValueError(f"{name}: {ow}x{oh} is smaller than the {size}x{size} crop")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        im.load()
+    if orientation != 1:
+        im = ImageOps.exif_transpose(im)
+    x = int(rng.integers(0, ow - size + 1))
+    y = int(rng.integers(0, oh - size + 1))
+    return np.ascontiguousarray(to_rgb8(im.crop((x, y, x + size, y + size))))
