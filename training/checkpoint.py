@@ -1,0 +1,169 @@
+"""Resumable checkpoints in torch's distributed checkpoint (DCP) format.
+
+A checkpoint is a folder ``<output_dir>/checkpoints/step-00000100/``:
+
+- DCP files (``.metadata``, ``__0_0.distcp`` …) with the trained model, the optimizer state and
+  the EMA weights, each rank writing its own shards (FSDP) or rank 0 the replicated tensors
+  (DDP, one process); a different number of ranks can read them back;
+- ``rank<R>.json``: that rank's step, curriculum stage, LR-schedule state and loader position
+  (the sample after the last one trained on), plain JSON;
+- ``rng-rank<R>.pt``: that rank's random generator states, tensors only (loaded with
+  ``weights_only=True``; nothing is unpickled).
+
+It is written to ``step-….partial`` and renamed once every rank has finished, so a folder
+without the suffix is always complete. Resuming restores all of it, so the next step sees the
+same batch, noise and timesteps as an uninterrupted run would (bit-identical on the CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_state_dict,
+)
+
+from training.parallel import DistInfo, barrier
+
+_PREFIX = "step-"
+_OPTIONS = StateDictOptions(ignore_frozen_params=True)
+
+
+def checkpoint_dir(output_dir: str | Path) -> Path:
+    """Where a run's checkpoints live."""
+    return Path(output_dir) / "checkpoints"
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of a run, or None."""
+    root = checkpoint_dir(output_dir)
+    if not root.is_dir():
+        return None
+    done = [p for p in root.iterdir() if p.name.startswith(_PREFIX) and p.suffix != ".partial"]
+    return max(done, key=lambda p: int(p.name[len(_PREFIX) :]), default=None)
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "item"):  # numpy / torch scalars
+        return value.item()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
+
+
+def save_checkpoint(
+    output_dir: str | Path,
+    step: int,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    ema: dict[str, torch.Tensor] | None,
+    rank_state: dict[str, Any],
+    rng_state: dict[str, torch.Tensor],
+    info: DistInfo,
+    keep: int = 0,
+) -> Path:
+    """Write a checkpoint for ``step`` (a collective: every rank calls it).
+
+    Args:
+        output_dir: The run's output folder.
+        step: Optimizer steps done.
+        model: The trained module (DDP-wrapped or FSDP-sharded is fine).
+        optimizer: Its optimizer.
+        ema: EMA tensors by parameter name (sharded like the parameters), or None.
+        rank_state: This rank's JSON-serialisable state (stage, loader position, schedule).
+        rng_state: This rank's generator states.
+        info: This process's place.
+        keep: Keep only the newest ``keep`` checkpoints (0: all).
+
+    Returns:
+        The checkpoint folder.
+    """
+    root = checkpoint_dir(output_dir)
+    final = root / f"{_PREFIX}{step:08d}"
+    partial = final.with_suffix(".partial")
+    if info.is_main:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_OPTIONS)
+    state = {"model": model_sd, "optim": optim_sd, "ema": dict(ema or {})}
+    dcp.save(state, checkpoint_id=str(partial))
+    (partial / f"rank{info.rank}.json").write_text(
+        json.dumps({**rank_state, "world_size": info.world_size}, default=_json_default)
+    )
+    torch.save({k: v.cpu() for k, v in rng_state.items()}, partial / f"rng-rank{info.rank}.pt")
+    barrier()
+    if info.is_main:
+        shutil.rmtree(final, ignore_errors=True)
+        partial.rename(final)
+        if keep > 0:
+            done = sorted(
+                (
+                    p
+                    for p in root.iterdir()
+                    if p.name.startswith(_PREFIX) and p.suffix != ".partial"
+                ),
+                key=lambda p: int(p.name[len(_PREFIX) :]),
+            )
+            for old in done[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return final
+
+
+def load_checkpoint(
+    folder: str | Path,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    ema: dict[str, torch.Tensor] | None,
+    info: DistInfo,
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Restore model, optimizer and EMA in place; return this rank's state and RNG states.
+
+    Raises:
+        FileNotFoundError: ``folder`` is not a complete checkpoint.
+        ValueError: It was written by a different number of ranks (loader positions are per
+            rank).
+    """
+    folder = Path(folder)
+    meta = folder / f"rank{info.rank}.json"
+    if not (folder / ".metadata").is_file() or not meta.is_file():
+        raise FileNotFoundError(
+            f"{folder} is not a complete checkpoint (no .metadata or {meta.name})"
+        )
+    rank_state = json.loads(meta.read_text())
+    if rank_state.get("world_size") != info.world_size:
+        raise ValueError(
+            f"{folder} was written by {rank_state.get('world_size')} ranks, this run has "
+            f"{info.world_size}: resume with the same number of processes"
+        )
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_OPTIONS)
+    state = {"model": model_sd, "optim": optim_sd, "ema": dict(ema or {})}
+    dcp.load(state, checkpoint_id=str(folder))
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=state["model"],
+        optim_state_dict=state["optim"],
+        options=_OPTIONS,
+    )
+    if ema is not None:
+        for name, tensor in ema.items():
+            loaded = state["ema"][name]
+            if loaded is not tensor:
+                tensor.copy_(loaded)
+    rng = torch.load(folder / f"rng-rank{info.rank}.pt", map_location="cpu", weights_only=True)
+    if dist.is_initialized():
+        dist.barrier()
+    return rank_state, rng

@@ -1,0 +1,410 @@
+"""The training loop shared by the DiT and VAE trainers.
+
+A :class:`TrainTask` knows its models, its loader per curriculum stage and its loss; the
+:class:`Trainer` does the rest, the same way for both: process group and device, the documented
+parallelisation order (:mod:`training.parallel`), AdamW with warm-up and decay, bf16 autocast,
+gradient accumulation and clipping, an fp32 EMA of the trained weights, TensorBoard scalars, a
+progress bar with images/s and tokens/s, and resumable checkpoints (:mod:`training.checkpoint`).
+
+Random numbers drawn by a task (noise, timesteps, caption dropout, latent samples) come from the
+trainer's own generator (one per rank, seeded from ``loop.seed`` and the rank) and the loader's
+position, both saved in every checkpoint, so a resumed run continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from training.config import LoopConfig, OptimConfig, ParallelConfig
+from training.parallel import (
+    DistInfo,
+    all_reduce_mean,
+    barrier,
+    init_distributed,
+    parallelize,
+    unwrap,
+)
+
+
+@dataclass
+class StepOutput:
+    """What a task's loss returns for one micro-batch."""
+
+    loss: torch.Tensor
+    metrics: dict[str, float] = field(default_factory=dict)
+    num_images: int = 0
+    num_tokens: int = 0
+
+
+class TrainTask(Protocol):
+    """What a trainer needs from the DiT or VAE side."""
+
+    name: str
+
+    def build(self, info: DistInfo) -> nn.Module:
+        """Build every model on ``info.device``; return the module to train."""
+
+    def blocks(self) -> list[nn.Module]:
+        """Repeated blocks to compile and shard."""
+
+    def stage_steps(self) -> list[int]:
+        """Optimizer steps of each curriculum stage (their sum is the run's length)."""
+
+    def stage_name(self, stage: int) -> str:
+        """A stage's name for logs."""
+
+    def make_loader(self, stage: int, info: DistInfo) -> Any:
+        """The loader of a stage (``__iter__``, ``state_dict``, ``load_state_dict``)."""
+
+    def compute_loss(
+        self, model: nn.Module, batch: dict, stage: int, generator: torch.Generator
+    ) -> StepOutput:
+        """Loss of one micro-batch, inside autocast."""
+
+    def evaluate(self, model: nn.Module, step: int) -> dict[str, float]:
+        """Held-out metrics (may return nothing)."""
+
+    def export(self, state_dict: dict[str, torch.Tensor], folder: Path) -> None:
+        """Save the trained weights (full, on rank 0) in the model's own format."""
+
+
+def lr_lambda(optim: OptimConfig, total_steps: int):
+    """Multiplier of the peak LR at each step: linear warm-up, then constant/cosine/linear."""
+
+    def fn(step: int) -> float:
+        if step < optim.warmup_steps:
+            return (step + 1) / optim.warmup_steps
+        if optim.schedule == "constant":
+            return 1.0
+        span = max(1, total_steps - optim.warmup_steps)
+        frac = min(1.0, (step - optim.warmup_steps) / span)
+        decay = 0.5 * (1 + math.cos(math.pi * frac)) if optim.schedule == "cosine" else 1 - frac
+        return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * decay
+
+    return fn
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or stopped) run reports."""
+
+    step: int
+    losses: list[float]
+    checkpoint: Path | None
+    export: Path | None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class Trainer:
+    """Runs a :class:`TrainTask` (see the module docstring).
+
+    Args:
+        task: The DiT or VAE task.
+        optim: Optimizer and schedule.
+        loop: Loop settings.
+        parallel: Parallelisation settings.
+        config_dict: The whole resolved configuration, saved next to the checkpoints.
+    """
+
+    def __init__(
+        self,
+        task: TrainTask,
+        *,
+        optim: OptimConfig,
+        loop: LoopConfig,
+        parallel: ParallelConfig,
+        config_dict: dict[str, Any] | None = None,
+    ) -> None:
+        self.task, self.optim_cfg, self.loop, self.par = task, optim, loop, parallel
+        self.config_dict = config_dict or {}
+
+    # -- setup ----------------------------------------------------------------------------------
+
+    def _setup(self) -> None:
+        loop = self.loop
+        self.info = info = init_distributed(loop.device)
+        torch.manual_seed(loop.seed)  # same init on every rank
+        self.stages = self.task.stage_steps()
+        self.total_steps = sum(self.stages)
+        module = self.task.build(info)
+        self.bf16 = loop.mixed_precision == "bf16"
+        self.model = parallelize(module, self.par, info, bf16=self.bf16, blocks=self.task.blocks())
+        self.module = unwrap(self.model)
+        self.params = {n: p for n, p in self.module.named_parameters() if p.requires_grad}
+        if not self.params:
+            raise ValueError(f"{self.task.name}: nothing to train (no parameter requires grad)")
+        o = self.optim_cfg
+        self.optimizer = torch.optim.AdamW(
+            list(self.params.values()),
+            lr=o.lr,
+            betas=tuple(o.betas),
+            eps=o.eps,
+            weight_decay=o.weight_decay,
+            foreach=True,
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(o, self.total_steps)
+        )
+        self.ema = (
+            {n: p.detach().float().clone() for n, p in self.params.items()}
+            if loop.ema_decay > 0
+            else None
+        )
+        self.generator = torch.Generator(device=info.device)
+        self.generator.manual_seed(loop.seed * 100_003 + info.rank)
+        self.writer = None
+        if info.is_main and loop.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(Path(loop.output_dir) / "tensorboard"))
+
+    def _rng_state(self) -> dict[str, torch.Tensor]:
+        state = {"trainer": self.generator.get_state(), "torch": torch.get_rng_state()}
+        if self.info.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.info.device)
+        return state
+
+    def _set_rng_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.generator.set_state(state["trainer"])
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and self.info.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda"], self.info.device)
+
+    def _resume_from(self) -> Path | None:
+        resume = self.loop.resume
+        if resume == "never":
+            return None
+        if resume == "auto":
+            return latest_checkpoint(self.loop.output_dir)
+        path = Path(resume)
+        if not path.is_dir():
+            raise FileNotFoundError(f"loop.resume names {path}, which is not a checkpoint folder")
+        return path
+
+    def _stage_of(self, step: int) -> int:
+        acc = 0
+        for i, n in enumerate(self.stages):
+            acc += n
+            if step < acc:
+                return i
+        return len(self.stages) - 1
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def run(self, *, stop_after: int | None = None) -> TrainResult:
+        """Train until the last stage ends (or ``stop_after`` steps, as an interruption would).
+
+        Returns:
+            The step reached, the per-step losses (mean over ranks and micro-batches) of this
+            process's run, the last checkpoint and the exported model folder.
+        """
+        self._setup()
+        info, loop = self.info, self.loop
+        step, epoch = 0, 0
+        loader_state = None
+        resumed = self._resume_from()
+        if resumed is not None:
+            state, rng = load_checkpoint(
+                resumed,
+                model=self.model,
+                optimizer=self.optimizer,
+                ema=self.ema,
+                info=info,
+            )
+            step, epoch = state["step"], state["epoch"]
+            self.scheduler.load_state_dict(state["scheduler"])
+            loader_state = state["loader"]
+            self._set_rng_state(rng)
+            if info.is_main:
+                print(f"{self.task.name}: resumed from {resumed} at step {step}", flush=True)
+        stage = self._stage_of(step)
+        loader = self.task.make_loader(stage, info)
+        if loader_state is not None and state.get("stage") == stage:
+            loader.load_state_dict(loader_state)
+        batches = iter(loader)
+
+        def next_batch() -> dict:
+            nonlocal batches, epoch
+            try:
+                return next(batches)
+            except StopIteration:
+                epoch += 1
+                batches = iter(loader)
+                try:
+                    return next(batches)
+                except StopIteration:
+                    raise ValueError(f"{self.task.name}: the loader yields no batches") from None
+
+        end = self.total_steps if stop_after is None else min(self.total_steps, stop_after)
+        progress = None
+        if info.is_main and loop.progress:
+            from tqdm import tqdm
+
+            progress = tqdm(total=self.total_steps, initial=step, desc=self.task.name)
+        losses: list[float] = []
+        last_ckpt: Path | None = None
+        window_t0, window_images, window_tokens = time.perf_counter(), 0, 0
+        autocast = torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+        accum = loop.grad_accum_steps
+        while step < end:
+            new_stage = self._stage_of(step)
+            if new_stage != stage:
+                stage = new_stage
+                loader = self.task.make_loader(stage, info)
+                batches = iter(loader)
+                if info.is_main:
+                    print(f"{self.task.name}: stage {self.task.stage_name(stage)}", flush=True)
+            self.model.train()
+            step_loss, metrics, images, tokens = 0.0, {}, 0, 0
+            for micro in range(accum):
+                batch = next_batch()
+                with self._sync_context(micro == accum - 1), autocast:
+                    out = self.task.compute_loss(self.model, batch, stage, self.generator)
+                (out.loss / accum).backward()
+                step_loss += out.loss.item() / accum
+                for k, v in out.metrics.items():
+                    metrics[k] = metrics.get(k, 0.0) + v / accum
+                images += out.num_images
+                tokens += out.num_tokens
+            grad_norm = self._clip()
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self._update_ema()
+            step += 1
+            mean_loss = all_reduce_mean(step_loss, info.device)
+            losses.append(mean_loss)
+            window_images += images * info.world_size
+            window_tokens += tokens * info.world_size
+            if not math.isfinite(mean_loss):
+                raise FloatingPointError(f"{self.task.name}: loss is {mean_loss} at step {step}")
+            if step % loop.log_every == 0 or step == end:
+                dt = time.perf_counter() - window_t0
+                rates = {"images_per_s": window_images / dt, "tokens_per_s": window_tokens / dt}
+                self._log(step, mean_loss, grad_norm, {**metrics, **rates}, stage)
+                if progress is not None:
+                    progress.set_postfix(
+                        loss=f"{mean_loss:.4g}",
+                        img_s=f"{rates['images_per_s']:.2f}",
+                        tok_s=f"{rates['tokens_per_s']:.3g}",
+                    )
+                window_t0, window_images, window_tokens = time.perf_counter(), 0, 0
+            if progress is not None:
+                progress.update(1)
+            if (loop.checkpoint_every and step % loop.checkpoint_every == 0) or step == end:
+                last_ckpt = save_checkpoint(
+                    loop.output_dir,
+                    step,
+                    model=self.model,
+                    optimizer=self.optimizer,
+                    ema=self.ema,
+                    rank_state={
+                        "step": step,
+                        "epoch": epoch,
+                        "stage": stage,
+                        "scheduler": self.scheduler.state_dict(),
+                        "loader": loader.state_dict(),
+                    },
+                    rng_state=self._rng_state(),
+                    info=info,
+                    keep=loop.keep_checkpoints,
+                )
+        if progress is not None:
+            progress.close()
+        result = TrainResult(step=step, losses=losses, checkpoint=last_ckpt, export=None)
+        if step >= self.total_steps:
+            result.metrics = self.task.evaluate(self.model, step)
+            if result.metrics:
+                self._log_scalars(step, {f"eval/{k}": v for k, v in result.metrics.items()})
+            if loop.export:
+                result.export = self._export()
+        if self.writer is not None:
+            self.writer.close()
+        return result
+
+    # -- pieces ---------------------------------------------------------------------------------
+
+    def _sync_context(self, last_micro: bool):
+        """Skip the gradient all-reduce on all but the last micro-batch of a step."""
+        if self.par.strategy == "ddp" and not last_micro:
+            return self.model.no_sync()
+        if self.par.strategy == "fsdp" and self.loop.grad_accum_steps > 1:
+            self.model.set_requires_gradient_sync(last_micro)
+        return contextlib.nullcontext()
+
+    def _clip(self) -> float:
+        params = list(self.params.values())
+        max_norm = self.optim_cfg.grad_clip if self.optim_cfg.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        return float(norm)
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        if self.ema is None:
+            return
+        ema = list(self.ema.values())
+        params = [p.detach().float() for p in self.params.values()]
+        torch._foreach_lerp_(ema, params, 1 - self.loop.ema_decay)
+
+    def _log_scalars(self, step: int, scalars: dict[str, float]) -> None:
+        if self.writer is not None:
+            for k, v in scalars.items():
+                self.writer.add_scalar(k, v, step)
+
+    def _log(self, step: int, loss: float, grad_norm: float, metrics: dict, stage: int) -> None:
+        lr = self.scheduler.get_last_lr()[0]
+        self._log_scalars(
+            step,
+            {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm, "train/stage": stage}
+            | {f"train/{k}": v for k, v in metrics.items()},
+        )
+        if self.info.is_main and not self.loop.progress:
+            print(
+                f"{self.task.name} step {step}: loss {loss:.5g}, lr {lr:.3g}, "
+                f"{metrics['images_per_s']:.2f} images/s, {metrics['tokens_per_s']:.4g} tokens/s",
+                flush=True,
+            )
+
+    def _export(self) -> Path | None:
+        """Gather the full (EMA, if enabled) weights and let the task save them on rank 0."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
+
+        full = get_model_state_dict(
+            self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+        if self.ema is not None:
+            for name, tensor in self.ema.items():
+                value = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+                full[name] = value.detach().cpu().to(full[name].dtype)
+        folder = Path(self.loop.output_dir) / "final"
+        if self.info.is_main:
+            self.task.export(full, folder)
+        barrier()
+        return folder
+
+
+def iterate_forever(loader: Any) -> Iterator[dict]:
+    """Epoch after epoch of a loader (for benchmarks)."""
+    while True:
+        yield from loader
+
+
+def is_distributed() -> bool:
+    """True inside an initialised process group of more than one rank."""
+    return dist.is_initialized() and dist.get_world_size() > 1
