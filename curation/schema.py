@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
+"""2: model columns `character`, `person_score`, `nsfw`, `caption_source` (issue 12).
+
+Readers of version 1 find every version-1 column unchanged; the new ones are nullable."""
 
 # --- identity and input -------------------------------------------------------------------
 SOURCE = "source"  # URI as found: path, s3://..., or tar-uri#member
@@ -16,6 +19,7 @@ SIZE_BYTES = "size_bytes"  # bytes of the input file (null if unreadable)
 SHA256 = "sha256"
 CAPTION_EN = "caption_en"
 CAPTION_ZH = "caption_zh"
+CAPTION_SOURCE = "caption_source"  # sidecar | tar | the captioning model's name
 
 # --- decision -----------------------------------------------------------------------------
 STATUS = "status"  # "kept" | "rejected"; null while undecided inside the job
@@ -41,6 +45,10 @@ PHASH = "phash"  # 64-bit perceptual hash as signed int64 (bit pattern of imageh
 THUMBNAIL = "thumbnail"  # small JPEG for the model scorers (working column)
 AESTHETIC = "aesthetic"
 QUALITY = "quality"
+NSFW = "nsfw"  # safety score in [0, 1] from the configured safety model
+PERSON_SCORE = "person_score"  # person/face evidence in [0, 1] behind `character`
+CHARACTER = "character"  # a person is visible (the paper's human channel)
+EMBEDDING = "embedding"  # image embedding (working column; written to OUT/embeddings)
 
 # --- dedup, bucket, shard -------------------------------------------------------------------
 KEY = "key"
@@ -75,6 +83,7 @@ REASONS = (
     "low_quality",
     "low_aesthetic",
     "duplicate",
+    "unsafe",
 )
 
 FIELDS: dict[str, pa.DataType] = {
@@ -110,20 +119,34 @@ FIELDS: dict[str, pa.DataType] = {
     PHASH: pa.int64(),
     CAPTION_EN: pa.string(),
     CAPTION_ZH: pa.string(),
+    CAPTION_SOURCE: pa.string(),
+    NSFW: pa.float64(),
+    PERSON_SCORE: pa.float64(),
+    CHARACTER: pa.bool_(),
     TAR_OFFSET: pa.int64(),
     STAGE_SECONDS: pa.string(),
     DATA: pa.binary(),
     THUMBNAIL: pa.binary(),
+    EMBEDDING: pa.list_(pa.float32()),
 }
 
 DECISION_COLUMNS = (STATUS, REASON, DETAIL)
 READ_COLUMNS = (DATA, SIZE_BYTES, SHA256, CAPTION_EN, CAPTION_ZH)
 """What a reader adds to each input row."""
 
-WORKING_COLUMNS = (DATA, THUMBNAIL)
+WORKING_COLUMNS = (DATA, THUMBNAIL, EMBEDDING)
 """Columns dropped before anything is written to disk."""
 
-SCORE_COLUMNS = (SHARPNESS, FLAT_FRACTION, ENTROPY, NATIVE_SCORE, AESTHETIC, QUALITY)
+SCORE_COLUMNS = (
+    SHARPNESS,
+    FLAT_FRACTION,
+    ENTROPY,
+    NATIVE_SCORE,
+    AESTHETIC,
+    QUALITY,
+    NSFW,
+    PERSON_SCORE,
+)
 
 MANIFEST_COLUMNS = tuple(c for c in FIELDS if c not in WORKING_COLUMNS)
 MANIFEST_SCHEMA = pa.schema([(c, FIELDS[c]) for c in MANIFEST_COLUMNS])

@@ -131,6 +131,180 @@ class ShardConfig:
     )
 
 
+NUDENET_MODES = ("auto", "on", "off")
+PERSON_MODELS = ("auto", "clip", "nudenet", "off")
+SAFETY_MODELS = ("auto", "clip", "nudenet", "off")
+
+
+@dataclass(kw_only=True)
+class ModelsConfig:
+    """Where model weights are: local files only (no model hub is contacted)."""
+
+    clip_model: str = _f(
+        "ViT-L-14",
+        "open_clip architecture of the one image embedding per image (aesthetic, safety and "
+        "person heads, semantic de-duplication).",
+    )
+    clip_weights: str = _f(
+        "",
+        "Local file of the open_clip weights for clip_model (e.g. open_clip_pytorch_model.bin of "
+        "laion/CLIP-ViT-L-14-laion2B-s32B-b82K, or OpenAI's ViT-L-14.pt). Empty: no embedding "
+        "model, so no aesthetic score, no CLIP heads and no semantic de-duplication.",
+    )
+    aesthetic_weights: str = _f(
+        "",
+        "Local file of the LAION aesthetic predictor (improved-aesthetic-predictor "
+        "sac+logos+ava1-l14-linearMSE.pth: MLP 768-1024-128-64-16-1 over the L2-normalised "
+        "ViT-L/14 embedding). Needs clip_weights. Empty: `aesthetic` stays null.",
+    )
+    safety_weights: str = _f(
+        "",
+        "Local file of a safety head over the L2-normalised embedding: a torch state dict of an "
+        "nn.Sequential of Linear layers (ReLU between, sigmoid on the single output). Needs "
+        "clip_weights.",
+    )
+    nudenet: str = _f(
+        "auto",
+        "The nudenet face/body-part detector (its ONNX weights ship in the `nsfw` extra's wheel; "
+        "licence file AGPL-3.0, see README): auto = run it when installed, on = required, "
+        "off = never.",
+    )
+    nudenet_weights: str = _f(
+        "", "Another nudenet ONNX file (e.g. 640m.onnx); empty: the 320n model in the wheel."
+    )
+    pyiqa_weights: str = _f(
+        "",
+        "Local weight file for score.quality_metric (every pyiqa metric but piqe and entropy "
+        "needs one; pyiqa's download URL for it is in pyiqa's DEFAULT_CONFIGS).",
+    )
+    caption_model: str = _f(
+        "",
+        "Local folder of a transformers image-text-to-text model (config.json, weights, "
+        "processor and tokenizer files, a chat template). Empty: no captioning.",
+    )
+    translation_model: str = _f(
+        "",
+        "Local folder of a transformers sequence-to-sequence model that translates English "
+        "captions to Chinese (caption_zh). Empty: no translation.",
+    )
+
+
+@dataclass(kw_only=True)
+class ScoreConfig:
+    """Model scores, after the cheap rules and exact/near de-duplication, and their thresholds."""
+
+    enabled: bool = _f(True, "Run the model stages at all.")
+    score_all: bool = _f(
+        False,
+        "Score every decodable image (audits), not only the candidates that passed the cheap "
+        "rules and de-duplication; rejections are unchanged.",
+    )
+    num_gpus: float = _f(
+        0.0, "GPUs per model actor (fractions share one GPU); 0 runs the models on CPUs."
+    )
+    concurrency: int = _f(1, "Actors per model stage (each loads its model once).")
+    batch_size: int = _f(32, "Images per model call.")
+    quality_metric: str = _f(
+        "piqe",
+        "pyiqa metric for `quality` (piqe needs no weights; musiq, topiq_nr, qalign, laion_aes, "
+        "... need models.pyiqa_weights). Empty: no quality score.",
+    )
+    quality_size: int = _f(
+        512,
+        "Longest side (pixels) of the image the quality metric sees: the thumbnail, resized. "
+        "Scores of no-reference metrics depend on it; at most analyze.thumbnail_size.",
+    )
+    min_quality: float | None = _f(
+        None, "Reject (low_quality) when `quality` is below this (paper: Q-Align > 4.0)."
+    )
+    max_quality: float | None = _f(
+        None, "Reject (low_quality) when `quality` is above this (lower-better metrics: piqe)."
+    )
+    quality_top_share: float = _f(
+        1.0,
+        "Keep only this share of the job's candidates, best by `quality` in the metric's "
+        "direction (1.0: no share rule).",
+    )
+    min_aesthetic: float | None = _f(None, "Reject (low_aesthetic) below this aesthetic score.")
+    aesthetic_top_share: float = _f(
+        1.0, "Keep only this share of the candidates, best by `aesthetic` (paper: 0.3)."
+    )
+    max_nsfw: float = _f(0.5, "Reject (unsafe) when `nsfw` is above this.")
+    person_model: str = _f(
+        "auto",
+        "Source of `character`: clip (zero-shot prompts), nudenet (any face or body part "
+        "detected), auto (clip when clip_weights is set, else nudenet when it runs), off.",
+    )
+    safety_model: str = _f(
+        "auto",
+        "Source of `nsfw`: clip (models.safety_weights), nudenet (highest score of an exposed "
+        "intimate part), auto (clip when safety_weights is set, else nudenet when it runs), off.",
+    )
+    character_threshold: float = _f(0.5, "`character` is true when person_score is at least this.")
+    person_prompts: list[str] = _f(
+        ["a photo of a person", "a photo of people", "a portrait of a man or a woman"],
+        "Zero-shot prompts that mean a person is visible (person_model clip).",
+    )
+    other_prompts: list[str] = _f(
+        [
+            "a photo of a landscape",
+            "a photo of an animal",
+            "a photo of a building",
+            "a photo of an object",
+            "an abstract image",
+        ],
+        "Zero-shot prompts that mean no person (person_score: softmax mass of person_prompts).",
+    )
+    semantic_dedup: bool = _f(
+        True,
+        "Drop semantic near duplicates (cosine similarity of embeddings), job-wide; runs only "
+        "with an embedding model.",
+    )
+    semantic_threshold: float = _f(
+        0.95, "Two images are semantic duplicates at or above this cosine similarity."
+    )
+    semantic_exact_max: int = _f(
+        100_000,
+        "Exact nearest-neighbour search up to this many embeddings; above it a faiss IVF index "
+        "(approximate: a pair can be missed when its vectors fall in cells not probed).",
+    )
+    quantile_points: int = _f(
+        1024,
+        "Quantile sketch points per block for share rules: the share's cut is off by at most "
+        "1/quantile_points of the candidates in rank (exact when blocks are smaller).",
+    )
+
+
+@dataclass(kw_only=True)
+class CaptionConfig:
+    """Captions of kept images (last, after every rule), and their translation."""
+
+    prompt: str = _f(
+        "Describe this image in one or two detailed sentences.",
+        "Instruction given to the captioning model with each image.",
+    )
+    max_new_tokens: int = _f(77, "Longest caption, in generated tokens.")
+    batch_size: int = _f(8, "Images per generate() call.")
+    num_gpus: float = _f(0.0, "GPUs per captioning actor (fractions allowed; 0: CPU).")
+    concurrency: int = _f(1, "Captioning actors (each loads the model once).")
+    keep_sidecar: bool = _f(
+        True, "Images that came with a caption (sidecar or tar member) keep it, uncaptioned."
+    )
+    sidecar_hint: bool = _f(
+        False,
+        "Caption those images too, giving the existing caption to the model as a hint (the "
+        "model's caption replaces it; caption_source names the model and the hint).",
+    )
+    hint_template: str = _f(
+        '{prompt} The image came with this caption, which may help: "{hint}"',
+        "How the hint joins the prompt ({prompt}, {hint}).",
+    )
+    translation_prefix: str = _f(
+        "", "Text put before each caption for the translation model (e.g. a T5 task prefix)."
+    )
+    translation_max_new_tokens: int = _f(128, "Longest translation, in generated tokens.")
+
+
 @dataclass(kw_only=True)
 class RayConfig:
     """How the job uses Ray."""
@@ -151,7 +325,86 @@ class JobConfig:
     dedup: DedupConfig = field(default_factory=DedupConfig)
     bucket: BucketConfig = field(default_factory=BucketConfig)
     shard: ShardConfig = field(default_factory=ShardConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    caption: CaptionConfig = field(default_factory=CaptionConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+
+    def _model_checks(self) -> list[tuple[bool, str, str]]:
+        m, s, c = self.models, self.score, self.caption
+        thumbs = self.analyze.thumbnail_size
+        uses_thumbs = s.enabled and (
+            bool(m.clip_weights or s.quality_metric or m.caption_model) or m.nudenet == "on"
+        )
+        return [
+            (thumbs >= 0, "analyze.thumbnail_size", "must be >= 0"),
+            (
+                thumbs >= 64 or not uses_thumbs,
+                "analyze.thumbnail_size",
+                "must be at least 64 when model stages run (they see only the thumbnails)",
+            ),
+            (m.nudenet in NUDENET_MODES, "models.nudenet", f"must be one of {NUDENET_MODES}"),
+            (
+                s.person_model in PERSON_MODELS,
+                "score.person_model",
+                f"must be one of {PERSON_MODELS}",
+            ),
+            (
+                s.safety_model in SAFETY_MODELS,
+                "score.safety_model",
+                f"must be one of {SAFETY_MODELS}",
+            ),
+            (s.num_gpus >= 0, "score.num_gpus", "must be >= 0"),
+            (c.num_gpus >= 0, "caption.num_gpus", "must be >= 0"),
+            (s.concurrency >= 1, "score.concurrency", "must be at least 1"),
+            (c.concurrency >= 1, "caption.concurrency", "must be at least 1"),
+            (s.batch_size >= 1, "score.batch_size", "must be at least 1"),
+            (c.batch_size >= 1, "caption.batch_size", "must be at least 1"),
+            (c.max_new_tokens >= 1, "caption.max_new_tokens", "must be at least 1"),
+            (
+                8 <= s.quality_size <= max(thumbs, 8),
+                "score.quality_size",
+                "must be in [8, analyze.thumbnail_size] (the metric sees the thumbnail)",
+            ),
+            (0 < s.quality_top_share <= 1, "score.quality_top_share", "must be in (0, 1]"),
+            (0 < s.aesthetic_top_share <= 1, "score.aesthetic_top_share", "must be in (0, 1]"),
+            (0 <= s.max_nsfw <= 1, "score.max_nsfw", "must be in [0, 1]"),
+            (0 <= s.character_threshold <= 1, "score.character_threshold", "must be in [0, 1]"),
+            (-1 <= s.semantic_threshold <= 1, "score.semantic_threshold", "must be in [-1, 1]"),
+            (s.quantile_points >= 2, "score.quantile_points", "must be at least 2"),
+            (
+                bool(m.clip_weights) or not (m.aesthetic_weights or m.safety_weights),
+                "models.clip_weights",
+                "must be set when models.aesthetic_weights or models.safety_weights is",
+            ),
+            (
+                bool(m.aesthetic_weights)
+                or (s.min_aesthetic is None and s.aesthetic_top_share == 1.0),
+                "models.aesthetic_weights",
+                "must be set for score.min_aesthetic / score.aesthetic_top_share",
+            ),
+            (
+                bool(s.quality_metric)
+                or (s.min_quality is None and s.max_quality is None and s.quality_top_share == 1),
+                "score.quality_metric",
+                "must be set for score.min_quality / max_quality / quality_top_share",
+            ),
+            (
+                s.person_model != "clip" or (bool(m.clip_weights) and bool(s.person_prompts)),
+                "score.person_model",
+                "'clip' needs models.clip_weights and score.person_prompts",
+            ),
+            (
+                s.safety_model != "clip" or bool(m.safety_weights),
+                "score.safety_model",
+                "'clip' needs models.safety_weights",
+            ),
+            (
+                "nudenet" not in (s.person_model, s.safety_model) or m.nudenet != "off",
+                "models.nudenet",
+                "must not be 'off' when score.person_model or score.safety_model is 'nudenet'",
+            ),
+        ]
 
     def validate(self) -> None:
         """Contradictory settings raise `ConfigError` naming the key."""
@@ -172,6 +425,7 @@ class JobConfig:
             (self.shard.max_bytes > 0, "shard.max_bytes", "must be positive"),
             (self.ray.num_cpus >= 0, "ray.num_cpus", "must be >= 0"),
             (bool(self.bucket.tier_scales), "bucket.tier_scales", "must not be empty"),
+            *self._model_checks(),
         ]
         for ok, key, msg in checks:
             if not ok:

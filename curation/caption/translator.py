@@ -1,0 +1,67 @@
+"""English captions translated to Chinese (`caption_zh`) by a local seq2seq model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import pyarrow as pa
+
+from curation import schema
+from curation.base import Stage, column, set_columns
+
+
+@dataclass(kw_only=True)
+class CaptionTranslator(Stage):
+    """Translate `caption_en` into `caption_zh` where the latter is missing.
+
+    Any transformers sequence-to-sequence model (AutoModelForSeq2SeqLM: Marian opus-mt-en-zh,
+    NLLB, mT5, ...) from a local folder; `prefix` goes before each caption (a T5 task prefix,
+    say). A `caption_zh` that came with the input is kept. Reads: `caption_en`, `caption_zh`.
+    Writes: `caption_zh`. Resources: one model per actor; bf16 on 'cuda', float32 on CPU.
+    """
+
+    name: ClassVar[str] = "translate"
+    batch_size: ClassVar[int | None] = 16
+    reads: ClassVar[tuple[str, ...]] = (schema.CAPTION_EN, schema.CAPTION_ZH)
+    writes: ClassVar[tuple[str, ...]] = (schema.CAPTION_ZH,)
+    model_path: str = ""
+    prefix: str = ""
+    max_new_tokens: int = 128
+    device: str = "cpu"
+
+    def setup(self) -> None:
+        import torch
+        from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+        dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
+        self._tokenizer = AutoTokenizer.from_pretrained(self.model_path, local_files_only=True)
+        self._model = (
+            AutoModelForSeq2SeqLM.from_pretrained(
+                self.model_path, local_files_only=True, dtype=dtype
+            )
+            .to(self.device)
+            .eval()
+        )
+
+    def translate(self, texts: list[str]) -> list[str]:
+        """Translations of `texts`, greedy, in one batch."""
+        import torch
+
+        inputs = self._tokenizer(
+            [self.prefix + t for t in texts], return_tensors="pt", padding=True, truncation=True
+        ).to(self.device)
+        with torch.no_grad():
+            out = self._model.generate(
+                **inputs, max_new_tokens=self.max_new_tokens, do_sample=False
+            )
+        return [t.strip() for t in self._tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+    def process(self, table: pa.Table) -> pa.Table:
+        en = column(table, schema.CAPTION_EN)
+        zh = column(table, schema.CAPTION_ZH)
+        todo = [i for i, (e, z) in enumerate(zip(en, zh, strict=True)) if e and not z]
+        if todo:
+            for i, text in zip(todo, self.translate([en[i] for i in todo]), strict=True):
+                zh[i] = text
+        return set_columns(table, {schema.CAPTION_ZH: zh})

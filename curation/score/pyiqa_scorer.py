@@ -1,0 +1,82 @@
+"""Any pyiqa metric by name as the `quality` scorer, on the thumbnail at a set resolution."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image
+
+from curation import schema
+from curation.base import Stage, column, set_columns
+
+WEIGHTLESS_METRICS = frozenset({"piqe", "entropy"})
+"""pyiqa metrics that need no weight file (everything else loads one)."""
+
+
+def lower_better(metric: str) -> bool:
+    """Whether smaller values of a pyiqa metric mean better images (from pyiqa's table)."""
+    from pyiqa.default_model_configs import DEFAULT_CONFIGS
+
+    if metric not in DEFAULT_CONFIGS:
+        raise ValueError(
+            f"unknown pyiqa metric {metric!r} (known: {', '.join(sorted(DEFAULT_CONFIGS))})"
+        )
+    return bool(DEFAULT_CONFIGS[metric].get("lower_better", False))
+
+
+def resize_longest(img: Image.Image, size: int) -> Image.Image:
+    """`img` resized (up or down, bicubic) so that its longest side is `size`."""
+    w, h = img.size
+    scale = size / max(w, h)
+    new = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return img if new == img.size else img.resize(new, Image.Resampling.BICUBIC)
+
+
+@dataclass(kw_only=True)
+class PyiqaScorer(Stage):
+    """Score each thumbnail with a pyiqa no-reference metric at `input_size` (longest side).
+
+    Reads: `thumbnail` (rows without one get null). Writes: `quality` (the metric's own scale
+    and direction: piqe 0-100, lower is better). Images of one shape go through the metric as
+    one batch. Resources: one metric per actor; `device` 'cuda' when given a GPU.
+    """
+
+    name: ClassVar[str] = "quality"
+    batch_size: ClassVar[int | None] = 32
+    reads: ClassVar[tuple[str, ...]] = (schema.THUMBNAIL,)
+    writes: ClassVar[tuple[str, ...]] = (schema.QUALITY,)
+    metric: str = "piqe"
+    input_size: int = 512
+    weights: str = ""
+    device: str = "cpu"
+
+    def setup(self) -> None:
+        import pyiqa
+
+        kwargs: dict[str, Any] = {}
+        if self.weights:
+            kwargs["pretrained_model_path"] = self.weights
+        self._metric = pyiqa.create_metric(self.metric, device=self.device, **kwargs)
+
+    def process(self, table: pa.Table) -> pa.Table:
+        import torch
+
+        thumbs = column(table, schema.THUMBNAIL)
+        by_shape: dict[tuple[int, int], list[tuple[int, np.ndarray]]] = {}
+        for i, t in enumerate(thumbs):
+            if t is None:
+                continue
+            img = resize_longest(Image.open(io.BytesIO(t)).convert("RGB"), self.input_size)
+            by_shape.setdefault(img.size, []).append((i, np.asarray(img)))
+        scores: list[float | None] = [None] * table.num_rows
+        for items in by_shape.values():
+            x = torch.from_numpy(np.stack([a for _, a in items])).permute(0, 3, 1, 2)
+            with torch.no_grad():
+                values = self._metric(x.float().div(255).to(self.device))
+            for (i, _), v in zip(items, values.reshape(-1).tolist(), strict=True):
+                scores[i] = float(v)
+        return set_columns(table, {schema.QUALITY: scores})

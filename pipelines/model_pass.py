@@ -1,0 +1,821 @@
+"""The model pass of the curation job: scores, model rules, semantic duplicates, captions.
+
+It runs between exact/near de-duplication and the shard pass, on the candidates only (rows
+that no cheap rule rejected; `score.score_all` also scores every decodable image for audits,
+without changing earlier verdicts). Models never decode the 4K file: they read the small RGB
+thumbnails pass 1 made from its one decode (`_work/thumbnails/part-*.parquet`, written by
+`ThumbnailSink`).
+
+Steps, each a barrier (materialised) so that one actor pool holds the cluster at a time:
+
+1. join the candidates with their thumbnails;
+2. actor pools (`map_batches` with a class: one model load per actor, `num_gpus` fractions
+   and batch sizes by configuration, CPU when `num_gpus` is 0): `ClipEmbedder` (embedding,
+   aesthetic, safety head, zero-shot person), `PyiqaScorer` (quality), `NudeNetDetector`;
+3. absolute thresholds, then share thresholds from a global quantile sketch
+   (`curation/score/quantiles.py`: off by at most 1/`score.quantile_points` of the
+   candidates in rank), then semantic duplicates over the embeddings (faiss, job-wide);
+4. captions and translations of the rows still kept (last);
+5. embeddings to `OUT/embeddings/part-*.parquet` (atomic files, moved into place), and the
+   results joined back onto every row, so scores reach the manifest also for rows that a
+   model rule rejected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from curation import schema
+from curation.base import Stage, column, pending_mask, set_columns
+from curation.caption.captioner import VlmCaptioner, input_caption_source
+from curation.caption.translator import CaptionTranslator
+from curation.dedup.semantic_dedup import SemanticDedup
+from curation.io.atomic import atomic_write, join
+from curation.score.clip_embedder import ClipEmbedder
+from curation.score.nudenet_detector import NudeNetDetector, nudenet_available
+from curation.score.pyiqa_scorer import WEIGHTLESS_METRICS, PyiqaScorer, lower_better
+from curation.score.quantiles import share_cut, sketch
+from curation.shard.shard_writer import sample_key
+from curation.threshold_filter import Rule, ThresholdFilter
+from pipelines.config import ConfigError, JobConfig
+
+MODEL_COLUMNS = (
+    schema.AESTHETIC,
+    schema.QUALITY,
+    schema.NSFW,
+    schema.PERSON_SCORE,
+    schema.CHARACTER,
+)
+"""Score columns the model pass adds to every row it scores."""
+
+RESULT_COLUMNS = (
+    *MODEL_COLUMNS,
+    schema.STATUS,
+    schema.REASON,
+    schema.DETAIL,
+    schema.DUPLICATE_OF,
+    schema.CAPTION_EN,
+    schema.CAPTION_ZH,
+    schema.CAPTION_SOURCE,
+    schema.STAGE_SECONDS,
+)
+"""What the model pass joins back onto the job's rows (prefixed while joined)."""
+
+SLIM_COLUMNS = (
+    schema.SOURCE,
+    schema.SHA256,
+    schema.WIDTH,
+    schema.HEIGHT,
+    schema.SHARPNESS,
+    schema.NATIVE_SCORE,
+    schema.STATUS,
+    schema.REASON,
+    schema.DETAIL,
+    schema.DUPLICATE_OF,
+    schema.CAPTION_EN,
+    schema.CAPTION_ZH,
+)
+"""The columns of a row the model pass needs (no bytes; thumbnails join them)."""
+
+PREFIX = "model__"
+SCORED = "model__scored"
+THUMBNAILS = "thumbnails"
+"""Folder under `_work` of the thumbnail side files."""
+
+
+# --- which models, and whether their files are here -----------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelEntry:
+    """One configured model: what it is for, where its files are, whether they are there."""
+
+    setting: str
+    path: str
+    purpose: str
+    present: bool
+    how: str
+    """How to provide the file when it is missing."""
+
+
+def _exists(path: str, folder: bool = False) -> bool:
+    p = Path(path).expanduser()
+    return (p / "config.json").is_file() if folder else p.is_file()
+
+
+def configured_models(cfg: JobConfig) -> list[ModelEntry]:
+    """Every model the configuration would run, with its files' presence."""
+    m, s = cfg.models, cfg.score
+    out: list[ModelEntry] = []
+    if s.enabled and m.clip_weights:
+        if m.clip_model.endswith(".json"):
+            out.append(
+                ModelEntry(
+                    setting="models.clip_model",
+                    path=m.clip_model,
+                    purpose="open_clip architecture config (JSON)",
+                    present=_exists(m.clip_model),
+                    how="write the open_clip model config JSON there, or name a built-in model",
+                )
+            )
+        out.append(
+            ModelEntry(
+                setting="models.clip_weights",
+                path=m.clip_weights,
+                purpose=f"open_clip {Path(m.clip_model).stem} image embedding",
+                present=_exists(m.clip_weights),
+                how=(
+                    "download the open_clip checkpoint for that architecture (e.g. "
+                    "open_clip_pytorch_model.bin of laion/CLIP-ViT-L-14-laion2B-s32B-b82K) on a "
+                    "machine with internet access and copy it there"
+                ),
+            )
+        )
+    for setting, path, purpose, how in (
+        (
+            "models.aesthetic_weights",
+            m.aesthetic_weights,
+            "LAION aesthetic MLP (aesthetic)",
+            "download sac+logos+ava1-l14-linearMSE.pth from "
+            "github.com/christophschuhmann/improved-aesthetic-predictor and copy it there",
+        ),
+        (
+            "models.safety_weights",
+            m.safety_weights,
+            "safety head over the embedding (nsfw)",
+            "save a torch state dict of the head (Linear layers, sigmoid output) there",
+        ),
+    ):
+        if s.enabled and path:
+            out.append(
+                ModelEntry(
+                    setting=setting, path=path, purpose=purpose, present=_exists(path), how=how
+                )
+            )
+    if s.enabled and s.quality_metric:
+        needs = s.quality_metric not in WEIGHTLESS_METRICS
+        out.append(
+            ModelEntry(
+                setting="models.pyiqa_weights" if needs else "score.quality_metric",
+                path=(m.pyiqa_weights or "(not set)")
+                if needs
+                else f"(pyiqa {s.quality_metric}: no weights)",
+                purpose=f"pyiqa {s.quality_metric} (quality at {s.quality_size} px)",
+                present=(not needs) or (bool(m.pyiqa_weights) and _exists(m.pyiqa_weights)),
+                how=(
+                    f"download the weights of pyiqa's {s.quality_metric!r} (the URL is in "
+                    "pyiqa.default_model_configs / pyiqa's model card) and set "
+                    "models.pyiqa_weights to the file"
+                ),
+            )
+        )
+    if s.enabled and m.nudenet != "off":
+        installed = nudenet_available()
+        wheel = "(nudenet's bundled 320n.onnx)"
+        out.append(
+            ModelEntry(
+                setting="models.nudenet_weights" if m.nudenet_weights else "models.nudenet",
+                path=m.nudenet_weights or wheel,
+                purpose="nudenet faces/body parts (character, nsfw)",
+                present=installed and (not m.nudenet_weights or _exists(m.nudenet_weights)),
+                how=(
+                    "install the opt-in extra: pip install -e '.[nsfw]' (nudenet's licence file "
+                    "is AGPL-3.0, see README)"
+                    if not installed
+                    else "copy the nudenet ONNX file there"
+                ),
+            )
+        )
+    for setting, path, purpose in (
+        ("models.caption_model", m.caption_model, "image-text-to-text captioner (caption_en)"),
+        ("models.translation_model", m.translation_model, "translator (caption_zh)"),
+    ):
+        if path:
+            out.append(
+                ModelEntry(
+                    setting=setting,
+                    path=path,
+                    purpose=purpose,
+                    present=_exists(path, folder=True),
+                    how="save the model, its processor/tokenizer and config.json there "
+                    "(save_pretrained) on a machine with internet access, then copy the folder",
+                )
+            )
+    return out
+
+
+def check_models(cfg: JobConfig) -> None:
+    """Stop before any work when a configured model's files are missing.
+
+    `models.nudenet` 'auto' without nudenet installed is not an error (the job says so in
+    its summary); 'on' is.
+
+    Raises:
+        ConfigError: one message naming every missing file and how to provide it.
+    """
+    if cfg.score.enabled and cfg.score.quality_metric:
+        try:
+            lower_better(cfg.score.quality_metric)
+        except ValueError as e:
+            raise ConfigError(f"config key 'score.quality_metric': {e}") from e
+    missing = [
+        e
+        for e in configured_models(cfg)
+        if not e.present and not (e.setting == "models.nudenet" and cfg.models.nudenet == "auto")
+    ]
+    if missing:
+        lines = [
+            f"{e.setting}: {e.path or '(not set)'} not found ({e.purpose}); {e.how}, "
+            f"or unset {e.setting}"
+            for e in missing
+        ]
+        raise ConfigError(
+            "model files are missing, nothing was processed:\n  " + "\n  ".join(lines)
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelPlan:
+    """Which model stages run, decided from the configuration (and nudenet's presence)."""
+
+    clip: bool = False
+    clip_person: bool = False
+    quality: bool = False
+    nudenet_person: bool = False
+    nudenet_safety: bool = False
+    caption: bool = False
+    translate: bool = False
+    notes: tuple[str, ...] = ()
+
+    @property
+    def scores(self) -> bool:
+        """Whether any scorer runs."""
+        return self.clip or self.quality or self.nudenet_person or self.nudenet_safety
+
+
+def plan_models(cfg: JobConfig) -> ModelPlan:
+    """The stages to run and the plain sentences the job summary gives about them."""
+    m, s = cfg.models, cfg.score
+    notes: list[str] = []
+    if not s.enabled:
+        return ModelPlan(
+            caption=bool(m.caption_model),
+            translate=bool(m.translation_model),
+            notes=("model scores are off (score.enabled false)",),
+        )
+    clip = bool(m.clip_weights)
+    nude = m.nudenet == "on" or (m.nudenet == "auto" and nudenet_available())
+    person = s.person_model
+    if person == "auto":
+        person = "clip" if clip and s.person_prompts else ("nudenet" if nude else "off")
+    safety = s.safety_model
+    if safety == "auto":
+        safety = "clip" if m.safety_weights else ("nudenet" if nude else "off")
+    if m.nudenet == "auto" and not nude and "off" in (person, safety):
+        notes.append(
+            "nudenet is not installed, so `character` and/or `nsfw` stay null: install the "
+            "opt-in extra (pip install -e '.[nsfw]'; its licence file is AGPL-3.0, see README) "
+            "or configure models.clip_weights with score.person_model / models.safety_weights"
+        )
+    if not clip:
+        notes.append(
+            "no embedding model (models.clip_weights unset): `aesthetic` stays null and no "
+            "semantic de-duplication runs"
+        )
+    return ModelPlan(
+        clip=clip,
+        clip_person=person == "clip",
+        quality=bool(s.quality_metric),
+        nudenet_person=person == "nudenet",
+        nudenet_safety=safety == "nudenet",
+        caption=bool(m.caption_model),
+        translate=bool(m.translation_model),
+        notes=tuple(notes),
+    )
+
+
+def model_rules(cfg: JobConfig) -> list[Rule]:
+    """Absolute thresholds over the model scores, in the order their reasons take precedence."""
+    s = cfg.score
+    rules = [Rule(column=schema.NSFW, reason="unsafe", max=s.max_nsfw, setting="score.max_nsfw")]
+    if s.min_quality is not None or s.max_quality is not None:
+        rules.append(
+            Rule(
+                column=schema.QUALITY,
+                reason="low_quality",
+                min=s.min_quality,
+                max=s.max_quality,
+                setting="score.min_quality / score.max_quality",
+            )
+        )
+    if s.min_aesthetic is not None:
+        rules.append(
+            Rule(
+                column=schema.AESTHETIC,
+                reason="low_aesthetic",
+                min=s.min_aesthetic,
+                setting="score.min_aesthetic",
+            )
+        )
+    return rules
+
+
+def rule_summary(cfg: JobConfig, cuts: dict[str, float] | None = None) -> dict[str, dict]:
+    """Per reason the model pass decides: the rule in words and the setting that moves it."""
+    out: dict[str, dict[str, Any]] = {}
+    for r in model_rules(cfg):
+        out[r.reason] = {"rule": r.bound_text(), "setting": r.setting}
+    for reason, col, share, setting in _share_specs(cfg):
+        cut = (cuts or {}).get(col)
+        text = f"outside the best {share:.0%} of the job by {col}"
+        if cut is not None:
+            text += f" (cut {cut:.4g})"
+        prev = out.get(reason)
+        out[reason] = {
+            "rule": f"{prev['rule']} or {text}" if prev else text,
+            "setting": f"{prev['setting']} / {setting}" if prev else setting,
+        }
+    return out
+
+
+def _share_specs(cfg: JobConfig) -> list[tuple[str, str, float, str]]:
+    s = cfg.score
+    specs = []
+    if s.quality_metric and s.quality_top_share < 1.0:
+        specs.append(
+            ("low_quality", schema.QUALITY, s.quality_top_share, "score.quality_top_share")
+        )
+    if s.aesthetic_top_share < 1.0:
+        specs.append(
+            ("low_aesthetic", schema.AESTHETIC, s.aesthetic_top_share, "score.aesthetic_top_share")
+        )
+    return specs
+
+
+# --- pass 1: thumbnails to a side file -------------------------------------------------------
+
+
+def thumbnail_folder(analysis: str) -> str:
+    """`_work/thumbnails`, next to pass 1's `_work/analysis`."""
+    return join(analysis.rstrip("/").rsplit("/", 1)[0], THUMBNAILS)
+
+
+@dataclass(kw_only=True)
+class ThumbnailSink(Stage):
+    """Move each batch's thumbnails to one atomic side file; the rows travel on without them.
+
+    Written as `part-<digest>.parquet` (source, thumbnail) with the digest of the batch's
+    sources, as pass 1's analysis files, so a retried batch rewrites the same file. Rows
+    without a thumbnail (rejected before the decode, undecodable) are not written.
+    """
+
+    name: ClassVar[str] = "thumbnails"
+    batch_size: ClassVar[int | None] = None
+    reads: ClassVar[tuple[str, ...]] = (schema.SOURCE, schema.THUMBNAIL)
+    folder: str = ""
+
+    def output_schema(self, input_schema: pa.Schema) -> pa.Schema:
+        """The input's columns without the thumbnail."""
+        names = [n for n in input_schema.names if n != schema.THUMBNAIL]
+        return pa.schema([input_schema.field(n) for n in names])
+
+    def process(self, t: pa.Table) -> pa.Table:
+        if schema.THUMBNAIL not in t.column_names:
+            return t
+        thumbs = t.select([schema.SOURCE, schema.THUMBNAIL]).filter(
+            pc.is_valid(t[schema.THUMBNAIL])
+        )
+        if thumbs.num_rows:
+            sources = sorted(column(t, schema.SOURCE))
+            digest = hashlib.sha1("\n".join(sources).encode()).hexdigest()[:20]
+            with atomic_write(join(self.folder, f"part-{digest}.parquet")) as fh:
+                pq.write_table(thumbs, fh)
+        return t.drop_columns([schema.THUMBNAIL])
+
+
+# --- the pass -------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelPassResult:
+    """The rows with model columns and decisions, and what the job summary should say."""
+
+    rows: Any
+    notes: list[str] = field(default_factory=list)
+    rules: dict[str, dict[str, Any]] = field(default_factory=dict)
+    cuts: dict[str, float] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+def _nonempty(ds: Any) -> tuple[Any | None, int]:
+    from pipelines.curate import nonempty
+
+    return nonempty(ds)
+
+
+def _partitions(num_rows: int, cpus: int) -> int:
+    from pipelines.curate import partitions_for
+
+    return partitions_for(num_rows, cpus)
+
+
+def _pool(
+    ds: Any, cls: type[Stage], kwargs: dict[str, Any], *, gpus: float, n: int, bs: int
+) -> Any:
+    """One actor pool of `cls` over `ds`, materialised (one model load per actor)."""
+    opts: dict[str, Any] = {"num_cpus": 1, "concurrency": n, "batch_size": bs}
+    if gpus:
+        opts["num_gpus"] = gpus
+    return ds.map_batches(
+        cls,
+        fn_constructor_kwargs={**kwargs, "device": "cuda" if gpus else "cpu"},
+        batch_format="pyarrow",
+        zero_copy_batch=True,
+        **opts,
+    ).materialize()
+
+
+def _to_score(score_all: bool) -> Any:
+    def select(t: pa.Table) -> pa.Table:
+        pending = pc.is_null(t[schema.STATUS])
+        if score_all:
+            decoded = pc.is_valid(t[schema.PHASH])
+            pending = pc.or_(pending, decoded)
+        cols = [c for c in SLIM_COLUMNS if c in t.column_names]
+        return schema.conform(t.filter(pending).select(cols), SLIM_COLUMNS)
+
+    return select
+
+
+def _candidates_only(t: pa.Table) -> pa.Table:
+    return t.filter(pc.is_null(t[schema.STATUS]))
+
+
+def run_model_pass(
+    rd: Any, rows: Any, cfg: JobConfig, *, output: str, work: str, cpus: int
+) -> ModelPassResult:
+    """Score, decide and caption the job's candidates; see the module docstring.
+
+    Args:
+        rd: `ray.data`.
+        rows: every row of the job after de-duplication (status null: still a candidate).
+        cfg: the job's configuration (models checked by `check_models` before the job).
+        output: OUT, where `embeddings/` goes.
+        work: OUT/_work, holding `thumbnails/`.
+        cpus: the cluster's CPUs (shuffle partitions).
+
+    Returns:
+        The rows with the model columns (null where not scored) and the new verdicts.
+    """
+    plan = plan_models(cfg)
+    result = ModelPassResult(rows=rows, notes=list(plan.notes))
+    _remove(join(output, "embeddings"))
+    if not (plan.scores or plan.caption or plan.translate):
+        result.rows = rows.map_batches(_caption_sources, batch_format="pyarrow")
+        return result
+    s, m = cfg.score, cfg.models
+    slim, num_slim = _nonempty(rows.map_batches(_to_score(s.score_all), batch_format="pyarrow"))
+    thumbs_dir = join(work, THUMBNAILS)
+    fs, tpath = fsspec.core.url_to_fs(thumbs_dir)
+    if slim is None or not fs.exists(tpath) or not fs.glob(tpath.rstrip("/") + "/part-*.parquet"):
+        result.rows = rows.map_batches(_caption_sources, batch_format="pyarrow")
+        if slim is not None:
+            result.notes.append(f"{num_slim} candidates have no thumbnail: not scored")
+        return result
+    from pipelines.curate import _read_parquet
+
+    thumbs = _read_parquet(rd, thumbs_dir)
+    scored, num_scored = _nonempty(
+        slim.join(thumbs, "inner", _partitions(num_slim, cpus), on=(schema.SOURCE,))
+    )
+    if num_scored < num_slim:
+        result.notes.append(
+            f"{num_slim - num_scored} of {num_slim} candidates have no thumbnail (analysed "
+            "with analyze.thumbnail_size 0?): not scored"
+        )
+    if scored is None:
+        result.rows = rows.map_batches(_caption_sources, batch_format="pyarrow")
+        return result
+    pool = {"gpus": s.num_gpus, "n": s.concurrency, "bs": s.batch_size}
+    if plan.clip:
+        scored = _pool(
+            scored,
+            ClipEmbedder,
+            {
+                "model": m.clip_model,
+                "weights": m.clip_weights,
+                "aesthetic_weights": m.aesthetic_weights,
+                "safety_weights": m.safety_weights,
+                "person_prompts": list(s.person_prompts) if plan.clip_person else [],
+                "other_prompts": list(s.other_prompts) if plan.clip_person else [],
+                "character_threshold": s.character_threshold,
+            },
+            **pool,
+        )
+    if plan.quality:
+        scored = _pool(
+            scored,
+            PyiqaScorer,
+            {"metric": s.quality_metric, "input_size": s.quality_size, "weights": m.pyiqa_weights},
+            **pool,
+        )
+    if plan.nudenet_person or plan.nudenet_safety:
+        scored = _pool(
+            scored,
+            NudeNetDetector,
+            {
+                "weights": m.nudenet_weights,
+                "person": plan.nudenet_person,
+                "safety": plan.nudenet_safety,
+                "character_threshold": s.character_threshold,
+            },
+            **pool,
+        )
+    scored = scored.map_batches(ThresholdFilter(rules=model_rules(cfg)), batch_format="pyarrow")
+    scored = scored.materialize()
+    specs = _share_specs(cfg)
+    for reason, col, share, setting in specs:
+        lower = s.quality_metric and col == schema.QUALITY and lower_better(s.quality_metric)
+        k = s.quantile_points
+        sketches = [
+            (np.array(json.loads(r["points"])), np.array(json.loads(r["weights"])))
+            for r in scored.map_batches(_sketcher(col, k), batch_format="pyarrow").take_all()
+        ]
+        cut = share_cut(sketches, share, bool(lower))
+        if cut is None:
+            continue
+        result.cuts[col] = cut
+        rule = Rule(
+            column=col,
+            reason=reason,
+            min=None if lower else cut,
+            max=cut if lower else None,
+            setting=setting,
+        )
+        scored = scored.map_batches(ThresholdFilter(rules=[rule]), batch_format="pyarrow")
+        scored = scored.materialize()
+    if plan.clip and s.semantic_dedup:
+        dups, kind = _semantic_duplicates(scored, s)
+        result.counts["semantic_duplicates"] = len(dups)
+        if dups:
+            scored = scored.map_batches(_mark_semantic(dups), batch_format="pyarrow").materialize()
+        result.notes.append(
+            f"semantic de-duplication ({kind} index, cosine >= {s.semantic_threshold}): "
+            f"{len(dups)} duplicates"
+        )
+    if plan.caption or plan.translate:
+        scored = _caption(scored, cfg, plan)
+    if plan.clip:
+        _write_embeddings(rd, scored, output, work, Path(m.clip_model).stem)
+    result.rows = _merge(rows, scored, cpus)
+    result.rules = rule_summary(cfg, result.cuts)
+    return result
+
+
+def _sketcher(col: str, k: int) -> Any:
+    def run(t: pa.Table) -> pa.Table:
+        values = [v for v, p in zip(column(t, col), pending_mask(t), strict=True) if p]
+        points, weights = sketch(values, k)
+        return pa.table(
+            {"points": [json.dumps(points.tolist())], "weights": [json.dumps(weights.tolist())]}
+        )
+
+    return run
+
+
+def _semantic_duplicates(scored: Any, s: Any) -> tuple[dict[str, tuple[str, str, float]], str]:
+    """source → (root source, root sha256, similarity) of every semantic duplicate."""
+    cols = [
+        schema.SOURCE,
+        schema.SHA256,
+        schema.WIDTH,
+        schema.HEIGHT,
+        schema.SHARPNESS,
+        schema.NATIVE_SCORE,
+        schema.EMBEDDING,
+    ]
+    parts = []
+    for batch in scored.select_columns([*cols, schema.STATUS]).iter_batches(
+        batch_format="pyarrow", batch_size=65_536
+    ):
+        keep = pc.and_(pc.is_null(batch[schema.STATUS]), pc.is_valid(batch[schema.EMBEDDING]))
+        parts.append(batch.filter(keep).select(cols))
+    table = pa.concat_tables(parts) if parts else None
+    dedup = SemanticDedup(threshold=s.semantic_threshold, exact_max=s.semantic_exact_max)
+    if table is None or table.num_rows < 2:
+        return {}, dedup.index_kind(0)
+    emb = np.stack(table[schema.EMBEDDING].to_numpy(zero_copy_only=False)).astype(np.float32)
+    widths, heights = column(table, schema.WIDTH), column(table, schema.HEIGHT)
+    pixels = [(w or 0) * (h or 0) for w, h in zip(widths, heights, strict=True)]
+    sources, shas = column(table, schema.SOURCE), column(table, schema.SHA256)
+    matches = dedup.find(
+        emb, pixels, column(table, schema.SHARPNESS), column(table, schema.NATIVE_SCORE), sources
+    )
+    out = {sources[mt.index]: (sources[mt.root], shas[mt.root], mt.similarity) for mt in matches}
+    return out, dedup.index_kind(table.num_rows)
+
+
+def _mark_semantic(dups: dict[str, tuple[str, str, float]]) -> Any:
+    def run(t: pa.Table) -> pa.Table:
+        status, reason, detail = (column(t, c) for c in schema.DECISION_COLUMNS)
+        dup_of = column(t, schema.DUPLICATE_OF)
+        for i, src in enumerate(column(t, schema.SOURCE)):
+            if src in dups and status[i] is None:
+                root, root_sha, sim = dups[src]
+                status[i], reason[i] = schema.STATUS_REJECTED, "duplicate"
+                detail[i] = f"semantic near duplicate of {root} (cosine {sim:.3f})"
+                dup_of[i] = sample_key(root_sha)
+        return set_columns(
+            t,
+            {
+                schema.STATUS: status,
+                schema.REASON: reason,
+                schema.DETAIL: detail,
+                schema.DUPLICATE_OF: dup_of,
+            },
+        )
+
+    return run
+
+
+def _caption(scored: Any, cfg: JobConfig, plan: ModelPlan) -> Any:
+    """Captions (and translations) of the rows still kept; the others pass unchanged."""
+    c, m = cfg.caption, cfg.models
+    kept, _ = _nonempty(scored.map_batches(_candidates_only, batch_format="pyarrow"))
+    others, _ = _nonempty(
+        scored.map_batches(
+            lambda t: t.filter(pc.is_valid(t[schema.STATUS])), batch_format="pyarrow"
+        )
+    )
+    if kept is None:
+        return scored
+    pool = {"gpus": c.num_gpus, "n": c.concurrency, "bs": c.batch_size}
+    if plan.caption:
+        kept = _pool(
+            kept,
+            VlmCaptioner,
+            {
+                "model_path": m.caption_model,
+                "prompt": c.prompt,
+                "max_new_tokens": c.max_new_tokens,
+                "keep_sidecar": c.keep_sidecar,
+                "sidecar_hint": c.sidecar_hint,
+                "hint_template": c.hint_template,
+            },
+            **pool,
+        )
+    if plan.translate:
+        kept = _pool(
+            kept,
+            CaptionTranslator,
+            {
+                "model_path": m.translation_model,
+                "prefix": c.translation_prefix,
+                "max_new_tokens": c.translation_max_new_tokens,
+            },
+            **pool,
+        )
+    return kept if others is None else kept.union(others)
+
+
+def _merge(rows: Any, scored: Any, cpus: int) -> Any:
+    """Join the model pass's columns and verdicts back onto every row of the job."""
+    res = scored.map_batches(_result_columns, batch_format="pyarrow")
+    res, num_res = _nonempty(res)
+    if res is None:
+        return rows.map_batches(_caption_sources, batch_format="pyarrow")
+    joined = rows.join(res, "left_outer", _partitions(num_res, cpus), on=(schema.SOURCE,))
+    return joined.map_batches(_take_results, batch_format="pyarrow")
+
+
+def _result_columns(t: pa.Table) -> pa.Table:
+    t = schema.conform(t, (schema.SOURCE, *RESULT_COLUMNS))
+    t = t.rename_columns([schema.SOURCE, *(PREFIX + c for c in RESULT_COLUMNS)])
+    return t.append_column(SCORED, pa.array([True] * t.num_rows, pa.bool_()))
+
+
+def _take_results(t: pa.Table) -> pa.Table:
+    """Model columns and verdicts from the joined `model__*` columns where a row was scored."""
+    out: dict[str, list[Any]] = {}
+    present = [c for c in RESULT_COLUMNS if PREFIX + c in t.column_names]
+    was_scored = column(t, SCORED)  # null for rows the model pass never saw
+    for c in present:
+        new = column(t, PREFIX + c)
+        old = column(t, c)
+        if c == schema.STAGE_SECONDS:
+            merged = []
+            for o, n in zip(old, new, strict=True):
+                d = json.loads(o) if o else {}
+                d.update(json.loads(n) if n else {})
+                merged.append(json.dumps(d, sort_keys=True) if d else o)
+            out[c] = merged
+        else:
+            out[c] = [
+                n if w is not None else o for o, n, w in zip(old, new, was_scored, strict=True)
+            ]
+    t = set_columns(t, out)
+    t = t.drop_columns([PREFIX + c for c in present if PREFIX + c in t.column_names])
+    if SCORED in t.column_names:
+        t = t.drop_columns([SCORED])
+    return _caption_sources(t)
+
+
+def _caption_sources(t: pa.Table) -> pa.Table:
+    """`caption_source` for captions that came with the input (sidecar file or tar member)."""
+    if schema.CAPTION_EN not in t.column_names:
+        return t
+    caps, srcs = column(t, schema.CAPTION_EN), column(t, schema.CAPTION_SOURCE)
+    uris = column(t, schema.SOURCE)
+    new = [
+        s if s or not c else input_caption_source(u)
+        for c, s, u in zip(caps, srcs, uris, strict=True)
+    ]
+    return set_columns(t, {schema.CAPTION_SOURCE: new})
+
+
+EMBEDDING_DTYPE = pa.float16()
+
+
+def _embedding_rows(model: str) -> Any:
+    def run(t: pa.Table) -> pa.Table:
+        t = t.filter(pc.is_valid(t[schema.EMBEDDING]))
+        emb = t[schema.EMBEDDING].combine_chunks() if t.num_rows else None
+        dim = len(emb[0]) if emb is not None and len(emb) else 0
+        keys = [
+            sample_key(h) if st is None else None
+            for h, st in zip(column(t, schema.SHA256), column(t, schema.STATUS), strict=True)
+        ]
+        if emb is not None and dim:
+            flat = pa.array(
+                np.asarray(emb.flatten().to_numpy(zero_copy_only=False), dtype=np.float16)
+            )
+            values = pa.FixedSizeListArray.from_arrays(flat, dim)
+        else:
+            values = pa.array([], pa.list_(EMBEDDING_DTYPE, 1))
+        return pa.table(
+            {
+                "source": column(t, schema.SOURCE),
+                "key": pa.array(keys, pa.string()),
+                "model": pa.array([model] * t.num_rows, pa.string()),
+                "embedding": values,
+            }
+        )
+
+    return run
+
+
+def _write_embeddings(rd: Any, scored: Any, output: str, work: str, model: str) -> None:
+    """`OUT/embeddings/part-*.parquet`: written under `_work`, then moved into place.
+
+    `key` is the sample key of rows still kept at this point (null for rejected rows, which
+    are listed by `source`); `embedding` is a fixed-size list of float16, L2-normalised.
+    """
+    tmp = join(work, f"embeddings-{os.getpid()}-{int(time.time())}")
+    fs, tmp_path = fsspec.core.url_to_fs(tmp)
+    fs.makedirs(tmp_path, exist_ok=True)
+    cols = [schema.SOURCE, schema.SHA256, schema.STATUS, schema.EMBEDDING]
+    n = 0
+    for batch in scored.select_columns(cols).iter_batches(
+        batch_format="pyarrow", batch_size=100_000
+    ):
+        part = _embedding_rows(model)(batch)
+        if part.num_rows == 0:
+            continue
+        with atomic_write(join(tmp, f"part-{n:05d}.parquet")) as fh:
+            pq.write_table(part, fh)
+        n += 1
+    dest = join(output, "embeddings")
+    _remove(dest)
+    dest_path = fsspec.core.url_to_fs(dest)[1].rstrip("/")
+    fs.makedirs(dest_path, exist_ok=True)
+    for f in sorted(fs.find(tmp_path)):
+        fs.mv(f, f"{dest_path}/{f.rsplit('/', 1)[-1]}")
+    _remove(tmp)
+
+
+def _remove(uri: str) -> None:
+    fs, path = fsspec.core.url_to_fs(uri)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+__all__ = [
+    "ModelPassResult",
+    "ThumbnailSink",
+    "check_models",
+    "configured_models",
+    "run_model_pass",
+    "thumbnail_folder",
+]
