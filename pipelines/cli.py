@@ -16,10 +16,12 @@ def _curate(args: argparse.Namespace) -> int:
         print(f"native4k: configuration error: {e}", file=sys.stderr)
         return 2
     from pipelines.curate import bucket_table, run_curate
+    from pipelines.model_pass import check_models
     from pipelines.report import summary_text
 
     try:
         bucket_table(cfg)
+        check_models(cfg)  # missing weight files stop the job before any work
         result = run_curate(args.inputs, args.output, cfg, ray_address=args.ray_address)
     except ConfigError as e:
         print(f"native4k: configuration error: {e}", file=sys.stderr)
@@ -85,6 +87,28 @@ def _config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _models(args: argparse.Namespace) -> int:
+    from pipelines.config import ConfigError, load_config
+    from pipelines.model_pass import configured_models, plan_models
+
+    try:
+        cfg = load_config(args.config, args.set)
+    except ConfigError as e:
+        print(f"native4k: configuration error: {e}", file=sys.stderr)
+        return 2
+    entries = configured_models(cfg)
+    for e in entries:
+        state = "present" if e.present else "MISSING"
+        print(f"{state:8} {e.setting:26} {e.path}\n{'':8} {e.purpose}")
+        if not e.present:
+            print(f"{'':8} to provide it: {e.how}")
+    if not entries:
+        print("no model is configured (see `native4k config`, sections models/score/caption)")
+    for note in plan_models(cfg).notes:
+        print(f"note: {note}")
+    return 0 if all(e.present for e in entries) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="native4k", description=__doc__)
@@ -129,6 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="write OUT/report.html for auditors")
     p.add_argument("output", metavar="OUT")
     p.set_defaults(func=_report)
+
+    p = sub.add_parser(
+        "models", help="list the configured models and whether their files are present"
+    )
+    config_args(p)
+    p.set_defaults(func=_models)
 
     p = sub.add_parser("config", help="print the resolved configuration, documented")
     config_args(p)
