@@ -131,12 +131,17 @@ class Trainer:
 
     # -- setup ----------------------------------------------------------------------------------
 
-    def _setup(self) -> None:
+    def setup(self) -> None:
+        """Join the process group, check every stage's data, build and parallelise the models,
+        the optimizer, schedule, EMA, generator and log writer."""
         loop = self.loop
         self.info = info = init_distributed(loop.device)
-        torch.manual_seed(loop.seed)  # same init on every rank
         self.stages = self.task.stage_steps()
         self.total_steps = sum(self.stages)
+        # Every stage's loader first: a data setting that does not fit stops the run before any
+        # model is built.
+        self.loaders = [self.task.make_loader(i, info) for i in range(len(self.stages))]
+        torch.manual_seed(loop.seed)  # same init on every rank
         module = self.task.build(info)
         self.bf16 = loop.mixed_precision == "bf16"
         self.model = parallelize(module, self.par, info, bf16=self.bf16, blocks=self.task.blocks())
@@ -161,6 +166,7 @@ class Trainer:
             if loop.ema_decay > 0
             else None
         )
+        self.autocast = torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=self.bf16)
         self.generator = torch.Generator(device=info.device)
         self.generator.manual_seed(loop.seed * 100_003 + info.rank)
         self.writer = None
@@ -202,6 +208,37 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------------------
 
+    def train_step(self, next_batch: Any, stage: int) -> tuple[float, float, dict, int, int]:
+        """One optimizer step over ``loop.grad_accum_steps`` micro-batches.
+
+        Args:
+            next_batch: Returns the next micro-batch.
+            stage: The curriculum stage.
+
+        Returns:
+            This rank's loss (mean over micro-batches), the gradient norm before clipping, the
+            task's metrics, and the images and tokens this rank consumed.
+        """
+        accum = self.loop.grad_accum_steps
+        self.model.train()
+        step_loss, metrics, images, tokens = 0.0, {}, 0, 0
+        for micro in range(accum):
+            batch = next_batch()
+            with self._sync_context(micro == accum - 1), self.autocast:
+                out = self.task.compute_loss(self.model, batch, stage, self.generator)
+            (out.loss / accum).backward()
+            step_loss += out.loss.item() / accum
+            for k, v in out.metrics.items():
+                metrics[k] = metrics.get(k, 0.0) + v / accum
+            images += out.num_images
+            tokens += out.num_tokens
+        grad_norm = self._clip()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._update_ema()
+        return step_loss, grad_norm, metrics, images, tokens
+
     def run(self, *, stop_after: int | None = None) -> TrainResult:
         """Train until the last stage ends (or ``stop_after`` steps, as an interruption would).
 
@@ -209,28 +246,25 @@ class Trainer:
             The step reached, the per-step losses (mean over ranks and micro-batches) of this
             process's run, the last checkpoint and the exported model folder.
         """
-        self._setup()
+        self.setup()
         info, loop = self.info, self.loop
-        step, epoch = 0, 0
+        step, epoch, stage = 0, 0, 0
         loader_state = None
         resumed = self._resume_from()
         if resumed is not None:
             state, rng = load_checkpoint(
-                resumed,
-                model=self.model,
-                optimizer=self.optimizer,
-                ema=self.ema,
-                info=info,
+                resumed, model=self.model, optimizer=self.optimizer, ema=self.ema, info=info
             )
             step, epoch = state["step"], state["epoch"]
             self.scheduler.load_state_dict(state["scheduler"])
-            loader_state = state["loader"]
+            if state["stage"] == self._stage_of(step):
+                loader_state = state["loader"]
             self._set_rng_state(rng)
             if info.is_main:
                 print(f"{self.task.name}: resumed from {resumed} at step {step}", flush=True)
         stage = self._stage_of(step)
-        loader = self.task.make_loader(stage, info)
-        if loader_state is not None and state.get("stage") == stage:
+        loader = self.loaders[stage]
+        if loader_state is not None:
             loader.load_state_dict(loader_state)
         batches = iter(loader)
 
@@ -255,33 +289,15 @@ class Trainer:
         losses: list[float] = []
         last_ckpt: Path | None = None
         window_t0, window_images, window_tokens = time.perf_counter(), 0, 0
-        autocast = torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=self.bf16)
-        accum = loop.grad_accum_steps
         while step < end:
             new_stage = self._stage_of(step)
             if new_stage != stage:
                 stage = new_stage
-                loader = self.task.make_loader(stage, info)
+                loader = self.loaders[stage]
                 batches = iter(loader)
                 if info.is_main:
                     print(f"{self.task.name}: stage {self.task.stage_name(stage)}", flush=True)
-            self.model.train()
-            step_loss, metrics, images, tokens = 0.0, {}, 0, 0
-            for micro in range(accum):
-                batch = next_batch()
-                with self._sync_context(micro == accum - 1), autocast:
-                    out = self.task.compute_loss(self.model, batch, stage, self.generator)
-                (out.loss / accum).backward()
-                step_loss += out.loss.item() / accum
-                for k, v in out.metrics.items():
-                    metrics[k] = metrics.get(k, 0.0) + v / accum
-                images += out.num_images
-                tokens += out.num_tokens
-            grad_norm = self._clip()
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self._update_ema()
+            step_loss, grad_norm, metrics, images, tokens = self.train_step(next_batch, stage)
             step += 1
             mean_loss = all_reduce_mean(step_loss, info.device)
             losses.append(mean_loss)

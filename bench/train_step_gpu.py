@@ -1,0 +1,296 @@
+"""Benchmark: full DiT training steps at 4096² through native4k's trainer, on one GPU.
+
+Workload: a Flux-width transformer (3072 wide, 24 heads × 128, Flux-dev's embedders) of reduced
+depth (``--double`` + ``--single`` blocks, default 2 + 4), random weights, fp32 master weights,
+bf16 autocast, one 4096×4096 image per step (16,384 image tokens) + 512 text tokens.
+One step = :meth:`training.trainer.Trainer.train_step` exactly as ``native4k train-dit`` runs it:
+the frozen F16 VAE (Flux VAE config, random weights, bf16) encodes the 4096² pixels, timesteps
+with the resolution shift, the text embeddings come from a text cache on disk (random values
+in the real cache format: T5-XXL width 4096, CLIP pooled 768), forward, the SNR-aware Huber
+wavelet loss, backward, gradient clipping, AdamW, LR schedule, EMA. The pixels are synthetic
+(random, made on the GPU): the shard loader is measured on CPUs separately.
+
+Variants (one process, in order): eager + activation checkpointing (AC); compiled blocks + AC;
+compiled without AC; compiled + AC under FSDP2 (one rank, or all ranks under torchrun). For each:
+median s/step over ``--iters`` CUDA-event-timed steps after warm-up, peak memory, and
+throughput as model FLOP/s: 3 × the transformer's forward FLOPs (counted from the real matmul
+shapes plus 4·S²·D per attention, as ``bench/model_dit_4k.py`` counts them) per step, against
+the bf16 matmul peak measured in the same run. The recomputed forward under AC (a 4th forward)
+and the VAE encode are real work not counted in model FLOPs; the hardware rate with the
+recompute is reported too. The VAE encode is also timed alone.
+
+Usage: ``python bench/train_step_gpu.py --out DIR`` (one GPU), or
+``torchrun --nproc-per-node 2 bench/train_step_gpu.py --out DIR --variants fsdp`` (``--tiny``:
+a CPU smoke test with tiny models).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.model_dit_4k import count_flops, make_inputs, matmul_peaks
+from model.transformer import FLUX_DEV_CONFIG
+from model.vae import FLUX_VAE_CONFIG, AutoencoderKLF16
+from training.config import DitTrainConfig, load_train_config
+from training.dit_trainer import DitTask
+from training.tiny import TINY_DIT, TINY_VAE
+from training.trainer import Trainer
+
+VARIANTS = ("eager_ac", "compiled_ac", "compiled_noac", "fsdp")
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+class SyntheticPixels:
+    """A loader stand-in: one bucket of random pixels in [-1, 1], made on the device."""
+
+    def __init__(self, data, *, rank: int, world_size: int, size: tuple[int, int], device):
+        self.size, self.device, self.rank = size, device, rank
+        self.batch_size = data.batch_size
+
+    def __iter__(self):
+        w, h = self.size
+        g = torch.Generator(self.device).manual_seed(self.rank)
+        while True:
+            pixels = torch.rand(self.batch_size, 3, h, w, generator=g, device=self.device) * 2 - 1
+            yield {
+                "pixels": pixels,
+                "keys": ["k0"] * self.batch_size,
+                "captions": [""] * self.batch_size,
+                "bucket": f"{w}x{h}",
+            }
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def write_random_cache(folder: Path, seq_len: int, seq_dim: int, pooled_dim: int) -> None:
+    """A text cache in ``native4k encode-text``'s format holding one random entry ``k0``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    for name in ("empty.safetensors", "embeds-00000.safetensors"):
+        save_file(
+            {
+                "seq": torch.randn(1, seq_len, seq_dim, generator=g).to(torch.bfloat16),
+                "pooled": torch.randn(1, pooled_dim, generator=g).to(torch.bfloat16),
+            },
+            str(folder / name),
+        )
+    pq.write_table(
+        pa.table({"key": ["k0"], "file": ["embeds-00000.safetensors"], "row": [0]}),
+        folder / "index.parquet",
+    )
+    meta = {"max_sequence_length": seq_len, "seq_dim": seq_dim, "pooled_dim": pooled_dim}
+    (folder / "meta.json").write_text(json.dumps(meta))
+
+
+def run_variant(name: str, args: argparse.Namespace, work: Path, results: dict) -> None:
+    tiny = args.tiny
+    arch = dict(TINY_DIT) if tiny else dict(FLUX_DEV_CONFIG)
+    arch["num_layers"], arch["num_single_layers"] = args.double, args.single
+    compiled = name != "eager_ac"
+    ac = name != "compiled_noac"
+    cfg = load_train_config(
+        DitTrainConfig,
+        data={
+            "data": {"root": str(work), "batch_size": 1},
+            "model": {"architecture": arch, "vae": str(work / "vae"), "guidance_scale": 4.0},
+            "text": {
+                "source": "cache",
+                "cache": str(work / "cache"),
+                "max_sequence_length": args.num_text,
+            },
+            "optim": {"lr": 1e-6, "warmup_steps": 10, "schedule": "cosine"},
+            "loop": {
+                "output_dir": str(work / name),
+                "max_steps": 1000,
+                "ema_decay": 0.999,
+                "device": "cpu" if tiny else "cuda",
+                "tensorboard": False,
+                "progress": False,
+                "resume": "never",
+            },
+            "parallel": {
+                "strategy": "fsdp" if name == "fsdp" else "none",
+                "activation_checkpointing": ac,
+                "compile": compiled and not tiny,
+            },
+        },
+    )
+    size = (128, 128) if tiny else (args.width, args.height)
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = torch.device("cpu") if tiny else torch.device("cuda", local)
+    task = DitTask(
+        cfg,
+        loader_factory=lambda data, rank, world_size: SyntheticPixels(
+            data, rank=rank, world_size=world_size, size=size, device=dev
+        ),
+    )
+    trainer = Trainer(task, optim=cfg.optim, loop=cfg.loop, parallel=cfg.parallel)
+    torch._dynamo.reset()
+    trainer.setup()
+    device = trainer.info.device
+    batches = iter(trainer.loaders[0])
+    next_batch = lambda: next(batches)  # noqa: E731
+    entry: dict = {"compiled": compiled, "activation_checkpointing": ac}
+    if "vae_encode_s" not in results:
+        batch = next_batch()
+        # The VAE encode alone (part of every step).
+        times = []
+        for _ in range(4):
+            t0 = time.perf_counter()
+            task.encode_pixels(batch["pixels"], trainer.generator)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        results["vae_encode_s"] = statistics.median(times[1:])
+        log(f"VAE encode {times}")
+    fwd = results["flops"]["forward"]
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    first = trainer.train_step(next_batch, 0)
+    entry["first_step_s"] = time.perf_counter() - t0
+    for _ in range(args.warmup):
+        trainer.train_step(next_batch, 0)
+    times, losses = [], []
+    for _ in range(args.iters):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            loss, *_ = trainer.train_step(next_batch, 0)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1000)
+        else:
+            t0 = time.perf_counter()
+            loss, *_ = trainer.train_step(next_batch, 0)
+            times.append(time.perf_counter() - t0)
+        losses.append(loss)
+    sec = statistics.median(times)
+    peak = results["matmul"]["bf16_tflops"]
+    world = trainer.info.world_size
+    model_tflops = 3 * fwd / sec / 1e12
+    hw_tflops = (4 if ac else 3) * fwd / sec / 1e12
+    entry.update(
+        {
+            "s_per_step": sec,
+            "s_per_step_all": times,
+            "first_loss": first[0],
+            "losses": losses,
+            "model_tflops_per_gpu": model_tflops,
+            "model_frac_of_peak": model_tflops / peak if peak == peak else None,
+            "hw_tflops_per_gpu": hw_tflops,
+            "hw_frac_of_peak": hw_tflops / peak if peak == peak else None,
+            "images_per_s": world / sec,
+            "tokens_per_s": world * (size[0] // 32) * (size[1] // 32) / sec,
+            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30
+            if device.type == "cuda"
+            else 0.0,
+            "world_size": world,
+        }
+    )
+    results["variants"][name] = entry
+    log(
+        f"{name}: {sec:.3f} s/step, model {model_tflops:.0f} TFLOP/s "
+        f"({entry['model_frac_of_peak'] or 0:.0%}), hw {hw_tflops:.0f}, "
+        f"{entry['peak_mem_gib']:.1f} GiB, first step {entry['first_step_s']:.1f} s, "
+        f"loss {losses[-1]:.4g}"
+    )
+    del trainer, task
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/native4k_train_bench"))
+    parser.add_argument("--height", type=int, default=4096)
+    parser.add_argument("--width", type=int, default=4096)
+    parser.add_argument("--num-text", type=int, default=512)
+    parser.add_argument("--double", type=int, default=2)
+    parser.add_argument("--single", type=int, default=4)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--iters", type=int, default=6)
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--tiny", action="store_true", help="CPU smoke test with tiny models")
+    args = parser.parse_args()
+    rank = int(os.environ.get("RANK", "0"))
+    work = args.work
+    vae_cfg = dict(TINY_VAE) if args.tiny else {**FLUX_VAE_CONFIG, "stride": 2}
+    if rank == 0:
+        torch.manual_seed(0)
+        AutoencoderKLF16(**vae_cfg).save_pretrained(work / "vae")
+        seq_dim = TINY_DIT["joint_attention_dim"] if args.tiny else 4096
+        pooled_dim = TINY_DIT["pooled_projection_dim"] if args.tiny else 768
+        write_random_cache(work / "cache", args.num_text, seq_dim, pooled_dim)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from training.parallel import barrier, init_distributed
+
+        init_distributed("cpu" if args.tiny else "cuda")
+        barrier()
+    device = torch.device("cpu" if args.tiny else "cuda")
+    import diffusers
+
+    results: dict = {
+        "date": time.strftime("%Y-%m-%d"),
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "variants": {},
+    }
+    results["matmul"] = matmul_peaks(device)
+    log(f"matmul peak {results['matmul']}")
+    # Forward FLOPs of the transformer, counted once on an eager bf16 copy (hooks on every
+    # Linear; the trained variants are compiled or sharded).
+    arch = dict(TINY_DIT) if args.tiny else dict(FLUX_DEV_CONFIG)
+    arch["num_layers"], arch["num_single_layers"] = args.double, args.single
+    from model.transformer import UltraFluxTransformer2DModel
+
+    with torch.device(device):
+        counter = UltraFluxTransformer2DModel(**arch).to(torch.bfloat16)
+    size = (128, 128) if args.tiny else (args.height, args.width)
+    inputs = make_inputs(size[0], size[1], args.num_text, arch, device)
+    results["flops"] = {"forward": count_flops(counter, inputs, arch)}
+    results["num_params"] = sum(p.numel() for p in counter.parameters())
+    log(f"{results['num_params'] / 1e9:.3f} B params, forward {results['flops']['forward']:.3e}")
+    del counter, inputs
+    for name in args.variants:
+        try:
+            run_variant(name, args, work, results)
+        except torch.OutOfMemoryError as e:
+            results["variants"][name] = {"error": f"out of memory: {str(e)[:200]}"}
+            log(f"{name}: out of memory")
+            torch.cuda.empty_cache()
+        if rank == 0:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "train_step_bench.json").write_text(json.dumps(results, indent=2))
+    if rank == 0:
+        print(json.dumps({k: v for k, v in results.items() if k != "args"}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
