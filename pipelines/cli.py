@@ -53,15 +53,20 @@ def _stats(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from pipelines.verify import verify
+    from pipelines.verify import run_verify
 
-    problems = verify(args.output)
-    for p in problems:
+    res = run_verify(args.output, deep=args.deep, workers=args.workers, progress=True)
+    for p in res.findings:
         print(f"MISMATCH {p}")
-    if problems:
-        print(f"native4k verify: {len(problems)} problem(s) in {args.output}", file=sys.stderr)
+    checked = f"{res.rows} manifest rows, {res.shards} shards, {res.samples} samples"
+    if res.findings:
+        print(
+            f"native4k verify: {len(res.findings)} problem(s) in {args.output} ({checked})",
+            file=sys.stderr,
+        )
         return 1
-    print(f"native4k verify: {args.output} agrees with its manifest")
+    deep = ", every image decoded" if args.deep else ""
+    print(f"native4k verify: {args.output} agrees with its manifest ({checked}{deep})")
     return 0
 
 
@@ -69,7 +74,7 @@ def _report(args: argparse.Namespace) -> int:
     from pipelines.report import write_report
 
     try:
-        print(write_report(args.output))
+        print(write_report(args.output, samples=args.samples))
     except ValueError as e:
         print(f"native4k: {e}", file=sys.stderr)
         return 2
@@ -148,10 +153,15 @@ def build_parser() -> argparse.ArgumentParser:
         "verify", help="re-read every shard of OUT and check it against the manifest"
     )
     p.add_argument("output", metavar="OUT")
+    p.add_argument("--deep", action="store_true", help="also decode every image in full")
+    p.add_argument("--workers", type=int, help="processes reading shards (default: one per CPU)")
     p.set_defaults(func=_verify)
 
     p = sub.add_parser("report", help="write OUT/report.html for auditors")
     p.add_argument("output", metavar="OUT")
+    p.add_argument(
+        "--samples", type=int, default=8, help="thumbnails per bucket and per rejection reason"
+    )
     p.set_defaults(func=_report)
 
     p = sub.add_parser(
