@@ -105,13 +105,29 @@ class Stage:
         """Transform one batch."""
         raise NotImplementedError
 
+    def output_schema(self, input_schema: pa.Schema) -> pa.Schema:
+        """The schema of this stage's output for a batch of `input_schema`.
+
+        By default the input's columns plus the declared `writes` and `stage_seconds`, typed
+        from `schema.py`; stages that reshape their rows (select, explode) override it.
+        """
+        fields = list(input_schema)
+        names = set(input_schema.names)
+        for name in (*self.writes, schema.STAGE_SECONDS):
+            if name not in names:
+                fields.append(pa.field(name, schema.arrow_type(name)))
+                names.add(name)
+        return pa.schema(fields)
+
     def __call__(self, batch: Batch) -> pa.Table:
         if not getattr(self, "_ready", False):
             self.setup()
             self._ready = True
         table = to_table(batch)
         if table.num_rows == 0:
-            return table
+            # A block with no rows still carries the declared columns: a later shuffle keyed on
+            # one of them must find it in every block, empty ones included.
+            return self.output_schema(table.schema).empty_table()
         start = time.perf_counter()
         out = self.process(table)
         return _record_time(out, self.name, time.perf_counter() - start)

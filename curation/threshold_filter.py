@@ -31,6 +31,17 @@ class Rule:
     reason: str
     min: float | None = None
     max: float | None = None
+    setting: str | None = None
+    """The configuration key that sets the bound (named in job summaries)."""
+
+    def bound_text(self) -> str:
+        """The rule in words, e.g. `flat_fraction > 0.5`."""
+        parts = []
+        if self.min is not None:
+            parts.append(f"{self.column} < {_fmt(self.min)}")
+        if self.max is not None:
+            parts.append(f"{self.column} > {_fmt(self.max)}")
+        return " or ".join(parts)
 
     def __post_init__(self) -> None:
         assert self.reason in schema.REASONS, self.reason

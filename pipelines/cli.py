@@ -15,7 +15,7 @@ def _curate(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"native4k: configuration error: {e}", file=sys.stderr)
         return 2
-    from pipelines.curate import bucket_table, run_curate
+    from pipelines.curate import JobFailed, bucket_table, outcome_lines, run_curate
     from pipelines.model_pass import check_models
     from pipelines.report import summary_text
 
@@ -26,6 +26,9 @@ def _curate(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"native4k: configuration error: {e}", file=sys.stderr)
         return 2
+    except JobFailed as e:
+        print(f"native4k: {e}", file=sys.stderr)
+        return 1
     except ValueError as e:
         print(f"native4k: {e}", file=sys.stderr)
         return 2
@@ -34,6 +37,8 @@ def _curate(args: argparse.Namespace) -> int:
     print()
     print(summary_text(result.stats))
     print()
+    for line in outcome_lines(result.stats):
+        print(f"native4k: {line}")
     print(f"shards:   {result.output}/shards/")
     print(f"manifest: {result.output}/manifest/")
     print(f"stats:    {result.output}/stats.json   (native4k stats {result.output})")

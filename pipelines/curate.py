@@ -83,9 +83,15 @@ def header_rules(cfg: JobConfig) -> list[Rule]:
     """Thresholds decided from the header, before any decode (bombs are never decoded)."""
     p = cfg.probe
     return [
-        Rule(column=PIXELS, reason="too_large", max=p.max_pixels),
-        Rule(column=PIXELS, reason="too_small", min=p.min_pixels),
-        Rule(column=ASPECT, reason="aspect_ratio", min=p.min_aspect, max=p.max_aspect),
+        Rule(column=PIXELS, reason="too_large", max=p.max_pixels, setting="probe.max_pixels"),
+        Rule(column=PIXELS, reason="too_small", min=p.min_pixels, setting="probe.min_pixels"),
+        Rule(
+            column=ASPECT,
+            reason="aspect_ratio",
+            min=p.min_aspect,
+            max=p.max_aspect,
+            setting="probe.min_aspect / probe.max_aspect",
+        ),
     ]
 
 
@@ -93,10 +99,30 @@ def pixel_rules(cfg: JobConfig) -> list[Rule]:
     """Thresholds over the pixel scores, in the order their reasons take precedence."""
     a = cfg.analyze
     return [
-        Rule(column=schema.NATIVE_SCORE, reason="upscaled", min=a.min_native_score),
-        Rule(column=schema.SHARPNESS, reason="blurry", min=a.min_sharpness),
-        Rule(column=schema.FLAT_FRACTION, reason="flat", max=a.max_flat_fraction),
-        Rule(column=schema.ENTROPY, reason="low_entropy", min=a.min_entropy),
+        Rule(
+            column=schema.NATIVE_SCORE,
+            reason="upscaled",
+            min=a.min_native_score,
+            setting="analyze.min_native_score",
+        ),
+        Rule(
+            column=schema.SHARPNESS,
+            reason="blurry",
+            min=a.min_sharpness,
+            setting="analyze.min_sharpness",
+        ),
+        Rule(
+            column=schema.FLAT_FRACTION,
+            reason="flat",
+            max=a.max_flat_fraction,
+            setting="analyze.max_flat_fraction",
+        ),
+        Rule(
+            column=schema.ENTROPY,
+            reason="low_entropy",
+            min=a.min_entropy,
+            setting="analyze.min_entropy",
+        ),
     ]
 
 
@@ -307,8 +333,35 @@ def input_blocks(num_inputs: int, cpus: int) -> int:
     return max(1, min(num_inputs // per_block, max(cpus * 8, num_inputs // 64)))
 
 
-def _partitions(ctx_cpus: int) -> int:
-    return max(2, min(64, ctx_cpus * 2))
+ROWS_PER_PARTITION = 50_000
+"""Metadata rows (about 0.5 kB each) per shuffle partition: a small job plans one."""
+
+
+def partitions_for(num_rows: int, cpus: int) -> int:
+    """Shuffle partitions that fit the job: one per `ROWS_PER_PARTITION`, at most 2 per CPU."""
+    return max(1, min(max(1, cpus * 2), -(-num_rows // ROWS_PER_PARTITION)))
+
+
+def nonempty(ds: Any) -> tuple[Any | None, int]:
+    """Materialise `ds` and keep only the blocks that hold rows; (None, 0) when none does.
+
+    Ray Data does not call a map's function on an empty block, so an empty block keeps its
+    input's columns rather than the ones the map adds; a hash shuffle whose map task meets
+    such a block first plans every partition without the key column. Every shuffle of the
+    job therefore reads a dataset passed through here, and a pass with no rows is skipped.
+    """
+    import ray
+
+    refs: list[Any] = []
+    rows = 0
+    for bundle in ds.materialize().iter_internal_ref_bundles():
+        for entry in bundle.blocks:
+            if entry.metadata.num_rows:
+                refs.append(entry.ref)
+                rows += entry.metadata.num_rows
+    if not refs:
+        return None, 0
+    return ray.data.from_arrow_refs(refs), rows
 
 
 def _kept(t: pa.Table) -> pa.Table:
@@ -319,33 +372,48 @@ def _not_kept(t: pa.Table) -> pa.Table:
     return t.filter(pc.invert(pc.fill_null(pc.equal(t[schema.STATUS], schema.STATUS_KEPT), False)))
 
 
-def dedup_decisions(rows: Any, cfg: JobConfig, num_partitions: int) -> Any:
-    """Distributed duplicate resolution: (source → root source, root sha256) per duplicate."""
+def _hashed_pending(t: pa.Table) -> pa.Table:
+    return t.filter(pc.and_(pc.is_null(t[schema.STATUS]), pc.is_valid(t[schema.PHASH])))
+
+
+def dedup_decisions(rows: Any, cfg: JobConfig, cpus: int) -> Any | None:
+    """Distributed duplicate resolution: (source → root source, root sha256) per duplicate.
+
+    Returns None when the job has no duplicate (nothing to join back).
+    """
     k = cfg.dedup.max_hamming
-    hashed = rows.select_columns([*HASH_COLUMNS, schema.STATUS]).map_batches(
-        lambda t: t.filter(pc.and_(pc.is_null(t[schema.STATUS]), pc.is_valid(t[schema.PHASH]))),
-        batch_format="pyarrow",
+    hashed, num_hashed = nonempty(
+        rows.select_columns([*HASH_COLUMNS, schema.STATUS]).map_batches(
+            _hashed_pending, batch_format="pyarrow"
+        )
     )
-    splitter = BandSplitter(max_distance=k)
-    edges = (
-        _apply(hashed, splitter)
-        .groupby(BAND, num_partitions=num_partitions)
-        .map_groups(lambda g: match_band(g, k), batch_format="pyarrow")
+    if hashed is None or num_hashed < 2:
+        return None
+    banded, num_banded = nonempty(_apply(hashed, BandSplitter(max_distance=k)))
+    edges, num_edges = nonempty(
+        banded.groupby(BAND, num_partitions=partitions_for(num_banded, cpus)).map_groups(
+            lambda g: match_band(g, k), batch_format="pyarrow"
+        )
     )
-    parents = edges.groupby(schema.SOURCE, num_partitions=num_partitions).map_groups(
-        pick_parent, batch_format="pyarrow"
+    if edges is None:
+        return None
+    parts = partitions_for(num_edges, cpus)
+    parents = (
+        edges.groupby(schema.SOURCE, num_partitions=parts)
+        .map_groups(pick_parent, batch_format="pyarrow")
+        .select_columns([schema.SOURCE, PARENT, PARENT_SHA256])
     )
-    parents = parents.select_columns([schema.SOURCE, PARENT, PARENT_SHA256]).materialize()
+    parents, _ = nonempty(parents)
+    assert parents is not None  # every edge's source keeps one parent
     for _ in range(64):  # pointer jumping halves every chain; 64 rounds cover any job
         grand = parents.select_columns([schema.SOURCE, PARENT, PARENT_SHA256]).rename_columns(
             {schema.SOURCE: "gp_source", PARENT: "gp", PARENT_SHA256: "gp_sha256"}
         )
-        joined = parents.join(
-            grand, "left_outer", num_partitions, on=(PARENT,), right_on=("gp_source",)
-        )
-        stepped = joined.map_batches(_jump, batch_format="pyarrow").materialize()
-        moved = stepped.sum("moved") if stepped.count() else 0
-        parents = stepped.drop_columns(["moved"]).materialize()
+        joined = parents.join(grand, "left_outer", parts, on=(PARENT,), right_on=("gp_source",))
+        stepped, _ = nonempty(joined.map_batches(_jump, batch_format="pyarrow"))
+        assert stepped is not None  # a left join keeps every row
+        moved = stepped.sum("moved") or 0
+        parents, _ = nonempty(stepped.drop_columns(["moved"]))
         if moved == 0:
             break
     return parents.rename_columns({PARENT: "root", PARENT_SHA256: "root_sha256"})
@@ -434,6 +502,69 @@ def _analyse(rd: Any, items: Sequence[InputItem], done: set[str], analysis: str,
     return analysed
 
 
+class JobFailed(RuntimeError):
+    """A pass of the job failed unexpectedly; the full traceback is in `log_path`."""
+
+    def __init__(self, step: str, num_inputs: int, log_path: str, cause: BaseException) -> None:
+        first = (str(cause).strip().splitlines() or [""])[0][:200]
+        super().__init__(
+            f"the {step} pass failed on {num_inputs} inputs ({type(cause).__name__}: {first}); "
+            f"full traceback in {log_path}; rerun the same command to resume"
+        )
+        self.step, self.num_inputs, self.log_path = step, num_inputs, log_path
+
+
+FAULT_ENV = "NATIVE4K_FAULT"
+"""Fault injection for tests: `<pass>` raises when that pass starts on the driver."""
+
+
+def _log_failure(output: str, step: str, exc: BaseException) -> str:
+    """Write the traceback to a log file (under OUT/_work/logs when OUT is local)."""
+    import tempfile
+    import traceback
+
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    if is_local(output):
+        folder = os.path.join(output, "_work", "logs")
+        os.makedirs(folder, exist_ok=True)
+    else:
+        folder = tempfile.gettempdir()
+    path = os.path.join(folder, f"native4k-{step}-failed-{stamp}-{os.getpid()}.log")
+    text = "".join(traceback.format_exception(exc))
+    with open(path, "w") as fh:
+        fh.write(f"native4k curate: the {step} pass failed\n\n{text}")
+    return path
+
+
+@dataclass
+class _Passes:
+    """Runs the job's passes: times each, and turns an unexpected error into `JobFailed`."""
+
+    output: str
+    echo: Callable[[str], None]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def run(
+        self, step: str, num_inputs: int, user_errors: tuple[type[Exception], ...] = ()
+    ) -> Iterator[None]:
+        """Time one pass; errors other than `user_errors` become `JobFailed`."""
+        start = time.perf_counter()
+        try:
+            if os.environ.get(FAULT_ENV) == step:
+                raise RuntimeError(f"fault injected by {FAULT_ENV}={step}")
+            yield
+        except (JobFailed, ConfigError, *user_errors):
+            raise
+        except Exception as e:
+            raise JobFailed(step, num_inputs, _log_failure(self.output, step, e), e) from e
+        self.seconds[step] = round(time.perf_counter() - start, 3)
+
+
+def _union(parts: Sequence[Any]) -> Any:
+    return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
+
+
 def run_curate(
     inputs: Sequence[str],
     output: str,
@@ -442,19 +573,26 @@ def run_curate(
     ray_address: str | None = None,
     echo: Callable[[str], None] = print,
 ) -> JobResult:
-    """Run the whole curation job; see the module docstring for its passes."""
+    """Run the whole curation job; see the module docstring for its passes.
+
+    Raises:
+        ValueError: no inputs, or a wrong configuration (before any work).
+        JobFailed: a pass failed; what was finished stays for a rerun to resume.
+    """
     start = time.perf_counter()
     table = bucket_table(cfg)
-    items = list(
-        list_inputs(
-            inputs,
-            sidecar_extensions=cfg.input.sidecar_extensions,
-            list_extensions=cfg.input.list_extensions,
+    output = output if not is_local(output) else os.path.abspath(output.removeprefix("file://"))
+    passes = _Passes(output, echo)
+    with passes.run("listing", len(inputs), user_errors=(ValueError, OSError)):
+        items = list(
+            list_inputs(
+                inputs,
+                sidecar_extensions=cfg.input.sidecar_extensions,
+                list_extensions=cfg.input.list_extensions,
+            )
         )
-    )
     if not items:
         raise ValueError(f"no input files found in {', '.join(inputs)}")
-    output = output if not is_local(output) else os.path.abspath(output.removeprefix("file://"))
     work = join(output, "_work")
     analysis = join(work, "analysis")
     _remove(join(output, "_SUCCESS"))
@@ -464,53 +602,96 @@ def run_curate(
         f"native4k: {len(items)} inputs listed; {len(done)} rows already analysed by an earlier run"
     )
 
-    ray = init_ray(cfg, ray_address)
-    rd = ray.data
-    configure_progress(rd, sys.stdout.isatty())
-    cpus = int(ray.cluster_resources().get("CPU", 1))
+    with passes.run("start-up", len(items)):
+        ray = init_ray(cfg, ray_address)
+        rd = ray.data
+        configure_progress(rd, sys.stdout.isatty())
+        cpus = int(ray.cluster_resources().get("CPU", 1))
 
     # Pass 1: analyse, streaming, resumable.
-    with no_operator_reservation(rd):
+    with passes.run("analysis", len(items)), no_operator_reservation(rd):
         analysed = _analyse(rd, items, done, analysis, cpus, cfg)
     echo(f"native4k: analysed {analysed} inputs in this run")
 
     # Pass 2: dedup across the whole job.
     # Pixel thresholds are decided again from the stored scores, so re-tuning them needs no
     # new decode: a rerun with other `analyze.min_*` values reuses the analysis.
-    rows = (
-        _read_parquet(rd, analysis)
-        .map_batches(Retune(rules=pixel_rules(cfg)), batch_format="pyarrow")
-        .materialize()
-    )
-    if cfg.dedup.enabled:
-        decisions = dedup_decisions(rows, cfg, _partitions(cpus))
-        rows = rows.join(decisions, "left_outer", _partitions(cpus), on=(schema.SOURCE,))
-        rows = rows.map_batches(_apply_duplicates, batch_format="pyarrow")
+    with passes.run("dedup", len(items)):
+        rows, num_rows = nonempty(
+            _read_parquet(rd, analysis).map_batches(
+                Retune(rules=pixel_rules(cfg)), batch_format="pyarrow"
+            )
+        )
+        assert rows is not None, "the analysis pass wrote no rows"
+        decisions = dedup_decisions(rows, cfg, cpus) if cfg.dedup.enabled else None
+        if decisions is not None:
+            parts = partitions_for(num_rows, cpus)
+            rows = rows.join(decisions, "left_outer", parts, on=(schema.SOURCE,))
+            rows = rows.map_batches(_apply_duplicates, batch_format="pyarrow")
 
-    # Pass 3: buckets, shard plan, shards, manifest.
-    rows = rows.map_batches(_finalize, batch_format="pyarrow")
-    rows = _apply(rows, Bucketer(table=table)).materialize()
-    parts = _partitions(cpus)
-    kept = rows.map_batches(_kept, batch_format="pyarrow")
-    others = rows.map_batches(_not_kept, batch_format="pyarrow")
-    s = cfg.shard
-    planned = kept.groupby(schema.BUCKET, num_partitions=parts).map_groups(
-        lambda g: plan_bucket(g, s.max_samples, s.max_bytes), batch_format="pyarrow"
-    )
-    writer = ShardWriter(output=output)
-    written = planned.groupby(schema.SHARD, num_partitions=parts).map_groups(
-        lambda g: writer(g), batch_format="pyarrow"
-    )
-    final = (
-        others.union(written)
-        .map_batches(lambda t: schema.conform(t), batch_format="pyarrow")
-        .materialize()
-    )
-    stats = compute_stats(final, table, parts, time.perf_counter() - start)
-    _remove_stale_shards(
-        output, {n for b in stats["buckets"].values() for n in b.pop("shard_names")}
+    # Pass 3: buckets, shard plan, shards.
+    with passes.run("shards", num_rows):
+        rows = rows.map_batches(_finalize, batch_format="pyarrow")
+        rows = _apply(rows, Bucketer(table=table)).materialize()
+        kept, num_kept = nonempty(rows.map_batches(_kept, batch_format="pyarrow"))
+        others, _ = nonempty(rows.map_batches(_not_kept, batch_format="pyarrow"))
+        outputs = [others] if others is not None else []
+        if kept is not None:
+            s = cfg.shard
+            planned, _ = nonempty(
+                kept.groupby(schema.BUCKET, num_partitions=partitions_for(num_kept, cpus))
+                .map_groups(
+                    lambda g: plan_bucket(g, s.max_samples, s.max_bytes),
+                    batch_format="pyarrow",
+                )
+            )
+            assert planned is not None
+            writer = ShardWriter(output=output)
+            written = planned.groupby(
+                schema.SHARD, num_partitions=partitions_for(num_kept, cpus)
+            ).map_groups(lambda g: writer(g), batch_format="pyarrow")
+            outputs.append(written)
+        final = (
+            _union(outputs)
+            .map_batches(lambda t: schema.conform(t), batch_format="pyarrow")
+            .materialize()
+        )
+
+    # Manifest, stats and the small files; `_SUCCESS` last.
+    with passes.run("manifest", num_rows):
+        stats = compute_stats(final, table, cpus, time.perf_counter() - start)
+        _remove_stale_shards(
+            output, {n for b in stats["buckets"].values() for n in b.pop("shard_names")}
+        )
+        _write_manifest(rd, final, output, work)
+        stats["rules"] = rule_summary(cfg)
+        stats["pass_seconds"] = passes.seconds
+        stats["wall_seconds"] = round(time.perf_counter() - start, 2)
+        _write_text(
+            join(output, "buckets.json"),
+            json.dumps(
+                {
+                    "buckets": [
+                        {"name": b.name, "width": b.width, "height": b.height} for b in table
+                    ]
+                },
+                indent=1,
+            ),
+        )
+        _write_text(join(output, "config.yaml"), dump_yaml(cfg))
+        _write_text(join(output, "stats.json"), json.dumps(stats, indent=2, sort_keys=True))
+        _write_text(
+            join(output, "_SUCCESS"),
+            json.dumps({"manifest_version": schema.MANIFEST_VERSION, "rows": stats["total"]}),
+        )
+    stats["pass_seconds"] = passes.seconds
+    return JobResult(
+        output, stats, time.perf_counter() - start, skipped_inputs=len(done), notes=notes
     )
 
+
+def _write_manifest(rd: Any, final: Any, output: str, work: str) -> None:
+    """The manifest's Parquet files, written to `_work` first, then moved into place."""
     manifest_tmp = join(work, f"manifest-{os.getpid()}-{int(time.time())}")
     filesystem, tmp_path = _arrow_fs(manifest_tmp)
     final.repartition(max(1, min(64, final.count() // 50_000 + 1))).write_parquet(
@@ -528,23 +709,46 @@ def run_curate(
         fs.mv(f, f"{dest}/{f.rsplit('/', 1)[-1]}")
     _remove(manifest_tmp)
 
-    stats["wall_seconds"] = round(time.perf_counter() - start, 2)
-    _write_text(
-        join(output, "buckets.json"),
-        json.dumps(
-            {"buckets": [{"name": b.name, "width": b.width, "height": b.height} for b in table]},
-            indent=1,
-        ),
-    )
-    _write_text(join(output, "config.yaml"), dump_yaml(cfg))
-    _write_text(join(output, "stats.json"), json.dumps(stats, indent=2, sort_keys=True))
-    _write_text(
-        join(output, "_SUCCESS"),
-        json.dumps({"manifest_version": schema.MANIFEST_VERSION, "rows": stats["total"]}),
-    )
-    return JobResult(
-        output, stats, time.perf_counter() - start, skipped_inputs=len(done), notes=notes
-    )
+
+DOMINANT_SHARE = 0.5
+"""A rule that rejects more than this share of a job is named in the job's summary."""
+
+
+def outcome_lines(stats: dict[str, Any]) -> list[str]:
+    """Plain sentences for the end of a job: nothing kept, and the rule that rejected most."""
+    total, kept = stats.get("total", 0), stats.get("kept", 0)
+    reasons: dict[str, int] = stats.get("reasons", {})
+    rules: dict[str, dict[str, Any]] = stats.get("rules", {})
+    lines = []
+    if total and not kept:
+        lines.append(f"nothing kept: all {total} inputs were rejected (no shards were written)")
+    if reasons:
+        reason, count = max(reasons.items(), key=lambda kv: (kv[1], kv[0]))
+        if count > DOMINANT_SHARE * total:
+            share = f"{count} of {total} inputs ({count / total:.0%})"
+            rule = rules.get(reason)
+            if rule:
+                lines.append(
+                    f"'{reason}' rejected {share}: the rule is {rule['rule']}; "
+                    f"change it with --set {rule['setting'].split(' / ')[0]}=VALUE"
+                )
+            else:
+                lines.append(f"'{reason}' rejected {share}")
+    return lines
+
+
+def rule_summary(cfg: JobConfig) -> dict[str, dict[str, Any]]:
+    """Per rejection reason that a threshold decides: the rule and the setting that moves it."""
+    out: dict[str, dict[str, Any]] = {}
+    for r in (*header_rules(cfg), *pixel_rules(cfg)):
+        entry = out.setdefault(r.reason, {"rule": r.bound_text(), "setting": r.setting})
+        if entry["rule"] != r.bound_text():  # a reason with two bounds (aspect ratio)
+            entry["rule"] = f"{entry['rule']} or {r.bound_text()}"
+    out["duplicate"] = {
+        "rule": f"pHash within {cfg.dedup.max_hamming} bits of a better copy, or the same bytes",
+        "setting": "dedup.max_hamming / dedup.enabled",
+    }
+    return out
 
 
 def _reset_if_changed(work: str, inputs: Sequence[str], cfg: JobConfig) -> list[str]:
@@ -632,7 +836,7 @@ def _partials(t: pa.Table) -> pa.Table:
     return pa.table({"partial": [json.dumps({"reasons": reasons, "stages": stages})]})
 
 
-def compute_stats(final: Any, table: list[Bucket], parts: int, seconds: float) -> dict[str, Any]:
+def compute_stats(final: Any, table: list[Bucket], cpus: int, seconds: float) -> dict[str, Any]:
     """Counts and score summaries per bucket and per reason, from the final manifest.
 
     Two distributed passes: per-batch partial counts, and one group-by bucket for the score
@@ -648,8 +852,9 @@ def compute_stats(final: Any, table: list[Bucket], parts: int, seconds: float) -
             per_stage[k] = per_stage.get(k, 0.0) + v
     total = sum(by_reason.values())
     buckets = {}
-    if by_reason.get("kept"):
-        kept = final.map_batches(_kept, batch_format="pyarrow")
+    kept, num_kept = nonempty(final.map_batches(_kept, batch_format="pyarrow"))
+    if kept is not None:
+        parts = partitions_for(num_kept, cpus)
         summaries = kept.groupby(schema.BUCKET, num_partitions=parts).map_groups(
             _bucket_summary, batch_format="pyarrow"
         )

@@ -93,6 +93,17 @@ class BandSplitter(Stage):
     writes: ClassVar[tuple[str, ...]] = (BAND,)
     max_distance: int = 6
 
+    def output_schema(self, input_schema: pa.Schema) -> pa.Schema:
+        """Only the slim hash columns travel on, plus the band key."""
+        del input_schema
+        return pa.schema(
+            [
+                *((c, schema.arrow_type(c)) for c in HASH_COLUMNS),
+                (BAND, pa.int64()),
+                (schema.STAGE_SECONDS, schema.arrow_type(schema.STAGE_SECONDS)),
+            ]
+        )
+
     def process(self, t: pa.Table) -> pa.Table:
         keys = [band_keys(h, self.max_distance) for h in column(t, schema.PHASH)]
         idx = [i for i, ks in enumerate(keys) for _ in ks]
