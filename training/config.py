@@ -108,6 +108,12 @@ class DitModelConfig:
     guidance_scale: float = _f(
         1.0, "Embedded guidance value fed during training (models with guidance_embeds)."
     )
+    cudnn_attention: bool = _f(
+        False,
+        "Let PyTorch's SDPA pick cuDNN attention on CUDA. Off by default: its backward failed "
+        "(illegal memory access) on the second step at 16.9K tokens with torch 2.11 on an H200; "
+        "flash attention is used instead.",
+    )
 
 
 @dataclass(kw_only=True)
