@@ -149,6 +149,23 @@ class ThumbJob:
     size: int | None = None  # member size with `offset`
 
 
+def open_reduced(data: bytes, side: int, max_pixels: int | None = None) -> Any:
+    """Open and load `data`, JPEGs at the smallest DCT scale (1/1…1/8) that still covers `side`.
+
+    Raises:
+        ValueError: the image has more than `max_pixels` pixels (never decoded).
+    """
+    from PIL import Image
+
+    im = Image.open(io.BytesIO(data))
+    if max_pixels is not None and im.size[0] * im.size[1] > max_pixels:
+        raise ValueError(f"{im.size[0]}x{im.size[1]} is over the decode cap")
+    if im.format == "JPEG":
+        im.draft("RGB", (side, side))
+    im.load()
+    return im
+
+
 def reduced_image(data: bytes, side: int = THUMB_SIDE, max_pixels: int | None = None) -> Any:
     """Decode `data` at reduced size: at most `side` px on the longest side, RGB, upright.
 
@@ -161,13 +178,7 @@ def reduced_image(data: bytes, side: int = THUMB_SIDE, max_pixels: int | None = 
     """
     from PIL import Image, ImageOps
 
-    im = Image.open(io.BytesIO(data))
-    if max_pixels is not None and im.size[0] * im.size[1] > max_pixels:
-        raise ValueError(f"{im.size[0]}x{im.size[1]} is over the decode cap")
-    if im.format == "JPEG":
-        im.draft("RGB", (side, side))
-    if getattr(im, "n_frames", 1) > 1:
-        im.seek(0)
+    im = open_reduced(data, side, max_pixels)
     im.thumbnail((side, side), reducing_gap=2.0)
     im = ImageOps.exif_transpose(im)
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):

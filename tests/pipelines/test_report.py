@@ -1,0 +1,430 @@
+"""`native4k report`: one self-contained page, checked in headless Chromium."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import html.parser
+import io
+import json
+import os
+import select
+import shutil
+import subprocess
+import tarfile
+import time
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipelines.cli import main
+from pipelines.report import open_reduced, reduced_image, write_report
+from pipelines.samples import _real_photos
+
+CHROMIUM = "/usr/bin/chromium"
+needs_chromium = pytest.mark.skipif(
+    not os.path.exists(CHROMIUM), reason="Debian's chromium is not installed (.ci/run installs it)"
+)
+
+
+# --- a small DevTools-protocol client over --remote-debugging-pipe (no websocket needed) ---
+
+
+class Browser:
+    """Chromium with the DevTools protocol on fds 3 (commands in) and 4 (replies out)."""
+
+    def __init__(self, profile: Path) -> None:
+        cmd_r, self._cmd_w = os.pipe()
+        self._out_r, out_w = os.pipe()
+        args = [
+            CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            "--no-first-run", "--no-default-browser-check", "--disable-default-apps",
+            "--disable-extensions", "--mute-audio", f"--user-data-dir={profile}",
+            "--remote-debugging-pipe", "about:blank",
+        ]  # fmt: skip
+        # The shell puts our pipe ends on fds 3 and 4, where Chromium expects them.
+        hi = max(cmd_r, out_w) + 1  # moved above both first, so that 3 and 4 never collide
+        shell = (
+            f"exec {hi}<&{cmd_r} {hi + 1}>&{out_w} {cmd_r}<&- {out_w}>&-; "
+            f'exec 3<&{hi} 4>&{hi + 1} {hi}<&- {hi + 1}>&-; exec "$@"'
+        )
+        self.proc = subprocess.Popen(
+            ["bash", "-c", shell, "bash", *args],
+            pass_fds=(cmd_r, out_w),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        os.close(cmd_r)
+        os.close(out_w)
+        self._buf = b""
+        self._id = 0
+        self.events: list[dict[str, Any]] = []
+
+    def _read(self, timeout: float) -> dict[str, Any] | None:
+        end = time.monotonic() + timeout
+        while b"\0" not in self._buf:
+            left = end - time.monotonic()
+            if left <= 0:
+                return None
+            ready, _, _ = select.select([self._out_r], [], [], left)
+            if not ready:
+                return None
+            chunk = os.read(self._out_r, 1 << 20)
+            if not chunk:
+                raise RuntimeError("chromium closed the DevTools pipe")
+            self._buf += chunk
+        msg, self._buf = self._buf.split(b"\0", 1)
+        return json.loads(msg)
+
+    def send(
+        self,
+        method: str,
+        params: dict | None = None,
+        session: str | None = None,
+        timeout: float = 60,
+    ) -> dict[str, Any]:
+        """Send one command and wait for its reply (events meanwhile are kept)."""
+        self._id += 1
+        msg: dict[str, Any] = {"id": self._id, "method": method, "params": params or {}}
+        if session:
+            msg["sessionId"] = session
+        os.write(self._cmd_w, json.dumps(msg).encode() + b"\0")
+        end = time.monotonic() + timeout
+        while True:
+            reply = self._read(end - time.monotonic())
+            if reply is None:
+                raise TimeoutError(f"no reply to {method}")
+            if reply.get("id") == self._id:
+                if "error" in reply:
+                    raise RuntimeError(f"{method}: {reply['error']}")
+                return reply.get("result", {})
+            self.events.append(reply)
+
+    def wait_event(self, method: str, timeout: float = 60) -> dict[str, Any]:
+        """Wait for an event (already received ones count)."""
+        end = time.monotonic() + timeout
+        while True:
+            for e in self.events:
+                if e.get("method") == method:
+                    return e
+            msg = self._read(end - time.monotonic())
+            if msg is None:
+                raise TimeoutError(f"no {method} event")
+            self.events.append(msg)
+
+    def drain(self, seconds: float) -> None:
+        """Collect events for a while."""
+        end = time.monotonic() + seconds
+        while (msg := self._read(max(0.0, end - time.monotonic()))) is not None:
+            self.events.append(msg)
+
+    def close(self) -> None:
+        """Close the browser (and kill it if it does not go)."""
+        with contextlib.suppress(Exception):
+            self.send("Browser.close", timeout=10)
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        os.close(self._cmd_w)
+        os.close(self._out_r)
+
+
+def open_page(url: str, profile: Path, screenshot: Path, width: int = 1400) -> dict[str, Any]:
+    """Load `url`, run checks in the page, save a full-page PNG; return what was observed."""
+    b = Browser(profile)
+    try:
+        target = b.send("Target.createTarget", {"url": "about:blank"})["targetId"]
+        sid = b.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+        for domain in ("Page", "Runtime", "Log", "Network"):
+            b.send(f"{domain}.enable", session=sid)
+        b.send("Emulation.setDeviceMetricsOverride",
+               {"width": width, "height": 1000, "deviceScaleFactor": 1, "mobile": False},
+               session=sid)  # fmt: skip
+        b.events.clear()
+        b.send("Page.navigate", {"url": url}, session=sid)
+        b.wait_event("Page.loadEventFired")
+        b.drain(1.0)
+        metrics = b.send("Page.getLayoutMetrics", session=sid)
+        h = int(min(metrics["cssContentSize"]["height"], 16000))
+        shot = b.send(
+            "Page.captureScreenshot",
+            {"format": "png", "captureBeyondViewport": True,
+             "clip": {"x": 0, "y": 0, "width": width, "height": h, "scale": 1}},
+            session=sid,
+        )  # fmt: skip
+        screenshot.write_bytes(base64.b64decode(shot["data"]))
+        return {"events": list(b.events), "session": sid, "browser": b}
+    except BaseException:
+        b.close()
+        raise
+
+
+def _evaluate(b: Browser, session: str, expr: str) -> Any:
+    res = b.send("Runtime.evaluate", {"expression": expr, "returnByValue": True}, session=session)
+    assert "exceptionDetails" not in res, res
+    return res["result"].get("value")
+
+
+# --- outputs -----------------------------------------------------------------------------------
+
+
+def _photos(n: int) -> list[bytes]:
+    """Real photographs when Debian's wallpapers are installed, else generated JPEGs."""
+    paths = _real_photos(n)
+    if len(paths) >= n:
+        return [p.read_bytes() for p in paths]
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(n):
+        img = (rng.random((360, 640, 3)) * 255 * (i + 1) / n).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, "JPEG")
+        out.append(buf.getvalue())
+    return out
+
+
+def _png(width: int, height: int) -> bytes:
+    yy, xx = np.mgrid[0:height, 0:width]
+    rgb = np.stack([xx % 256, yy % 256, (xx // 3 + yy // 5) % 256], -1).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def mixed_job(audit_output, tmp_path):
+    """Kept photos in two buckets (one PNG); rejected: a local file, a tar member, a missing
+    file, a bomb that must never be decoded; scores on both sides of a configured threshold."""
+    photos = _photos(6)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "soft.jpg").write_bytes(photos[4])
+    with tarfile.open(src / "pack.tar", "w") as tf:
+        info = tarfile.TarInfo("inner/flat.jpg")
+        info.size = len(photos[5])
+        tf.addfile(info, io.BytesIO(photos[5]))
+    kept = [
+        {"data": photos[i], "ext": "jpg", "bucket": ["3840x2176", "4096x2048"][i % 2],
+         "sharpness": 14.0 + i, "entropy": 7.2 + i / 10, "width": 2560, "height": 1600,
+         "source": f"/gone/photo-{i}.jpg"}  # read from the shard: the source is not needed
+        for i in range(4)
+    ] + [{"data": _png(640, 400), "ext": "png", "bucket": "4096x2048", "sharpness": 20.0,
+          "width": 640, "height": 400}]  # fmt: skip
+    rejected = [
+        {"source": str(src / "soft.jpg"), "reason": "blurry", "sharpness": 3.5,
+         "sha256": "a" * 64, "width": 2560, "height": 1600},
+        {"source": f"{src / 'pack.tar'}#inner/flat.jpg", "reason": "flat", "sharpness": 11.0,
+         "flat_fraction": 0.9, "sha256": "b" * 64, "width": 2560, "height": 1600},
+        {"source": str(src / "missing.jpg"), "reason": "blurry", "sharpness": 2.0,
+         "sha256": "c" * 64, "width": 3000, "height": 2000},
+        {"source": str(src / "bomb.png"), "reason": "too_large", "width": 40000,
+         "height": 40000, "sha256": "d" * 64},
+    ]  # fmt: skip
+    (src / "bomb.png").write_bytes(b"never read")
+    return audit_output(
+        kept, rejected, config_overrides=["analyze.min_sharpness=12.5", "probe.min_pixels=1000"]
+    )
+
+
+class _Attrs(html.parser.HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.urls: list[str] = []
+        self.tags: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append(tag)
+        self.urls += [v or "" for k, v in attrs if k in ("src", "href", "action", "srcset")]
+
+
+# --- tests -----------------------------------------------------------------------------------
+
+
+@needs_chromium
+def test_report_in_headless_chromium(mixed_job, tmp_path):
+    out, _ = mixed_job
+    assert main(["report", str(out), "--samples", "3"]) == 0
+    page = out / "report.html"
+    shot = tmp_path / "report.png"
+    b = Browser(tmp_path / "profile")
+    try:
+        target = b.send("Target.createTarget", {"url": "about:blank"})["targetId"]
+        sid = b.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+        for domain in ("Page", "Runtime", "Log", "Network"):
+            b.send(f"{domain}.enable", session=sid)
+        b.send(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": 1400, "height": 1000, "deviceScaleFactor": 1, "mobile": False},
+            session=sid,
+        )
+        b.events.clear()
+        b.send("Page.navigate", {"url": page.as_uri()}, session=sid)
+        b.wait_event("Page.loadEventFired")
+        b.drain(0.5)
+        loaded = _evaluate(
+            b, sid,
+            "[...document.images].map(i => [i.closest('.card') ? 'card' : 'plot',"
+            " i.complete && i.naturalWidth > 0])",
+        )  # fmt: skip
+        placeholders = _evaluate(
+            b, sid, "[...document.querySelectorAll('.ph')].map(e => e.innerText)"
+        )
+        rows0 = _evaluate(b, sid, "document.querySelectorAll('#lineage tbody tr').length")
+        _evaluate(
+            b, sid,
+            "const f = document.getElementById('lineage-filter'); f.value = 'missing.jpg';"
+            "f.dispatchEvent(new Event('input'));",
+        )  # fmt: skip
+        filtered = _evaluate(
+            b, sid, "[...document.querySelectorAll('#lineage tbody tr')].map(r => r.innerText)"
+        )
+        metrics = b.send("Page.getLayoutMetrics", session=sid)
+        height = int(min(metrics["cssContentSize"]["height"], 12000))
+        png = b.send(
+            "Page.captureScreenshot",
+            {"format": "png", "captureBeyondViewport": True,
+             "clip": {"x": 0, "y": 0, "width": 1400, "height": height, "scale": 1}},
+            session=sid,
+        )  # fmt: skip
+        shot.write_bytes(base64.b64decode(png["data"]))
+        b.drain(0.2)
+    finally:
+        b.close()
+    if os.environ.get("NATIVE4K_SCREENSHOT_DIR"):
+        shutil.copy(shot, Path(os.environ["NATIVE4K_SCREENSHOT_DIR"]) / "report.png")
+
+    methods = [e.get("method") for e in b.events]
+    assert "Runtime.exceptionThrown" not in methods, b.events
+    console = [e["params"] for e in b.events if e.get("method") == "Runtime.consoleAPICalled"]
+    assert not [c for c in console if c["type"] in ("error", "warning", "assert")], console
+    logs = [e["params"]["entry"] for e in b.events if e.get("method") == "Log.entryAdded"]
+    assert not [e for e in logs if e["level"] in ("error", "warning")], logs
+    requested = [
+        e["params"]["request"]["url"]
+        for e in b.events
+        if e.get("method") == "Network.requestWillBeSent"
+    ]
+    external = [u for u in requested if u != page.as_uri() and not u.startswith("data:")]
+    assert requested and not external, external
+    # every plot and thumbnail decoded in the browser; the two rejected inputs without a
+    # thumbnail show why (a missing file, a bomb never decoded)
+    assert loaded and all(ok for _, ok in loaded), loaded
+    kinds = [k for k, _ in loaded]
+    assert kinds.count("card") == 5 + 2 and kinds.count("plot") >= 5
+    assert len(placeholders) == 2
+    assert any("FileNotFoundError" in p for p in placeholders)
+    assert any("decompression-bomb" in p for p in placeholders)
+    assert rows0 == 9
+    assert len(filtered) == 1 and "missing.jpg" in filtered[0] and "blurry" in filtered[0]
+    # the screenshot shows a page, not a blank
+    im = Image.open(shot).convert("RGB")
+    px = np.asarray(im)
+    assert im.size[0] == 1400 and im.size[1] > 2000
+    assert px.std() > 20 and len(np.unique(px.reshape(-1, 3)[::7], axis=0)) > 2000
+
+
+def test_page_is_self_contained_and_deterministic(mixed_job):
+    out, _ = mixed_job
+    first = Path(write_report(str(out), workers=1)).read_bytes()
+    text = first.decode()
+    p = _Attrs()
+    p.feed(text)
+    assert p.urls and all(u.startswith(("data:", "#")) for u in p.urls), p.urls
+    assert "http://" not in text and "https://" not in text and "url(" not in text
+    assert "default-src 'none'" in text  # the browser itself refuses any request
+    assert Path(write_report(str(out), workers=2)).read_bytes() == first
+
+
+def test_thresholds_come_from_config_yaml(mixed_job):
+    out, _ = mixed_job
+    text = Path(write_report(str(out), workers=1)).read_text()
+    assert "analyze.min_sharpness = 12.5" in text
+    assert "analyze.max_flat_fraction = 0.5" in text
+    # the funnel: inputs, then each reason in the job's order, then kept
+    steps = text[text.index('id="funnel"') : text.index('id="buckets"')]
+    order = [
+        steps.index(f"<td>{n}</td>") for n in ("inputs", "too_large", "blurry", "flat", "kept")
+    ]
+    assert order == sorted(order)
+
+
+def _cards(text: str) -> list[str]:
+    """The source of every contact-sheet card, in page order."""
+    return [
+        c.split('<div class="src" title="')[1].split('"')[0]
+        for c in text.split('<figure class="card">')[1:]
+    ]
+
+
+def test_samples_are_chosen_by_content_not_row_order(mixed_job):
+    out, _ = mixed_job
+    cards = _cards
+    before = cards(Path(write_report(str(out), samples=1, workers=1)).read_text())
+    assert len(before) == 2 + 3  # one per bucket, one per reason
+    for part in (out / "manifest").glob("*.parquet"):
+        t = pq.read_table(part)
+        pq.write_table(t.take(list(range(t.num_rows))[::-1]), part)
+    after = cards(Path(write_report(str(out), samples=1, workers=1)).read_text())
+    assert after == before
+
+
+@pytest.mark.parametrize("n_kept", [0, 1])
+def test_zero_and_one_kept(audit_output, audit_jpeg, n_kept):
+    kept = [{"data": audit_jpeg(64, 40, 1), "ext": "jpg", "bucket": "3840x2176",
+             "sharpness": 9.0, "width": 64, "height": 40}][:n_kept]  # fmt: skip
+    out, _ = audit_output(kept, [{"source": "/gone.jpg", "reason": "too_small"}])
+    text = Path(write_report(str(out))).read_text()
+    assert ("No image was kept" in text) == (n_kept == 0)
+    assert text.count('<figure class="card">') == n_kept + 1
+    assert 'id="lineage-data"' in text
+
+
+def test_reduced_decoding_and_orientation():
+    rgb = np.zeros((2160, 3840, 3), np.uint8)
+    rgb[:, :1920] = (200, 30, 30)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "JPEG", quality=90)
+    jpeg = buf.getvalue()
+    assert open_reduced(jpeg, 240).size == (480, 270)  # decoded at 1/8 scale, never at 4K
+    assert reduced_image(jpeg).size == (240, 135)
+    for fmt in ("PNG", "WEBP"):
+        buf = io.BytesIO()
+        Image.fromarray(rgb[:1080, :1920]).save(buf, fmt)
+        assert reduced_image(buf.getvalue()).size == (240, 135)
+    rotated = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated by 90 degrees
+    Image.fromarray(rgb[:1080, :1920]).save(rotated, "JPEG", exif=exif)
+    assert reduced_image(rotated.getvalue()).size == (135, 240)
+    with pytest.raises(ValueError, match="over the decode cap"):
+        reduced_image(jpeg, max_pixels=1000)
+
+
+def test_s3_output_and_sources(audit_output, audit_jpeg, s3_server):
+    import boto3
+
+    boto3.client("s3").create_bucket(
+        Bucket="audit-report", CreateBucketConfiguration={"LocationConstraint": "us-west-2"}
+    )
+    fs = fsspec.filesystem("s3")
+    fs.pipe("audit-report/raw/soft.jpg", audit_jpeg(80, 50, 9))
+    out, _ = audit_output(
+        [{"data": audit_jpeg(64, 40, 1), "ext": "jpg", "bucket": "3840x2176", "width": 64,
+          "height": 40}],
+        [{"source": "s3://audit-report/raw/soft.jpg", "reason": "blurry", "sha256": "e" * 64},
+         {"source": "s3://audit-report/raw/gone.jpg", "reason": "blurry", "sha256": "f" * 64}],
+    )  # fmt: skip
+    fs.put(str(out) + "/", "audit-report/job", recursive=True)
+    uri = write_report("s3://audit-report/job", workers=2)
+    assert uri == "s3://audit-report/job/report.html"
+    text = fs.cat_file("audit-report/job/report.html").decode()
+    assert text.count("data:image/jpeg;base64,") == 2  # the kept sample and the s3 source
+    assert text.count('class="ph"') == 1 and "gone.jpg" in text
