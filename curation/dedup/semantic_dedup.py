@@ -17,6 +17,9 @@ import numpy as np
 
 from curation.dedup.near_dup import rank_key
 
+FLOAT32_SLACK = 1e-6
+"""Inner products are compared to the threshold up to float32 rounding."""
+
 
 @dataclass(frozen=True, kw_only=True)
 class SemanticMatch:
@@ -63,8 +66,9 @@ class SemanticDedup:
             index.train(x[rng.choice(n, size=min(n, 64 * nlist), replace=False)])
             index.nprobe = self.nprobe
         index.add(x)
-        # faiss returns inner products strictly above the radius; nudge it to include equality.
-        lims, sims, ids = index.range_search(x, float(np.nextafter(self.threshold, -np.inf)))
+        # faiss returns inner products strictly above the radius: lower it by float32 rounding
+        # so that a pair exactly at the threshold counts.
+        lims, sims, ids = index.range_search(x, self.threshold - FLOAT32_SLACK)
         rows = np.repeat(np.arange(n), np.diff(lims.astype(np.int64)))
         keep = ids != rows
         return rows[keep], ids[keep].astype(np.int64), sims[keep]

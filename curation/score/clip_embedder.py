@@ -95,7 +95,7 @@ class ClipEmbedder(Stage):
             with torch.no_grad():
                 text = model.encode_text(tokenizer(prompts).to(self.device)).float()
             self._text = text / text.norm(dim=-1, keepdim=True)
-            self._scale = float(model.logit_scale.exp())
+            self._scale = float(model.logit_scale.detach().exp())
         self._active = [
             schema.EMBEDDING,
             *([schema.AESTHETIC] if self._aesthetic is not None else []),

@@ -24,8 +24,14 @@ def sketch(values: Iterable[float | None], k: int) -> tuple[np.ndarray, np.ndarr
     return np.quantile(arr, levels), np.full(k, arr.size / k)
 
 
-def merged_quantile(sketches: Iterable[tuple[np.ndarray, np.ndarray]], q: float) -> float | None:
-    """The `q` quantile (0..1) of the union of the sketched blocks; None when empty."""
+def merged_quantile(
+    sketches: Iterable[tuple[np.ndarray, np.ndarray]], q: float, above: bool = False
+) -> float | None:
+    """The `q` quantile (0..1) of the union of the sketched blocks; None when empty.
+
+    The smallest point whose cumulative weight reaches `q` of the total (`above`: exceeds it,
+    so that the points at or above it weigh at most `1 - q`).
+    """
     parts = list(sketches)
     if not parts:
         return None
@@ -35,7 +41,7 @@ def merged_quantile(sketches: Iterable[tuple[np.ndarray, np.ndarray]], q: float)
         return None
     order = np.argsort(points, kind="stable")
     points, cum = points[order], np.cumsum(weights[order])
-    idx = int(np.searchsorted(cum, q * cum[-1], side="left"))
+    idx = int(np.searchsorted(cum, q * cum[-1], side="right" if above else "left"))
     return float(points[min(idx, points.size - 1)])
 
 
@@ -46,4 +52,6 @@ def share_cut(
 
     Higher-better scores pass at or above the cut, lower-better ones at or below it.
     """
-    return merged_quantile(sketches, share if lower_better else 1.0 - share)
+    if lower_better:
+        return merged_quantile(sketches, share)
+    return merged_quantile(sketches, 1.0 - share, above=True)

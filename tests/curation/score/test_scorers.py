@@ -1,0 +1,130 @@
+import io
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from curation import schema
+from curation.analyze.pixel_analyzer import decode
+from curation.score.clip_embedder import ClipEmbedder
+from curation.score.heads import AestheticMLP, load_aesthetic, load_safety
+from curation.score.pyiqa_scorer import PyiqaScorer, lower_better, resize_longest
+
+
+def _enc(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def test_thumbnails_come_from_the_one_decode_in_every_mode_and_orientation():
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 255, (300, 500, 3), dtype=np.uint8)
+    rgb[:, :250, 0] = 255  # a red left half, to check orientation and colour
+    for img, fmt in [
+        (Image.fromarray(rgb), "JPEG"),
+        (Image.fromarray(rgb), "PNG"),
+        (Image.fromarray(rgb).convert("P"), "PNG"),
+        (Image.fromarray(rgb).convert("RGBA"), "PNG"),
+        (Image.fromarray(rgb).convert("CMYK"), "JPEG"),
+        (Image.fromarray(rgb[..., 0].astype(np.uint16) * 257), "PNG"),
+    ]:
+        gray, thumb = decode(_enc(img, fmt), 1, 128)
+        t = Image.open(io.BytesIO(thumb))
+        assert t.format == "JPEG" and t.mode == "RGB" and max(t.size) == 128, (img.mode, fmt)
+        assert gray.shape == (300, 500)
+    gray, thumb = decode(_enc(Image.fromarray(rgb), "JPEG"), 6, 128)  # rotate 90° clockwise
+    t = np.asarray(Image.open(io.BytesIO(thumb)))
+    assert gray.shape == (500, 300) and t.shape[:2] == (128, 77)
+    assert t[:40, :, 0].mean() > 200 > t[-40:, :, 0].mean()  # red half now on top
+    assert decode(_enc(Image.fromarray(rgb)), 1, 0)[1] is None  # 0: no thumbnail
+
+
+def test_clip_embedder_embeds_once_and_feeds_every_head(tiny_clip, real_thumbnails):
+    stage = ClipEmbedder(
+        model=tiny_clip["config"],
+        weights=tiny_clip["weights"],
+        aesthetic_weights=tiny_clip["aesthetic"],
+        safety_weights=tiny_clip["safety"],
+        person_prompts=["a photo of a person"],
+        other_prompts=["a photo of a landscape", "an abstract image"],
+        character_threshold=0.4,
+    )
+    thumbs = [*real_thumbnails, None]
+    out = stage({schema.SOURCE: [f"s{i}" for i in range(len(thumbs))], schema.THUMBNAIL: thumbs})
+    emb = out[schema.EMBEDDING].to_pylist()
+    assert emb[-1] is None and out[schema.AESTHETIC][len(thumbs) - 1].as_py() is None
+    x = torch.tensor(emb[:-1])
+    assert x.shape == (len(real_thumbnails), tiny_clip["dim"])
+    assert torch.allclose(x.norm(dim=-1), torch.ones(len(x)), atol=1e-5)
+    # The aesthetic column is the LAION MLP applied to the normalised embedding, nothing else.
+    mlp = load_aesthetic(tiny_clip["aesthetic"], tiny_clip["dim"])
+    expect = mlp(x).detach().numpy()
+    got = np.array(out[schema.AESTHETIC].to_pylist()[:-1])
+    assert np.allclose(got, expect, atol=1e-5)
+    nsfw = np.array(out[schema.NSFW].to_pylist()[:-1])
+    person = np.array(out[schema.PERSON_SCORE].to_pylist()[:-1])
+    assert ((nsfw >= 0) & (nsfw <= 1)).all() and ((person >= 0) & (person <= 1)).all()
+    assert out[schema.CHARACTER].to_pylist()[:-1] == [bool(p >= 0.4) for p in person]
+    # Different photographs get different embeddings (not a constant output).
+    assert not torch.allclose(x[0], x[1])
+    empty = stage(pa.table({schema.SOURCE: pa.array([], pa.string())}))
+    assert set(ClipEmbedder.writes) <= set(empty.column_names)
+
+
+def test_clip_embedder_without_heads_leaves_their_columns_alone(tiny_clip, real_thumbnails):
+    stage = ClipEmbedder(model=tiny_clip["config"], weights=tiny_clip["weights"])
+    out = stage({schema.SOURCE: ["a"], schema.THUMBNAIL: real_thumbnails[:1], schema.NSFW: [0.25]})
+    assert out[schema.NSFW].to_pylist() == [0.25]  # another stage's safety score survives
+    assert schema.AESTHETIC not in out.column_names
+    assert len(out[schema.EMBEDDING][0].as_py()) == tiny_clip["dim"]
+
+
+def test_aesthetic_head_has_laions_layout_and_rejects_other_files(tmp_path, tiny_clip):
+    keys = set(AestheticMLP(768).state_dict())
+    assert keys == {f"layers.{i}.{p}" for i in (0, 2, 4, 6, 7) for p in ("weight", "bias")}
+    with pytest.raises(ValueError, match=r"aesthetic\.pth is not a LAION aesthetic MLP for 768"):
+        load_aesthetic(tiny_clip["aesthetic"], 768)
+    with pytest.raises(ValueError, match="safety"):
+        load_safety(tiny_clip["safety"], 768)
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.lists(st.integers(1, 12), min_size=0, max_size=3))
+def test_safety_head_loads_any_depth(tmp_path_factory, hidden):
+    from curation.score.random_models import build_safety
+
+    path = tmp_path_factory.mktemp("safety") / "head.pt"
+    build_safety(path, [8, *hidden, 1])
+    head = load_safety(path, 8)
+    x = torch.randn(5, 8)
+    state = torch.load(path, weights_only=True)
+    h = x
+    n = len(hidden) + 1
+    for i in range(n):
+        h = h @ state[f"{2 * i}.weight"].T + state[f"{2 * i}.bias"]
+        if i < n - 1:
+            h = h.relu()
+    assert torch.allclose(head(x), torch.sigmoid(h.squeeze(-1)), atol=1e-6)
+
+
+def test_pyiqa_scorer_is_the_metric_at_the_documented_size(real_thumbnails):
+    import pyiqa
+
+    stage = PyiqaScorer(metric="piqe", input_size=256)
+    out = stage({schema.SOURCE: ["a", "b", "c"], schema.THUMBNAIL: [*real_thumbnails[:2], None]})
+    got = out[schema.QUALITY].to_pylist()
+    assert got[2] is None
+    metric = pyiqa.create_metric("piqe", device="cpu")
+    for thumb, value in zip(real_thumbnails[:2], got[:2], strict=True):
+        img = resize_longest(Image.open(io.BytesIO(thumb)).convert("RGB"), 256)
+        assert max(img.size) == 256
+        x = torch.from_numpy(np.asarray(img)).permute(2, 0, 1)[None].float() / 255
+        assert value == pytest.approx(float(metric(x)), rel=1e-5)
+    assert lower_better("piqe") and not lower_better("musiq")
+    with pytest.raises(ValueError, match="unknown pyiqa metric 'no_such_metric'"):
+        lower_better("no_such_metric")
