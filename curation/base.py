@@ -120,14 +120,13 @@ class Stage:
         return pa.schema(fields)
 
     def __call__(self, batch: Batch) -> pa.Table:
+        table = to_table(batch)
+        if table.num_rows == 0:
+            # A batch with no rows still gets the declared columns (and needs no model).
+            return self.output_schema(table.schema).empty_table()
         if not getattr(self, "_ready", False):
             self.setup()
             self._ready = True
-        table = to_table(batch)
-        if table.num_rows == 0:
-            # A block with no rows still carries the declared columns: a later shuffle keyed on
-            # one of them must find it in every block, empty ones included.
-            return self.output_schema(table.schema).empty_table()
         start = time.perf_counter()
         out = self.process(table)
         return _record_time(out, self.name, time.perf_counter() - start)

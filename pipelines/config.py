@@ -131,9 +131,9 @@ class ShardConfig:
     )
 
 
-NUDENET_MODES = ("auto", "on", "off")
-PERSON_MODELS = ("auto", "clip", "nudenet", "off")
-SAFETY_MODELS = ("auto", "clip", "nudenet", "off")
+NUDENET_MODES = ("auto", "always", "never")
+PERSON_MODELS = ("auto", "clip", "nudenet", "none")
+SAFETY_MODELS = ("auto", "clip", "nudenet", "none")
 
 
 @dataclass(kw_only=True)
@@ -166,8 +166,8 @@ class ModelsConfig:
     nudenet: str = _f(
         "auto",
         "The nudenet face/body-part detector (its ONNX weights ship in the `nsfw` extra's wheel; "
-        "licence file AGPL-3.0, see README): auto = run it when installed, on = required, "
-        "off = never.",
+        "licence file AGPL-3.0, see README): auto = run it when installed, always = required, "
+        "never.",
     )
     nudenet_weights: str = _f(
         "", "Another nudenet ONNX file (e.g. 640m.onnx); empty: the 320n model in the wheel."
@@ -233,12 +233,12 @@ class ScoreConfig:
     person_model: str = _f(
         "auto",
         "Source of `character`: clip (zero-shot prompts), nudenet (any face or body part "
-        "detected), auto (clip when clip_weights is set, else nudenet when it runs), off.",
+        "detected), auto (clip when clip_weights is set, else nudenet when it runs), none.",
     )
     safety_model: str = _f(
         "auto",
         "Source of `nsfw`: clip (models.safety_weights), nudenet (highest score of an exposed "
-        "intimate part), auto (clip when safety_weights is set, else nudenet when it runs), off.",
+        "intimate part), auto (clip when safety_weights is set, else nudenet when it runs), none.",
     )
     character_threshold: float = _f(0.5, "`character` is true when person_score is at least this.")
     person_prompts: list[str] = _f(
@@ -313,6 +313,11 @@ class RayConfig:
     object_store_memory: int = _f(
         0, "Bytes of object store for a local Ray instance (0: Ray's default)."
     )
+    rows_per_partition: int = _f(
+        50_000,
+        "Metadata rows (about 0.5 kB each) per shuffle partition in the dedup, shard and stats "
+        "passes, at most two partitions per CPU: a small job plans one.",
+    )
 
 
 @dataclass(kw_only=True)
@@ -334,7 +339,7 @@ class JobConfig:
         m, s, c = self.models, self.score, self.caption
         thumbs = self.analyze.thumbnail_size
         uses_thumbs = s.enabled and (
-            bool(m.clip_weights or s.quality_metric or m.caption_model) or m.nudenet == "on"
+            bool(m.clip_weights or s.quality_metric or m.caption_model) or m.nudenet == "always"
         )
         return [
             (thumbs >= 0, "analyze.thumbnail_size", "must be >= 0"),
@@ -400,9 +405,9 @@ class JobConfig:
                 "'clip' needs models.safety_weights",
             ),
             (
-                "nudenet" not in (s.person_model, s.safety_model) or m.nudenet != "off",
+                "nudenet" not in (s.person_model, s.safety_model) or m.nudenet != "never",
                 "models.nudenet",
-                "must not be 'off' when score.person_model or score.safety_model is 'nudenet'",
+                "must not be 'never' when score.person_model or score.safety_model is 'nudenet'",
             ),
         ]
 
@@ -424,6 +429,7 @@ class JobConfig:
             (self.shard.max_samples > 0, "shard.max_samples", "must be positive"),
             (self.shard.max_bytes > 0, "shard.max_bytes", "must be positive"),
             (self.ray.num_cpus >= 0, "ray.num_cpus", "must be >= 0"),
+            (self.ray.rows_per_partition > 0, "ray.rows_per_partition", "must be positive"),
             (bool(self.bucket.tier_scales), "bucket.tier_scales", "must not be empty"),
             *self._model_checks(),
         ]

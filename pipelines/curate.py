@@ -321,6 +321,23 @@ def configure_progress(rd: Any, interactive: bool) -> None:
     ctx.enable_operator_progress_bars = interactive
 
 
+@contextlib.contextmanager
+def quiet_ray_data(interactive: bool) -> Iterator[None]:
+    """In a log, no per-dataset lines from Ray Data during the short metadata passes.
+
+    Passes 2-4 run a dozen small datasets that finish in well under a second each; their
+    start and finish lines would bury the job's own lines. On a terminal, bars stay.
+    """
+    logger = logging.getLogger("ray.data")
+    saved = logger.level
+    if not interactive:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(saved)
+
+
 def input_blocks(num_inputs: int, cpus: int) -> int:
     """Blocks of the listing: pass 1 is fused into one task per block.
 
@@ -333,13 +350,15 @@ def input_blocks(num_inputs: int, cpus: int) -> int:
     return max(1, min(num_inputs // per_block, max(cpus * 8, num_inputs // 64)))
 
 
-ROWS_PER_PARTITION = 50_000
-"""Metadata rows (about 0.5 kB each) per shuffle partition: a small job plans one."""
+@dataclass(frozen=True)
+class Partitioning:
+    """Shuffle partitions that fit the job: one per `rows_per_partition`, at most 2 per CPU."""
 
+    cpus: int
+    rows_per_partition: int
 
-def partitions_for(num_rows: int, cpus: int) -> int:
-    """Shuffle partitions that fit the job: one per `ROWS_PER_PARTITION`, at most 2 per CPU."""
-    return max(1, min(max(1, cpus * 2), -(-num_rows // ROWS_PER_PARTITION)))
+    def __call__(self, num_rows: int) -> int:
+        return max(1, min(max(1, self.cpus * 2), -(-num_rows // self.rows_per_partition)))
 
 
 def nonempty(ds: Any) -> tuple[Any | None, int]:
@@ -376,7 +395,7 @@ def _hashed_pending(t: pa.Table) -> pa.Table:
     return t.filter(pc.and_(pc.is_null(t[schema.STATUS]), pc.is_valid(t[schema.PHASH])))
 
 
-def dedup_decisions(rows: Any, cfg: JobConfig, cpus: int) -> Any | None:
+def dedup_decisions(rows: Any, cfg: JobConfig, partitions_for: Partitioning) -> Any | None:
     """Distributed duplicate resolution: (source → root source, root sha256) per duplicate.
 
     Returns None when the job has no duplicate (nothing to join back).
@@ -391,13 +410,13 @@ def dedup_decisions(rows: Any, cfg: JobConfig, cpus: int) -> Any | None:
         return None
     banded, num_banded = nonempty(_apply(hashed, BandSplitter(max_distance=k)))
     edges, num_edges = nonempty(
-        banded.groupby(BAND, num_partitions=partitions_for(num_banded, cpus)).map_groups(
+        banded.groupby(BAND, num_partitions=partitions_for(num_banded)).map_groups(
             lambda g: match_band(g, k), batch_format="pyarrow"
         )
     )
     if edges is None:
         return None
-    parts = partitions_for(num_edges, cpus)
+    parts = partitions_for(num_edges)
     parents = (
         edges.groupby(schema.SOURCE, num_partitions=parts)
         .map_groups(pick_parent, batch_format="pyarrow")
@@ -607,25 +626,51 @@ def run_curate(
         rd = ray.data
         configure_progress(rd, sys.stdout.isatty())
         cpus = int(ray.cluster_resources().get("CPU", 1))
+        partitions_for = Partitioning(cpus, cfg.ray.rows_per_partition)
 
     # Pass 1: analyse, streaming, resumable.
     with passes.run("analysis", len(items)), no_operator_reservation(rd):
         analysed = _analyse(rd, items, done, analysis, cpus, cfg)
     echo(f"native4k: analysed {analysed} inputs in this run")
 
+    with quiet_ray_data(sys.stdout.isatty()):
+        stats = _decide_and_write(
+            rd, cfg, table, output, analysis, passes, partitions_for, len(items), start
+        )
+    return JobResult(
+        output, stats, time.perf_counter() - start, skipped_inputs=len(done), notes=notes
+    )
+
+
+def _decide_and_write(
+    rd: Any,
+    cfg: JobConfig,
+    table: list[Bucket],
+    output: str,
+    analysis: str,
+    passes: _Passes,
+    partitions_for: Partitioning,
+    num_inputs: int,
+    started: float,
+) -> dict[str, Any]:
+    """Passes 2-4 over the stored analysis: dedup, shards, manifest; returns the stats.
+
+    `_SUCCESS` is written last.
+    """
+
     # Pass 2: dedup across the whole job.
     # Pixel thresholds are decided again from the stored scores, so re-tuning them needs no
     # new decode: a rerun with other `analyze.min_*` values reuses the analysis.
-    with passes.run("dedup", len(items)):
+    with passes.run("dedup", num_inputs):
         rows, num_rows = nonempty(
             _read_parquet(rd, analysis).map_batches(
                 Retune(rules=pixel_rules(cfg)), batch_format="pyarrow"
             )
         )
         assert rows is not None, "the analysis pass wrote no rows"
-        decisions = dedup_decisions(rows, cfg, cpus) if cfg.dedup.enabled else None
+        decisions = dedup_decisions(rows, cfg, partitions_for) if cfg.dedup.enabled else None
         if decisions is not None:
-            parts = partitions_for(num_rows, cpus)
+            parts = partitions_for(num_rows)
             rows = rows.join(decisions, "left_outer", parts, on=(schema.SOURCE,))
             rows = rows.map_batches(_apply_duplicates, batch_format="pyarrow")
 
@@ -639,7 +684,7 @@ def run_curate(
         if kept is not None:
             s = cfg.shard
             planned, _ = nonempty(
-                kept.groupby(schema.BUCKET, num_partitions=partitions_for(num_kept, cpus))
+                kept.groupby(schema.BUCKET, num_partitions=partitions_for(num_kept))
                 .map_groups(
                     lambda g: plan_bucket(g, s.max_samples, s.max_bytes),
                     batch_format="pyarrow",
@@ -648,7 +693,7 @@ def run_curate(
             assert planned is not None
             writer = ShardWriter(output=output)
             written = planned.groupby(
-                schema.SHARD, num_partitions=partitions_for(num_kept, cpus)
+                schema.SHARD, num_partitions=partitions_for(num_kept)
             ).map_groups(lambda g: writer(g), batch_format="pyarrow")
             outputs.append(written)
         final = (
@@ -659,14 +704,14 @@ def run_curate(
 
     # Manifest, stats and the small files; `_SUCCESS` last.
     with passes.run("manifest", num_rows):
-        stats = compute_stats(final, table, cpus, time.perf_counter() - start)
+        stats = compute_stats(final, table, partitions_for)
         _remove_stale_shards(
             output, {n for b in stats["buckets"].values() for n in b.pop("shard_names")}
         )
-        _write_manifest(rd, final, output, work)
+        _write_manifest(rd, final, output)
         stats["rules"] = rule_summary(cfg)
         stats["pass_seconds"] = passes.seconds
-        stats["wall_seconds"] = round(time.perf_counter() - start, 2)
+        stats["wall_seconds"] = round(time.perf_counter() - started, 2)
         _write_text(
             join(output, "buckets.json"),
             json.dumps(
@@ -685,14 +730,12 @@ def run_curate(
             json.dumps({"manifest_version": schema.MANIFEST_VERSION, "rows": stats["total"]}),
         )
     stats["pass_seconds"] = passes.seconds
-    return JobResult(
-        output, stats, time.perf_counter() - start, skipped_inputs=len(done), notes=notes
-    )
+    return stats
 
 
-def _write_manifest(rd: Any, final: Any, output: str, work: str) -> None:
+def _write_manifest(rd: Any, final: Any, output: str) -> None:
     """The manifest's Parquet files, written to `_work` first, then moved into place."""
-    manifest_tmp = join(work, f"manifest-{os.getpid()}-{int(time.time())}")
+    manifest_tmp = join(output, "_work", f"manifest-{os.getpid()}-{int(time.time())}")
     filesystem, tmp_path = _arrow_fs(manifest_tmp)
     final.repartition(max(1, min(64, final.count() // 50_000 + 1))).write_parquet(
         tmp_path,
@@ -836,7 +879,7 @@ def _partials(t: pa.Table) -> pa.Table:
     return pa.table({"partial": [json.dumps({"reasons": reasons, "stages": stages})]})
 
 
-def compute_stats(final: Any, table: list[Bucket], cpus: int, seconds: float) -> dict[str, Any]:
+def compute_stats(final: Any, table: list[Bucket], partitions_for: Partitioning) -> dict[str, Any]:
     """Counts and score summaries per bucket and per reason, from the final manifest.
 
     Two distributed passes: per-batch partial counts, and one group-by bucket for the score
@@ -854,7 +897,7 @@ def compute_stats(final: Any, table: list[Bucket], cpus: int, seconds: float) ->
     buckets = {}
     kept, num_kept = nonempty(final.map_batches(_kept, batch_format="pyarrow"))
     if kept is not None:
-        parts = partitions_for(num_kept, cpus)
+        parts = partitions_for(num_kept)
         summaries = kept.groupby(schema.BUCKET, num_partitions=parts).map_groups(
             _bucket_summary, batch_format="pyarrow"
         )
@@ -873,7 +916,6 @@ def compute_stats(final: Any, table: list[Bucket], cpus: int, seconds: float) ->
         "buckets": dict(sorted(buckets.items())),
         "empty_buckets": len(empty),
         "stage_seconds": {k: round(v, 3) for k, v in sorted(per_stage.items())},
-        "wall_seconds": round(seconds, 2),
     }
 
 

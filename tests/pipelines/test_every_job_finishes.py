@@ -1,0 +1,228 @@
+"""Any set of inputs finishes: property-based tests through the real `native4k curate`.
+
+Input sets of 0-12 files mixing kinds (keepable natives, too small, flat, upscaled, corrupt,
+non-image, exact and near duplicates, lone sidecars) run through the real CLI on the shared
+local Ray instance, with shuffle partitions from one per row (most partitions empty) to one
+per job. Every run must exit 0 (or give the documented error when nothing is an input), write
+one manifest row per input with the reason its kind implies, shard exactly the kept rows, and
+pass `native4k verify`.
+
+`HYPOTHESIS_PROFILE=thorough` runs many more examples (for local runs; CI uses the default).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import tarfile
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from pipelines.cli import main
+from pipelines.samples import _flat, encode, render
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+THOROUGH = os.environ.get("HYPOTHESIS_PROFILE") == "thorough"
+EXAMPLES = 60 if THOROUGH else 6
+
+# kind -> (file extension, expected reason or None for kept, duplicate family)
+KINDS: dict[str, tuple[str, str | None, str | None]] = {
+    "native_a": ("jpg", None, "a"),
+    "near_a": ("jpg", None, "a"),  # native_a re-encoded at q85: a near duplicate of it
+    "native_b": ("jpg", None, "b"),
+    "native_c": ("jpg", None, "c"),  # portrait: another bucket
+    "small": ("jpg", "too_small", None),
+    "flat": ("png", "flat", None),
+    "upscaled": ("jpg", "upscaled", None),
+    "corrupt": ("jpg", "decode_error", None),
+    "text": ("png", "unsupported_format", None),
+    "sidecar": ("txt", None, None),  # a caption with no image: not an input
+}
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory) -> dict[str, bytes]:
+    """The bytes of one file of each kind (rendered once per module)."""
+    a = render(3840, 2160, 11)
+    src = Image.fromarray(render(3072, 1728, 15))
+    up = np.asarray(src.resize((3840, 2160), Image.Resampling.BICUBIC))
+    native_a = encode(a, "JPEG", quality=95)
+    return {
+        "native_a": native_a,
+        "near_a": encode(a, "JPEG", quality=85),
+        "native_b": encode(render(3840, 2160, 12), "JPEG", quality=95),
+        "native_c": encode(render(2160, 3840, 13), "JPEG", quality=95),
+        "small": encode(render(2560, 1440, 14), "JPEG", quality=95),
+        "flat": encode(_flat(3840, 2160, 16), "PNG"),
+        "upscaled": encode(up, "JPEG", quality=95),
+        "corrupt": native_a[: len(native_a) // 2],
+        "text": b"not an image at all\n" * 10,
+        "sidecar": b"a caption without its image\n",
+    }
+
+
+def expected_outcomes(names: list[tuple[str, str]]) -> dict[str, tuple[str, str | None]]:
+    """{file name: (status, reason)} for the inputs; duplicate families keep one copy.
+
+    The copy kept is the best-ranked: a q95 original over its q85 re-encode, then the smaller
+    URI among byte-identical copies (the job's documented rank).
+    """
+    out: dict[str, tuple[str, str | None]] = {}
+    families: dict[str, list[tuple[int, str, str]]] = defaultdict(list)
+    for name, kind in names:
+        _, reason, family = KINDS[kind]
+        if kind == "sidecar":
+            continue
+        if family:
+            families[family].append((0 if kind.startswith("native") else 1, name, kind))
+        else:
+            out[name] = ("rejected", reason)
+    for members in families.values():
+        best = min(members)
+        for m in members:
+            out[m[1]] = ("kept", None) if m == best else ("rejected", "duplicate")
+    return out
+
+
+def run_job(inputs: list[Path], out: Path, *extra: str) -> tuple[int, str, str]:
+    so, se = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(so), contextlib.redirect_stderr(se):
+        rc = main(["curate", *map(str, inputs), "--output", str(out), *extra])
+    return rc, so.getvalue(), se.getvalue()
+
+
+def check_output(out: Path, expected: dict[str, tuple[str, str | None]], stdout: str) -> None:
+    """The manifest, shards, stats and verify agree with the expected outcomes."""
+    assert (out / "_SUCCESS").exists() and (out / "stats.json").exists()
+    rows = pq.read_table(out / "manifest").to_pylist()
+    by_name = {Path(r["source"]).name: r for r in rows}
+    assert len(rows) == len(by_name) == len(expected)  # one row per input, none invented
+    got = {n: (r["status"], r["reason"]) for n, r in by_name.items()}
+    assert got == expected
+    kept = {r["key"]: r for r in rows if r["status"] == "kept"}
+    for r in rows:
+        if r["reason"] == "duplicate":
+            assert r["duplicate_of"] in kept, r
+    members: dict[str, set[str]] = defaultdict(set)
+    for shard in (out / "shards").rglob("*.tar") if (out / "shards").exists() else []:
+        with tarfile.open(shard) as tf:
+            for m in tf.getnames():
+                key, ext = m.split(".", 1)
+                members[key].add(ext)
+                assert kept[key]["shard"] == str(shard.relative_to(out))
+    assert set(members) == set(kept)
+    for key, exts in members.items():
+        assert exts == {"json", kept[key]["extension"]}
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["total"] == len(expected) and stats["kept"] == len(kept)
+    if not kept:
+        assert "nothing kept" in stdout
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["verify", str(out)]) == 0
+        assert main(["stats", str(out)]) == 0
+
+
+kinds = st.lists(st.sampled_from(sorted(KINDS)), min_size=0, max_size=12)
+partitioning = st.sampled_from([1, 2, 50_000])  # rows per shuffle partition
+
+
+@settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize=not THOROUGH,  # CI runs the same examples every time
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(drawn=kinds, rows_per_partition=partitioning)
+@example(drawn=[], rows_per_partition=50_000)  # no input at all
+@example(drawn=["sidecar"], rows_per_partition=50_000)  # a lone caption is no input
+@example(drawn=["native_a"], rows_per_partition=50_000)  # 1 input, kept
+@example(drawn=["flat"], rows_per_partition=50_000)  # 1 input, 0 kept
+@example(drawn=["text"], rows_per_partition=1)  # 1 non-image
+@example(drawn=["corrupt"] * 3, rows_per_partition=1)  # every input rejected, same reason
+@example(drawn=["native_a"] * 4, rows_per_partition=1)  # every input a copy of one image
+@example(drawn=["native_a", "near_a", "native_a"], rows_per_partition=2)  # exact + near copies
+@example(drawn=["native_a", "native_b"], rows_per_partition=1)  # 2 inputs, both kept
+@example(drawn=["native_a", "native_b", "native_c"], rows_per_partition=1)  # every input kept
+@example(drawn=["small", "native_b", "upscaled", "flat"], rows_per_partition=1)  # one survivor
+def test_any_input_set_finishes(pool, local_ray, tmp_path_factory, drawn, rows_per_partition):
+    folder = tmp_path_factory.mktemp("inputs")
+    names = []
+    for i, kind in enumerate(drawn):
+        name = f"f{i:02d}_{kind}.{KINDS[kind][0]}"
+        (folder / name).write_bytes(pool[kind])
+        names.append((name, kind))
+    out = tmp_path_factory.mktemp("out") / "curated"
+    rc, stdout, stderr = run_job(
+        [folder], out, "--set", f"ray.rows_per_partition={rows_per_partition}"
+    )
+    expected = expected_outcomes(names)
+    if not expected:
+        assert rc == 2 and "no input files found" in stderr
+        assert not (out / "_SUCCESS").exists()
+        return
+    assert rc == 0, stderr
+    assert "Traceback" not in stderr
+    check_output(out, expected, stdout)
+
+
+def test_a_single_file_given_as_a_path(pool, local_ray, tmp_path):
+    photo = tmp_path / "one.jpg"
+    photo.write_bytes(pool["native_b"])
+    rc, stdout, stderr = run_job([photo], tmp_path / "out")
+    assert rc == 0, stderr
+    check_output(tmp_path / "out", {"one.jpg": ("kept", None)}, stdout)
+
+
+def test_one_real_photograph(local_ray, tmp_path):
+    """A new user's first job: one real 4K camera photograph that the flatness rule rejects."""
+    photo = Path("/usr/share/backgrounds/Kleiber_by_Lukas_Baubkus.jpg")
+    if not photo.exists():
+        pytest.skip("lomiri-wallpapers is not installed (.ci/run installs it)")
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / photo.name).write_bytes(photo.read_bytes())
+    rc, stdout, stderr = run_job([folder], tmp_path / "out")
+    assert rc == 0, stderr
+    check_output(tmp_path / "out", {photo.name: ("rejected", "flat")}, stdout)
+    assert "'flat' rejected 1 of 1 inputs" in stdout
+    assert "flat_fraction > 0.5" in stdout and "--set analyze.max_flat_fraction=" in stdout
+
+
+def test_a_failed_pass_prints_one_line_and_a_rerun_resumes(pool, local_ray, tmp_path, monkeypatch):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for kind in ("native_a", "flat", "corrupt"):
+        (folder / f"{kind}.{KINDS[kind][0]}").write_bytes(pool[kind])
+    out = tmp_path / "out"
+    monkeypatch.setenv("NATIVE4K_FAULT", "shards")
+    rc, _, stderr = run_job([folder], out)
+    assert rc == 1
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert "the shards pass failed on 3 inputs" in lines[0]
+    log = Path(lines[0].split("full traceback in ")[1].split(";")[0])
+    assert log.is_file() and "Traceback" in log.read_text()
+    assert not (out / "_SUCCESS").exists()
+    monkeypatch.delenv("NATIVE4K_FAULT")
+    rc, stdout, stderr = run_job([folder], out)
+    assert rc == 0, stderr
+    assert "analysed 0 inputs in this run" in stdout  # the rerun resumed
+    check_output(
+        out,
+        {
+            "native_a.jpg": ("kept", None),
+            "flat.png": ("rejected", "flat"),
+            "corrupt.jpg": ("rejected", "decode_error"),
+        },
+        stdout,
+    )
