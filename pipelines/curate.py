@@ -534,7 +534,8 @@ class JobFailed(RuntimeError):
 
 
 FAULT_ENV = "NATIVE4K_FAULT"
-"""Fault injection for tests: `<pass>` raises when that pass starts on the driver."""
+"""Fault injection for tests: `<pass>` raises when that pass starts on the driver;
+`<pass>:kill` kills the driver there with SIGKILL (as a lost node or an OOM kill would)."""
 
 
 def _log_failure(output: str, step: str, exc: BaseException) -> str:
@@ -570,7 +571,12 @@ class _Passes:
         """Time one pass; errors other than `user_errors` become `JobFailed`."""
         start = time.perf_counter()
         try:
-            if os.environ.get(FAULT_ENV) == step:
+            fault = os.environ.get(FAULT_ENV)
+            if fault == f"{step}:kill":
+                import signal
+
+                os.kill(os.getpid(), signal.SIGKILL)
+            if fault == step:
                 raise RuntimeError(f"fault injected by {FAULT_ENV}={step}")
             yield
         except (JobFailed, ConfigError, *user_errors):
