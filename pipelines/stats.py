@@ -92,23 +92,44 @@ def _floats(values: pa.ChunkedArray) -> np.ndarray:
     return pc.fill_null(values.cast(pa.float64()), math.nan).to_numpy()
 
 
-def _group_scores(codes: np.ndarray, values: np.ndarray, num_groups: int) -> dict[str, np.ndarray]:
-    """Exact mean and median of `values` per group code, ignoring NaN (NaN where empty)."""
+PER_GROUP_MEDIANS = 2000
+"""Up to this many groups, medians come from one partition per group; beyond, one lexsort."""
+
+
+def _group_scores(
+    codes: np.ndarray, values: np.ndarray, num_groups: int, order: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
+    """Exact mean and median of `values` per group code, ignoring NaN (NaN where empty).
+
+    Args:
+        codes: group code per row.
+        values: the score per row (NaN: none).
+        num_groups: number of codes.
+        order: `argsort(codes, kind="stable")` when already computed (shared by all scores).
+    """
     ok = np.isfinite(values)
-    c, v = codes[ok], values[ok]
-    counts = np.bincount(c, minlength=num_groups)
-    sums = np.bincount(c, weights=v, minlength=num_groups)
-    order = np.lexsort((v, c))
-    sv = v[order]
-    starts = np.cumsum(counts) - counts
+    counts = np.bincount(codes[ok], minlength=num_groups)
+    sums = np.bincount(codes[ok], weights=values[ok], minlength=num_groups)
     has = counts > 0
-    lo = np.where(has, starts + (counts - 1) // 2, 0)
-    hi = np.where(has, starts + counts // 2, 0)
-    median = np.full(num_groups, math.nan)
     mean = np.full(num_groups, math.nan)
-    if sv.size:
-        median[has] = (sv[lo[has]] + sv[hi[has]]) / 2
-        mean[has] = sums[has] / counts[has]
+    mean[has] = sums[has] / counts[has]
+    median = np.full(num_groups, math.nan)
+    if num_groups <= PER_GROUP_MEDIANS:  # a partition per group over the rows sorted by group
+        if order is None:
+            order = np.argsort(codes, kind="stable")
+        by_group = values[order]
+        ends = np.cumsum(np.bincount(codes, minlength=num_groups))
+        starts = ends - np.bincount(codes, minlength=num_groups)
+        for g in np.flatnonzero(has):
+            chunk = by_group[starts[g] : ends[g]]
+            median[g] = np.median(chunk[np.isfinite(chunk)])
+        return {"mean": mean, "median": median}
+    c, v = codes[ok], values[ok]
+    sv = v[np.lexsort((v, c))]
+    starts = np.cumsum(counts) - counts
+    lo = starts + (counts - 1) // 2
+    hi = starts + counts // 2
+    median[has] = (sv[lo[has]] + sv[hi[has]]) / 2
     return {"mean": mean, "median": median}
 
 
@@ -139,8 +160,9 @@ def group_stats(
     valid = np.array([s is not None for s in shard_labels], dtype=bool)[shard_codes]
     pairs = np.unique(codes[valid] * (len(shard_labels) + 1) + shard_codes[valid])
     shards = np.bincount(pairs // (len(shard_labels) + 1), minlength=g)
+    order = np.argsort(codes, kind="stable") if g <= PER_GROUP_MEDIANS else None
     per_score = {
-        s: _group_scores(codes, _floats(table.column(s)), g)
+        s: _group_scores(codes, _floats(table.column(s)), g, order)
         for s in (scores if scores is not None else score_columns(table))
     }
     total = denominator if denominator is not None else n
