@@ -55,12 +55,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 log = logging.getLogger(__name__)
 
 MODES = ("bucket", "crop")
 SMALL_BUCKET_POLICIES = ("error", "drop", "pad")
+WORKER_STARTS = ("spawn", "forkserver", "fork")
 RESAMPLERS = ("lanczos", "area")
 CAPTIONS = {"en": ("caption_en", "txt"), "zh": ("caption_zh", "zh.txt")}
 # Suffixes whose usual readers unpickle (webdataset's `.pyd`/`.pickle`, torch's `.pth`/`.pt`, …).
@@ -122,6 +123,10 @@ class DataConfig:
     """Seed of every random choice; epoch `e` is planned from `(seed, e)`."""
     num_workers: int = 0
     """torch DataLoader worker processes decoding batches (0: decode in this process)."""
+    worker_start: str = "spawn"
+    """How DataLoader workers start: `spawn` (default; safe whatever threads this process runs:
+    Ray, S3 clients, OpenCV and OpenMP pools), `forkserver`, or `fork` (fastest start, but a
+    lock held by another thread at the fork can hang a worker)."""
     caption_language: str = "en"
     """Which caption the batches carry: `en` or `zh` (empty string when a sample has none)."""
     shuffle_window: int = 32
@@ -130,8 +135,8 @@ class DataConfig:
     resample: str = "lanczos"
     """Downscaling filter in `bucket` mode: `lanczos` (PIL) or `area` (OpenCV INTER_AREA)."""
     jpeg_draft: bool = True
-    """Let libjpeg decode JPEGs at 1/2, 1/4 or 1/8 scale when the target is at least that much
-    smaller than the crop box (`bucket` mode; the final resize is still `resample`)."""
+    """Let libjpeg decode JPEGs at 1/2, 1/4 or 1/8 scale when the target is at least twice that
+    much smaller than the crop box (`bucket` mode with `lanczos`; Lanczos then finishes)."""
 
     def __post_init__(self) -> None:
         def bad(key: str, msg: str) -> ValueError:
@@ -189,6 +194,8 @@ class DataConfig:
             raise bad("seed", "must be >= 0")
         if self.num_workers < 0:
             raise bad("num_workers", "must be >= 0")
+        if self.worker_start not in WORKER_STARTS:
+            raise bad("worker_start", f"must be one of {WORKER_STARTS}")
         if self.caption_language not in CAPTIONS:
             raise bad("caption_language", f"must be one of {tuple(CAPTIONS)}")
         if self.shuffle_window < 1:
@@ -554,6 +561,7 @@ class BucketedLoader:
                 batch_size=None,
                 num_workers=min(self.cfg.num_workers, max(len(plan), 1)),
                 worker_init_fn=_worker_init,
+                multiprocessing_context=self.cfg.worker_start,
             )
             it = iter(loader)
         else:
@@ -827,34 +835,70 @@ class _MemberReader:
 # --- decoding -------------------------------------------------------------------------------
 
 _TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+_T = Image.Transpose
+# The transpose that shows a stored image in its EXIF orientation (as ImageOps.exif_transpose).
+_ORIENT = {
+    2: _T.FLIP_LEFT_RIGHT,
+    3: _T.ROTATE_180,
+    4: _T.FLIP_TOP_BOTTOM,
+    5: _T.TRANSPOSE,
+    6: _T.ROTATE_270,
+    7: _T.TRANSVERSE,
+    8: _T.ROTATE_90,
+}
 
 
-def _open_oriented(data: bytes, name: str) -> tuple[Image.Image, int, tuple[int, int]]:
-    """A PIL image (not yet loaded), its EXIF orientation and its oriented (width, height)."""
+def _open(data: bytes, name: str) -> tuple[Image.Image, int]:
+    """A PIL image (header read, pixels not yet) and its EXIF orientation (1..8)."""
     try:
         im = Image.open(io.BytesIO(data))
+        orientation = int(im.getexif().get(0x0112, 1) or 1)
     except Exception as e:
         raise ValueError(f"{name}: cannot decode image: {e}") from e
-    orientation = int(im.getexif().get(0x0112, 1) or 1)
-    w, h = im.size
-    return im, orientation, ((h, w) if orientation in _TRANSPOSED else (w, h))
+    return im, orientation if orientation in range(1, 9) else 1
+
+
+def stored_box(
+    box: tuple[float, float, float, float], orientation: int, size: tuple[int, int]
+) -> tuple[float, float, float, float]:
+    """A box in oriented pixels -> the same pixels' box in the stored image of `size` (W, H)."""
+    w, h = size
+    inverse = {
+        1: lambda x, y: (x, y),
+        2: lambda x, y: (w - x, y),
+        3: lambda x, y: (w - x, h - y),
+        4: lambda x, y: (x, h - y),
+        5: lambda x, y: (y, x),
+        6: lambda x, y: (y, h - x),
+        7: lambda x, y: (w - y, h - x),
+        8: lambda x, y: (w - y, x),
+    }[orientation]
+    (x0, y0), (x1, y1) = inverse(box[0], box[1]), inverse(box[2], box[3])
+    return min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)
+
+
+def _load(im: Image.Image, name: str) -> None:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im.load()
+    except Exception as e:
+        raise ValueError(f"{name}: cannot decode image: {e}") from e
 
 
 def to_rgb8(im: Image.Image) -> np.ndarray:
     """Any PIL mode -> uint8 RGB `[H, W, 3]`.
 
-    16-bit and 32-bit grayscale keep their top 8 bits (PIL's own convert clips them); CMYK and
-    palette images go through PIL's conversions; transparency is composited over white.
+    16-bit grayscale keeps its high byte (PIL's own convert clips it); CMYK and palette images
+    go through PIL's conversions; transparency is composited over white.
     """
     mode = im.mode
     if mode.startswith("I;16") or mode in ("I", "F"):
-        a = np.asarray(im, dtype=np.float64 if mode == "F" else np.int64)
-        if mode == "F":
-            a = a * (255.0 if a.max() <= 1.0 else 1.0)
-        elif mode == "I" and a.max() <= 255:
-            pass
-        else:
-            a = a >> 8
+        a = np.asarray(im).astype(np.float64)
+        if mode == "F" and a.size and a.max() <= 1.0:
+            a = a * 255.0
+        elif mode != "F" and (mode.startswith("I;16") or (a.size and a.max() > 255)):
+            a = np.floor(a / 256.0)
         g = np.clip(a, 0, 255).astype(np.uint8)
         return np.repeat(g[..., None], 3, axis=2)
     has_alpha = mode in ("RGBA", "LA", "La", "RGBa", "PA") or (
@@ -869,6 +913,12 @@ def to_rgb8(im: Image.Image) -> np.ndarray:
     return np.asarray(im)
 
 
+def _orient(rgb: np.ndarray, orientation: int) -> np.ndarray:
+    if orientation == 1:
+        return np.ascontiguousarray(rgb)
+    return np.asarray(Image.fromarray(rgb).transpose(_ORIENT[orientation]))
+
+
 def decode_bucket(
     data: bytes,
     box: tuple[int, int, int, int],
@@ -878,59 +928,67 @@ def decode_bucket(
     draft: bool = True,
     name: str = "image",
 ) -> np.ndarray:
-    """Decode, orient, crop to `box` (oriented pixels) and resize down to `target` (W, H).
+    """Decode, crop to `box` (oriented pixels), resize down to `target` (W, H) and orient.
 
-    Returns uint8 RGB `[H, W, 3]`. A target larger than the box raises: the loader never
-    upscales.
+    The crop and the filter work on the stored pixels, and only the small result is turned to
+    its EXIF orientation; JPEGs may be decoded at 1/2..1/8 scale first (`draft`). Returns uint8
+    RGB `[H, W, 3]`. A target larger than the box raises: the loader never upscales.
     """
-    im, orientation, (ow, oh) = _open_oriented(data, name)
+    im, orientation = _open(data, name)
+    sw, sh = im.size
+    ow, oh = (sh, sw) if orientation in _TRANSPOSED else (sw, sh)
     left, top, right, bottom = box
-    bw, bh = right - left, bottom - top
     tw, th = target
     if not (0 <= left < right <= ow and 0 <= top < bottom <= oh):
         raise ValueError(f"{name}: crop box {box} is outside the {ow}x{oh} image")
-    if tw > bw or th > bh:
-        raise ValueError(f"{name}: target {tw}x{th} would upscale the {bw}x{bh} crop box")
-    scale = 1.0
-    if draft and im.format == "JPEG":
-        d = 8
-        while d > 1 and (bw // d < tw or bh // d < th):
+    if tw > right - left or th > bottom - top:
+        raise ValueError(f"{name}: target {tw}x{th} would upscale the crop box {box}")
+    sl, st, sr, sb = (int(v) for v in stored_box(box, orientation, (sw, sh)))
+    stw, sth = (th, tw) if orientation in _TRANSPOSED else (tw, th)
+    scale = 1
+    if draft and resample == "lanczos" and im.format == "JPEG":
+        d = 8  # keep a reducing gap of 2 for the final filter, as PIL's thumbnail() does
+        while d > 1 and (sr - sl < 2 * d * stw or sb - st < 2 * d * sth):
             d //= 2
         if d > 1:
-            sw, sh = im.size
             im.draft("RGB", (sw // d, sh // d))
-            scale = im.size[0] / sw
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        im.load()
-    if orientation != 1:
-        im = ImageOps.exif_transpose(im)
-    if scale != 1.0:
-        left, top = math.floor(left * scale), math.floor(top * scale)
-        right = min(max(math.ceil(right * scale), left + tw), im.size[0])
-        bottom = min(max(math.ceil(bottom * scale), top + th), im.size[1])
-    rgb = to_rgb8(im.crop((left, top, right, bottom)))
-    if rgb.shape[1] == tw and rgb.shape[0] == th:
-        return np.ascontiguousarray(rgb)
-    if resample == "area":
-        import cv2
+            # libjpeg scales by exactly 1/2^k and rounds the sides up (partial edge blocks).
+            scale = round(sw / im.size[0]) if im.size != (sw, sh) else 1
+    _load(im, name)
+    if scale > 1:
+        fl, ft, fr, fb = sl / scale, st / scale, sr / scale, sb / scale
+        il, it = math.floor(fl), math.floor(ft)
+        ir, ib = min(math.ceil(fr), im.size[0]), min(math.ceil(fb), im.size[1])
+        rgb = to_rgb8(im.crop((il, it, ir, ib)))
+        sub = (fl - il, ft - it, min(fr, ir) - il, min(fb, ib) - it)
+        out = Image.fromarray(rgb).resize((stw, sth), Image.Resampling.LANCZOS, box=sub)
+        return _orient(np.asarray(out), orientation)
+    rgb = to_rgb8(im.crop((sl, st, sr, sb)))
+    if (rgb.shape[1], rgb.shape[0]) != (stw, sth):
+        if resample == "area":
+            import cv2
 
-        return cv2.resize(rgb, (tw, th), interpolation=cv2.INTER_AREA)
-    return np.asarray(Image.fromarray(rgb).resize((tw, th), Image.Resampling.LANCZOS))
+            rgb = cv2.resize(rgb, (stw, sth), interpolation=cv2.INTER_AREA)
+        else:
+            rgb = np.asarray(Image.fromarray(rgb).resize((stw, sth), Image.Resampling.LANCZOS))
+    return _orient(rgb, orientation)
 
 
 def decode_crop(
     data: bytes, size: int, rng: np.random.Generator, *, name: str = "image"
 ) -> np.ndarray:
-    """A random `size`² crop of the full-resolution, oriented image: uint8 RGB `[size, size, 3]`."""
-    im, orientation, (ow, oh) = _open_oriented(data, name)
+    """A random `size`² crop of the full-resolution, oriented image: uint8 RGB `[size, size, 3]`.
+
+    The window is drawn in oriented pixels (x, then y, uniform), cut from the stored pixels and
+    only then oriented.
+    """
+    im, orientation = _open(data, name)
+    sw, sh = im.size
+    ow, oh = (sh, sw) if orientation in _TRANSPOSED else (sw, sh)
     if ow < size or oh < size:
         raise ValueError(f"{name}: {ow}x{oh} is smaller than the {size}x{size} crop")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        im.load()
-    if orientation != 1:
-        im = ImageOps.exif_transpose(im)
     x = int(rng.integers(0, ow - size + 1))
     y = int(rng.integers(0, oh - size + 1))
-    return np.ascontiguousarray(to_rgb8(im.crop((x, y, x + size, y + size))))
+    _load(im, name)
+    sbox = tuple(int(v) for v in stored_box((x, y, x + size, y + size), orientation, (sw, sh)))
+    return _orient(to_rgb8(im.crop(sbox)), orientation)
