@@ -3,14 +3,24 @@
 Listing yields small rows (URIs, no bytes). Each image file becomes one input row, with the
 URI of its sidecar caption when one exists; each tar becomes one row that the `TarReader`
 expands into its members.
+
+Names are kept as text the manifest can hold: a local path (or a tar member name) that is not
+valid UTF-8 is recorded losslessly as RFC 3986 percent-encoding of its raw bytes; a local file
+then appears as a `file://` URI (`local_path` turns it back into the path). Symbolic links:
+a linked file inside an input folder is read through its link (the source is the link's
+path); a linked folder inside an input folder is not descended, so link loops cannot occur
+(an INPUT argument that is itself a link to a folder is listed); a dangling link becomes an
+`unreadable` row.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import PurePosixPath
+from urllib.parse import quote, unquote_to_bytes
 
 import braceexpand
 import fsspec
@@ -33,11 +43,68 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, path
 
 
-def _uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
+def text_name(name: str) -> str | None:
+    """`name` when it is valid UTF-8 text, else None (it holds undecodable bytes)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+    return name
+
+
+def escape_name(name: str) -> str:
+    """A member name as manifest text: unchanged, or percent-encoded when not valid UTF-8."""
+    return text_name(name) or quote(name.encode("utf-8", "surrogateescape"), safe="/")
+
+
+def local_source(path: str) -> str:
+    """A local path as a manifest `source`: the path, or a `file://` URI when not UTF-8."""
+    path = os.path.abspath(path)
+    if text_name(path) is not None:
+        return path
+    return "file://" + quote(os.fsencode(path), safe="/")
+
+
+def local_path(source: str) -> str:
+    """The path to open for a `source` (undoes `local_source`; other URIs unchanged)."""
+    if source.startswith("file://"):
+        return os.fsdecode(unquote_to_bytes(source.removeprefix("file://")))
+    return source
+
+
+_TAR_MEMBER = re.compile(r"\.tar#", re.IGNORECASE)
+
+
+def split_tar_source(source: str) -> tuple[str, str]:
+    """(tar URI, member name) of a tar member's `source` (`tar-uri#member`).
+
+    Split at the first `.tar#`, so member names may hold `#`.
+    """
+    m = _TAR_MEMBER.search(source)
+    if m is None:
+        tar, _, member = source.rpartition("#")
+        return tar, member
+    return source[: m.start() + 4], source[m.end() :]
+
+
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    if protocol in ("file", "local"):
-        return os.path.abspath(path)
+    return protocol in ("file", "local")
+
+
+def _uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    if _is_local(fs):
+        return local_source(path)
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     return f"{protocol}://{path}"
+
+
+def _walk_local(folder: str) -> list[str]:
+    """Every file under a local folder; linked folders are not descended (no loops)."""
+    out = []
+    for root, _dirs, files in os.walk(folder, followlinks=False):
+        out.extend(os.path.join(root, f) for f in files)
+    return out
 
 
 def _group_folder(
@@ -96,11 +163,14 @@ def list_inputs(
         for inp in braceexpand.braceexpand(raw):
             fs, path = fsspec.core.url_to_fs(inp, **(storage_options or {}))
             if fs.isdir(path):
-                files = [p for p in fs.find(path) if not fs.isdir(p)]
+                if _is_local(fs):
+                    files = _walk_local(path)
+                else:
+                    files = [p for p in fs.find(path) if not fs.isdir(p)]
                 yield from _group_folder(fs, files, sidecar_exts)
             elif fs.exists(path):
                 if path.lower().endswith(list_exts):
-                    with fs.open(path, "rt") as fh:
+                    with fs.open(path, "rt", errors="surrogateescape") as fh:
                         uris = [ln.strip() for ln in fh if ln.strip() and not ln.startswith("#")]
                     # Listed URIs are taken as they are: one that cannot be read becomes an
                     # `unreadable` manifest row, not a failed job.
@@ -108,7 +178,7 @@ def list_inputs(
                         for u in braceexpand.braceexpand(uri):
                             kind = "tar" if u.lower().endswith(TAR_EXTENSIONS) else "file"
                             if "://" not in u:
-                                u = os.path.abspath(u)
+                                u = local_source(u)
                             yield InputItem(u, kind)
                 elif path.lower().endswith(TAR_EXTENSIONS):
                     yield InputItem(_uri(fs, path), "tar")

@@ -18,6 +18,7 @@ import pyarrow as pa
 
 from curation import schema
 from curation.base import Stage, column, set_columns
+from curation.io.listing import escape_name, local_path, split_tar_source
 
 SIDECAR = "sidecar"  # listing column: URI of a sidecar caption file
 KIND = "kind"  # listing column: "file" | "tar"
@@ -36,10 +37,10 @@ def read_bytes(source: str, tar_offset: int | None = None, size: int | None = No
         size: the member's size (required with `tar_offset`).
     """
     if tar_offset is None:
-        with fsspec.open(source, "rb") as fh:
+        with fsspec.open(local_path(source), "rb") as fh:
             return fh.read()
-    tar_uri = source.rsplit("#", 1)[0]
-    with fsspec.open(tar_uri, "rb") as fh:
+    tar_uri = split_tar_source(source)[0]
+    with fsspec.open(local_path(tar_uri), "rb") as fh:
         fh.seek(tar_offset)
         data = fh.read(size)
     if len(data) != size:
@@ -58,6 +59,11 @@ def caption_from_json(raw: bytes) -> tuple[str | None, str | None]:
     en = meta.get("caption_en", meta.get("caption"))
     zh = meta.get("caption_zh")
     return (en if isinstance(en, str) else None), (zh if isinstance(zh, str) else None)
+
+
+def safe_text(text: str, limit: int = 500) -> str:
+    """Text Arrow can hold: undecodable bytes (from file names in messages) escaped."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")[:limit]
 
 
 def _text(raw: bytes) -> str | None:
@@ -96,7 +102,7 @@ class FileReader(Stage):
 
 def _read_one(src: str, sidecar: str | None, max_bytes: int) -> dict[str, Any]:
     try:
-        fs, path = fsspec.core.url_to_fs(src)
+        fs, path = fsspec.core.url_to_fs(local_path(src))
         size = fs.size(path)
         if size is not None and size > max_bytes:
             return {
@@ -111,7 +117,7 @@ def _read_one(src: str, sidecar: str | None, max_bytes: int) -> dict[str, Any]:
         return {
             schema.STATUS: schema.STATUS_REJECTED,
             schema.REASON: "unreadable",
-            schema.DETAIL: f"cannot read: {type(e).__name__}: {e}"[:500],
+            schema.DETAIL: safe_text(f"cannot read: {type(e).__name__}: {e}"),
         }
     row: dict[str, Any] = {
         schema.DATA: data,
@@ -120,7 +126,7 @@ def _read_one(src: str, sidecar: str | None, max_bytes: int) -> dict[str, Any]:
     }
     if sidecar:
         try:
-            with fsspec.open(sidecar, "rb") as fh:
+            with fsspec.open(local_path(sidecar), "rb") as fh:
                 raw = fh.read()
         except Exception:  # a missing caption is not a reason to lose the image
             raw = b""
@@ -164,11 +170,15 @@ class TarReader(Stage):
         order: list[str] = []
         error: str | None = None
         try:
-            with fsspec.open(tar_uri, "rb") as fh, tarfile.open(fileobj=fh, mode="r|*") as tf:
+            with (
+                fsspec.open(local_path(tar_uri), "rb") as fh,
+                tarfile.open(fileobj=fh, mode="r|*") as tf,
+            ):
                 for member in tf:
                     if not member.isfile():
                         continue
-                    key, ext = base_plus_ext(member.name)
+                    name = escape_name(member.name)
+                    key, ext = base_plus_ext(name)
                     if key is None:
                         continue
                     if key not in samples:
@@ -176,7 +186,7 @@ class TarReader(Stage):
                         order.append(key)
                     if member.size > self.max_file_bytes:
                         samples[key]["error"] = (
-                            f"{member.name}: {member.size} bytes, over the "
+                            f"{name}: {member.size} bytes, over the "
                             f"{self.max_file_bytes}-byte cap; not read"
                         )
                         samples[key]["too_large"] = True
@@ -184,18 +194,18 @@ class TarReader(Stage):
                     try:
                         data = tf.extractfile(member).read()
                     except Exception as e:
-                        samples[key]["error"] = f"{member.name}: {type(e).__name__}: {e}"
+                        samples[key]["error"] = safe_text(f"{name}: {type(e).__name__}: {e}")
                         continue
                     if len(data) != member.size:
-                        samples[key]["error"] = f"{member.name}: truncated tar member"
+                        samples[key]["error"] = f"{name}: truncated tar member"
                         continue
-                    samples[key]["members"][ext.lower()] = (member.name, member.offset_data, data)
+                    samples[key]["members"][ext.lower()] = (name, member.offset_data, data)
                 end = fh.tell()
                 fh.seek(0, 2)
                 if fh.tell() % 512 or fh.tell() < end:
                     raise tarfile.ReadError(f"truncated: {fh.tell()} bytes is no whole tar")
         except Exception as e:
-            error = f"{type(e).__name__}: {e}"[:500]
+            error = safe_text(f"{type(e).__name__}: {e}")
         rows: list[dict[str, Any]] = []
         for key in order:
             rows.extend(_sample_rows(tar_uri, key, samples[key]))
