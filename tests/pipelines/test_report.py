@@ -428,3 +428,41 @@ def test_s3_output_and_sources(audit_output, audit_jpeg, s3_server):
     text = fs.cat_file("audit-report/job/report.html").decode()
     assert text.count("data:image/jpeg;base64,") == 2  # the kept sample and the s3 source
     assert text.count('class="ph"') == 1 and "gone.jpg" in text
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_real_jobs_with_zero_and_one_kept(local_ray, tmp_path, capsys):
+    """The real `native4k curate` on inputs that keep nothing and one image, then every
+    audit tool on its output."""
+    from pipelines.samples import encode, render
+
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(_photos(1)[0])).convert("RGB").resize((1280, 720)).save(buf, "JPEG")
+    small = buf.getvalue()
+    for n_kept in (0, 1):
+        raw = tmp_path / f"raw{n_kept}"
+        raw.mkdir()
+        (raw / "small.jpg").write_bytes(small)  # too small: rejected from the header
+        (raw / "broken.jpg").write_bytes(small[: len(small) // 3])
+        if n_kept:
+            (raw / "native.jpg").write_bytes(encode(render(3840, 2160, 3), "JPEG", quality=92))
+        out = tmp_path / f"out{n_kept}"
+        loose = [  # pixel thresholds out of the way: this test is about the audit tools
+            "--set", "analyze.min_native_score=-1000", "--set", "analyze.min_sharpness=0",
+            "--set", "analyze.max_flat_fraction=1", "--set", "analyze.min_entropy=0",
+        ]  # fmt: skip
+        assert main(["curate", str(raw), "--output", str(out), *loose]) == 0
+        capsys.readouterr()
+        assert main(["stats", str(out), "--json"]) == 0
+        s = json.loads(capsys.readouterr().out)
+        assert (s["total"], s["kept"]) == (2 + n_kept, n_kept)
+        assert main(["verify", str(out), "--deep"]) == 0
+        assert main(["report", str(out)]) == 0
+        text = (out / "report.html").read_text()
+        assert text.count('<figure class="card">') == 2 + n_kept
+        assert ("No image was kept" in text) == (n_kept == 0)
+        if n_kept:
+            shard = next((out / "shards").rglob("*.tar"))
+            shard.write_bytes(shard.read_bytes()[:-2048])
+            assert main(["verify", str(out)]) == 1
