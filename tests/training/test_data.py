@@ -1,0 +1,421 @@
+"""The bucketed streaming loader over shards written by the real `native4k curate`."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import pickle
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image, ImageOps
+
+from training.data import BucketedLoader, DataConfig
+
+pytestmark = [pytest.mark.ray]
+
+CAPTION = "A small procedural scene, landscape."
+SMALL = ["1024x1024", "640x960"]  # one sample each
+
+
+def _rows(root: Path) -> dict[str, dict]:
+    return {
+        r["key"]: r for r in pq.read_table(root / "manifest").to_pylist() if r["status"] == "kept"
+    }
+
+
+def _epoch(loader: BucketedLoader) -> list[dict]:
+    return list(loader)
+
+
+def _fresh_keys(batches: list[dict]) -> list[str]:
+    return [
+        k for b in batches for k, p in zip(b["keys"], b["padded"].tolist(), strict=True) if not p
+    ]
+
+
+def _reference(root: Path, row: dict) -> np.ndarray:
+    """The oriented RGB image cropped to its box, decoded independently of the loader."""
+    with tarfile.open(root / row["shard"]) as tf:
+        data = tf.extractfile(f"{row['key']}.{row['extension']}").read()
+    im = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
+    if im.mode.startswith("I;16"):
+        im = Image.fromarray((np.asarray(im) >> 8).astype(np.uint8))
+    return np.asarray(im.convert("RGB"))
+
+
+def test_bucket_batches_are_single_bucket_sized_and_in_range(curated_shards):
+    rows = _rows(curated_shards)
+    cfg = DataConfig(
+        root=str(curated_shards), batch_size=2, resolution_divisor=4, small_buckets="pad"
+    )
+    loader = BucketedLoader(cfg)
+    batches = _epoch(loader)
+    assert len(batches) == len(loader) == 3 + 2 + 1 + 1
+    for b in batches:
+        tw, th = cfg.target_size(b["bucket"])
+        assert b["pixels"].shape == (2, 3, th, tw) and b["pixels"].dtype.is_floating_point
+        assert -1.0 <= float(b["pixels"].min()) < -0.5 and 0.5 < float(b["pixels"].max()) <= 1.0
+        assert all(rows[k]["bucket"] == b["bucket"] for k in b["keys"])
+        assert b["aesthetic"].shape == (2,) and bool(b["aesthetic"].isnan().all())
+        for k, c in zip(b["keys"], b["captions"], strict=True):
+            assert c == (rows[k]["caption_en"] or "")
+    fresh = _fresh_keys(batches)
+    assert sorted(fresh) == sorted(rows)  # every sample once, the rest flagged as padding
+    assert CAPTION in {c for b in batches for c in b["captions"]}
+    assert sum(int(b["padded"].sum()) for b in batches) == 3  # 576x1024 and the two singles
+    assert cfg.target_size("1024x576") == (256, 128)  # 1024/4, 576/4=144 -> 128
+
+
+@pytest.mark.parametrize("divisor", [1, 4])
+def test_pixels_are_the_oriented_box_resized_down(curated_shards, divisor):
+    """EXIF rotation, CMYK and 16-bit gray decode to the same pixels as an independent decode."""
+    rows = _rows(curated_shards)
+    cfg = DataConfig(
+        root=str(curated_shards),
+        resolution_divisor=divisor,
+        jpeg_draft=divisor > 1,
+        bucket_weights={"1024x576": 0.5},  # fewer big decodes
+    )
+    for b in BucketedLoader(cfg):
+        (key,) = b["keys"]
+        row = rows[key]
+        ref = _reference(curated_shards, row)
+        box = ref[row["crop_top"] : row["crop_bottom"], row["crop_left"] : row["crop_right"]]
+        tw, th = cfg.target_size(row["bucket"])
+        want = np.asarray(Image.fromarray(box).resize((tw, th), Image.Resampling.LANCZOS))
+        got = ((b["pixels"][0].permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.int16)
+        diff = np.abs(got - want.astype(np.int16))
+        if divisor == 1 and row["orientation"] == 1:
+            assert diff.max() <= 1, (row["source"], diff.max())  # float round trip only
+        else:  # rotated: filtered before turning (8-bit rounding between passes); or drafted
+            assert diff.mean() < 1.0, (row["source"], diff.mean())
+    assert rows and any(r["orientation"] == 6 for r in rows.values())
+
+
+def test_crop_mode_gives_native_windows(curated_shards):
+    rows = _rows(curated_shards)
+    cfg = DataConfig(root=str(curated_shards), mode="crop", crop_size=256, batch_size=1, seed=3)
+    loader = BucketedLoader(cfg)
+    first = _epoch(loader)
+    second = _epoch(loader)
+    for b in first[:4]:
+        assert b["pixels"].shape == (1, 3, 256, 256)
+        row = rows[b["keys"][0]]
+        full = _reference(curated_shards, row)
+        crop = ((b["pixels"][0].permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8)
+        score = cv2.matchTemplate(full, crop, cv2.TM_SQDIFF)
+        y, x = np.unravel_index(int(np.argmin(score)), score.shape)
+        assert (full[y : y + 256, x : x + 256] == crop).all()  # a window of the native pixels
+    same = [
+        a["keys"] == b["keys"] and bool((a["pixels"] == b["pixels"]).all())
+        for a, b in zip(first, second, strict=True)
+    ]
+    assert not all(same)  # epochs reshuffle and recrop
+
+
+def _plans(root: Path, world: int, **kw) -> list[list[dict]]:
+    return [
+        _epoch(BucketedLoader(DataConfig(root=str(root), **kw), rank=r, world_size=world))
+        for r in range(world)
+    ]
+
+
+@settings(
+    max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    world=st.integers(1, 9),
+    batch=st.integers(1, 3),
+    seed=st.integers(0, 2**16),
+    one_bucket=st.booleans(),
+)
+def test_ranks_get_equal_counts_and_disjoint_samples(
+    curated_shards, world, batch, seed, one_bucket
+):
+    """Also with more ranks than shards (7 shards; one bucket: a single shard)."""
+    rows = _rows(curated_shards)
+    weights = {b: 0.0 for b in {r["bucket"] for r in rows.values()} if b != "1024x1024"}
+    kw = dict(
+        batch_size=batch,
+        seed=seed,
+        resolution_divisor=16,
+        small_buckets="pad",
+        bucket_weights=weights if one_bucket else {},
+    )
+    per_rank = _plans(curated_shards, world, **kw)
+    counts = {len(p) for p in per_rank}
+    assert len(counts) == 1 and counts.pop() >= 1
+    fresh = [k for p in per_rank for k in _fresh_keys(p)]
+    want = [k for k, r in rows.items() if not one_bucket or r["bucket"] == "1024x1024"]
+    assert sorted(fresh) == sorted(want)  # disjoint across ranks, nothing lost
+    total = sum(
+        math.ceil(sum(r["bucket"] == b for r in rows.values() if r["key"] in want) / batch)
+        for b in {rows[k]["bucket"] for k in want}
+    )
+    assert len(per_rank[0]) == math.ceil(total / world)
+
+
+def test_two_gloo_processes_get_equal_counts_and_disjoint_samples(curated_shards, tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(
+        "import json, sys, datetime\n"
+        "import torch, torch.distributed as dist\n"
+        "from training.data import BucketedLoader, DataConfig\n"
+        "def main():\n"
+        "    dist.init_process_group('gloo', timeout=datetime.timedelta(seconds=120))\n"
+        "    r, w = dist.get_rank(), dist.get_world_size()\n"
+        "    cfg = DataConfig(root=sys.argv[1], batch_size=2, resolution_divisor=16,\n"
+        "                     small_buckets='pad', num_workers=1)\n"
+        "    loader = BucketedLoader(cfg, rank=r, world_size=w)\n"
+        "    keys, steps = [], 0\n"
+        "    for b in loader:\n"
+        "        t = torch.ones(1)\n"
+        "        dist.all_reduce(t)  # a DDP step: hangs if a rank has fewer batches\n"
+        "        assert t.item() == w\n"
+        "        keys.append([k for k, p in zip(b['keys'], b['padded'].tolist()) if not p])\n"
+        "        steps += 1\n"
+        "    out = [None] * w\n"
+        "    dist.all_gather_object(out, {'steps': steps, 'len': len(loader), 'keys': keys})\n"
+        "    if r == 0:\n"
+        "        open(sys.argv[2], 'w').write(json.dumps(out))\n"
+        "    dist.destroy_process_group()\n"
+        "if __name__ == '__main__':  # DataLoader workers spawn and import this file\n"
+        "    main()\n"
+    )
+    result = tmp_path / "out.json"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    done = subprocess.run(
+        [
+            str(torchrun),
+            "--standalone",
+            "--nproc_per_node=2",
+            str(script),
+            str(curated_shards),
+            str(result),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=Path(__file__).parents[2],
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = json.loads(result.read_text())
+    assert out[0]["steps"] == out[1]["steps"] == out[0]["len"] == out[1]["len"]
+    a = [k for b in out[0]["keys"] for k in b]
+    b = [k for batch in out[1]["keys"] for k in batch]
+    assert not set(a) & set(b) and sorted(a + b) == sorted(_rows(curated_shards))
+
+
+@pytest.mark.parametrize("mode", ["bucket", "crop"])
+def test_resume_mid_epoch_yields_exactly_the_remaining_batches(curated_shards, mode):
+    kw = dict(
+        root=str(curated_shards),
+        mode=mode,
+        crop_size=128,
+        batch_size=2,
+        resolution_divisor=8,
+        small_buckets="pad",
+        seed=11,
+    )
+    ref = BucketedLoader(DataConfig(**kw))
+    run = _epoch(ref) + _epoch(ref)  # two epochs, uninterrupted
+    n = len(ref)
+    for stop in (3, n, n + 2):
+        first = BucketedLoader(DataConfig(**kw))
+        got = []
+        for _ in range(2):
+            for b in first:
+                got.append(b)
+                if len(got) == stop:
+                    break
+            if len(got) == stop:
+                break
+        state = json.loads(json.dumps(first.state_dict()))  # survives a JSON checkpoint
+        resumed = BucketedLoader(DataConfig(**kw))
+        resumed.load_state_dict(state)
+        rest = []
+        while len(got) + len(rest) < 2 * n:
+            rest += _epoch(resumed)
+        for want, b in zip(run[stop:], rest, strict=True):
+            assert b["keys"] == want["keys"] and b["bucket"] == want["bucket"]
+            assert bool((b["pixels"] == want["pixels"]).all())
+    with pytest.raises(ValueError, match="seed"):
+        BucketedLoader(DataConfig(**{**kw, "seed": 12})).load_state_dict(state)
+
+
+def test_workers_split_batches_without_duplicates_in_the_same_order(curated_shards):
+    kw = dict(root=str(curated_shards), batch_size=1, resolution_divisor=16, seed=5)
+    single = _epoch(BucketedLoader(DataConfig(**kw)))
+    loader = BucketedLoader(DataConfig(**kw, num_workers=2))
+    multi = []
+    for b in loader:
+        multi.append(b)
+        if len(multi) == 4:
+            break
+    state = loader.state_dict()
+    multi += _epoch(loader)  # continues after the break, fresh workers
+    assert [b["keys"] for b in multi] == [b["keys"] for b in single]
+    assert all(bool((a["pixels"] == b["pixels"]).all()) for a, b in zip(single, multi, strict=True))
+    assert state["batches_consumed"] == 4
+
+
+@pytest.mark.parametrize("ascending", [False, True])
+def test_selection_keeps_the_top_share_by_a_column(curated_shards, ascending):
+    rows = _rows(curated_shards)
+    cfg = DataConfig(
+        root=str(curated_shards),
+        select_column="native_score",
+        select_top=0.5,
+        select_ascending=ascending,
+        small_buckets="drop",
+        resolution_divisor=16,
+    )
+    loader = BucketedLoader(cfg)
+    ranked = sorted(rows.values(), key=lambda r: r["native_score"], reverse=not ascending)
+    want = {r["key"] for r in ranked[: math.ceil(0.5 * len(rows))]}
+    assert {k for b in loader for k in b["keys"]} == want
+    sel = loader.report()["selection"]
+    assert sel["candidates"] == len(rows) and sel["selected"] == len(want) == 6
+    cutoff = ranked[len(want) - 1]["native_score"]
+    assert sel["cutoff"] == pytest.approx(cutoff)
+
+
+def test_small_bucket_policies(curated_shards):
+    root = str(curated_shards)
+    with pytest.raises(ValueError, match="1024x1024 \\(1\\), 640x960 \\(1\\)"):
+        BucketedLoader(DataConfig(root=root, batch_size=2))
+    drop = BucketedLoader(
+        DataConfig(root=root, batch_size=2, small_buckets="drop", resolution_divisor=16)
+    )
+    rep = drop.report()
+    assert rep["small_buckets"]["buckets"] == SMALL
+    assert all(rep["buckets"][b]["dropped"].startswith("small") for b in SMALL)
+    assert not {b["bucket"] for b in drop} & set(SMALL)
+    pad = BucketedLoader(
+        DataConfig(root=root, batch_size=2, small_buckets="pad", resolution_divisor=16)
+    )
+    seen = {b["bucket"]: b for b in pad}
+    for b in SMALL:
+        assert seen[b]["keys"][0] == seen[b]["keys"][1]
+        assert seen[b]["padded"].tolist() == [False, True]
+        assert pad.report()["buckets"][b]["padded_per_epoch"] == 1
+    # min_bucket_samples raises the bar: the three portraits are small too.
+    three = BucketedLoader(
+        DataConfig(root=root, min_bucket_samples=4, small_buckets="drop", resolution_divisor=16)
+    )
+    assert three.report()["small_buckets"]["buckets"] == ["1024x1024", "576x1024", "640x960"]
+    assert {b["bucket"] for b in three} == {"1024x576"}
+
+
+def test_bucket_weights_repeat_subsample_and_exclude(curated_shards):
+    rows = _rows(curated_shards)
+    root = str(curated_shards)
+    weights = {"576x1024": 2.0, "1024x576": 0.5, "1024x1024": 0.0}
+    loader = BucketedLoader(DataConfig(root=root, bucket_weights=weights, resolution_divisor=16))
+    epochs = [[k for b in loader for k in b["keys"]] for _ in range(2)]
+    for keys in epochs:
+        by = {}
+        for k in keys:
+            by.setdefault(rows[k]["bucket"], []).append(k)
+        assert "1024x1024" not in by
+        assert len(by["576x1024"]) == 6 and len(set(by["576x1024"])) == 3
+        assert len(by["1024x576"]) == 3 == len(set(by["1024x576"]))
+        assert len(by["640x960"]) == 1
+    rep = loader.report()["buckets"]
+    assert rep["1024x1024"]["dropped"] == "weight 0"
+    assert (rep["1024x576"]["draws_per_epoch"], rep["576x1024"]["draws_per_epoch"]) == (3, 6)
+    with pytest.raises(ValueError, match=r"bucket_weights.*9999x64"):
+        BucketedLoader(DataConfig(root=root, bucket_weights={"9999x64": 1.0}))
+
+
+@pytest.mark.parametrize(
+    "kw, key",
+    [
+        (dict(mode="tiles"), "mode"),
+        (dict(batch_size=0), "batch_size"),
+        (dict(crop_size=100), "crop_size"),
+        (dict(select_column="aesthetic"), "select_top"),
+        (dict(select_top=0.1), "select_column"),
+        (dict(select_column="aesthetic", select_top=1.5), "select_top"),
+        (dict(bucket_weights={"big": 1.0}), "bucket_weights"),
+        (dict(bucket_weights={"64x64": -1.0}), "bucket_weights.64x64"),
+        (dict(small_buckets="ignore"), "small_buckets"),
+        (dict(caption_language="fr"), "caption_language"),
+        (dict(num_workers=1.5), "num_workers"),
+        (dict(resolution_divisor=0), "resolution_divisor"),
+    ],
+)
+def test_config_errors_name_the_key(kw, key):
+    with pytest.raises(ValueError, match=f"'{key}'"):
+        DataConfig(root="/nowhere", **kw)
+    with pytest.raises(ValueError, match="unknown key 'batchsize'"):
+        DataConfig.from_dict({"root": "/x", "batchsize": 2})
+
+
+def test_unfinished_output_and_unknown_column_are_clear_errors(curated_shards, tmp_path):
+    with pytest.raises(ValueError, match="_SUCCESS"):
+        BucketedLoader(DataConfig(root=str(tmp_path)))
+    with pytest.raises(ValueError, match=r"'select_column'.*no 'beauty'"):
+        BucketedLoader(DataConfig(root=str(curated_shards), select_column="beauty", select_top=0.5))
+
+
+class _Boom:
+    """Unpickling this creates a marker file: proof that something unpickled it."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_a_pickle_member_in_a_shard_is_never_unpickled(curated_shards, tmp_path):
+    root = tmp_path / "copy"
+    shutil.copytree(curated_shards, root)
+    marker = tmp_path / "unpickled"
+    shard = sorted((root / "shards" / "576x1024").glob("*.tar"))[0]
+    with tarfile.open(shard) as tf:
+        members = [(m, tf.extractfile(m).read()) for m in tf]
+    key = members[0][0].name.split(".")[0]
+    payload = pickle.dumps(_Boom(str(marker)))
+    with tarfile.open(shard, "w") as tf:
+        for m, data in members:
+            tf.addfile(m, io.BytesIO(data))
+            if m.name == f"{key}.json":
+                info = tarfile.TarInfo(f"{key}.pyd")
+                info.size = len(payload)
+                tf.addfile(info, io.BytesIO(payload))
+    loader = BucketedLoader(DataConfig(root=str(root), resolution_divisor=16))
+    with pytest.raises(ValueError, match=r"\.pyd.*pickle"):
+        for _ in loader:
+            pass
+    assert not marker.exists()
+
+
+def test_reads_shards_from_s3(curated_shards, s3_server):
+    import boto3
+    import fsspec
+
+    boto3.client("s3").create_bucket(
+        Bucket="train", CreateBucketConfiguration={"LocationConstraint": "us-west-2"}
+    )
+    fs = fsspec.filesystem("s3")
+    for p in sorted(curated_shards.rglob("*")):
+        if p.is_file():
+            fs.put_file(str(p), f"train/run/{p.relative_to(curated_shards)}")
+    kw = dict(batch_size=2, resolution_divisor=16, small_buckets="pad", seed=2)
+    local = _epoch(BucketedLoader(DataConfig(root=str(curated_shards), **kw), rank=1, world_size=2))
+    remote = _epoch(BucketedLoader(DataConfig(root="s3://train/run", **kw), rank=1, world_size=2))
+    assert [b["keys"] for b in remote] == [b["keys"] for b in local]
+    assert all(bool((a["pixels"] == b["pixels"]).all()) for a, b in zip(local, remote, strict=True))
