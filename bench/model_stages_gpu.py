@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import queue
 import statistics
@@ -36,6 +37,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+SPAWN = multiprocessing.get_context("spawn")
+"""Decode processes are spawned: forking a process that holds a CUDA context is unsafe."""
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
@@ -188,7 +192,7 @@ def scoring(args: argparse.Namespace, files: list[bytes]) -> dict[str, Any]:
     workers = max(1, (os.cpu_count() or 2) - 1)
     chunk = 8
     items = [files[i % len(files)] for i in range(min(n, 64 * workers if not args.smoke else 16))]
-    with ProcessPoolExecutor(workers) as pool:
+    with ProcessPoolExecutor(workers, mp_context=SPAWN) as pool:
         list(pool.map(_cpu_chunk, [items[:chunk]] * workers))  # warm the workers
         t = time.perf_counter()
         list(pool.map(_cpu_chunk, [items[i : i + chunk] for i in range(0, len(items), chunk)]))
@@ -241,6 +245,18 @@ def scoring(args: argparse.Namespace, files: list[bytes]) -> dict[str, Any]:
         total = n_gpu + n_cpu
         done_scores: list[int] = []
 
+        errors: list[BaseException] = []
+
+        def guarded(fn: Any, *a: Any) -> Any:
+            def run() -> None:
+                try:
+                    fn(*a)
+                except BaseException as e:  # surfaced by the consumer below
+                    errors.append(e)
+                    q.put((None, None))
+
+            return run
+
         def gpu_worker() -> None:
             from torchvision.io import decode_jpeg
 
@@ -265,21 +281,23 @@ def scoring(args: argparse.Namespace, files: list[bytes]) -> dict[str, Any]:
                 arr = np.frombuffer(raw, dtype=np.uint8).reshape(len(c), 224, 224, 3)
                 q.put((arr, None))
 
-        with ProcessPoolExecutor(workers) as pool, GpuUtil() as util:
+        with ProcessPoolExecutor(workers, mp_context=SPAWN) as pool, GpuUtil() as util:
             list(pool.map(_cpu_chunk, [files[:1]] * workers))
             t0 = time.perf_counter()
             threads = []
             if n_gpu:
-                threads.append(threading.Thread(target=gpu_worker, daemon=True))
+                threads.append(threading.Thread(target=guarded(gpu_worker), daemon=True))
             if n_cpu:
-                threads.append(threading.Thread(target=cpu_worker, args=(pool,), daemon=True))
+                threads.append(threading.Thread(target=guarded(cpu_worker, pool), daemon=True))
             for th in threads:
                 th.start()
             pending: list[Any] = []
             got = 0
             model_s = 0.0
             while got < total:
-                item, ev = q.get()
+                item, ev = q.get(timeout=120)
+                if item is None:
+                    raise RuntimeError(f"decode worker failed: {errors[0]!r}") from errors[0]
                 if ev is not None:
                     torch.cuda.current_stream().wait_event(ev)
                     pending.append(item)

@@ -12,9 +12,10 @@ Steps, each a barrier (materialised) so that one actor pool holds the cluster at
 2. actor pools (`map_batches` with a class: one model load per actor, `num_gpus` fractions
    and batch sizes by configuration, CPU when `num_gpus` is 0): `ClipEmbedder` (embedding,
    aesthetic, safety head, zero-shot person), `PyiqaScorer` (quality), `NudeNetDetector`;
-3. absolute thresholds, then share thresholds from a global quantile sketch
-   (`curation/score/quantiles.py`: off by at most 1/`score.quantile_points` of the
-   candidates in rank), then semantic duplicates over the embeddings (faiss, job-wide);
+3. absolute thresholds, then semantic duplicates over the embeddings (faiss, job-wide: a
+   duplicate takes no place in a share), then share thresholds from a global quantile
+   sketch over the candidates left (`curation/score/quantiles.py`: off by at most
+   1/`score.quantile_points` of them in rank, exact when every block is smaller);
 4. captions and translations of the rows still kept (last);
 5. embeddings to `OUT/embeddings/part-*.parquet` (atomic files, moved into place), and the
    results joined back onto every row, so scores reach the manifest also for rows that a
@@ -181,7 +182,7 @@ def configured_models(cfg: JobConfig) -> list[ModelEntry]:
                 ),
             )
         )
-    if s.enabled and m.nudenet != "off":
+    if s.enabled and m.nudenet != "never":
         installed = nudenet_available()
         wheel = "(nudenet's bundled 320n.onnx)"
         out.append(
@@ -220,7 +221,7 @@ def check_models(cfg: JobConfig) -> None:
     """Stop before any work when a configured model's files are missing.
 
     `models.nudenet` 'auto' without nudenet installed is not an error (the job says so in
-    its summary); 'on' is.
+    its summary); 'always' is.
 
     Raises:
         ConfigError: one message naming every missing file and how to provide it.
@@ -276,14 +277,14 @@ def plan_models(cfg: JobConfig) -> ModelPlan:
             notes=("model scores are off (score.enabled false)",),
         )
     clip = bool(m.clip_weights)
-    nude = m.nudenet == "on" or (m.nudenet == "auto" and nudenet_available())
+    nude = m.nudenet == "always" or (m.nudenet == "auto" and nudenet_available())
     person = s.person_model
     if person == "auto":
-        person = "clip" if clip and s.person_prompts else ("nudenet" if nude else "off")
+        person = "clip" if clip and s.person_prompts else ("nudenet" if nude else "none")
     safety = s.safety_model
     if safety == "auto":
-        safety = "clip" if m.safety_weights else ("nudenet" if nude else "off")
-    if m.nudenet == "auto" and not nude and "off" in (person, safety):
+        safety = "clip" if m.safety_weights else ("nudenet" if nude else "none")
+    if m.nudenet == "auto" and not nude and "none" in (person, safety):
         notes.append(
             "nudenet is not installed, so `character` and/or `nsfw` stay null: install the "
             "opt-in extra (pip install -e '.[nsfw]'; its licence file is AGPL-3.0, see README) "
@@ -365,6 +366,12 @@ def _share_specs(cfg: JobConfig) -> list[tuple[str, str, float, str]]:
 
 
 # --- pass 1: thumbnails to a side file -------------------------------------------------------
+
+
+def thumbnail_size(cfg: JobConfig) -> int:
+    """The thumbnail side pass 1 should make: `analyze.thumbnail_size` when a model runs."""
+    plan = plan_models(cfg)
+    return cfg.analyze.thumbnail_size if (plan.scores or plan.caption) else 0
 
 
 def thumbnail_folder(analysis: str) -> str:
@@ -483,14 +490,16 @@ def run_model_pass(
     result = ModelPassResult(rows=rows, notes=list(plan.notes))
     _remove(join(output, "embeddings"))
     if not (plan.scores or plan.caption or plan.translate):
-        result.rows = rows.map_batches(_caption_sources, batch_format="pyarrow")
+        result.rows = rows.map_batches(_caption_sources, batch_format="pyarrow", batch_size=None)
         return result
     s, m = cfg.score, cfg.models
-    slim, num_slim = _nonempty(rows.map_batches(_to_score(s.score_all), batch_format="pyarrow"))
+    slim, num_slim = _nonempty(
+        rows.map_batches(_to_score(s.score_all), batch_format="pyarrow", batch_size=None)
+    )
     thumbs_dir = join(work, THUMBNAILS)
     fs, tpath = fsspec.core.url_to_fs(thumbs_dir)
     if slim is None or not fs.exists(tpath) or not fs.glob(tpath.rstrip("/") + "/part-*.parquet"):
-        result.rows = rows.map_batches(_caption_sources, batch_format="pyarrow")
+        result.rows = rows.map_batches(_caption_sources, batch_format="pyarrow", batch_size=None)
         if slim is not None:
             result.notes.append(f"{num_slim} candidates have no thumbnail: not scored")
         return result
@@ -506,8 +515,12 @@ def run_model_pass(
             "with analyze.thumbnail_size 0?): not scored"
         )
     if scored is None:
-        result.rows = rows.map_batches(_caption_sources, batch_format="pyarrow")
+        result.rows = rows.map_batches(_caption_sources, batch_format="pyarrow", batch_size=None)
         return result
+    # Blocks of one model batch each (up to 16 per CPU): an actor pool hands out whole
+    # blocks, so one big block would keep every actor but one idle.
+    per_block = min(s.batch_size, cfg.caption.batch_size)
+    scored = scored.repartition(min(-(-num_scored // per_block), 16 * max(cpus, 1))).materialize()
     pool = {"gpus": s.num_gpus, "n": s.concurrency, "bs": s.batch_size}
     if plan.clip:
         scored = _pool(
@@ -543,20 +556,41 @@ def run_model_pass(
             },
             **pool,
         )
-    scored = scored.map_batches(ThresholdFilter(rules=model_rules(cfg)), batch_format="pyarrow")
+    scored = scored.map_batches(
+        ThresholdFilter(rules=model_rules(cfg)), batch_format="pyarrow", batch_size=None
+    )
     scored = scored.materialize()
+    if plan.clip and s.semantic_dedup:
+        dups, kind = _semantic_duplicates(scored, s)
+        result.counts["semantic_duplicates"] = len(dups)
+        if dups:
+            scored = scored.map_batches(
+                _mark_semantic(dups), batch_format="pyarrow", batch_size=None
+            ).materialize()
+        result.notes.append(
+            f"semantic de-duplication ({kind} index, cosine >= {s.semantic_threshold}): "
+            f"{len(dups)} duplicates"
+        )
     specs = _share_specs(cfg)
     for reason, col, share, setting in specs:
         lower = s.quality_metric and col == schema.QUALITY and lower_better(s.quality_metric)
         k = s.quantile_points
         sketches = [
             (np.array(json.loads(r["points"])), np.array(json.loads(r["weights"])))
-            for r in scored.map_batches(_sketcher(col, k), batch_format="pyarrow").take_all()
+            for r in scored.map_batches(
+                _sketcher(col, k), batch_format="pyarrow", batch_size=None
+            ).take_all()
         ]
         cut = share_cut(sketches, share, bool(lower))
         if cut is None:
             continue
         result.cuts[col] = cut
+        exact = all(float(w.max(initial=1)) == 1.0 for _, w in sketches)
+        result.notes.append(
+            f"{setting}={share}: {col} cut {cut:.4g} over "
+            f"{int(sum(w.sum() for _, w in sketches))} candidates in {len(sketches)} blocks "
+            f"({'exact' if exact else f'approximate: within 1/{k} of them in rank'})"
+        )
         rule = Rule(
             column=col,
             reason=reason,
@@ -564,17 +598,10 @@ def run_model_pass(
             max=cut if lower else None,
             setting=setting,
         )
-        scored = scored.map_batches(ThresholdFilter(rules=[rule]), batch_format="pyarrow")
-        scored = scored.materialize()
-    if plan.clip and s.semantic_dedup:
-        dups, kind = _semantic_duplicates(scored, s)
-        result.counts["semantic_duplicates"] = len(dups)
-        if dups:
-            scored = scored.map_batches(_mark_semantic(dups), batch_format="pyarrow").materialize()
-        result.notes.append(
-            f"semantic de-duplication ({kind} index, cosine >= {s.semantic_threshold}): "
-            f"{len(dups)} duplicates"
+        scored = scored.map_batches(
+            ThresholdFilter(rules=[rule]), batch_format="pyarrow", batch_size=None
         )
+        scored = scored.materialize()
     if plan.caption or plan.translate:
         scored = _caption(scored, cfg, plan)
     if plan.clip:
@@ -653,7 +680,9 @@ def _mark_semantic(dups: dict[str, tuple[str, str, float]]) -> Any:
 def _caption(scored: Any, cfg: JobConfig, plan: ModelPlan) -> Any:
     """Captions (and translations) of the rows still kept; the others pass unchanged."""
     c, m = cfg.caption, cfg.models
-    kept, _ = _nonempty(scored.map_batches(_candidates_only, batch_format="pyarrow"))
+    kept, _ = _nonempty(
+        scored.map_batches(_candidates_only, batch_format="pyarrow", batch_size=None)
+    )
     others, _ = _nonempty(
         scored.map_batches(
             lambda t: t.filter(pc.is_valid(t[schema.STATUS])), batch_format="pyarrow"
@@ -692,12 +721,12 @@ def _caption(scored: Any, cfg: JobConfig, plan: ModelPlan) -> Any:
 
 def _merge(rows: Any, scored: Any, cpus: int) -> Any:
     """Join the model pass's columns and verdicts back onto every row of the job."""
-    res = scored.map_batches(_result_columns, batch_format="pyarrow")
+    res = scored.map_batches(_result_columns, batch_format="pyarrow", batch_size=None)
     res, num_res = _nonempty(res)
     if res is None:
-        return rows.map_batches(_caption_sources, batch_format="pyarrow")
+        return rows.map_batches(_caption_sources, batch_format="pyarrow", batch_size=None)
     joined = rows.join(res, "left_outer", _partitions(num_res, cpus), on=(schema.SOURCE,))
-    return joined.map_batches(_take_results, batch_format="pyarrow")
+    return joined.map_batches(_take_results, batch_format="pyarrow", batch_size=None)
 
 
 def _result_columns(t: pa.Table) -> pa.Table:
@@ -818,4 +847,5 @@ __all__ = [
     "configured_models",
     "run_model_pass",
     "thumbnail_folder",
+    "thumbnail_size",
 ]

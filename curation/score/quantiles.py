@@ -24,14 +24,9 @@ def sketch(values: Iterable[float | None], k: int) -> tuple[np.ndarray, np.ndarr
     return np.quantile(arr, levels), np.full(k, arr.size / k)
 
 
-def merged_quantile(
-    sketches: Iterable[tuple[np.ndarray, np.ndarray]], q: float, above: bool = False
-) -> float | None:
-    """The `q` quantile (0..1) of the union of the sketched blocks; None when empty.
-
-    The smallest point whose cumulative weight reaches `q` of the total (`above`: exceeds it,
-    so that the points at or above it weigh at most `1 - q`).
-    """
+def _merged(
+    sketches: Iterable[tuple[np.ndarray, np.ndarray]],
+) -> tuple[np.ndarray, np.ndarray] | None:
     parts = list(sketches)
     if not parts:
         return None
@@ -40,18 +35,28 @@ def merged_quantile(
     if points.size == 0:
         return None
     order = np.argsort(points, kind="stable")
-    points, cum = points[order], np.cumsum(weights[order])
-    idx = int(np.searchsorted(cum, q * cum[-1], side="right" if above else "left"))
-    return float(points[min(idx, points.size - 1)])
+    return points[order], np.cumsum(weights[order])
 
 
 def share_cut(
     sketches: Iterable[tuple[np.ndarray, np.ndarray]], share: float, lower_better: bool
 ) -> float | None:
-    """The score that keeps the best `share` of the values.
+    """The score that keeps the best `share` of the sketched values (None when there are none).
 
-    Higher-better scores pass at or above the cut, lower-better ones at or below it.
+    Higher-better scores pass at or above the cut, lower-better ones at or below it. At most
+    `share` of the values pass (the floor of it, for exact sketches; ties at the cut aside);
+    +inf (-inf) when not even one value fits in the share.
     """
-    if lower_better:
-        return merged_quantile(sketches, share)
-    return merged_quantile(sketches, 1.0 - share, above=True)
+    merged = _merged(sketches)
+    if merged is None:
+        return None
+    points, cum = merged
+    budget = share * cum[-1] * (1 + 1e-12)
+    if lower_better:  # the largest point whose cumulative weight fits in the budget
+        idx = int(np.searchsorted(cum, budget, side="right")) - 1
+        return float(points[idx]) if idx >= 0 else float("-inf")
+    # the smallest point such that the weight at or above it fits in the budget
+    idx = int(np.searchsorted(cum, cum[-1] - budget, side="left")) + 1
+    if cum[-1] - budget <= 0:
+        idx = 0
+    return float(points[idx]) if idx < points.size else float("inf")

@@ -36,4 +36,8 @@ def test_share_cut_direction_and_exactness():
     hi = share_cut([sketch(b, 1024) for b in blocks], 0.3, lower_better=False)
     lo = share_cut([sketch(b, 1024) for b in blocks], 0.3, lower_better=True)
     assert sum(v >= hi for v in values) == 30 and sum(v <= lo for v in values) == 30
+    five = [sketch([5.0, 1.0, 3.0], 8), sketch([2.0, 4.0], 8)]
+    assert share_cut(five, 0.5, lower_better=False) == 4.0  # floor(2.5) = 2 pass
+    assert share_cut(five, 0.5, lower_better=True) == 2.0
+    assert share_cut(five, 0.1, lower_better=False) == float("inf")  # none: 0.5 of a value
     assert share_cut([sketch([None, float("nan")], 8)], 0.5, False) is None

@@ -1,0 +1,239 @@
+"""The model pass through the real CLI on local Ray, with tiny random models built from configs.
+
+One job runs every model stage (open_clip embedding with aesthetic, safety and zero-shot heads,
+pyiqa piqe, semantic de-duplication, share thresholds over several blocks, captions and
+translations); one checks that missing weights stop the job before any work; one runs the
+offline defaults (piqe, nudenet when installed) on real photographs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from curation import schema
+
+pytestmark = pytest.mark.ray
+
+PHOTOS = [  # real photographs of at least 3840x2160 (Debian's backgrounds), cut to 3840x2160
+    "/usr/share/backgrounds/Painting-Colors_by__herobrine7gamer.jpg",
+    "/usr/share/backgrounds/umang_by_Abhishek_Mudgal.jpg",
+    "/usr/share/backgrounds/sunset_by_Aitzol_Berasategi.jpg",
+    "/usr/share/backgrounds/seeding_by_Clements_Engelhardt.jpg",
+]
+SMALL = "small.jpg"  # rejected `too_small` from its header: never a candidate
+COPY = "umang_copy.jpg"
+RELAXED = [
+    "--set", "analyze.max_flat_fraction=1.0",
+    "--set", "analyze.min_entropy=0",
+    "--set", "analyze.min_native_score=0",
+    "--set", "analyze.min_sharpness=0",
+]  # fmt: skip
+"""Debian's 4K photographs are mostly smooth skies: the cheap rules would reject most."""
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> Path:
+    if not all(Path(p).is_file() for p in PHOTOS):
+        pytest.skip("Debian wallpaper photographs are not installed")
+    folder = tmp_path_factory.mktemp("model-inputs")
+    for p in PHOTOS:  # the central 3840x2160 (fewer pixels to analyse)
+        with Image.open(p) as im:
+            w, h = im.size
+            box = ((w - 3840) // 2, (h - 2160) // 2, (w + 3840) // 2, (h + 2160) // 2)
+            im.crop(box).save(folder / Path(p).name, quality=92)
+    # A semantic duplicate: the same photograph re-encoded (pHash de-duplication is off in
+    # the job below, so only the embedding can catch it); smaller, so the original is kept.
+    with Image.open(folder / Path(PHOTOS[1]).name) as im:
+        im.save(folder / COPY, quality=75)
+        im.resize((960, 540)).save(folder / SMALL)
+    (folder / "sunset_by_Aitzol_Berasategi.txt").write_text("a sunset over the hills")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict:
+    from curation.score.random_models import (
+        build_aesthetic,
+        build_open_clip,
+        build_safety,
+        build_translator,
+        build_vlm,
+    )
+
+    folder = tmp_path_factory.mktemp("models")
+    clip = build_open_clip(folder, "tiny-clip-e2e")
+    return {
+        **clip,
+        "aesthetic": build_aesthetic(folder / "aesthetic.pth", clip["dim"]),
+        "safety": build_safety(folder / "safety.pth", [clip["dim"], 8, 1]),
+        "vlm": build_vlm(folder / "tiny-vlm"),
+        "mt": build_translator(folder / "tiny-mt"),
+    }
+
+
+def _similarities(models: dict, inputs: Path) -> dict[str, float]:
+    """Cosine similarity of the duplicate pair and of the closest distinct pair (tiny model)."""
+    from curation.analyze.pixel_analyzer import decode
+    from curation.score.clip_embedder import ClipEmbedder
+
+    names = [Path(p).name for p in PHOTOS] + [COPY]
+    thumbs = [decode((inputs / n).read_bytes(), 1, 512)[1] for n in names]
+    out = ClipEmbedder(model=models["config"], weights=models["weights"])({"thumbnail": thumbs})
+    x = np.array(out[schema.EMBEDDING].to_pylist())
+    sims = x @ x.T
+    dup = float(sims[1, -1])
+    np.fill_diagonal(sims, -1)
+    sims[1, -1] = sims[-1, 1] = -1
+    return {"dup": dup, "other": float(sims.max())}
+
+
+def _manifest(out: Path) -> list[dict]:
+    return pq.read_table(out / "manifest").to_pylist()
+
+
+def test_every_model_stage_through_the_cli(local_ray, inputs, models, tmp_path, capsys):
+    from pipelines.cli import main
+
+    sims = _similarities(models, inputs)
+    assert sims["dup"] > sims["other"] + 1e-4, sims  # the copy is the nearest neighbour
+    threshold = (sims["dup"] + sims["other"]) / 2
+    out = tmp_path / "out"
+    args = [
+        "curate",
+        str(inputs),
+        "--output",
+        str(out),
+        *RELAXED,
+        "--set", "dedup.enabled=false",
+        "--set", f"models.clip_model={models['config']}",
+        "--set", f"models.clip_weights={models['weights']}",
+        "--set", f"models.aesthetic_weights={models['aesthetic']}",
+        "--set", f"models.safety_weights={models['safety']}",
+        "--set", "models.nudenet=never",
+        "--set", f"models.caption_model={models['vlm']}",
+        "--set", f"models.translation_model={models['mt']}",
+        "--set", "score.quality_size=64",
+        "--set", "score.batch_size=2",
+        "--set", "score.aesthetic_top_share=0.5",
+        "--set", "score.max_nsfw=1.0",
+        "--set", f"score.semantic_threshold={threshold}",
+        "--set", "caption.max_new_tokens=5",
+        "--set", "caption.translation_max_new_tokens=5",
+    ]  # fmt: skip
+    assert main(args) == 0
+    stdout = capsys.readouterr().out
+    assert "semantic de-duplication (flat index" in stdout
+    share = re.search(
+        r"aesthetic_top_share=0.5: aesthetic cut \S+ over 4 candidates in (\d+) blocks", stdout
+    )
+    assert share and int(share.group(1)) >= 2, stdout  # a job-wide cut over several blocks
+    rows = {Path(r[schema.SOURCE]).name: r for r in _manifest(out)}
+    assert len(rows) == len(PHOTOS) + 2
+
+    # Not a candidate: a cheap rule rejected it, so no model saw it.
+    small = rows[SMALL]
+    assert small[schema.REASON] == "too_small"
+    assert small[schema.AESTHETIC] is None and small[schema.QUALITY] is None
+
+    # The semantic duplicate: rejected, pointing at the original's key, scores kept.
+    copy = rows[COPY]
+    original = rows[Path(PHOTOS[1]).name]
+    assert copy[schema.REASON] == "duplicate" and "semantic" in copy[schema.DETAIL]
+    assert copy[schema.DUPLICATE_OF] == original[schema.SHA256][:32]
+    assert copy[schema.AESTHETIC] is not None
+
+    # Every candidate scored; the share rule kept the better half by aesthetic, job-wide
+    # (the duplicate takes no place in the share).
+    candidates = [r for n, r in rows.items() if n != SMALL]
+    assert all(r[schema.AESTHETIC] is not None for r in candidates)
+    assert all(r[schema.QUALITY] is not None and 0 <= r[schema.NSFW] <= 1 for r in candidates)
+    assert all(r[schema.CHARACTER] in (True, False) for r in candidates)
+    low = [r for r in candidates if r[schema.REASON] == "low_aesthetic"]
+    passed = [r for r in candidates if r[schema.REASON] is None]
+    assert len(low) == (len(candidates) - 1) // 2
+    assert max(r[schema.AESTHETIC] for r in low) < min(r[schema.AESTHETIC] for r in passed)
+    kept = [r for r in candidates if r[schema.STATUS] == schema.STATUS_KEPT]
+    assert kept and all(r[schema.CAPTION_EN] and r[schema.CAPTION_ZH] for r in kept)
+    assert all(r[schema.CAPTION_EN] is None for r in low)  # captions last, kept rows only
+    for r in kept:
+        want = "sidecar" if r[schema.SOURCE].endswith("sunset_by_Aitzol_Berasategi.jpg") else None
+        assert r[schema.CAPTION_SOURCE] == (want or "tiny-vlm")
+
+    # Captions in the shards, the sidecar one unchanged.
+    members: dict[str, bytes] = {}
+    for tar in (out / "shards").rglob("*.tar"):
+        with tarfile.open(tar) as tf:
+            for m in tf.getmembers():
+                members[m.name] = tf.extractfile(m).read()
+    for r in kept:
+        assert members[f"{r[schema.KEY]}.txt"].decode() == r[schema.CAPTION_EN]
+        assert members[f"{r[schema.KEY]}.zh.txt"].decode() == r[schema.CAPTION_ZH]
+        assert json.loads(members[f"{r[schema.KEY]}.json"])[schema.AESTHETIC] is not None
+
+    # One embedding per scored image, float16, the kept ones by key.
+    emb = pq.read_table(out / "embeddings")
+    assert emb.num_rows == len(candidates)
+    assert emb.schema.field("embedding").type.value_type == "halffloat"
+    assert emb.schema.field("embedding").type.list_size == models["dim"]
+    assert {k for k in emb.column("key").to_pylist() if k} == {r[schema.KEY] for r in kept}
+    stats = json.loads((out / "stats.json").read_text())
+    assert "low_aesthetic" in stats["rules"] and stats["manifest_version"] == 2
+
+
+def test_missing_weights_stop_the_job_before_any_work(local_ray, inputs, tmp_path, capsys):
+    from pipelines.cli import main
+
+    out = tmp_path / "out"
+    missing = tmp_path / "nowhere" / "aesthetic.pth"
+    code = main(
+        [
+            "curate",
+            str(inputs),
+            "--output",
+            str(out),
+            "--set",
+            f"models.clip_weights={tmp_path / 'clip.bin'}",
+            "--set",
+            f"models.aesthetic_weights={missing}",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"models.aesthetic_weights: {missing} not found" in err
+    assert "improved-aesthetic-predictor" in err and "nothing was processed" in err
+    assert "models.clip_weights" in err
+    assert not out.exists()
+
+
+def test_offline_defaults_score_real_photographs(local_ray, inputs, tmp_path, capsys):
+    from curation.score.nudenet_detector import nudenet_available
+    from pipelines.cli import main
+
+    out = tmp_path / "out"
+    assert main(["curate", str(inputs), "--output", str(out), *RELAXED]) == 0
+    stdout = capsys.readouterr().out
+    rows = _manifest(out)
+    candidates = [r for r in rows if r[schema.REASON] not in ("too_small", "duplicate")]
+    # piqe at 512 px on every candidate (0-100, lower is better), no rejection by default.
+    assert all(0 <= r[schema.QUALITY] <= 100 for r in candidates)
+    assert not any(r[schema.REASON] in ("low_quality", "unsafe") for r in rows)
+    assert all(r[schema.AESTHETIC] is None for r in rows)  # no embedding model: never faked
+    assert "no embedding model" in stdout
+    if nudenet_available():
+        # Debian's landscapes: nobody in them, nothing unsafe.
+        assert all(r[schema.CHARACTER] is False and r[schema.NSFW] == 0.0 for r in candidates)
+    else:
+        assert all(r[schema.CHARACTER] is None for r in rows)
+        assert "nudenet is not installed" in stdout
+    # The pHash de-duplication (on by default) already caught the re-encoded copy: the model
+    # pass never saw it.
+    copy = next(r for r in rows if r[schema.SOURCE].endswith(COPY))
+    assert copy[schema.REASON] == "duplicate" and copy[schema.QUALITY] is None
