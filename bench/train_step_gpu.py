@@ -46,7 +46,17 @@ from training.dit_trainer import DitTask
 from training.tiny import TINY_DIT, TINY_VAE
 from training.trainer import Trainer
 
-VARIANTS = ("eager_ac", "compiled_ac", "compiled_noac", "fsdp")
+VARIANTS = (
+    "eager_ac",
+    "compiled_ac",
+    "compiled_noac",
+    "fsdp",
+    "compiled_ac_latents",
+    "compiled_noac_latents",
+    "fsdp_latents",
+    "compiled_ac_latents_cudnn",
+    "compiled_noac_latents_cudnn",
+)
 
 
 def log(msg: str) -> None:
@@ -56,17 +66,23 @@ def log(msg: str) -> None:
 class SyntheticPixels:
     """A loader stand-in: one bucket of random pixels in [-1, 1], made on the device."""
 
-    def __init__(self, data, *, rank: int, world_size: int, size: tuple[int, int], device):
+    def __init__(self, data, *, rank: int, world_size: int, size: tuple[int, int], device, latents):
         self.size, self.device, self.rank = size, device, rank
         self.batch_size = data.batch_size
+        self.latents = latents
 
     def __iter__(self):
         w, h = self.size
         g = torch.Generator(self.device).manual_seed(self.rank)
         while True:
-            pixels = torch.rand(self.batch_size, 3, h, w, generator=g, device=self.device) * 2 - 1
+            if self.latents:
+                shape = (self.batch_size, 16, h // 16, w // 16)
+                images = {"latents": torch.randn(shape, generator=g, device=self.device)}
+            else:
+                shape = (self.batch_size, 3, h, w)
+                images = {"pixels": torch.rand(shape, generator=g, device=self.device) * 2 - 1}
             yield {
-                "pixels": pixels,
+                **images,
                 "keys": ["k0"] * self.batch_size,
                 "captions": [""] * self.batch_size,
                 "bucket": f"{w}x{h}",
@@ -107,13 +123,19 @@ def run_variant(name: str, args: argparse.Namespace, work: Path, results: dict) 
     tiny = args.tiny
     arch = dict(TINY_DIT) if tiny else dict(FLUX_DEV_CONFIG)
     arch["num_layers"], arch["num_single_layers"] = args.double, args.single
-    compiled = name != "eager_ac"
-    ac = name != "compiled_noac"
+    compiled = not name.startswith("eager")
+    ac = "noac" not in name
+    latents = "_latents" in name
     cfg = load_train_config(
         DitTrainConfig,
         data={
             "data": {"root": str(work), "batch_size": 1},
-            "model": {"architecture": arch, "vae": str(work / "vae"), "guidance_scale": 4.0},
+            "model": {
+                "architecture": arch,
+                "vae": str(work / "vae"),
+                "guidance_scale": 4.0,
+                "cudnn_attention": name.endswith("_cudnn"),
+            },
             "text": {
                 "source": "cache",
                 "cache": str(work / "cache"),
@@ -130,7 +152,7 @@ def run_variant(name: str, args: argparse.Namespace, work: Path, results: dict) 
                 "resume": "never",
             },
             "parallel": {
-                "strategy": "fsdp" if name == "fsdp" else "none",
+                "strategy": "fsdp" if name.startswith("fsdp") else "none",
                 "activation_checkpointing": ac,
                 "compile": compiled and not tiny,
             },
@@ -142,7 +164,7 @@ def run_variant(name: str, args: argparse.Namespace, work: Path, results: dict) 
     task = DitTask(
         cfg,
         loader_factory=lambda data, rank, world_size: SyntheticPixels(
-            data, rank=rank, world_size=world_size, size=size, device=dev
+            data, rank=rank, world_size=world_size, size=size, device=dev, latents=latents
         ),
     )
     trainer = Trainer(task, optim=cfg.optim, loop=cfg.loop, parallel=cfg.parallel)
@@ -151,8 +173,8 @@ def run_variant(name: str, args: argparse.Namespace, work: Path, results: dict) 
     device = trainer.info.device
     batches = iter(trainer.loaders[0])
     next_batch = lambda: next(batches)  # noqa: E731
-    entry: dict = {"compiled": compiled, "activation_checkpointing": ac}
-    if "vae_encode_s" not in results:
+    entry: dict = {"compiled": compiled, "activation_checkpointing": ac, "vae_in_step": not latents}
+    if "vae_encode_s" not in results and not latents:
         batch = next_batch()
         # The VAE encode alone (part of every step).
         times = []
@@ -211,6 +233,16 @@ def run_variant(name: str, args: argparse.Namespace, work: Path, results: dict) 
         }
     )
     results["variants"][name] = entry
+    if args.profile and name == args.variants[-1] and device.type == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+            trainer.train_step(next_batch, 0)
+            torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+        print(table)
+        (args.out / f"profile_{name}.txt").parent.mkdir(parents=True, exist_ok=True)
+        (args.out / f"profile_{name}.txt").write_text(table)
     log(
         f"{name}: {sec:.3f} s/step, model {model_tflops:.0f} TFLOP/s "
         f"({entry['model_frac_of_peak'] or 0:.0%}), hw {hw_tflops:.0f}, "
@@ -234,6 +266,7 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=6)
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--profile", action="store_true", help="profile the last variant")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test with tiny models")
     args = parser.parse_args()
     rank = int(os.environ.get("RANK", "0"))
@@ -280,10 +313,13 @@ def main() -> int:
     for name in args.variants:
         try:
             run_variant(name, args, work, results)
-        except torch.OutOfMemoryError as e:
-            results["variants"][name] = {"error": f"out of memory: {str(e)[:200]}"}
-            log(f"{name}: out of memory")
-            torch.cuda.empty_cache()
+        except (torch.OutOfMemoryError, RuntimeError) as e:
+            results["variants"][name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+            log(f"{name}: failed: {type(e).__name__}: {str(e)[:300]}")
+            if isinstance(e, torch.OutOfMemoryError):
+                torch.cuda.empty_cache()
+            else:
+                break  # a CUDA error leaves the context unusable
         if rank == 0:
             args.out.mkdir(parents=True, exist_ok=True)
             (args.out / "train_step_bench.json").write_text(json.dumps(results, indent=2))

@@ -74,6 +74,11 @@ class LoopConfig:
     tensorboard: bool = _f(True, "Write TensorBoard event files under output_dir/tensorboard.")
     progress: bool = _f(True, "Show a progress bar with images/s and tokens/s (rank 0).")
     export: bool = _f(True, "Save the trained (EMA, if enabled) model in diffusers layout at end.")
+    record_samples: bool = _f(
+        False,
+        "Append the keys of every trained batch to output_dir/samples-rank<R>.txt (one line per "
+        "batch): an audit of which samples each rank saw.",
+    )
 
 
 @dataclass(kw_only=True)

@@ -209,27 +209,39 @@ class DitTask:
         """Frozen (B, L, D) and (B, P) text embeddings, with caption dropout."""
         num = len(batch["keys"])
         p = self.cfg.text.caption_dropout
-        drop = (torch.rand(num, generator=generator, device=self.device) < p).tolist()
+        drop = None
+        if p > 0:
+            drop = (torch.rand(num, generator=generator, device=self.device) < p).tolist()
         if self.cache is not None:
             seq, pooled = self.cache.lookup(batch["keys"], drop=drop)
         else:
-            captions = ["" if d else c for d, c in zip(drop, batch["captions"], strict=True)]
+            captions = list(batch["captions"])
+            if drop is not None:
+                captions = ["" if d else c for d, c in zip(drop, captions, strict=True)]
             seq, pooled = self.encoders.encode(captions, self.cfg.text.max_sequence_length)
-        return seq.to(self.device), pooled.to(self.device)
+        # float32 inputs: autocast (bf16) or the fp32 model sets the compute dtype.
+        return seq.to(self.device, torch.float32), pooled.to(self.device, torch.float32)
 
     def compute_loss(
         self, model: nn.Module, batch: dict, stage: int, generator: torch.Generator
     ) -> StepOutput:
         """Flow-matching loss of one bucket batch (see the module docstring)."""
-        pixels = batch["pixels"]
-        num_b, _, height, width = pixels.shape
+        pixels = batch.get("pixels")
+        if pixels is None:
+            num_b, _, lat_h, lat_w = batch["latents"].shape
+            height, width = lat_h * TOKEN_PX // 2, lat_w * TOKEN_PX // 2
+        else:
+            num_b, _, height, width = pixels.shape
         if height % TOKEN_PX or width % TOKEN_PX:
             raise ValueError(
                 f"bucket {batch.get('bucket')} ({width}x{height} px) is not a multiple of "
                 f"{TOKEN_PX} px on both sides: the DiT cannot patchify it"
             )
         rows, cols = height // TOKEN_PX, width // TOKEN_PX
-        latents = self.encode_pixels(pixels, generator)
+        if "latents" in batch:  # precomputed (B, 16, H/16, W/16) scaled latents: no VAE pass
+            latents = batch["latents"].to(self.device, torch.float32)
+        else:
+            latents = self.encode_pixels(pixels, generator)
         seq, pooled = self.text_embeddings(batch, generator)
         st = self.cfg.stage_list()[stage]
         t = sample_timesteps(
@@ -265,7 +277,6 @@ class DitTask:
             loss = flow_matching_loss(v_pred, noise, latents)
         return StepOutput(
             loss=loss,
-            metrics={"t_mean": t.mean().item()},
             num_images=num_b,
             num_tokens=num_b * rows * cols,
         )

@@ -169,6 +169,7 @@ class Trainer:
         self.autocast = torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=self.bf16)
         self.generator = torch.Generator(device=info.device)
         self.generator.manual_seed(loop.seed * 100_003 + info.rank)
+        Path(loop.output_dir).mkdir(parents=True, exist_ok=True)
         self.writer = None
         if info.is_main and loop.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -224,6 +225,10 @@ class Trainer:
         step_loss, metrics, images, tokens = 0.0, {}, 0, 0
         for micro in range(accum):
             batch = next_batch()
+            if self.loop.record_samples:
+                path = Path(self.loop.output_dir) / f"samples-rank{self.info.rank}.txt"
+                with path.open("a") as f:
+                    f.write(" ".join(batch["keys"]) + "\n")
             with self._sync_context(micro == accum - 1), self.autocast:
                 out = self.task.compute_loss(self.model, batch, stage, self.generator)
             (out.loss / accum).backward()
@@ -318,6 +323,10 @@ class Trainer:
                 window_t0, window_images, window_tokens = time.perf_counter(), 0, 0
             if progress is not None:
                 progress.update(1)
+            eval_every = getattr(self.task, "eval_every", 0)
+            if eval_every and step % eval_every == 0 and step < self.total_steps:
+                scores = self.task.evaluate(self.model, step)
+                self._log_scalars(step, {f"eval/{k}": v for k, v in scores.items()})
             if (loop.checkpoint_every and step % loop.checkpoint_every == 0) or step == end:
                 last_ckpt = save_checkpoint(
                     loop.output_dir,

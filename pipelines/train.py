@@ -1,0 +1,118 @@
+"""`native4k train-dit`, `train-vae` and `encode-text`: the training module's command line.
+
+Multi-GPU: ``torchrun --nproc-per-node 8 -m pipelines.cli train-dit --config FILE`` (every
+rank reads the same config; set ``parallel.strategy: fsdp`` or ``ddp``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """--config FILE and --set KEY=VALUE overrides."""
+    p.add_argument("--config", required=True, help="YAML training configuration")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one setting, e.g. --set loop.max_steps=100",
+    )
+
+
+def _train(args: argparse.Namespace, which: str) -> int:
+    from training.config import (
+        DitTrainConfig,
+        TrainConfigError,
+        VaeTrainConfig,
+        load_train_config,
+    )
+
+    cls = DitTrainConfig if which == "dit" else VaeTrainConfig
+    try:
+        cfg = load_train_config(cls, args.config, args.set)
+    except TrainConfigError as e:
+        print(f"native4k: configuration error: {e}", file=sys.stderr)
+        return 2
+    try:
+        if which == "dit":
+            from training.dit_trainer import train_dit
+
+            result = train_dit(cfg)
+        else:
+            from training.vae_trainer import train_vae
+
+            result = train_vae(cfg)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"native4k: {e}", file=sys.stderr)
+        return 2
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        last = f"{result.losses[-1]:.5g}" if result.losses else "n/a"
+        print(f"native4k train-{which}: {result.step} steps, last loss {last}")
+        if result.metrics:
+            print("held-out: " + ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items()))
+        if result.checkpoint:
+            print(f"checkpoint: {result.checkpoint}")
+        if result.export:
+            print(f"model:      {result.export}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+def train_dit_cmd(args: argparse.Namespace) -> int:
+    """`native4k train-dit --config FILE`."""
+    return _train(args, "dit")
+
+
+def train_vae_cmd(args: argparse.Namespace) -> int:
+    """`native4k train-vae --config FILE`."""
+    return _train(args, "vae")
+
+
+def add_encode_text_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments of `native4k encode-text`."""
+    p.add_argument("data", metavar="DATA", help="a curation output (folder or s3:// prefix)")
+    p.add_argument(
+        "--encoders",
+        required=True,
+        help="folder with text_encoder/, tokenizer/, text_encoder_2/, tokenizer_2/ (FLUX.1-dev)",
+    )
+    p.add_argument("--output", "-o", required=True, help="cache folder to write")
+    p.add_argument("--max-sequence-length", type=int, default=512, help="T5 tokens (512)")
+    p.add_argument("--language", default="en", choices=["en", "zh"], help="caption column")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+
+
+def encode_text_cmd(args: argparse.Namespace) -> int:
+    """Encode every kept sample's caption once, for `text.source: cache`."""
+    import torch
+
+    from training.text_cache import TextEncoders, write_text_cache
+
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda" if use_cuda else "cpu")
+    try:
+        encoders = TextEncoders(
+            args.encoders, device=device, dtype=torch.bfloat16 if use_cuda else torch.float32
+        )
+        n = write_text_cache(
+            args.data,
+            encoders,
+            args.output,
+            max_sequence_length=args.max_sequence_length,
+            language=args.language,
+            batch_size=args.batch_size,
+            encoders_folder=str(args.encoders),
+            progress=sys.stderr.isatty(),
+        )
+    except (FileNotFoundError, ValueError) as e:
+        print(f"native4k: {e}", file=sys.stderr)
+        return 2
+    print(f"native4k encode-text: {n} captions -> {args.output}")
+    return 0

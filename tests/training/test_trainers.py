@@ -1,0 +1,380 @@
+"""Trainer tests: tiny random models train on CPU from shards written by `native4k curate`.
+
+The curation output comes from the session fixture ``curated_shards`` (the real CLI on local
+Ray); images are trained at 1/16 of their bucket size (``resolution_divisor``) so a step takes
+milliseconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from training.config import (
+    DitTrainConfig,
+    TimestepConfig,
+    TrainConfigError,
+    VaeTrainConfig,
+    load_train_config,
+)
+from training.dit_trainer import DitTask, sample_timesteps, timestep_shift, train_dit
+from training.tiny import TINY_DIT, TINY_VAE, save_tiny_text_encoders, save_tiny_vae
+from training.trainer import Trainer
+
+pytestmark = pytest.mark.ray  # curated_shards runs the real curation job on local Ray
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread is ~50x faster than two
+    threads fighting other processes for the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny random VAE and text encoders in the real folder layouts."""
+    root = tmp_path_factory.mktemp("tiny_parts")
+    return {"vae": save_tiny_vae(root / "vae"), "encoders": save_tiny_text_encoders(root / "te")}
+
+
+@pytest.fixture(scope="module")
+def text_cache(curated_shards: Path, parts: dict, tmp_path_factory) -> Path:
+    """A text cache written by the real `native4k encode-text` over the curated shards."""
+    from pipelines.cli import main
+
+    out = tmp_path_factory.mktemp("text_cache")
+    args = ["encode-text", str(curated_shards), "--encoders", str(parts["encoders"])]
+    assert main([*args, "--output", str(out), "--max-sequence-length", "8"]) == 0
+    return out
+
+
+def dit_config(root: Path, parts: dict, out: Path, **sections) -> dict:
+    """A tiny-DiT config tree over the curated shards (sections override whole keys)."""
+    tree = {
+        "data": {"root": str(root), "batch_size": 1, "resolution_divisor": 16},
+        "model": {"architecture": TINY_DIT, "vae": str(parts["vae"])},
+        "text": {
+            "source": "encoders",
+            "encoders": str(parts["encoders"]),
+            "max_sequence_length": 8,
+        },
+        "optim": {"lr": 1e-3},
+        "loop": {
+            "output_dir": str(out),
+            "mixed_precision": "no",
+            "progress": False,
+            "log_every": 1,
+            "device": "cpu",
+        },
+    }
+    for k, v in sections.items():
+        tree[k] = {**tree.get(k, {}), **v}
+    return tree
+
+
+def test_dit_curriculum_run_and_bit_identical_resume(
+    curated_shards: Path, parts: dict, text_cache: Path, tmp_path: Path
+) -> None:
+    stages = [
+        {"name": "all", "steps": 3},
+        # Stage 2: a data filter (top half by sharpness) and the noisiest timesteps only.
+        {"name": "sharp", "steps": 3, "select_column": "sharpness", "select_top": 0.5,
+         "t_min": 0.54, "t_max": 1.0},
+    ]  # fmt: skip
+    common = {
+        "text": {"source": "cache", "cache": str(text_cache), "encoders": None},
+        "optim": {"lr": 1e-3, "warmup_steps": 2, "schedule": "cosine"},
+    }
+    loop = {"ema_decay": 0.9, "checkpoint_every": 4, "keep_checkpoints": 1}
+    tree_a = dit_config(curated_shards, parts, tmp_path / "a", loop=loop, **common)
+    tree_a["stages"] = stages
+    cfg_a = load_train_config(DitTrainConfig, data=tree_a)
+    seen_t: list[torch.Tensor] = []
+    task_a = DitTask(cfg_a)
+    original = sample_timesteps
+
+    def spy(*args, **kwargs):
+        t = original(*args, **kwargs)
+        seen_t.append((kwargs["t_min"], t))
+        return t
+
+    import training.dit_trainer as dt
+
+    dt.sample_timesteps = spy
+    try:
+        full = Trainer(task_a, optim=cfg_a.optim, loop=cfg_a.loop, parallel=cfg_a.parallel).run()
+    finally:
+        dt.sample_timesteps = original
+    assert full.step == 6 and len(full.losses) == 6
+    assert all(t_min == 0.0 for t_min, _ in seen_t[:3])
+    assert all(t_min == 0.54 and (t >= 0.54).all() for t_min, t in seen_t[3:])
+    # TensorBoard events, one kept checkpoint (the last), the exported transformer.
+    assert list((tmp_path / "a" / "tensorboard").glob("events.out.tfevents.*"))
+    kept = sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir())
+    assert kept == ["step-00000006"]
+    from model.transformer import UltraFluxTransformer2DModel
+
+    exported = UltraFluxTransformer2DModel.from_pretrained(full.export / "transformer")
+    assert exported.config.num_layers == TINY_DIT["num_layers"]
+
+    # Interrupted after step 4 (a checkpoint in the middle of stage 2), then resumed.
+    tree_b = {**tree_a, "loop": {**tree_a["loop"], "output_dir": str(tmp_path / "b")}}
+    cfg_b = load_train_config(DitTrainConfig, data=tree_b)
+    first = train_dit(cfg_b, stop_after=4)
+    assert first.losses == full.losses[:4]
+    state = json.loads((first.checkpoint / "rank0.json").read_text())
+    assert state["step"] == 4 and state["stage"] == 1 and state["loader"]
+    resumed = train_dit(cfg_b)
+    assert resumed.losses == full.losses[4:]  # bit-identical on the CPU
+    a = UltraFluxTransformer2DModel.from_pretrained(full.export / "transformer").state_dict()
+    b = UltraFluxTransformer2DModel.from_pretrained(resumed.export / "transformer").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+class RepeatOne:
+    """A loader that yields the same real batch every time (to overfit it)."""
+
+    def __init__(self, batch: dict, length: int = 4) -> None:
+        self.batch, self.length, self.pos = batch, length, 0
+
+    def __iter__(self):
+        while self.pos < self.length:
+            self.pos += 1
+            yield self.batch
+        self.pos = 0
+
+    def state_dict(self) -> dict:
+        return {"pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.pos = state["pos"]
+
+
+class FixedDraws(DitTask):
+    """The DiT task with the same noise, times and latent sample at every step."""
+
+    def compute_loss(self, model, batch, stage, generator):
+        return super().compute_loss(model, batch, stage, torch.Generator().manual_seed(0))
+
+
+def test_dit_overfits_one_batch(curated_shards: Path, parts: dict, tmp_path: Path) -> None:
+    from training.data import BucketedLoader
+
+    tree = dit_config(
+        curated_shards,
+        parts,
+        tmp_path,
+        data={"batch_size": 2},
+        loop={"max_steps": 20, "tensorboard": False, "export": False, "log_every": 20},
+        optim={"lr": 3e-3},
+    )
+    tree["data"]["bucket_weights"] = {"1024x576": 1.0, "576x1024": 0, "1024x1024": 0, "640x960": 0}
+    cfg = load_train_config(DitTrainConfig, data=tree)
+    batch = next(iter(BucketedLoader(cfg.data)))
+    assert batch["pixels"].shape == (2, 3, 32, 64)
+    task = FixedDraws(cfg, loader_factory=lambda data, rank, world_size: RepeatOne(batch))
+    result = Trainer(task, optim=cfg.optim, loop=cfg.loop, parallel=cfg.parallel).run()
+    assert result.losses[-1] < 0.2 * result.losses[0], result.losses
+
+
+def test_fsdp_two_cpu_processes(curated_shards: Path, parts: dict, tmp_path: Path) -> None:
+    """`torchrun --nproc-per-node 2 ... train-dit` on the CPU (gloo) with FSDP2."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "run"
+    tree = dit_config(
+        curated_shards,
+        parts,
+        out,
+        loop={"max_steps": 6, "tensorboard": False, "checkpoint_every": 3, "record_samples": True},
+        parallel={"strategy": "fsdp", "activation_checkpointing": True},
+    )
+    tree["data"]["small_buckets"] = "pad"
+    config = tmp_path / "dit.yaml"
+    config.write_text(yaml.safe_dump(tree))
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(port),
+        "-m",
+        "pipelines.cli",
+        "train-dit",
+        "--config",
+        str(config),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "train-dit: 6 steps" in done.stdout
+    seen = [
+        [line.split() for line in (out / f"samples-rank{r}.txt").read_text().splitlines()]
+        for r in (0, 1)
+    ]
+    assert len(seen[0]) == len(seen[1]) == 6  # the same number of batches on both ranks
+    # Within an epoch the ranks' samples are disjoint (and padded batches repeat a rank's own).
+    from training.data import BucketedLoader
+
+    data = load_train_config(DitTrainConfig, data=tree).data
+    per_epoch = len(BucketedLoader(data, rank=0, world_size=2))
+    assert per_epoch == len(BucketedLoader(data, rank=1, world_size=2))
+    keys = [{k for batch in ranks[:per_epoch] for k in batch} for ranks in seen]
+    assert keys[0] and keys[1] and not keys[0] & keys[1]
+    # Both ranks wrote their part of each resumable checkpoint, with their loader position.
+    ckpt = out / "checkpoints" / "step-00000006"
+    states = [json.loads((ckpt / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [(s["world_size"], s["step"]) for s in states] == [(2, 6), (2, 6)]
+    assert len(list(ckpt.glob("*.distcp"))) == 2
+    assert (out / "final" / "transformer" / "config.json").is_file()
+
+
+@pytest.fixture(scope="module")
+def vgg_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from torchvision.models.vgg import make_layers
+
+    from training.losses import VGG16_CFG
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("vgg") / "vgg16_random.pth"
+    torch.save({f"features.{k}": v for k, v in make_layers(list(VGG16_CFG)).state_dict().items()},
+               path)  # fmt: skip
+    return path
+
+
+def test_vae_decoder_post_training(
+    curated_shards: Path, parts: dict, vgg_file: Path, tmp_path: Path
+) -> None:
+    from pipelines.cli import main
+
+    held_out = tmp_path / "held_out"
+    held_out.mkdir()
+    import numpy as np
+    from PIL import Image
+
+    yy, xx = np.mgrid[0:80, 0:96]
+    pattern = np.stack([np.sin(xx / 5), np.cos(yy / 7), np.sin((xx + yy) / 9)], axis=-1)
+    Image.fromarray(((pattern + 1) * 127.5).astype(np.uint8)).save(held_out / "a.png")
+    config = {
+        "data": {"root": str(curated_shards), "mode": "crop", "crop_size": 32, "batch_size": 2,
+                 "select_column": "flat_fraction", "select_top": 0.5, "select_ascending": True,
+                 "small_buckets": "pad"},
+        "model": {"pretrained": str(parts["vae"])},
+        "loss": {"vgg_weights": str(vgg_file)},
+        "eval": {"images": [str(held_out)], "size": 64, "every": 2},
+        "optim": {"lr": 1e-3},
+        "loop": {"output_dir": str(tmp_path / "out"), "max_steps": 4, "mixed_precision": "no",
+                 "progress": False, "log_every": 1, "device": "cpu", "ema_decay": 0.5},
+    }  # fmt: skip
+    path = tmp_path / "vae.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["train-vae", "--config", str(path)]) == 0
+    from model.vae import AutoencoderKLF16
+
+    before = AutoencoderKLF16.from_pretrained(parts["vae"]).state_dict()
+    after = AutoencoderKLF16.from_pretrained(tmp_path / "out" / "final" / "vae").state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("decoder.") for k in changed)  # the encoder is frozen
+    events = list((tmp_path / "out" / "tensorboard").glob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(events[0]))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    for tag in (
+        "train/loss",
+        "train/l2",
+        "train/wavelet",
+        "train/perceptual",
+        "eval/psnr",
+        "eval/ssim",
+        "eval/lpips_vgg",
+        "train/images_per_s",
+        "train/tokens_per_s",
+    ):
+        assert tag in tags, tag  # fmt: skip
+    assert [e.step for e in acc.Scalars("eval/psnr")] == [2, 4]
+
+
+def test_config_errors_are_clear(curated_shards: Path, parts: dict, tmp_path: Path) -> None:
+    tree = dit_config(curated_shards, parts, tmp_path, loop={"max_steps": 1})
+    with pytest.raises(TrainConfigError, match=r"unknown config key 'loop.max_step'"):
+        load_train_config(DitTrainConfig, data={**tree, "loop": {"max_step": 1}})
+    with pytest.raises(TrainConfigError, match=r"'optim.lr' must be a number"):
+        load_train_config(DitTrainConfig, data={**tree, "optim": {"lr": "fast"}})
+    with pytest.raises(TrainConfigError, match=r"'model.vae'.*config\.json"):
+        load_train_config(DitTrainConfig, data={**tree, "model": {**tree["model"], "vae": "/no"}})
+    with pytest.raises(TrainConfigError, match=r"'data' is required"):
+        load_train_config(DitTrainConfig, data={k: v for k, v in tree.items() if k != "data"})
+    with pytest.raises(TrainConfigError, match=r"stages add up to 3"):
+        load_train_config(DitTrainConfig, data={**tree, "stages": [{"steps": 3}]})
+    with pytest.raises(TrainConfigError, match=r"data config key 'mode'"):
+        load_train_config(DitTrainConfig, data={**tree, "data": {**tree["data"], "mode": "x"}})
+    # A bucket the data does not have stops the run before any model is built.
+    bad = {**tree, "data": {**tree["data"], "bucket_weights": {"4096x4096": 2.0}}}
+    with pytest.raises(ValueError, match="4096x4096"):
+        train_dit(load_train_config(DitTrainConfig, data=bad))
+    vae_tree = {
+        "data": {"root": str(curated_shards), "mode": "crop", "crop_size": 32},
+        "model": {"architecture": TINY_VAE},
+        "loop": {"max_steps": 1},
+    }
+    with pytest.raises(TrainConfigError, match=r"loss.vgg_weights.*vgg16-397923af"):
+        load_train_config(VaeTrainConfig, data=vae_tree)
+    with pytest.raises(TrainConfigError, match=r"loss.vgg_weights.*missing\.pth not found"):
+        load_train_config(
+            VaeTrainConfig,
+            data={**vae_tree, "loss": {"vgg_weights": str(tmp_path / "missing.pth")}},
+        )
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    tokens=st.sampled_from([64, 1024, 4096, 16384]),
+    band=st.tuples(st.floats(0.0, 0.9), st.floats(0.05, 1.0)).filter(lambda b: b[0] + 0.05 < b[1]),
+    dist=st.sampled_from(["logit_normal", "uniform"]),
+    seed=st.integers(0, 1000),
+)
+def test_timesteps_stay_in_band(tokens, band, dist, seed) -> None:
+    cfg = TimestepConfig(distribution=dist)
+    g = torch.Generator().manual_seed(seed)
+    t = sample_timesteps(256, tokens, cfg, t_min=band[0], t_max=band[1], generator=g,
+                         device=torch.device("cpu"))  # fmt: skip
+    assert t.shape == (256,) and t.dtype == torch.float32
+    assert (t >= max(band[0], cfg.eps)).all() and (t <= min(band[1], 1 - cfg.eps)).all()
+
+
+def test_resolution_shift_moves_timesteps_to_noise() -> None:
+    cfg = TimestepConfig()
+    # Flux's rule: mu = 0.5 at 256 tokens, 1.15 at 4096, extrapolated to ~3.2 at 16,384.
+    assert timestep_shift(256, cfg) == pytest.approx(torch.e**0.5)
+    assert timestep_shift(16384, cfg) == pytest.approx(torch.e ** (0.5 + 0.65 / 3840 * 16128))
+    means = []
+    for tokens in (256, 4096, 16384):
+        g = torch.Generator().manual_seed(0)
+        means.append(sample_timesteps(4000, tokens, cfg, generator=g, device=torch.device("cpu")))
+    assert means[0].mean() < means[1].mean() < means[2].mean()
+    fixed = dataclasses.replace(cfg, shift="none", distribution="uniform")
+    g = torch.Generator().manual_seed(0)
+    t = sample_timesteps(20000, 16384, fixed, t_min=0.2, t_max=0.6, generator=g,
+                         device=torch.device("cpu"))  # fmt: skip
+    assert abs(t.mean().item() - 0.4) < 0.01  # uniform inside the band without a shift
