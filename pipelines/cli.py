@@ -184,6 +184,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     generate.add_arguments(p)
     p.set_defaults(func=generate.run)
+
+    from pipelines import train
+
+    p = sub.add_parser("train-dit", help="train the UltraFlux DiT on curated shards")
+    train.add_train_arguments(p)
+    p.set_defaults(func=train.train_dit_cmd)
+    p = sub.add_parser("train-vae", help="post-train the F16 VAE decoder on curated shards")
+    train.add_train_arguments(p)
+    p.set_defaults(func=train.train_vae_cmd)
+    p = sub.add_parser("encode-text", help="cache frozen text-encoder outputs of DATA's captions")
+    train.add_encode_text_arguments(p)
+    p.set_defaults(func=train.encode_text_cmd)
     return parser
 
 
