@@ -328,14 +328,21 @@ def quiet_ray_data(interactive: bool) -> Iterator[None]:
     Passes 2-4 run a dozen small datasets that finish in well under a second each; their
     start and finish lines would bury the job's own lines. On a terminal, bars stay.
     """
-    logger = logging.getLogger("ray.data")
-    saved = logger.level
+    consoles = [
+        h
+        for h in logging.getLogger("ray.data").handlers
+        if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+        and "File" not in type(h).__name__  # Ray's session log file keeps every line
+    ]
+    saved = [h.level for h in consoles]
     if not interactive:
-        logger.setLevel(logging.WARNING)
+        for h in consoles:
+            h.setLevel(logging.WARNING)
     try:
         yield
     finally:
-        logger.setLevel(saved)
+        for h, level in zip(consoles, saved, strict=True):
+            h.setLevel(level)
 
 
 def input_blocks(num_inputs: int, cpus: int) -> int:
