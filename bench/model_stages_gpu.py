@@ -397,6 +397,28 @@ def captioning(args: argparse.Namespace, files: list[bytes]) -> dict[str, Any]:
     return res
 
 
+def prepare(folder: str) -> None:
+    """Copy Debian's JPEG wallpapers of at least 4K pixels (one side >= 3840) into `folder`."""
+    import shutil
+
+    from PIL import Image
+
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    for root in ("/usr/share/wallpapers", "/usr/share/backgrounds"):
+        for p in sorted(Path(root).rglob("*.jpg")):
+            if p.is_symlink():
+                continue
+            with Image.open(p) as im:
+                w, h = im.size
+            if max(w, h) < 3840 or w * h > 20_000_000:
+                continue
+            theme = p.parts[4] if root.endswith("wallpapers") else p.stem
+            name = theme + ("_dark" if "images_dark" in p.parts else "") + ".jpg"
+            shutil.copy(p, out / name)
+    print(f"{len(list(out.glob('*.jpg')))} JPEGs in {out}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", default="scratch/bench4k")
@@ -409,7 +431,11 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--smoke", action="store_true", help="tiny models on the CPU")
     ap.add_argument("--skip-caption", action="store_true")
+    ap.add_argument("--prepare", metavar="FOLDER", help="only copy the bench JPEGs into FOLDER")
     args = ap.parse_args()
+    if args.prepare:
+        prepare(args.prepare)
+        return
     paths = sorted(Path(args.images).glob("*.jpg"))
     files = [p.read_bytes() for p in paths]
     args.names = [p.name for p in paths]
