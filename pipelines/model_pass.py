@@ -28,6 +28,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -432,12 +433,6 @@ def _nonempty(ds: Any) -> tuple[Any | None, int]:
     return nonempty(ds)
 
 
-def _partitions(num_rows: int, cpus: int) -> int:
-    from pipelines.curate import partitions_for
-
-    return partitions_for(num_rows, cpus)
-
-
 def _pool(
     ds: Any, cls: type[Stage], kwargs: dict[str, Any], *, gpus: float, n: int, bs: int
 ) -> Any:
@@ -466,12 +461,27 @@ def _to_score(score_all: bool) -> Any:
     return select
 
 
+def _first_per_source(t: pa.Table) -> pa.Table:
+    sources = column(t, schema.SOURCE)
+    first = {src: i for i, src in reversed(list(enumerate(sources)))}
+    if len(first) == t.num_rows:
+        return t
+    return t.take(pa.array(sorted(first.values()), pa.int64()))
+
+
 def _candidates_only(t: pa.Table) -> pa.Table:
     return t.filter(pc.is_null(t[schema.STATUS]))
 
 
 def run_model_pass(
-    rd: Any, rows: Any, cfg: JobConfig, *, output: str, work: str, cpus: int
+    rd: Any,
+    rows: Any,
+    cfg: JobConfig,
+    *,
+    output: str,
+    work: str,
+    partitions: Callable[[int], int],
+    cpus: int,
 ) -> ModelPassResult:
     """Score, decide and caption the job's candidates; see the module docstring.
 
@@ -481,7 +491,8 @@ def run_model_pass(
         cfg: the job's configuration (models checked by `check_models` before the job).
         output: OUT, where `embeddings/` goes.
         work: OUT/_work, holding `thumbnails/`.
-        cpus: the cluster's CPUs (shuffle partitions).
+        partitions: shuffle partitions for a number of rows (the job's `Partitioning`).
+        cpus: the cluster's CPUs (at most 16 model batches per CPU are planned).
 
     Returns:
         The rows with the model columns (null where not scored) and the new verdicts.
@@ -506,8 +517,12 @@ def run_model_pass(
     from pipelines.curate import _read_parquet
 
     thumbs = _read_parquet(rd, thumbs_dir)
+    # A rerun after a crash between the two sinks of pass 1 can leave two thumbnail files for a
+    # source; the join is partitioned by source, so its copies meet in one block.
     scored, num_scored = _nonempty(
-        slim.join(thumbs, "inner", _partitions(num_slim, cpus), on=(schema.SOURCE,))
+        slim.join(thumbs, "inner", partitions(num_slim), on=(schema.SOURCE,)).map_batches(
+            _first_per_source, batch_format="pyarrow", batch_size=None
+        )
     )
     if num_scored < num_slim:
         result.notes.append(
@@ -606,7 +621,7 @@ def run_model_pass(
         scored = _caption(scored, cfg, plan)
     if plan.clip:
         _write_embeddings(rd, scored, output, work, Path(m.clip_model).stem)
-    result.rows = _merge(rows, scored, cpus)
+    result.rows = _merge(rows, scored, partitions)
     result.rules = rule_summary(cfg, result.cuts)
     return result
 
@@ -719,13 +734,13 @@ def _caption(scored: Any, cfg: JobConfig, plan: ModelPlan) -> Any:
     return kept if others is None else kept.union(others)
 
 
-def _merge(rows: Any, scored: Any, cpus: int) -> Any:
+def _merge(rows: Any, scored: Any, partitions: Callable[[int], int]) -> Any:
     """Join the model pass's columns and verdicts back onto every row of the job."""
     res = scored.map_batches(_result_columns, batch_format="pyarrow", batch_size=None)
     res, num_res = _nonempty(res)
     if res is None:
         return rows.map_batches(_caption_sources, batch_format="pyarrow", batch_size=None)
-    joined = rows.join(res, "left_outer", _partitions(num_res, cpus), on=(schema.SOURCE,))
+    joined = rows.join(res, "left_outer", partitions(num_res), on=(schema.SOURCE,))
     return joined.map_batches(_take_results, batch_format="pyarrow", batch_size=None)
 
 

@@ -237,3 +237,29 @@ def test_offline_defaults_score_real_photographs(local_ray, inputs, tmp_path, ca
     # pass never saw it.
     copy = next(r for r in rows if r[schema.SOURCE].endswith(COPY))
     assert copy[schema.REASON] == "duplicate" and copy[schema.QUALITY] is None
+
+
+def test_models_command_lists_files_and_their_presence(tmp_path, capsys):
+    from pipelines.cli import main
+
+    weights = tmp_path / "clip.pt"
+    weights.write_bytes(b"x")
+    missing = tmp_path / "aes.pth"
+    code = main(
+        [
+            "models",
+            "--set",
+            f"models.clip_weights={weights}",
+            "--set",
+            f"models.aesthetic_weights={missing}",
+            "--set",
+            "score.quality_metric=musiq",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "present  models.clip_weights" in out and str(weights) in out
+    assert f"MISSING  models.aesthetic_weights   {missing}" in out
+    assert "MISSING  models.pyiqa_weights" in out and "musiq" in out
+    assert main(["models"]) == 0  # the defaults need no file
+    assert "pyiqa piqe" in capsys.readouterr().out
