@@ -58,11 +58,14 @@ log = logging.getLogger("native4k")
 ANALYSIS_COLUMNS = tuple(c for c in schema.MANIFEST_COLUMNS if c != schema.KEY)
 AWS_ENV = (
     "AWS_ENDPOINT_URL",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
     "AWS_DEFAULT_REGION",
-    "AWS_SESSION_TOKEN",
+    "AWS_MAX_ATTEMPTS",
+    "AWS_RETRY_MODE",
 )
+"""Non-secret S3 settings handed to a cluster's workers. Credentials are not: Ray puts a
+runtime environment's variables on every worker's command line (visible in `ps` and Ray's
+logs); cluster nodes take theirs from their own environment or instance role, and a local
+instance's workers inherit the driver's."""
 
 
 @dataclass
@@ -455,7 +458,7 @@ def init_ray(cfg: JobConfig, address: str | None) -> Any:
     if ray.is_initialized():
         return ray
     env = {k: os.environ[k] for k in AWS_ENV if k in os.environ}
-    runtime_env = {"env_vars": env} if env else None
+    runtime_env = {"env_vars": env} if env and address else None
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
     else:
