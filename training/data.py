@@ -253,6 +253,23 @@ class _Samples:
     aesthetic: np.ndarray  # [N] float64, nan when null
     caption: list[str]
 
+    def subset(self, plan: list[_Batch]) -> tuple[_Samples, list[_Batch]]:
+        """Only the rows `plan` uses, and the plan renumbered to them (what workers receive)."""
+        ids = sorted({i for b in plan for i in b.ids})
+        new = {i: j for j, i in enumerate(ids)}
+        rows = _Samples(
+            key=[self.key[i] for i in ids],
+            bucket=[self.bucket[i] for i in ids],
+            shard=[self.shard[i] for i in ids],
+            extension=[self.extension[i] for i in ids],
+            box=self.box[ids],
+            size=self.size[ids],
+            aesthetic=self.aesthetic[ids],
+            caption=[self.caption[i] for i in ids],
+        )
+        renumbered = [_Batch(b.uid, tuple(new[i] for i in b.ids), b.padded, b.bucket) for b in plan]
+        return rows, renumbered
+
 
 def read_manifest(root: str, columns: tuple[str, ...]) -> pa.Table:
     """The manifest of a finished curation output (only `columns` that exist)."""
@@ -552,8 +569,11 @@ class BucketedLoader:
             self._epoch, self._consumed = self._epoch + 1, 0
         epoch, start = self._epoch, self._consumed
         plan = self._rank_plan(epoch)[start:]
+        samples = self._samples
+        if self.cfg.num_workers > 0:  # workers get this rank's rows only, not the manifest
+            samples, plan = samples.subset(plan)
         stream = _EpochStream(
-            cfg=self.cfg, samples=self._samples, plan=plan, epoch=epoch, first_index=start
+            cfg=self.cfg, samples=samples, plan=plan, epoch=epoch, first_index=start
         )
         if self.cfg.num_workers > 0:
             loader = torch.utils.data.DataLoader(

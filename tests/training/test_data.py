@@ -354,6 +354,9 @@ def test_bucket_weights_repeat_subsample_and_exclude(curated_shards):
         (dict(caption_language="fr"), "caption_language"),
         (dict(num_workers=1.5), "num_workers"),
         (dict(resolution_divisor=0), "resolution_divisor"),
+        (dict(worker_start="thread"), "worker_start"),
+        (dict(shuffle_window=0), "shuffle_window"),
+        (dict(resample="nearest"), "resample"),
     ],
 )
 def test_config_errors_name_the_key(kw, key):
