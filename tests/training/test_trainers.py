@@ -189,6 +189,30 @@ def test_dit_overfits_one_batch(curated_shards: Path, parts: dict, tmp_path: Pat
     assert result.losses[-1] < 0.2 * result.losses[0], result.losses
 
 
+def test_ddp_and_fsdp_wrappers_keep_the_math(
+    curated_shards: Path, parts: dict, tmp_path: Path
+) -> None:
+    """One rank: DDP and FSDP2 (with activation checkpointing) train like the bare model."""
+    import torch.distributed as dist
+
+    losses = {}
+    try:
+        for strategy in ("none", "ddp", "fsdp"):
+            tree = dit_config(
+                curated_shards,
+                parts,
+                tmp_path / strategy,
+                loop={"max_steps": 3, "tensorboard": False, "export": False},
+                parallel={"strategy": strategy, "activation_checkpointing": strategy == "fsdp"},
+            )
+            losses[strategy] = train_dit(load_train_config(DitTrainConfig, data=tree)).losses
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert losses["ddp"] == losses["none"]
+    assert losses["fsdp"] == pytest.approx(losses["none"], rel=1e-5)
+
+
 def test_fsdp_two_cpu_processes(curated_shards: Path, parts: dict, tmp_path: Path) -> None:
     """`torchrun --nproc-per-node 2 ... train-dit` on the CPU (gloo) with FSDP2."""
     import socket
