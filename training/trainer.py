@@ -16,13 +16,11 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -170,6 +168,12 @@ class Trainer:
         self.generator = torch.Generator(device=info.device)
         self.generator.manual_seed(loop.seed * 100_003 + info.rank)
         Path(loop.output_dir).mkdir(parents=True, exist_ok=True)
+        if info.is_main and self.config_dict:
+            import yaml
+
+            (Path(loop.output_dir) / "train_config.yaml").write_text(
+                yaml.safe_dump(self.config_dict, sort_keys=False)
+            )
         self.writer = None
         if info.is_main and loop.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -422,14 +426,3 @@ class Trainer:
             self.task.export(full, folder)
         barrier()
         return folder
-
-
-def iterate_forever(loader: Any) -> Iterator[dict]:
-    """Epoch after epoch of a loader (for benchmarks)."""
-    while True:
-        yield from loader
-
-
-def is_distributed() -> bool:
-    """True inside an initialised process group of more than one rank."""
-    return dist.is_initialized() and dist.get_world_size() > 1

@@ -137,6 +137,8 @@ def test_dit_curriculum_run_and_bit_identical_resume(
     state = json.loads((first.checkpoint / "rank0.json").read_text())
     assert state["step"] == 4 and state["stage"] == 1 and state["loader"]
     resumed = train_dit(cfg_b)
+    saved = yaml.safe_load((tmp_path / "b" / "train_config.yaml").read_text())
+    assert saved["stages"][1]["t_min"] == 0.54 and saved["data"]["root"] == str(curated_shards)
     assert resumed.losses == full.losses[4:]  # bit-identical on the CPU
     a = UltraFluxTransformer2DModel.from_pretrained(full.export / "transformer").state_dict()
     b = UltraFluxTransformer2DModel.from_pretrained(resumed.export / "transformer").state_dict()
