@@ -419,8 +419,10 @@ class Trainer:
         )
         if self.ema is not None:
             for name, tensor in self.ema.items():
+                # full_tensor() is a collective (FSDP): every rank gathers, rank 0 keeps.
                 value = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
-                full[name] = value.detach().cpu().to(full[name].dtype)
+                if self.info.is_main:
+                    full[name] = value.detach().cpu().to(full[name].dtype)
         folder = Path(self.loop.output_dir) / "final"
         if self.info.is_main:
             self.task.export(full, folder)

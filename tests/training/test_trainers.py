@@ -229,7 +229,13 @@ def test_fsdp_two_cpu_processes(curated_shards: Path, parts: dict, tmp_path: Pat
         curated_shards,
         parts,
         out,
-        loop={"max_steps": 6, "tensorboard": False, "checkpoint_every": 3, "record_samples": True},
+        loop={
+            "max_steps": 6,
+            "tensorboard": False,
+            "checkpoint_every": 3,
+            "record_samples": True,
+            "ema_decay": 0.9,
+        },
         parallel={"strategy": "fsdp", "activation_checkpointing": True},
     )
     tree["data"]["small_buckets"] = "pad"
