@@ -218,10 +218,13 @@ def test_offline_defaults_score_real_photographs(local_ray, inputs, tmp_path, ca
     from pipelines.cli import main
 
     out = tmp_path / "out"
-    assert main(["curate", str(inputs), "--output", str(out), *RELAXED]) == 0
+    # (pHash de-duplication off: its distributed passes are another test's subject)
+    args = ["curate", str(inputs), "--output", str(out), *RELAXED, "--set", "dedup.enabled=false"]
+    assert main(args) == 0
     stdout = capsys.readouterr().out
     rows = _manifest(out)
-    candidates = [r for r in rows if r[schema.REASON] not in ("too_small", "duplicate")]
+    candidates = [r for r in rows if r[schema.REASON] != "too_small"]
+    assert len(candidates) == len(PHOTOS) + 1
     # piqe at 512 px on every candidate (0-100, lower is better), no rejection by default.
     assert all(0 <= r[schema.QUALITY] <= 100 for r in candidates)
     assert not any(r[schema.REASON] in ("low_quality", "unsafe") for r in rows)
@@ -233,10 +236,6 @@ def test_offline_defaults_score_real_photographs(local_ray, inputs, tmp_path, ca
     else:
         assert all(r[schema.CHARACTER] is None for r in rows)
         assert "nudenet is not installed" in stdout
-    # The pHash de-duplication (on by default) already caught the re-encoded copy: the model
-    # pass never saw it.
-    copy = next(r for r in rows if r[schema.SOURCE].endswith(COPY))
-    assert copy[schema.REASON] == "duplicate" and copy[schema.QUALITY] is None
 
 
 def test_models_command_lists_files_and_their_presence(tmp_path, capsys):
