@@ -242,6 +242,7 @@ class Trainer:
             images += out.num_images
             tokens += out.num_tokens
         grad_norm = self._clip()
+        self.step_lr = self.optimizer.param_groups[0]["lr"]  # the rate this step used
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -394,7 +395,7 @@ class Trainer:
                 self.writer.add_scalar(k, v, step)
 
     def _log(self, step: int, loss: float, grad_norm: float, metrics: dict, stage: int) -> None:
-        lr = self.scheduler.get_last_lr()[0]
+        lr = self.step_lr
         self._log_scalars(
             step,
             {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm, "train/stage": stage}
