@@ -85,15 +85,16 @@ def decode(
         img = Image.open(io.BytesIO(data))
         if img.format in ("JPEG", "MPO") and img.mode in ("RGB", "L"):
             if thumbnail_size:
-                small = Image.open(io.BytesIO(data))
-                small.draft("RGB", (thumbnail_size, thumbnail_size))
-                thumb = _thumbnail(small.convert("RGB"), orientation, thumbnail_size)
+                thumb = _safe_thumbnail(data, orientation, thumbnail_size)
             img.draft("L", img.size)
         img.load()
     if thumbnail_size and thumb is None and img.mode not in _HIGH_BIT_MODES:
         factor = max(1, max(img.size) // (2 * thumbnail_size))
-        small = img.reduce(factor) if img.mode in ("L", "RGB", "RGBA", "LA", "CMYK") else img
-        thumb = _thumbnail(small.convert("RGB"), orientation, thumbnail_size)
+        try:
+            small = img.reduce(factor) if img.mode in ("L", "RGB", "RGBA", "LA", "CMYK") else img
+            thumb = _thumbnail(small.convert("RGB"), orientation, thumbnail_size)
+        except (ValueError, OSError):  # a mode without an RGB conversion: from the luma below
+            thumb = None
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         arr = np.asarray(img)
         if img.mode == "I" and arr.max(initial=0) <= 255:
@@ -112,11 +113,21 @@ def decode(
         gray = cv2.cvtColor(rgb, code)
     else:
         gray = np.asarray(img.convert("L"))
-    if thumbnail_size and thumb is None:  # high-bit-depth: from the 8-bit luma
+    if thumbnail_size and thumb is None:  # high bit depth, odd modes: from the 8-bit luma
         thumb = _thumbnail(Image.fromarray(gray).convert("RGB"), orientation, thumbnail_size)
     if orientation in _TRANSPOSE:
         gray = np.asarray(Image.fromarray(gray).transpose(_TRANSPOSE[orientation]))
     return np.ascontiguousarray(gray), thumb
+
+
+def _safe_thumbnail(data: bytes, orientation: int, size: int) -> bytes | None:
+    """A JPEG's thumbnail by a reduced-size DCT decode; None when that decode fails."""
+    try:
+        small = Image.open(io.BytesIO(data))
+        small.draft("RGB", (size, size))
+        return _thumbnail(small.convert("RGB"), orientation, size)
+    except (ValueError, OSError):  # the full decode below decides the image's verdict
+        return None
 
 
 def _thumbnail(img: Image.Image, orientation: int, size: int) -> bytes:
