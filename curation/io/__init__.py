@@ -25,7 +25,11 @@ def configure_s3_retries() -> None:
     config = s3.setdefault("config_kwargs", {})
     retries = config.setdefault("retries", {})
     retries.setdefault("mode", os.environ.get("AWS_RETRY_MODE", "standard"))
-    retries.setdefault("max_attempts", int(os.environ.get("AWS_MAX_ATTEMPTS", S3_MAX_ATTEMPTS)))
+    # total_max_attempts counts the first request, as AWS_MAX_ATTEMPTS does (botocore rewrites
+    # a `max_attempts` entry into this key in place)
+    retries.setdefault(
+        "total_max_attempts", int(os.environ.get("AWS_MAX_ATTEMPTS", S3_MAX_ATTEMPTS))
+    )
 
 
 configure_s3_retries()
