@@ -7,7 +7,7 @@ samples:
 
 1. **Select** rows (`status == "kept"`), optionally the top share by a manifest column.
 2. **Draw** each bucket's samples for the epoch: `bucket_weights[b]` copies of every sample (a
-   fraction draws a seeded random subset), in shard order (shards shuffled by `seed + epoch`),
+   fraction draws a seeded random subset), in shard order (shards shuffled by `(seed, epoch)`),
    shuffled within windows of `shuffle_window` consecutive draws, then cut into batches of
    `batch_size`. A bucket's last, partial batch is filled by repeating samples of its last window
    (flagged `padded`). Buckets with fewer samples than `max(batch_size, min_bucket_samples)` are
@@ -18,10 +18,13 @@ samples:
    This also holds when there are fewer shards (or buckets) than ranks: ranks share shards and
    each reads only its own members.
 4. **Interleave** a rank's parts in a seeded random order that keeps each bucket's order, so a
-   rank reads each shard once per epoch, front to back, skipping other ranks' members.
-5. **Workers** (`num_workers > 0`): a rank's batch `j` is built by torch DataLoader worker
-   `j % num_workers`; the DataLoader returns them in order, so the batch sequence does not depend
-   on the number of workers.
+   rank streams each of its shard ranges front to back (a sample needed again beyond the shuffle
+   window, an extra weight round or a padding repeat reopens a shard), skipping other ranks'
+   members without copying them.
+5. **Workers** (`num_workers > 0`, started with `worker_start`, `spawn` by default): a rank's
+   batch `j` is built by torch DataLoader worker `j % num_workers`; the DataLoader returns them
+   in order, so the batch sequence does not depend on the number of workers. Each worker streams
+   the rank's shard ranges and decodes only its own batches.
 
 The position (epoch and batches consumed on this rank) is the loader's whole state: a loader
 restored from `state_dict()` yields exactly the batches an uninterrupted one would have yielded
