@@ -422,3 +422,23 @@ def test_reads_shards_from_s3(curated_shards, s3_server):
     remote = _epoch(BucketedLoader(DataConfig(root="s3://train/run", **kw), rank=1, world_size=2))
     assert [b["keys"] for b in remote] == [b["keys"] for b in local]
     assert all(bool((a["pixels"] == b["pixels"]).all()) for a, b in zip(local, remote, strict=True))
+
+
+def test_a_rank_reads_only_the_shards_that_hold_its_samples(curated_shards, tmp_path):
+    """Shards that hold none of rank 0's samples can vanish without rank 0 noticing."""
+    rows = _rows(curated_shards)
+    kw = dict(root=str(curated_shards), resolution_divisor=16, small_buckets="pad")
+    for seed in range(20):
+        cfg = DataConfig(**kw, seed=seed)
+        mine = _epoch(BucketedLoader(cfg, rank=0, world_size=2))
+        used = {rows[k]["shard"] for b in mine for k in b["keys"]}
+        others = {r["shard"] for r in rows.values()} - used
+        if others:
+            break
+    assert others, "no seed left a shard to rank 1 alone"
+    copy = tmp_path / "copy"
+    shutil.copytree(curated_shards, copy)
+    for shard in others:
+        (copy / shard).unlink()
+    again = _epoch(BucketedLoader(DataConfig(**{**kw, "root": str(copy)}, seed=seed), world_size=2))
+    assert [b["keys"] for b in again] == [b["keys"] for b in mine]
