@@ -217,6 +217,26 @@ class SkipDone(Stage):
         return t.filter(pa.array(keep, type=pa.bool_()))
 
 
+@dataclass(kw_only=True)
+class KeepListed(Stage):
+    """Drop stored analysis rows of inputs that this run no longer lists.
+
+    A rerun into the same output after an input was deleted must not keep its row. Rows of
+    tar members are kept when their tar is listed.
+    """
+
+    name = "keep_listed"
+    batch_size = None
+    files: frozenset[str] = frozenset()
+    tars: frozenset[str] = frozenset()
+
+    def process(self, t: pa.Table) -> pa.Table:
+        keep = [
+            s in self.files or s.rsplit("#", 1)[0] in self.tars for s in column(t, schema.SOURCE)
+        ]
+        return t.filter(pa.array(keep, type=pa.bool_()))
+
+
 def _apply(ds: Any, stage: Stage) -> Any:
     return ds.map_batches(
         stage, batch_format="pyarrow", zero_copy_batch=True, **stage.ray_options()
@@ -650,8 +670,12 @@ def run_curate(
     echo(f"native4k: analysed {analysed} inputs in this run")
 
     with quiet_ray_data(sys.stdout.isatty()):
+        listed = KeepListed(
+            files=frozenset(i.uri for i in items if i.kind == "file"),
+            tars=frozenset(i.uri for i in items if i.kind == "tar"),
+        )
         stats = _decide_and_write(
-            rd, cfg, table, output, analysis, passes, partitions_for, len(items), start
+            rd, cfg, table, output, analysis, listed, passes, partitions_for, len(items), start
         )
     return JobResult(
         output, stats, time.perf_counter() - start, skipped_inputs=len(done), notes=notes
@@ -664,6 +688,7 @@ def _decide_and_write(
     table: list[Bucket],
     output: str,
     analysis: str,
+    listed: KeepListed,
     passes: _Passes,
     partitions_for: Partitioning,
     num_inputs: int,
@@ -679,9 +704,9 @@ def _decide_and_write(
     # new decode: a rerun with other `analyze.min_*` values reuses the analysis.
     with passes.run("dedup", num_inputs):
         rows, num_rows = nonempty(
-            _read_parquet(rd, analysis).map_batches(
-                Retune(rules=pixel_rules(cfg)), batch_format="pyarrow"
-            )
+            _read_parquet(rd, analysis)
+            .map_batches(listed, batch_format="pyarrow")
+            .map_batches(Retune(rules=pixel_rules(cfg)), batch_format="pyarrow")
         )
         assert rows is not None, "the analysis pass wrote no rows"
         decisions = dedup_decisions(rows, cfg, partitions_for) if cfg.dedup.enabled else None

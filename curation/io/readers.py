@@ -209,13 +209,13 @@ class TarReader(Stage):
         rows: list[dict[str, Any]] = []
         for key in order:
             rows.extend(_sample_rows(tar_uri, key, samples[key]))
-        if error is not None and not rows:
+        if not rows:  # a tar with no sample still gets its row: no input vanishes
             rows.append(
                 {
                     schema.SOURCE: tar_uri,
                     schema.STATUS: schema.STATUS_REJECTED,
-                    schema.REASON: "unreadable",
-                    schema.DETAIL: f"cannot read tar: {error}",
+                    schema.REASON: "unreadable" if error else "unsupported_format",
+                    schema.DETAIL: f"cannot read tar: {error}" if error else "tar holds no sample",
                 }
             )
         elif error is not None:

@@ -1,11 +1,11 @@
 """Any set of inputs finishes: property-based tests through the real `native4k curate`.
 
 Input sets of 0-12 files mixing kinds (keepable natives, too small, flat, upscaled, corrupt,
-non-image, exact and near duplicates, lone sidecars) run through the real CLI on the shared
-local Ray instance, with shuffle partitions from one per row (most partitions empty) to one
-per job. Every run must exit 0 (or give the documented error when nothing is an input), write
-one manifest row per input with the reason its kind implies, shard exactly the kept rows, and
-pass `native4k verify`.
+non-image, exact and near duplicates, caption files without an image) run through the real CLI
+on the shared local Ray instance, with shuffle partitions from one per row (most partitions
+empty) to one per job. Every run must exit 0 (or give the documented error when nothing is an
+input), write one manifest row per input with the reason its kind implies, shard exactly the
+kept rows, and pass `native4k verify`.
 
 `HYPOTHESIS_PROFILE=thorough` runs many more examples (for local runs; CI uses the default).
 """
@@ -46,7 +46,8 @@ KINDS: dict[str, tuple[str, str | None, str | None]] = {
     "upscaled": ("jpg", "upscaled", None),
     "corrupt": ("jpg", "decode_error", None),
     "text": ("png", "unsupported_format", None),
-    "sidecar": ("txt", None, None),  # a caption with no image: not an input
+    # A caption file with no image beside it is an input of its own: it gets a row.
+    "sidecar": ("txt", "unsupported_format", None),
 }
 
 
@@ -81,8 +82,6 @@ def expected_outcomes(names: list[tuple[str, str]]) -> dict[str, tuple[str, str 
     families: dict[str, list[tuple[int, str, str]]] = defaultdict(list)
     for name, kind in names:
         _, reason, family = KINDS[kind]
-        if kind == "sidecar":
-            continue
         if family:
             families[family].append((0 if kind.startswith("native") else 1, name, kind))
         else:
@@ -144,7 +143,7 @@ partitioning = st.sampled_from([1, 2, 50_000])  # rows per shuffle partition
 )
 @given(drawn=kinds, rows_per_partition=partitioning)
 @example(drawn=[], rows_per_partition=50_000)  # no input at all
-@example(drawn=["sidecar"], rows_per_partition=50_000)  # a lone caption is no input
+@example(drawn=["sidecar"], rows_per_partition=50_000)  # a lone caption file
 @example(drawn=["native_a"], rows_per_partition=50_000)  # 1 input, kept
 @example(drawn=["flat"], rows_per_partition=50_000)  # 1 input, 0 kept
 @example(drawn=["text"], rows_per_partition=1)  # 1 non-image
@@ -226,3 +225,26 @@ def test_a_failed_pass_prints_one_line_and_a_rerun_resumes(pool, local_ray, tmp_
         },
         stdout,
     )
+
+
+def test_an_empty_tar_alone_gets_its_row(local_ray, tmp_path):
+    shard = tmp_path / "empty.tar"
+    with tarfile.open(shard, "w"):
+        pass
+    rc, _, stderr = run_job([shard], tmp_path / "out")
+    assert rc == 0, stderr
+    rows = pq.read_table(tmp_path / "out" / "manifest").to_pylist()
+    assert [(r["source"], r["reason"]) for r in rows] == [(str(shard), "unsupported_format")]
+
+
+def test_a_rerun_after_an_input_was_deleted_drops_its_row(pool, local_ray, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for kind in ("native_a", "corrupt"):
+        (folder / f"{kind}.jpg").write_bytes(pool[kind])
+    out = tmp_path / "out"
+    assert run_job([folder], out)[0] == 0
+    (folder / "corrupt.jpg").unlink()
+    rc, stdout, stderr = run_job([folder], out)
+    assert rc == 0, stderr
+    check_output(out, {"native_a.jpg": ("kept", None)}, stdout)
