@@ -52,6 +52,7 @@ from curation.probe.header_probe import EXTENSIONS, HeaderProbe
 from curation.shard.shard_writer import ShardWriter, plan_bucket, sample_key
 from curation.threshold_filter import ASPECT, PIXELS, Rule, ThresholdFilter
 from pipelines.config import ConfigError, JobConfig, dump_yaml, to_dict
+from pipelines.model_pass import ThumbnailSink, run_model_pass, thumbnail_folder, thumbnail_size
 
 log = logging.getLogger("native4k")
 
@@ -134,7 +135,11 @@ def analysis_stages(cfg: JobConfig) -> list[Stage]:
     return [
         HeaderProbe(),
         ThresholdFilter(rules=header_rules(cfg)),
-        PixelAnalyzer(flat_patch=cfg.analyze.flat_patch, flat_variance=cfg.analyze.flat_variance),
+        PixelAnalyzer(
+            flat_patch=cfg.analyze.flat_patch,
+            flat_variance=cfg.analyze.flat_variance,
+            thumbnail_size=thumbnail_size(cfg),
+        ),
         ThresholdFilter(rules=pixel_rules(cfg)),
     ]
 
@@ -545,6 +550,7 @@ def _analyse(rd: Any, items: Sequence[InputItem], done: set[str], analysis: str,
         for ds in streams:  # stages per stream, so Ray fuses read → analyse → sink in one task
             for stage in analysis_stages(cfg):
                 ds = _apply(ds, stage)
+            ds = _apply(ds, ThumbnailSink(folder=thumbnail_folder(analysis)))
             sunk.append(_apply(ds, ParquetSink(folder=analysis)))
         counts = sunk[0] if len(sunk) == 1 else sunk[0].union(*sunk[1:])
         analysed = int(counts.sum("rows") or 0)
@@ -715,6 +721,21 @@ def _decide_and_write(
             rows = rows.join(decisions, "left_outer", parts, on=(schema.SOURCE,))
             rows = rows.map_batches(_apply_duplicates, batch_format="pyarrow")
 
+    # Model pass: scores, model rules, semantic duplicates, captions (pipelines/model_pass.py).
+    with passes.run("models", num_rows):
+        models = run_model_pass(
+            rd,
+            rows,
+            cfg,
+            output=output,
+            work=join(output, "_work"),
+            partitions=partitions_for,
+            cpus=partitions_for.cpus,
+        )
+        rows = models.rows
+        for note in models.notes:
+            passes.echo(f"native4k: {note}")
+
     # Pass 3: buckets, shard plan, shards.
     with passes.run("shards", num_rows):
         rows = rows.map_batches(_finalize, batch_format="pyarrow")
@@ -750,7 +771,7 @@ def _decide_and_write(
             output, {n for b in stats["buckets"].values() for n in b.pop("shard_names")}
         )
         _write_manifest(rd, final, output)
-        stats["rules"] = rule_summary(cfg)
+        stats["rules"] = {**rule_summary(cfg), **models.rules}
         stats["pass_seconds"] = passes.seconds
         stats["wall_seconds"] = round(time.perf_counter() - started, 2)
         _write_text(
