@@ -91,11 +91,11 @@ def _curate(inputs: list[Path], out: Path, *extra: str) -> tuple[int, str, str]:
 
 def failed_workers(ray) -> int:
     """Ray workers of this session that died of a system error (a crash, an OOM kill) so far,
-    as the raylet logs them."""
+    as the GCS logs them."""
     logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
     return sum(
-        p.read_text(errors="replace").count("Worker exit type: SYSTEM_ERROR")
-        for p in logs.glob("raylet*.out")
+        p.read_text(errors="replace").count("exit_type = SYSTEM_ERROR")
+        for p in logs.glob("gcs_server*.out")
     )
 
 

@@ -1,0 +1,353 @@
+"""Faults mid-job: the driver SIGKILLed at every pass, Ray workers SIGKILLed while they run
+tasks, the S3 server stopped for seconds; each job completes, loses and duplicates nothing,
+and equals an uninterrupted run. No partial or temporary file is ever visible in the output
+outside `_work/`, and no credential reaches a log, a process list, or an output file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.cli import main
+from pipelines.samples import encode, render
+from pipelines.verify import verify
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+CLI = str(Path(sys.executable).with_name("native4k"))
+SMALL = ["--set", "probe.min_pixels=65536", "--set",
+         "bucket.tier_scales=[1.0,0.5,0.25,0.125,0.0625,0.05]"]
+PASSES = ("listing", "start-up", "analysis", "dedup", "shards", "manifest")
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> Path:
+    """A small job with every kind of row: kept in two buckets, exact and near duplicates,
+    broken and non-image files, a caption, and a tar."""
+    folder = tmp_path_factory.mktemp("fault-inputs")
+    for seed in range(6):
+        w, h = (512, 320) if seed % 2 else (320, 512)
+        (folder / f"photo{seed}.jpg").write_bytes(encode(render(w, h, seed), "JPEG", quality=93))
+    (folder / "photo0.txt").write_text("a caption")
+    (folder / "copy_of_photo1.jpg").write_bytes((folder / "photo1.jpg").read_bytes())
+    (folder / "photo2_q80.jpg").write_bytes(encode(render(320, 512, 2), "JPEG", quality=80))
+    (folder / "big.png").write_bytes(encode(render(1536, 1024, 40), "PNG"))
+    (folder / "broken.jpg").write_bytes((folder / "photo3.jpg").read_bytes()[:3000])
+    (folder / "notes.png").write_bytes(b"not an image\n" * 50)
+    with tarfile.open(folder / "pack.tar", "w") as tf:
+        for seed in (20, 21):
+            data = encode(render(512, 320, seed), "JPEG", quality=93)
+            info = tarfile.TarInfo(f"sample{seed}.jpg")
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return folder
+
+
+def _quiet_main(*argv: str) -> tuple[int, str]:
+    so = io.StringIO()
+    with contextlib.redirect_stdout(so), contextlib.redirect_stderr(io.StringIO()):
+        rc = main(list(argv))
+    return rc, so.getvalue()
+
+
+@pytest.fixture(scope="module")
+def reference(inputs, local_ray, tmp_path_factory) -> Path:
+    """The same job, uninterrupted."""
+    out = tmp_path_factory.mktemp("fault-reference") / "out"
+    rc, _ = _quiet_main("curate", str(inputs), "--output", str(out), *SMALL)
+    assert rc == 0
+    return out
+
+
+def outcome(out: Path) -> tuple[dict, dict]:
+    """(manifest rows by source, shard bytes' sha256 by path): what must not change."""
+    rows = {
+        r["source"]: (r["status"], r["reason"], r["key"], r["shard"], r["duplicate_of"])
+        for r in pq.read_table(out / "manifest").to_pylist()
+    }
+    shards = {
+        str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in (out / "shards").rglob("*")
+        if p.is_file()
+    }
+    return rows, shards
+
+
+class OutputWatcher:
+    """Polls an output folder while jobs run and records every temporary or hidden file
+    that was visible outside `_work/` (a reader must only ever see whole files)."""
+
+    def __init__(self, out: Path) -> None:
+        self.out, self.seen_bad, self.polls = out, set(), 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for root, dirs, files in os.walk(self.out):
+                if Path(root) == self.out and "_work" in dirs:
+                    dirs.remove("_work")
+                for f in files:
+                    if ".tmp" in f or f.startswith("."):
+                        self.seen_bad.add(os.path.join(root, f))
+            self.polls += 1
+            self._stop.wait(0.005)
+
+    def __enter__(self) -> OutputWatcher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None,
+            timeout: float = 600) -> tuple[int, str, str]:
+    """`native4k ARGS` in its own process group; every process left in it is killed after."""
+    proc = subprocess.Popen(
+        [CLI, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # Ray processes a killed driver left behind
+        proc.wait()
+    return proc.returncode, stdout, stderr
+
+
+def test_driver_killed_at_every_pass_then_rerun(inputs, reference, tmp_path):
+    out = tmp_path / "out"
+    with OutputWatcher(out) as watcher:
+        for step in PASSES:
+            rc, stdout, stderr = run_cli(
+                "curate", str(inputs), "--output", str(out), *SMALL,
+                env={"NATIVE4K_FAULT": f"{step}:kill"},
+            )
+            assert rc == -signal.SIGKILL, (step, stderr[-2000:])
+            assert not (out / "_SUCCESS").exists()
+            if step == "dedup":
+                assert "analysed 13 inputs in this run" in stdout
+            if step in ("shards", "manifest"):  # finished analysis is never redone
+                assert "analysed 0 inputs in this run" in stdout, stdout
+        assert list((out / "shards").rglob("*.tar"))  # the killed manifest pass left shards
+        rc, stdout = _quiet_main("curate", str(inputs), "--output", str(out), *SMALL)
+    assert rc == 0
+    assert "analysed 0 inputs in this run" in stdout
+    assert outcome(out) == outcome(reference)  # rows, keys, reasons, shard bytes
+    assert verify(str(out)) == []
+    assert watcher.polls > 10 and not watcher.seen_bad, sorted(watcher.seen_bad)
+    assert not [p for p in out.rglob("*") if "_work" not in p.parts and ".tmp" in p.name]
+
+
+def _task_workers(root: psutil.Process) -> list[psutil.Process]:
+    """This process's Ray workers that are running one of the job's pass-1 tasks."""
+    found = []
+    for p in root.children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            title = " ".join(p.cmdline())
+            if title.startswith("ray::") and "MapBatches(FileReader)" in title:
+                found.append(p)
+    return found
+
+
+def failed_workers(ray) -> int:
+    """Ray workers of this session that died of a system error so far, as the GCS logs
+    them."""
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    return sum(
+        p.read_text(errors="replace").count("exit_type = SYSTEM_ERROR")
+        for p in logs.glob("gcs_server*.out")
+    )
+
+
+def test_ray_workers_killed_mid_job(inputs, reference, local_ray, tmp_path):
+    """SIGKILL Ray workers while they run pass-1 tasks: Ray retries the tasks (Ray Data's
+    map tasks retry system failures without limit) and each rewrites its own part file."""
+    out = tmp_path / "out"
+    killed: list[int] = []
+    stop = threading.Event()
+
+    def killer() -> None:
+        me = psutil.Process()
+        while not stop.is_set() and len(killed) < 2:
+            for p in _task_workers(me):
+                if p.pid not in killed:
+                    with contextlib.suppress(psutil.Error):
+                        p.send_signal(signal.SIGKILL)
+                        killed.append(p.pid)
+                    break
+            stop.wait(0.005)
+
+    crashes = failed_workers(local_ray)
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    try:
+        rc, stdout = _quiet_main("curate", str(inputs), "--output", str(out), *SMALL)
+    finally:
+        stop.set()
+        thread.join()
+    assert rc == 0
+    assert killed, "no pass-1 task was caught running"
+    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"
+                   for p in killed)
+    assert "analysed 13 inputs in this run" in stdout  # each input once: none lost or doubled
+    deadline = time.time() + 30
+    while failed_workers(local_ray) < crashes + 1 and time.time() < deadline:
+        time.sleep(0.5)  # the GCS logs a worker's death asynchronously
+    assert failed_workers(local_ray) >= crashes + 1
+    assert outcome(out) == outcome(reference)
+    assert verify(str(out)) == []
+
+
+FAKE_KEY_ID = "AKIANATIVE4KFAKEKEY7"
+FAKE_SECRET = "n4kFAKE/secret+Never-Print-Me-0123456789"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _portable(rows: dict) -> dict:
+    """Manifest rows keyed by file name (local and S3 sources differ only in their prefix)."""
+    return {src.rsplit("/", 1)[-1]: v for src, v in rows.items()}
+
+
+def test_s3_outage_mid_job_and_no_credential_leaks(inputs, reference, tmp_path):
+    """S3 stops answering for 8 s while the job runs: requests back off and retry, the job
+    completes, nothing half-written appears; a recognisable fake secret appears nowhere: not
+    in the job's output or logs, Ray's logs, process command lines, the manifest, config.yaml,
+    stats.json or report.html."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    ray_tmp = tempfile.mkdtemp(prefix="n4k-", dir="/tmp")  # short: Ray's socket paths
+    client = boto3.client(
+        "s3", endpoint_url=endpoint, region_name="us-west-2",
+        aws_access_key_id=FAKE_KEY_ID, aws_secret_access_key=FAKE_SECRET,
+    )
+    try:
+        for bucket in ("raw", "curated"):
+            client.create_bucket(
+                Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": "us-west-2"}
+            )
+        for f in inputs.iterdir():
+            client.upload_file(str(f), "raw", f"in/{f.name}")
+        env = {
+            "AWS_ENDPOINT_URL": endpoint,
+            "AWS_ACCESS_KEY_ID": FAKE_KEY_ID,
+            "AWS_SECRET_ACCESS_KEY": FAKE_SECRET,
+            "AWS_DEFAULT_REGION": "us-west-2",
+            "RAY_TMPDIR": ray_tmp,
+            "PYTHONUNBUFFERED": "1",
+        }
+        proc = subprocess.Popen(
+            [CLI, "curate", "s3://raw/in", "--output", "s3://curated/run", *SMALL],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, **env}, start_new_session=True,
+        )
+        cmdlines: set[str] = set()
+        outage = threading.Event()
+
+        def watch() -> None:
+            """Record command lines; stop S3 for 8 s once pass 1 has written a part."""
+            nonlocal server
+            root = psutil.Process(proc.pid)
+            while proc.poll() is None:
+                with contextlib.suppress(psutil.Error):
+                    for p in [root, *root.children(recursive=True)]:
+                        with contextlib.suppress(psutil.Error):
+                            cmdlines.add(" ".join(p.cmdline()))
+                if not outage.is_set():
+                    with contextlib.suppress(Exception):
+                        listed = client.list_objects_v2(
+                            Bucket="curated", Prefix="run/_work/analysis/"
+                        )
+                        if listed.get("KeyCount"):
+                            server.stop()
+                            outage.set()
+                            time.sleep(8)
+                            server = ThreadedMotoServer(
+                                ip_address="127.0.0.1", port=port, verbose=False
+                            )
+                            server.start()
+                time.sleep(0.02)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        try:
+            stdout, stderr = proc.communicate(timeout=600)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            watcher.join()
+        assert outage.is_set(), "the job ended before the outage could start"
+        assert proc.returncode == 0, stderr[-3000:]
+        rc, rout, rerr = run_cli("report", "s3://curated/run", env=env)
+        assert rc == 0, rerr[-2000:]
+
+        keys = [
+            o["Key"]
+            for page in client.get_paginator("list_objects_v2").paginate(
+                Bucket="curated", Prefix="run/"
+            )
+            for o in page.get("Contents", [])
+        ]
+        visible = [k for k in keys if not k.startswith("run/_work/")]
+        assert not [k for k in visible if ".tmp" in k or "/." in k], visible
+        assert not client.list_multipart_uploads(Bucket="curated").get("Uploads")
+        local = tmp_path / "run"  # the whole output, fetched to compare and to search
+        for k in keys:
+            dest = local / k.removeprefix("run/")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            client.download_file("curated", k, str(dest))
+        assert {"_SUCCESS", "stats.json", "config.yaml", "report.html"} <= {
+            k.removeprefix("run/") for k in visible
+        }
+        rows, shards = outcome(local)
+        ref_rows, ref_shards = outcome(reference)
+        assert _portable(rows) == _portable(ref_rows)
+        assert set(shards) == set(ref_shards)  # the same shards with the same members
+        haystacks = {"stdout": stdout, "stderr": stderr, "report stdout": rout + rerr}
+        haystacks["command lines"] = "\n".join(cmdlines)
+        for root in (local, Path(ray_tmp)):
+            for f in root.rglob("*"):
+                if f.is_file() and not f.is_symlink():
+                    with contextlib.suppress(OSError):
+                        haystacks[str(f)] = f.read_bytes().decode("latin-1")
+        assert any("/logs/" in k for k in haystacks)  # Ray's logs were searched
+        for secret in (FAKE_SECRET, FAKE_KEY_ID):
+            leaks = [name for name, text in haystacks.items() if secret in text]
+            assert not leaks, (secret, leaks)
+    finally:
+        server.stop()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
