@@ -865,6 +865,7 @@ def _reset_if_changed(work: str, inputs: Sequence[str], cfg: JobConfig) -> list[
     settings = {
         "probe": to_dict(cfg.probe),
         "flat": [cfg.analyze.flat_patch, cfg.analyze.flat_variance],
+        "thumbnails": thumbnail_size(cfg),  # a rerun that adds a model needs them
         "input": to_dict(cfg.input),
     }
     job = json.dumps({"inputs": list(inputs), "analysis": settings}, sort_keys=True)
