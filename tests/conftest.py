@@ -67,10 +67,13 @@ def local_ray(s3_server):
     """One local Ray instance (2 CPUs) for every test that runs the job in-process."""
     import ray
 
+    from pipelines.curate import local_ray_system_config
+
     ray.init(
         num_cpus=2,
         include_dashboard=False,
         log_to_driver=False,
+        _system_config=local_ray_system_config(2),
         runtime_env={"env_vars": {k: os.environ[k] for k in os.environ if k.startswith("AWS_")}},
     )
     yield ray
