@@ -33,7 +33,10 @@ from pipelines.samples import _flat, encode, render
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 THOROUGH = os.environ.get("HYPOTHESIS_PROFILE") == "thorough"
-EXAMPLES = 60 if THOROUGH else 6
+EXAMPLES = 60 if THOROUGH else 4
+# The drawn jobs run without the model pass (its stages have their own end-to-end tests in
+# test_model_stages.py); the real-photograph and failure tests below run the defaults.
+NO_MODELS = ("--set", "score.enabled=false")
 
 # kind -> (file extension, expected reason or None for kept, duplicate family)
 KINDS: dict[str, tuple[str, str | None, str | None]] = {
@@ -162,7 +165,7 @@ def test_any_input_set_finishes(pool, local_ray, tmp_path_factory, drawn, rows_p
         names.append((name, kind))
     out = tmp_path_factory.mktemp("out") / "curated"
     rc, stdout, stderr = run_job(
-        [folder], out, "--set", f"ray.rows_per_partition={rows_per_partition}"
+        [folder], out, "--set", f"ray.rows_per_partition={rows_per_partition}", *NO_MODELS
     )
     expected = expected_outcomes(names)
     if not expected:
@@ -177,7 +180,7 @@ def test_any_input_set_finishes(pool, local_ray, tmp_path_factory, drawn, rows_p
 def test_a_single_file_given_as_a_path(pool, local_ray, tmp_path):
     photo = tmp_path / "one.jpg"
     photo.write_bytes(pool["native_b"])
-    rc, stdout, stderr = run_job([photo], tmp_path / "out")
+    rc, stdout, stderr = run_job([photo], tmp_path / "out", *NO_MODELS)
     assert rc == 0, stderr
     check_output(tmp_path / "out", {"one.jpg": ("kept", None)}, stdout)
 
@@ -231,7 +234,7 @@ def test_an_empty_tar_alone_gets_its_row(local_ray, tmp_path):
     shard = tmp_path / "empty.tar"
     with tarfile.open(shard, "w"):
         pass
-    rc, _, stderr = run_job([shard], tmp_path / "out")
+    rc, _, stderr = run_job([shard], tmp_path / "out", *NO_MODELS)
     assert rc == 0, stderr
     rows = pq.read_table(tmp_path / "out" / "manifest").to_pylist()
     assert [(r["source"], r["reason"]) for r in rows] == [(str(shard), "unsupported_format")]
@@ -243,8 +246,8 @@ def test_a_rerun_after_an_input_was_deleted_drops_its_row(pool, local_ray, tmp_p
     for kind in ("native_a", "corrupt"):
         (folder / f"{kind}.jpg").write_bytes(pool[kind])
     out = tmp_path / "out"
-    assert run_job([folder], out)[0] == 0
+    assert run_job([folder], out, *NO_MODELS)[0] == 0
     (folder / "corrupt.jpg").unlink()
-    rc, stdout, stderr = run_job([folder], out)
+    rc, stdout, stderr = run_job([folder], out, *NO_MODELS)
     assert rc == 0, stderr
     check_output(out, {"native_a.jpg": ("kept", None)}, stdout)
