@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 PHOTO = Path("/usr/share/backgrounds/Kleiber_by_Lukas_Baubkus.jpg")  # 4352x2448, lomiri
-PASSES = ("listing", "start-up", "analysis", "dedup", "shards", "manifest")
+PASSES = ("listing", "start-up", "analysis", "dedup", "models", "shards", "manifest")
 NATIVE4K = str(Path(sys.executable).with_name("native4k"))
 
 
@@ -62,6 +62,9 @@ def main() -> None:
     cases = {
         "one real photo, kept (flatness rule relaxed)": (
             one, [*cpus, "--set", "analyze.max_flat_fraction=1.0"]
+        ),
+        "one real photo, kept, model pass off (`score.enabled=false`)": (
+            one, [*cpus, "--set", "analyze.max_flat_fraction=1.0", "--set", "score.enabled=false"]
         ),
         "one real photo, rejected (flat)": (one, cpus),
         f"demo set without photos ({len(list(mixed.rglob('*')))} files)": (mixed, cpus),
