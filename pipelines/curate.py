@@ -46,7 +46,7 @@ from curation.dedup.near_dup import (
     pick_parent,
 )
 from curation.io.atomic import atomic_write, is_local, join
-from curation.io.listing import InputItem, list_inputs
+from curation.io.listing import InputItem, list_inputs, split_tar_source
 from curation.io.readers import SIDECAR, FileReader, TarReader
 from curation.probe.header_probe import EXTENSIONS, HeaderProbe
 from curation.shard.shard_writer import ShardWriter, plan_bucket, sample_key
@@ -237,7 +237,8 @@ class KeepListed(Stage):
 
     def process(self, t: pa.Table) -> pa.Table:
         keep = [
-            s in self.files or s.rsplit("#", 1)[0] in self.tars for s in column(t, schema.SOURCE)
+            s in self.files or s in self.tars or split_tar_source(s)[0] in self.tars
+            for s in column(t, schema.SOURCE)
         ]
         return t.filter(pa.array(keep, type=pa.bool_()))
 
