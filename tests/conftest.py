@@ -32,7 +32,8 @@ def real_photo_paths(limit: int = 8) -> list[Path]:
 def s3_server():
     """A real S3 server (moto) on 127.0.0.1; AWS_* variables point every client at it.
 
-    Started before Ray so that local Ray workers inherit the endpoint.
+    Started before Ray so that local Ray workers inherit the endpoint. moto keeps one backend
+    per process, shared by every server a test starts: each test uses bucket names of its own.
     """
     import socket
 

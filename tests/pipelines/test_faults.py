@@ -256,12 +256,12 @@ def test_s3_outage_mid_job_and_no_credential_leaks(inputs, reference, tmp_path):
         aws_access_key_id=FAKE_KEY_ID, aws_secret_access_key=FAKE_SECRET,
     )
     try:
-        for bucket in ("raw", "curated"):
+        for bucket in ("outage-raw", "outage-curated"):
             client.create_bucket(
                 Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": "us-west-2"}
             )
         for f in inputs.iterdir():
-            client.upload_file(str(f), "raw", f"in/{f.name}")
+            client.upload_file(str(f), "outage-raw", f"in/{f.name}")
         env = {
             "AWS_ENDPOINT_URL": endpoint,
             "AWS_ACCESS_KEY_ID": FAKE_KEY_ID,
@@ -271,7 +271,7 @@ def test_s3_outage_mid_job_and_no_credential_leaks(inputs, reference, tmp_path):
             "PYTHONUNBUFFERED": "1",
         }
         proc = subprocess.Popen(
-            [CLI, "curate", "s3://raw/in", "--output", "s3://curated/run", *SMALL],
+            [CLI, "curate", "s3://outage-raw/in", "--output", "s3://outage-curated/run", *SMALL],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env={**os.environ, **env}, start_new_session=True,
         )
@@ -290,7 +290,7 @@ def test_s3_outage_mid_job_and_no_credential_leaks(inputs, reference, tmp_path):
                 if not outage.is_set():
                     with contextlib.suppress(Exception):
                         listed = client.list_objects_v2(
-                            Bucket="curated", Prefix="run/_work/analysis/"
+                            Bucket="outage-curated", Prefix="run/_work/analysis/"
                         )
                         if listed.get("KeyCount"):
                             server.stop()
@@ -312,24 +312,24 @@ def test_s3_outage_mid_job_and_no_credential_leaks(inputs, reference, tmp_path):
             watcher.join()
         assert outage.is_set(), "the job ended before the outage could start"
         assert proc.returncode == 0, stderr[-3000:]
-        rc, rout, rerr = run_cli("report", "s3://curated/run", env=env)
+        rc, rout, rerr = run_cli("report", "s3://outage-curated/run", env=env)
         assert rc == 0, rerr[-2000:]
 
         keys = [
             o["Key"]
             for page in client.get_paginator("list_objects_v2").paginate(
-                Bucket="curated", Prefix="run/"
+                Bucket="outage-curated", Prefix="run/"
             )
             for o in page.get("Contents", [])
         ]
         visible = [k for k in keys if not k.startswith("run/_work/")]
         assert not [k for k in visible if ".tmp" in k or "/." in k], visible
-        assert not client.list_multipart_uploads(Bucket="curated").get("Uploads")
+        assert not client.list_multipart_uploads(Bucket="outage-curated").get("Uploads")
         local = tmp_path / "run"  # the whole output, fetched to compare and to search
         for k in keys:
             dest = local / k.removeprefix("run/")
             dest.parent.mkdir(parents=True, exist_ok=True)
-            client.download_file("curated", k, str(dest))
+            client.download_file("outage-curated", k, str(dest))
         assert {"_SUCCESS", "stats.json", "config.yaml", "report.html"} <= {
             k.removeprefix("run/") for k in visible
         }
