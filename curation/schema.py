@@ -11,7 +11,9 @@ import pyarrow as pa
 MANIFEST_VERSION = 2
 """2: model columns `character`, `person_score`, `nsfw`, `caption_source` (issue 12).
 
-Readers of version 1 find every version-1 column unchanged; the new ones are nullable."""
+Readers of version 1 find every version-1 column unchanged; the new ones are nullable. The
+native evidence columns (`native_period`, `native_strength`, `native_test`, `native_codec`,
+issue 11) are nullable additions too."""
 
 # --- identity and input -------------------------------------------------------------------
 SOURCE = "source"  # URI as found: path, s3://..., or tar-uri#member
@@ -41,6 +43,11 @@ ENTROPY = "entropy"
 NATIVE_SCORE = "native_score"
 UPSCALE_FACTOR = "upscale_factor"
 NATIVE_DETAIL = "native_detail"
+# the native verdict's evidence (issue 11), nullable: see docs/native-detection.md
+NATIVE_PERIOD = "native_period"  # px: period of the strongest resampling trace (null: none)
+NATIVE_STRENGTH = "native_strength"  # strongest test's statistic / threshold (score = 2^-x)
+NATIVE_TEST = "native_test"  # that test: spectral | fold | harmonic | grid | quarter
+NATIVE_CODEC = "native_codec"  # block structure modelled: jpeg | vp8 | av1 | lossless
 PHASH = "phash"  # 64-bit perceptual hash as signed int64 (bit pattern of imagehash.phash)
 THUMBNAIL = "thumbnail"  # small JPEG for the model scorers (working column)
 AESTHETIC = "aesthetic"
@@ -114,6 +121,10 @@ FIELDS: dict[str, pa.DataType] = {
     NATIVE_SCORE: pa.float64(),
     UPSCALE_FACTOR: pa.float64(),
     NATIVE_DETAIL: pa.string(),
+    NATIVE_PERIOD: pa.float64(),
+    NATIVE_STRENGTH: pa.float64(),
+    NATIVE_TEST: pa.string(),
+    NATIVE_CODEC: pa.string(),
     AESTHETIC: pa.float64(),
     QUALITY: pa.float64(),
     PHASH: pa.int64(),

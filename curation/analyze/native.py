@@ -47,7 +47,7 @@ from typing import NamedTuple
 import cv2
 import numpy as np
 
-from curation.analyze.native_coherence import GRID, coherence_statistics
+from curation.analyze.native_coherence import GRID, JPEG_LINES, coherence_statistics
 
 DEFAULT_NATIVE_THRESHOLD: float = 0.5
 """Images with ``native_score(...).score`` below this are rejected as ``upscaled``."""
@@ -61,6 +61,10 @@ _HARMONIC_THRESHOLD = 58.0  # cyclic coherence: harmonic sum of z (native_cohere
 _GRID_THRESHOLDS = (15.4, 42.7, 90.0, 199.5)
 _QUARTER_THRESHOLD = 34.0  # ... 4-px period beyond the JPEG grid (`_quarter_period`)
 _QUARTER_GRID_WEIGHT = 0.5
+# Lossy WebP (VP8) and AVIF: z at GRID, the larger of the JPEG threshold (a WebP may hold a
+# JPEG's pixels) and 1.1 × the largest value of the calibration natives saved as WebP q75-q100
+# (26.1 and 75.1 at 3/8 and 1/2: see docs/native-detection.md, "Codecs").
+_VP8_GRID_THRESHOLDS = (28.7, 82.6, 90.0, 199.5)
 _SPECTRAL_FLOOR = 8.0  # never below this (small images: chance peaks of the periodogram)
 _DEPTH_THRESHOLD = 5.0  # ...and its modulation depth (percent of the mean |difference|)
 _FOLD_T_THRESHOLD = 20.0  # |T| in percent of the mean |difference|
@@ -88,11 +92,21 @@ class NativeEvidence(NamedTuple):
             decision boundary.
         factor: Estimated upscale factor, ``nan`` when no resampling trace was found.
         detail: A few words for a person explaining the strongest evidence.
+        period: Period in pixels of the strongest trace (``1/ν`` of a spectral line, ``1/α``
+            of a cyclic frequency, the fold's period), ``nan`` when no test fired.
+        strength: The strongest test's statistic over its threshold (``E``; ``score = 2^-E``).
+        test: Which test gave ``strength``: ``spectral``, ``fold``, ``harmonic``, ``grid``,
+            ``quarter`` (see `TESTS`).
+        codec: The block structure the detector modelled (see `CODECS`).
     """
 
     score: float
     factor: float
     detail: str
+    period: float = float("nan")
+    strength: float = 0.0
+    test: str = ""
+    codec: str = "jpeg"
 
 
 Bands = list[tuple[int, int]]
@@ -198,9 +212,14 @@ def _line_strength(freq: np.ndarray, norm: np.ndarray, grid: np.ndarray) -> np.n
 
 
 def _spectral_evidence(
-    p1x: np.ndarray, p2x: np.ndarray, p1y: np.ndarray, p2y: np.ndarray, threshold: float
+    p1x: np.ndarray,
+    p2x: np.ndarray,
+    p1y: np.ndarray,
+    p2y: np.ndarray,
+    threshold: float,
+    lines: tuple[float, ...],
 ) -> tuple[float, float, float, float]:
-    """Best line on both axes away from the JPEG grid.
+    """Best line on both axes away from the codec's block grid (``lines``, masked).
 
     Per axis, the normalised powers of the order-1 and order-2 profiles are averaged (a
     resampling line shows in both, chance peaks rarely do); the strength of a frequency is the
@@ -217,8 +236,8 @@ def _spectral_evidence(
     strength = np.minimum(power[0] + power[1], power[2] + power[3]) / 2
     depth = np.maximum(np.minimum(depths[0], depths[2]), np.minimum(depths[1], depths[3]))
     masked = (grid < _MIN_FREQ) | (grid > 0.5 - _GRID_MASK)
-    for k in range(1, 4):
-        masked |= np.abs(grid - k / 8) < _GRID_MASK
+    for line in lines:
+        masked |= np.abs(grid - line) < _GRID_MASK
     ratio = np.minimum(strength / threshold, depth / _DEPTH_THRESHOLD)
     ratio[masked] = 0.0
     i = int(np.argmax(ratio))
@@ -266,19 +285,19 @@ def _axis_fold(profile: np.ndarray) -> tuple[float, float, float]:
     return _fold_ratio(t, zt, u, zu), t, u
 
 
-def _fold_evidence(px: np.ndarray, py: np.ndarray) -> tuple[float, str, float]:
-    """Evidence ratio of the block-fold test (both axes must agree), words and factor."""
+def _fold_evidence(px: np.ndarray, py: np.ndarray) -> tuple[float, str, float, float]:
+    """Evidence ratio of the block-fold test (both axes must agree), words, factor, period."""
     rx, tx, ux = _axis_fold(px)
     ry, ty, uy = _axis_fold(py)
     ratio = min(rx, ry)
     t, u = (tx, ux) if rx <= ry else (ty, uy)
     if abs(abs(t) - abs(u)) <= 0.35 * max(abs(t), abs(u)):
-        factor, words = 2.0, "alternating even/odd difference statistics"
+        factor, period, words = 2.0, 2.0, "alternating even/odd difference statistics"
     elif u < 0:
-        factor, words = 1.6, "8-px resampling pattern inside JPEG blocks"
+        factor, period, words = 1.6, 8.0, "8-px resampling pattern inside JPEG blocks"
     else:
-        factor, words = 4 / 3, "4-px resampling pattern inside JPEG blocks"
-    return ratio, f"{words} (T={t:.1f}%, U={u:.1f}%)", factor
+        factor, period, words = 4 / 3, 4.0, "4-px resampling pattern inside JPEG blocks"
+    return ratio, f"{words} (T={t:.1f}%, U={u:.1f}%)", factor, period
 
 
 def _factor_from_frequency(freq: float) -> tuple[float, str]:
@@ -287,17 +306,64 @@ def _factor_from_frequency(freq: float) -> tuple[float, str]:
     return low, f"≈{low:.2f}× or {high:.2f}× upscale"
 
 
-def _profile_evidence(gray: np.ndarray, bands: tuple[Bands, Bands]) -> tuple[float, float, str]:
-    """(evidence ratio, factor, detail) of the profile tests (spectral line and block fold)."""
+class _Model(NamedTuple):
+    """What a codec's block structure does to the tests (see `CODECS`)."""
+
+    lines: tuple[float, ...]  # spectral-line frequencies (cycles/px, ≤ 0.5) of its grid: masked
+    cyclic: tuple[float, ...]  # cyclic frequencies of its grid, skipped by the harmonic sum
+    fold: bool  # the 8-px block-fold test applies (an 8×8 grid only)
+    grid_thresholds: tuple[float, ...]  # z at each of GRID
+    quarter_threshold: float  # 4-px period beyond the grid; inf: not tested
+
+
+_JPEG = _Model((1 / 8, 2 / 8, 3 / 8), JPEG_LINES, True, _GRID_THRESHOLDS, _QUARTER_THRESHOLD)
+# The harmonic sum skips k/8 only (k/4 included): natives saved as WebP show no coherence at
+# odd k/16 (same maxima with and without skipping them), and 16/9 ≈ 1.78 lives there.
+_VP8 = _Model(tuple(k / 16 for k in range(1, 8)), JPEG_LINES, False, _VP8_GRID_THRESHOLDS,
+              float("inf"))
+_MODELS: dict[str, _Model] = {"jpeg": _JPEG, "lossless": _JPEG, "vp8": _VP8, "av1": _VP8}
+CODECS: tuple[str, ...] = tuple(_MODELS)
+"""Block structures `native_score` models, by the codec of the file analysed:
+
+* ``jpeg``: JPEG's 8×8 DCT grid (lines at ``k/8`` masked; every test);
+* ``lossless``: PNG, lossless WebP (VP8L), TIFF, ...: no grid of its own, but a lossless file
+  may hold a JPEG's pixels, so it is judged as ``jpeg``;
+* ``vp8``: lossy WebP: a 4×4 transform in 16×16 macroblocks with a loop filter on both edges,
+  so the profile spectra's lines at ``k/16`` (which include ``k/8`` and ``k/4``) are masked,
+  the 8-px fold and the 4-px-period tests are off (the 4-px transform grid is a 4-px period),
+  and the grid frequencies have thresholds of their own;
+* ``av1``: AVIF: transforms of 4 to 64 px, all on a 4-px lattice, deblocking and CDEF; judged as
+  ``vp8`` (see docs/native-detection.md).
+"""
+TESTS: tuple[str, ...] = ("spectral", "fold", "harmonic", "grid", "quarter")
+"""Names of the tests, as `NativeEvidence.test` reports the strongest."""
+
+
+class _Trace(NamedTuple):
+    """One family's strongest evidence."""
+
+    ratio: float
+    factor: float
+    detail: str
+    period: float
+    test: str
+
+
+def _profile_evidence(gray: np.ndarray, bands: tuple[Bands, Bands], model: _Model) -> _Trace:
+    """The profile tests' strongest evidence (spectral line and, for an 8×8 grid, block fold)."""
     p1x, p2x, p1y, p2y, used = _profiles(gray, *bands)
     threshold = max(_SPECTRAL_FLOOR, _SPECTRAL_THRESHOLD * used / _REFERENCE_PIXELS)
-    spectral, freq, strength, depth = _spectral_evidence(p1x, p2x, p1y, p2y, threshold)
-    fold, fold_detail, fold_factor = _fold_evidence(p1x, p1y)
+    spectral, freq, strength, depth = _spectral_evidence(p1x, p2x, p1y, p2y, threshold,
+                                                         model.lines)
+    fold, fold_detail, fold_factor, fold_period = (
+        _fold_evidence(p1x, p1y) if model.fold else (0.0, "", float("nan"), float("nan")))
     if spectral >= fold:
         factor, words = _factor_from_frequency(freq)
-        return spectral, factor, (f"periodic resampling peak at {freq:.3f} cyc/px on both axes "
-                                  f"({strength:.0f}× background, depth {depth:.1f}%, {words})")
-    return fold, fold_factor, f"{fold_detail} (≈{fold_factor:.2f}× upscale)"
+        return _Trace(spectral, factor, (
+            f"periodic resampling peak at {freq:.3f} cyc/px on both axes "
+            f"({strength:.0f}× background, depth {depth:.1f}%, {words})"), 1.0 / freq, "spectral")
+    return _Trace(fold, fold_factor, f"{fold_detail} (≈{fold_factor:.2f}× upscale)",
+                  fold_period, "fold")
 
 
 def _quarter_period(grid: list[float]) -> float:
@@ -312,28 +378,29 @@ def _quarter_period(grid: list[float]) -> float:
     return float(np.sqrt(z[0.5] * z[0.75]) - _QUARTER_GRID_WEIGHT * z[0.625])
 
 
-def _coherence_evidence(gray: np.ndarray, bands: tuple[Bands, Bands]) -> tuple[float, float, str]:
-    """(evidence ratio, factor, detail) of the cyclic-coherence tests (harmonic, grid, 4-px)."""
-    harmonic, alpha1, grid = coherence_statistics(gray, *bands)
+def _coherence_evidence(gray: np.ndarray, bands: tuple[Bands, Bands], model: _Model) -> _Trace:
+    """The cyclic-coherence tests' strongest evidence (harmonic, grid, 4-px period)."""
+    harmonic, alpha1, grid = coherence_statistics(gray, *bands, skip=model.cyclic)
     quarter = _quarter_period(grid)
     ratios = [harmonic / _HARMONIC_THRESHOLD] + [
-        z / t for z, t in zip(grid, _GRID_THRESHOLDS, strict=True)
-    ] + [quarter / _QUARTER_THRESHOLD]
+        z / t for z, t in zip(grid, model.grid_thresholds, strict=True)
+    ] + [quarter / model.quarter_threshold]
     j = int(np.argmax(ratios))
     if j == len(ratios) - 1:
-        return ratios[j], 4 / 3, (
+        return _Trace(ratios[j], 4 / 3, (
             f"coherent spectral correlation at 1/2 and 3/4 cyc/px (z={grid[1]:.0f}, "
             f"{grid[3]:.0f}) beyond the JPEG-grid level at 5/8 (z={grid[2]:.0f}): a 4-px "
-            f"resampling period (≈1.33× or 2× upscale)")
+            f"resampling period (≈1.33× or 2× upscale)"), 4.0, "quarter")
     if j == 0:
         alias = 1.0 / max((2 * alpha1) % 1.0, 1e-3)
-        return ratios[0], 1.0 / alpha1, (
+        return _Trace(ratios[0], 1.0 / alpha1, (
             f"coherent spectral correlation at cyclic frequency {alpha1:.4f} cyc/px and its "
-            f"harmonics (sum z={harmonic:.0f}; ≈{1 / alpha1:.2f}× or {alias:.2f}× upscale)")
+            f"harmonics (sum z={harmonic:.0f}; ≈{1 / alpha1:.2f}× or {alias:.2f}× upscale)"),
+            1.0 / alpha1, "harmonic")
     g = GRID[j - 1]
     detail = (f"coherent spectral correlation at {g:.3f} cyc/px (z={grid[j - 1]:.0f}, beyond "
-              f"JPEG-grid level; ≈{1 / g:.2f}× upscale)")
-    return ratios[j], 1.0 / g, detail
+              f"the block-grid level; ≈{1 / g:.2f}× upscale)")
+    return _Trace(ratios[j], 1.0 / g, detail, 1.0 / g, "grid")
 
 
 def _central_window(gray: np.ndarray) -> np.ndarray:
@@ -348,29 +415,37 @@ def _central_window(gray: np.ndarray) -> np.ndarray:
     return gray[y : y + mh, x : x + mw]
 
 
-def native_score(gray: np.ndarray) -> NativeEvidence:
+def native_score(gray: np.ndarray, codec: str = "jpeg") -> NativeEvidence:
     """Score how likely a grayscale image is at its native resolution (not upscaled).
 
     Args:
         gray: 2-D ``uint8`` array, full resolution, EXIF orientation applied.
+        codec: The block structure of the file the pixels came from, one of `CODECS`
+            (``jpeg`` when unknown: its masks also cover a JPEG history).
 
     Returns:
         A :class:`NativeEvidence`; ``score < DEFAULT_NATIVE_THRESHOLD`` means upscaled.
 
     Raises:
-        ValueError: If ``gray`` is not a 2-D uint8 array of at least 64×64 pixels.
+        ValueError: If ``gray`` is not a 2-D uint8 array of at least 64×64 pixels, or
+            ``codec`` is not one of `CODECS`.
     """
     if gray.ndim != 2 or gray.dtype != np.uint8:
         raise ValueError(f"expected a 2-D uint8 array, got {gray.dtype} {gray.shape}")
     if min(gray.shape) < _MIN_SIDE:
         raise ValueError(f"image too small for resampling analysis: {gray.shape}")
+    if codec not in _MODELS:
+        raise ValueError(f"unknown codec {codec!r}: expected one of {CODECS}")
+    model = _MODELS[codec]
     gray = np.ascontiguousarray(_central_window(gray))
     bands = _textured_bands(gray)
-    tests = [_profile_evidence(gray, bands), _coherence_evidence(gray, bands)]
-    evidence, factor, detail = max(tests, key=lambda t: t[0])
-    score = float(2.0 ** -evidence)
-    if evidence < 1.0:
+    tests = [_profile_evidence(gray, bands, model), _coherence_evidence(gray, bands, model)]
+    best = max(tests, key=lambda t: t.ratio)
+    score = float(2.0 ** -best.ratio)
+    if best.ratio < 1.0:
         return NativeEvidence(score, float("nan"),
-                              f"no resampling trace (profile tests {tests[0][0]:.2f}, "
-                              f"cyclic coherence {tests[1][0]:.2f} of their thresholds)")
-    return NativeEvidence(score, factor, detail)
+                              f"no resampling trace (profile tests {tests[0].ratio:.2f}, "
+                              f"cyclic coherence {tests[1].ratio:.2f} of their thresholds)",
+                              float("nan"), best.ratio, best.test, codec)
+    return NativeEvidence(score, best.factor, best.detail, best.period, best.ratio, best.test,
+                          codec)

@@ -42,6 +42,10 @@ import scipy.fft as sf
 
 GRID: tuple[float, ...] = (0.375, 0.5, 0.625, 0.75)
 """Cyclic frequencies on the JPEG block grid whose ``z`` is reported apart."""
+JPEG_LINES: tuple[float, ...] = (0.25, *GRID, 0.875)
+"""Cyclic frequencies of an 8-px block grid (``k/8``) in the scanned range."""
+VP8_LINES: tuple[float, ...] = tuple(k / 16 for k in range(4, 15))
+"""Cyclic frequencies of a 4-px transform grid inside 16-px macroblocks (``k/16``, VP8, AV1)."""
 _HARMONICS = 4
 _AMIN, _AMAX = 0.28, 0.84  # scanned cyclic frequencies (cycles/px)
 _LO, _HI = 0.30, 0.81  # candidate fundamentals
@@ -163,10 +167,10 @@ def _combined(
     return ax, np.minimum(xm, np.interp(ax, ay, ym))
 
 
-def _harmonic(alpha: np.ndarray, z: np.ndarray) -> tuple[float, float]:
-    """Best harmonic sum over candidate fundamentals: (sum, fundamental)."""
+def _harmonic(alpha: np.ndarray, z: np.ndarray, skip: tuple[float, ...]) -> tuple[float, float]:
+    """Best harmonic sum over candidate fundamentals, skipping the ``skip`` lines: (sum, α1)."""
     grid = np.zeros(alpha.size, bool)
-    for g in (0.25, *GRID, 0.875):
+    for g in skip:
         grid |= np.abs(alpha - g) < _GRID_MASK
     zm = np.where(grid, 0.0, z)
     cand = alpha[(alpha >= _LO) & (alpha <= _HI)]
@@ -181,14 +185,18 @@ def _harmonic(alpha: np.ndarray, z: np.ndarray) -> tuple[float, float]:
 
 
 def coherence_statistics(
-    gray: np.ndarray, row_bands: list[tuple[int, int]], col_bands: list[tuple[int, int]]
+    gray: np.ndarray,
+    row_bands: list[tuple[int, int]],
+    col_bands: list[tuple[int, int]],
+    skip: tuple[float, ...] = JPEG_LINES,
 ) -> tuple[float, float, list[float]]:
     """Raw statistics: (harmonic sum, its fundamental, combined ``z`` at each of `GRID`).
 
     ``gray`` is a C-contiguous 2-D uint8 array of at least 64×64 pixels; ``row_bands`` and
     ``col_bands`` are the ``(start, stop)`` horizontal and vertical bands to analyse (checked and
-    chosen by the caller).
+    chosen by the caller); ``skip`` are the cyclic frequencies of the codec's block grid, which
+    the harmonic sum leaves out (`JPEG_LINES`, or `VP8_LINES` for a 4-px transform grid).
     """
     alpha, z = _combined(gray, row_bands, col_bands)
-    h, a1 = _harmonic(alpha, z)
+    h, a1 = _harmonic(alpha, z, skip)
     return h, a1, [float(z[np.abs(alpha - g) < 0.0008].max(initial=0.0)) for g in GRID]

@@ -140,6 +140,34 @@ def _thumbnail(img: Image.Image, orientation: int, size: int) -> bytes:
     return buf.getvalue()
 
 
+def block_codec(data: bytes) -> str:
+    """The block structure of an encoded image, from its first bytes (see `native.CODECS`).
+
+    ``jpeg`` for JPEG (and MPO), ``vp8`` for lossy WebP (a ``VP8 `` chunk, also inside an
+    extended ``VP8X`` file), ``av1`` for AVIF, ``lossless`` for everything else (PNG, lossless
+    WebP, TIFF, ...: no block grid of their own).
+    """
+    head = bytes(data[:64])
+    if head.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        pos = 12
+        while pos + 8 <= min(len(data), 1 << 20):  # chunks: ALPH, ICCP, ... come first
+            fourcc = bytes(data[pos : pos + 4])
+            if fourcc == b"VP8 ":
+                return "vp8"
+            if fourcc in (b"VP8L", b"ANIM", b"ANMF"):
+                return "lossless" if fourcc == b"VP8L" else "vp8"
+            size = int.from_bytes(data[pos + 4 : pos + 8], "little")
+            pos += 8 + size + (size & 1)
+        return "lossless"
+    if head[4:8] == b"ftyp" and head[8:12] in (b"avif", b"avis"):
+        return "av1"
+    if head[4:8] == b"ftyp" and b"avif" in head[16:64]:  # avif as a compatible brand
+        return "av1"
+    return "lossless"
+
+
 def perceptual_hash(gray: np.ndarray) -> int:
     """imagehash's 64-bit pHash as a signed int64 (computed on an area-reduced copy)."""
     h, w = gray.shape
@@ -157,8 +185,10 @@ class PixelAnalyzer(Stage):
     """Decode each pending image once and compute every pixel score from that decode.
 
     Reads: `data`, `orientation`. Writes: `native_score`, `upscale_factor`, `native_detail`,
-    `sharpness`, `flat_fraction`, `entropy`, `phash`, and `thumbnail` (a small RGB JPEG for
-    the model stages, when `thumbnail_size` > 0). Rejects: `decode_error` (truncated or
+    the native evidence (`native_period`, `native_strength`, `native_test`, `native_codec`:
+    the codec comes from the file's first bytes, `block_codec`), `sharpness`, `flat_fraction`,
+    `entropy`, `phash`, and `thumbnail` (a small RGB JPEG for the model stages, when
+    `thumbnail_size` > 0). Rejects: `decode_error` (truncated or
     corrupt pixels). Thresholds are decided by `ThresholdFilter`. Resources: 1 CPU; peak
     memory about 4 bytes per pixel of the largest image allowed (`probe.max_pixels`).
     """
@@ -173,6 +203,10 @@ class PixelAnalyzer(Stage):
         schema.NATIVE_SCORE,
         schema.UPSCALE_FACTOR,
         schema.NATIVE_DETAIL,
+        schema.NATIVE_PERIOD,
+        schema.NATIVE_STRENGTH,
+        schema.NATIVE_TEST,
+        schema.NATIVE_CODEC,
         schema.SHARPNESS,
         schema.FLAT_FRACTION,
         schema.ENTROPY,
@@ -189,13 +223,17 @@ class PixelAnalyzer(Stage):
         Image.core.set_block_size(PILLOW_BLOCK_BYTES)  # one block per image: no-copy export
         cv2.setNumThreads(1)  # one CPU per task, as declared
 
-    def analyze(self, gray: np.ndarray) -> dict[str, Any]:
-        """All scores of one decoded image."""
-        native = native_score(gray)
+    def analyze(self, gray: np.ndarray, codec: str = "jpeg") -> dict[str, Any]:
+        """All scores of one decoded image; `codec` is its file's `block_codec`."""
+        native = native_score(gray, codec=codec)
         return {
             schema.NATIVE_SCORE: float(native.score),
             schema.UPSCALE_FACTOR: None if np.isnan(native.factor) else float(native.factor),
             schema.NATIVE_DETAIL: native.detail,
+            schema.NATIVE_PERIOD: None if np.isnan(native.period) else float(native.period),
+            schema.NATIVE_STRENGTH: float(native.strength),
+            schema.NATIVE_TEST: native.test,
+            schema.NATIVE_CODEC: native.codec,
             schema.SHARPNESS: float(sharpness_score(gray)),
             schema.FLAT_FRACTION: flat_fraction(
                 gray, patch=self.flat_patch, flat_variance=self.flat_variance
@@ -224,7 +262,7 @@ class PixelAnalyzer(Stage):
                     status[i], reason[i] = schema.STATUS_REJECTED, "decode_error"
                     detail[i] = f"pixels undecodable: {type(e).__name__}: {e}"[:300]
                 else:
-                    scores = {**self.analyze(gray), schema.THUMBNAIL: thumb}
+                    scores = {**self.analyze(gray, block_codec(data)), schema.THUMBNAIL: thumb}
                     del gray
             for c in self.writes:
                 out[c].append(scores.get(c))
