@@ -51,7 +51,9 @@ from curation.io.readers import SIDECAR, FileReader, TarReader
 from curation.probe.header_probe import EXTENSIONS, HeaderProbe
 from curation.shard.shard_writer import ShardWriter, plan_bucket, sample_key
 from curation.threshold_filter import ASPECT, PIXELS, Rule, ThresholdFilter
+from pipelines import grouping
 from pipelines.config import ConfigError, JobConfig, dump_yaml, to_dict
+from pipelines.grouping import column_sum, group_map
 from pipelines.model_pass import ThumbnailSink, run_model_pass, thumbnail_folder, thumbnail_size
 
 log = logging.getLogger("native4k")
@@ -446,17 +448,13 @@ def dedup_decisions(rows: Any, cfg: JobConfig, partitions_for: Partitioning) -> 
         return None
     banded, num_banded = nonempty(_apply(hashed, BandSplitter(max_distance=k)))
     edges, num_edges = nonempty(
-        banded.groupby(BAND, num_partitions=partitions_for(num_banded)).map_groups(
-            lambda g: match_band(g, k), batch_format="pyarrow"
-        )
+        group_map(banded, BAND, lambda g: match_band(g, k), partitions_for(num_banded))
     )
     if edges is None:
         return None
     parts = partitions_for(num_edges)
-    parents = (
-        edges.groupby(schema.SOURCE, num_partitions=parts)
-        .map_groups(pick_parent, batch_format="pyarrow")
-        .select_columns([schema.SOURCE, PARENT, PARENT_SHA256])
+    parents = group_map(edges, schema.SOURCE, pick_parent, parts).select_columns(
+        [schema.SOURCE, PARENT, PARENT_SHA256]
     )
     parents, _ = nonempty(parents)
     assert parents is not None  # every edge's source keeps one parent
@@ -464,10 +462,12 @@ def dedup_decisions(rows: Any, cfg: JobConfig, partitions_for: Partitioning) -> 
         grand = parents.select_columns([schema.SOURCE, PARENT, PARENT_SHA256]).rename_columns(
             {schema.SOURCE: "gp_source", PARENT: "gp", PARENT_SHA256: "gp_sha256"}
         )
-        joined = parents.join(grand, "left_outer", parts, on=(PARENT,), right_on=("gp_source",))
+        joined = grouping.join(
+            parents, grand, "left_outer", parts, on=(PARENT,), right_on=("gp_source",)
+        )
         stepped, _ = nonempty(joined.map_batches(_jump, batch_format="pyarrow"))
         assert stepped is not None  # a left join keeps every row
-        moved = stepped.sum("moved") or 0
+        moved = column_sum(stepped, "moved")
         parents, _ = nonempty(stepped.drop_columns(["moved"]))
         if moved == 0:
             break
@@ -570,7 +570,7 @@ def _analyse(rd: Any, items: Sequence[InputItem], done: set[str], analysis: str,
             ds = _apply(ds, ThumbnailSink(folder=thumbnail_folder(analysis)))
             sunk.append(_apply(ds, ParquetSink(folder=analysis)))
         counts = sunk[0] if len(sunk) == 1 else sunk[0].union(*sunk[1:])
-        analysed = int(counts.sum("rows") or 0)
+        analysed = column_sum(counts, "rows")
     return analysed
 
 
@@ -735,7 +735,7 @@ def _decide_and_write(
         decisions = dedup_decisions(rows, cfg, partitions_for) if cfg.dedup.enabled else None
         if decisions is not None:
             parts = partitions_for(num_rows)
-            rows = rows.join(decisions, "left_outer", parts, on=(schema.SOURCE,))
+            rows = grouping.join(rows, decisions, "left_outer", parts, on=(schema.SOURCE,))
             rows = rows.map_batches(_apply_duplicates, batch_format="pyarrow")
 
     # Model pass: scores, model rules, semantic duplicates, captions (pipelines/model_pass.py).
@@ -763,17 +763,18 @@ def _decide_and_write(
         if kept is not None:
             s = cfg.shard
             planned, _ = nonempty(
-                kept.groupby(schema.BUCKET, num_partitions=partitions_for(num_kept))
-                .map_groups(
+                group_map(
+                    kept,
+                    schema.BUCKET,
                     lambda g: plan_bucket(g, s.max_samples, s.max_bytes),
-                    batch_format="pyarrow",
+                    partitions_for(num_kept),
                 )
             )
             assert planned is not None
             writer = ShardWriter(output=output)
-            written = planned.groupby(
-                schema.SHARD, num_partitions=partitions_for(num_kept)
-            ).map_groups(lambda g: writer(g), batch_format="pyarrow")
+            written = group_map(
+                planned, schema.SHARD, lambda g: writer(g), partitions_for(num_kept)
+            )
             outputs.append(written)
         final = (
             _union(outputs)
@@ -978,9 +979,7 @@ def compute_stats(final: Any, table: list[Bucket], partitions_for: Partitioning)
     kept, num_kept = nonempty(final.map_batches(_kept, batch_format="pyarrow"))
     if kept is not None:
         parts = partitions_for(num_kept)
-        summaries = kept.groupby(schema.BUCKET, num_partitions=parts).map_groups(
-            _bucket_summary, batch_format="pyarrow"
-        )
+        summaries = group_map(kept, schema.BUCKET, _bucket_summary, parts)
         for r in summaries.take_all():
             name = r["bucket"]
             buckets[name] = {k: r[k] for k in ("count", "bytes", "shards", "captioned")}

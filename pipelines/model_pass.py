@@ -51,6 +51,7 @@ from curation.score.pyiqa_scorer import WEIGHTLESS_METRICS, PyiqaScorer, lower_b
 from curation.score.quantiles import share_cut, sketch
 from curation.shard.shard_writer import sample_key
 from curation.threshold_filter import Rule, ThresholdFilter
+from pipelines import grouping
 from pipelines.config import ConfigError, JobConfig
 
 MODEL_COLUMNS = (
@@ -519,10 +520,9 @@ def run_model_pass(
     thumbs = _read_parquet(rd, thumbs_dir)
     # A rerun after a crash between the two sinks of pass 1 can leave two thumbnail files for a
     # source; the join is partitioned by source, so its copies meet in one block.
+    matched = grouping.join(slim, thumbs, "inner", partitions(num_slim), on=(schema.SOURCE,))
     scored, num_scored = _nonempty(
-        slim.join(thumbs, "inner", partitions(num_slim), on=(schema.SOURCE,)).map_batches(
-            _first_per_source, batch_format="pyarrow", batch_size=None
-        )
+        matched.map_batches(_first_per_source, batch_format="pyarrow", batch_size=None)
     )
     if num_scored < num_slim:
         result.notes.append(
@@ -740,7 +740,7 @@ def _merge(rows: Any, scored: Any, partitions: Callable[[int], int]) -> Any:
     res, num_res = _nonempty(res)
     if res is None:
         return rows.map_batches(_caption_sources, batch_format="pyarrow", batch_size=None)
-    joined = rows.join(res, "left_outer", partitions(num_res), on=(schema.SOURCE,))
+    joined = grouping.join(rows, res, "left_outer", partitions(num_res), on=(schema.SOURCE,))
     return joined.map_batches(_take_results, batch_format="pyarrow", batch_size=None)
 
 
