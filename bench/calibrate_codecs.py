@@ -17,9 +17,10 @@ anyway) and turned into:
   WebP (75/90/100, rotating), plus one AVIF q60 per factor; the near-grid factors (4/3, 8/5 and 2
   ± 3 %) at q90 as JPEG and WebP (resizer rotating).
 
-Each image is judged with the codec its container implies (``jpeg`` for JPEG, ``lossless`` for
-PNG, ``vp8`` for lossy WebP, ``av1`` for AVIF) and, for the report's "before" column, as the
-detector did before codecs were modelled (``jpeg`` for everything). Raw statistics are saved
+Each image is judged with the codec the job would pass (`block_codec` of its bytes: ``jpeg``, or
+``jpeg_low`` below q85, ``lossless`` for PNG, ``vp8`` for lossy WebP, ``av1`` for AVIF) and,
+for the report's "before" column, as the detector did before codecs were modelled (``jpeg``
+for everything). Raw statistics are saved
 too (``--save``) so thresholds can be refitted without re-encoding.
 
 Usage (issue 11's figures: 2 workers, `nice -n 10`, about 10 minutes on 2 cores):
@@ -51,6 +52,7 @@ from bench.calibrate_native import (
 )
 from curation.analyze import native as nat
 from curation.analyze.native_coherence import JPEG_LINES, VP8_LINES, coherence_statistics
+from curation.analyze.pixel_analyzer import block_codec
 
 Image.MAX_IMAGE_PIXELS = None
 FACTORS = (1.15, 1.25, 4 / 3, 1.5, 1.78, 2.0, 2.5, 3.0)
@@ -58,19 +60,20 @@ NEAR_GRID = (4 / 3 * 0.97, 4 / 3 * 1.03, 1.6 * 0.97, 1.6 * 1.03, 2 * 0.97, 2 * 1
 METHODS = ("pil_bicubic", "pil_lanczos", "pil_bilinear", "cv_cubic", "cv_lanczos", "cv_linear")
 LOSSLESS_OR_JPEG = (("png", 0), ("jpeg", 75), ("jpeg", 90), ("jpeg", 100))
 WEBP = (("webp", 75), ("webp", 90), ("webp", 100))
-CODEC_OF = {"png": "lossless", "jpeg": "jpeg", "webp": "vp8", "avif": "av1"}
 
 
-def encode(gray: np.ndarray, container: str, quality: int) -> np.ndarray:
-    """Save as `container` at `quality` with Pillow and decode the luma again (png: unchanged)."""
+def encode(gray: np.ndarray, container: str, quality: int) -> tuple[np.ndarray, str]:
+    """Save as `container` at `quality` with Pillow; the luma decoded again and the codec the
+    job would pass (`block_codec` of the bytes; png: the pixels unchanged, ``lossless``)."""
     if container == "png":
-        return gray
+        return gray, "lossless"
     buf = io.BytesIO()
     kw = {"speed": 8} if container == "avif" else {}
     Image.fromarray(gray).save(buf, container.upper(), quality=quality, **kw)
+    codec = block_codec(buf.getvalue())
     buf.seek(0)
     with Image.open(buf) as im:
-        return np.ascontiguousarray(np.asarray(im.convert("L")))
+        return np.ascontiguousarray(np.asarray(im.convert("L"))), codec
 
 
 def resize(gray: np.ndarray, size: tuple[int, int], method: str) -> np.ndarray:
@@ -91,13 +94,14 @@ def enlarged(gray: np.ndarray, factor: float, method: str) -> np.ndarray:
     return resize(small, (w, h), method)
 
 
-Case = tuple[str, str, float, str, int, np.ndarray]  # set, method, factor, container, q, image
+# set, method, factor, container, quality, (image, codec)
+Case = tuple[str, str, float, str, int, tuple[np.ndarray, str]]
 
 
 def native_cases(gray: np.ndarray) -> Iterator[Case]:
     """The picture's native variants."""
     h, w = gray.shape
-    yield "native", "as is", 1.0, "png", 0, gray
+    yield "native", "as is", 1.0, "png", 0, encode(gray, "png", 0)
     for q in (75, 85, 95, 100):
         yield "native", "as is", 1.0, "jpeg", q, encode(gray, "jpeg", q)
     for q in (75, 85, 95, 100):
@@ -149,8 +153,8 @@ def raw_statistics(gray: np.ndarray) -> dict[str, float]:
 
 def judge(case: Case) -> dict:
     """One case's verdicts (with its container's codec and, as before, as JPEG) and statistics."""
-    kind, method, factor, container, q, img = case
-    ev = nat.native_score(img, codec=CODEC_OF[container])
+    kind, method, factor, container, q, (img, codec) = case
+    ev = nat.native_score(img, codec=codec)
     before = nat.native_score(img, codec="jpeg")
     return {"set": kind, "method": method, "factor": factor, "container": container, "q": q,
             "rejected": ev.score < nat.DEFAULT_NATIVE_THRESHOLD, "score": ev.score,
@@ -244,6 +248,43 @@ def report(rows: list[dict], title: str) -> None:
             print(f"- {r['picture']} {r['method']} {r['container']} q{r['q']}: {r['detail']}")
 
 
+def timing(path: str, repeats: int = 15) -> None:
+    """Per 3840×2160 image on one thread: one full decode (PIL, RGB) vs `block_codec` +
+    `native_score`, by container; the fastest of `repeats` (CPU time) and the median (wall)."""
+    cv2.setNumThreads(1)
+    rgb = Image.open(path).convert("RGB").resize((3840, 2160), Image.LANCZOS)
+    print("\n| container | file MB | full decode, CPU ms (min / median wall) | block_codec + "
+          "native_score, CPU ms (min / median wall) | ratio (min) |\n|---|---|---|---|---|")
+    for container, kw in (("jpeg", {"quality": 90}), ("webp", {"quality": 90}),
+                          ("avif", {"quality": 60, "speed": 8}), ("png", {})):
+        buf = io.BytesIO()
+        rgb.save(buf, container.upper(), **kw)
+        data = buf.getvalue()
+
+        def decode(d: bytes = data) -> np.ndarray:
+            with Image.open(io.BytesIO(d)) as im:
+                im.load()
+                return np.asarray(im.convert("L"))
+
+        gray = np.ascontiguousarray(decode())
+
+        def detect(d: bytes = data, g: np.ndarray = gray) -> object:
+            return nat.native_score(g, codec=block_codec(d))
+
+        res = []
+        for fn in (decode, detect):
+            fn()
+            cpu, wall = [], []
+            for _ in range(repeats):
+                t, c = time.perf_counter(), time.thread_time()
+                fn()
+                cpu.append(time.thread_time() - c)
+                wall.append(time.perf_counter() - t)
+            res.append((1e3 * min(cpu), 1e3 * float(np.median(wall))))
+        print(f"| {container} | {len(data) / 1e6:.2f} | {res[0][0]:.1f} / {res[0][1]:.1f} | "
+              f"{res[1][0]:.1f} / {res[1][1]:.1f} | {res[1][0] / res[0][0]:.2f}× |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workers", type=int, default=2)
@@ -253,7 +294,11 @@ def main() -> None:
                     help="pictures (evenly spread) that also get the enlargements")
     ap.add_argument("--save", help="pickle every row to this file")
     ap.add_argument("--load", help="only print the tables of a saved run")
+    ap.add_argument("--timing", help="only time decode vs detector on this picture (4K)")
     a = ap.parse_args()
+    if a.timing:
+        timing(a.timing)
+        return
     if a.load:
         with open(a.load, "rb") as fh:
             rows = pickle.load(fh)

@@ -314,6 +314,8 @@ class _Model(NamedTuple):
     fold: bool  # the 8-px block-fold test applies (an 8×8 grid only)
     grid_thresholds: tuple[float, ...]  # z at each of GRID
     quarter_threshold: float  # 4-px period beyond the grid; inf: not tested
+    harmonic_threshold: float = _HARMONIC_THRESHOLD
+    spectral_scale: float = 1.0  # × the spectral test's threshold
 
 
 _JPEG = _Model((1 / 8, 2 / 8, 3 / 8), JPEG_LINES, True, _GRID_THRESHOLDS, _QUARTER_THRESHOLD)
@@ -321,11 +323,21 @@ _JPEG = _Model((1 / 8, 2 / 8, 3 / 8), JPEG_LINES, True, _GRID_THRESHOLDS, _QUART
 # odd k/16 (same maxima with and without skipping them), and 16/9 ≈ 1.78 lives there.
 _VP8 = _Model(tuple(k / 16 for k in range(1, 8)), JPEG_LINES, False, _VP8_GRID_THRESHOLDS,
               float("inf"))
-_MODELS: dict[str, _Model] = {"jpeg": _JPEG, "lossless": _JPEG, "vp8": _VP8, "av1": _VP8}
+# JPEG coarser than q85: fold and 4-px-period tests off, the other thresholds at 1.1 × the
+# largest value of the calibration natives saved at q75 (harmonic 67.8, spectral 1.1 × its
+# threshold, z 38.8 and 82.0 at 3/8 and 1/2, 103.6 at 5/8).
+_JPEG_LOW = _Model((1 / 8, 2 / 8, 3 / 8), JPEG_LINES, False, (42.7, 90.2, 114.0, 199.5),
+                   float("inf"), harmonic_threshold=74.6, spectral_scale=1.2)
+_MODELS: dict[str, _Model] = {"jpeg": _JPEG, "jpeg_low": _JPEG_LOW, "lossless": _JPEG,
+                              "vp8": _VP8, "av1": _VP8}
 CODECS: tuple[str, ...] = tuple(_MODELS)
 """Block structures `native_score` models, by the codec of the file analysed:
 
 * ``jpeg``: JPEG's 8×8 DCT grid (lines at ``k/8`` masked; every test);
+* ``jpeg_low``: a JPEG coarser than quality 85 (its quantisation table, read by the caller):
+  at q75 the 8×8 grid alone trips the fold and grid tests of ``jpeg`` (29 % of the calibration
+  natives), so the fold and 4-px-period tests are off and the other thresholds are set on q75
+  natives;
 * ``lossless``: PNG, lossless WebP (VP8L), TIFF, ...: no grid of its own, but a lossless file
   may hold a JPEG's pixels, so it is judged as ``jpeg``;
 * ``vp8``: lossy WebP: a 4×4 transform in 16×16 macroblocks with a loop filter on both edges,
@@ -355,6 +367,7 @@ def _profile_evidence(gray: np.ndarray, bands: tuple[Bands, Bands], model: _Mode
     threshold = max(_SPECTRAL_FLOOR, _SPECTRAL_THRESHOLD * used / _REFERENCE_PIXELS)
     spectral, freq, strength, depth = _spectral_evidence(p1x, p2x, p1y, p2y, threshold,
                                                          model.lines)
+    spectral /= model.spectral_scale
     fold, fold_detail, fold_factor, fold_period = (
         _fold_evidence(p1x, p1y) if model.fold else (0.0, "", float("nan"), float("nan")))
     if spectral >= fold:
@@ -382,7 +395,7 @@ def _coherence_evidence(gray: np.ndarray, bands: tuple[Bands, Bands], model: _Mo
     """The cyclic-coherence tests' strongest evidence (harmonic, grid, 4-px period)."""
     harmonic, alpha1, grid = coherence_statistics(gray, *bands, skip=model.cyclic)
     quarter = _quarter_period(grid)
-    ratios = [harmonic / _HARMONIC_THRESHOLD] + [
+    ratios = [harmonic / model.harmonic_threshold] + [
         z / t for z, t in zip(grid, model.grid_thresholds, strict=True)
     ] + [quarter / model.quarter_threshold]
     j = int(np.argmax(ratios))

@@ -140,16 +140,61 @@ def _thumbnail(img: Image.Image, orientation: int, size: int) -> bytes:
     return buf.getvalue()
 
 
+# libjpeg's luminance quantisation table at quality 50 (natural order), which its quality
+# setting scales by 5000/q (q < 50) or 200 - 2q percent.
+_STD_LUMA = (16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55, 14, 13, 16, 24, 40,
+             57, 69, 56, 14, 17, 22, 29, 51, 87, 80, 62, 18, 22, 37, 56, 68, 109, 103, 77, 24, 35,
+             55, 64, 81, 104, 113, 92, 49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112,
+             100, 103, 99)
+JPEG_LOW_SCALE = 31.0
+"""Quantisation scale (percent of libjpeg's quality-50 table; 30.1 at quality 85, 32 at 84,
+50 at 75) above which a
+JPEG is judged with the ``jpeg_low`` model: the detector was calibrated at q85-q100, and at q75
+the 8×8 grid alone trips the fold and grid tests (docs/native-detection.md, "Codecs")."""
+
+
+def _jpeg_quant_scale(data: bytes) -> float | None:
+    """The luma quantisation table's scale in percent of libjpeg's quality-50 table.
+
+    Walks the JPEG's marker segments up to the first scan; None when no table 0 is found.
+    A table's order (zigzag or natural) does not change its sum, which is what is compared.
+    """
+    pos, n = 2, min(len(data), 1 << 20)
+    while pos + 4 <= n and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if marker == 0xDA or length < 2:  # start of scan: no table follows
+            return None
+        if marker == 0xDB:
+            i, end = pos + 4, min(pos + 2 + length, n)
+            while i < end:
+                precision, table = data[i] >> 4, data[i] & 15
+                size = 128 if precision else 64
+                if table == 0 and i + 1 + size <= end:
+                    raw = data[i + 1 : i + 1 + size]
+                    values = ([int.from_bytes(raw[k : k + 2], "big") for k in range(0, 128, 2)]
+                              if precision else list(raw))
+                    return 100.0 * sum(values) / sum(_STD_LUMA)
+                i += 1 + size
+        pos += 2 + length
+    return None
+
+
 def block_codec(data: bytes) -> str:
     """The block structure of an encoded image, from its first bytes (see `native.CODECS`).
 
-    ``jpeg`` for JPEG (and MPO), ``vp8`` for lossy WebP (a ``VP8 `` chunk, also inside an
-    extended ``VP8X`` file), ``av1`` for AVIF, ``lossless`` for everything else (PNG, lossless
-    WebP, TIFF, ...: no block grid of their own).
+    ``jpeg`` for JPEG (and MPO), ``jpeg_low`` for a JPEG whose luma quantisation table is
+    coarser than libjpeg's at quality 85 (`JPEG_LOW_SCALE`), ``vp8`` for lossy WebP (a
+    ``VP8 `` chunk, also inside an extended ``VP8X`` file), ``av1`` for AVIF, ``lossless`` for
+    everything else (PNG, lossless WebP, TIFF, ...: no block grid of their own).
     """
     head = bytes(data[:64])
     if head.startswith(b"\xff\xd8\xff"):
-        return "jpeg"
+        scale = _jpeg_quant_scale(data)
+        return "jpeg_low" if scale is not None and scale > JPEG_LOW_SCALE else "jpeg"
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         pos = 12
         while pos + 8 <= min(len(data), 1 << 20):  # chunks: ALPH, ICCP, ... come first
