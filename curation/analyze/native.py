@@ -33,6 +33,11 @@ above what JPEG grids of native photographs reach; and a **4-px period** (factor
 cyclic frequencies all lie on the grid): the coherence at 1/2 and 3/4 in excess of the level at
 5/8, which only a JPEG grid feeds.
 
+Which block grid the tests ignore depends on the codec of the file (`CODECS`): JPEG's 8×8 grid
+(``k/8``), or the 4-px transform grid of lossy WebP (VP8) and AVIF, whose ``k/16`` lines are
+masked and under which the fold and 4-px-period tests are off; JPEGs coarser than q85 have
+their own thresholds. The caller passes the codec (`pixel_analyzer.block_codec`).
+
 Each test's statistic is divided by a threshold calibrated on real photographs and renders
 (``bench/calibrate_native.py``; tables and held-out figures in ``docs/native-detection.md``);
 the largest ratio ``E`` becomes ``score = 2 ** -E``, so ``score = 0.5`` is the decision
