@@ -1,5 +1,8 @@
 """The curation job: stages composed on Ray Data, in three passes with barriers between.
 
+0. list (in Ray): the driver only classifies its INPUT arguments; one Ray task per INPUT
+   expands it (folder walk, URI list file) into listing blocks, and what an earlier run
+   analysed is subtracted by joins in Ray, so the driver holds no per-input state;
 1. analyse (streaming): read → header probe → header thresholds → one decode with every pixel
    analysis → pixel thresholds → `_work/analysis/part-*.parquet` (no bytes), one atomic file
    per batch named by its inputs, so a rerun skips what an interrupted run finished;
@@ -23,6 +26,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import fsspec
@@ -46,8 +50,14 @@ from curation.dedup.near_dup import (
     pick_parent,
 )
 from curation.io.atomic import atomic_write, is_local, join
-from curation.io.listing import InputItem, list_inputs, split_tar_source
-from curation.io.readers import SIDECAR, FileReader, TarReader
+from curation.io.listing import (
+    TAR_EXTENSIONS,
+    InputSpec,
+    expand_input,
+    plan_inputs,
+    split_tar_source,
+)
+from curation.io.readers import DONE_MEMBERS, SIDECAR, FileReader, TarReader
 from curation.probe.header_probe import EXTENSIONS, HeaderProbe
 from curation.shard.shard_writer import ShardWriter, plan_bucket, sample_key
 from curation.threshold_filter import ASPECT, PIXELS, Rule, ThresholdFilter
@@ -59,6 +69,11 @@ from pipelines.model_pass import ThumbnailSink, run_model_pass, thumbnail_folder
 log = logging.getLogger("native4k")
 
 ANALYSIS_COLUMNS = tuple(c for c in schema.MANIFEST_COLUMNS if c != schema.KEY)
+KIND = "kind"  # listing column: "file" or "tar"
+TAR = "tar"  # the tar URI of an analysed tar member (resume)
+LISTING_SCHEMA = pa.schema(
+    [(schema.SOURCE, pa.string()), (SIDECAR, pa.string()), (KIND, pa.string())]
+)
 AWS_ENV = (
     "AWS_ENDPOINT_URL",
     "AWS_DEFAULT_REGION",
@@ -211,38 +226,50 @@ class Retune(Stage):
         return ThresholdFilter(rules=self.rules).process(t)
 
 
-@dataclass(kw_only=True)
-class SkipDone(Stage):
-    """Drop rows whose source an interrupted earlier run already analysed."""
+def expand_listing(
+    batch: pa.Table, *, sidecar_extensions: tuple[str, ...], chunk: int = 100_000
+) -> Iterator[pa.Table]:
+    """Ray task body: expand planned INPUTs (`uri`, `kind`) into listing rows, in chunks.
 
-    name = "skip_done"
-    batch_size = None
-    done: frozenset[str] = frozenset()
-
-    def process(self, t: pa.Table) -> pa.Table:
-        keep = [s not in self.done for s in column(t, schema.SOURCE)]
-        return t.filter(pa.array(keep, type=pa.bool_()))
-
-
-@dataclass(kw_only=True)
-class KeepListed(Stage):
-    """Drop stored analysis rows of inputs that this run no longer lists.
-
-    A rerun into the same output after an input was deleted must not keep its row. Rows of
-    tar members are kept when their tar is listed.
+    A folder or a URI list file of millions of entries streams out in blocks of `chunk`
+    rows; nothing per input reaches the driver.
     """
+    out: dict[str, list[Any]] = {schema.SOURCE: [], SIDECAR: [], KIND: []}
+    sent = False
+    for uri, kind in zip(column(batch, "uri"), column(batch, "kind"), strict=True):
+        spec = InputSpec(uri, kind)
+        for item in expand_input(spec, sidecar_extensions=sidecar_extensions):
+            out[schema.SOURCE].append(item.uri)
+            out[SIDECAR].append(item.sidecar)
+            out[KIND].append(item.kind)
+            if len(out[KIND]) >= chunk:
+                yield pa.table(out, schema=LISTING_SCHEMA)
+                sent = True
+                out = {c: [] for c in out}
+    if out[KIND] or not sent:
+        yield pa.table(out, schema=LISTING_SCHEMA)
 
-    name = "keep_listed"
-    batch_size = None
-    files: frozenset[str] = frozenset()
-    tars: frozenset[str] = frozenset()
 
-    def process(self, t: pa.Table) -> pa.Table:
-        keep = [
-            s in self.files or s in self.tars or split_tar_source(s)[0] in self.tars
-            for s in column(t, schema.SOURCE)
-        ]
-        return t.filter(pa.array(keep, type=pa.bool_()))
+def _with_tar(t: pa.Table) -> pa.Table:
+    """Analysis rows of tar members (and of unreadable tars), with their tar's URI."""
+    tars = []
+    for s in column(t, schema.SOURCE):
+        if "#" in s:
+            tars.append(split_tar_source(s)[0])
+        elif s.lower().endswith(TAR_EXTENSIONS):
+            tars.append(s)
+        else:
+            tars.append(None)
+    t = t.select([schema.SOURCE]).append_column(TAR, pa.array(tars, pa.string()))
+    return t.filter(pc.is_valid(t[TAR]))
+
+
+def _done_members(g: pa.Table) -> pa.Table:
+    """One row per tar: the sources an earlier run analysed from it."""
+    return pa.table(
+        {TAR: [column(g, TAR)[0]], DONE_MEMBERS: [column(g, schema.SOURCE)]},
+        schema=pa.schema([(TAR, pa.string()), (DONE_MEMBERS, pa.list_(pa.string()))]),
+    )
 
 
 def _apply(ds: Any, stage: Stage) -> Any:
@@ -252,17 +279,6 @@ def _apply(ds: Any, stage: Stage) -> Any:
 
 
 # --- pass helpers --------------------------------------------------------------------------
-
-
-def _read_done(folder: str) -> set[str]:
-    fs, path = fsspec.core.url_to_fs(folder)
-    if not fs.exists(path):
-        return set()
-    done: set[str] = set()
-    for f in fs.glob(path.rstrip("/") + "/part-*.parquet"):
-        with fs.open(f, "rb") as fh:
-            done.update(pq.read_table(fh, columns=[schema.SOURCE]).column(0).to_pylist())
-    return done
 
 
 def _finalize(t: pa.Table) -> pa.Table:
@@ -539,29 +555,91 @@ def _write_text(uri: str, text: str) -> None:
         fh.write(text)
 
 
-def _analyse(rd: Any, items: Sequence[InputItem], done: set[str], analysis: str, cpus: int,
-             cfg: JobConfig) -> int:
+@dataclass
+class Listing:
+    """The job's inputs as a Ray dataset (`LISTING_SCHEMA`); the driver keeps only counts."""
+
+    rows: Any | None
+    count: int
+    tars: int
+
+
+def _kind_counts(t: pa.Table) -> pa.Table:
+    return pa.table({"tars": [int(pc.sum(pc.equal(t[KIND], "tar")).as_py() or 0)]})
+
+
+def _only_kind(t: pa.Table, kind: str) -> pa.Table:
+    return t.filter(pc.equal(t[KIND], kind))
+
+
+def list_job(
+    rd: Any, specs: Sequence[InputSpec], cfg: JobConfig, *, chunk: int = 100_000
+) -> Listing:
+    """Expand the planned INPUTs in Ray tasks (one per INPUT); see `expand_listing`."""
+    plan = rd.from_items(
+        [{"uri": s.uri, "kind": s.kind} for s in specs], override_num_blocks=max(1, len(specs))
+    )
+    expand = partial(
+        expand_listing,
+        sidecar_extensions=tuple(e.lower() for e in cfg.input.sidecar_extensions),
+        chunk=chunk,
+    )
+    rows, count = nonempty(plan.map_batches(expand, batch_format="pyarrow", batch_size=1))
+    if rows is None:
+        return Listing(None, 0, 0)
+    kinds = rows.map_batches(_kind_counts, batch_format="pyarrow")
+    return Listing(rows, count, column_sum(kinds, "tars"))
+
+
+def _analysed_sources(rd: Any, analysis: str) -> tuple[Any | None, int]:
+    """The sources an earlier run of this job analysed (its Parquet parts), as a dataset."""
+    fs, path = fsspec.core.url_to_fs(analysis)
+    if not fs.exists(path) or not fs.glob(path.rstrip("/") + "/part-*.parquet"):
+        return None, 0
+    return nonempty(_read_parquet(rd, analysis, columns=[schema.SOURCE]))
+
+
+def _analyse(
+    rd: Any,
+    listing: Listing,
+    analysed: Any | None,
+    analysis: str,
+    partitions_for: Partitioning,
+    cfg: JobConfig,
+) -> int:
     """Pass 1: read, probe and analyse every input not analysed yet; rows go to `analysis`.
 
-    Returns the number of inputs analysed in this run.
+    What an earlier run analysed is subtracted in Ray (an anti-join for files, per-tar lists
+    of done members for tars). Returns the number of inputs analysed in this run.
     """
-    files = [i for i in items if i.kind == "file" and i.uri not in done]
-    tars = [i for i in items if i.kind == "tar"]
+    assert listing.rows is not None
     reader_cap = cfg.probe.max_file_bytes
+    parts = partitions_for(listing.count)
     streams = []
-    if files:
-        ds = rd.from_items(
-            [{schema.SOURCE: i.uri, SIDECAR: i.sidecar} for i in files],
-            override_num_blocks=input_blocks(len(files), cpus),
+    files, num_files = nonempty(
+        listing.rows.map_batches(partial(_only_kind, kind="file"), batch_format="pyarrow")
+    )
+    if files is not None and analysed is not None:
+        files, num_files = nonempty(
+            grouping.join(files, analysed, "left_anti", parts, on=(schema.SOURCE,))
         )
+    if files is not None:
+        ds = files.repartition(input_blocks(num_files, partitions_for.cpus))
         streams.append(_apply(ds, FileReader(max_file_bytes=reader_cap)))
-    if tars:
-        ds = rd.from_items([{schema.SOURCE: i.uri} for i in tars], override_num_blocks=len(tars))
-        ds = _apply(ds, TarReader(max_file_bytes=reader_cap))
-        if done:
-            ds = _apply(ds, SkipDone(done=frozenset(s for s in done if "#" in s)))
-        streams.append(ds)
-    analysed = 0
+    if listing.tars:
+        tars, num_tars = nonempty(
+            listing.rows.map_batches(partial(_only_kind, kind="tar"), batch_format="pyarrow")
+        )
+        assert tars is not None
+        members = None
+        if analysed is not None:
+            members, _ = nonempty(analysed.map_batches(_with_tar, batch_format="pyarrow"))
+        if members is not None:
+            done = group_map(members, TAR, _done_members, parts)
+            tars = grouping.join(tars, done, "left_outer", parts, on=(schema.SOURCE,),
+                                 right_on=(TAR,))
+        streams.append(_apply(tars.repartition(num_tars), TarReader(max_file_bytes=reader_cap)))
+    analysed_now = 0
     if streams:
         sunk = []
         for ds in streams:  # stages per stream, so Ray fuses read → analyse → sink in one task
@@ -570,8 +648,37 @@ def _analyse(rd: Any, items: Sequence[InputItem], done: set[str], analysis: str,
             ds = _apply(ds, ThumbnailSink(folder=thumbnail_folder(analysis)))
             sunk.append(_apply(ds, ParquetSink(folder=analysis)))
         counts = sunk[0] if len(sunk) == 1 else sunk[0].union(*sunk[1:])
-        analysed = column_sum(counts, "rows")
-    return analysed
+        analysed_now = column_sum(counts, "rows")
+    return analysed_now
+
+
+def keep_listed(rows: Any, listing: Listing, num_partitions: int) -> Any:
+    """Stored analysis rows of inputs this run still lists (semi-joins in Ray).
+
+    A rerun into the same output after an input was deleted must not keep its row. Rows of
+    tar members are kept when their tar is listed.
+    """
+    assert listing.rows is not None
+    sources = listing.rows.select_columns([schema.SOURCE])
+    direct = grouping.join(rows, sources, "left_semi", num_partitions, on=(schema.SOURCE,))
+    if not listing.tars:
+        return direct
+    rest, _ = nonempty(
+        grouping.join(rows, sources, "left_anti", num_partitions, on=(schema.SOURCE,))
+    )
+    if rest is None:
+        return direct
+    with_tar = rest.map_batches(_member_tar, batch_format="pyarrow")
+    tars = listing.rows.map_batches(partial(_only_kind, kind="tar"), batch_format="pyarrow")
+    tars = tars.select_columns([schema.SOURCE]).rename_columns({schema.SOURCE: TAR})
+    members = grouping.join(with_tar, tars, "left_semi", num_partitions, on=(TAR,))
+    return direct.union(members.drop_columns([TAR]))
+
+
+def _member_tar(t: pa.Table) -> pa.Table:
+    """The tar URI of each row that names a tar member (`tar-uri#member`), else null."""
+    tars = [split_tar_source(s)[0] if "#" in s else None for s in column(t, schema.SOURCE)]
+    return t.append_column(TAR, pa.array(tars, pa.string()))
 
 
 class JobFailed(RuntimeError):
@@ -636,7 +743,7 @@ class _Passes:
             raise
         except Exception as e:
             raise JobFailed(step, num_inputs, _log_failure(self.output, step, e), e) from e
-        self.seconds[step] = round(time.perf_counter() - start, 3)
+        self.seconds[step] = round(self.seconds.get(step, 0.0) + time.perf_counter() - start, 3)
 
 
 def _union(parts: Sequence[Any]) -> Any:
@@ -662,46 +769,43 @@ def run_curate(
     output = output if not is_local(output) else os.path.abspath(output.removeprefix("file://"))
     passes = _Passes(output, echo)
     with passes.run("listing", len(inputs), user_errors=(ValueError, OSError)):
-        items = list(
-            list_inputs(
-                inputs,
-                sidecar_extensions=cfg.input.sidecar_extensions,
-                list_extensions=cfg.input.list_extensions,
-            )
-        )
-    if not items:
-        raise ValueError(f"no input files found in {', '.join(inputs)}")
-    work = join(output, "_work")
-    analysis = join(work, "analysis")
-    _remove(join(output, "_SUCCESS"))
-    notes = _reset_if_changed(work, inputs, cfg)
-    done = _read_done(analysis)
-    echo(
-        f"native4k: {len(items)} inputs listed; {len(done)} rows already analysed by an earlier run"
-    )
+        specs = plan_inputs(inputs, list_extensions=cfg.input.list_extensions)
 
-    with passes.run("start-up", len(items)):
+    with passes.run("start-up", len(specs)):
         ray = init_ray(cfg, ray_address)
         rd = ray.data
         configure_progress(rd, sys.stdout.isatty())
         cpus = int(ray.cluster_resources().get("CPU", 1))
         partitions_for = Partitioning(cpus, cfg.ray.rows_per_partition)
 
+    with passes.run("listing", len(specs), user_errors=(OSError,)), quiet_ray_data(
+        sys.stdout.isatty()
+    ):
+        listing = list_job(rd, specs, cfg)
+    if not listing.count:
+        raise ValueError(f"no input files found in {', '.join(inputs)}")
+    work = join(output, "_work")
+    analysis = join(work, "analysis")
+    _remove(join(output, "_SUCCESS"))
+    notes = _reset_if_changed(work, inputs, cfg)
+    with passes.run("listing", listing.count), quiet_ray_data(sys.stdout.isatty()):
+        analysed, num_done = _analysed_sources(rd, analysis)
+    echo(
+        f"native4k: {listing.count} inputs listed; {num_done} rows already analysed by an "
+        "earlier run"
+    )
+
     # Pass 1: analyse, streaming, resumable.
-    with passes.run("analysis", len(items)), no_operator_reservation(rd):
-        analysed = _analyse(rd, items, done, analysis, cpus, cfg)
-    echo(f"native4k: analysed {analysed} inputs in this run")
+    with passes.run("analysis", listing.count), no_operator_reservation(rd):
+        analysed_now = _analyse(rd, listing, analysed, analysis, partitions_for, cfg)
+    echo(f"native4k: analysed {analysed_now} inputs in this run")
 
     with quiet_ray_data(sys.stdout.isatty()):
-        listed = KeepListed(
-            files=frozenset(i.uri for i in items if i.kind == "file"),
-            tars=frozenset(i.uri for i in items if i.kind == "tar"),
-        )
         stats = _decide_and_write(
-            rd, cfg, table, output, analysis, listed, passes, partitions_for, len(items), start
+            rd, cfg, table, output, analysis, listing, passes, partitions_for, start
         )
     return JobResult(
-        output, stats, time.perf_counter() - start, skipped_inputs=len(done), notes=notes
+        output, stats, time.perf_counter() - start, skipped_inputs=num_done, notes=notes
     )
 
 
@@ -711,10 +815,9 @@ def _decide_and_write(
     table: list[Bucket],
     output: str,
     analysis: str,
-    listed: KeepListed,
+    listing: Listing,
     passes: _Passes,
     partitions_for: Partitioning,
-    num_inputs: int,
     started: float,
 ) -> dict[str, Any]:
     """Passes 2-4 over the stored analysis: dedup, shards, manifest; returns the stats.
@@ -725,11 +828,13 @@ def _decide_and_write(
     # Pass 2: dedup across the whole job.
     # Pixel thresholds are decided again from the stored scores, so re-tuning them needs no
     # new decode: a rerun with other `analyze.min_*` values reuses the analysis.
+    num_inputs = listing.count
     with passes.run("dedup", num_inputs):
+        stored = _read_parquet(rd, analysis)
         rows, num_rows = nonempty(
-            _read_parquet(rd, analysis)
-            .map_batches(listed, batch_format="pyarrow")
-            .map_batches(Retune(rules=pixel_rules(cfg)), batch_format="pyarrow")
+            keep_listed(stored, listing, partitions_for(num_inputs)).map_batches(
+                Retune(rules=pixel_rules(cfg)), batch_format="pyarrow"
+            )
         )
         assert rows is not None, "the analysis pass wrote no rows"
         decisions = dedup_decisions(rows, cfg, partitions_for) if cfg.dedup.enabled else None

@@ -139,6 +139,89 @@ def _group_folder(
         yield InputItem(_uri(fs, p), "file", sidecar)
 
 
+@dataclass(frozen=True)
+class InputSpec:
+    """One INPUT argument after brace expansion: a folder, a URI list file, a tar or a file.
+
+    Planning an INPUT costs one `exists`/`isdir` call; expanding it (`expand_input`) lists
+    its files and can run anywhere, e.g. in a Ray task, so the driver holds no per-file row.
+    """
+
+    uri: str
+    kind: str  # "folder" | "list" | "tar" | "file"
+
+
+def plan_inputs(
+    inputs: Iterable[str],
+    *,
+    list_extensions: Iterable[str] = ("lst", "list", "uris"),
+    storage_options: dict | None = None,
+) -> list[InputSpec]:
+    """Classify every INPUT argument (brace patterns expanded), in order.
+
+    Raises:
+        ValueError: an INPUT that does not exist.
+    """
+    list_exts = tuple("." + e.lower() for e in list_extensions)
+    specs = []
+    for raw in inputs:
+        for inp in braceexpand.braceexpand(raw):
+            fs, path = fsspec.core.url_to_fs(inp, **(storage_options or {}))
+            if fs.isdir(path):
+                specs.append(InputSpec(inp, "folder"))
+            elif fs.exists(path):
+                if path.lower().endswith(list_exts):
+                    specs.append(InputSpec(inp, "list"))
+                elif path.lower().endswith(TAR_EXTENSIONS):
+                    specs.append(InputSpec(_uri(fs, path), "tar"))
+                else:
+                    specs.append(InputSpec(inp, "file"))
+            else:
+                raise ValueError(f"input {inp!r} does not exist")
+    return specs
+
+
+def parse_uri_line(line: str) -> Iterator[InputItem]:
+    """The inputs one line of a URI list file names (none for blanks and `#` comments).
+
+    Listed URIs are taken as they are: one that cannot be read becomes an `unreadable`
+    manifest row, not a failed job.
+    """
+    line = line.strip()
+    if not line or line.startswith("#"):
+        return
+    for u in braceexpand.braceexpand(line):
+        kind = "tar" if u.lower().endswith(TAR_EXTENSIONS) else "file"
+        if "://" not in u:
+            u = local_source(u)
+        yield InputItem(u, kind)
+
+
+def expand_input(
+    spec: InputSpec,
+    *,
+    sidecar_extensions: Iterable[str] = ("txt", "json"),
+    storage_options: dict | None = None,
+) -> Iterator[InputItem]:
+    """Every input item of one planned INPUT, in a deterministic order (list files stream)."""
+    sidecar_exts = tuple(e.lower() for e in sidecar_extensions)
+    fs, path = fsspec.core.url_to_fs(spec.uri, **(storage_options or {}))
+    if spec.kind == "folder":
+        if _is_local(fs):
+            files = _walk_local(path)
+        else:
+            files = [p for p in fs.find(path) if not fs.isdir(p)]
+        yield from _group_folder(fs, files, sidecar_exts)
+    elif spec.kind == "list":
+        with fs.open(path, "rt", errors="surrogateescape") as fh:
+            for line in fh:
+                yield from parse_uri_line(line)
+    elif spec.kind == "tar":
+        yield InputItem(spec.uri, "tar")
+    else:
+        yield from _group_folder(fs, [path], sidecar_exts)
+
+
 def list_inputs(
     inputs: Iterable[str],
     *,
@@ -147,6 +230,8 @@ def list_inputs(
     storage_options: dict | None = None,
 ) -> Iterator[InputItem]:
     """Yield every input item of the given INPUT arguments, in a deterministic order.
+
+    The job expands the planned INPUTs in Ray tasks instead (`plan_inputs`, `expand_input`).
 
     Args:
         inputs: local folders, `s3://` prefixes, URI list files, tar files or brace patterns.
@@ -157,32 +242,9 @@ def list_inputs(
     Raises:
         ValueError: an INPUT that does not exist.
     """
-    sidecar_exts = tuple(e.lower() for e in sidecar_extensions)
-    list_exts = tuple("." + e.lower() for e in list_extensions)
-    for raw in inputs:
-        for inp in braceexpand.braceexpand(raw):
-            fs, path = fsspec.core.url_to_fs(inp, **(storage_options or {}))
-            if fs.isdir(path):
-                if _is_local(fs):
-                    files = _walk_local(path)
-                else:
-                    files = [p for p in fs.find(path) if not fs.isdir(p)]
-                yield from _group_folder(fs, files, sidecar_exts)
-            elif fs.exists(path):
-                if path.lower().endswith(list_exts):
-                    with fs.open(path, "rt", errors="surrogateescape") as fh:
-                        uris = [ln.strip() for ln in fh if ln.strip() and not ln.startswith("#")]
-                    # Listed URIs are taken as they are: one that cannot be read becomes an
-                    # `unreadable` manifest row, not a failed job.
-                    for uri in uris:
-                        for u in braceexpand.braceexpand(uri):
-                            kind = "tar" if u.lower().endswith(TAR_EXTENSIONS) else "file"
-                            if "://" not in u:
-                                u = local_source(u)
-                            yield InputItem(u, kind)
-                elif path.lower().endswith(TAR_EXTENSIONS):
-                    yield InputItem(_uri(fs, path), "tar")
-                else:
-                    yield from _group_folder(fs, [path], sidecar_exts)
-            else:
-                raise ValueError(f"input {inp!r} does not exist")
+    for spec in plan_inputs(
+        inputs, list_extensions=list_extensions, storage_options=storage_options
+    ):
+        yield from expand_input(
+            spec, sidecar_extensions=sidecar_extensions, storage_options=storage_options
+        )

@@ -21,6 +21,7 @@ from curation.base import Stage, column, set_columns
 from curation.io.listing import escape_name, local_path, split_tar_source
 
 SIDECAR = "sidecar"  # listing column: URI of a sidecar caption file
+DONE_MEMBERS = "done_members"  # optional tar column: member sources already analysed (resume)
 KIND = "kind"  # listing column: "file" | "tar"
 
 CAPTION_EXTS = ("txt",)
@@ -144,7 +145,8 @@ class TarReader(Stage):
     Reads: `source` (a tar URI). Writes one row per sample: `source` (`tar-uri#member`),
     `tar_offset`, `data`, `size_bytes`, `sha256`, `caption_en`/`caption_zh` from `.txt`/`.zh.txt`
     or `.json` members. Rejects: `unreadable` for a tar that cannot be opened (one row for the
-    tar) or a truncated member. Resources: 1 CPU; one tar per batch.
+    tar) or a truncated member. Rows whose source is in the tar's optional `done_members` list
+    (analysed by an interrupted earlier run) are left out. Resources: 1 CPU; one tar per batch.
     """
 
     name: ClassVar[str] = "read_tar"
@@ -155,8 +157,14 @@ class TarReader(Stage):
 
     def process(self, table: pa.Table) -> pa.Table:
         rows: list[dict[str, Any]] = []
-        for tar_uri in column(table, schema.SOURCE):
-            rows.extend(self._expand(tar_uri))
+        done_lists = (
+            column(table, DONE_MEMBERS)
+            if DONE_MEMBERS in table.column_names
+            else [None] * table.num_rows
+        )
+        for tar_uri, done in zip(column(table, schema.SOURCE), done_lists, strict=True):
+            skip = frozenset(done or ())
+            rows.extend(r for r in self._expand(tar_uri) if r[schema.SOURCE] not in skip)
         cols = (*self.writes, *schema.DECISION_COLUMNS)
         return pa.table(
             {c: pa.array([r.get(c) for r in rows], type=schema.arrow_type(c)) for c in cols}
