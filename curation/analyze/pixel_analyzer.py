@@ -148,9 +148,9 @@ _STD_LUMA = (16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55, 14,
              100, 103, 99)
 JPEG_LOW_SCALE = 31.0
 """Quantisation scale (percent of libjpeg's quality-50 table; 30.1 at quality 85, 32 at 84,
-50 at 75) above which a
-JPEG is judged with the ``jpeg_low`` model: the detector was calibrated at q85-q100, and at q75
-the 8×8 grid alone trips the fold and grid tests (docs/native-detection.md, "Codecs")."""
+50 at 75) above which a JPEG is judged with the ``jpeg_low`` model: the detector was calibrated
+at q85-q100, and at q75 the 8×8 grid alone trips the fold and grid tests
+(docs/native-detection.md, "Codecs")."""
 
 
 def _jpeg_quant_scale(data: bytes) -> float | None:

@@ -104,6 +104,16 @@ def test_block_codec_from_the_first_bytes() -> None:
     assert block_codec(b"") == "lossless"
 
 
+@settings(max_examples=200, deadline=None)
+@given(prefix=st.sampled_from([b"", b"\xff\xd8\xff", b"\xff\xd8\xff\xdb\x00\x43\x00",
+                               b"RIFF\x00\x00\x00\x00WEBP", b"RIFF\x10\x00\x00\x00WEBPVP8X",
+                               b"\x00\x00\x00\x1cftypavif"]),
+       tail=st.binary(max_size=300))
+def test_block_codec_never_fails_on_hostile_bytes(prefix: bytes, tail: bytes) -> None:
+    """Truncated or forged headers give a codec the detector knows, never an exception."""
+    assert block_codec(prefix + tail) in CODECS
+
+
 def test_codec_is_validated_and_reported() -> None:
     tex = _texture(400, 640, seed=4)
     with pytest.raises(ValueError, match="codec"):
