@@ -596,7 +596,7 @@ def _analysed_sources(rd: Any, analysis: str) -> tuple[Any | None, int]:
     fs, path = fsspec.core.url_to_fs(analysis)
     if not fs.exists(path) or not fs.glob(path.rstrip("/") + "/part-*.parquet"):
         return None, 0
-    return nonempty(_read_parquet(rd, analysis, columns=[schema.SOURCE]))
+    return nonempty(_read_parquet(rd, analysis).select_columns([schema.SOURCE]))
 
 
 def _analyse(
@@ -695,7 +695,9 @@ class JobFailed(RuntimeError):
 
 FAULT_ENV = "NATIVE4K_FAULT"
 """Fault injection for tests: `<pass>` raises when that pass starts on the driver;
-`<pass>:kill` kills the driver there with SIGKILL (as a lost node or an OOM kill would)."""
+`<pass>:kill` kills the driver there with SIGKILL (as a lost node or an OOM kill would);
+`<pass>:lost` raises a Ray worker crash there once (as a lost node would)."""
+CLUSTER_ATTEMPTS = 3  # passes 1-4 run again (resuming) when the cluster loses a node
 
 
 def _log_failure(output: str, step: str, exc: BaseException) -> str:
@@ -723,6 +725,7 @@ class _Passes:
     output: str
     echo: Callable[[str], None]
     seconds: dict[str, float] = field(default_factory=dict)
+    lost: set[str] = field(default_factory=set)
 
     @contextlib.contextmanager
     def run(
@@ -738,6 +741,11 @@ class _Passes:
                 os.kill(os.getpid(), signal.SIGKILL)
             if fault == step:
                 raise RuntimeError(f"fault injected by {FAULT_ENV}={step}")
+            if fault == f"{step}:lost" and step not in self.lost:
+                self.lost.add(step)  # once: the retry must get through
+                import ray
+
+                raise ray.exceptions.WorkerCrashedError()
             yield
         except (JobFailed, ConfigError, *user_errors):
             raise
@@ -788,25 +796,69 @@ def run_curate(
     analysis = join(work, "analysis")
     _remove(join(output, "_SUCCESS"))
     notes = _reset_if_changed(work, inputs, cfg)
-    with passes.run("listing", listing.count), quiet_ray_data(sys.stdout.isatty()):
-        analysed, num_done = _analysed_sources(rd, analysis)
-    echo(
-        f"native4k: {listing.count} inputs listed; {num_done} rows already analysed by an "
-        "earlier run"
-    )
+    skipped = None
+    for attempt in range(1, CLUSTER_ATTEMPTS + 1):
+        try:
+            with passes.run("listing", listing.count), quiet_ray_data(sys.stdout.isatty()):
+                analysed, num_done = _analysed_sources(rd, analysis)
+            skipped = num_done if skipped is None else skipped
+            echo(
+                f"native4k: {listing.count} inputs listed; {num_done} rows already analysed by "
+                "an earlier run"
+            )
 
-    # Pass 1: analyse, streaming, resumable.
-    with passes.run("analysis", listing.count), no_operator_reservation(rd):
-        analysed_now = _analyse(rd, listing, analysed, analysis, partitions_for, cfg)
-    echo(f"native4k: analysed {analysed_now} inputs in this run")
+            # Pass 1: analyse, streaming, resumable.
+            with passes.run("analysis", listing.count), no_operator_reservation(rd):
+                analysed_now = _analyse(rd, listing, analysed, analysis, partitions_for, cfg)
+            echo(f"native4k: analysed {analysed_now} inputs in this run")
 
-    with quiet_ray_data(sys.stdout.isatty()):
-        stats = _decide_and_write(
-            rd, cfg, table, output, analysis, listing, passes, partitions_for, start
-        )
+            with quiet_ray_data(sys.stdout.isatty()):
+                stats = _decide_and_write(
+                    rd, cfg, table, output, analysis, listing, passes, partitions_for, start
+                )
+            break
+        except JobFailed as e:
+            if attempt == CLUSTER_ATTEMPTS or not lost_to_the_cluster(e.__cause__):
+                raise
+            echo(
+                f"native4k: the {e.step} pass lost a Ray node, worker or object "
+                f"({type(e.__cause__).__name__}); resuming from the stored analysis "
+                f"(attempt {attempt + 1} of {CLUSTER_ATTEMPTS})"
+            )
     return JobResult(
-        output, stats, time.perf_counter() - start, skipped_inputs=num_done, notes=notes
+        output, stats, time.perf_counter() - start, skipped_inputs=skipped or 0, notes=notes
     )
+
+
+_CLUSTER_ERRORS = (
+    "ActorDiedError",
+    "ActorUnavailableError",
+    "NodeDiedError",
+    "WorkerCrashedError",
+    "ObjectLostError",
+    "ObjectReconstructionFailedError",
+    "OwnerDiedError",
+    "RaySystemError",
+)
+
+
+def lost_to_the_cluster(exc: BaseException | None) -> bool:
+    """Whether a failure came from the cluster losing a node, worker or object.
+
+    Ray Data retries tasks, but not every actor it starts for itself (e.g. the Parquet footer
+    readers), and an error raised on a dying node can arrive only as text (an exception
+    Ray could not deserialise), so both the exception types and their text are checked.
+    """
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        names = {t.__name__ for t in type(exc).__mro__}
+        if names & set(_CLUSTER_ERRORS):
+            return True
+        if any(n in str(exc) for n in _CLUSTER_ERRORS) or "node has died" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def _decide_and_write(

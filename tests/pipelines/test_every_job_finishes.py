@@ -251,3 +251,44 @@ def test_a_rerun_after_an_input_was_deleted_drops_its_row(pool, local_ray, tmp_p
     rc, stdout, stderr = run_job([folder], out, *NO_MODELS)
     assert rc == 0, stderr
     check_output(out, {"native_a.jpg": ("kept", None)}, stdout)
+
+
+@pytest.mark.parametrize("step", ["analysis", "dedup", "shards"])
+def test_a_pass_that_loses_a_ray_worker_runs_again(pool, local_ray, tmp_path, monkeypatch, step):
+    """A Ray system error (a lost node, worker or object) reruns passes 1-4, resuming."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for kind in ("native_a", "flat", "corrupt"):
+        (folder / f"{kind}.{KINDS[kind][0]}").write_bytes(pool[kind])
+    monkeypatch.setenv("NATIVE4K_FAULT", f"{step}:lost")
+    rc, stdout, stderr = run_job([folder], tmp_path / "out", *NO_MODELS)
+    assert rc == 0, stderr
+    assert f"the {step} pass lost a Ray node, worker or object (WorkerCrashedError)" in stdout
+    check_output(
+        tmp_path / "out",
+        {
+            "native_a.jpg": ("kept", None),
+            "flat.png": ("rejected", "flat"),
+            "corrupt.jpg": ("rejected", "decode_error"),
+        },
+        stdout,
+    )
+
+
+def test_only_cluster_losses_count_as_cluster_losses():
+    import ray
+
+    from pipelines.curate import lost_to_the_cluster
+
+    assert lost_to_the_cluster(ray.exceptions.WorkerCrashedError())
+    text = "ray.exceptions.ActorDiedError: The actor died because its node has died."
+    assert lost_to_the_cluster(ray.exceptions.UnserializableException(text))
+    try:
+        try:
+            raise ray.exceptions.NodeDiedError("node 1")
+        except Exception as e:
+            raise RuntimeError("reading the analysis failed") from e
+    except RuntimeError as chained:
+        assert lost_to_the_cluster(chained)
+    assert not lost_to_the_cluster(ValueError("a bad threshold"))
+    assert not lost_to_the_cluster(None)
