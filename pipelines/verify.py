@@ -392,20 +392,9 @@ def run_verify(
         findings[-1] += ": the job did not complete"
     stats = _read_json(fs, f"{root}/stats.json", "stats.json", findings)
     files = manifest_files(fs, root)
-    if not files:
-        findings.append("manifest: no manifest/*.parquet")
-        t = schema.MANIFEST_SCHEMA.empty_table()
-    else:
-        import pyarrow.parquet as pq
-
-        try:
-            t = pq.ParquetDataset(files, filesystem=fs).read()
-        except Exception as e:
-            findings.append(f"manifest: cannot be read: {type(e).__name__}: {e}")
-            t = schema.MANIFEST_SCHEMA.empty_table()
-    for c in schema.MANIFEST_COLUMNS:
-        if c not in t.column_names:
-            t = t.append_column(c, pa.nulls(t.num_rows, schema.FIELDS[c]))
+    # Every row with the columns the checks need; whole rows only for kept ones (which the
+    # shards' JSON members are compared with): most rows of a job are rejected.
+    t = _read_rows(fs, files, findings, SLIM_COLUMNS)
     findings.extend(_manifest_findings(t))
 
     on_disk = (
@@ -413,8 +402,9 @@ def run_verify(
         if fs.exists(f"{root}/shards")
         else set()
     )
-    kept = t.filter(pc.fill_null(pc.equal(t.column(schema.STATUS), schema.STATUS_KEPT), False))
-    kept = kept.filter(pc.is_valid(kept.column(schema.SHARD)))
+    kept = _read_rows(fs, files, [], None, kept_only=True) if files and t.num_rows else t
+    is_kept = pc.fill_null(pc.equal(kept.column(schema.STATUS), schema.STATUS_KEPT), False)
+    kept = kept.filter(is_kept).filter(pc.is_valid(kept.filter(is_kept).column(schema.SHARD)))
     named = set(kept.column(schema.SHARD).to_pylist())
     for extra in sorted(on_disk - named):
         findings.append(f"{extra} is under shards/ but the manifest names no sample in it")
@@ -457,6 +447,47 @@ def run_verify(
         samples=sum(len(r.keys) for r in results.values()),
         rows=t.num_rows,
     )
+
+
+SLIM_COLUMNS = (
+    schema.SOURCE,
+    schema.STATUS,
+    schema.REASON,
+    schema.KEY,
+    schema.SHA256,
+    schema.SHARD,
+    schema.BUCKET,
+)
+
+
+def _read_rows(
+    fs: Any,
+    files: list[str],
+    findings: list[str],
+    columns: tuple[str, ...] | None,
+    *,
+    kept_only: bool = False,
+) -> pa.Table:
+    """The manifest's rows (`columns`, or all), kept ones only if asked; missing columns null."""
+    wanted = list(columns or schema.MANIFEST_COLUMNS)
+    if not files:
+        findings.append("manifest: no manifest/*.parquet")
+        t = schema.MANIFEST_SCHEMA.empty_table().select(wanted)
+    else:
+        import pyarrow.parquet as pq
+
+        try:
+            filters = [(schema.STATUS, "=", schema.STATUS_KEPT)] if kept_only else None
+            dataset = pq.ParquetDataset(files, filesystem=fs, filters=filters)
+            present = set(dataset.schema.names)
+            t = dataset.read(columns=[c for c in wanted if c in present] if columns else None)
+        except Exception as e:
+            findings.append(f"manifest: cannot be read: {type(e).__name__}: {e}")
+            t = schema.MANIFEST_SCHEMA.empty_table().select(wanted)
+    for c in wanted:
+        if c not in t.column_names:
+            t = t.append_column(c, pa.nulls(t.num_rows, schema.FIELDS[c]))
+    return t
 
 
 def _run_shards(
