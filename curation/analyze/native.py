@@ -321,6 +321,7 @@ class _Model(NamedTuple):
     quarter_threshold: float  # 4-px period beyond the grid; inf: not tested
     harmonic_threshold: float = _HARMONIC_THRESHOLD
     spectral_scale: float = 1.0  # × the spectral test's threshold
+    mild: bool = True  # harmonic fundamentals of enlargements below 1.23× (native_coherence)
 
 
 _JPEG = _Model((1 / 8, 2 / 8, 3 / 8), JPEG_LINES, True, _GRID_THRESHOLDS, _QUARTER_THRESHOLD)
@@ -333,8 +334,11 @@ _VP8 = _Model(tuple(k / 16 for k in range(1, 8)), JPEG_LINES, False, _VP8_GRID_T
 # threshold, z 38.8 and 82.0 at 3/8 and 1/2, 103.6 at 5/8).
 _JPEG_LOW = _Model((1 / 8, 2 / 8, 3 / 8), JPEG_LINES, False, (42.7, 90.2, 114.0, 199.5),
                    float("inf"), harmonic_threshold=74.6, spectral_scale=1.2)
+# AVIF: as VP8, without the mild-enlargement fundamentals (AVIF natives reach harmonic sums of
+# 59-104 with them, at alpha1 = 0.44-0.63, whose harmonics fall above 0.84).
+_AV1 = _VP8._replace(mild=False)
 _MODELS: dict[str, _Model] = {"jpeg": _JPEG, "jpeg_low": _JPEG_LOW, "lossless": _JPEG,
-                              "vp8": _VP8, "av1": _VP8}
+                              "vp8": _VP8, "av1": _AV1}
 CODECS: tuple[str, ...] = tuple(_MODELS)
 """Block structures `native_score` models, by the codec of the file analysed:
 
@@ -350,7 +354,8 @@ CODECS: tuple[str, ...] = tuple(_MODELS)
   the 8-px fold and the 4-px-period tests are off (the 4-px transform grid is a 4-px period),
   and the grid frequencies have thresholds of their own;
 * ``av1``: AVIF: transforms of 4 to 64 px, all on a 4-px lattice, deblocking and CDEF; judged as
-  ``vp8`` (see docs/native-detection.md).
+  ``vp8``, without the harmonic fundamentals of enlargements below 1.23× (see
+  docs/native-detection.md).
 """
 TESTS: tuple[str, ...] = ("spectral", "fold", "harmonic", "grid", "quarter")
 """Names of the tests, as `NativeEvidence.test` reports the strongest."""
@@ -398,7 +403,8 @@ def _quarter_period(grid: list[float]) -> float:
 
 def _coherence_evidence(gray: np.ndarray, bands: tuple[Bands, Bands], model: _Model) -> _Trace:
     """The cyclic-coherence tests' strongest evidence (harmonic, grid, 4-px period)."""
-    harmonic, alpha1, grid = coherence_statistics(gray, *bands, skip=model.cyclic)
+    harmonic, alpha1, grid = coherence_statistics(gray, *bands, skip=model.cyclic,
+                                                  mild=model.mild)
     quarter = _quarter_period(grid)
     ratios = [harmonic / model.harmonic_threshold] + [
         z / t for z, t in zip(grid, model.grid_thresholds, strict=True)

@@ -11,7 +11,7 @@ Per axis, up to ``_ROWS`` rows (columns) spread over the textured bands the call
 same bands as the profile tests in `curation.analyze.native`, whose window also bounds the
 length) are differentiated (whitening), Hann-windowed and transformed; each frequency is
 divided by its row-averaged magnitude. For every ``α`` in
-``[0.28, 0.84]`` cycles/px, ``C(α) = Σ_rows Σ_v X(v) X(α − v)`` over pairs ``v`` within ``±0.03``
+``[0.28, 0.90]`` cycles/px, ``C(α) = Σ_rows Σ_v X(v) X(α − v)`` over pairs ``v`` within ``±0.03``
 of ``α/2`` (one small FFT autoconvolution per frequency band, summed over rows before the
 inverse transform, so the sum stays phase-coherent) is normalised as a Rayleigh statistic
 ``z(α) = |C(α)| / sqrt(Σ_rows e_row² · pairs(α))`` (about 1 for random phases). One factor
@@ -19,7 +19,8 @@ scales both axes, so the two axes' ``z`` are combined with ``min`` (within a bin
 
 Two statistics come out:
 
-* **harmonic sum**: for each candidate fundamental ``α1 ∈ [0.30, 0.81]`` (``f`` ≈ 1.23–3.3),
+* **harmonic sum**: for each candidate fundamental ``α1 ∈ [0.30, 0.88]`` (``f`` ≈ 1.14–3.3;
+  above 0.81 the sum is divided by ``_MILD_WEIGHT``, since natives reach higher sums there),
   ``z`` at ``k α1 mod 1``, ``k = 1..4``, summed, skipping ±0.002 around multiples of 1/8 (the
   JPEG block grid is cyclostationary there too; 0.002 is the width a grid line keeps after the
   window's main lobe and the axes' matching tolerance, so factors just off 4/3, 8/5 or 2 stay
@@ -47,8 +48,16 @@ JPEG_LINES: tuple[float, ...] = (0.25, *GRID, 0.875)
 VP8_LINES: tuple[float, ...] = tuple(k / 16 for k in range(4, 15))
 """Cyclic frequencies of a 4-px transform grid inside 16-px macroblocks (``k/16``, VP8, AV1)."""
 _HARMONICS = 4
-_AMIN, _AMAX = 0.28, 0.84  # scanned cyclic frequencies (cycles/px)
-_LO, _HI = 0.30, 0.81  # candidate fundamentals
+_AMIN, _AMAX = 0.28, 0.90  # scanned cyclic frequencies (cycles/px)
+_LO, _HI = 0.30, 0.88  # candidate fundamentals (f ≈ 1.14-3.3)
+# Mild enlargements (f < 1.23: fundamentals above 0.81, added 2026-12-02): natives' sums reach
+# 71.9 there (`Garden`, `Flow`, `Cascade`, `Kay`), 58 below, so sums there are divided by 1.36
+# (a threshold of 79 on the native.py scale), and 7/8 (a JPEG grid line whose leakage these
+# candidates' harmonics would pick up) is skipped ±0.004 instead of ±0.002.
+_MILD = 0.81
+_MILD_WEIGHT = 1.36
+_NO_MILD_AMAX = 0.84  # the scanned range without the mild candidates (AVIF: see native.py)
+_SEVEN_EIGHTHS = 0.004
 _HALF_BAND = 0.03  # pairs v within this of alpha/2
 _ROWS = 512  # rows (columns) per axis; z of a coherent trace grows with sqrt(rows)
 _GRID_MASK = 0.002  # half-width (cycles/px) skipped around k/8 by the harmonic sum
@@ -167,19 +176,31 @@ def _combined(
     return ax, np.minimum(xm, np.interp(ax, ay, ym))
 
 
-def _harmonic(alpha: np.ndarray, z: np.ndarray, skip: tuple[float, ...]) -> tuple[float, float]:
-    """Best harmonic sum over candidate fundamentals, skipping the ``skip`` lines: (sum, α1)."""
+def _harmonic(
+    alpha: np.ndarray, z: np.ndarray, skip: tuple[float, ...], mild: bool = True
+) -> tuple[float, float]:
+    """Best harmonic sum over candidate fundamentals, skipping the ``skip`` lines: (sum, α1).
+
+    Without ``mild``, as before 2026-12-02: fundamentals up to ``_MILD`` and cyclic
+    frequencies up to 0.84 only.
+    """
+    if not mild:
+        keep = alpha <= _NO_MILD_AMAX
+        alpha, z = alpha[keep], z[keep]
     grid = np.zeros(alpha.size, bool)
     for g in skip:
         grid |= np.abs(alpha - g) < _GRID_MASK
+    grid |= np.abs(alpha - 0.875) < _SEVEN_EIGHTHS
     zm = np.where(grid, 0.0, z)
-    cand = alpha[(alpha >= _LO) & (alpha <= _HI)]
+    cand = alpha[(alpha >= _LO) & (alpha <= (_HI if mild else _MILD))]
+    cand = cand[np.abs(cand - 0.875) >= _SEVEN_EIGHTHS]
     total = np.zeros(cand.size)
     for k in range(1, _HARMONICS + 1):
         ak = (k * cand) % 1.0
         ok = (ak >= alpha[0]) & (ak <= alpha[-1])
         ok &= np.interp(ak, alpha, grid.astype(float)) == 0
         total += np.where(ok, np.interp(ak, alpha, zm), 0.0)
+    total = np.where(cand > _MILD, total / _MILD_WEIGHT, total)
     i = int(np.argmax(total))
     return float(total[i]), float(cand[i])
 
@@ -189,14 +210,16 @@ def coherence_statistics(
     row_bands: list[tuple[int, int]],
     col_bands: list[tuple[int, int]],
     skip: tuple[float, ...] = JPEG_LINES,
+    mild: bool = True,
 ) -> tuple[float, float, list[float]]:
     """Raw statistics: (harmonic sum, its fundamental, combined ``z`` at each of `GRID`).
 
     ``gray`` is a C-contiguous 2-D uint8 array of at least 64×64 pixels; ``row_bands`` and
     ``col_bands`` are the ``(start, stop)`` horizontal and vertical bands to analyse (checked and
     chosen by the caller); ``skip`` are the cyclic frequencies of the codec's block grid, which
-    the harmonic sum leaves out (`JPEG_LINES`, or `VP8_LINES` for a 4-px transform grid).
+    the harmonic sum leaves out (`JPEG_LINES`, or `VP8_LINES` for a 4-px transform grid);
+    ``mild`` adds the fundamentals of enlargements below 1.23× (above ``_MILD``).
     """
     alpha, z = _combined(gray, row_bands, col_bands)
-    h, a1 = _harmonic(alpha, z, skip)
+    h, a1 = _harmonic(alpha, z, skip, mild)
     return h, a1, [float(z[np.abs(alpha - g) < 0.0008].max(initial=0.0)) for g in GRID]

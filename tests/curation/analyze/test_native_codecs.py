@@ -168,6 +168,17 @@ def test_webp_enlargements_are_caught(factor: float, quality: int) -> None:
     assert caught >= 3
 
 
+@pytest.mark.parametrize(("method", "webp"), [(Image.BICUBIC, False), (Image.BILINEAR, True)])
+def test_mild_enlargements_are_caught(method: int, webp: bool) -> None:
+    """1.15× (fundamental 0.87 cyc/px, beyond the old harmonic range) as PNG or WebP q100."""
+    caught = 0
+    for path in PHOTOS:
+        img = _enlarge(_photo(path, 2520, 1560), 1.15, method)
+        ev = native_score(_webp(img, 100) if webp else img, codec="vp8" if webp else "lossless")
+        caught += ev.score < THR
+    assert caught >= 3
+
+
 def test_held_out_camera_photograph_as_webp() -> None:
     """A 16 MP camera photograph held out of calibration: native as WebP q85, 2× caught."""
     g = _full(f"{BACKGROUNDS}/seeding_by_Clements_Engelhardt.jpg", "lomiri-wallpapers-16.04")
