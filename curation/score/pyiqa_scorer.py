@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import io
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -17,15 +20,30 @@ WEIGHTLESS_METRICS = frozenset({"piqe", "entropy"})
 """pyiqa metrics that need no weight file (everything else loads one)."""
 
 
+@functools.cache
+def _pyiqa_configs() -> dict[str, dict[str, Any]]:
+    """pyiqa's table of metrics (`pyiqa/default_model_configs.py`), read without importing pyiqa.
+
+    Importing the `pyiqa` package imports torch and every metric's architecture (about 4 s and
+    700 MB); the job's driver only needs this table, a module of plain dictionaries.
+    """
+    package = importlib.util.find_spec("pyiqa")  # finds the package; runs none of its code
+    if package is None or not package.submodule_search_locations:
+        raise ValueError("pyiqa is not installed")
+    path = Path(next(iter(package.submodule_search_locations))) / "default_model_configs.py"
+    spec = importlib.util.spec_from_file_location("_native4k_pyiqa_configs", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.DEFAULT_CONFIGS
+
+
 def lower_better(metric: str) -> bool:
     """Whether smaller values of a pyiqa metric mean better images (from pyiqa's table)."""
-    from pyiqa.default_model_configs import DEFAULT_CONFIGS
-
-    if metric not in DEFAULT_CONFIGS:
-        raise ValueError(
-            f"unknown pyiqa metric {metric!r} (known: {', '.join(sorted(DEFAULT_CONFIGS))})"
-        )
-    return bool(DEFAULT_CONFIGS[metric].get("lower_better", False))
+    configs = _pyiqa_configs()
+    if metric not in configs:
+        raise ValueError(f"unknown pyiqa metric {metric!r} (known: {', '.join(sorted(configs))})")
+    return bool(configs[metric].get("lower_better", False))
 
 
 def resize_longest(img: Image.Image, size: int) -> Image.Image:

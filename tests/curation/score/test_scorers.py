@@ -128,3 +128,25 @@ def test_pyiqa_scorer_is_the_metric_at_the_documented_size(real_thumbnails):
     assert lower_better("piqe") and not lower_better("musiq")
     with pytest.raises(ValueError, match="unknown pyiqa metric 'no_such_metric'"):
         lower_better("no_such_metric")
+
+
+def test_the_drivers_metric_table_is_pyiqas_without_importing_torch():
+    """The job's driver checks the metric name and its direction; importing pyiqa would cost
+    it torch (about 4 s and 700 MB) for one table."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from curation.score.pyiqa_scorer import lower_better\n"
+        "assert lower_better('piqe') and not lower_better('musiq')\n"
+        "assert 'torch' not in sys.modules and 'pyiqa' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    from pyiqa.default_model_configs import DEFAULT_CONFIGS
+
+    from curation.score.pyiqa_scorer import _pyiqa_configs
+
+    assert _pyiqa_configs().keys() == DEFAULT_CONFIGS.keys()
+    for name, config in DEFAULT_CONFIGS.items():
+        assert lower_better(name) == bool(config.get("lower_better", False))
