@@ -37,13 +37,11 @@ MIN_DETECTION_SCORE = 0.2
 
 
 def nudenet_available() -> bool:
-    """Whether the `nsfw` extra (nudenet and onnxruntime) is installed."""
-    try:
-        import nudenet  # noqa: F401
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether the `nsfw` extra (nudenet and onnxruntime) is installed (found, not imported:
+    the driver asks, the actors load them)."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("nudenet", "onnxruntime"))
 
 
 def scores_of(detections: list[dict]) -> tuple[float, float]:
