@@ -79,6 +79,7 @@ STATUS_REJECTED = "rejected"
 REASONS = (
     "unreadable",
     "decode_error",
+    "analysis_error",
     "unsupported_format",
     "too_large",
     "too_small",

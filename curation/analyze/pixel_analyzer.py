@@ -234,7 +234,8 @@ class PixelAnalyzer(Stage):
     the codec comes from the file's first bytes, `block_codec`), `sharpness`, `flat_fraction`,
     `entropy`, `phash`, and `thumbnail` (a small RGB JPEG for the model stages, when
     `thumbnail_size` > 0). Rejects: `decode_error` (truncated or
-    corrupt pixels). Thresholds are decided by `ThresholdFilter`. Resources: 1 CPU; peak
+    corrupt pixels), `analysis_error` (decoded pixels an analysis failed on: the image, not
+    the job, gets the verdict). Thresholds are decided by `ThresholdFilter`. Resources: 1 CPU; peak
     memory about 4 bytes per pixel of the largest image allowed (`probe.max_pixels`).
     """
 
@@ -307,7 +308,11 @@ class PixelAnalyzer(Stage):
                     status[i], reason[i] = schema.STATUS_REJECTED, "decode_error"
                     detail[i] = f"pixels undecodable: {type(e).__name__}: {e}"[:300]
                 else:
-                    scores = {**self.analyze(gray, block_codec(data)), schema.THUMBNAIL: thumb}
+                    try:
+                        scores = {**self.analyze(gray, block_codec(data)), schema.THUMBNAIL: thumb}
+                    except Exception as e:  # a decoded image an analysis cannot handle
+                        status[i], reason[i] = schema.STATUS_REJECTED, "analysis_error"
+                        detail[i] = f"pixel analysis failed: {type(e).__name__}: {e}"[:300]
                     del gray
             for c in self.writes:
                 out[c].append(scores.get(c))

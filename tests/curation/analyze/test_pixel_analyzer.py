@@ -1,6 +1,8 @@
 import io
 
 import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from curation import schema
@@ -89,3 +91,26 @@ def test_analyzer_scores_pending_rows_and_rejects_corrupt_pixels():
     assert rows[0][schema.FLAT_FRACTION] == 0.0 and rows[0][schema.SHARPNESS] is not None
     assert rows[1][schema.REASON] == "decode_error" and rows[1][schema.ENTROPY] is None
     assert rows[2][schema.ENTROPY] is None  # rejected earlier: never decoded
+
+
+@settings(max_examples=25, deadline=None)
+@given(h=st.integers(1, 64), w=st.integers(1, 64), seed=st.integers(0, 2**16))
+def test_any_decodable_image_gets_scores_or_a_verdict(h, w, seed):
+    """Thresholds are one `--set` away, so tiny images can reach the analyses: one that an
+    analysis cannot handle is rejected as `analysis_error`; the batch goes on."""
+    pixels = np.random.default_rng(seed).integers(0, 255, (h, w), dtype=np.uint8)
+    good = _enc(Image.fromarray(np.random.default_rng(1).integers(0, 255, (480, 720), np.uint8)))
+    t = PixelAnalyzer()(
+        {
+            schema.DATA: [_enc(Image.fromarray(pixels)), good],
+            schema.ORIENTATION: [1, 1],
+            schema.STATUS: [None, None],
+        }
+    )
+    odd, fine = t.to_pylist()
+    if odd[schema.STATUS] is None:
+        assert odd[schema.PHASH] is not None
+    else:
+        assert odd[schema.REASON] == "analysis_error" and odd[schema.PHASH] is None
+        assert odd[schema.DETAIL].startswith("pixel analysis failed: ")
+    assert fine[schema.STATUS] is None and fine[schema.ENTROPY] > 7.9
