@@ -20,7 +20,8 @@ scales both axes, so the two axes' ``z`` are combined with ``min`` (within a bin
 Two statistics come out:
 
 * **harmonic sum**: for each candidate fundamental ``α1 ∈ [0.30, 0.88]`` (``f`` ≈ 1.14–3.3;
-  above 0.81 the sum is divided by ``_MILD_WEIGHT``, since natives reach higher sums there),
+  above 0.81 the sum is divided by ``_MILD_WEIGHT``, since natives reach higher sums there;
+  only those candidates count terms above 0.84),
   ``z`` at ``k α1 mod 1``, ``k = 1..4``, summed, skipping ±0.002 around multiples of 1/8 (the
   JPEG block grid is cyclostationary there too; 0.002 is the width a grid line keeps after the
   window's main lobe and the axes' matching tolerance, so factors just off 4/3, 8/5 or 2 stay
@@ -198,6 +199,7 @@ def _harmonic(
     for k in range(1, _HARMONICS + 1):
         ak = (k * cand) % 1.0
         ok = (ak >= alpha[0]) & (ak <= alpha[-1])
+        ok &= (ak <= _NO_MILD_AMAX) | (cand > _MILD)  # others' harmonics as before 2026-12-02
         ok &= np.interp(ak, alpha, grid.astype(float)) == 0
         total += np.where(ok, np.interp(ak, alpha, zm), 0.0)
     total = np.where(cand > _MILD, total / _MILD_WEIGHT, total)
