@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-MANIFEST_VERSION = 2
+MANIFEST_VERSION = 3
 """2: model columns `character`, `person_score`, `nsfw`, `caption_source` (issue 12).
+3: the native evidence columns `native_period`, `native_strength`, `native_test`,
+`native_codec` (issue 11) and the reason `analysis_error`.
 
-Readers of version 1 find every version-1 column unchanged; the new ones are nullable. The
-native evidence columns (`native_period`, `native_strength`, `native_test`, `native_codec`,
-issue 11) are nullable additions too."""
+Readers of an earlier version find every earlier column unchanged; the new ones are
+nullable."""
 
 # --- identity and input -------------------------------------------------------------------
 SOURCE = "source"  # URI as found: path, s3://..., or tar-uri#member
