@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import io
 import math
-import os
 
 import cv2
 import numpy as np
 import pytest
+from native_images import full_luma as _full
+from native_images import texture as _texture
 from PIL import Image
 
 from curation.analyze.native import DEFAULT_NATIVE_THRESHOLD, NativeEvidence, native_score
@@ -23,12 +24,6 @@ PHOTOS = [f"{WALL}/{n}/contents/images/2560x1600.jpg"
           for n in ("Autumn", "Kite", "OneStandsOut", "Grey")]
 
 
-def _full(path: str, package: str = "plasma-workspace-wallpapers") -> np.ndarray:
-    """A whole picture's luma, as the job analyses it (skips when the package is missing)."""
-    if not os.path.exists(path):
-        pytest.skip(f"{path} missing: apt-get install {package}")
-    with Image.open(path) as im:
-        return np.asarray(im.convert("L"))
 
 
 def _photo(path: str, width: int = 1280, height: int = 800) -> np.ndarray:
@@ -39,15 +34,6 @@ def _photo(path: str, width: int = 1280, height: int = 800) -> np.ndarray:
     return np.ascontiguousarray(g[y : y + height, x : x + width])
 
 
-def _texture(h: int, w: int, seed: int = 0) -> np.ndarray:
-    """A natural-looking random texture: 1/f amplitude spectrum, 8-bit."""
-    rng = np.random.default_rng(seed)
-    fy = np.fft.fftfreq(h)[:, None]
-    fx = np.fft.rfftfreq(w)[None, :]
-    amp = 1.0 / np.maximum(np.hypot(fx, fy), 1.0 / max(h, w))
-    img = np.fft.irfft2(amp * np.exp(2j * np.pi * rng.random(amp.shape)), s=(h, w))
-    img = (img - img.mean()) / img.std() * 40 + 128
-    return np.clip(img + rng.normal(0, 1.0, img.shape), 0, 255).astype(np.uint8)
 
 
 def _jpeg(gray: np.ndarray, quality: int) -> np.ndarray:
