@@ -159,3 +159,23 @@ def audit_output(tmp_path: Path) -> Callable[..., tuple[Path, dict[str, Any]]]:
 def audit_jpeg() -> Callable[..., bytes]:
     """`audit_jpeg(width, height, seed)`: a small, non-trivial JPEG."""
     return jpeg
+
+
+def _job_outcome(out: Path) -> tuple[dict, dict]:
+    """(manifest rows by source, shard bytes' sha256 by path): what must not change."""
+    rows = {
+        r["source"]: (r["status"], r["reason"], r["key"], r["shard"], r["duplicate_of"])
+        for r in pq.read_table(out / "manifest").to_pylist()
+    }
+    shards = {
+        str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in (out / "shards").rglob("*")
+        if p.is_file()
+    }
+    return rows, shards
+
+
+@pytest.fixture
+def job_outcome() -> Callable[[Path], tuple[dict, dict]]:
+    """What a job's output must keep across interruptions and clusters (see `_job_outcome`)."""
+    return _job_outcome

@@ -7,7 +7,6 @@ outside `_work/`, and no credential reaches a log, a process list, or an output 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import os
 import shutil
@@ -22,7 +21,6 @@ import time
 from pathlib import Path
 
 import psutil
-import pyarrow.parquet as pq
 import pytest
 
 from pipelines.cli import main
@@ -76,20 +74,6 @@ def reference(inputs, local_ray, tmp_path_factory) -> Path:
     return out
 
 
-def outcome(out: Path) -> tuple[dict, dict]:
-    """(manifest rows by source, shard bytes' sha256 by path): what must not change."""
-    rows = {
-        r["source"]: (r["status"], r["reason"], r["key"], r["shard"], r["duplicate_of"])
-        for r in pq.read_table(out / "manifest").to_pylist()
-    }
-    shards = {
-        str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in (out / "shards").rglob("*")
-        if p.is_file()
-    }
-    return rows, shards
-
-
 class OutputWatcher:
     """Polls an output folder while jobs run and records every temporary or hidden file
     that was visible outside `_work/` (a reader must only ever see whole files)."""
@@ -139,7 +123,7 @@ def run_cli(*args: str, env: dict[str, str] | None = None,
     return proc.returncode, stdout, stderr
 
 
-def test_driver_killed_at_every_pass_then_rerun(inputs, reference, tmp_path):
+def test_driver_killed_at_every_pass_then_rerun(inputs, reference, tmp_path, job_outcome):
     out = tmp_path / "out"
     with OutputWatcher(out) as watcher:
         for step in PASSES:
@@ -157,7 +141,7 @@ def test_driver_killed_at_every_pass_then_rerun(inputs, reference, tmp_path):
         rc, stdout = _quiet_main("curate", str(inputs), "--output", str(out), *SMALL)
     assert rc == 0
     assert "analysed 0 inputs in this run" in stdout
-    assert outcome(out) == outcome(reference)  # rows, keys, reasons, shard bytes
+    assert job_outcome(out) == job_outcome(reference)  # rows, keys, reasons, shard bytes
     assert verify(str(out)) == []
     assert watcher.polls > 10 and not watcher.seen_bad, sorted(watcher.seen_bad)
     assert not [p for p in out.rglob("*") if "_work" not in p.parts and ".tmp" in p.name]
@@ -184,7 +168,7 @@ def failed_workers(ray) -> int:
     )
 
 
-def test_ray_workers_killed_mid_job(inputs, reference, local_ray, tmp_path):
+def test_ray_workers_killed_mid_job(inputs, reference, local_ray, tmp_path, job_outcome):
     """SIGKILL Ray workers while they run pass-1 tasks: Ray retries the tasks (Ray Data's
     map tasks retry system failures without limit) and each rewrites its own part file."""
     out = tmp_path / "out"
@@ -219,7 +203,7 @@ def test_ray_workers_killed_mid_job(inputs, reference, local_ray, tmp_path):
     while failed_workers(local_ray) < crashes + 1 and time.time() < deadline:
         time.sleep(0.5)  # the GCS logs a worker's death asynchronously
     assert failed_workers(local_ray) >= crashes + 1
-    assert outcome(out) == outcome(reference)
+    assert job_outcome(out) == job_outcome(reference)
     assert verify(str(out)) == []
 
 
@@ -238,7 +222,9 @@ def _portable(rows: dict) -> dict:
     return {src.rsplit("/", 1)[-1]: v for src, v in rows.items()}
 
 
-def test_s3_outage_mid_job_and_no_credential_leaks(inputs, reference, tmp_path):
+def test_s3_outage_mid_job_and_no_credential_leaks(
+    inputs, reference, tmp_path, job_outcome
+):
     """S3 stops answering for 8 s while the job runs: requests back off and retry, the job
     completes, nothing half-written appears; a recognisable fake secret appears nowhere: not
     in the job's output or logs, Ray's logs, process command lines, the manifest, config.yaml,
@@ -333,8 +319,8 @@ def test_s3_outage_mid_job_and_no_credential_leaks(inputs, reference, tmp_path):
         assert {"_SUCCESS", "stats.json", "config.yaml", "report.html"} <= {
             k.removeprefix("run/") for k in visible
         }
-        rows, shards = outcome(local)
-        ref_rows, ref_shards = outcome(reference)
+        rows, shards = job_outcome(local)
+        ref_rows, ref_shards = job_outcome(reference)
         assert _portable(rows) == _portable(ref_rows)
         assert set(shards) == set(ref_shards)  # the same shards with the same members
         haystacks = {"stdout": stdout, "stderr": stderr, "report stdout": rout + rerr}

@@ -9,7 +9,6 @@ dirs), never other Ray instances on the machine.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import os
@@ -23,7 +22,6 @@ import threading
 from pathlib import Path
 
 import psutil
-import pyarrow.parquet as pq
 import pytest
 
 from pipelines.cli import main
@@ -133,20 +131,7 @@ def inputs(tmp_path_factory) -> Path:
     return folder
 
 
-def outcome(out: Path) -> tuple[dict, dict]:
-    rows = {
-        r["source"]: (r["status"], r["reason"], r["key"], r["shard"], r["duplicate_of"])
-        for r in pq.read_table(out / "manifest").to_pylist()
-    }
-    shards = {
-        str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in (out / "shards").rglob("*")
-        if p.is_file()
-    }
-    return rows, shards
-
-
-def test_two_node_cluster_matches_a_local_run(cluster, inputs, local_ray, tmp_path):
+def test_two_node_cluster_matches_a_local_run(cluster, inputs, local_ray, tmp_path, job_outcome):
     raylets = cluster.raylets()
     assert set(raylets) == {"head", "second"}
     worked: dict[str, set[str]] = {"head": set(), "second": set()}
@@ -193,7 +178,7 @@ def test_two_node_cluster_matches_a_local_run(cluster, inputs, local_ray, tmp_pa
     local = tmp_path / "local"
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         assert main(["curate", str(inputs), "--output", str(local), *SMALL]) == 0
-    assert outcome(tmp_path / "out") == outcome(local)  # manifest, keys, shard bytes
+    assert job_outcome(tmp_path / "out") == job_outcome(local)  # manifest, keys, shard bytes
     assert verify(str(tmp_path / "out")) == []
     stats = json.loads((tmp_path / "out" / "stats.json").read_text())
     assert stats["total"] == NUM_FILES + 2
