@@ -25,6 +25,7 @@ Usage (device machine): `python -m bench.model_stages_gpu --images scratch/bench
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import multiprocessing
 import os
@@ -40,6 +41,14 @@ import numpy as np
 
 SPAWN = multiprocessing.get_context("spawn")
 """Decode processes are spawned: forking a process that holds a CUDA context is unsafe."""
+
+T0 = time.perf_counter()
+
+
+def stage(msg: str) -> None:
+    """One line per step, with the seconds since start: a partial run still says where it was."""
+    print(f"[{time.perf_counter() - T0:7.1f} s] {msg}", flush=True)
+
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
@@ -62,8 +71,84 @@ def _cpu_decode(data: bytes, side: int = 224) -> np.ndarray:
     return np.asarray(img.crop((left, top, left + side, top + side)))
 
 
+def _progressive(data: bytes) -> bool:
+    """Whether a JPEG is progressive (nvjpeg decodes those on the CPU, one at a time)."""
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        return bool(img.info.get("progressive") or img.info.get("progression"))
+
+
 def _cpu_chunk(chunk: list[bytes]) -> bytes:
     return np.stack([_cpu_decode(d) for d in chunk]).tobytes()
+
+
+_SOF_OTHER = {0xC0, 0xC1, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def dc_scans_only(data: bytes) -> bytes | None:
+    """A progressive JPEG without its AC scans (None for any other file).
+
+    At 1/8 scale libjpeg's IDCT reads only each block's DC coefficient, which a progressive
+    file carries in its first scan(s); dropping the AC scans skips most of the entropy
+    decoding. libjpeg's block smoothing of a file with missing AC scans changes the result a
+    little (mean 0.3-2.1 levels, at most 24, in the 224-px crops of the bench files), which
+    a scorer tolerates.
+    """
+    if data[:2] != b"\xff\xd8":
+        return None
+    out, i, n, progressive = [data[:2]], 2, len(data), False
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:
+            i += 1
+            continue
+        if marker == 0xD9 or marker in _SOF_OTHER:
+            break
+        end = i + 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+        progressive |= marker == 0xC2
+        if marker != 0xDA:
+            out.append(data[i:end])
+            i = end
+            continue
+        if end > n:  # a truncated scan header
+            return None
+        ss = data[i + 5 + 2 * data[i + 4]]  # spectral start: 0 for a DC scan
+        j = end  # entropy-coded data runs to the next marker but a stuffed 0 or a restart
+        while (j := data.find(b"\xff", j)) >= 0 and j + 1 < n:
+            nxt = data[j + 1]
+            if nxt == 0 or 0xD0 <= nxt <= 0xD7:
+                j += 2
+            elif nxt == 0xFF:
+                j += 1
+            else:
+                break
+        j = n if j < 0 or j + 1 >= n else j
+        if ss == 0:
+            out.append(data[i:j])
+        i = j
+    return b"".join([*out, b"\xff\xd9"]) if progressive else None
+
+
+def _dc_eligible(data: bytes, side: int = 224) -> bool:
+    """Whether the reduced decode runs at 1/8 scale, where only DC coefficients are read."""
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        return min(img.size) >= 8 * side
+
+
+def _cpu_chunk_dc(chunk: list[bytes]) -> bytes:
+    """`_cpu_chunk`, with progressive files decoded from their DC scans alone at 1/8 scale."""
+    return np.stack(
+        [_cpu_decode((_dc_eligible(d) and dc_scans_only(d)) or d) for d in chunk]
+    ).tobytes()
 
 
 class GpuUtil:
@@ -164,9 +249,11 @@ def scoring(args: argparse.Namespace, files: list[bytes]) -> dict[str, Any]:
         safety_weights=build_safety(tmp / "safety.pt", [dim, 256, 1]),
         device=dev,
     )
+    stage("model built; loading it as the job does")
     t = time.perf_counter()
     emb.setup()
     res: dict[str, Any] = {"load_s": round(time.perf_counter() - t, 2)}
+    stage(f"loaded in {res['load_s']} s")
     bs = args.batch
     n = args.num
 
@@ -186,40 +273,59 @@ def scoring(args: argparse.Namespace, files: list[bytes]) -> dict[str, Any]:
         sync()
         times.append(time.perf_counter() - t)
     res["model_only_img_s"] = round(bs / statistics.median(times), 1)
+    stage(f"model alone: {res['model_only_img_s']} images/s")
     assert set(out) >= {"embedding", "aesthetic", "nsfw"}
 
-    # 2. CPU reduced-size decode, one process per core but one
+    # 2. CPU reduced-size decode, one process per core but one; baseline and progressive apart
     workers = max(1, (os.cpu_count() or 2) - 1)
     chunk = 8
-    items = [files[i % len(files)] for i in range(min(n, 64 * workers if not args.smoke else 16))]
+    prog = [_progressive(d) for d in files]
+    base_files = [d for d, p in zip(files, prog, strict=True) if not p]
+    prog_files = [d for d, p in zip(files, prog, strict=True) if p]
+    res["files_baseline"], res["files_progressive"] = len(base_files), len(prog_files)
+    m = 16 if args.smoke else min(n, 48 * workers)
     with ProcessPoolExecutor(workers, mp_context=SPAWN) as pool:
-        list(pool.map(_cpu_chunk, [items[:chunk]] * workers))  # warm the workers
-        t = time.perf_counter()
-        list(pool.map(_cpu_chunk, [items[i : i + chunk] for i in range(0, len(items), chunk)]))
-        res["cpu_draft_decode_img_s"] = round(len(items) / (time.perf_counter() - t), 1)
+        list(pool.map(_cpu_chunk, [files[:1]] * workers))  # start and warm the workers
+        for label, group in (("all", files), ("baseline", base_files), ("progressive", prog_files)):
+            if not group:
+                continue
+            items = [group[i % len(group)] for i in range(m)]
+            t = time.perf_counter()
+            list(pool.map(_cpu_chunk, [items[i : i + chunk] for i in range(0, m, chunk)]))
+            res[f"cpu_draft_decode_img_s_{label}"] = round(m / (time.perf_counter() - t), 1)
+        items = [prog_files[i % len(prog_files)] for i in range(m)] if prog_files else []
+        if items:
+            t = time.perf_counter()
+            list(pool.map(_cpu_chunk_dc, [items[i : i + chunk] for i in range(0, m, chunk)]))
+            res["cpu_draft_decode_img_s_progressive_dc"] = round(m / (time.perf_counter() - t), 1)
     res["cpu_workers"] = workers
+    stage(
+        f"CPU reduced-size decode, {workers} processes: "
+        + ", ".join(f"{k[23:]} {v}" for k, v in res.items() if k.startswith("cpu_draft"))
+    )
 
-    # 3. GPU decode (nvjpeg, batched) + resize
+    # 3. GPU decode (nvjpeg, batched) + resize, per file, then batches of the baseline files
     gpu_files: list[bytes] = []
     if dev == "cuda":
         from torchvision.io import decode_jpeg
 
         per_file: dict[str, Any] = {}
-        ok = []
-        for name, d in zip(args.names, files, strict=True):
+        for name, d, p in zip(args.names, files, prog, strict=True):
             tt = torch.frombuffer(bytearray(d), dtype=torch.uint8)
             try:
-                decode_jpeg([tt] * 8, device="cuda")
+                decode_jpeg([tt] * 4, device="cuda")
                 sync()
                 t = time.perf_counter()
-                decode_jpeg([tt] * 8, device="cuda")
+                decode_jpeg([tt] * 4, device="cuda")
                 sync()
-                per_file[name] = round(8 / (time.perf_counter() - t), 1)
-                ok.append(d)
+                per_file[name] = round(4 / (time.perf_counter() - t), 1)
+                if not p:
+                    gpu_files.append(d)
             except Exception as e:
                 per_file[name] = f"failed: {type(e).__name__}: {str(e)[:120]}"
+            stage(f"nvjpeg {name} ({'progressive' if p else 'baseline'}): {per_file[name]}")
         res["gpu_decode_img_s_by_file"] = per_file
-        gpu_files[:] = ok
+    if gpu_files:
         tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in gpu_files]
         gb = args.decode_batch
         batch = [tensors[i % len(tensors)] for i in range(gb)]
@@ -230,21 +336,23 @@ def scoring(args: argparse.Namespace, files: list[bytes]) -> dict[str, Any]:
         for _ in range(reps):
             decode_jpeg(batch, device="cuda")
         sync()
-        res["gpu_decode_img_s"] = round(reps * gb / (time.perf_counter() - t), 1)
+        res["gpu_decode_img_s_baseline"] = round(reps * gb / (time.perf_counter() - t), 1)
         t = time.perf_counter()
         for _ in range(reps):
             _gpu_preprocess(decode_jpeg(batch, device="cuda"))
         sync()
-        res["gpu_decode_resize_img_s"] = round(reps * gb / (time.perf_counter() - t), 1)
+        res["gpu_decode_resize_img_s_baseline"] = round(reps * gb / (time.perf_counter() - t), 1)
+        stage(
+            f"nvjpeg, batches of {gb} baseline files: {res['gpu_decode_img_s_baseline']} images/s,"
+            f" with resize {res['gpu_decode_resize_img_s_baseline']}"
+        )
 
-    # 4. end to end, pipelined
-    def e2e(gpu_share: float, cpu_on: bool) -> dict[str, Any]:
+    # 4. end to end, pipelined: a GPU-decode thread and a CPU pool fill one queue
+    def e2e(gpu_items: list[bytes], cpu_items: list[bytes], dc: bool = False) -> dict[str, Any]:
         q: queue.Queue = queue.Queue(maxsize=64)
-        n_gpu = round(n * gpu_share) if dev == "cuda" and gpu_files else 0
-        n_cpu = n - n_gpu if cpu_on else 0
+        n_gpu, n_cpu = len(gpu_items), len(cpu_items)
         total = n_gpu + n_cpu
         done_scores: list[int] = []
-
         errors: list[BaseException] = []
 
         def guarded(fn: Any, *a: Any) -> Any:
@@ -261,23 +369,20 @@ def scoring(args: argparse.Namespace, files: list[bytes]) -> dict[str, Any]:
             from torchvision.io import decode_jpeg
 
             stream = torch.cuda.Stream()
-            tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in gpu_files]
+            tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in gpu_items]
             with torch.cuda.stream(stream):
                 for i in range(0, n_gpu, args.decode_batch):
-                    idx = range(i, min(n_gpu, i + args.decode_batch))
                     px = _gpu_preprocess(
-                        decode_jpeg([tensors[j % len(tensors)] for j in idx], device="cuda")
+                        decode_jpeg(tensors[i : i + args.decode_batch], device="cuda")
                     )
                     ev = torch.cuda.Event()
                     ev.record(stream)
                     q.put((px, ev))
 
         def cpu_worker(pool: ProcessPoolExecutor) -> None:
-            chunks = [
-                [files[(n_gpu + j) % len(files)] for j in range(i, min(n_cpu, i + chunk))]
-                for i in range(0, n_cpu, chunk)
-            ]
-            for raw, c in zip(pool.map(_cpu_chunk, chunks), chunks, strict=True):
+            chunks = [cpu_items[i : i + chunk] for i in range(0, n_cpu, chunk)]
+            fn = _cpu_chunk_dc if dc else _cpu_chunk
+            for raw, c in zip(pool.map(fn, chunks), chunks, strict=True):
                 arr = np.frombuffer(raw, dtype=np.uint8).reshape(len(c), 224, 224, 3)
                 q.put((arr, None))
 
@@ -301,10 +406,9 @@ def scoring(args: argparse.Namespace, files: list[bytes]) -> dict[str, Any]:
                 if ev is not None:
                     torch.cuda.current_stream().wait_event(ev)
                     pending.append(item)
-                    got += item.shape[0]
                 else:
                     pending.append(_normalise_cpu(item, dev))
-                    got += item.shape[0]
+                got += item.shape[0]
                 rows = sum(p.shape[0] for p in pending)
                 if rows >= bs or got >= total:
                     tm = time.perf_counter()
@@ -327,14 +431,28 @@ def scoring(args: argparse.Namespace, files: list[bytes]) -> dict[str, Any]:
             "gpu_util_mean_pct": util.mean(),
         }
 
-    res["e2e"] = {}
-    runs = [("cpu_decode_only", 0.0, True)]
+    def split(group: list[bytes], gpu_share: float) -> tuple[list[bytes], list[bytes]]:
+        items = [group[i % len(group)] for i in range(n)]
+        k = round(n * gpu_share)
+        return items[:k], items[k:]
+
+    runs: dict[str, tuple[list[bytes], list[bytes]]] = {"all_cpu_only": split(files, 0.0)}
+    runs["all_cpu_only_dc"] = runs["all_cpu_only"]
     if gpu_files:
-        g, c = res["gpu_decode_resize_img_s"], res["cpu_draft_decode_img_s"]
-        runs = [("gpu_decode_only", 1.0, False), *runs, ("gpu_and_cpu_decode", g / (g + c), True)]
-    for name, share, cpu_on in runs:
+        g = res["gpu_decode_resize_img_s_baseline"]
+        c = res.get("cpu_draft_decode_img_s_baseline", 0.0)
+        items = [files[i % len(files)] for i in range(n)]
+        routed_gpu = [d for d in items if not _progressive(d)]
+        routed_cpu = [d for d in items if _progressive(d)]
+        runs["all_routed"] = (routed_gpu, routed_cpu)  # baseline on the GPU, progressive on CPUs
+        runs["all_routed_dc"] = runs["all_routed"]
+        runs["baseline_gpu_only"] = split(base_files, 1.0)
+        runs["baseline_gpu_and_cpu"] = split(base_files, g / (g + c))
+    res["e2e"] = {}
+    for name, (gi, ci) in runs.items():
+        stage(f"end to end: {name} ({len(gi)} on the GPU, {len(ci)} on CPUs)")
         try:
-            res["e2e"][name] = e2e(share, cpu_on)
+            res["e2e"][name] = e2e(gi, ci, dc=name.endswith("_dc"))
         except Exception as e:
             res["e2e"][name] = f"failed: {type(e).__name__}: {str(e)[:300]}"
         print(name, res["e2e"][name], flush=True)
@@ -383,6 +501,7 @@ def captioning(args: argparse.Namespace, files: list[bytes]) -> dict[str, Any]:
         if dev == "cuda":
             torch.cuda.synchronize()
         s = time.perf_counter() - t
+        stage(f"captions at batch {bs} generated")
         res["runs"].append(
             {
                 "batch": bs,
@@ -426,13 +545,19 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=256, help="model batch")
     ap.add_argument("--decode-batch", type=int, default=64)
     ap.add_argument("--tokens", type=int, default=64, help="new tokens per caption")
-    ap.add_argument("--caption-batches", type=int, nargs="+", default=[16, 64, 128])
+    ap.add_argument("--caption-batches", type=int, nargs="+", default=[16, 64, 128, 256])
     ap.add_argument("--tmp", default="/tmp/n4k-bench")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--smoke", action="store_true", help="tiny models on the CPU")
     ap.add_argument("--skip-caption", action="store_true")
+    ap.add_argument("--skip-scoring", action="store_true")
+    ap.add_argument(
+        "--watchdog", type=float, default=0, help="print every thread's stack each N s (hangs)"
+    )
     ap.add_argument("--prepare", metavar="FOLDER", help="only copy the bench JPEGs into FOLDER")
     args = ap.parse_args()
+    if args.watchdog:
+        faulthandler.dump_traceback_later(args.watchdog, repeat=True)
     if args.prepare:
         prepare(args.prepare)
         return
@@ -440,6 +565,7 @@ def main() -> None:
     files = [p.read_bytes() for p in paths]
     args.names = [p.name for p in paths]
     Path(args.tmp).mkdir(parents=True, exist_ok=True)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
     if args.smoke:
         args.num, args.batch, args.caption_batches, args.tokens = 24, 8, [2], 4
     result: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "files": len(files)}
@@ -451,10 +577,13 @@ def main() -> None:
     except Exception as e:
         result["device"] = f"unknown ({e})"
     result["cpus"] = os.cpu_count()
-    t = time.perf_counter()
-    result["scoring"] = scoring(args, files)
-    print("scoring", json.dumps(result["scoring"]), flush=True)
-    result["scoring_s"] = round(time.perf_counter() - t, 1)
+    name = "model_stages_gpu" + ("_caption" if args.skip_scoring else "")
+    if not args.skip_scoring:
+        t = time.perf_counter()
+        result["scoring"] = scoring(args, files)
+        print("scoring", json.dumps(result["scoring"]), flush=True)
+        result["scoring_s"] = round(time.perf_counter() - t, 1)
+        Path(args.out, f"{name}.json").write_text(json.dumps(result, indent=1))
     if not args.skip_caption:
         try:
             result["caption"] = captioning(args, files)
@@ -463,7 +592,7 @@ def main() -> None:
 
             traceback.print_exc()
             result["caption"] = f"failed: {type(e).__name__}: {str(e)[:300]}"
-    Path(args.out, "model_stages_gpu.json").write_text(json.dumps(result, indent=1))
+    Path(args.out, f"{name}.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
 
 
