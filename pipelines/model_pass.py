@@ -438,7 +438,9 @@ def _pool(
     ds: Any, cls: type[Stage], kwargs: dict[str, Any], *, gpus: float, n: int, bs: int
 ) -> Any:
     """One actor pool of `cls` over `ds`, materialised (one model load per actor)."""
-    opts: dict[str, Any] = {"num_cpus": 1, "concurrency": n, "batch_size": bs}
+    from ray.data import ActorPoolStrategy
+
+    opts: dict[str, Any] = {"num_cpus": 1, "compute": ActorPoolStrategy(size=n), "batch_size": bs}
     if gpus:
         opts["num_gpus"] = gpus
     return ds.map_batches(
