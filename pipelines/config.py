@@ -200,9 +200,13 @@ class ScoreConfig:
         "rules and de-duplication; rejections are unchanged.",
     )
     num_gpus: float = _f(
-        0.0, "GPUs per model actor (fractions share one GPU); 0 runs the models on CPUs."
+        0.0,
+        "GPUs per model actor (fractions share one GPU; every scorer of an actor shares it); "
+        "0 runs the models on CPUs.",
     )
-    concurrency: int = _f(1, "Actors per model stage (each loads its model once).")
+    concurrency: int = _f(
+        1, "Model actors; each loads every configured scorer once and runs them in turn."
+    )
     batch_size: int = _f(32, "Images per model call.")
     quality_metric: str = _f(
         "piqe",

@@ -40,7 +40,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curation import schema
-from curation.base import Stage, column, pending_mask, set_columns
+from curation.base import Batch, Stage, column, pending_mask, set_columns, to_table
 from curation.caption.captioner import VlmCaptioner, input_caption_source
 from curation.caption.translator import CaptionTranslator
 from curation.dedup.semantic_dedup import SemanticDedup
@@ -434,6 +434,34 @@ def _nonempty(ds: Any) -> tuple[Any | None, int]:
     return nonempty(ds)
 
 
+@dataclass(kw_only=True)
+class ModelChain(Stage):
+    """Several model stages in one actor, applied in order to each batch.
+
+    One actor start and one round of imports (torch, onnxruntime) serve every scorer, and the
+    rows cross the object store once instead of once per model. Each stage keeps its own
+    lazy setup, columns and timing; the chain only passes the batch along.
+    """
+
+    name: ClassVar[str] = "models"
+    stages: list[tuple[type[Stage], dict[str, Any]]]
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        self._chain = [cls(**kwargs, device=self.device) for cls, kwargs in self.stages]
+
+    def output_schema(self, input_schema: pa.Schema) -> pa.Schema:
+        for stage in self._chain:
+            input_schema = stage.output_schema(input_schema)
+        return input_schema
+
+    def __call__(self, batch: Batch) -> pa.Table:
+        table = to_table(batch)
+        for stage in self._chain:
+            table = stage(table)
+        return table
+
+
 def _pool(
     ds: Any, cls: type[Stage], kwargs: dict[str, Any], *, gpus: float, n: int, bs: int
 ) -> Any:
@@ -539,40 +567,47 @@ def run_model_pass(
     per_block = min(s.batch_size, cfg.caption.batch_size)
     scored = scored.repartition(min(-(-num_scored // per_block), 16 * max(cpus, 1))).materialize()
     pool = {"gpus": s.num_gpus, "n": s.concurrency, "bs": s.batch_size}
+    chain: list[tuple[type[Stage], dict[str, Any]]] = []
     if plan.clip:
-        scored = _pool(
-            scored,
-            ClipEmbedder,
-            {
-                "model": m.clip_model,
-                "weights": m.clip_weights,
-                "aesthetic_weights": m.aesthetic_weights,
-                "safety_weights": m.safety_weights,
-                "person_prompts": list(s.person_prompts) if plan.clip_person else [],
-                "other_prompts": list(s.other_prompts) if plan.clip_person else [],
-                "character_threshold": s.character_threshold,
-            },
-            **pool,
+        chain.append(
+            (
+                ClipEmbedder,
+                {
+                    "model": m.clip_model,
+                    "weights": m.clip_weights,
+                    "aesthetic_weights": m.aesthetic_weights,
+                    "safety_weights": m.safety_weights,
+                    "person_prompts": list(s.person_prompts) if plan.clip_person else [],
+                    "other_prompts": list(s.other_prompts) if plan.clip_person else [],
+                    "character_threshold": s.character_threshold,
+                },
+            )
         )
     if plan.quality:
-        scored = _pool(
-            scored,
-            PyiqaScorer,
-            {"metric": s.quality_metric, "input_size": s.quality_size, "weights": m.pyiqa_weights},
-            **pool,
+        chain.append(
+            (
+                PyiqaScorer,
+                {
+                    "metric": s.quality_metric,
+                    "input_size": s.quality_size,
+                    "weights": m.pyiqa_weights,
+                },
+            )
         )
     if plan.nudenet_person or plan.nudenet_safety:
-        scored = _pool(
-            scored,
-            NudeNetDetector,
-            {
-                "weights": m.nudenet_weights,
-                "person": plan.nudenet_person,
-                "safety": plan.nudenet_safety,
-                "character_threshold": s.character_threshold,
-            },
-            **pool,
+        chain.append(
+            (
+                NudeNetDetector,
+                {
+                    "weights": m.nudenet_weights,
+                    "person": plan.nudenet_person,
+                    "safety": plan.nudenet_safety,
+                    "character_threshold": s.character_threshold,
+                },
+            )
         )
+    if chain:  # one pool for every scorer: one actor start, one pass over the rows
+        scored = _pool(scored, ModelChain, {"stages": chain}, **pool)
     scored = scored.map_batches(
         ThresholdFilter(rules=model_rules(cfg)), batch_format="pyarrow", batch_size=None
     )

@@ -1,0 +1,60 @@
+"""`ModelChain`: several model stages in one actor, each keeping its own columns and timing."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import ClassVar
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from curation import schema
+from curation.base import Stage, set_columns
+from pipelines.model_pass import ModelChain
+
+
+@dataclass(kw_only=True)
+class _Quality(Stage):
+    name: ClassVar[str] = "quality"
+    writes: ClassVar[tuple[str, ...]] = (schema.QUALITY,)
+    device: str = "cpu"
+    offset: float = 0.0
+    loads: ClassVar[list[str]] = []
+
+    def setup(self) -> None:
+        self.loads.append(self.device)
+
+    def process(self, table: pa.Table) -> pa.Table:
+        q = pc.add(pc.cast(table[schema.WIDTH], pa.float32()), self.offset)
+        return set_columns(table, {schema.QUALITY: q})
+
+
+@dataclass(kw_only=True)
+class _Safety(Stage):
+    name: ClassVar[str] = "nudenet"
+    writes: ClassVar[tuple[str, ...]] = (schema.NSFW,)
+    device: str = "cpu"
+
+    def process(self, table: pa.Table) -> pa.Table:  # reads what the first stage wrote
+        return set_columns(table, {schema.NSFW: pc.divide(table[schema.QUALITY], 1e4)})
+
+
+def test_stages_run_in_order_with_their_own_timing_and_one_setup_each() -> None:
+    _Quality.loads.clear()
+    chain = ModelChain(stages=[(_Quality, {"offset": 0.5}), (_Safety, {})], device="cuda:0")
+    batch = pa.table({schema.SOURCE: ["a", "b"], schema.WIDTH: [4000, 5000]})
+    out = chain(batch)
+    chain(batch)
+    assert out[schema.QUALITY].to_pylist() == [4000.5, 5000.5]
+    assert out[schema.NSFW].to_pylist() == [0.40005, 0.50005]
+    assert _Quality.loads == ["cuda:0"]  # the device reaches each stage; setup runs once
+    timing = json.loads(out[schema.STAGE_SECONDS][0].as_py())
+    assert set(timing) == {"quality", "nudenet"}
+
+
+def test_an_empty_batch_gets_every_stage_columns() -> None:
+    chain = ModelChain(stages=[(_Quality, {}), (_Safety, {})])
+    out = chain(pa.table({schema.SOURCE: pa.array([], pa.string())}))
+    assert out.num_rows == 0
+    assert {schema.QUALITY, schema.NSFW, schema.STAGE_SECONDS} <= set(out.column_names)
