@@ -124,10 +124,19 @@ def _safe_thumbnail(data: bytes, orientation: int, size: int) -> bytes | None:
     """A JPEG's thumbnail by a reduced-size DCT decode; None when that decode fails."""
     try:
         small = Image.open(io.BytesIO(data))
-        small.draft("RGB", (size, size))
+        small.draft("RGB", thumbnail_box(small.size, size))
         return _thumbnail(small.convert("RGB"), orientation, size)
     except (ValueError, OSError):  # the full decode below decides the image's verdict
         return None
+
+
+def thumbnail_box(image_size: tuple[int, int], size: int) -> tuple[int, int]:
+    """The thumbnail's own width and height (longest side `size`, never up): the request for
+    a reduced-size JPEG decode, so libjpeg may scale by 1/8 wherever the result still covers
+    it (a 4096x2304 photograph decodes at 512x288, not at 1024x576 as a square request gives)."""
+    w, h = image_size
+    s = min(1.0, size / max(w, h, 1))
+    return max(1, round(w * s)), max(1, round(h * s))
 
 
 def _thumbnail(img: Image.Image, orientation: int, size: int) -> bytes:

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from curation import schema
-from curation.analyze.pixel_analyzer import decode
+from curation.analyze.pixel_analyzer import decode, thumbnail_box
 from curation.score.clip_embedder import ClipEmbedder
 from curation.score.heads import AestheticMLP, load_aesthetic, load_safety
 from curation.score.pyiqa_scorer import PyiqaScorer, lower_better, resize_longest
@@ -19,6 +19,27 @@ def _enc(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
     buf = io.BytesIO()
     img.save(buf, fmt, **kw)
     return buf.getvalue()
+
+
+@settings(max_examples=40, deadline=None)
+@given(w=st.integers(1, 20_000), h=st.integers(1, 20_000), size=st.integers(8, 1024))
+def test_the_thumbnail_box_keeps_the_aspect_and_never_enlarges(w: int, h: int, size: int):
+    bw, bh = thumbnail_box((w, h), size)
+    assert max(bw, bh) == min(size, max(w, h))
+    assert bw <= w and bh <= h
+    scale = max(bw, bh) / max(w, h)
+    for got, side in ((bw, w), (bh, h)):  # each side is the scaled one, rounded (at least 1)
+        assert got == max(1, round(side * scale))
+
+
+def test_a_wide_jpeg_thumbnail_is_decoded_at_one_eighth_when_that_covers_it():
+    rgb = np.random.default_rng(1).integers(0, 255, (2304, 4096, 3), dtype=np.uint8)
+    data = _enc(Image.fromarray(rgb), "JPEG", quality=80)
+    im = Image.open(io.BytesIO(data))
+    im.draft("RGB", thumbnail_box(im.size, 512))
+    assert im.size == (512, 288)  # libjpeg's 1/8 scale: a square request would get 1/4
+    thumb = Image.open(io.BytesIO(decode(data, 1, 512)[1]))
+    assert thumb.size == (512, 288)
 
 
 def test_thumbnails_come_from_the_one_decode_in_every_mode_and_orientation():
