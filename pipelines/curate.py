@@ -38,6 +38,7 @@ from ray.data.datasource.filename_provider import FilenameProvider
 
 from curation import schema
 from curation.analyze.pixel_analyzer import PixelAnalyzer
+from curation.analyze.thumbnail_maker import ThumbnailMaker
 from curation.base import Stage, column, pending_mask, set_columns
 from curation.bucket.bucketer import Bucket, Bucketer, coverage_gaps, default_table
 from curation.dedup.near_dup import (
@@ -148,17 +149,27 @@ def pixel_rules(cfg: JobConfig) -> list[Rule]:
 
 
 def analysis_stages(cfg: JobConfig) -> list[Stage]:
-    """The streaming stages after reading, in order."""
-    return [
+    """The streaming stages after reading, in order.
+
+    JPEG thumbnails are made after the pixel thresholds, for the rows the models will see
+    (every decoded row with `score.score_all`): most of a real pool is rejected there.
+    """
+    size = thumbnail_size(cfg)
+    stages: list[Stage] = [
         HeaderProbe(),
         ThresholdFilter(rules=header_rules(cfg)),
         PixelAnalyzer(
             flat_patch=cfg.analyze.flat_patch,
             flat_variance=cfg.analyze.flat_variance,
-            thumbnail_size=thumbnail_size(cfg),
+            thumbnail_size=size,
+            jpeg_thumbnails=False,
         ),
         ThresholdFilter(rules=pixel_rules(cfg)),
     ]
+    if size:
+        rows = "decoded" if cfg.score.score_all else "pending"
+        stages.append(ThumbnailMaker(size=size, rows=rows))
+    return stages
 
 
 def bucket_table(cfg: JobConfig) -> list[Bucket]:

@@ -40,6 +40,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curation import schema
+from curation.analyze.thumbnail_maker import ThumbnailMaker
 from curation.base import Batch, Stage, column, pending_mask, set_columns, to_table
 from curation.caption.captioner import VlmCaptioner, input_caption_source
 from curation.caption.translator import CaptionTranslator
@@ -89,8 +90,12 @@ SLIM_COLUMNS = (
     schema.DUPLICATE_OF,
     schema.CAPTION_EN,
     schema.CAPTION_ZH,
+    schema.TAR_OFFSET,
+    schema.SIZE_BYTES,
+    schema.ORIENTATION,
 )
-"""The columns of a row the model pass needs (no bytes; thumbnails join them)."""
+"""The columns of a row the model pass needs (no bytes; thumbnails join them, or are made
+again from the source for a row that has none)."""
 
 PREFIX = "model__"
 SCORED = "model__scored"
@@ -500,6 +505,10 @@ def _first_per_source(t: pa.Table) -> pa.Table:
     return t.take(pa.array(sorted(first.values()), pa.int64()))
 
 
+def _with_thumbnail(t: pa.Table) -> pa.Table:
+    return t.filter(pc.is_valid(t[schema.THUMBNAIL]))
+
+
 def _candidates_only(t: pa.Table) -> pa.Table:
     return t.filter(pc.is_null(t[schema.STATUS]))
 
@@ -538,26 +547,35 @@ def run_model_pass(
     slim, num_slim = _nonempty(
         rows.map_batches(_to_score(s.score_all), batch_format="pyarrow", batch_size=None)
     )
+    if slim is None:
+        result.rows = rows.map_batches(_caption_sources, batch_format="pyarrow", batch_size=None)
+        return result
     thumbs_dir = join(work, THUMBNAILS)
     fs, tpath = fsspec.core.url_to_fs(thumbs_dir)
-    if slim is None or not fs.exists(tpath) or not fs.glob(tpath.rstrip("/") + "/part-*.parquet"):
-        result.rows = rows.map_batches(_caption_sources, batch_format="pyarrow", batch_size=None)
-        if slim is not None:
-            result.notes.append(f"{num_slim} candidates have no thumbnail: not scored")
-        return result
-    from pipelines.curate import _read_parquet
+    matched = slim
+    if fs.exists(tpath) and fs.glob(tpath.rstrip("/") + "/part-*.parquet"):
+        from pipelines.curate import _read_parquet
 
-    thumbs = _read_parquet(rd, thumbs_dir)
-    # A rerun after a crash between the two sinks of pass 1 can leave two thumbnail files for a
-    # source; the join is partitioned by source, so its copies meet in one block.
-    matched = grouping.join(slim, thumbs, "inner", partitions(num_slim), on=(schema.SOURCE,))
+        # A rerun after a crash between the two sinks of pass 1 can leave two thumbnail files
+        # for a source; the join is partitioned by source, so its copies meet in one block.
+        thumbs = _read_parquet(rd, thumbs_dir)
+        matched = grouping.join(
+            slim, thumbs, "left_outer", partitions(num_slim), on=(schema.SOURCE,)
+        )
+    matched = matched.map_batches(_first_per_source, batch_format="pyarrow", batch_size=None)
+    # Candidates without a thumbnail: pass 1 makes JPEG thumbnails only for rows that passed
+    # its thresholds, so a rerun that re-tuned one reads the newly passing files again.
+    if cfg.analyze.thumbnail_size:
+        matched = matched.map_batches(
+            ThumbnailMaker(size=cfg.analyze.thumbnail_size, rows="all"), batch_format="pyarrow"
+        )
     scored, num_scored = _nonempty(
-        matched.map_batches(_first_per_source, batch_format="pyarrow", batch_size=None)
+        matched.map_batches(_with_thumbnail, batch_format="pyarrow", batch_size=None)
     )
     if num_scored < num_slim:
         result.notes.append(
-            f"{num_slim - num_scored} of {num_slim} candidates have no thumbnail (analysed "
-            "with analyze.thumbnail_size 0?): not scored"
+            f"{num_slim - num_scored} of {num_slim} candidates have no thumbnail (file gone or "
+            "undecodable since the analysis, or analyze.thumbnail_size 0): not scored"
         )
     if scored is None:
         result.rows = rows.map_batches(_caption_sources, batch_format="pyarrow", batch_size=None)
@@ -799,7 +817,8 @@ def _take_results(t: pa.Table) -> pa.Table:
             merged = []
             for o, n in zip(old, new, strict=True):
                 d = json.loads(o) if o else {}
-                d.update(json.loads(n) if n else {})
+                for stage, seconds in (json.loads(n) if n else {}).items():
+                    d[stage] = round(d.get(stage, 0.0) + seconds, 6)  # a stage of both passes
                 merged.append(json.dumps(d, sort_keys=True) if d else o)
             out[c] = merged
         else:

@@ -70,21 +70,25 @@ THUMBNAIL_QUALITY = 90
 
 
 def decode(
-    data: bytes, orientation: int = 1, thumbnail_size: int = 0
+    data: bytes, orientation: int = 1, thumbnail_size: int = 0, *, jpeg_thumbnail: bool = True
 ) -> tuple[np.ndarray, bytes | None]:
     """The full-resolution luma (as `decode_gray`) and, when asked, a small RGB JPEG.
 
     The thumbnail (longest side `thumbnail_size`, oriented, JPEG q90) comes from the same
     decoded image for every format but JPEG; a JPEG's luma is decoded without its colour
     planes, so its thumbnail is a reduced-size DCT decode (libjpeg's 1/2-1/8 scaling:
-    about a third of a full decode's time at 4K) and never a second full decode.
+    about a third of a full decode's time at 4K) and never a second full decode. With
+    `jpeg_thumbnail` False a JPEG gets none here (`ThumbnailMaker` makes it later, for the
+    images that pass the thresholds).
     """
     thumb = None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         img = Image.open(io.BytesIO(data))
         if img.format in ("JPEG", "MPO") and img.mode in ("RGB", "L"):
-            if thumbnail_size:
+            if not jpeg_thumbnail:
+                thumbnail_size = 0  # left to ThumbnailMaker: none from the luma below either
+            elif thumbnail_size:
                 thumb = _safe_thumbnail(data, orientation, thumbnail_size)
             img.draft("L", img.size)
         img.load()
@@ -118,6 +122,25 @@ def decode(
     if orientation in _TRANSPOSE:
         gray = np.asarray(Image.fromarray(gray).transpose(_TRANSPOSE[orientation]))
     return np.ascontiguousarray(gray), thumb
+
+
+def is_jpeg_thumbnail_deferred(data: bytes) -> bool:
+    """Whether `decode(..., jpeg_thumbnail=False)` leaves this file without a thumbnail."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.format in ("JPEG", "MPO") and img.mode in ("RGB", "L")
+    except Exception:  # unreadable: decode fails first and no thumbnail is due
+        return False
+
+
+def make_thumbnail(data: bytes, orientation: int, size: int) -> bytes | None:
+    """The thumbnail `decode` would make (a reduced-size decode for JPEG); None if undecodable."""
+    try:
+        if is_jpeg_thumbnail_deferred(data):
+            return _safe_thumbnail(data, orientation, size)
+        return decode(data, orientation, size)[1]
+    except Exception:  # the analysis records the image's verdict; here it just gets none
+        return None
 
 
 def _safe_thumbnail(data: bytes, orientation: int, size: int) -> bytes | None:
@@ -272,6 +295,9 @@ class PixelAnalyzer(Stage):
     flat_variance: float = 800.0
     thumbnail_size: int = 0
     """Longest side of the thumbnail (0: none)."""
+    jpeg_thumbnails: bool = True
+    """False leaves a JPEG's thumbnail, a second (reduced-size) decode, to `ThumbnailMaker`
+    after the thresholds, so that rejected JPEGs cost no thumbnail."""
 
     def setup(self) -> None:
         Image.MAX_IMAGE_PIXELS = None  # the header filter already capped the size
@@ -312,7 +338,12 @@ class PixelAnalyzer(Stage):
             scores: dict[str, Any] = {}
             if pending:
                 try:
-                    gray, thumb = decode(data, orientation or 1, self.thumbnail_size)
+                    gray, thumb = decode(
+                        data,
+                        orientation or 1,
+                        self.thumbnail_size,
+                        jpeg_thumbnail=self.jpeg_thumbnails,
+                    )
                 except Exception as e:  # corrupt pixels are this image's verdict
                     status[i], reason[i] = schema.STATUS_REJECTED, "decode_error"
                     detail[i] = f"pixels undecodable: {type(e).__name__}: {e}"[:300]

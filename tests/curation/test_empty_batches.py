@@ -16,11 +16,13 @@ import pytest
 
 import curation
 from curation import schema
+from curation.analyze.thumbnail_maker import ThumbnailMaker
 from curation.base import Stage
 from curation.bucket.bucketer import Bucketer, default_table
 
 FACTORIES: dict[str, Callable[[], Stage]] = {
     "Bucketer": lambda: Bucketer(table=default_table([1.0, 0.875, 0.75, 0.6875])),
+    "ThumbnailMaker": lambda: ThumbnailMaker(size=512),
 }
 """Stages whose settings have no defaults."""
 

@@ -262,3 +262,37 @@ def test_models_command_lists_files_and_their_presence(tmp_path, capsys):
     assert "MISSING  models.pyiqa_weights" in out and "musiq" in out
     assert main(["models"]) == 0  # the defaults need no file
     assert "pyiqa piqe" in capsys.readouterr().out
+
+
+def test_jpeg_thumbnails_wait_for_the_thresholds_and_a_retune_makes_them(
+    local_ray, inputs, tmp_path, capsys
+):
+    """Pass 1 makes no JPEG thumbnail for a rejected photograph; a rerun that re-tunes the
+    thresholds reads the newly passing files again and scores them as a fresh job does."""
+    from pipelines.cli import main
+
+    out, fresh = tmp_path / "out", tmp_path / "fresh"
+    no_dedup = ["--set", "dedup.enabled=false"]
+    assert main(["curate", str(inputs), "--output", str(out), *no_dedup]) == 0
+    first = {r[schema.SOURCE]: r for r in _manifest(out)}
+    thumbs = out / "_work" / "thumbnails"
+    made = set()
+    if thumbs.exists():
+        made = set(pq.read_table(thumbs).column(schema.SOURCE).to_pylist())
+    pixel_rejected = {
+        s for s, r in first.items() if r[schema.REASON] in ("flat", "low_entropy", "upscaled")
+    }
+    assert pixel_rejected, "the paper's rules should reject some of Debian's skies"
+    assert not made & pixel_rejected  # no thumbnail for them
+    assert made == {s for s, r in first.items() if r[schema.STATUS] == "kept"}
+    capsys.readouterr()
+
+    assert main(["curate", str(inputs), "--output", str(out), *RELAXED, *no_dedup]) == 0
+    assert "analysed 0 inputs in this run" in capsys.readouterr().out
+    assert main(["curate", str(inputs), "--output", str(fresh), *RELAXED, *no_dedup]) == 0
+    retuned = {r[schema.SOURCE]: r for r in _manifest(out)}
+    direct = {r[schema.SOURCE].replace(str(fresh), str(out)): r for r in _manifest(fresh)}
+    for source in pixel_rejected:
+        assert retuned[source][schema.STATUS] == "kept"
+        assert retuned[source][schema.QUALITY] == direct[source][schema.QUALITY] is not None
+    assert main(["verify", str(out)]) == 0
