@@ -7,6 +7,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import numpy as np
 import pyarrow as pa
 
 from curation import schema
@@ -124,6 +125,24 @@ def assign(
     return bucket, box
 
 
+def fits_any(widths: np.ndarray, heights: np.ndarray, table: Sequence[Bucket]) -> np.ndarray:
+    """For each image size, whether some bucket holds it without upscaling (`assign` is not None).
+
+    The same rule as `crop_box` and `assign`, evaluated for every (image, bucket) pair at once.
+    """
+    w = np.asarray(widths, dtype=np.int64)[:, None]
+    h = np.asarray(heights, dtype=np.int64)[:, None]
+    bw = np.array([b.width for b in table], dtype=np.int64)[None, :]
+    bh = np.array([b.height for b in table], dtype=np.int64)[None, :]
+    aspect = bw / bh
+    wider = w * bh > h * bw
+    # np.round rounds half to even, as Python's round() in crop_box does.
+    crop_w = np.minimum(w, np.round(h * aspect).astype(np.int64))
+    crop_h = np.minimum(h, np.round(w / aspect).astype(np.int64))
+    ok = np.where(wider, (crop_w >= bw) & (h >= bh), (w >= bw) & (crop_h >= bh))
+    return ok.any(axis=1)
+
+
 def coverage_gaps(
     table: Sequence[Bucket],
     min_pixels: int,
@@ -132,17 +151,19 @@ def coverage_gaps(
     steps: int = 4000,
 ) -> list[tuple[int, int]]:
     """Smallest images (w, h ≥ `min_pixels`) over the AR range that fit no bucket."""
-    gaps = []
+    shapes = []
     lo, hi = math.log(min_aspect), math.log(max_aspect)
     for i in range(steps + 1):
         a = math.exp(lo + (hi - lo) * i / steps)
         h = math.ceil(math.sqrt(min_pixels / a))
         w = math.ceil(min_pixels / h)
-        if not (min_aspect <= w / h <= max_aspect):
-            continue
-        if assign(w, h, table) is None:
-            gaps.append((w, h))
-    return gaps
+        if min_aspect <= w / h <= max_aspect:
+            shapes.append((w, h))
+    if not shapes or not table:
+        return shapes
+    ws, hs = zip(*shapes, strict=True)
+    ok = fits_any(np.array(ws), np.array(hs), table)
+    return [shape for shape, fit in zip(shapes, ok, strict=True) if not fit]
 
 
 @dataclass(kw_only=True)

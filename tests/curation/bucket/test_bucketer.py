@@ -1,4 +1,7 @@
+import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from curation import schema
 from curation.bucket.bucketer import (
@@ -9,6 +12,7 @@ from curation.bucket.bucketer import (
     coverage_gaps,
     crop_box,
     default_table,
+    fits_any,
 )
 
 
@@ -24,6 +28,23 @@ def test_every_acceptable_image_fits_a_bucket_without_upscaling():
     # the paper's table alone upscales 8.3 MP images: it cannot hold them
     paper = [Bucket(w, h) for w, h in PAPER_4096_TIER]
     assert coverage_gaps(paper, 3840 * 2160, 1 / 3, 3.0, steps=200)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    shapes=st.lists(
+        st.tuples(st.integers(1, 12000), st.integers(1, 12000)), min_size=1, max_size=40
+    ),
+    custom=st.lists(
+        st.tuples(st.integers(1, 120), st.integers(1, 120)), min_size=1, max_size=12
+    ),
+)
+def test_vectorised_fit_check_agrees_with_assign(shapes, custom):
+    """`fits_any` (used by `coverage_gaps`) is exactly `assign(...) is not None`."""
+    for table in (default_table(), sorted({Bucket(64 * w, 64 * h) for w, h in custom})):
+        ws, hs = np.array([w for w, _ in shapes]), np.array([h for _, h in shapes])
+        got = fits_any(ws, hs, table).tolist()
+        assert got == [assign(w, h, table) is not None for w, h in shapes]
 
 
 @pytest.mark.parametrize(
