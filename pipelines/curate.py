@@ -55,6 +55,7 @@ from curation.io.listing import (
     TAR_EXTENSIONS,
     InputSpec,
     expand_input,
+    few_local_files,
     plan_inputs,
     split_tar_source,
 )
@@ -65,7 +66,14 @@ from curation.threshold_filter import ASPECT, PIXELS, Rule, ThresholdFilter
 from pipelines import grouping
 from pipelines.config import ConfigError, JobConfig, dump_yaml, to_dict
 from pipelines.grouping import column_sum, group_map
-from pipelines.model_pass import ThumbnailSink, run_model_pass, thumbnail_folder, thumbnail_size
+from pipelines.model_pass import (
+    WARM_MAX_INPUTS,
+    ThumbnailSink,
+    WarmModels,
+    run_model_pass,
+    thumbnail_folder,
+    thumbnail_size,
+)
 
 log = logging.getLogger("native4k")
 
@@ -389,7 +397,8 @@ def quiet_ray_data(interactive: bool) -> Iterator[None]:
     consoles = [
         h
         for h in logging.getLogger("ray.data").handlers
-        if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+        if isinstance(h, logging.StreamHandler)
+        and not isinstance(h, logging.FileHandler)
         and "File" not in type(h).__name__  # Ray's session log file keeps every line
     ]
     saved = [h.level for h in consoles]
@@ -661,8 +670,9 @@ def _analyse(
             members, _ = nonempty(analysed.map_batches(_with_tar, batch_format="pyarrow"))
         if members is not None:
             done = group_map(members, TAR, _done_members, parts)
-            tars = grouping.join(tars, done, "left_outer", parts, on=(schema.SOURCE,),
-                                 right_on=(TAR,))
+            tars = grouping.join(
+                tars, done, "left_outer", parts, on=(schema.SOURCE,), right_on=(TAR,)
+            )
         streams.append(_apply(tars.repartition(num_tars), TarReader(max_file_bytes=reader_cap)))
     analysed_now = 0
     if streams:
@@ -805,14 +815,41 @@ def run_curate(
         specs = plan_inputs(inputs, list_extensions=cfg.input.list_extensions)
 
     with passes.run("start-up", len(specs)):
+        small = few_local_files(specs, WARM_MAX_INPUTS)
         ray = init_ray(cfg, ray_address)
         rd = ray.data
         configure_progress(rd, sys.stdout.isatty())
         cpus = int(ray.cluster_resources().get("CPU", 1))
         partitions_for = Partitioning(cpus, cfg.ray.rows_per_partition)
+        # A small job's model actor starts now: its imports overlap listing and analysis.
+        warm = WarmModels.start(cfg) if small else None
+    try:
+        return _run_passes(
+            rd, inputs, output, cfg, table, passes, partitions_for, specs, warm, start, echo
+        )
+    finally:
+        if warm is not None:
+            warm.stop()
 
-    with passes.run("listing", len(specs), user_errors=(OSError,)), quiet_ray_data(
-        sys.stdout.isatty()
+
+def _run_passes(
+    rd: Any,
+    inputs: Sequence[str],
+    output: str,
+    cfg: JobConfig,
+    table: list[Bucket],
+    passes: _Passes,
+    partitions_for: Partitioning,
+    specs: list[InputSpec],
+    warm: WarmModels | None,
+    start: float,
+    echo: Callable[[str], None],
+) -> JobResult:
+    """`run_curate` after Ray's start: listing, then the passes (resumed after a lost node)."""
+
+    with (
+        passes.run("listing", len(specs), user_errors=(OSError,)),
+        quiet_ray_data(sys.stdout.isatty()),
     ):
         listing = list_job(rd, specs, cfg)
     if not listing.count:
@@ -839,7 +876,7 @@ def run_curate(
 
             with quiet_ray_data(sys.stdout.isatty()):
                 stats = _decide_and_write(
-                    rd, cfg, table, output, analysis, listing, passes, partitions_for, start
+                    rd, cfg, table, output, analysis, listing, passes, partitions_for, start, warm
                 )
             break
         except JobFailed as e:
@@ -896,6 +933,7 @@ def _decide_and_write(
     passes: _Passes,
     partitions_for: Partitioning,
     started: float,
+    warm: WarmModels | None = None,
 ) -> dict[str, Any]:
     """Passes 2-4 over the stored analysis: dedup, shards, manifest; returns the stats.
 
@@ -930,6 +968,7 @@ def _decide_and_write(
             work=join(output, "_work"),
             partitions=partitions_for,
             cpus=partitions_for.cpus,
+            warm=warm,
         )
         rows = models.rows
         for note in models.notes:

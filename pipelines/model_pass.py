@@ -24,6 +24,7 @@ Steps, each a barrier (materialised) so that one actor pool holds the cluster at
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -466,6 +467,71 @@ class ModelChain(Stage):
             table = stage(table)
         return table
 
+    def warm(self) -> int:
+        """Load every model now (imports, weights) instead of at the first batch."""
+        for stage in self._chain:
+            if not getattr(stage, "_ready", False):
+                stage.setup()
+                stage._ready = True
+        return len(self._chain)
+
+    def score(self, batch: Batch) -> pa.Table:
+        """`__call__` under a name a Ray actor handle exposes."""
+        return self(batch)
+
+
+WARM_MAX_INPUTS = 64
+"""Jobs over at most this many local files start their model actor with the job."""
+
+
+@dataclass
+class WarmModels:
+    """A `ModelChain` actor started with a small job, before its listing.
+
+    Its imports (torch, pyiqa: about 4 s) and model loads then overlap the cheap passes
+    instead of following them. It holds no CPU while it waits (the analysis needs them) and
+    serves the model pass of that job only; `stop` frees it.
+    """
+
+    actor: Any
+    stages: list[tuple[type[Stage], dict[str, Any]]]
+
+    @classmethod
+    def start(cls, cfg: JobConfig) -> WarmModels | None:
+        """Start the job's model actor; None when the job runs no scorer."""
+        import ray
+
+        stages = model_chain(cfg, plan_models(cfg))
+        if not stages:
+            return None
+        gpus = cfg.score.num_gpus
+        opts: dict[str, Any] = {"num_cpus": 0, "max_restarts": 0}
+        if gpus:
+            opts["num_gpus"] = gpus
+        remote = ray.remote(ModelChain).options(**opts)
+        actor = remote.remote(stages=stages, device="cuda" if gpus else "cpu")
+        actor.warm.remote()
+        return cls(actor=actor, stages=stages)
+
+    def stop(self) -> None:
+        """End the actor (its memory and any GPU go back to the cluster); idempotent."""
+        import ray
+
+        actor, self.actor = self.actor, None
+        if actor is not None:
+            # The cluster may be gone already (a failed job): that must not hide its error.
+            with contextlib.suppress(Exception):
+                ray.kill(actor)
+
+
+def _through(actor: Any) -> Callable[[pa.Table], pa.Table]:
+    def run(t: pa.Table) -> pa.Table:
+        import ray
+
+        return ray.get(actor.score.remote(t))
+
+    return run
+
 
 def _pool(
     ds: Any, cls: type[Stage], kwargs: dict[str, Any], *, gpus: float, n: int, bs: int
@@ -513,6 +579,51 @@ def _candidates_only(t: pa.Table) -> pa.Table:
     return t.filter(pc.is_null(t[schema.STATUS]))
 
 
+def model_chain(cfg: JobConfig, plan: ModelPlan) -> list[tuple[type[Stage], dict[str, Any]]]:
+    """The scorers of the job, in order, as (stage class, constructor arguments)."""
+    s, m = cfg.score, cfg.models
+    chain: list[tuple[type[Stage], dict[str, Any]]] = []
+    if plan.clip:
+        chain.append(
+            (
+                ClipEmbedder,
+                {
+                    "model": m.clip_model,
+                    "weights": m.clip_weights,
+                    "aesthetic_weights": m.aesthetic_weights,
+                    "safety_weights": m.safety_weights,
+                    "person_prompts": list(s.person_prompts) if plan.clip_person else [],
+                    "other_prompts": list(s.other_prompts) if plan.clip_person else [],
+                    "character_threshold": s.character_threshold,
+                },
+            )
+        )
+    if plan.quality:
+        chain.append(
+            (
+                PyiqaScorer,
+                {
+                    "metric": s.quality_metric,
+                    "input_size": s.quality_size,
+                    "weights": m.pyiqa_weights,
+                },
+            )
+        )
+    if plan.nudenet_person or plan.nudenet_safety:
+        chain.append(
+            (
+                NudeNetDetector,
+                {
+                    "weights": m.nudenet_weights,
+                    "person": plan.nudenet_person,
+                    "safety": plan.nudenet_safety,
+                    "character_threshold": s.character_threshold,
+                },
+            )
+        )
+    return chain
+
+
 def run_model_pass(
     rd: Any,
     rows: Any,
@@ -522,6 +633,7 @@ def run_model_pass(
     work: str,
     partitions: Callable[[int], int],
     cpus: int,
+    warm: WarmModels | None = None,
 ) -> ModelPassResult:
     """Score, decide and caption the job's candidates; see the module docstring.
 
@@ -533,6 +645,8 @@ def run_model_pass(
         work: OUT/_work, holding `thumbnails/`.
         partitions: shuffle partitions for a number of rows (the job's `Partitioning`).
         cpus: the cluster's CPUs (at most 16 model batches per CPU are planned).
+        warm: the job's model actor if it was started with the job (`WarmModels.start`);
+            it scores instead of a new actor pool and is stopped by this pass.
 
     Returns:
         The rows with the model columns (null where not scored) and the new verdicts.
@@ -585,47 +699,16 @@ def run_model_pass(
     per_block = min(s.batch_size, cfg.caption.batch_size)
     scored = scored.repartition(min(-(-num_scored // per_block), 16 * max(cpus, 1))).materialize()
     pool = {"gpus": s.num_gpus, "n": s.concurrency, "bs": s.batch_size}
-    chain: list[tuple[type[Stage], dict[str, Any]]] = []
-    if plan.clip:
-        chain.append(
-            (
-                ClipEmbedder,
-                {
-                    "model": m.clip_model,
-                    "weights": m.clip_weights,
-                    "aesthetic_weights": m.aesthetic_weights,
-                    "safety_weights": m.safety_weights,
-                    "person_prompts": list(s.person_prompts) if plan.clip_person else [],
-                    "other_prompts": list(s.other_prompts) if plan.clip_person else [],
-                    "character_threshold": s.character_threshold,
-                },
-            )
-        )
-    if plan.quality:
-        chain.append(
-            (
-                PyiqaScorer,
-                {
-                    "metric": s.quality_metric,
-                    "input_size": s.quality_size,
-                    "weights": m.pyiqa_weights,
-                },
-            )
-        )
-    if plan.nudenet_person or plan.nudenet_safety:
-        chain.append(
-            (
-                NudeNetDetector,
-                {
-                    "weights": m.nudenet_weights,
-                    "person": plan.nudenet_person,
-                    "safety": plan.nudenet_safety,
-                    "character_threshold": s.character_threshold,
-                },
-            )
-        )
-    if chain:  # one pool for every scorer: one actor start, one pass over the rows
+    chain = model_chain(cfg, plan)
+    if chain and warm is not None and warm.actor is not None and warm.stages == chain:
+        # A small job's actor, started with the job: its models are loaded by now.
+        scored = scored.map_batches(
+            _through(warm.actor), batch_format="pyarrow", batch_size=s.batch_size, num_cpus=0
+        ).materialize()
+    elif chain:  # one pool for every scorer: one actor start, one pass over the rows
         scored = _pool(scored, ModelChain, {"stages": chain}, **pool)
+    if warm is not None:
+        warm.stop()
     scored = scored.map_batches(
         ThresholdFilter(rules=model_rules(cfg)), batch_format="pyarrow", batch_size=None
     )
@@ -914,6 +997,7 @@ def _remove(uri: str) -> None:
 __all__ = [
     "ModelPassResult",
     "ThumbnailSink",
+    "WarmModels",
     "check_models",
     "configured_models",
     "run_model_pass",

@@ -25,6 +25,8 @@ from urllib.parse import quote, unquote_to_bytes
 import braceexpand
 import fsspec
 
+from curation.io.atomic import is_local
+
 TAR_EXTENSIONS = (".tar",)
 
 
@@ -149,6 +151,40 @@ class InputSpec:
 
     uri: str
     kind: str  # "folder" | "list" | "tar" | "file"
+
+
+def few_local_files(specs: Iterable[InputSpec], limit: int) -> bool:
+    """Whether the inputs are local files and folders holding at most `limit` files in all.
+
+    A bounded look for planning (e.g. whether to start a small job's model actor early): the
+    walk stops at the `limit + 1`-th file, so a huge folder costs no more than a small one.
+    Lists, tars and remote inputs count as many.
+    """
+    count = 0
+    stack: list[str] = []
+    for spec in specs:
+        if not is_local(spec.uri) or spec.kind not in ("file", "folder"):
+            return False
+        path = spec.uri.removeprefix("file://")
+        if spec.kind == "file":
+            count += 1
+        else:
+            stack.append(path)
+        while stack and count <= limit:
+            try:
+                with os.scandir(stack.pop()) as entries:
+                    for entry in entries:
+                        if entry.is_dir(follow_symlinks=True):
+                            stack.append(entry.path)
+                        else:
+                            count += 1
+                            if count > limit:
+                                break
+            except OSError:
+                continue
+        if count > limit:
+            return False
+    return True
 
 
 def plan_inputs(

@@ -58,3 +58,15 @@ def test_an_empty_batch_gets_every_stage_columns() -> None:
     out = chain(pa.table({schema.SOURCE: pa.array([], pa.string())}))
     assert out.num_rows == 0
     assert {schema.QUALITY, schema.NSFW, schema.STAGE_SECONDS} <= set(out.column_names)
+
+
+def test_warm_loads_every_stage_once_and_score_is_the_call() -> None:
+    _Quality.loads.clear()
+    chain = ModelChain(stages=[(_Quality, {"offset": 1.0}), (_Safety, {})])
+    assert chain.warm() == 2
+    assert _Quality.loads == ["cpu"]  # loaded before any batch
+    batch = pa.table({schema.SOURCE: ["a"], schema.WIDTH: [4000]})
+    assert chain.score(batch).drop_columns([schema.STAGE_SECONDS]) == chain(batch).drop_columns(
+        [schema.STAGE_SECONDS]
+    )
+    assert _Quality.loads == ["cpu"]  # and not again at the first batch

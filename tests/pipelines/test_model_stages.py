@@ -213,15 +213,33 @@ def test_missing_weights_stop_the_job_before_any_work(local_ray, inputs, tmp_pat
     assert not out.exists()
 
 
-def test_offline_defaults_score_real_photographs(local_ray, inputs, tmp_path, capsys):
+def test_offline_defaults_score_real_photographs(
+    local_ray, inputs, tmp_path, capsys, monkeypatch
+):
+    """A small job scores on the model actor it started with the job (`WarmModels`); a job
+    too large for that scores on a Ray Data actor pool, and the scores are the same."""
+    import pipelines.curate
     from curation.score.nudenet_detector import nudenet_available
+    from pipelines import model_pass
     from pipelines.cli import main
 
-    out = tmp_path / "out"
+    routed: list[object] = []
+    through = model_pass._through
+    monkeypatch.setattr(model_pass, "_through", lambda a: routed.append(a) or through(a))
+    out, pooled = tmp_path / "out", tmp_path / "pooled"
     # (pHash de-duplication off: its distributed passes are another test's subject)
-    args = ["curate", str(inputs), "--output", str(out), *RELAXED, "--set", "dedup.enabled=false"]
-    assert main(args) == 0
+    args = ["curate", str(inputs), *RELAXED, "--set", "dedup.enabled=false"]
+    assert main([*args, "--output", str(out)]) == 0
     stdout = capsys.readouterr().out
+    assert len(routed) == 1  # the warm actor scored
+    monkeypatch.setattr(pipelines.curate, "WARM_MAX_INPUTS", 0)
+    assert main([*args, "--output", str(pooled)]) == 0
+    assert len(routed) == 1  # an actor pool scored
+    model_cols = (schema.QUALITY, schema.NSFW, schema.CHARACTER)
+    by_name = {Path(r[schema.SOURCE]).name: [r[c] for c in model_cols] for r in _manifest(out)}
+    assert by_name == {
+        Path(r[schema.SOURCE]).name: [r[c] for c in model_cols] for r in _manifest(pooled)
+    }
     rows = _manifest(out)
     candidates = [r for r in rows if r[schema.REASON] != "too_small"]
     assert len(candidates) == len(PHOTOS) + 1

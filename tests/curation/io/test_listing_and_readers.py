@@ -3,8 +3,11 @@ import io
 import json
 import tarfile
 
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from curation import schema
-from curation.io.listing import list_inputs
+from curation.io.listing import InputSpec, few_local_files, list_inputs
 from curation.io.readers import FileReader, TarReader, read_bytes
 
 
@@ -105,3 +108,33 @@ def test_tar_reader_groups_members_keeps_offsets_and_reports_truncation(tmp_path
     bad.write_bytes(b"not a tar at all" * 10)
     rows = TarReader()({schema.SOURCE: [str(bad)]}).to_pylist()
     assert len(rows) == 1 and rows[0][schema.REASON] == "unreadable"
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    layout=st.lists(st.integers(0, 3), min_size=0, max_size=30),
+    limit=st.integers(0, 20),
+    single_files=st.integers(0, 3),
+)
+def test_few_local_files_counts_nested_folders_up_to_the_limit(
+    tmp_path_factory, layout, limit, single_files
+):
+    """`few_local_files` is `total files <= limit` for local files and folders (nested ones
+    included), and False for lists, tars and remote inputs whatever they hold."""
+    root = tmp_path_factory.mktemp("few")
+    folder = root / "in"
+    folder.mkdir()
+    for i, depth in enumerate(layout):  # file i at nesting depth `depth`
+        d = folder.joinpath(*[f"d{k}" for k in range(depth)])
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"f{i}.jpg").write_bytes(b"x")
+    files = []
+    for i in range(single_files):
+        (root / f"single{i}.jpg").write_bytes(b"x")
+        files.append(InputSpec(str(root / f"single{i}.jpg"), "file"))
+    specs = [InputSpec(str(folder), "folder"), *files]
+    assert few_local_files(specs, limit) == (len(layout) + single_files <= limit)
+    for other in (InputSpec("s3://bucket/x", "folder"), InputSpec(str(root / "a.tar"), "tar")):
+        assert few_local_files([*specs, other], 10**6) is False
