@@ -69,7 +69,7 @@ from pipelines.grouping import column_sum, group_map
 from pipelines.model_pass import (
     WARM_MAX_INPUTS,
     ThumbnailSink,
-    WarmModels,
+    WarmWorker,
     run_model_pass,
     thumbnail_folder,
     thumbnail_size,
@@ -821,8 +821,8 @@ def run_curate(
         configure_progress(rd, sys.stdout.isatty())
         cpus = int(ray.cluster_resources().get("CPU", 1))
         partitions_for = Partitioning(cpus, cfg.ray.rows_per_partition)
-        # A small job's model actor starts now: its imports overlap listing and analysis.
-        warm = WarmModels.start(cfg) if small else None
+        # A small job's actor starts now: its imports overlap the listing and the analysis.
+        warm = WarmWorker.start(cfg) if small else None
     try:
         return _run_passes(
             rd, inputs, output, cfg, table, passes, partitions_for, specs, warm, start, echo
@@ -841,7 +841,7 @@ def _run_passes(
     passes: _Passes,
     partitions_for: Partitioning,
     specs: list[InputSpec],
-    warm: WarmModels | None,
+    warm: WarmWorker | None,
     start: float,
     echo: Callable[[str], None],
 ) -> JobResult:
@@ -933,7 +933,7 @@ def _decide_and_write(
     passes: _Passes,
     partitions_for: Partitioning,
     started: float,
-    warm: WarmModels | None = None,
+    warm: WarmWorker | None = None,
 ) -> dict[str, Any]:
     """Passes 2-4 over the stored analysis: dedup, shards, manifest; returns the stats.
 
@@ -993,15 +993,16 @@ def _decide_and_write(
             )
             assert planned is not None
             writer = ShardWriter(output=output)
-            written = group_map(
-                planned, schema.SHARD, lambda g: writer(g), partitions_for(num_kept)
-            )
+            write = warm.runs(writer) if warm is not None else writer
+            written = group_map(planned, schema.SHARD, lambda g: write(g), partitions_for(num_kept))
             outputs.append(written)
         final = (
             _union(outputs)
             .map_batches(lambda t: schema.conform(t), batch_format="pyarrow")
             .materialize()
         )
+    if warm is not None:
+        warm.stop()  # its work is done; stopped now, it has exited by Ray's shutdown
 
     # Manifest, stats and the small files; `_SUCCESS` last.
     with passes.run("manifest", num_rows):

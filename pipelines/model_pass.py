@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import json
 import os
 import time
@@ -481,37 +482,77 @@ class ModelChain(Stage):
 
 
 WARM_MAX_INPUTS = 64
-"""Jobs over at most this many local files start their model actor with the job."""
+"""Jobs over at most this many local files start a `WarmWorker` with the job."""
+
+
+class _WarmActor:
+    """The Ray actor behind `WarmWorker`: the job's model chain and the shard writer's imports."""
+
+    def __init__(self, stages: list[tuple[type[Stage], dict[str, Any]]], device: str) -> None:
+        self._chain = ModelChain(stages=stages, device=device)
+
+    def warm(self) -> int:
+        """Load the models, then import what the shard writer needs (webdataset imports torch)."""
+        n = self._chain.warm()
+        importlib.import_module("webdataset")
+        return n
+
+    def score(self, batch: Batch) -> pa.Table:
+        return self._chain(batch)
+
+    def apply(self, fn: Callable[[pa.Table], pa.Table], batch: pa.Table) -> pa.Table:
+        return fn(batch)
 
 
 @dataclass
-class WarmModels:
-    """A `ModelChain` actor started with a small job, before its listing.
+class WarmWorker:
+    """One actor started with a small job, right after Ray, holding no CPU while it waits.
 
-    Its imports (torch, pyiqa: about 4 s) and model loads then overlap the cheap passes
-    instead of following them. It holds no CPU while it waits (the analysis needs them) and
-    serves the model pass of that job only; `stop` frees it.
+    A job of a few files otherwise spends most of its time on imports, one pass after the
+    other: torch, torchvision and pyiqa for the model pass (about 4 s), webdataset and torch
+    again for the shard writer (1.2 s). This actor does them while the listing and the
+    analysis run; the model pass scores on it and the shard writer writes on it. One that holds
+    a GPU is stopped after scoring, so that a GPU captioner can start; `stop` is idempotent.
     """
 
     actor: Any
     stages: list[tuple[type[Stage], dict[str, Any]]]
+    holds_gpu: bool
 
     @classmethod
-    def start(cls, cfg: JobConfig) -> WarmModels | None:
-        """Start the job's model actor; None when the job runs no scorer."""
+    def start(cls, cfg: JobConfig) -> WarmWorker:
+        """Start the job's actor (it loads the scorers of `cfg`, if any, and the imports)."""
         import ray
 
         stages = model_chain(cfg, plan_models(cfg))
-        if not stages:
-            return None
-        gpus = cfg.score.num_gpus
+        gpus = cfg.score.num_gpus if stages else 0.0
         opts: dict[str, Any] = {"num_cpus": 0, "max_restarts": 0}
         if gpus:
             opts["num_gpus"] = gpus
-        remote = ray.remote(ModelChain).options(**opts)
-        actor = remote.remote(stages=stages, device="cuda" if gpus else "cpu")
+        actor = (
+            ray.remote(_WarmActor)
+            .options(**opts)
+            .remote(stages=stages, device="cuda" if gpus else "cpu")
+        )
         actor.warm.remote()
-        return cls(actor=actor, stages=stages)
+        return cls(actor=actor, stages=stages, holds_gpu=bool(gpus))
+
+    def scores(self, chain: list[tuple[type[Stage], dict[str, Any]]]) -> bool:
+        """Whether this actor holds exactly `chain`, loaded, and is still running."""
+        return self.actor is not None and bool(chain) and self.stages == chain
+
+    def runs(self, fn: Callable[[pa.Table], pa.Table]) -> Callable[[pa.Table], pa.Table]:
+        """`fn`, run on this actor when it is still running (else where it is called)."""
+        actor = self.actor
+        if actor is None:
+            return fn
+
+        def on_actor(t: pa.Table) -> pa.Table:
+            import ray
+
+            return ray.get(actor.apply.remote(fn, t))
+
+        return on_actor
 
     def stop(self) -> None:
         """End the actor (its memory and any GPU go back to the cluster); idempotent."""
@@ -633,7 +674,7 @@ def run_model_pass(
     work: str,
     partitions: Callable[[int], int],
     cpus: int,
-    warm: WarmModels | None = None,
+    warm: WarmWorker | None = None,
 ) -> ModelPassResult:
     """Score, decide and caption the job's candidates; see the module docstring.
 
@@ -645,8 +686,8 @@ def run_model_pass(
         work: OUT/_work, holding `thumbnails/`.
         partitions: shuffle partitions for a number of rows (the job's `Partitioning`).
         cpus: the cluster's CPUs (at most 16 model batches per CPU are planned).
-        warm: the job's model actor if it was started with the job (`WarmModels.start`);
-            it scores instead of a new actor pool and is stopped by this pass.
+        warm: the job's actor if it was started with the job (`WarmWorker.start`): it
+            scores instead of a new actor pool (and is stopped here if it holds a GPU).
 
     Returns:
         The rows with the model columns (null where not scored) and the new verdicts.
@@ -700,15 +741,15 @@ def run_model_pass(
     scored = scored.repartition(min(-(-num_scored // per_block), 16 * max(cpus, 1))).materialize()
     pool = {"gpus": s.num_gpus, "n": s.concurrency, "bs": s.batch_size}
     chain = model_chain(cfg, plan)
-    if chain and warm is not None and warm.actor is not None and warm.stages == chain:
+    if warm is not None and warm.scores(chain):
         # A small job's actor, started with the job: its models are loaded by now.
         scored = scored.map_batches(
             _through(warm.actor), batch_format="pyarrow", batch_size=s.batch_size, num_cpus=0
         ).materialize()
     elif chain:  # one pool for every scorer: one actor start, one pass over the rows
         scored = _pool(scored, ModelChain, {"stages": chain}, **pool)
-    if warm is not None:
-        warm.stop()
+    if warm is not None and warm.holds_gpu:
+        warm.stop()  # a GPU captioner pool may need its GPU
     scored = scored.map_batches(
         ThresholdFilter(rules=model_rules(cfg)), batch_format="pyarrow", batch_size=None
     )
@@ -997,7 +1038,7 @@ def _remove(uri: str) -> None:
 __all__ = [
     "ModelPassResult",
     "ThumbnailSink",
-    "WarmModels",
+    "WarmWorker",
     "check_models",
     "configured_models",
     "run_model_pass",

@@ -213,11 +213,10 @@ def test_missing_weights_stop_the_job_before_any_work(local_ray, inputs, tmp_pat
     assert not out.exists()
 
 
-def test_offline_defaults_score_real_photographs(
-    local_ray, inputs, tmp_path, capsys, monkeypatch
-):
-    """A small job scores on the model actor it started with the job (`WarmModels`); a job
-    too large for that scores on a Ray Data actor pool, and the scores are the same."""
+def test_offline_defaults_score_real_photographs(local_ray, inputs, tmp_path, capsys, monkeypatch):
+    """A small job scores and writes its shards on the actor it started with the job
+    (`WarmWorker`); a job too large for that scores on a Ray Data actor pool and writes in a
+    task, and the scores and shards are the same."""
     import pipelines.curate
     from curation.score.nudenet_detector import nudenet_available
     from pipelines import model_pass
@@ -226,19 +225,31 @@ def test_offline_defaults_score_real_photographs(
     routed: list[object] = []
     through = model_pass._through
     monkeypatch.setattr(model_pass, "_through", lambda a: routed.append(a) or through(a))
+    on_actor: list[bool] = []
+    runs = model_pass.WarmWorker.runs
+
+    def spy_runs(self, fn):
+        on_actor.append(self.actor is not None)
+        return runs(self, fn)
+
+    monkeypatch.setattr(model_pass.WarmWorker, "runs", spy_runs)
     out, pooled = tmp_path / "out", tmp_path / "pooled"
     # (pHash de-duplication off: its distributed passes are another test's subject)
     args = ["curate", str(inputs), *RELAXED, "--set", "dedup.enabled=false"]
     assert main([*args, "--output", str(out)]) == 0
     stdout = capsys.readouterr().out
-    assert len(routed) == 1  # the warm actor scored
+    assert len(routed) == 1 and on_actor == [True]  # the warm actor scored and wrote shards
     monkeypatch.setattr(pipelines.curate, "WARM_MAX_INPUTS", 0)
     assert main([*args, "--output", str(pooled)]) == 0
-    assert len(routed) == 1  # an actor pool scored
+    assert len(routed) == 1 and on_actor == [True]  # an actor pool scored, a task wrote
     model_cols = (schema.QUALITY, schema.NSFW, schema.CHARACTER)
     by_name = {Path(r[schema.SOURCE]).name: [r[c] for c in model_cols] for r in _manifest(out)}
     assert by_name == {
         Path(r[schema.SOURCE]).name: [r[c] for c in model_cols] for r in _manifest(pooled)
+    }
+    shards = {p.relative_to(out): p.read_bytes() for p in (out / "shards").rglob("*.tar")}
+    assert shards and shards == {
+        p.relative_to(pooled): p.read_bytes() for p in (pooled / "shards").rglob("*.tar")
     }
     rows = _manifest(out)
     candidates = [r for r in rows if r[schema.REASON] != "too_small"]
