@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib
 import json
 import os
 import time
@@ -43,11 +42,12 @@ import pyarrow.parquet as pq
 
 from curation import schema
 from curation.analyze.thumbnail_maker import ThumbnailMaker
-from curation.base import Batch, Stage, column, pending_mask, set_columns, to_table
+from curation.base import Stage, column, pending_mask, set_columns
 from curation.caption.captioner import VlmCaptioner, input_caption_source
 from curation.caption.translator import CaptionTranslator
 from curation.dedup.semantic_dedup import SemanticDedup
 from curation.io.atomic import atomic_write, join
+from curation.score.chain import ModelChain, WarmActor
 from curation.score.clip_embedder import ClipEmbedder
 from curation.score.nudenet_detector import NudeNetDetector, nudenet_available
 from curation.score.pyiqa_scorer import WEIGHTLESS_METRICS, PyiqaScorer, lower_better
@@ -441,67 +441,8 @@ def _nonempty(ds: Any) -> tuple[Any | None, int]:
     return nonempty(ds)
 
 
-@dataclass(kw_only=True)
-class ModelChain(Stage):
-    """Several model stages in one actor, applied in order to each batch.
-
-    One actor start and one round of imports (torch, onnxruntime) serve every scorer, and the
-    rows cross the object store once instead of once per model. Each stage keeps its own
-    lazy setup, columns and timing; the chain only passes the batch along.
-    """
-
-    name: ClassVar[str] = "models"
-    stages: list[tuple[type[Stage], dict[str, Any]]]
-    device: str = "cpu"
-
-    def __post_init__(self) -> None:
-        self._chain = [cls(**kwargs, device=self.device) for cls, kwargs in self.stages]
-
-    def output_schema(self, input_schema: pa.Schema) -> pa.Schema:
-        for stage in self._chain:
-            input_schema = stage.output_schema(input_schema)
-        return input_schema
-
-    def __call__(self, batch: Batch) -> pa.Table:
-        table = to_table(batch)
-        for stage in self._chain:
-            table = stage(table)
-        return table
-
-    def warm(self) -> int:
-        """Load every model now (imports, weights) instead of at the first batch."""
-        for stage in self._chain:
-            if not getattr(stage, "_ready", False):
-                stage.setup()
-                stage._ready = True
-        return len(self._chain)
-
-    def score(self, batch: Batch) -> pa.Table:
-        """`__call__` under a name a Ray actor handle exposes."""
-        return self(batch)
-
-
 WARM_MAX_INPUTS = 64
 """Jobs over at most this many local files start a `WarmWorker` with the job."""
-
-
-class _WarmActor:
-    """The Ray actor behind `WarmWorker`: the job's model chain and the shard writer's imports."""
-
-    def __init__(self, stages: list[tuple[type[Stage], dict[str, Any]]], device: str) -> None:
-        self._chain = ModelChain(stages=stages, device=device)
-
-    def warm(self) -> int:
-        """Load the models, then import what the shard writer needs (webdataset imports torch)."""
-        n = self._chain.warm()
-        importlib.import_module("webdataset")
-        return n
-
-    def score(self, batch: Batch) -> pa.Table:
-        return self._chain(batch)
-
-    def apply(self, fn: Callable[[pa.Table], pa.Table], batch: pa.Table) -> pa.Table:
-        return fn(batch)
 
 
 @dataclass
@@ -530,7 +471,7 @@ class WarmWorker:
         if gpus:
             opts["num_gpus"] = gpus
         actor = (
-            ray.remote(_WarmActor)
+            ray.remote(WarmActor)
             .options(**opts)
             .remote(stages=stages, device="cuda" if gpus else "cpu")
         )

@@ -11,7 +11,7 @@ import pyarrow.compute as pc
 
 from curation import schema
 from curation.base import Stage, set_columns
-from pipelines.model_pass import ModelChain
+from curation.score.chain import ModelChain
 
 
 @dataclass(kw_only=True)
