@@ -887,6 +887,8 @@ def _run_passes(
                 f"({type(e.__cause__).__name__}); resuming from the stored analysis "
                 f"(attempt {attempt + 1} of {CLUSTER_ATTEMPTS})"
             )
+            if warm is not None:
+                warm.stop()  # it may be what was lost: the next attempt uses Ray Data's pools
     return JobResult(
         output, stats, time.perf_counter() - start, skipped_inputs=skipped or 0, notes=notes
     )

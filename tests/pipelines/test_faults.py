@@ -207,6 +207,39 @@ def test_ray_workers_killed_mid_job(inputs, reference, local_ray, tmp_path, job_
     assert verify(str(out)) == []
 
 
+def test_small_jobs_early_actor_killed(inputs, reference, local_ray, tmp_path, job_outcome):
+    """SIGKILL a small job's early actor (`WarmWorker`: scorers and shard writer) while it
+    loads: the pass that needs it fails as lost to the cluster, the job resumes from the
+    stored analysis on Ray Data's own pools, and the output equals an uninterrupted run's."""
+    out = tmp_path / "out"
+    killed: list[int] = []
+    stop = threading.Event()
+
+    def killer() -> None:
+        me = psutil.Process()
+        while not stop.is_set() and not killed:
+            for p in me.children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    if " ".join(p.cmdline()).startswith("ray::WarmActor"):
+                        p.send_signal(signal.SIGKILL)
+                        killed.append(p.pid)
+                        break
+            stop.wait(0.01)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    try:
+        rc, stdout = _quiet_main("curate", str(inputs), "--output", str(out), *SMALL)
+    finally:
+        stop.set()
+        thread.join()
+    assert killed, "the early actor was never seen"
+    assert rc == 0
+    assert "lost a Ray node, worker or object" in stdout and "attempt 2 of" in stdout
+    assert job_outcome(out) == job_outcome(reference)
+    assert verify(str(out)) == []
+
+
 FAKE_KEY_ID = "AKIANATIVE4KFAKEKEY7"
 FAKE_SECRET = "n4kFAKE/secret+Never-Print-Me-0123456789"
 
