@@ -19,10 +19,13 @@ from curation import schema
 from curation.analyze.thumbnail_maker import ThumbnailMaker
 from curation.base import Stage
 from curation.bucket.bucketer import Bucketer, default_table
+from curation.score.chain import ModelChain
+from curation.score.pyiqa_scorer import PyiqaScorer
 
 FACTORIES: dict[str, Callable[[], Stage]] = {
     "Bucketer": lambda: Bucketer(table=default_table([1.0, 0.875, 0.75, 0.6875])),
     "ThumbnailMaker": lambda: ThumbnailMaker(size=512),
+    "ModelChain": lambda: ModelChain(stages=[(PyiqaScorer, {"metric": "piqe"})]),
 }
 """Stages whose settings have no defaults."""
 

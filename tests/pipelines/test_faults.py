@@ -18,6 +18,7 @@ import tarfile
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -168,17 +169,18 @@ def failed_workers(ray) -> int:
     )
 
 
-def test_ray_workers_killed_mid_job(inputs, reference, local_ray, tmp_path, job_outcome):
-    """SIGKILL Ray workers while they run pass-1 tasks: Ray retries the tasks (Ray Data's
-    map tasks retry system failures without limit) and each rewrites its own part file."""
-    out = tmp_path / "out"
+def _curate_killing(
+    inputs: Path, out: Path, victims: Callable[[psutil.Process], list[psutil.Process]], most: int
+) -> tuple[int, str, list[int]]:
+    """Run the job while a thread SIGKILLs up to `most` processes that `victims` picks among
+    this process's descendants; returns the exit code, the output and the killed pids."""
     killed: list[int] = []
     stop = threading.Event()
 
     def killer() -> None:
         me = psutil.Process()
-        while not stop.is_set() and len(killed) < 2:
-            for p in _task_workers(me):
+        while not stop.is_set() and len(killed) < most:
+            for p in victims(me):
                 if p.pid not in killed:
                     with contextlib.suppress(psutil.Error):
                         p.send_signal(signal.SIGKILL)
@@ -186,7 +188,6 @@ def test_ray_workers_killed_mid_job(inputs, reference, local_ray, tmp_path, job_
                     break
             stop.wait(0.005)
 
-    crashes = failed_workers(local_ray)
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
     try:
@@ -194,6 +195,15 @@ def test_ray_workers_killed_mid_job(inputs, reference, local_ray, tmp_path, job_
     finally:
         stop.set()
         thread.join()
+    return rc, stdout, killed
+
+
+def test_ray_workers_killed_mid_job(inputs, reference, local_ray, tmp_path, job_outcome):
+    """SIGKILL Ray workers while they run pass-1 tasks: Ray retries the tasks (Ray Data's
+    map tasks retry system failures without limit) and each rewrites its own part file."""
+    out = tmp_path / "out"
+    crashes = failed_workers(local_ray)
+    rc, stdout, killed = _curate_killing(inputs, out, _task_workers, most=2)
     assert rc == 0
     assert killed, "no pass-1 task was caught running"
     assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"
@@ -207,32 +217,22 @@ def test_ray_workers_killed_mid_job(inputs, reference, local_ray, tmp_path, job_
     assert verify(str(out)) == []
 
 
+def _early_actor(root: psutil.Process) -> list[psutil.Process]:
+    """This process's Ray worker holding a small job's early actor (`WarmWorker`)."""
+    found = []
+    for p in root.children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if " ".join(p.cmdline()).startswith("ray::WarmActor"):
+                found.append(p)
+    return found
+
+
 def test_small_jobs_early_actor_killed(inputs, reference, local_ray, tmp_path, job_outcome):
     """SIGKILL a small job's early actor (`WarmWorker`: scorers and shard writer) while it
     loads: the pass that needs it fails as lost to the cluster, the job resumes from the
     stored analysis on Ray Data's own pools, and the output equals an uninterrupted run's."""
     out = tmp_path / "out"
-    killed: list[int] = []
-    stop = threading.Event()
-
-    def killer() -> None:
-        me = psutil.Process()
-        while not stop.is_set() and not killed:
-            for p in me.children(recursive=True):
-                with contextlib.suppress(psutil.Error):
-                    if " ".join(p.cmdline()).startswith("ray::WarmActor"):
-                        p.send_signal(signal.SIGKILL)
-                        killed.append(p.pid)
-                        break
-            stop.wait(0.01)
-
-    thread = threading.Thread(target=killer, daemon=True)
-    thread.start()
-    try:
-        rc, stdout = _quiet_main("curate", str(inputs), "--output", str(out), *SMALL)
-    finally:
-        stop.set()
-        thread.join()
+    rc, stdout, killed = _curate_killing(inputs, out, _early_actor, most=1)
     assert killed, "the early actor was never seen"
     assert rc == 0
     assert "lost a Ray node, worker or object" in stdout and "attempt 2 of" in stdout

@@ -24,18 +24,12 @@ def _jpeg(seed: int, size: tuple[int, int] = (640, 400), **kw: object) -> bytes:
 
 
 def _table(rows: list[dict]) -> pa.Table:
-    names = [
-        schema.SOURCE,
-        schema.DATA,
-        schema.TAR_OFFSET,
-        schema.SIZE_BYTES,
-        schema.ORIENTATION,
-        schema.STATUS,
-        schema.PHASH,
-        schema.THUMBNAIL,
-    ]
+    """A batch with every column the stage reads, null where a row does not give it."""
     return pa.table(
-        {n: pa.array([r.get(n) for r in rows], schema.arrow_type(n)) for n in names}
+        {
+            n: pa.array([r.get(n) for r in rows], schema.arrow_type(n))
+            for n in ThumbnailMaker.reads
+        }
     )
 
 
