@@ -482,10 +482,15 @@ class WarmWorker:
         """Whether this actor holds exactly `chain`, loaded, and is still running."""
         return self.actor is not None and bool(chain) and self.stages == chain
 
-    def runs(self, fn: Callable[[pa.Table], pa.Table]) -> Callable[[pa.Table], pa.Table]:
-        """`fn`, run on this actor when it is still running (else where it is called)."""
+    def runs(
+        self, fn: Callable[[pa.Table], pa.Table] | None = None
+    ) -> Callable[[pa.Table], pa.Table]:
+        """A function of a batch that runs `fn` on this actor (without `fn`: the actor's
+        scorers, see `scores`); `fn` itself, run where it is called, once the actor stopped."""
         actor = self.actor
         if actor is None:
+            if fn is None:
+                raise RuntimeError("the job's early actor was stopped before scoring")
             return fn
 
         def on_actor(t: pa.Table) -> pa.Table:
@@ -504,15 +509,6 @@ class WarmWorker:
             # The cluster may be gone already (a failed job): that must not hide its error.
             with contextlib.suppress(Exception):
                 ray.kill(actor)
-
-
-def _through(actor: Any) -> Callable[[pa.Table], pa.Table]:
-    def run(t: pa.Table) -> pa.Table:
-        import ray
-
-        return ray.get(actor.score.remote(t))
-
-    return run
 
 
 def _pool(
@@ -685,7 +681,7 @@ def run_model_pass(
     if warm is not None and warm.scores(chain):
         # A small job's actor, started with the job: its models are loaded by now.
         scored = scored.map_batches(
-            _through(warm.actor), batch_format="pyarrow", batch_size=s.batch_size, num_cpus=0
+            warm.runs(), batch_format="pyarrow", batch_size=s.batch_size, num_cpus=0
         ).materialize()
     elif chain:  # one pool for every scorer: one actor start, one pass over the rows
         scored = _pool(scored, ModelChain, {"stages": chain}, **pool)

@@ -51,10 +51,6 @@ class ModelChain(Stage):
                 stage._ready = True
         return len(self._chain)
 
-    def score(self, batch: Batch) -> pa.Table:
-        """`__call__` under a name a Ray actor handle exposes."""
-        return self(batch)
-
 
 class WarmActor:
     """A small job's early actor (`pipelines.model_pass.WarmWorker`): its model chain, loaded
@@ -69,8 +65,6 @@ class WarmActor:
         importlib.import_module("webdataset")
         return n
 
-    def score(self, batch: Batch) -> pa.Table:
-        return self._chain(batch)
-
-    def apply(self, fn: Callable[[pa.Table], pa.Table], batch: pa.Table) -> pa.Table:
-        return fn(batch)
+    def apply(self, fn: Callable[[pa.Table], pa.Table] | None, batch: pa.Table) -> pa.Table:
+        """`fn(batch)` here, or the model chain's scores of `batch` when `fn` is None."""
+        return fn(batch) if fn is not None else self._chain(batch)

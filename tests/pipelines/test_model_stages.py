@@ -222,14 +222,11 @@ def test_offline_defaults_score_real_photographs(local_ray, inputs, tmp_path, ca
     from pipelines import model_pass
     from pipelines.cli import main
 
-    routed: list[object] = []
-    through = model_pass._through
-    monkeypatch.setattr(model_pass, "_through", lambda a: routed.append(a) or through(a))
-    on_actor: list[bool] = []
+    on_actor: list[tuple[bool, str]] = []  # (actor running, what it ran) per routed step
     runs = model_pass.WarmWorker.runs
 
-    def spy_runs(self, fn):
-        on_actor.append(self.actor is not None)
+    def spy_runs(self, fn=None):
+        on_actor.append((self.actor is not None, type(fn).__name__ if fn else "scorers"))
         return runs(self, fn)
 
     monkeypatch.setattr(model_pass.WarmWorker, "runs", spy_runs)
@@ -238,10 +235,10 @@ def test_offline_defaults_score_real_photographs(local_ray, inputs, tmp_path, ca
     args = ["curate", str(inputs), *RELAXED, "--set", "dedup.enabled=false"]
     assert main([*args, "--output", str(out)]) == 0
     stdout = capsys.readouterr().out
-    assert len(routed) == 1 and on_actor == [True]  # the warm actor scored and wrote shards
+    assert on_actor == [(True, "scorers"), (True, "ShardWriter")]  # both on the early actor
     monkeypatch.setattr(pipelines.curate, "WARM_MAX_INPUTS", 0)
     assert main([*args, "--output", str(pooled)]) == 0
-    assert len(routed) == 1 and on_actor == [True]  # an actor pool scored, a task wrote
+    assert len(on_actor) == 2  # no early actor: an actor pool scored, a task wrote
     model_cols = (schema.QUALITY, schema.NSFW, schema.CHARACTER)
     by_name = {Path(r[schema.SOURCE]).name: [r[c] for c in model_cols] for r in _manifest(out)}
     assert by_name == {
