@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
+import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 
 def _curate(args: argparse.Namespace) -> int:
+    global _STOPPED_OWN_RAY
     from pipelines.config import ConfigError, load_config
 
     try:
@@ -16,11 +20,23 @@ def _curate(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"native4k: configuration error: {e}", file=sys.stderr)
         return 2
+    started_ray = not _ray_running()
+    try:
+        return _run_and_report(args, cfg)
+    finally:
+        sys.stdout.flush()
+        if started_ray:  # not a Ray instance this process was given (the tests' shared one)
+            _stop_ray()
+            _STOPPED_OWN_RAY = True
+
+
+def _run_and_report(args: argparse.Namespace, cfg: Any) -> int:
+    """`native4k curate` after its configuration loaded: the job, then its summary."""
+    from pipelines.config import ConfigError
     from pipelines.curate import JobFailed, bucket_table, outcome_lines, run_curate
     from pipelines.model_pass import check_models
     from pipelines.report import summary_text
 
-    started_ray = not _ray_running()
     try:
         bucket_table(cfg)
         check_models(cfg)  # missing weight files stop the job before any work
@@ -44,9 +60,6 @@ def _curate(args: argparse.Namespace) -> int:
     print(f"shards:   {result.output}/shards/")
     print(f"manifest: {result.output}/manifest/")
     print(f"stats:    {result.output}/stats.json   (native4k stats {result.output})")
-    sys.stdout.flush()
-    if started_ray:
-        _stop_ray()
     return 0
 
 
@@ -228,11 +241,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_STOPPED_OWN_RAY = False
+"""Set when `curate` stopped the Ray instance it started: nothing is left to tear down."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `native4k` console script."""
+    """The command line, callable in-process (tests); returns the exit code."""
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 
 
+def console() -> None:
+    """Entry point of the `native4k` console script.
+
+    After a `curate` that started and stopped its own Ray instance, every output file is
+    closed and renamed and Ray is down; the interpreter's teardown of Ray's and Arrow's native
+    modules would still take about 0.7 s, so the process ends at once (output flushed first).
+    """
+    code = main()
+    if _STOPPED_OWN_RAY:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

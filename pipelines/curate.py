@@ -815,14 +815,13 @@ def run_curate(
         specs = plan_inputs(inputs, list_extensions=cfg.input.list_extensions)
 
     with passes.run("start-up", len(specs)):
-        small = few_local_files(specs, WARM_MAX_INPUTS)
         ray = init_ray(cfg, ray_address)
         rd = ray.data
         configure_progress(rd, sys.stdout.isatty())
         cpus = int(ray.cluster_resources().get("CPU", 1))
         partitions_for = Partitioning(cpus, cfg.ray.rows_per_partition)
         # A small job's actor starts now: its imports overlap the listing and the analysis.
-        warm = WarmWorker.start(cfg) if small else None
+        warm = WarmWorker.start(cfg) if few_local_files(specs, WARM_MAX_INPUTS) else None
     try:
         return _run_passes(
             rd, inputs, output, cfg, table, passes, partitions_for, specs, warm, start, echo
