@@ -101,6 +101,12 @@ class Stage:
     def setup(self) -> None:
         """Load heavy state once per worker (models, tokenizers)."""
 
+    def ready(self) -> None:
+        """Run `setup` once per worker: at the first batch, or earlier when asked."""
+        if not getattr(self, "_ready", False):
+            self.setup()
+            self._ready = True
+
     def process(self, table: pa.Table) -> pa.Table:
         """Transform one batch."""
         raise NotImplementedError
@@ -124,9 +130,7 @@ class Stage:
         if table.num_rows == 0:
             # A batch with no rows still gets the declared columns (and needs no model).
             return self.output_schema(table.schema).empty_table()
-        if not getattr(self, "_ready", False):
-            self.setup()
-            self._ready = True
+        self.ready()
         start = time.perf_counter()
         out = self.process(table)
         return _record_time(out, self.name, time.perf_counter() - start)

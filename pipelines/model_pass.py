@@ -478,9 +478,9 @@ class WarmWorker:
         actor.warm.remote()
         return cls(actor=actor, stages=stages, holds_gpu=bool(gpus))
 
-    def scores(self, chain: list[tuple[type[Stage], dict[str, Any]]]) -> bool:
-        """Whether this actor holds exactly `chain`, loaded, and is still running."""
-        return self.actor is not None and bool(chain) and self.stages == chain
+    def scores(self) -> bool:
+        """Whether this actor, still running, holds the job's scorers (`model_chain`)."""
+        return self.actor is not None and bool(self.stages)
 
     def runs(
         self, fn: Callable[[pa.Table], pa.Table] | None = None
@@ -678,7 +678,7 @@ def run_model_pass(
     scored = scored.repartition(min(-(-num_scored // per_block), 16 * max(cpus, 1))).materialize()
     pool = {"gpus": s.num_gpus, "n": s.concurrency, "bs": s.batch_size}
     chain = model_chain(cfg, plan)
-    if warm is not None and warm.scores(chain):
+    if warm is not None and warm.scores():
         # A small job's actor, started with the job: its models are loaded by now.
         scored = scored.map_batches(
             warm.runs(), batch_format="pyarrow", batch_size=s.batch_size, num_cpus=0

@@ -46,9 +46,7 @@ class ModelChain(Stage):
     def warm(self) -> int:
         """Load every model now (imports, weights) instead of at the first batch."""
         for stage in self._chain:
-            if not getattr(stage, "_ready", False):
-                stage.setup()
-                stage._ready = True
+            stage.ready()
         return len(self._chain)
 
 
