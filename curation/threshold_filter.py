@@ -34,6 +34,19 @@ class Rule:
     setting: str | None = None
     """The configuration key that sets the bound (named in job summaries)."""
 
+    def violation(self, value: Any) -> str | None:
+        """Why `value` fails this rule (e.g. `flat_fraction 0.8 > 0.5`), or None if it passes.
+
+        A null value passes: it was not scored.
+        """
+        if value is None:
+            return None
+        if self.min is not None and value < self.min:
+            return f"{self.column} {_fmt(value)} < {_fmt(self.min)}"
+        if self.max is not None and value > self.max:
+            return f"{self.column} {_fmt(value)} > {_fmt(self.max)}"
+        return None
+
     def bound_text(self) -> str:
         """The rule in words, e.g. `flat_fraction > 0.5`."""
         parts = []
@@ -84,10 +97,9 @@ class ThresholdFilter(Stage):
         verdicts: dict[int, tuple[str, str | None]] = {}
         for rule in self.rules:
             for i, v in enumerate(_values(table, rule.column)):
-                if not pending[i] or i in verdicts or v is None:
+                if not pending[i] or i in verdicts:
                     continue
-                if rule.min is not None and v < rule.min:
-                    verdicts[i] = (rule.reason, f"{rule.column} {_fmt(v)} < {_fmt(rule.min)}")
-                elif rule.max is not None and v > rule.max:
-                    verdicts[i] = (rule.reason, f"{rule.column} {_fmt(v)} > {_fmt(rule.max)}")
+                why = rule.violation(v)
+                if why is not None:
+                    verdicts[i] = (rule.reason, why)
         return reject(table, verdicts)

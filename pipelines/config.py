@@ -91,6 +91,14 @@ class AnalyzeConfig:
     thumbnail_size: int = _f(
         512, "Longest side of the small JPEG handed to model scorers (0 disables thumbnails)."
     )
+    score_all: bool = _f(
+        False,
+        "Compute every pixel score of every decodable image (audits; a rerun may then re-tune "
+        "any threshold without decoding again). Otherwise an image's analyses stop at the first "
+        "rule it fails (sharpness, flatness, entropy, native, in that order): its verdict is "
+        "the same and the later scores stay null; a rerun whose thresholds let it pass "
+        "analyses it again.",
+    )
 
 
 @dataclass(kw_only=True)

@@ -3,9 +3,11 @@
 0. list (in Ray): the driver only classifies its INPUT arguments; one Ray task per INPUT
    expands it (folder walk, URI list file) into listing blocks, and what an earlier run
    analysed is subtracted by joins in Ray, so the driver holds no per-input state;
-1. analyse (streaming): read → header probe → header thresholds → one decode with every pixel
-   analysis → pixel thresholds → `_work/analysis/part-*.parquet` (no bytes), one atomic file
-   per batch named by its inputs, so a rerun skips what an interrupted run finished;
+1. analyse (streaming): read → header probe → header thresholds → one decode with the pixel
+   analyses, cheapest first, up to the first rule an image fails → pixel thresholds →
+   `_work/analysis/part-*.parquet` (no bytes), one atomic file per batch named by its inputs,
+   so a rerun skips what an interrupted run finished (and analyses again the images whose
+   analyses stopped at a rule its thresholds now let them pass: `stale_mask`);
 2. dedup (global, distributed): pigeonhole bands of the pHash → group-by band → edges to
    better copies → best parent per row → pointer jumping to the kept copy;
 3. write: decisions joined back → buckets → shard plan per bucket (deterministic) → one
@@ -37,9 +39,9 @@ import pyarrow.parquet as pq
 from ray.data.datasource.filename_provider import FilenameProvider
 
 from curation import schema
-from curation.analyze.pixel_analyzer import PixelAnalyzer
+from curation.analyze.pixel_analyzer import COMPLETE_MARKS, DECODED_MARK, PixelAnalyzer
 from curation.analyze.thumbnail_maker import ThumbnailMaker
-from curation.base import Stage, column, pending_mask, set_columns
+from curation.base import Stage, column, pending_mask, reject, set_columns
 from curation.bucket.bucketer import Bucket, Bucketer, coverage_gaps, default_table
 from curation.dedup.near_dup import (
     BAND,
@@ -126,15 +128,15 @@ def header_rules(cfg: JobConfig) -> list[Rule]:
 
 
 def pixel_rules(cfg: JobConfig) -> list[Rule]:
-    """Thresholds over the pixel scores, in the order their reasons take precedence."""
+    """Thresholds over the pixel scores, in the order their reasons take precedence.
+
+    The order `PixelAnalyzer` computes the scores in (`SCORE_ORDER`: focus, the paper's
+    flatness and entropy, then the native check), so that it can stop at the first rule an
+    image fails: a blurred photograph is `blurry` (not `flat`, which blur also makes it), an
+    enlargement of a smooth picture `flat`.
+    """
     a = cfg.analyze
     return [
-        Rule(
-            column=schema.NATIVE_SCORE,
-            reason="upscaled",
-            min=a.min_native_score,
-            setting="analyze.min_native_score",
-        ),
         Rule(
             column=schema.SHARPNESS,
             reason="blurry",
@@ -152,6 +154,12 @@ def pixel_rules(cfg: JobConfig) -> list[Rule]:
             reason="low_entropy",
             min=a.min_entropy,
             setting="analyze.min_entropy",
+        ),
+        Rule(
+            column=schema.NATIVE_SCORE,
+            reason="upscaled",
+            min=a.min_native_score,
+            setting="analyze.min_native_score",
         ),
     ]
 
@@ -171,6 +179,8 @@ def analysis_stages(cfg: JobConfig) -> list[Stage]:
             flat_variance=cfg.analyze.flat_variance,
             thumbnail_size=size,
             jpeg_thumbnails=False,
+            rules=pixel_rules(cfg),
+            complete=cfg.analyze.score_all,
         ),
         ThresholdFilter(rules=pixel_rules(cfg)),
     ]
@@ -243,6 +253,63 @@ class Retune(Stage):
                 status[i] = reason[i] = detail[i] = None
         t = set_columns(t, {schema.STATUS: status, schema.REASON: reason, schema.DETAIL: detail})
         return ThresholdFilter(rules=self.rules).process(t)
+
+
+def stale_mask(t: pa.Table, score_all: bool) -> pa.ChunkedArray | pa.Array:
+    """Rows (after `Retune`) whose stored analysis stopped early but is now needed in full.
+
+    A decoded image whose analyses stopped at a rule it then failed, when the current
+    thresholds let it pass that rule (or `analyze.score_all` asks for every score): the
+    analysis pass analyses it again, and its stored row is superseded (`_drop_superseded`).
+    """
+    decoded = pc.is_valid(t[DECODED_MARK])
+    partial_scores = pc.is_null(t[COMPLETE_MARKS[0]])
+    for name in COMPLETE_MARKS[1:]:
+        partial_scores = pc.or_(partial_scores, pc.is_null(t[name]))
+    due = pc.is_null(t[schema.STATUS])
+    if score_all:
+        due = pc.scalar(True)
+    return pc.and_(pc.and_(decoded, partial_scores), due)
+
+
+def _not_stale(t: pa.Table, rules: list[Rule], score_all: bool) -> pa.Table:
+    """The stored rows whose analysis stands under the current rules (sources of `t`)."""
+    t = Retune(rules=rules).process(t)
+    return t.filter(pc.invert(stale_mask(t, score_all))).select([schema.SOURCE])
+
+
+def _stale_only(t: pa.Table, score_all: bool) -> pa.Table:
+    return t.filter(stale_mask(t, score_all))
+
+
+def _fresh_only(t: pa.Table, score_all: bool) -> pa.Table:
+    return t.filter(pc.invert(stale_mask(t, score_all)))
+
+
+def _incomplete(t: pa.Table) -> pa.Table:
+    """Stale rows no newer analysis replaced (the file could not be read again): rejected."""
+    return reject(
+        t,
+        {
+            i: ("analysis_error", "pixel analyses incomplete: the file was not analysed again")
+            for i in range(t.num_rows)
+        },
+    )
+
+
+def _drop_superseded(rows: Any, cfg: JobConfig, num_partitions: int) -> Any:
+    """The stored rows without those a newer analysis of the same source replaced."""
+    score_all = cfg.analyze.score_all
+    rows = rows.materialize()  # read three times below
+    stale = rows.map_batches(partial(_stale_only, score_all=score_all), batch_format="pyarrow")
+    fresh = rows.map_batches(partial(_fresh_only, score_all=score_all), batch_format="pyarrow")
+    sources = fresh.select_columns([schema.SOURCE])
+    lone, _ = nonempty(
+        grouping.join(stale, sources, "left_anti", num_partitions, on=(schema.SOURCE,))
+    )
+    if lone is None:
+        return fresh
+    return fresh.union(lone.map_batches(_incomplete, batch_format="pyarrow"))
 
 
 def expand_listing(
@@ -625,12 +692,34 @@ def list_job(
     return Listing(rows, count, column_sum(kinds, "tars"))
 
 
-def _analysed_sources(rd: Any, analysis: str) -> tuple[Any | None, int]:
-    """The sources an earlier run of this job analysed (its Parquet parts), as a dataset."""
+_STALE_COLUMNS = (
+    schema.SOURCE,
+    schema.STATUS,
+    schema.REASON,
+    schema.DETAIL,
+    DECODED_MARK,
+    *COMPLETE_MARKS,
+)
+
+
+def _analysed_sources(rd: Any, analysis: str, cfg: JobConfig) -> tuple[Any | None, int, int]:
+    """The sources an earlier run of this job analysed (its Parquet parts), as a dataset.
+
+    Returns the dataset, its row count and the number of stored rows that are stale under
+    the current thresholds (`stale_mask`): those are left out, to be analysed again.
+    """
     fs, path = fsspec.core.url_to_fs(analysis)
     if not fs.exists(path) or not fs.glob(path.rstrip("/") + "/part-*.parquet"):
-        return None, 0
-    return nonempty(_read_parquet(rd, analysis).select_columns([schema.SOURCE]))
+        return None, 0, 0
+    stored = _read_parquet(rd, analysis, columns=list(_STALE_COLUMNS))
+    num_stored = stored.count()
+    done, num_done = nonempty(
+        stored.map_batches(
+            partial(_not_stale, rules=pixel_rules(cfg), score_all=cfg.analyze.score_all),
+            batch_format="pyarrow",
+        )
+    )
+    return done, num_done, num_stored - num_done
 
 
 def _analyse(
@@ -861,7 +950,7 @@ def _run_passes(
     for attempt in range(1, CLUSTER_ATTEMPTS + 1):
         try:
             with passes.run("listing", listing.count), quiet_ray_data(sys.stdout.isatty()):
-                analysed, num_done = _analysed_sources(rd, analysis)
+                analysed, num_done, num_stale = _analysed_sources(rd, analysis, cfg)
             skipped = num_done if skipped is None else skipped
             echo(
                 f"native4k: {listing.count} inputs listed; {num_done} rows already analysed by "
@@ -875,7 +964,17 @@ def _run_passes(
 
             with quiet_ray_data(sys.stdout.isatty()):
                 stats = _decide_and_write(
-                    rd, cfg, table, output, analysis, listing, passes, partitions_for, start, warm
+                    rd,
+                    cfg,
+                    table,
+                    output,
+                    analysis,
+                    listing,
+                    passes,
+                    partitions_for,
+                    start,
+                    warm,
+                    superseded=num_stale,
                 )
             break
         except JobFailed as e:
@@ -935,23 +1034,27 @@ def _decide_and_write(
     partitions_for: Partitioning,
     started: float,
     warm: WarmWorker | None = None,
+    *,
+    superseded: int = 0,
 ) -> dict[str, Any]:
     """Passes 2-4 over the stored analysis: dedup, shards, manifest; returns the stats.
 
+    `superseded`: stored rows the analysis pass of this run analysed again (`stale_mask`).
     `_SUCCESS` is written last.
     """
 
     # Pass 2: dedup across the whole job.
-    # Pixel thresholds are decided again from the stored scores, so re-tuning them needs no
-    # new decode: a rerun with other `analyze.min_*` values reuses the analysis.
+    # Pixel thresholds are decided again from the stored scores, so re-tuning them decodes
+    # only the images whose analyses had stopped at a rule they now pass.
     num_inputs = listing.count
     with passes.run("dedup", num_inputs):
         stored = _read_parquet(rd, analysis)
-        rows, num_rows = nonempty(
-            keep_listed(stored, listing, partitions_for(num_inputs)).map_batches(
-                Retune(rules=pixel_rules(cfg)), batch_format="pyarrow"
-            )
+        rows = keep_listed(stored, listing, partitions_for(num_inputs)).map_batches(
+            Retune(rules=pixel_rules(cfg)), batch_format="pyarrow"
         )
+        if superseded:
+            rows = _drop_superseded(rows, cfg, partitions_for(num_inputs))
+        rows, num_rows = nonempty(rows)
         assert rows is not None, "the analysis pass wrote no rows"
         decisions = dedup_decisions(rows, cfg, partitions_for) if cfg.dedup.enabled else None
         if decisions is not None:

@@ -41,6 +41,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curation import schema
+from curation.analyze.pixel_analyzer import DECODED_MARK
 from curation.analyze.thumbnail_maker import ThumbnailMaker
 from curation.base import Stage, column, pending_mask, set_columns
 from curation.caption.captioner import VlmCaptioner, input_caption_source
@@ -533,7 +534,7 @@ def _to_score(score_all: bool) -> Any:
     def select(t: pa.Table) -> pa.Table:
         pending = pc.is_null(t[schema.STATUS])
         if score_all:
-            decoded = pc.is_valid(t[schema.PHASH])
+            decoded = pc.is_valid(t[DECODED_MARK])
             pending = pc.or_(pending, decoded)
         cols = [c for c in SLIM_COLUMNS if c in t.column_names]
         return schema.conform(t.filter(pending).select(cols), SLIM_COLUMNS)

@@ -661,6 +661,9 @@ def write_report(output: str, *, samples: int = DEFAULT_SAMPLES, workers: int | 
             continue
         lines = thresholds(config, score)
         caption = ", ".join(f"{n} = {v:g}" for n, v in lines) or "no threshold configured"
+        unscored = rej_t.num_rows - r.size
+        if unscored and r.size:  # e.g. analyses that stopped at an earlier rule
+            caption += f"; {unscored} rejected rows have no {score}"
         hist_html.append(
             f'<figure class="plot"><img src="{score_histogram(k, r, score, lines)}" '
             f'alt="{_e(score)} histogram"><figcaption>{_e(score)}: {_e(caption)}</figcaption>'

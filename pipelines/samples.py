@@ -132,7 +132,7 @@ def build_samples(
         folder: where to write (created; existing files are overwritten).
         real_photos: how many Debian wallpapers to include (0: none), each as it is and, for
             photographs below 4K, upscaled 1.5× (which must not be kept); with any, also the
-            real enlargement `REAL_ENLARGEMENT` when installed (which must be `upscaled`).
+            real enlargement `REAL_ENLARGEMENT` when installed (which must be rejected).
         seed: the render seed; the same seed gives the same bytes.
     """
     out = Path(folder)
@@ -298,7 +298,11 @@ def build_samples(
         put(
             f"real/enlarged_{REAL_ENLARGEMENT.name}",
             REAL_ENLARGEMENT.read_bytes(),
-            Expected("upscaled", note=f"{REAL_ENLARGEMENT}: 1.294x a 3264x2448 camera frame"),
+            Expected(
+                REJECTED,
+                note=f"{REAL_ENLARGEMENT}: 1.294x a 3264x2448 camera frame; `flat` under the "
+                "paper's rules (they take precedence), `upscaled` once flatness is relaxed",
+            ),
         )
     (out / "expected.json").write_text(
         json.dumps({k: v.__dict__ for k, v in sorted(exp.items())}, indent=1, default=list)

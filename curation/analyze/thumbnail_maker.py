@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 import pyarrow as pa
 
 from curation import schema
-from curation.analyze.pixel_analyzer import make_thumbnail
+from curation.analyze.pixel_analyzer import DECODED_MARK, make_thumbnail
 from curation.base import Stage, column, set_columns
 from curation.io.readers import read_bytes
 
@@ -27,9 +27,10 @@ class ThumbnailMaker(Stage):
     rerun re-tuned a threshold.
 
     Reads: `data` (optional), `source`, `tar_offset`, `size_bytes`, `orientation`, `status`,
-    `phash`, `thumbnail`. Writes: `thumbnail` (null where the file cannot be read or decoded:
-    such a row is not scored, and its verdict is the analysis's). Resources: 1 CPU; a
-    reduced-size decode (about a sixteenth of the image's pixels) at a time.
+    `sharpness` (`DECODED_MARK`: set for every decoded image), `thumbnail`. Writes:
+    `thumbnail` (null where the file cannot be read or decoded: such a row is not scored,
+    and its verdict is the analysis's). Resources: 1 CPU; a reduced-size decode (about a
+    sixteenth of the image's pixels) at a time.
     """
 
     name: ClassVar[str] = "thumbnail"
@@ -41,7 +42,7 @@ class ThumbnailMaker(Stage):
         schema.SIZE_BYTES,
         schema.ORIENTATION,
         schema.STATUS,
-        schema.PHASH,
+        DECODED_MARK,
         schema.THUMBNAIL,
     )
     writes: ClassVar[tuple[str, ...]] = (schema.THUMBNAIL,)
@@ -63,7 +64,7 @@ class ThumbnailMaker(Stage):
             return [not h for h in have]
         pending = [s is None for s in column(table, schema.STATUS)]
         if self.rows == "decoded":
-            decoded = [p is not None for p in column(table, schema.PHASH)]
+            decoded = [v is not None for v in column(table, DECODED_MARK)]
             pending = [p or d for p, d in zip(pending, decoded, strict=True)]
         return [p and not h for p, h in zip(pending, have, strict=True)]
 

@@ -129,15 +129,39 @@ def test_bad_config_stops_before_work(samples, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def test_retuning_a_pixel_threshold_reuses_the_analysis(samples, curated, tmp_path, capsys):
+SCORES = ("sharpness", "flat_fraction", "entropy", "native_score", "phash")
+
+
+def test_retuning_a_pixel_threshold_analyses_again_only_what_stopped_early(
+    samples, curated, tmp_path, capsys
+):
+    """The analyses of an image stop at the first rule it fails; a rerun whose thresholds let
+    it pass that rule analyses it again (and nothing else), and the result equals a fresh
+    job's with those thresholds."""
     folder, _ = samples
-    copy = tmp_path / "copy"
+    first = _rows(curated)
+    for r in first.values():
+        if r["reason"] in ("flat", "low_entropy"):
+            assert r["sharpness"] is not None and r["native_score"] is None, r["source"]
+    relax = ["--set", "analyze.min_entropy=1.0"]
+    stopped = [
+        s for s, r in first.items() if r["reason"] == "low_entropy" and r["entropy"] >= 1.0
+    ]
+    assert stopped, "the samples hold a low-entropy image"
+    copy, fresh = tmp_path / "copy", tmp_path / "fresh"
     shutil.copytree(curated, copy)
     capsys.readouterr()
-    args = ["curate", str(folder), "--output", str(copy), "--set", "analyze.min_entropy=1.0"]
-    assert main(args) == 0
-    assert "analysed 0 inputs in this run" in capsys.readouterr().out
+    assert main(["curate", str(folder), "--output", str(copy), *relax]) == 0
+    assert f"analysed {len(stopped)} inputs in this run" in capsys.readouterr().out
     rows = {_rel(folder, s): r for s, r in _rows(copy).items()}
     assert rows["reject/low_entropy.png"]["status"] == "kept"
     assert rows["reject/flat_gradient.png"]["reason"] == "flat"
+    assert main(["curate", str(folder), "--output", str(copy), *relax]) == 0  # once is enough
+    assert "analysed 0 inputs in this run" in capsys.readouterr().out
+    assert main(["curate", str(folder), "--output", str(fresh), *relax]) == 0
+    retuned, direct = _rows(copy), _rows(fresh)
+    assert len(retuned) == len(first)  # the superseded rows are gone: one row per input
+    fields = ("status", "reason", "key", "shard", *SCORES)
+    for source, r in direct.items():
+        assert {f: retuned[source][f] for f in fields} == {f: r[f] for f in fields}, source
     assert main(["verify", str(copy)]) == 0

@@ -1,4 +1,5 @@
 import io
+from pathlib import Path
 
 import numpy as np
 from hypothesis import given, settings
@@ -39,8 +40,9 @@ def test_decode_gray_pixels_are_exact_with_and_without_the_no_copy_export():
 
     rng = np.random.default_rng(3)
     rgb = rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)
-    assert np.array_equal(decode_gray(_enc(Image.fromarray(rgb))),
-                          cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY))
+    assert np.array_equal(
+        decode_gray(_enc(Image.fromarray(rgb))), cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    )
     gray = rng.integers(0, 256, (4200, 4200), dtype=np.uint8)  # 17.6 MB: several 16 MiB blocks
     default = Image.core.get_block_size()
     try:
@@ -114,3 +116,97 @@ def test_any_decodable_image_gets_scores_or_a_verdict(h, w, seed):
         assert odd[schema.REASON] == "analysis_error" and odd[schema.PHASH] is None
         assert odd[schema.DETAIL].startswith("pixel analysis failed: ")
     assert fine[schema.STATUS] is None and fine[schema.ENTROPY] > 7.9
+
+
+PHOTO = "/usr/share/backgrounds/Kleiber_by_Lukas_Baubkus.jpg"
+
+
+def _early_exit_batch() -> list[bytes]:
+    """Images that stop at different rules: noise, a gradient (flat), a blurred and a 2×
+    enlarged texture, and (where installed) a crop of a real photograph, as JPEG and PNG."""
+    rng = np.random.default_rng(11)
+    noise = rng.integers(0, 255, (720, 1280), dtype=np.uint8)
+    ramp = np.tile(np.linspace(0, 255, 1280, dtype=np.uint8), (720, 1))
+    texture = Image.fromarray(rng.integers(0, 255, (360, 640), dtype=np.uint8))
+    images = [
+        _enc(Image.fromarray(noise)),
+        _enc(Image.fromarray(ramp), "JPEG", quality=95),
+        _enc(Image.fromarray(noise).resize((320, 180)).resize((1280, 720)), "JPEG", quality=95),
+        _enc(texture.resize((1280, 720), Image.Resampling.BICUBIC)),
+    ]
+    if Path(PHOTO).exists():
+        with Image.open(PHOTO) as img:
+            crop = img.convert("RGB").crop((1000, 800, 2920, 1880))
+        images += [_enc(crop, "JPEG", quality=92), _enc(crop)]
+    return images
+
+
+_BATCH = _early_exit_batch()
+_RULE_COLUMNS = (schema.SHARPNESS, schema.FLAT_FRACTION, schema.ENTROPY, schema.NATIVE_SCORE)
+
+
+def _rules(max_flat: float, min_entropy: float, min_sharp: float, min_native: float) -> list:
+    from curation.threshold_filter import Rule
+
+    return [
+        Rule(column=schema.SHARPNESS, reason="blurry", min=min_sharp),
+        Rule(column=schema.FLAT_FRACTION, reason="flat", max=max_flat),
+        Rule(column=schema.ENTROPY, reason="low_entropy", min=min_entropy),
+        Rule(column=schema.NATIVE_SCORE, reason="upscaled", min=min_native),
+    ]
+
+
+def _analyse(rules: list, complete: bool) -> list[dict]:
+    from curation.threshold_filter import ThresholdFilter
+
+    batch = {
+        schema.DATA: _BATCH,
+        schema.ORIENTATION: [1] * len(_BATCH),
+        schema.STATUS: [None] * len(_BATCH),
+    }
+    scored = PixelAnalyzer(rules=rules, complete=complete)(batch)
+    return ThresholdFilter(rules=rules)(scored).to_pylist()
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    max_flat=st.floats(0.0, 1.0),
+    min_entropy=st.floats(0.0, 8.0),
+    min_sharp=st.floats(0.0, 2.5),
+    min_native=st.floats(0.0, 1.0),
+)
+def test_stopping_at_the_first_failed_rule_changes_no_verdict(
+    max_flat, min_entropy, min_sharp, min_native
+):
+    """With the job's rules, an image's analyses stop at the first rule it fails: the
+    verdict, reason and detail are those of computing every score, the scores it computed
+    are the same values, and every score after the failed rule is left out."""
+    rules = _rules(max_flat, min_entropy, min_sharp, min_native)
+    full, short = _analyse(rules, complete=True), _analyse(rules, complete=False)
+    for f, s in zip(full, short, strict=True):
+        assert (s[schema.STATUS], s[schema.REASON], s[schema.DETAIL]) == (
+            f[schema.STATUS],
+            f[schema.REASON],
+            f[schema.DETAIL],
+        )
+        assert s[schema.SHARPNESS] is not None
+        for name in (*_RULE_COLUMNS, schema.PHASH, schema.NATIVE_TEST):
+            assert s[name] is None or s[name] == f[name], name
+        failed = {"blurry": 0, "flat": 1, "low_entropy": 2, "upscaled": 3}.get(f[schema.REASON])
+        if failed is None:  # passed every rule: nothing left out
+            assert all(s[c] is not None for c in (*_RULE_COLUMNS, schema.PHASH))
+        else:
+            assert all(s[c] is not None for c in _RULE_COLUMNS[: failed + 1])
+            assert all(s[c] is None for c in (*_RULE_COLUMNS[failed + 1 :], schema.PHASH))
+
+
+def test_rules_out_of_the_analysis_order_are_refused():
+    import pytest
+
+    sharp, flat, entropy, native = _rules(0.5, 7.0, 0.5, 0.5)
+    with pytest.raises(ValueError, match="precedence"):
+        PixelAnalyzer(rules=[native, flat])
+    with pytest.raises(ValueError, match="precedence"):
+        PixelAnalyzer(rules=[flat, sharp])
+    PixelAnalyzer(rules=[entropy, native])  # a subset in order is fine
+    PixelAnalyzer(rules=[sharp, flat, entropy, native], complete=False)

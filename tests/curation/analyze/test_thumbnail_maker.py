@@ -26,10 +26,7 @@ def _jpeg(seed: int, size: tuple[int, int] = (640, 400), **kw: object) -> bytes:
 def _table(rows: list[dict]) -> pa.Table:
     """A batch with every column the stage reads, null where a row does not give it."""
     return pa.table(
-        {
-            n: pa.array([r.get(n) for r in rows], schema.arrow_type(n))
-            for n in ThumbnailMaker.reads
-        }
+        {n: pa.array([r.get(n) for r in rows], schema.arrow_type(n)) for n in ThumbnailMaker.reads}
     )
 
 
@@ -38,10 +35,20 @@ def test_only_rows_still_pending_get_one_and_existing_ones_stay():
     kept_thumb = b"an earlier thumbnail"
     table = _table(
         [
-            {schema.SOURCE: "a", schema.DATA: a, schema.PHASH: 1},
-            {schema.SOURCE: "b", schema.DATA: b, schema.PHASH: 2, schema.ORIENTATION: 6},
-            {schema.SOURCE: "c", schema.DATA: c, schema.PHASH: 3, schema.STATUS: "rejected"},
-            {schema.SOURCE: "d", schema.DATA: a, schema.PHASH: 4, schema.THUMBNAIL: kept_thumb},
+            {schema.SOURCE: "a", schema.DATA: a, schema.SHARPNESS: 0.1},
+            {schema.SOURCE: "b", schema.DATA: b, schema.SHARPNESS: 0.2, schema.ORIENTATION: 6},
+            {
+                schema.SOURCE: "c",
+                schema.DATA: c,
+                schema.SHARPNESS: 0.3,
+                schema.STATUS: "rejected",
+            },
+            {
+                schema.SOURCE: "d",
+                schema.DATA: a,
+                schema.SHARPNESS: 0.4,
+                schema.THUMBNAIL: kept_thumb,
+            },
             {schema.SOURCE: "e", schema.STATUS: "rejected"},  # never decoded
         ]
     )
