@@ -10,7 +10,7 @@ reference; their spread says how steady the machine was).
 
 Configurations: the paper's defaults; the same with `analyze.score_all=true` (every pixel score
 of every image, as every job computed before the analyses stopped at the first failed rule);
-and any `--case NAME=--set,k=v,...` given.
+and any `--case "NAME:k=v,k=v"` given (the --set overrides after the last colon).
 
 Usage: `python -m bench.job_throughput [--images 1000] [--cpus 2]`; prints Markdown.
 """
@@ -54,7 +54,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=1000)
     ap.add_argument("--cpus", type=int, default=2)
     ap.add_argument("--scratch", type=Path, default=Path("/tmp/native4k-memory"))
-    ap.add_argument("--case", action="append", default=[], metavar="NAME=k=v,k=v",
+    ap.add_argument("--case", action="append", default=[], metavar="NAME:k=v,k=v",
                     help="another configuration: a name, then --set overrides, comma-separated")
     ap.add_argument("--no-score-all", action="store_true", help="skip the score_all case")
     args = ap.parse_args()
@@ -64,7 +64,7 @@ def main() -> None:
     if not args.no_score_all:
         cases["defaults, `analyze.score_all=true`"] = ["analyze.score_all=true"]
     for c in args.case:
-        name, _, rest = c.partition("=")
+        name, _, rest = c.rpartition(":")
         cases[name] = [o for o in rest.split(",") if o]
     before = plain_decode_rate(paths, args.cpus)
     results = {name: run_job(folder, args.scratch / "job-out", args.cpus, o)

@@ -337,3 +337,45 @@ def test_only_cluster_losses_count_as_cluster_losses():
         assert lost_to_the_cluster(chained)
     assert not lost_to_the_cluster(ValueError("a bad threshold"))
     assert not lost_to_the_cluster(None)
+
+
+def test_a_retune_analyses_again_the_files_and_tar_members_that_stopped_early(
+    pool, local_ray, tmp_path
+):
+    """Analyses stop at the first rule an image fails; a rerun whose thresholds let it pass
+    analyses it again, files and tar members alike, and its output equals a fresh job's."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "flat.png").write_bytes(pool["flat"])
+    (folder / "native_a.jpg").write_bytes(pool["native_a"])
+    with tarfile.open(folder / "pack.tar", "w") as tf:
+        members = (("m_flat.png", "flat"), ("m_up.jpg", "upscaled"), ("m_b.jpg", "native_b"))
+        for name, kind in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(pool[kind])
+            tf.addfile(info, io.BytesIO(pool[kind]))
+    out, fresh = tmp_path / "out", tmp_path / "fresh"
+    rc, stdout, stderr = run_job([folder], out, *NO_MODELS)
+    assert rc == 0, stderr
+    first = {Path(r["source"]).name: r for r in pq.read_table(out / "manifest").to_pylist()}
+    assert "pack.tar#m_flat.png" in first and first["pack.tar#m_flat.png"]["reason"] == "flat"
+    stopped = {n for n, r in first.items() if r["reason"] in ("flat", "upscaled")}
+    assert stopped == {"flat.png", "pack.tar#m_flat.png", "pack.tar#m_up.jpg"}
+    for n in stopped:  # analysed no further than the rule they failed
+        assert first[n]["sharpness"] is not None and first[n]["phash"] is None, n
+    relaxed = ("--set", "analyze.max_flat_fraction=1.0", "--set", "analyze.min_native_score=0")
+    rc, stdout, stderr = run_job([folder], out, *NO_MODELS, *relaxed)
+    assert rc == 0, stderr
+    assert "analysed 3 inputs in this run" in stdout
+    rc, stdout, stderr = run_job([folder], out, *NO_MODELS, *relaxed)
+    assert rc == 0 and "analysed 0 inputs in this run" in stdout, stderr
+    rc, _, stderr = run_job([folder], fresh, *NO_MODELS, *relaxed)
+    assert rc == 0, stderr
+    fields = ("status", "reason", "key", "sharpness", "flat_fraction", "entropy", "native_score",
+              "phash")  # fmt: skip
+    got = {Path(r["source"]).name: r for r in pq.read_table(out / "manifest").to_pylist()}
+    want = {Path(r["source"]).name: r for r in pq.read_table(fresh / "manifest").to_pylist()}
+    assert set(got) == set(want) == set(first)  # one row per input: the stale ones are gone
+    for n, r in want.items():
+        assert {f: got[n][f] for f in fields} == {f: r[f] for f in fields}, n
+    assert main(["verify", str(out)]) == 0
