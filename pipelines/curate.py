@@ -274,16 +274,13 @@ def stale_mask(t: pa.Table, score_all: bool) -> pa.ChunkedArray | pa.Array:
 
 def _not_stale(t: pa.Table, rules: list[Rule], score_all: bool) -> pa.Table:
     """The stored rows whose analysis stands under the current rules (sources of `t`)."""
-    t = Retune(rules=rules).process(t)
-    return t.filter(pc.invert(stale_mask(t, score_all))).select([schema.SOURCE])
+    return _only(Retune(rules=rules).process(t), score_all, stale=False).select([schema.SOURCE])
 
 
-def _stale_only(t: pa.Table, score_all: bool) -> pa.Table:
-    return t.filter(stale_mask(t, score_all))
-
-
-def _fresh_only(t: pa.Table, score_all: bool) -> pa.Table:
-    return t.filter(pc.invert(stale_mask(t, score_all)))
+def _only(t: pa.Table, score_all: bool, stale: bool) -> pa.Table:
+    """The stale rows of `t` (`stale_mask`), or the others."""
+    mask = stale_mask(t, score_all)
+    return t.filter(mask if stale else pc.invert(mask))
 
 
 def _incomplete(t: pa.Table) -> pa.Table:
@@ -299,10 +296,10 @@ def _incomplete(t: pa.Table) -> pa.Table:
 
 def _drop_superseded(rows: Any, cfg: JobConfig, num_partitions: int) -> Any:
     """The stored rows without those a newer analysis of the same source replaced."""
-    score_all = cfg.analyze.score_all
     rows = rows.materialize()  # read three times below
-    stale = rows.map_batches(partial(_stale_only, score_all=score_all), batch_format="pyarrow")
-    fresh = rows.map_batches(partial(_fresh_only, score_all=score_all), batch_format="pyarrow")
+    part = partial(_only, score_all=cfg.analyze.score_all)
+    stale = rows.map_batches(partial(part, stale=True), batch_format="pyarrow")
+    fresh = rows.map_batches(partial(part, stale=False), batch_format="pyarrow")
     sources = fresh.select_columns([schema.SOURCE])
     lone, _ = nonempty(
         grouping.join(stale, sources, "left_anti", num_partitions, on=(schema.SOURCE,))
