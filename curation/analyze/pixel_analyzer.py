@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -362,25 +361,28 @@ class PixelAnalyzer(Stage):
 
         In `SCORE_ORDER`, stopping after a score a rule rejects unless `complete`.
         """
-        steps: dict[str, Callable[[], dict[str, Any]]] = {
-            schema.SHARPNESS: lambda: {schema.SHARPNESS: float(sharpness_score(gray))},
-            schema.FLAT_FRACTION: lambda: {
-                schema.FLAT_FRACTION: flat_fraction(
-                    gray, patch=self.flat_patch, flat_variance=self.flat_variance
-                )
-            },
-            schema.ENTROPY: lambda: {schema.ENTROPY: gray_entropy(gray)},
-            schema.NATIVE_SCORE: lambda: _native_columns(gray, codec),
-            schema.PHASH: lambda: {schema.PHASH: perceptual_hash(gray)},
-        }
         scores: dict[str, Any] = {}
         for name in SCORE_ORDER:
-            scores.update(steps[name]())
+            scores.update(self._score(name, gray, codec))
             if not self.complete and any(
                 r.column == name and r.violation(scores[name]) is not None for r in self.rules
             ):
                 break
         return scores
+
+    def _score(self, name: str, gray: np.ndarray, codec: str) -> dict[str, Any]:
+        """One score of `SCORE_ORDER` (the native check with its evidence columns)."""
+        if name == schema.SHARPNESS:
+            return {name: float(sharpness_score(gray))}
+        if name == schema.FLAT_FRACTION:
+            patch, variance = self.flat_patch, self.flat_variance
+            return {name: flat_fraction(gray, patch=patch, flat_variance=variance)}
+        if name == schema.ENTROPY:
+            return {name: gray_entropy(gray)}
+        if name == schema.NATIVE_SCORE:
+            return _native_columns(gray, codec)
+        assert name == schema.PHASH, name
+        return {name: perceptual_hash(gray)}
 
     def process(self, table: pa.Table) -> pa.Table:
         out: dict[str, list[Any]] = {c: [] for c in self.writes}
