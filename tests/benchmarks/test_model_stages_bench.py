@@ -43,7 +43,14 @@ def test_dc_scans_decode_like_the_whole_file_at_one_eighth(
     assert dc is not None and len(dc) < len(data) / 2
     full, short = _cpu_decode(data).astype(int), _cpu_decode(dc).astype(int)
     assert full.shape == short.shape == (224, 224, 3)
-    assert np.abs(full - short).mean() < 3.0
+    if subsampling == 2:
+        # 4:2:0: libjpeg's 2x2 chroma IDCT also reads three AC terms the DC scans lack, so
+        # only the luma is the same (up to the rounding of the colour conversion)
+        luma = np.array([0.299, 0.587, 0.114])
+        assert np.abs((full - short) @ luma).mean() < 0.5
+        assert np.abs(full - short).mean() < 6.0  # these fields' colours are extreme
+    else:  # no block smoothing: the DC scans alone give the very same 1/8-scale image
+        assert np.array_equal(full, short)
 
 
 def test_only_progressive_jpegs_are_shortened() -> None:
