@@ -56,7 +56,6 @@ VARIANTS = (
     "fsdp_latents",
     "compiled_ac_latents_cudnn",
     "compiled_noac_latents_cudnn",
-    "compiled_ac_latents_cudnnonly",
 )
 
 
@@ -135,7 +134,7 @@ def run_variant(name: str, args: argparse.Namespace, work: Path, results: dict) 
                 "architecture": arch,
                 "vae": str(work / "vae"),
                 "guidance_scale": 4.0,
-                "cudnn_attention": "_cudnn" in name,
+                "attention_backend": "_native_cudnn" if "_cudnn" in name else "native",
             },
             "text": {
                 "source": "cache",
@@ -169,11 +168,6 @@ def run_variant(name: str, args: argparse.Namespace, work: Path, results: dict) 
         ),
     )
     trainer = Trainer(task, optim=cfg.optim, loop=cfg.loop, parallel=cfg.parallel)
-    if not tiny:
-        # "_cudnnonly": SDPA may use nothing but cuDNN attention (flash and mem-efficient off).
-        only_cudnn = name.endswith("_cudnnonly")
-        torch.backends.cuda.enable_flash_sdp(not only_cudnn)
-        torch.backends.cuda.enable_mem_efficient_sdp(not only_cudnn)
     torch._dynamo.reset()
     trainer.setup()
     device = trainer.info.device

@@ -113,11 +113,13 @@ class DitModelConfig:
     guidance_scale: float = _f(
         1.0, "Embedded guidance value fed during training (models with guidance_embeds)."
     )
-    cudnn_attention: bool = _f(
-        False,
-        "Let PyTorch's SDPA pick cuDNN attention on CUDA. Off by default: its backward failed "
-        "(illegal memory access) on the second step at 16.9K tokens with torch 2.11 on an H200; "
-        "flash attention is used instead.",
+    attention_backend: str = _f(
+        "native",
+        "The transformer's attention kernel, by diffusers' backend name: 'native' (PyTorch's "
+        "SDPA chooses; FlashAttention-2 on Hopper), '_native_cudnn' (cuDNN's attention), "
+        "'_native_flash', '_native_efficient', 'flex', or a package's kernel when it is "
+        "installed ('flash', '_flash_3', 'sage'). Backends fetched from a model hub ('*_hub') "
+        "are refused: no hub is reachable.",
     )
 
 
@@ -226,6 +228,7 @@ class DitTrainConfig:
             "give exactly one of model.pretrained (a folder) and model.architecture (random init)",
         )
         _check(bool(m.vae), "model.vae", "is required: the F16 VAE folder that encodes pixels")
+        _check_attention_backend(m.attention_backend)
         _check(tx.max_sequence_length > 0, "text.max_sequence_length", "must be positive")
         _check(0 <= tx.caption_dropout < 1, "text.caption_dropout", "must be in [0, 1)")
         if tx.source == "cache":
@@ -395,6 +398,19 @@ def _validate_common(optim: OptimConfig, loop: LoopConfig, par: ParallelConfig) 
 def _check(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise TrainConfigError(f"config key '{key}' {message}")
+
+
+def _check_attention_backend(name: str) -> None:
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    known = [b.value for b in AttentionBackendName]
+    _check(name in known, "model.attention_backend", f"must be one of {', '.join(known)}")
+    _check(
+        not name.endswith("_hub"),
+        "model.attention_backend",
+        f"{name!r} downloads its kernel from a model hub, which is not reachable; install the "
+        "kernel's package and name its local backend (e.g. '_flash_3' for flash_attn_3)",
+    )
 
 
 def _require_file(path: str | None, key: str, how: str) -> None:

@@ -124,8 +124,8 @@ class DitTask:
         else:
             self.transformer = UltraFluxTransformer2DModel(**cfg.model.architecture)
         self.transformer.to(dev).train()
-        if dev.type == "cuda":
-            torch.backends.cuda.enable_cudnn_sdp(cfg.model.cudnn_attention)
+        if cfg.model.attention_backend != "native":
+            self.transformer.set_attention_backend(cfg.model.attention_backend)
         vae_cfg = AutoencoderKLF16.load_config(cfg.model.vae)
         if int(vae_cfg.get("stride", 1)) >= 2:
             self.vae = AutoencoderKLF16.from_pretrained(cfg.model.vae, torch_dtype=compute_dtype)

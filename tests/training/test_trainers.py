@@ -215,6 +215,34 @@ def test_ddp_and_fsdp_wrappers_keep_the_math(
     assert losses["fsdp"] == pytest.approx(losses["none"], rel=1e-5)
 
 
+def test_attention_backend_picks_the_transformers_kernel(
+    curated_shards: Path, parts: dict, tmp_path: Path
+) -> None:
+    """`model.attention_backend` sets diffusers' kernel on every attention of the DiT; the
+    math kernel trains like PyTorch's default choice."""
+    losses, backends = {}, {}
+    for name in ("native", "_native_math"):
+        tree = dit_config(
+            curated_shards,
+            parts,
+            tmp_path / name,
+            model={"attention_backend": name},
+            loop={"max_steps": 2, "tensorboard": False, "export": False},
+        )
+        cfg = load_train_config(DitTrainConfig, data=tree)
+        task = DitTask(cfg)
+        trainer = Trainer(task, optim=cfg.optim, loop=cfg.loop, parallel=cfg.parallel)
+        losses[name] = trainer.run().losses
+        backends[name] = {
+            getattr(getattr(m.processor, "_attention_backend", None), "value", None)
+            for m in task.transformer.modules()
+            if hasattr(m, "processor")
+        }
+    assert backends["_native_math"] == {"_native_math"}
+    assert backends["native"] == {None}  # diffusers' default: SDPA chooses
+    assert losses["_native_math"] == pytest.approx(losses["native"], rel=1e-4)
+
+
 def test_fsdp_two_cpu_processes(curated_shards: Path, parts: dict, tmp_path: Path) -> None:
     """`torchrun --nproc-per-node 2 ... train-dit` on the CPU (gloo) with FSDP2."""
     import socket
@@ -355,6 +383,10 @@ def test_config_errors_are_clear(curated_shards: Path, parts: dict, tmp_path: Pa
         load_train_config(DitTrainConfig, data={**tree, "optim": {"lr": "fast"}})
     with pytest.raises(TrainConfigError, match=r"'model.vae'.*config\.json"):
         load_train_config(DitTrainConfig, data={**tree, "model": {**tree["model"], "vae": "/no"}})
+    for backend, why in (("fast", "must be one of"), ("flash_hub", "model hub")):
+        model = {**tree["model"], "attention_backend": backend}
+        with pytest.raises(TrainConfigError, match=rf"'model.attention_backend'.*{why}"):
+            load_train_config(DitTrainConfig, data={**tree, "model": model})
     with pytest.raises(TrainConfigError, match=r"'data' is required"):
         load_train_config(DitTrainConfig, data={k: v for k, v in tree.items() if k != "data"})
     with pytest.raises(TrainConfigError, match=r"stages add up to 3"):
