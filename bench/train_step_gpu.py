@@ -32,6 +32,7 @@ import os
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -56,6 +57,8 @@ VARIANTS = (
     "fsdp_latents",
     "compiled_ac_latents_cudnn",
     "compiled_noac_latents_cudnn",
+    "eager_noac_latents",
+    "eager_noac_latents_cudnn",
 )
 
 
@@ -316,6 +319,7 @@ def main() -> int:
         except (torch.OutOfMemoryError, RuntimeError) as e:
             results["variants"][name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
             log(f"{name}: failed: {type(e).__name__}: {str(e)[:300]}")
+            traceback.print_exc()
             if isinstance(e, torch.OutOfMemoryError):
                 torch.cuda.empty_cache()
             else:

@@ -97,6 +97,36 @@ def sample_timesteps(
     return t.clamp(lo, hi).float()
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """The identity, whose backward hands a contiguous gradient on."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
+def contiguous_attention_grads(transformer: nn.Module) -> int:
+    """Make the gradient of every single-stream block's attention output contiguous.
+
+    PyTorch (2.11) caches cuDNN attention backward graphs by the layouts of q, k and v only,
+    but a graph bakes in the strides of the output's gradient. A double-stream block's is
+    contiguous; a single-stream block concatenates the attention output with its MLP
+    branch, so that gradient is a slice, rows 15,360 apart instead of 3,072. The two kinds of
+    block then share one cached graph and the second kind runs with the first's strides:
+    illegal memory accesses, or cuDNN refusing to execute (seen with one block of each kind,
+    not with blocks of one kind). One contiguous copy per block and step avoids it.
+    Returns the number of blocks changed.
+    """
+    blocks = getattr(transformer, "single_transformer_blocks", [])
+    for block in blocks:
+        block.attn.register_forward_hook(lambda module, args, out: _ContiguousGrad.apply(out))
+    return len(blocks)
+
+
 class DitTask:
     """The DiT side of the shared trainer (see the module docstring).
 
@@ -124,8 +154,14 @@ class DitTask:
         else:
             self.transformer = UltraFluxTransformer2DModel(**cfg.model.architecture)
         self.transformer.to(dev).train()
+        if dev.type == "cuda":
+            # SDPA's own choice may be cuDNN's kernel, whose backward hit illegal memory
+            # accesses inside the training step (torch 2.11, H100/H200): only by name.
+            torch.backends.cuda.enable_cudnn_sdp(cfg.model.attention_backend == "_native_cudnn")
         if cfg.model.attention_backend != "native":
             self.transformer.set_attention_backend(cfg.model.attention_backend)
+        if cfg.model.attention_backend == "_native_cudnn":
+            contiguous_attention_grads(self.transformer)
         vae_cfg = AutoencoderKLF16.load_config(cfg.model.vae)
         if int(vae_cfg.get("stride", 1)) >= 2:
             self.vae = AutoencoderKLF16.from_pretrained(cfg.model.vae, torch_dtype=compute_dtype)

@@ -25,7 +25,13 @@ from training.config import (
     VaeTrainConfig,
     load_train_config,
 )
-from training.dit_trainer import DitTask, sample_timesteps, timestep_shift, train_dit
+from training.dit_trainer import (
+    DitTask,
+    contiguous_attention_grads,
+    sample_timesteps,
+    timestep_shift,
+    train_dit,
+)
 from training.tiny import TINY_DIT, TINY_VAE, save_tiny_text_encoders, save_tiny_vae
 from training.trainer import Trainer
 
@@ -241,6 +247,38 @@ def test_attention_backend_picks_the_transformers_kernel(
     assert backends["_native_math"] == {"_native_math"}
     assert backends["native"] == {None}  # diffusers' default: SDPA chooses
     assert losses["_native_math"] == pytest.approx(losses["native"], rel=1e-4)
+
+
+def test_attention_output_gradients_share_one_layout() -> None:
+    """`contiguous_attention_grads`: the gradient reaching every attention output is
+    contiguous (a single-stream block's is a slice of its concatenation with the MLP branch
+    otherwise, which cuDNN's cached backward graphs mistake for a double-stream block's),
+    and every parameter's gradient is unchanged."""
+    from bench.model_dit_4k import make_inputs
+    from model.transformer import UltraFluxTransformer2DModel
+
+    def run(fix: bool) -> tuple[list[bool], dict[str, torch.Tensor]]:
+        torch.manual_seed(0)
+        model = UltraFluxTransformer2DModel(**TINY_DIT)
+        layouts: list[bool] = []
+
+        def watch(module: torch.nn.Module, args: tuple, out: torch.Tensor) -> None:
+            out.register_hook(lambda g: layouts.append(g.is_contiguous()))
+
+        for block in model.single_transformer_blocks:  # the gradient of the output itself
+            block.attn.register_forward_hook(watch)
+        if fix:
+            assert contiguous_attention_grads(model) == TINY_DIT["num_single_layers"]
+        inputs = make_inputs(64, 64, 4, TINY_DIT, torch.device("cpu"))
+        inputs = {k: v.float() for k, v in inputs.items()}
+        model(**inputs).sample.square().mean().backward()
+        return layouts, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    raw, grads = run(fix=False)
+    fixed, fixed_grads = run(fix=True)
+    assert raw == [False] * len(raw) and fixed == [True] * len(fixed)
+    assert grads.keys() == fixed_grads.keys()
+    assert all(torch.equal(grads[n], fixed_grads[n]) for n in grads)
 
 
 def test_fsdp_two_cpu_processes(curated_shards: Path, parts: dict, tmp_path: Path) -> None:
