@@ -506,6 +506,8 @@ def scoring(args: argparse.Namespace, files: list[bytes]) -> dict[str, Any]:
         runs["baseline_gpu_and_cpu"] = split(base_files, g / (g + c))
     res["e2e"] = {}
     for name, (gi, ci) in runs.items():
+        if args.e2e and name not in args.e2e:
+            continue
         stage(f"end to end: {name} ({len(gi)} on the GPU, {len(ci)} on CPUs)")
         try:
             res["e2e"][name] = e2e(gi, ci, dc=name.endswith("_dc"))
@@ -607,6 +609,13 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny models on the CPU")
     ap.add_argument("--skip-caption", action="store_true")
     ap.add_argument("--skip-scoring", action="store_true")
+    ap.add_argument(
+        "--e2e",
+        nargs="+",
+        metavar="RUN",
+        help="only these end-to-end runs (all_cpu_only, all_cpu_only_dc, all_routed, "
+        "all_routed_dc, baseline_gpu_only, baseline_gpu_and_cpu)",
+    )
     ap.add_argument(
         "--watchdog", type=float, default=0, help="print every thread's stack each N s (hangs)"
     )
