@@ -116,7 +116,8 @@ class DitModelConfig:
     attention_backend: str = _f(
         "native",
         "The transformer's attention kernel, by diffusers' backend name: 'native' (PyTorch's "
-        "SDPA chooses; FlashAttention-2 on Hopper), '_native_cudnn' (cuDNN's attention), "
+        "SDPA chooses, cuDNN excluded; FlashAttention-2 on Hopper), '_native_cudnn' (cuDNN's "
+        "attention: a 4096² step 1.3x faster on an H100, docs/benchmarks.md), "
         "'_native_flash', '_native_efficient', 'flex', or a package's kernel when it is "
         "installed ('flash', '_flash_3', 'sage'). Backends fetched from a model hub ('*_hub') "
         "are refused: no hub is reachable.",
