@@ -155,8 +155,8 @@ class DitTask:
             self.transformer = UltraFluxTransformer2DModel(**cfg.model.architecture)
         self.transformer.to(dev).train()
         if dev.type == "cuda":
-            # SDPA's own choice may be cuDNN's kernel, whose backward hit illegal memory
-            # accesses inside the training step (torch 2.11, H100/H200): only by name.
+            # SDPA picks cuDNN's kernel by itself at 4K shapes (torch 2.11), and that kernel
+            # needs `contiguous_attention_grads`: it runs only when named.
             torch.backends.cuda.enable_cudnn_sdp(cfg.model.attention_backend == "_native_cudnn")
         if cfg.model.attention_backend != "native":
             self.transformer.set_attention_backend(cfg.model.attention_backend)
