@@ -50,18 +50,24 @@ def _tensors(layout: str, s: int, h: int, d: int, seed: int) -> list[Any]:
     return out
 
 
-def _run(backend: str, q: Any, k: Any, v: Any, go: Any) -> tuple[Any, ...]:
-    import torch
-    import torch.nn.functional as F
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+def _kind(backend: str) -> Any:
+    """The SDPA backend enum of a `BACKENDS` name."""
+    from torch.nn.attention import SDPBackend
 
-    kind = {
+    return {
         "flash": SDPBackend.FLASH_ATTENTION,
         "cudnn": SDPBackend.CUDNN_ATTENTION,
         "efficient": SDPBackend.EFFICIENT_ATTENTION,
     }[backend]
+
+
+def _run(backend: str, q: Any, k: Any, v: Any, go: Any) -> tuple[Any, ...]:
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import sdpa_kernel
+
     q, k, v = (t.detach().requires_grad_(True) for t in (q, k, v))
-    with sdpa_kernel([kind]):
+    with sdpa_kernel([_kind(backend)]):
         o = F.scaled_dot_product_attention(q, k, v)
         torch.autograd.backward(o, go)
     return o.detach(), q.grad, k.grad, v.grad
@@ -71,7 +77,7 @@ def case(backend: str, layout: str, s: int, h: int, d: int, iters: int) -> dict[
     """One backend and layout, in this process."""
     import torch
     import torch.nn.functional as F
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention import sdpa_kernel
 
     q, k, v, go = _tensors(layout, s, h, d, seed=0)
     res: dict[str, Any] = {"backend": backend, "layout": layout, "tokens": s}
@@ -82,11 +88,7 @@ def case(backend: str, layout: str, s: int, h: int, d: int, iters: int) -> dict[
         name: round(float((a.float() - b.float()).abs().max() / b.float().abs().max()), 5)
         for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref, strict=True)
     }
-    kind = {
-        "flash": SDPBackend.FLASH_ATTENTION,
-        "cudnn": SDPBackend.CUDNN_ATTENTION,
-        "efficient": SDPBackend.EFFICIENT_ATTENTION,
-    }[backend]
+    kind = _kind(backend)
 
     def timed(fn: Any) -> float:
         for _ in range(2):
