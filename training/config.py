@@ -91,6 +91,13 @@ class ParallelConfig:
     activation_checkpointing: bool = _f(
         False, "Recompute each transformer block in the backward pass instead of storing it."
     )
+    keep_attention: bool = _f(
+        False,
+        "With activation_checkpointing: keep each block's attention output (PyTorch's SDPA "
+        "kernels: output and log-sum-exp, ~0.1 GB per block at 4096²) instead of recomputing "
+        "the attention; the rest of the block is still recomputed. Attention is about half of "
+        "a 4K block's FLOPs (docs/benchmarks.md).",
+    )
     compile: bool = _f(False, "torch.compile each transformer block (regional compilation).")
     reshard_after_forward: bool = _f(
         True, "FSDP: free gathered parameters after forward (ZeRO-3); false keeps them (ZeRO-2)."
@@ -389,6 +396,11 @@ def _validate_common(optim: OptimConfig, loop: LoopConfig, par: ParallelConfig) 
     _check(loop.log_every >= 1, "loop.log_every", "must be >= 1")
     _check(loop.checkpoint_every >= 0, "loop.checkpoint_every", "must be >= 0")
     _check(loop.keep_checkpoints >= 0, "loop.keep_checkpoints", "must be >= 0")
+    _check(
+        par.activation_checkpointing or not par.keep_attention,
+        "parallel.keep_attention",
+        "needs parallel.activation_checkpointing: true (without it every activation is kept)",
+    )
     _check(
         not (par.compile and loop.device == "cpu"),
         "parallel.compile",

@@ -5,28 +5,37 @@ Launch with ``torchrun --nproc-per-node N -m pipelines.cli train-dit --config FI
 
 :func:`parallelize` applies, in this order (torchtitan's):
 
-1. **activation checkpointing** — diffusers' per-block checkpointing
-   (``enable_gradient_checkpointing``: each block's ``__call__`` runs under non-reentrant
-   ``torch.utils.checkpoint`` and is recomputed in backward);
+1. **activation checkpointing** — each block's ``forward`` runs under non-reentrant
+   ``torch.utils.checkpoint`` (:func:`checkpoint_blocks`) and is recomputed in backward, all of
+   it, or all but the attention kernels' outputs (``keep_attention``: selective checkpointing);
 2. **torch.compile** — each transformer block compiled on its own (regional compilation: one
    graph per block type, reused across the repeated blocks);
 3. **sharding** — FSDP2 (``fully_shard``) on every block, then on the root module, with bf16
    parameters in compute and fp32 gradient reduction when bf16 is on; or DDP on the whole module.
 
-Checkpointing wraps the (compiled) block call, and FSDP's hooks sit on the block module, so a
-recomputed block gathers its parameters again: the usual FSDP + AC behaviour.
+The checkpoint sits inside the block's ``forward``, so it is inside the compiled region (the
+compiler sees which activations are recomputed and may fuse the recompute) and inside FSDP's
+hooks: a block's parameters are gathered once for its backward, recompute included (the
+layering torchtitan uses).
 """
 
 from __future__ import annotations
 
 import datetime
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils.checkpoint import (
+    CheckpointPolicy,
+    checkpoint,
+    create_selective_checkpoint_contexts,
+)
 
 from training.config import ParallelConfig
 
@@ -107,9 +116,9 @@ def parallelize(
     """
     blocks = list(blocks) if blocks is not None else transformer_blocks(model)
     if cfg.activation_checkpointing:
-        if not hasattr(model, "enable_gradient_checkpointing"):
-            raise ValueError(f"{type(model).__name__} has no gradient checkpointing")
-        model.enable_gradient_checkpointing()
+        if not blocks:
+            raise ValueError(f"{type(model).__name__} has no blocks to checkpoint")
+        checkpoint_blocks(blocks, keep_attention=cfg.keep_attention)
     if cfg.compile:
         for block in blocks:
             block.compile()
@@ -142,6 +151,62 @@ def parallelize(
         ids = [info.device.index] if info.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids)
     return model
+
+
+def _attention_ops() -> frozenset[Any]:
+    """PyTorch's fused attention kernels (what SDPA dispatches to), where this build has them."""
+    names = (
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_flash_attention_for_cpu",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention",
+        "_scaled_dot_product_fused_attention_overrideable",
+    )
+    aten = torch.ops.aten
+    return frozenset(getattr(aten, n).default for n in names if hasattr(aten, n))
+
+
+def _keep_attention_policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+    if op in _ATTENTION_OPS:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+_ATTENTION_OPS = _attention_ops()
+
+
+def checkpoint_blocks(blocks: Iterable[nn.Module], *, keep_attention: bool = False) -> int:
+    """Run each block's ``forward`` under non-reentrant activation checkpointing.
+
+    Args:
+        blocks: The modules to checkpoint (their ``forward`` is wrapped in place: parameter
+            names and state dicts are unchanged).
+        keep_attention: Save the outputs of PyTorch's fused attention kernels (output and
+            log-sum-exp) instead of recomputing them; everything else is recomputed.
+
+    Returns:
+        The number of blocks wrapped.
+    """
+    # Full checkpointing passes no context_fn: torch 2.11's compiler refuses an explicit
+    # `noop_context_fn` ("checkpoint not implemented for ... context_fn").
+    options: dict[str, Any] = {"use_reentrant": False}
+    if keep_attention:
+        policy = _keep_attention_policy
+        options["context_fn"] = partial(create_selective_checkpoint_contexts, policy)
+    n = 0
+    for block in blocks:
+        block.forward = _checkpointed(block.forward, options)
+        n += 1
+    return n
+
+
+def _checkpointed(forward: Callable[..., Any], options: dict[str, Any]) -> Callable[..., Any]:
+    # A plain function of this module, not a partial of `checkpoint`: torch.compile does not
+    # start tracing inside torch.utils.checkpoint, only when a traced frame calls it.
+    def checkpointed_forward(*args: Any, **kwargs: Any) -> Any:
+        return checkpoint(forward, *args, **options, **kwargs)
+
+    return checkpointed_forward
 
 
 def _init_single_process_group(info: DistInfo) -> None:

@@ -425,6 +425,8 @@ def test_config_errors_are_clear(curated_shards: Path, parts: dict, tmp_path: Pa
         model = {**tree["model"], "attention_backend": backend}
         with pytest.raises(TrainConfigError, match=rf"'model.attention_backend'.*{why}"):
             load_train_config(DitTrainConfig, data={**tree, "model": model})
+    with pytest.raises(TrainConfigError, match=r"'parallel.keep_attention' needs"):
+        load_train_config(DitTrainConfig, data={**tree, "parallel": {"keep_attention": True}})
     with pytest.raises(TrainConfigError, match=r"'data' is required"):
         load_train_config(DitTrainConfig, data={k: v for k, v in tree.items() if k != "data"})
     with pytest.raises(TrainConfigError, match=r"stages add up to 3"):
