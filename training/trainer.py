@@ -154,7 +154,9 @@ class Trainer:
             betas=tuple(o.betas),
             eps=o.eps,
             weight_decay=o.weight_decay,
-            foreach=True,
+            # The fused kernel on a GPU (docs/benchmarks.md); foreach on the CPU.
+            fused=info.device.type == "cuda",
+            foreach=info.device.type != "cuda",
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(o, self.total_steps)
