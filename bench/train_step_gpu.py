@@ -11,7 +11,10 @@ wavelet loss, backward, gradient clipping, AdamW, LR schedule, EMA. The pixels a
 (random, made on the GPU): the shard loader is measured on CPUs separately.
 
 Variants (one process, in order): eager + activation checkpointing (AC); compiled blocks + AC;
-compiled without AC; compiled + AC under FSDP2 (one rank, or all ranks under torchrun). For each:
+compiled without AC; compiled + AC under FSDP2 (one rank, or all ranks under torchrun); ``_sac``:
+selective AC that keeps the attention outputs (``parallel.keep_attention``); ``_latents``: latents
+given (no VAE encode); ``_cudnn``: cuDNN attention. ``--accum N`` runs N micro-batches per
+optimizer step (the optimizer, clipping and EMA once per N images). For each:
 median s/step over ``--iters`` CUDA-event-timed steps after warm-up, peak memory, and
 throughput as model FLOP/s: 3 × the transformer's forward FLOPs (counted from the real matmul
 shapes plus 4·S²·D per attention, as ``bench/model_dit_4k.py`` counts them) per step, against
@@ -59,6 +62,9 @@ VARIANTS = (
     "compiled_noac_latents_cudnn",
     "eager_noac_latents",
     "eager_noac_latents_cudnn",
+    "compiled_sac_latents",
+    "compiled_sac_latents_cudnn",
+    "fsdp_sac_latents_cudnn",
 )
 
 
@@ -128,6 +134,7 @@ def run_variant(name: str, args: argparse.Namespace, work: Path, results: dict) 
     arch["num_layers"], arch["num_single_layers"] = args.double, args.single
     compiled = not name.startswith("eager")
     ac = "noac" not in name
+    keep_attention = "_sac" in name
     latents = "_latents" in name
     cfg = load_train_config(
         DitTrainConfig,
@@ -149,6 +156,7 @@ def run_variant(name: str, args: argparse.Namespace, work: Path, results: dict) 
                 "output_dir": str(work / name),
                 "max_steps": 1000,
                 "ema_decay": 0.999,
+                "grad_accum_steps": args.accum,
                 "device": "cpu" if tiny else "cuda",
                 "tensorboard": False,
                 "progress": False,
@@ -157,6 +165,7 @@ def run_variant(name: str, args: argparse.Namespace, work: Path, results: dict) 
             "parallel": {
                 "strategy": "fsdp" if name.startswith("fsdp") else "none",
                 "activation_checkpointing": ac,
+                "keep_attention": keep_attention,
                 "compile": compiled and not tiny,
             },
         },
@@ -176,7 +185,13 @@ def run_variant(name: str, args: argparse.Namespace, work: Path, results: dict) 
     device = trainer.info.device
     batches = iter(trainer.loaders[0])
     next_batch = lambda: next(batches)  # noqa: E731
-    entry: dict = {"compiled": compiled, "activation_checkpointing": ac, "vae_in_step": not latents}
+    entry: dict = {
+        "compiled": compiled,
+        "activation_checkpointing": ac,
+        "keep_attention": keep_attention,
+        "vae_in_step": not latents,
+        "accum": args.accum,
+    }
     if "vae_encode_s" not in results and not latents:
         batch = next_batch()
         # The VAE encode alone (part of every step).
@@ -189,7 +204,8 @@ def run_variant(name: str, args: argparse.Namespace, work: Path, results: dict) 
             times.append(time.perf_counter() - t0)
         results["vae_encode_s"] = statistics.median(times[1:])
         log(f"VAE encode {times}")
-    fwd = results["flops"]["forward"]
+    fwd = results["flops"]["forward"] * args.accum
+    attn = results["flops"]["attention"] * args.accum
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -216,7 +232,10 @@ def run_variant(name: str, args: argparse.Namespace, work: Path, results: dict) 
     peak = results["matmul"]["bf16_tflops"]
     world = trainer.info.world_size
     model_tflops = 3 * fwd / sec / 1e12
-    hw_tflops = (4 if ac else 3) * fwd / sec / 1e12
+    # Hardware FLOPs: forward and backward, plus the recomputed forward (without its
+    # attention when it is kept).
+    recompute = (fwd - attn if keep_attention else fwd) if ac else 0.0
+    hw_tflops = (3 * fwd + recompute) / sec / 1e12
     entry.update(
         {
             "s_per_step": sec,
@@ -227,8 +246,8 @@ def run_variant(name: str, args: argparse.Namespace, work: Path, results: dict) 
             "model_frac_of_peak": model_tflops / peak if peak == peak else None,
             "hw_tflops_per_gpu": hw_tflops,
             "hw_frac_of_peak": hw_tflops / peak if peak == peak else None,
-            "images_per_s": world / sec,
-            "tokens_per_s": world * (size[0] // 32) * (size[1] // 32) / sec,
+            "images_per_s": world * args.accum / sec,
+            "tokens_per_s": world * args.accum * (size[0] // 32) * (size[1] // 32) / sec,
             "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30
             if device.type == "cuda"
             else 0.0,
@@ -242,7 +261,7 @@ def run_variant(name: str, args: argparse.Namespace, work: Path, results: dict) 
         with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
             trainer.train_step(next_batch, 0)
             torch.cuda.synchronize()
-        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40)
         print(table)
         (args.out / f"profile_{name}.txt").parent.mkdir(parents=True, exist_ok=True)
         (args.out / f"profile_{name}.txt").write_text(table)
@@ -269,6 +288,7 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=6)
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
     parser.add_argument("--profile", action="store_true", help="profile the last variant")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test with tiny models")
     args = parser.parse_args()
@@ -309,7 +329,12 @@ def main() -> int:
         counter = UltraFluxTransformer2DModel(**arch).to(torch.bfloat16)
     size = (128, 128) if args.tiny else (args.height, args.width)
     inputs = make_inputs(size[0], size[1], args.num_text, arch, device)
-    results["flops"] = {"forward": count_flops(counter, inputs, arch)}
+    seq = inputs["hidden_states"].shape[1] + inputs["encoder_hidden_states"].shape[1]
+    inner = arch["num_attention_heads"] * arch["attention_head_dim"]
+    results["flops"] = {
+        "forward": count_flops(counter, inputs, arch),
+        "attention": 4.0 * seq * seq * inner * (args.double + args.single),
+    }
     results["num_params"] = sum(p.numel() for p in counter.parameters())
     log(f"{results['num_params'] / 1e9:.3f} B params, forward {results['flops']['forward']:.3e}")
     del counter, inputs
