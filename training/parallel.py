@@ -130,8 +130,8 @@ def parallelize(
             # One process: FSDP2 still runs (a mesh of one), so the path is testable anywhere.
             _init_single_process_group(info)
         mesh = init_device_mesh(info.device.type, (dist.get_world_size(),))
-        # Inputs are not cast by FSDP: autocast sets the compute dtype, and a cast inside the
-        # checkpointed block call would differ between forward and recompute.
+        # Inputs are not cast by FSDP: autocast sets the compute dtype, as it does without
+        # FSDP, so the sharded and unsharded models compute alike.
         mp = MixedPrecisionPolicy(
             param_dtype=torch.bfloat16 if bf16 else None,
             reduce_dtype=torch.float32,
