@@ -65,6 +65,8 @@ VARIANTS = (
     "compiled_sac_latents",
     "compiled_sac_latents_cudnn",
     "fsdp_sac_latents_cudnn",
+    "fsdp_sac",
+    "fsdp_sac_cudnn",
 )
 
 
@@ -79,17 +81,22 @@ class SyntheticPixels:
         self.size, self.device, self.rank = size, device, rank
         self.batch_size = data.batch_size
         self.latents = latents
+        self.served = 0  # batches handed out: the position a checkpoint records
 
     def __iter__(self):
         w, h = self.size
         g = torch.Generator(self.device).manual_seed(self.rank)
-        while True:
+        for i in range(1 << 62):
+            skip = i < self.served  # a resumed loader replays its draws up to the position
             if self.latents:
                 shape = (self.batch_size, 16, h // 16, w // 16)
                 images = {"latents": torch.randn(shape, generator=g, device=self.device)}
             else:
                 shape = (self.batch_size, 3, h, w)
                 images = {"pixels": torch.rand(shape, generator=g, device=self.device) * 2 - 1}
+            if skip:
+                continue
+            self.served = i + 1
             yield {
                 **images,
                 "keys": ["k0"] * self.batch_size,
@@ -98,48 +105,78 @@ class SyntheticPixels:
             }
 
     def state_dict(self) -> dict:
-        return {}
+        return {"served": self.served}
 
     def load_state_dict(self, state: dict) -> None:
-        pass
+        self.served = int(state["served"])
 
 
-def write_random_cache(folder: Path, seq_len: int, seq_dim: int, pooled_dim: int) -> None:
-    """A text cache in ``native4k encode-text``'s format holding one random entry ``k0``."""
+def write_random_cache(
+    folder: Path, seq_len: int, seq_dim: int, pooled_dim: int, keys: list[str] | None = None
+) -> None:
+    """A text cache in ``native4k encode-text``'s format: random entries for ``keys`` (the
+    synthetic loader's ``k0`` by default)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     from safetensors.torch import save_file
 
+    keys = keys or ["k0"]
     folder.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(0)
-    for name in ("empty.safetensors", "embeds-00000.safetensors"):
+    for name, n in (("empty.safetensors", 1), ("embeds-00000.safetensors", len(keys))):
         save_file(
             {
-                "seq": torch.randn(1, seq_len, seq_dim, generator=g).to(torch.bfloat16),
-                "pooled": torch.randn(1, pooled_dim, generator=g).to(torch.bfloat16),
+                "seq": torch.randn(n, seq_len, seq_dim, generator=g).to(torch.bfloat16),
+                "pooled": torch.randn(n, pooled_dim, generator=g).to(torch.bfloat16),
             },
             str(folder / name),
         )
-    pq.write_table(
-        pa.table({"key": ["k0"], "file": ["embeds-00000.safetensors"], "row": [0]}),
-        folder / "index.parquet",
-    )
+    index = {"key": keys, "file": ["embeds-00000.safetensors"] * len(keys)}
+    pq.write_table(pa.table({**index, "row": list(range(len(keys)))}), folder / "index.parquet")
     meta = {"max_sequence_length": seq_len, "seq_dim": seq_dim, "pooled_dim": pooled_dim}
     (folder / "meta.json").write_text(json.dumps(meta))
 
 
-def run_variant(name: str, args: argparse.Namespace, work: Path, results: dict) -> None:
+def only_bucket(root: str, bucket: str) -> dict[str, float]:
+    """`data.bucket_weights` that train on `bucket` alone (every other kept bucket at 0)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(Path(root) / "manifest", columns=["status", "bucket"])
+    kept = table.filter(pc.equal(table["status"], "kept"))
+    buckets = set(kept["bucket"].to_pylist())
+    if bucket not in buckets:
+        raise SystemExit(f"--data {root} has no kept image in bucket {bucket}: {sorted(buckets)}")
+    return {b: (1.0 if b == bucket else 0.0) for b in buckets}
+
+
+def variant_flags(name: str) -> tuple[bool, bool, bool, bool]:
+    """(compiled, activation checkpointing, keep_attention, latents given) of a variant."""
+    return not name.startswith("eager"), "noac" not in name, "_sac" in name, "_latents" in name
+
+
+def make_trainer(name: str, args: argparse.Namespace, work: Path, **loop) -> tuple:
+    """The trainer of variant `name` (not yet set up) and its task; `loop` overrides keys."""
     tiny = args.tiny
     arch = dict(TINY_DIT) if tiny else dict(FLUX_DEV_CONFIG)
     arch["num_layers"], arch["num_single_layers"] = args.double, args.single
-    compiled = not name.startswith("eager")
-    ac = "noac" not in name
-    keep_attention = "_sac" in name
-    latents = "_latents" in name
+    compiled, ac, keep_attention, latents = variant_flags(name)
+    if args.data is not None and latents:
+        raise SystemExit(f"{name}: --data feeds pixels from shards; drop the _latents variants")
+    data: dict = {"root": str(work), "batch_size": 1}
+    if args.data is not None:
+        data = {
+            "root": args.data,
+            "batch_size": 1,
+            "num_workers": args.loader_workers,
+            "small_buckets": "pad",
+            "bucket_weights": only_bucket(args.data, f"{args.width}x{args.height}"),
+            "resolution_divisor": 16 if tiny else 1,
+        }
     cfg = load_train_config(
         DitTrainConfig,
         data={
-            "data": {"root": str(work), "batch_size": 1},
+            "data": data,
             "model": {
                 "architecture": arch,
                 "vae": str(work / "vae"),
@@ -161,6 +198,7 @@ def run_variant(name: str, args: argparse.Namespace, work: Path, results: dict) 
                 "tensorboard": False,
                 "progress": False,
                 "resume": "never",
+                **loop,
             },
             "parallel": {
                 "strategy": "fsdp" if name.startswith("fsdp") else "none",
@@ -173,18 +211,37 @@ def run_variant(name: str, args: argparse.Namespace, work: Path, results: dict) 
     size = (128, 128) if tiny else (args.width, args.height)
     local = int(os.environ.get("LOCAL_RANK", "0"))
     dev = torch.device("cpu") if tiny else torch.device("cuda", local)
-    task = DitTask(
-        cfg,
-        loader_factory=lambda data, rank, world_size: SyntheticPixels(
-            data, rank=rank, world_size=world_size, size=size, device=dev, latents=latents
-        ),
-    )
+    factory = None  # --data: the shard loader `native4k train-dit` uses
+    if args.data is None:
+
+        def factory(data, rank, world_size):
+            return SyntheticPixels(
+                data, rank=rank, world_size=world_size, size=size, device=dev, latents=latents
+            )
+
+    task = DitTask(cfg, loader_factory=factory)
     trainer = Trainer(task, optim=cfg.optim, loop=cfg.loop, parallel=cfg.parallel)
+    return trainer, task
+
+
+def run_variant(name: str, args: argparse.Namespace, work: Path, results: dict) -> None:
+    compiled, ac, keep_attention, latents = variant_flags(name)
+    size = (128, 128) if args.tiny else (args.width, args.height)
+    trainer, task = make_trainer(name, args, work)
     torch._dynamo.reset()
     trainer.setup()
     device = trainer.info.device
-    batches = iter(trainer.loaders[0])
-    next_batch = lambda: next(batches)  # noqa: E731
+    loader = trainer.loaders[0]
+    batches = iter(loader)
+
+    def next_batch() -> dict:
+        nonlocal batches
+        try:
+            return next(batches)
+        except StopIteration:  # --data: a new epoch of the shards
+            batches = iter(loader)
+            return next(batches)
+
     entry: dict = {
         "compiled": compiled,
         "activation_checkpointing": ac,
@@ -276,6 +333,52 @@ def run_variant(name: str, args: argparse.Namespace, work: Path, results: dict) 
         torch.cuda.empty_cache()
 
 
+def resume_check(name: str, args: argparse.Namespace, work: Path, results: dict) -> None:
+    """Stop and resume through `Trainer.run`, as `native4k train-dit` does (torch distributed
+    checkpoint: model, optimizer, EMA, schedule, loader position, RNG states): the loss of
+    step 3 after stopping at step 2 and resuming, against the same 3 steps uninterrupted."""
+    import gc
+    import shutil
+
+    from training.parallel import barrier
+
+    common = {"max_steps": 3, "export": False, "checkpoint_every": 0}
+    runs: dict[str, list[float]] = {}
+    seconds: dict[str, float] = {}
+    if int(os.environ.get("RANK", "0")) == 0:
+        for d in ("resume_ref", "resume_cut"):
+            shutil.rmtree(work / d, ignore_errors=True)
+    barrier()
+    for label, out, resume, stop in (
+        ("uninterrupted", "resume_ref", "never", None),
+        ("stopped", "resume_cut", "never", 2),
+        ("resumed", "resume_cut", "auto", None),
+    ):
+        trainer, _ = make_trainer(
+            name, args, work, output_dir=str(work / out), resume=resume, **common
+        )
+        torch._dynamo.reset()
+        t0 = time.perf_counter()
+        runs[label] = trainer.run(stop_after=stop).losses
+        seconds[label] = time.perf_counter() - t0
+        del trainer
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        log(f"resume check, {label}: losses {runs[label]} ({seconds[label]:.1f} s)")
+    ref, got = runs["uninterrupted"][-1], runs["resumed"][-1]
+    results["resume"] = {
+        "variant": name,
+        "losses": runs,
+        "seconds": seconds,
+        "next_loss_uninterrupted": ref,
+        "next_loss_resumed": got,
+        "relative_difference": abs(got - ref) / max(abs(ref), 1e-30),
+        "resumed_steps": len(runs["resumed"]),
+    }
+    log(f"resume check: step 3 loss {got!r} resumed, {ref!r} uninterrupted")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -289,6 +392,17 @@ def main() -> int:
     parser.add_argument("--iters", type=int, default=6)
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
+    parser.add_argument(
+        "--data",
+        help="a `native4k curate` output: train from its shards (the bucket --width x --height) "
+        "with the real loader instead of synthetic pixels",
+    )
+    parser.add_argument("--loader-workers", type=int, default=4, help="with --data")
+    parser.add_argument(
+        "--resume-check",
+        action="store_true",
+        help="after the variants: stop at step 2, resume, compare step 3's loss (first variant)",
+    )
     parser.add_argument("--profile", action="store_true", help="profile the last variant")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test with tiny models")
     args = parser.parse_args()
@@ -300,7 +414,13 @@ def main() -> int:
         AutoencoderKLF16(**vae_cfg).save_pretrained(work / "vae")
         seq_dim = TINY_DIT["joint_attention_dim"] if args.tiny else 4096
         pooled_dim = TINY_DIT["pooled_projection_dim"] if args.tiny else 768
-        write_random_cache(work / "cache", args.num_text, seq_dim, pooled_dim)
+        keys = None
+        if args.data is not None:  # one random entry per kept sample of the shards
+            import pyarrow.parquet as pq
+
+            manifest = pq.read_table(Path(args.data) / "manifest", columns=["status", "key"])
+            keys = [k for st, k in zip(*manifest.to_pydict().values(), strict=True) if st == "kept"]
+        write_random_cache(work / "cache", args.num_text, seq_dim, pooled_dim, keys)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from training.parallel import barrier, init_distributed
 
@@ -351,6 +471,10 @@ def main() -> int:
                 break  # a CUDA error leaves the context unusable
         if rank == 0:
             args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "train_step_bench.json").write_text(json.dumps(results, indent=2))
+    if args.resume_check:
+        resume_check(args.variants[0], args, work, results)
+        if rank == 0:
             (args.out / "train_step_bench.json").write_text(json.dumps(results, indent=2))
     if rank == 0:
         print(json.dumps({k: v for k, v in results.items() if k != "args"}, indent=1))
