@@ -8,7 +8,10 @@ the frozen F16 VAE (Flux VAE config, random weights, bf16) encodes the 4096² pi
 with the resolution shift, the text embeddings come from a text cache on disk (random values
 in the real cache format: T5-XXL width 4096, CLIP pooled 768), forward, the SNR-aware Huber
 wavelet loss, backward, gradient clipping, AdamW, LR schedule, EMA. The pixels are synthetic
-(random, made on the GPU): the shard loader is measured on CPUs separately.
+(random, made on the GPU), or with ``--data DIR`` read from a ``native4k curate`` output by the
+trainer's shard loader (``bench/square_shards.py`` makes one in the 4096² bucket).
+``--resume-check`` then stops a run at step 2, resumes it from its checkpoint and compares step
+3's loss with an uninterrupted run's.
 
 Variants (one process, in order): eager + activation checkpointing (AC); compiled blocks + AC;
 compiled without AC; compiled + AC under FSDP2 (one rank, or all ranks under torchrun); ``_sac``:
