@@ -45,7 +45,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.model_dit_4k import count_flops, make_inputs, matmul_peaks
+from bench.model_dit_4k import attention_flops, count_flops, make_inputs, matmul_peaks
 from model.transformer import FLUX_DEV_CONFIG
 from model.vae import FLUX_VAE_CONFIG, AutoencoderKLF16
 from training.config import DitTrainConfig, load_train_config
@@ -452,11 +452,9 @@ def main() -> int:
         counter = UltraFluxTransformer2DModel(**arch).to(torch.bfloat16)
     size = (128, 128) if args.tiny else (args.height, args.width)
     inputs = make_inputs(size[0], size[1], args.num_text, arch, device)
-    seq = inputs["hidden_states"].shape[1] + inputs["encoder_hidden_states"].shape[1]
-    inner = arch["num_attention_heads"] * arch["attention_head_dim"]
     results["flops"] = {
         "forward": count_flops(counter, inputs, arch),
-        "attention": 4.0 * seq * seq * inner * (args.double + args.single),
+        "attention": attention_flops(inputs, arch),
     }
     results["num_params"] = sum(p.numel() for p in counter.parameters())
     log(f"{results['num_params'] / 1e9:.3f} B params, forward {results['flops']['forward']:.3e}")
