@@ -140,17 +140,18 @@ def write_random_cache(
     (folder / "meta.json").write_text(json.dumps(meta))
 
 
-def only_bucket(root: str, bucket: str) -> dict[str, float]:
-    """`data.bucket_weights` that train on `bucket` alone (every other kept bucket at 0)."""
+def read_data(root: str, bucket: str) -> tuple[dict[str, float], list[str]]:
+    """From a curation output's manifest (read once): `data.bucket_weights` that train on
+    `bucket` alone (every other kept bucket at 0), and the keys of the kept samples."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    table = pq.read_table(Path(root) / "manifest", columns=["status", "bucket"])
+    table = pq.read_table(Path(root) / "manifest", columns=["status", "bucket", "key"])
     kept = table.filter(pc.equal(table["status"], "kept"))
     buckets = set(kept["bucket"].to_pylist())
     if bucket not in buckets:
         raise SystemExit(f"--data {root} has no kept image in bucket {bucket}: {sorted(buckets)}")
-    return {b: (1.0 if b == bucket else 0.0) for b in buckets}
+    return {b: (1.0 if b == bucket else 0.0) for b in buckets}, kept["key"].to_pylist()
 
 
 def variant_flags(name: str) -> tuple[bool, bool, bool, bool]:
@@ -173,7 +174,7 @@ def make_trainer(name: str, args: argparse.Namespace, work: Path, **loop) -> tup
             "batch_size": 1,
             "num_workers": args.loader_workers,
             "small_buckets": "pad",
-            "bucket_weights": only_bucket(args.data, f"{args.width}x{args.height}"),
+            "bucket_weights": args.bucket_weights,
             "resolution_divisor": 16 if tiny else 1,
         }
     cfg = load_train_config(
@@ -411,18 +412,15 @@ def main() -> int:
     args = parser.parse_args()
     rank = int(os.environ.get("RANK", "0"))
     work = args.work
+    keys = None  # the text cache's entries: the synthetic loader's `k0`, or the kept samples'
+    if args.data is not None:
+        args.bucket_weights, keys = read_data(args.data, f"{args.width}x{args.height}")
     vae_cfg = dict(TINY_VAE) if args.tiny else {**FLUX_VAE_CONFIG, "stride": 2}
     if rank == 0:
         torch.manual_seed(0)
         AutoencoderKLF16(**vae_cfg).save_pretrained(work / "vae")
         seq_dim = TINY_DIT["joint_attention_dim"] if args.tiny else 4096
         pooled_dim = TINY_DIT["pooled_projection_dim"] if args.tiny else 768
-        keys = None
-        if args.data is not None:  # one random entry per kept sample of the shards
-            import pyarrow.parquet as pq
-
-            manifest = pq.read_table(Path(args.data) / "manifest", columns=["status", "key"])
-            keys = [k for st, k in zip(*manifest.to_pydict().values(), strict=True) if st == "kept"]
         write_random_cache(work / "cache", args.num_text, seq_dim, pooled_dim, keys)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from training.parallel import barrier, init_distributed

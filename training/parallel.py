@@ -193,11 +193,10 @@ def checkpoint_blocks(blocks: Iterable[nn.Module], *, keep_attention: bool = Fal
     if keep_attention:
         policy = _keep_attention_policy
         options["context_fn"] = partial(create_selective_checkpoint_contexts, policy)
-    n = 0
+    blocks = list(blocks)
     for block in blocks:
         block.forward = _checkpointed(block.forward, options)
-        n += 1
-    return n
+    return len(blocks)
 
 
 def _checkpointed(forward: Callable[..., Any], options: dict[str, Any]) -> Callable[..., Any]:
