@@ -72,6 +72,31 @@ def _orientation(img: Image.Image) -> int:
         return 1
 
 
+HEIF_BRANDS = frozenset({b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs",
+                         b"mif1", b"msf1"})
+"""ISOBMFF brands of HEIF/HEIC files (``mif1``/``msf1`` only when no AVIF brand is listed)."""
+
+
+def sniff_unread_format(data: bytes) -> str | None:
+    """Words for raster formats the job does not read (HEIF/HEIC, JPEG XL), else None.
+
+    Why they are not read: ``docs/native-detection.md``, *Codecs*. An AVIF whose Pillow has
+    no AVIF decoder is named too.
+    """
+    if data[:2] == b"\xff\x0a" or data[:12] == b"\x00\x00\x00\x0cJXL \r\n\x87\n":
+        return "JPEG XL image: not read"
+    if data[4:8] != b"ftyp":
+        return None
+    size = int.from_bytes(data[:4], "big")
+    end = min(len(data), size if 16 <= size <= 4096 else 64)
+    brands = {data[8:12], *(data[i : i + 4] for i in range(16, end - 3, 4))}
+    if brands & {b"avif", b"avis"}:
+        return "AVIF image: this Pillow build has no AVIF decoder"
+    if brands & HEIF_BRANDS:
+        return "HEIF/HEIC image (HEVC-coded): not read"
+    return None
+
+
 def probe(data: bytes) -> dict[str, Any]:
     """Header facts of one image's bytes (no pixel decode).
 
@@ -91,7 +116,7 @@ def probe(data: bytes) -> dict[str, Any]:
             frames = int(getattr(img, "n_frames", 1) or 1)
             orientation = _orientation(img)
     except UnidentifiedImageError:
-        what = sniff_non_image(data)
+        what = sniff_unread_format(data) or sniff_non_image(data)
         if what:
             return {"reason": "unsupported_format", "detail": what}
         return {"reason": "decode_error", "detail": "not a recognisable image format"}

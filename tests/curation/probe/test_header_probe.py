@@ -1,10 +1,12 @@
 import io
 
 import numpy as np
+from hypothesis import given
+from hypothesis import strategies as st
 from PIL import Image
 
 from curation import schema
-from curation.probe.header_probe import HeaderProbe, probe
+from curation.probe.header_probe import HEIF_BRANDS, HeaderProbe, probe
 from pipelines.samples import png_bomb
 
 
@@ -57,3 +59,32 @@ def test_stage_leaves_rejected_rows_alone():
     assert t.column(schema.WIDTH).to_pylist() == [64, None, None]
     assert t.column(schema.REASON).to_pylist() == [None, "decode_error", "unreadable"]
     assert np.array_equal(t.column(schema.NUM_FRAMES).to_pylist()[:1], [1])
+
+
+def _ftyp(major: bytes, compatible: list[bytes], rest: bytes) -> bytes:
+    body = major + b"\0\0\0\0" + b"".join(compatible)
+    return (8 + len(body)).to_bytes(4, "big") + b"ftyp" + body + rest
+
+
+BRANDS = st.lists(
+    st.sampled_from([b"mif1", b"miaf", b"MiHB", b"heic", b"MiPr", b"tmap"]), max_size=5
+)
+
+
+@given(st.sampled_from(sorted(HEIF_BRANDS)), BRANDS, st.binary(max_size=300))
+def test_heif_and_jpeg_xl_are_named_not_called_corrupt(major, compatible, rest):
+    heif = probe(_ftyp(major, compatible, rest))
+    assert heif["reason"] == "unsupported_format"
+    assert heif["detail"].startswith("HEIF/HEIC image")
+    for head in (b"\xff\x0a", b"\x00\x00\x00\x0cJXL \r\n\x87\n"):
+        jxl = probe(head + rest)
+        assert (jxl["reason"], jxl["detail"][:10]) == ("unsupported_format", "JPEG XL im")
+
+
+def test_an_avif_brand_is_not_taken_for_heif():
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(buf, "AVIF", quality=60)
+    assert buf.getvalue()[4:8] == b"ftyp"
+    assert probe(buf.getvalue())["format"] == "avif"  # Pillow reads it
+    broken = probe(_ftyp(b"mif1", [b"mif1", b"avif"], b"\0" * 64))
+    assert not broken.get("detail", "").startswith("HEIF")
