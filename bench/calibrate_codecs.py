@@ -9,8 +9,8 @@ offsets multiples of 8, as in `calibrate_native.py`: the detector judges a 2561�
 anyway) and turned into:
 
 * natives: as is (= PNG = lossless WebP: the same pixels), JPEG q75/85/95/100, lossy WebP
-  q75/85/95/100 (PIL, method 4), WebP q85 of a crop by 3/5 px (off the 4-px and 16-px grids)
-  and of a PIL Lanczos ÷1.5 downscale, AVIF q50/q75 (speed 8);
+  q75/85/90/95/100 (PIL, method 4), WebP q85 and q95 of a crop by 3/5 px (off the 4-px and
+  16-px grids) and of a PIL Lanczos ÷1.5 downscale, AVIF q50/q75 (speed 8);
 * enlargements: an area downscale to 1/f, then back up by f with PIL bicubic / Lanczos /
   bilinear and OpenCV cubic / Lanczos4 / linear; f in `FACTORS`; each (factor, resizer) is saved
   once as PNG or JPEG (quality rotating over 75/90/100 and PNG, by picture) and once as lossy
@@ -18,7 +18,8 @@ anyway) and turned into:
   ± 3 %) at q90 as JPEG and WebP (resizer rotating).
 
 Each image is judged with the codec the job would pass (`block_codec` of its bytes: ``jpeg``, or
-``jpeg_low`` below q85, ``lossless`` for PNG, ``vp8`` for lossy WebP, ``av1`` for AVIF) and,
+``jpeg_low`` below q85, ``lossless`` for PNG, ``vp8`` for lossy WebP, ``vp8_fine`` for lossy
+WebP at q90 and finer, ``av1`` for AVIF) and,
 for the report's "before" column, as the detector did before codecs were modelled (``jpeg``
 for everything). Raw statistics are saved
 too (``--save``) so thresholds can be refitted without re-encoding.
@@ -104,12 +105,13 @@ def native_cases(gray: np.ndarray) -> Iterator[Case]:
     yield "native", "as is", 1.0, "png", 0, encode(gray, "png", 0)
     for q in (75, 85, 95, 100):
         yield "native", "as is", 1.0, "jpeg", q, encode(gray, "jpeg", q)
-    for q in (75, 85, 95, 100):
+    for q in (75, 85, 90, 95, 100):
         yield "native", "as is", 1.0, "webp", q, encode(gray, "webp", q)
-    yield "native", "crop+3/5px", 1.0, "webp", 85, encode(np.ascontiguousarray(gray[3:, 5:]),
-                                                             "webp", 85)
+    crop = np.ascontiguousarray(gray[3:, 5:])
     down = resize(gray, (round(w / 1.5), round(h / 1.5)), "pil_lanczos")
-    yield "native", "down pil_lanczos", 1 / 1.5, "webp", 85, encode(down, "webp", 85)
+    for q in (85, 95):  # each side of the vp8 / vp8_fine split
+        yield "native", "crop+3/5px", 1.0, "webp", q, encode(crop, "webp", q)
+        yield "native", "down pil_lanczos", 1 / 1.5, "webp", q, encode(down, "webp", q)
     for q in (50, 75):
         yield "native", "as is", 1.0, "avif", q, encode(gray, "avif", q)
 

@@ -35,8 +35,9 @@ cyclic frequencies all lie on the grid): the coherence at 1/2 and 3/4 in excess 
 
 Which block grid the tests ignore depends on the codec of the file (`CODECS`): JPEG's 8×8 grid
 (``k/8``), or the 4-px transform grid of lossy WebP (VP8) and AVIF, whose ``k/16`` lines are
-masked and under which the fold and 4-px-period tests are off; JPEGs coarser than q85 have
-their own thresholds. The caller passes the codec (`pixel_analyzer.block_codec`).
+masked and under which the fold and 4-px-period tests are off; JPEGs coarser than q85, and
+lossy WebPs quantised as finely as q90 or finer, have their own thresholds. The caller passes
+the codec (`pixel_analyzer.block_codec`).
 
 Each test's statistic is divided by a threshold calibrated on real photographs and renders
 (``bench/calibrate_native.py``; tables and held-out figures in ``docs/native-detection.md``);
@@ -70,6 +71,11 @@ _QUARTER_GRID_WEIGHT = 0.5
 # JPEG's pixels) and 1.1 × the largest value of the calibration natives saved as WebP q75-q100
 # (26.1 and 75.1 at 3/8 and 1/2: see docs/native-detection.md, "Codecs").
 _VP8_GRID_THRESHOLDS = (28.7, 82.6, 90.0, 199.5)
+# Lossy WebP quantised as finely as libwebp's q90 or finer (`vp8_fine`): the same recipe over
+# the calibration natives saved at q90-q100 (maxima 15.6 and 45.1 at 3/8 and 1/2; 52.8 for the
+# 4-px-period statistic, whose JPEG threshold is 34).
+_VP8_FINE_GRID_THRESHOLDS = (17.2, 49.6, 90.0, 199.5)
+_VP8_FINE_QUARTER_THRESHOLD = 58.1
 _SPECTRAL_FLOOR = 8.0  # never below this (small images: chance peaks of the periodogram)
 _DEPTH_THRESHOLD = 5.0  # ...and its modulation depth (percent of the mean |difference|)
 _FOLD_T_THRESHOLD = 20.0  # |T| in percent of the mean |difference|
@@ -337,8 +343,15 @@ _JPEG_LOW = _Model((1 / 8, 2 / 8, 3 / 8), JPEG_LINES, False, (42.7, 90.2, 114.0,
 # AVIF: as VP8, without the mild-enlargement fundamentals: measured so (a first version of
 # them, counting terms above 0.84 for every candidate, rejected 3 more AVIF natives).
 _AV1 = _VP8._replace(mild=False)
+# Lossy WebP at q90 or finer (the quantiser read from the frame header by the caller): its
+# 4-px grid is weak enough for the 4-px-period test and lower grid thresholds, and its spectra
+# show no 16-px lines (natives reach 1.64 × the spectral threshold with k/8 masked, at 0.068
+# cyc/px: content), so only the k/8 lines a JPEG history leaves are masked. The 8-px fold
+# stays off: it fires on natives at q90-q100 (16.5 × its threshold).
+_VP8_FINE = _Model((1 / 8, 2 / 8, 3 / 8), JPEG_LINES, False, _VP8_FINE_GRID_THRESHOLDS,
+                   _VP8_FINE_QUARTER_THRESHOLD)
 _MODELS: dict[str, _Model] = {"jpeg": _JPEG, "jpeg_low": _JPEG_LOW, "lossless": _JPEG,
-                              "vp8": _VP8, "av1": _AV1}
+                              "vp8": _VP8, "vp8_fine": _VP8_FINE, "av1": _AV1}
 CODECS: tuple[str, ...] = tuple(_MODELS)
 """Block structures `native_score` models, by the codec of the file analysed:
 
@@ -353,6 +366,10 @@ CODECS: tuple[str, ...] = tuple(_MODELS)
   so the profile spectra's lines at ``k/16`` (which include ``k/8`` and ``k/4``) are masked,
   the 8-px fold and the 4-px-period tests are off (the 4-px transform grid is a 4-px period),
   and the grid frequencies have thresholds of their own;
+* ``vp8_fine``: lossy WebP with a quantiser index of at most 12 (libwebp's q90 and finer; read
+  from the frame header by the caller): as ``vp8``, but only the ``k/8`` lines are masked, and
+  the grid frequencies and the 4-px-period test have thresholds set on natives saved that
+  finely;
 * ``av1``: AVIF: transforms of 4 to 64 px, all on a 4-px lattice, deblocking and CDEF; judged as
   ``vp8``, without the harmonic fundamentals of enlargements below 1.23× (see
   docs/native-detection.md).

@@ -248,12 +248,119 @@ def _jpeg_quant_scale(data: bytes) -> float | None:
     return None
 
 
+VP8_FINE_QUANTISER = 12
+"""Largest VP8 luma AC quantiser index (over the frame's segments) of a lossy WebP judged with
+the ``vp8_fine`` model: libwebp writes 12 at quality 90 (6 at 95, 0 at 100, 20 at 85, 36 at
+75), whatever the picture."""
+
+
+class _BoolDecoder:
+    """VP8's boolean entropy decoder (RFC 6386, section 7), for the frame header's literals."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data, self.pos = data, 2
+        self.value = int.from_bytes(data[:2], "big")
+        self.range, self.bits = 255, 0
+
+    def bit(self) -> int:
+        split = 1 + (((self.range - 1) * 128) >> 8)
+        big = split << 8
+        out = int(self.value >= big)
+        if out:
+            self.range -= split
+            self.value -= big
+        else:
+            self.range = split
+        while self.range < 128:
+            self.value <<= 1
+            self.range <<= 1
+            self.bits += 1
+            if self.bits == 8:
+                self.bits = 0
+                if self.pos >= len(self.data):
+                    raise ValueError("VP8 header truncated")
+                self.value |= self.data[self.pos]
+                self.pos += 1
+        return out
+
+    def literal(self, n: int) -> int:
+        value = 0
+        for _ in range(n):
+            value = (value << 1) | self.bit()
+        return value
+
+    def optional_signed(self, n: int) -> int:
+        """A flagged, signed n-bit value (0 when the flag is off)."""
+        if not self.bit():
+            return 0
+        value = self.literal(n)
+        return -value if self.bit() else value
+
+
+def vp8_quantiser(frame: bytes) -> int | None:
+    """The coarsest luma AC quantiser index (0-127) of a VP8 key frame, from its header.
+
+    Reads the frame header up to the quantiser indices (RFC 6386, sections 9.2-9.6 and 19.2):
+    the base index, or with segmentation the largest of the segments' (absolute or base +
+    delta). None for anything that is not a readable key frame.
+    """
+    if len(frame) < 12 or frame[0] & 1 or frame[3:6] != b"\x9d\x01\x2a":
+        return None
+    try:
+        b = _BoolDecoder(bytes(frame[10:]))
+        b.literal(2)  # colour space, clamping
+        segments: tuple[bool, list[int]] | None = None
+        if b.bit():  # segmentation enabled
+            update_map, update_data = b.bit(), b.bit()
+            if update_data:
+                absolute = bool(b.bit())
+                quants = [b.optional_signed(7) for _ in range(4)]
+                for _ in range(4):
+                    b.optional_signed(6)  # loop-filter levels
+                segments = (absolute, quants)
+            if update_map:
+                for _ in range(3):
+                    if b.bit():
+                        b.literal(8)  # tree probabilities
+        b.literal(1 + 6 + 3)  # filter type, level, sharpness
+        if b.bit() and b.bit():  # loop-filter deltas present and updated
+            for _ in range(8):
+                b.optional_signed(6)
+        b.literal(2)  # partitions
+        base = b.literal(7)
+    except ValueError:
+        return None
+    if segments is None:
+        return base
+    absolute, quants = segments
+    return max(min(max(q if absolute else base + q, 0), 127) for q in quants)
+
+
+def _webp_lossy_frame(data: bytes) -> bytes | None:
+    """The first 4 KB of a WebP file's ``VP8 `` chunk (enough for its frame header).
+
+    None for a lossless file (``VP8L``) or one without an image chunk; ``b""`` for an
+    animation, whose frames are treated as lossy without reading their headers.
+    """
+    pos = 12
+    while pos + 8 <= min(len(data), 1 << 20):  # chunks: ALPH, ICCP, ... come first
+        fourcc = bytes(data[pos : pos + 4])
+        size = int.from_bytes(data[pos + 4 : pos + 8], "little")
+        if fourcc == b"VP8 ":
+            return bytes(data[pos + 8 : pos + 8 + min(size, 4096)])
+        if fourcc in (b"VP8L", b"ANIM", b"ANMF"):
+            return b"" if fourcc != b"VP8L" else None
+        pos += 8 + size + (size & 1)
+    return None
+
+
 def block_codec(data: bytes) -> str:
     """The block structure of an encoded image, from its first bytes (see `native.CODECS`).
 
     ``jpeg`` for JPEG (and MPO), ``jpeg_low`` for a JPEG whose luma quantisation table is
     coarser than libjpeg's at quality 85 (`JPEG_LOW_SCALE`), ``vp8`` for lossy WebP (a
-    ``VP8 `` chunk, also inside an extended ``VP8X`` file), ``av1`` for AVIF, ``lossless`` for
+    ``VP8 `` chunk, also inside an extended ``VP8X`` file; animations too), ``vp8_fine`` for a
+    lossy WebP whose quantiser is at most `VP8_FINE_QUANTISER`, ``av1`` for AVIF, ``lossless`` for
     everything else (PNG, lossless WebP, TIFF, ...: no block grid of their own).
     """
     head = bytes(data[:64])
@@ -261,16 +368,12 @@ def block_codec(data: bytes) -> str:
         scale = _jpeg_quant_scale(data)
         return "jpeg_low" if scale is not None and scale > JPEG_LOW_SCALE else "jpeg"
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        pos = 12
-        while pos + 8 <= min(len(data), 1 << 20):  # chunks: ALPH, ICCP, ... come first
-            fourcc = bytes(data[pos : pos + 4])
-            if fourcc == b"VP8 ":
-                return "vp8"
-            if fourcc in (b"VP8L", b"ANIM", b"ANMF"):
-                return "lossless" if fourcc == b"VP8L" else "vp8"
-            size = int.from_bytes(data[pos + 4 : pos + 8], "little")
-            pos += 8 + size + (size & 1)
-        return "lossless"
+        frame = _webp_lossy_frame(data)
+        if frame is None:
+            return "lossless"
+        quantiser = vp8_quantiser(frame)
+        fine = quantiser is not None and quantiser <= VP8_FINE_QUANTISER
+        return "vp8_fine" if fine else "vp8"
     if head[4:8] == b"ftyp" and head[8:12] in (b"avif", b"avis"):
         return "av1"
     if head[4:8] == b"ftyp" and b"avif" in head[16:64]:  # avif as a compatible brand
