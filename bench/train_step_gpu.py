@@ -15,7 +15,8 @@ trainer's shard loader (``bench/square_shards.py`` makes one in the 4096² bucke
 
 Variants (one process, in order): eager + activation checkpointing (AC); compiled blocks + AC;
 compiled without AC; compiled + AC under FSDP2 (one rank, or all ranks under torchrun); ``_sac``:
-selective AC that keeps the attention outputs (``parallel.keep_attention``); ``_latents``: latents
+selective AC that keeps the attention outputs (``parallel.keep_attention``); ``_mm``: selective
+AC that also keeps the matrix products' outputs (``parallel.keep_matmuls``); ``_latents``: latents
 given (no VAE encode); ``_cudnn``: cuDNN attention. ``--accum N`` runs N micro-batches per
 optimizer step (the optimizer, clipping and EMA once per N images). For each:
 median s/step over ``--iters`` CUDA-event-timed steps after warm-up, peak memory, and
@@ -70,6 +71,9 @@ VARIANTS = (
     "fsdp_sac_latents_cudnn",
     "fsdp_sac",
     "fsdp_sac_cudnn",
+    "compiled_sac_mm_latents_cudnn",
+    "fsdp_sac_mm_latents_cudnn",
+    "fsdp_sac_mm_cudnn",
 )
 
 
@@ -154,9 +158,22 @@ def read_data(root: str, bucket: str) -> tuple[dict[str, float], list[str]]:
     return {b: (1.0 if b == bucket else 0.0) for b in buckets}, kept["key"].to_pylist()
 
 
-def variant_flags(name: str) -> tuple[bool, bool, bool, bool]:
-    """(compiled, activation checkpointing, keep_attention, latents given) of a variant."""
-    return not name.startswith("eager"), "noac" not in name, "_sac" in name, "_latents" in name
+def variant_name(name: str) -> str:
+    """`name` if it is a variant :func:`variant_flags` understands (argparse type)."""
+    head, *flags = name.split("_")
+    known = {"ac", "noac", "sac", "mm", "latents", "cudnn"}
+    if head not in ("eager", "compiled", "fsdp") or not set(flags) <= known:
+        raise argparse.ArgumentTypeError(f"unknown variant {name!r}: e.g. {', '.join(VARIANTS)}")
+    if "noac" in flags and {"sac", "mm"} & set(flags):
+        raise argparse.ArgumentTypeError(f"{name!r}: sac and mm need activation checkpointing")
+    return name
+
+
+def variant_flags(name: str) -> tuple[bool, bool, bool, bool, bool]:
+    """(compiled, activation checkpointing, keep_attention, keep_matmuls, latents given) of a
+    variant."""
+    compiled, ac = not name.startswith("eager"), "noac" not in name
+    return compiled, ac, "_sac" in name, "_mm" in name, "_latents" in name
 
 
 def make_trainer(name: str, args: argparse.Namespace, work: Path, **loop) -> tuple:
@@ -164,7 +181,7 @@ def make_trainer(name: str, args: argparse.Namespace, work: Path, **loop) -> tup
     tiny = args.tiny
     arch = dict(TINY_DIT) if tiny else dict(FLUX_DEV_CONFIG)
     arch["num_layers"], arch["num_single_layers"] = args.double, args.single
-    compiled, ac, keep_attention, latents = variant_flags(name)
+    compiled, ac, keep_attention, keep_matmuls, latents = variant_flags(name)
     if args.data is not None and latents:
         raise SystemExit(f"{name}: --data feeds pixels from shards; drop the _latents variants")
     data: dict = {"root": str(work), "batch_size": 1}
@@ -208,6 +225,7 @@ def make_trainer(name: str, args: argparse.Namespace, work: Path, **loop) -> tup
                 "strategy": "fsdp" if name.startswith("fsdp") else "none",
                 "activation_checkpointing": ac,
                 "keep_attention": keep_attention,
+                "keep_matmuls": keep_matmuls,
                 "compile": compiled and not tiny,
             },
         },
@@ -229,7 +247,7 @@ def make_trainer(name: str, args: argparse.Namespace, work: Path, **loop) -> tup
 
 
 def run_variant(name: str, args: argparse.Namespace, work: Path, results: dict) -> None:
-    compiled, ac, keep_attention, latents = variant_flags(name)
+    compiled, ac, keep_attention, keep_matmuls, latents = variant_flags(name)
     size = (128, 128) if args.tiny else (args.width, args.height)
     trainer, task = make_trainer(name, args, work)
     torch._dynamo.reset()
@@ -250,6 +268,7 @@ def run_variant(name: str, args: argparse.Namespace, work: Path, results: dict) 
         "compiled": compiled,
         "activation_checkpointing": ac,
         "keep_attention": keep_attention,
+        "keep_matmuls": keep_matmuls,
         "vae_in_step": not latents,
         "accum": args.accum,
     }
@@ -294,8 +313,9 @@ def run_variant(name: str, args: argparse.Namespace, work: Path, results: dict) 
     world = trainer.info.world_size
     model_tflops = 3 * fwd / sec / 1e12
     # Hardware FLOPs: forward and backward, plus the recomputed forward (without its
-    # attention when it is kept).
-    recompute = (fwd - attn if keep_attention else fwd) if ac else 0.0
+    # attention, or its products, when they are kept).
+    recompute = (0.0 if keep_attention else attn) + (0.0 if keep_matmuls else fwd - attn)
+    recompute = recompute if ac else 0.0
     hw_tflops = (3 * fwd + recompute) / sec / 1e12
     entry.update(
         {
@@ -394,7 +414,14 @@ def main() -> int:
     parser.add_argument("--single", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=6)
-    parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument(
+        "--variants",
+        nargs="*",
+        default=list(VARIANTS),
+        type=variant_name,
+        help="names as in VARIANTS, or any eager|compiled|fsdp followed by _-joined flags "
+        "(ac, noac, sac, mm, latents, cudnn)",
+    )
     parser.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
     parser.add_argument(
         "--data",

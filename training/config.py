@@ -98,6 +98,12 @@ class ParallelConfig:
         "the attention; the rest of the block is still recomputed. Attention is about half of "
         "a 4K block's FLOPs (docs/benchmarks.md).",
     )
+    keep_matmuls: bool = _f(
+        False,
+        "With activation_checkpointing: keep the outputs of each block's matrix products "
+        "(every Linear) too, so the backward recomputes only element-wise ops (norms, "
+        "modulation, RoPE, GELU): faster, at the memory of those outputs (docs/benchmarks.md).",
+    )
     compile: bool = _f(False, "torch.compile each transformer block (regional compilation).")
     reshard_after_forward: bool = _f(
         True, "FSDP: free gathered parameters after forward (ZeRO-3); false keeps them (ZeRO-2)."
@@ -396,11 +402,12 @@ def _validate_common(optim: OptimConfig, loop: LoopConfig, par: ParallelConfig) 
     _check(loop.log_every >= 1, "loop.log_every", "must be >= 1")
     _check(loop.checkpoint_every >= 0, "loop.checkpoint_every", "must be >= 0")
     _check(loop.keep_checkpoints >= 0, "loop.keep_checkpoints", "must be >= 0")
-    _check(
-        par.activation_checkpointing or not par.keep_attention,
-        "parallel.keep_attention",
-        "needs parallel.activation_checkpointing: true (without it every activation is kept)",
-    )
+    for keep in ("keep_attention", "keep_matmuls"):  # selective checkpointing
+        _check(
+            par.activation_checkpointing or not getattr(par, keep),
+            f"parallel.{keep}",
+            "needs parallel.activation_checkpointing: true (without it every activation is kept)",
+        )
     _check(
         not (par.compile and loop.device == "cpu"),
         "parallel.compile",

@@ -7,7 +7,8 @@ Launch with ``torchrun --nproc-per-node N -m pipelines.cli train-dit --config FI
 
 1. **activation checkpointing** — each block's ``forward`` runs under non-reentrant
    ``torch.utils.checkpoint`` (:func:`checkpoint_blocks`) and is recomputed in backward, all of
-   it, or all but the attention kernels' outputs (``keep_attention``: selective checkpointing);
+   it, or all but the attention kernels' outputs (``keep_attention``) and the matrix products'
+   (``keep_matmuls``): selective checkpointing;
 2. **torch.compile** — each transformer block compiled on its own (regional compilation: one
    graph per block type, reused across the repeated blocks);
 3. **sharding** — FSDP2 (``fully_shard``) on every block, then on the root module, with bf16
@@ -118,7 +119,7 @@ def parallelize(
     if cfg.activation_checkpointing:
         if not blocks:
             raise ValueError(f"{type(model).__name__} has no blocks to checkpoint")
-        checkpoint_blocks(blocks, keep_attention=cfg.keep_attention)
+        checkpoint_blocks(blocks, keep_attention=cfg.keep_attention, keep_matmuls=cfg.keep_matmuls)
     if cfg.compile:
         for block in blocks:
             block.compile()
@@ -166,23 +167,40 @@ def _attention_ops() -> frozenset[Any]:
     return frozenset(getattr(aten, n).default for n in names if hasattr(aten, n))
 
 
-def _keep_attention_policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
-    if op in _ATTENTION_OPS:
-        return CheckpointPolicy.MUST_SAVE
-    return CheckpointPolicy.PREFER_RECOMPUTE
-
-
 _ATTENTION_OPS = _attention_ops()
+# The matrix products a ``Linear`` (and a batched product) dispatches to.
+_MATMUL_OPS = frozenset(
+    getattr(torch.ops.aten, n).default for n in ("mm", "addmm", "bmm", "baddbmm")
+)
 
 
-def checkpoint_blocks(blocks: Iterable[nn.Module], *, keep_attention: bool = False) -> int:
+@dataclass(frozen=True)
+class _KeepPolicy:
+    """Selective checkpointing: save the outputs of ``ops``, recompute everything else."""
+
+    ops: frozenset[Any]
+
+    def __call__(self, ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+        if op in self.ops:
+            return CheckpointPolicy.MUST_SAVE
+        return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def checkpoint_blocks(
+    blocks: Iterable[nn.Module], *, keep_attention: bool = False, keep_matmuls: bool = False
+) -> int:
     """Run each block's ``forward`` under non-reentrant activation checkpointing.
 
     Args:
         blocks: The modules to checkpoint (their ``forward`` is wrapped in place: parameter
             names and state dicts are unchanged).
         keep_attention: Save the outputs of PyTorch's fused attention kernels (output and
-            log-sum-exp) instead of recomputing them; everything else is recomputed.
+            log-sum-exp) instead of recomputing them.
+        keep_matmuls: Save the outputs of the matrix products (every ``Linear``): the backward
+            then recomputes only the cheap element-wise ops (norms, modulation, RoPE, GELU),
+            at the memory cost of the products' outputs.
+
+    With neither, everything is recomputed (full checkpointing).
 
     Returns:
         The number of blocks wrapped.
@@ -190,8 +208,11 @@ def checkpoint_blocks(blocks: Iterable[nn.Module], *, keep_attention: bool = Fal
     # Full checkpointing passes no context_fn: torch 2.11's compiler refuses an explicit
     # `noop_context_fn` ("checkpoint not implemented for ... context_fn").
     options: dict[str, Any] = {"use_reentrant": False}
-    if keep_attention:
-        policy = _keep_attention_policy
+    kept = (_ATTENTION_OPS if keep_attention else frozenset()) | (
+        _MATMUL_OPS if keep_matmuls else frozenset()
+    )
+    if kept:
+        policy = _KeepPolicy(kept)
         options["context_fn"] = partial(create_selective_checkpoint_contexts, policy)
     blocks = list(blocks)
     for block in blocks:

@@ -216,6 +216,7 @@ def test_ddp_and_fsdp_wrappers_keep_the_math(
                     "strategy": strategy,
                     "activation_checkpointing": strategy != "none",
                     "keep_attention": strategy == "fsdp",
+                    "keep_matmuls": strategy == "fsdp",
                 },
             )
             losses[strategy] = train_dit(load_train_config(DitTrainConfig, data=tree)).losses
@@ -430,8 +431,9 @@ def test_config_errors_are_clear(curated_shards: Path, parts: dict, tmp_path: Pa
         model = {**tree["model"], "attention_backend": backend}
         with pytest.raises(TrainConfigError, match=rf"'model.attention_backend'.*{why}"):
             load_train_config(DitTrainConfig, data={**tree, "model": model})
-    with pytest.raises(TrainConfigError, match=r"'parallel.keep_attention' needs"):
-        load_train_config(DitTrainConfig, data={**tree, "parallel": {"keep_attention": True}})
+    for keep in ("keep_attention", "keep_matmuls"):
+        with pytest.raises(TrainConfigError, match=rf"'parallel.{keep}' needs"):
+            load_train_config(DitTrainConfig, data={**tree, "parallel": {keep: True}})
     with pytest.raises(TrainConfigError, match=r"'data' is required"):
         load_train_config(DitTrainConfig, data={k: v for k, v in tree.items() if k != "data"})
     with pytest.raises(TrainConfigError, match=r"stages add up to 3"):
