@@ -8,8 +8,10 @@
    `_work/analysis/part-*.parquet` (no bytes), one atomic file per batch named by its inputs,
    so a rerun skips what an interrupted run finished (and analyses again the images whose
    analyses stopped at a rule its thresholds now let them pass: `stale_mask`);
-2. dedup (global, distributed): pigeonhole bands of the pHash → group-by band → edges to
-   better copies → best parent per row → pointer jumping to the kept copy;
+2. dedup (global, distributed): one stored row per source (`one_row_per_source`: a killed
+   run's worker may finish a batch after the rerun listed the work) → pigeonhole bands of
+   the pHash → group-by band → edges to better copies → best parent per row → pointer
+   jumping to the kept copy;
 3. write: decisions joined back → buckets → shard plan per bucket (deterministic) → one
    atomic tar per shard (bytes re-read, sha256 checked) → manifest, buckets.json,
    config.yaml, stats.json and `_SUCCESS` last.
@@ -307,6 +309,38 @@ def _drop_superseded(rows: Any, cfg: JobConfig, num_partitions: int) -> Any:
     if lone is None:
         return fresh
     return fresh.union(lone.map_batches(_incomplete, batch_format="pyarrow"))
+
+
+def one_row_per_source(
+    rows: Any, num_rows: int, partitions_for: Partitioning
+) -> tuple[Any, int, int]:
+    """`rows` (materialised, non-empty) with one row per source; also the rows left out.
+
+    Each analysis part file is named by its batch's sources, so two runs that batch the same
+    inputs differently write them twice: a killed job's worker that finishes its task after
+    the rerun listed the stored work, or two jobs started on one output. The fullest row of
+    each repeated source is kept (`_fullest_row`).
+    """
+    parts = partitions_for(num_rows)
+    repeated, _ = nonempty(grouping.repeated_keys(rows, schema.SOURCE, parts))
+    if repeated is None:
+        return rows, num_rows, 0
+    on = (schema.SOURCE,)
+    single, _ = nonempty(grouping.join(rows, repeated, "left_anti", parts, on=on))
+    multi, num_multi = nonempty(grouping.join(rows, repeated, "left_semi", parts, on=on))
+    assert multi is not None
+    chosen = group_map(multi, schema.SOURCE, _fullest_row, partitions_for(num_multi))
+    out, num_out = nonempty(chosen if single is None else single.union(chosen))
+    assert out is not None
+    return out, num_out, num_rows - num_out
+
+
+def _fullest_row(t: pa.Table) -> pa.Table:
+    """The row of one source's group with the most values set (a complete analysis wins)."""
+    filled = np.zeros(t.num_rows, dtype=np.int64)
+    for col in t.columns:
+        filled += pc.is_valid(col).to_numpy(zero_copy_only=False)
+    return t.slice(int(np.argmax(filled)), 1)
 
 
 def expand_listing(
@@ -1053,6 +1087,13 @@ def _decide_and_write(
             rows = _drop_superseded(rows, cfg, partitions_for(num_inputs))
         rows, num_rows = nonempty(rows)
         assert rows is not None, "the analysis pass wrote no rows"
+        rows, num_rows, num_repeats = one_row_per_source(rows, num_rows, partitions_for)
+        if num_repeats:
+            passes.echo(
+                f"native4k: {num_repeats} stored analysis rows repeated a source another row "
+                "holds (a worker of an interrupted run finished after the rerun listed its "
+                "work, or two runs shared this output): one row per source kept"
+            )
         decisions = dedup_decisions(rows, cfg, partitions_for) if cfg.dedup.enabled else None
         if decisions is not None:
             parts = partitions_for(num_rows)
@@ -1112,6 +1153,7 @@ def _decide_and_write(
             output, {n for b in stats["buckets"].values() for n in b.pop("shard_names")}
         )
         _write_manifest(rd, final, output)
+        _remove_leftover_temporaries(output)
         stats["rules"] = {**rule_summary(cfg), **models.rules}
         stats["pass_seconds"] = passes.seconds
         stats["wall_seconds"] = round(time.perf_counter() - started, 2)
@@ -1134,6 +1176,23 @@ def _decide_and_write(
         )
     stats["pass_seconds"] = passes.seconds
     return stats
+
+
+def _remove_leftover_temporaries(output: str) -> None:
+    """Delete the temporary files left in a local output's `_work/tmp` (`atomic_write`).
+
+    Every write of this job has been renamed into place by now, so what is left there was
+    left by a writer that was killed midway, or is being written by a worker of a killed run
+    that has not noticed yet (its late write is then discarded: its rename fails).
+    """
+    staging = os.path.join(output, "_work", "tmp")
+    if not is_local(output) or not os.path.isdir(staging):
+        return  # object stores publish whole objects: no temporaries
+    with os.scandir(staging) as it:
+        for entry in it:
+            with contextlib.suppress(FileNotFoundError):
+                if entry.is_file():
+                    os.remove(entry.path)
 
 
 def _write_manifest(rd: Any, final: Any, output: str) -> None:

@@ -129,6 +129,38 @@ def join_tables(
     return out
 
 
+def repeated_keys(ds: Any, key: str, num_partitions: int) -> Any:
+    """The values of `key` held by more than one row of `ds`: one row each, column `key`.
+
+    Ray Data's hash aggregation with more partitions; one Ray task over the materialised
+    blocks otherwise (a Ray Data pass costs ~0.1 s more). Null keys are not reported.
+    """
+    if num_partitions > 1:
+        keys = ds.select_columns([key])
+        counts = keys.groupby(key, num_partitions=num_partitions).count()
+        return counts.map_batches(partial(_more_than_once, key=key), batch_format="pyarrow")
+    import ray
+
+    refs = _block_refs(ds)
+    if not refs:
+        return ds.limit(0).select_columns([key])
+    task = ray.remote(num_cpus=1)(repeated_in_tables)
+    return ray.data.from_arrow_refs([task.remote(key, *refs)])
+
+
+def repeated_in_tables(key: str, *tables: pa.Table) -> pa.Table:
+    """`repeated_keys` over the concatenation of `tables`, in this process."""
+    t = pa.concat_tables([t.select([key]) for t in tables], promote_options="permissive")
+    counts = t.group_by(key).aggregate([(key, "count")])
+    return _more_than_once(counts, key=key)
+
+
+def _more_than_once(t: pa.Table, *, key: str) -> pa.Table:
+    """Rows of a count table (`key` and one count column) whose count exceeds one: `key`."""
+    count = next(c for c in t.column_names if c != key)
+    return t.filter(pc.and_(pc.greater(t[count], 1), pc.is_valid(t[key]))).select([key])
+
+
 def column_sum(ds: Any, name: str) -> int:
     """The sum of an integer column, read block by block (no aggregation shuffle)."""
     total = 0
@@ -138,4 +170,6 @@ def column_sum(ds: Any, name: str) -> int:
 
 
 def _block_refs(ds: Any) -> list[Any]:
-    return [entry.ref for b in ds.materialize().iter_internal_ref_bundles() for entry in b.blocks]
+    """The blocks of `ds` that hold rows (an empty block may lack the columns)."""
+    bundles = ds.materialize().iter_internal_ref_bundles()
+    return [e.ref for b in bundles for e in b.blocks if e.metadata.num_rows]

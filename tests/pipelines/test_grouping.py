@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import sys
+from collections import Counter
 
 import pyarrow as pa
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipelines.grouping import column_sum, each_group, group_map, join, join_tables
+from pipelines.grouping import (
+    column_sum,
+    each_group,
+    group_map,
+    join,
+    join_tables,
+    repeated_keys,
+)
 
 KEYS = st.one_of(st.none(), st.sampled_from(["a", "b", "c", "d/é", ""]))
 ROWS = st.lists(
@@ -91,6 +99,17 @@ def test_one_partition_equals_ray_datas_shuffles(local_ray, left_rows, right_row
         ray_join = left.join(right, how, 2, on=("k",), right_on=("rk",)).take_all()
         assert _canon(one) == _canon(ray_join), how
     assert column_sum(left, "v") == sum(r[1] for r in left_rows)
+
+
+@SLOW
+@given(ROWS)
+def test_repeated_keys_are_the_keys_held_twice(local_ray, rows):
+    ds = local_ray.data.from_arrow(_table(rows)).repartition(3)
+    want = sorted(k for k, n in Counter(r[0] for r in rows if r[0] is not None).items() if n > 1)
+    for partitions in (1, 2):
+        got = repeated_keys(ds, "k", partitions).take_all()
+        assert sorted(r["k"] for r in got) == want, partitions
+    assert repeated_keys(ds.limit(0), "k", 1).take_all() == []
 
 
 def test_join_refuses_what_it_does_not_implement(local_ray):

@@ -12,10 +12,12 @@ import time
 from pathlib import Path
 
 import fsspec
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from pipelines.cli import main
+from pipelines.curate import Partitioning, one_row_per_source
 from pipelines.verify import read_manifest, verify
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -120,3 +122,50 @@ def test_partial_analysis_is_resumed_not_redone(samples, curated, tmp_path, caps
     assert _manifest(out) == _manifest(curated)
     stats = json.loads((out / "stats.json").read_text())
     assert stats["total"] == len(expected)
+
+
+def test_analysis_parts_that_repeat_sources_give_one_row_each(samples, curated, tmp_path, capsys):
+    """A killed job's worker can finish after the rerun listed the work, batched otherwise,
+    or die mid-write, leaving its temporary file."""
+    folder, expected = samples
+    out = tmp_path / "out"
+    shutil.copytree(curated, out)
+    parts = sorted((out / "_work" / "analysis").glob("part-*.parquet"))
+    assert len(parts) >= 2
+    late = pa.concat_tables([pq.read_table(parts[0]), pq.read_table(parts[-1]).slice(0, 1)])
+    pq.write_table(late, out / "_work" / "analysis" / "part-late0worker000000.parquet")
+    for p in ("_SUCCESS", "stats.json"):
+        (out / p).unlink()
+    left = out / "_work" / "tmp" / f".{parts[0].name}.tmp-0123456789ab"  # killed mid-write
+    left.parent.mkdir(exist_ok=True)
+    left.write_bytes(parts[0].read_bytes()[:100])
+    capsys.readouterr()
+    assert main(["curate", str(folder), "--output", str(out)]) == 0
+    assert not left.exists()
+    assert f"{late.num_rows} stored analysis rows repeated a source" in capsys.readouterr().out
+    sources = [r["source"] for r in pq.read_table(out / "manifest").to_pylist()]
+    assert len(sources) == len(set(sources)) == len(expected)
+    assert verify(str(out)) == []
+    assert _manifest(out) == _manifest(curated)
+
+
+@pytest.mark.parametrize("rows_per_partition", [1000, 2])
+def test_one_row_per_source_keeps_the_fullest_row(local_ray, rows_per_partition):
+    t = pa.table(
+        {
+            "source": ["a", "b", "a", "c", "a", "b"],
+            "score": [None, 1.0, 2.0, 3.0, None, None],
+            "reason": [None, None, "x", None, None, None],
+        }
+    )
+    rows = local_ray.data.from_arrow(t).repartition(3).materialize()
+    kept, num, dropped = one_row_per_source(rows, 6, Partitioning(2, rows_per_partition))
+    got = sorted(kept.take_all(), key=lambda r: r["source"])
+    assert (num, dropped) == (3, 3)
+    assert got == [
+        {"source": "a", "score": 2.0, "reason": "x"},
+        {"source": "b", "score": 1.0, "reason": None},
+        {"source": "c", "score": 3.0, "reason": None},
+    ]
+    unique = local_ray.data.from_arrow(t.slice(1, 3)).materialize()
+    assert one_row_per_source(unique, 3, Partitioning(2, rows_per_partition))[1:] == (3, 0)
