@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-PHOTO = Path("/usr/share/backgrounds/Kleiber_by_Lukas_Baubkus.jpg")  # 4352x2448, lomiri
+PHOTO = Path("/usr/share/backgrounds/Kleiber_by_Lukas_Baubkus.jpg")  # 6028x3391, lomiri
 PASSES = ("listing", "start-up", "analysis", "dedup", "models", "shards", "manifest")
 NATIVE4K = str(Path(sys.executable).with_name("native4k"))
 

@@ -1,4 +1,5 @@
-"""The `native4k` command line: curate, stats, verify, report, config, generate."""
+"""The `native4k` command line: curate and audit (stats, verify, report), models and config,
+generate, and training (train-dit, train-vae, encode-text)."""
 
 from __future__ import annotations
 
