@@ -761,6 +761,7 @@ def _semantic_duplicates(scored: Any, s: Any) -> tuple[dict[str, tuple[str, str,
         schema.SHA256,
         schema.WIDTH,
         schema.HEIGHT,
+        schema.SIZE_BYTES,
         schema.SHARPNESS,
         schema.NATIVE_SCORE,
         schema.EMBEDDING,
@@ -780,7 +781,12 @@ def _semantic_duplicates(scored: Any, s: Any) -> tuple[dict[str, tuple[str, str,
     pixels = [(w or 0) * (h or 0) for w, h in zip(widths, heights, strict=True)]
     sources, shas = column(table, schema.SOURCE), column(table, schema.SHA256)
     matches = dedup.find(
-        emb, pixels, column(table, schema.SHARPNESS), column(table, schema.NATIVE_SCORE), sources
+        emb,
+        pixels,
+        column(table, schema.SIZE_BYTES),
+        column(table, schema.SHARPNESS),
+        column(table, schema.NATIVE_SCORE),
+        sources,
     )
     out = {sources[mt.index]: (sources[mt.root], shas[mt.root], mt.similarity) for mt in matches}
     return out, dedup.index_kind(table.num_rows)

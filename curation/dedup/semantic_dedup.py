@@ -4,7 +4,8 @@ A global step: every candidate's L2-normalised embedding goes into one faiss ind
 inner product up to `exact_max` vectors, an IVF index above it), a range search finds every
 pair at or above `threshold` cosine similarity, and each image points to its best-ranked
 better neighbour; following those pointers gives the kept copy. The rank is the one pHash
-de-duplication uses (`near_dup.rank_key`: larger, sharper, more native, smaller URI).
+de-duplication uses (`near_dup.rank_key`: more pixels, larger file, sharper, more native,
+smaller URI).
 """
 
 from __future__ import annotations
@@ -77,12 +78,14 @@ class SemanticDedup:
         self,
         emb: np.ndarray,
         pixels: Sequence[Any],
+        size_bytes: Sequence[Any],
         sharpness: Sequence[Any],
         native: Sequence[Any],
         sources: Sequence[str],
     ) -> list[SemanticMatch]:
         """Every row that has a better-ranked semantic duplicate, with its kept copy."""
-        keys = [rank_key(*r) for r in zip(pixels, sharpness, native, sources, strict=True)]
+        ranked = zip(pixels, size_bytes, sharpness, native, sources, strict=True)
+        keys = [rank_key(*r) for r in ranked]
         rows, cols, sims = self.pairs(emb)
         parent: dict[int, tuple[int, float]] = {}
         for i, j, s in zip(rows.tolist(), cols.tolist(), sims.tolist(), strict=True):

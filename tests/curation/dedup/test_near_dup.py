@@ -46,6 +46,7 @@ def _rows(specs):
             schema.PHASH: pa.array([_signed(s[2]) for s in specs], pa.int64()),
             schema.WIDTH: [s[3] for s in specs],
             schema.HEIGHT: [s[4] for s in specs],
+            schema.SIZE_BYTES: [s[6] if len(s) > 6 else 1000 for s in specs],
             schema.SHARPNESS: [s[5] for s in specs],
             schema.NATIVE_SCORE: [1.0] * len(specs),
         }
@@ -72,6 +73,31 @@ def test_match_band_points_every_copy_at_better_ones_within_distance():
     ) == {
         "small": "big",
         "blurry_same_size": "big",
+    }
+
+
+def test_the_larger_file_outranks_a_sharper_re_encode_of_the_same_size():
+    """A lossy re-encode can measure sharper than its original (block edges, ringing): at equal
+    pixel counts the file with more bytes is kept; sharpness decides only between files of
+    one size (byte-identical copies: the smaller URI)."""
+    t = _rows(
+        [
+            ("original_q95.jpg", "s1", 0b1111, 5000, 3000, 1.05, 9_000_000),
+            ("original_q95_copy.jpg", "s1", 0b1111, 5000, 3000, 1.05, 9_000_000),
+            ("reencoded_q85.jpg", "s2", 0b1110, 5000, 3000, 1.48, 4_000_000),
+            ("cdn.webp", "s3", 0b0111, 5000, 3000, 1.10, 2_000_000),
+            ("same_bytes_blurred.jpg", "s4", 0b1101, 5000, 3000, 0.70, 9_000_000),
+        ]
+    )
+    best = pick_parent(match_band(t, max_distance=2))
+    parents = dict(
+        zip(best.column(schema.SOURCE).to_pylist(), best.column(PARENT).to_pylist(), strict=True)
+    )
+    assert parents == {
+        "original_q95_copy.jpg": "original_q95.jpg",
+        "reencoded_q85.jpg": "original_q95.jpg",
+        "cdn.webp": "original_q95.jpg",
+        "same_bytes_blurred.jpg": "original_q95.jpg",
     }
 
 

@@ -17,7 +17,7 @@ def test_each_group_keeps_its_best_ranked_copy():
     rng = np.random.default_rng(1)
     pixels = rng.integers(1, 1000, n).tolist()
     sources = [f"img{i:03d}" for i in range(n)]
-    matches = SemanticDedup(threshold=0.95).find(x, pixels, [0.0] * n, [0.0] * n, sources)
+    matches = SemanticDedup(threshold=0.95).find(x, pixels, [0] * n, [0.0] * n, [0.0] * n, sources)
     by_index = {m.index: m for m in matches}
     for g in range(5):
         members = list(range(4 * g, 4 * g + 4))
@@ -31,10 +31,11 @@ def test_each_group_keeps_its_best_ranked_copy():
 
 def test_distinct_images_are_not_duplicates_and_threshold_is_inclusive():
     x = _clusters(6, 1)
-    assert SemanticDedup(threshold=0.95).find(x, [1] * 6, [0] * 6, [0] * 6, list("abcdef")) == []
+    zeros = [0] * 6
+    assert SemanticDedup(threshold=0.95).find(x, [1] * 6, zeros, zeros, zeros, list("abcdef")) == []
     y = np.stack([x[0], x[0]])
     sims = float(y[0] @ y[1])
-    found = SemanticDedup(threshold=sims).find(y, [2, 1], [0, 0], [0, 0], ["a", "b"])
+    found = SemanticDedup(threshold=sims).find(y, [2, 1], [0, 0], [0, 0], [0, 0], ["a", "b"])
     assert [(m.index, m.root) for m in found] == [(1, 0)]
 
 
@@ -44,5 +45,5 @@ def test_ivf_index_finds_the_tight_duplicates_the_exact_one_finds(exact_max):
     dedup = SemanticDedup(threshold=0.98, exact_max=exact_max)
     assert dedup.index_kind(len(x)) == ("flat" if exact_max > len(x) else "ivf")
     n = len(x)
-    found = dedup.find(x, list(range(n)), [0] * n, [0] * n, [str(i) for i in range(n)])
+    found = dedup.find(x, list(range(n)), [0] * n, [0] * n, [0] * n, [str(i) for i in range(n)])
     assert len(found) == 80
