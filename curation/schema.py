@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-MANIFEST_VERSION = 3
+MANIFEST_VERSION = 4
 """2: model columns `character`, `person_score`, `nsfw`, `caption_source` (issue 12).
 3: the native evidence columns `native_period`, `native_strength`, `native_test`,
 `native_codec` (issue 11) and the reason `analysis_error`.
+4: `source_meta`, the input's own JSON metadata (URL, license, ... of a web crawl), verbatim.
 
 Readers of an earlier version find every earlier column unchanged; the new ones are
 nullable."""
@@ -23,6 +24,10 @@ SHA256 = "sha256"
 CAPTION_EN = "caption_en"
 CAPTION_ZH = "caption_zh"
 CAPTION_SOURCE = "caption_source"  # sidecar | tar | the captioning model's name
+# The input's own metadata: the text of its `<stem>.json` sidecar or of its sample's `.json`
+# tar member (img2dataset and WebDataset crawls keep the URL, licence, ... there), verbatim when
+# it is one JSON object of at most `readers.META_MAX_BYTES` bytes; null otherwise.
+SOURCE_META = "source_meta"
 
 # --- decision -----------------------------------------------------------------------------
 STATUS = "status"  # "kept" | "rejected"; null while undecided inside the job
@@ -133,6 +138,7 @@ FIELDS: dict[str, pa.DataType] = {
     CAPTION_EN: pa.string(),
     CAPTION_ZH: pa.string(),
     CAPTION_SOURCE: pa.string(),
+    SOURCE_META: pa.string(),
     NSFW: pa.float64(),
     PERSON_SCORE: pa.float64(),
     CHARACTER: pa.bool_(),
@@ -144,7 +150,7 @@ FIELDS: dict[str, pa.DataType] = {
 }
 
 DECISION_COLUMNS = (STATUS, REASON, DETAIL)
-READ_COLUMNS = (DATA, SIZE_BYTES, SHA256, CAPTION_EN, CAPTION_ZH)
+READ_COLUMNS = (DATA, SIZE_BYTES, SHA256, CAPTION_EN, CAPTION_ZH, SOURCE_META)
 """What a reader adds to each input row."""
 
 WORKING_COLUMNS = (DATA, THUMBNAIL, EMBEDDING)

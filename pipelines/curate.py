@@ -63,7 +63,7 @@ from curation.io.listing import (
     plan_inputs,
     split_tar_source,
 )
-from curation.io.readers import DONE_MEMBERS, SIDECAR, FileReader, TarReader
+from curation.io.readers import DONE_MEMBERS, META, SIDECAR, FileReader, TarReader
 from curation.probe.header_probe import EXTENSIONS, HeaderProbe
 from curation.shard.shard_writer import ShardWriter, plan_bucket, sample_key
 from curation.threshold_filter import ASPECT, PIXELS, Rule, ThresholdFilter
@@ -85,7 +85,7 @@ ANALYSIS_COLUMNS = tuple(c for c in schema.MANIFEST_COLUMNS if c != schema.KEY)
 KIND = "kind"  # listing column: "file" or "tar"
 TAR = "tar"  # the tar URI of an analysed tar member (resume)
 LISTING_SCHEMA = pa.schema(
-    [(schema.SOURCE, pa.string()), (SIDECAR, pa.string()), (KIND, pa.string())]
+    [(schema.SOURCE, pa.string()), (SIDECAR, pa.string()), (META, pa.string()), (KIND, pa.string())]
 )
 AWS_ENV = (
     "AWS_ENDPOINT_URL",
@@ -351,13 +351,14 @@ def expand_listing(
     A folder or a URI list file of millions of entries streams out in blocks of `chunk`
     rows; nothing per input reaches the driver.
     """
-    out: dict[str, list[Any]] = {schema.SOURCE: [], SIDECAR: [], KIND: []}
+    out: dict[str, list[Any]] = {schema.SOURCE: [], SIDECAR: [], META: [], KIND: []}
     sent = False
     for uri, kind in zip(column(batch, "uri"), column(batch, "kind"), strict=True):
         spec = InputSpec(uri, kind)
         for item in expand_input(spec, sidecar_extensions=sidecar_extensions):
             out[schema.SOURCE].append(item.uri)
             out[SIDECAR].append(item.sidecar)
+            out[META].append(item.meta)
             out[KIND].append(item.kind)
             if len(out[KIND]) >= chunk:
                 yield pa.table(out, schema=LISTING_SCHEMA)

@@ -37,6 +37,7 @@ class Expected:
     size: tuple[int, int] | None = None  # oriented (width, height) when it must be checked
     duplicate_of: str | None = None  # relative path of the copy that must be kept
     caption: str | None = None
+    meta: dict | None = None  # the input's JSON metadata, read back from `source_meta`
 
 
 def render(width: int, height: int, seed: int) -> np.ndarray:
@@ -161,13 +162,16 @@ def build_samples(
             encode(render(w, h, seed + i), fmt, **kw),
             Expected("kept", size=(w, h)),
         )
+    # img2dataset's layout: the caption in `.txt`, the crawl's metadata in `.json`.
     (out / "native/render_0_3840x2160.txt").write_text("A procedural test scene at 3840x2160.\n")
+    crawl = {"url": "https://example.com/render_0.jpg", "license": "CC0-1.0", "key": "000000000"}
+    (out / "native/render_0_3840x2160.json").write_text(json.dumps(crawl))
     exp["native/render_0_3840x2160.jpg"] = Expected(
-        "kept", size=(3840, 2160), caption="A procedural test scene at 3840x2160."
+        "kept", size=(3840, 2160), caption="A procedural test scene at 3840x2160.", meta=crawl
     )
     (out / "native/render_1_4032x3024.json").write_text(json.dumps({"caption": "Shapes, 4:3."}))
     exp["native/render_1_4032x3024.jpg"] = Expected(
-        "kept", size=(4032, 3024), caption="Shapes, 4:3."
+        "kept", size=(4032, 3024), caption="Shapes, 4:3.", meta={"caption": "Shapes, 4:3."}
     )
 
     # The same content in odd encodings that must still be processed and kept.
@@ -260,9 +264,13 @@ def build_samples(
         for key, img in tar_imgs.items():
             _tar_add(tf, f"{key}.jpg", encode(img, "JPEG", quality=95))
             _tar_add(tf, f"{key}.txt", f"caption of {key}".encode())
+            _tar_add(tf, f"{key}.json", json.dumps({"url": f"https://example.com/{key}"}).encode())
         _tar_add(tf, "tarsample_c.jpg", orig_jpg)
     exp["shard-input-000.tar#tarsample_a.jpg"] = Expected(
-        "kept", caption="caption of tarsample_a", size=(3840, 2160)
+        "kept",
+        caption="caption of tarsample_a",
+        size=(3840, 2160),
+        meta={"url": "https://example.com/tarsample_a"},
     )
     exp["shard-input-000.tar#tarsample_b.jpg"] = Expected(
         "kept", caption="caption of tarsample_b", size=(2160, 3840)

@@ -32,11 +32,12 @@ TAR_EXTENSIONS = (".tar",)
 
 @dataclass(frozen=True)
 class InputItem:
-    """One listed input: a file (maybe with a sidecar) or a tar to expand."""
+    """One listed input: a file (maybe with sidecars) or a tar to expand."""
 
     uri: str
     kind: str  # "file" | "tar"
-    sidecar: str | None = None
+    sidecar: str | None = None  # the caption sidecar (the first of the sidecar extensions)
+    meta: str | None = None  # the `<stem>.json` metadata sidecar, when json is a sidecar extension
 
 
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -132,13 +133,15 @@ def _group_folder(
         if p.lower().endswith(TAR_EXTENSIONS):
             yield InputItem(_uri(fs, p), "tar")
             continue
-        sidecar = None
+        sidecar = meta = None
         if ext not in sidecar_exts:
             for se in sidecar_exts:
                 if se in siblings:
                     sidecar = _uri(fs, siblings[se])
                     break
-        yield InputItem(_uri(fs, p), "file", sidecar)
+            if "json" in sidecar_exts and "json" in siblings:
+                meta = _uri(fs, siblings["json"])
+        yield InputItem(_uri(fs, p), "file", sidecar, meta)
 
 
 @dataclass(frozen=True)

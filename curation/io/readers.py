@@ -21,12 +21,15 @@ from curation.base import Stage, column, set_columns
 from curation.io.listing import escape_name, local_path, split_tar_source
 
 SIDECAR = "sidecar"  # listing column: URI of a sidecar caption file
+META = "meta"  # listing column: URI of a `<stem>.json` metadata sidecar
 DONE_MEMBERS = "done_members"  # optional tar column: member sources already analysed (resume)
 KIND = "kind"  # listing column: "file" | "tar"
 
 CAPTION_EXTS = ("txt",)
 CAPTION_ZH_EXTS = ("zh.txt",)
 META_EXTS = ("json",)
+META_MAX_BYTES = 64 * 1024
+"""Largest metadata JSON kept verbatim in `source_meta` (img2dataset's are under 2 KB)."""
 
 
 def read_bytes(source: str, tar_offset: int | None = None, size: int | None = None) -> bytes:
@@ -62,6 +65,20 @@ def caption_from_json(raw: bytes) -> tuple[str | None, str | None]:
     return (en if isinstance(en, str) else None), (zh if isinstance(zh, str) else None)
 
 
+def source_meta(raw: bytes) -> str | None:
+    """`raw` as text when it is one JSON object of at most `META_MAX_BYTES` bytes, else None.
+
+    Kept verbatim (not re-serialised), so provenance fields read back exactly as crawled.
+    """
+    if not raw or len(raw) > META_MAX_BYTES:
+        return None
+    try:
+        text = raw.decode("utf-8").strip()
+        return text if isinstance(json.loads(text), dict) else None
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+
+
 def safe_text(text: str, limit: int = 500) -> str:
     """Text Arrow can hold: undecodable bytes (from file names in messages) escaped."""
     return text.encode("utf-8", "backslashreplace").decode("utf-8")[:limit]
@@ -77,11 +94,12 @@ def _text(raw: bytes) -> str | None:
 
 @dataclass(kw_only=True)
 class FileReader(Stage):
-    """Read each listed file's bytes, size, sha256 and sidecar caption.
+    """Read each listed file's bytes, size, sha256, sidecar caption and metadata.
 
-    Reads: `source`, `sidecar`. Writes: `data`, `size_bytes`, `sha256`, `caption_en`,
-    `caption_zh`. Rejects: `unreadable` (missing, permission, I/O error), `too_large` (file over
-    `max_file_bytes`, never read). Resources: 1 CPU (I/O bound).
+    Reads: `source`, `sidecar`, `meta` (optional). Writes: `data`, `size_bytes`, `sha256`,
+    `caption_en`, `caption_zh` (from the `.txt` sidecar, else the JSON's `caption`),
+    `source_meta` (the `.json` sidecar's text). Rejects: `unreadable` (missing, permission, I/O
+    error), `too_large` (file over `max_file_bytes`, never read). Resources: 1 CPU (I/O bound).
     """
 
     name: ClassVar[str] = "read"
@@ -94,14 +112,25 @@ class FileReader(Stage):
         out: dict[str, list[Any]] = {
             c: [] for c in (*self.writes, *schema.DECISION_COLUMNS)
         }
-        for src, side in zip(column(table, schema.SOURCE), column(table, SIDECAR), strict=True):
-            row = _read_one(src, side, self.max_file_bytes)
+        metas = column(table, META) if META in table.column_names else [None] * table.num_rows
+        sources, sidecars = column(table, schema.SOURCE), column(table, SIDECAR)
+        for src, side, meta in zip(sources, sidecars, metas, strict=True):
+            row = _read_one(src, side, meta, self.max_file_bytes)
             for c in out:
                 out[c].append(row.get(c))
         return set_columns(table, out)
 
 
-def _read_one(src: str, sidecar: str | None, max_bytes: int) -> dict[str, Any]:
+def _read_small(uri: str) -> bytes:
+    """A sidecar's bytes; empty when it cannot be read (a lost caption loses no image)."""
+    try:
+        with fsspec.open(local_path(uri), "rb") as fh:
+            return fh.read(META_MAX_BYTES + 1)
+    except Exception:
+        return b""
+
+
+def _read_one(src: str, sidecar: str | None, meta: str | None, max_bytes: int) -> dict[str, Any]:
     try:
         fs, path = fsspec.core.url_to_fs(local_path(src))
         size = fs.size(path)
@@ -125,16 +154,14 @@ def _read_one(src: str, sidecar: str | None, max_bytes: int) -> dict[str, Any]:
         schema.SIZE_BYTES: len(data),
         schema.SHA256: hashlib.sha256(data).hexdigest(),
     }
+    raw_meta = _read_small(meta) if meta else b""
     if sidecar:
-        try:
-            with fsspec.open(local_path(sidecar), "rb") as fh:
-                raw = fh.read()
-        except Exception:  # a missing caption is not a reason to lose the image
-            raw = b""
+        raw = raw_meta if sidecar == meta else _read_small(sidecar)
         if sidecar.lower().endswith(".json"):
             row[schema.CAPTION_EN], row[schema.CAPTION_ZH] = caption_from_json(raw)
         else:
             row[schema.CAPTION_EN] = _text(raw)
+    row[schema.SOURCE_META] = source_meta(raw_meta)
     return row
 
 
@@ -144,9 +171,10 @@ class TarReader(Stage):
 
     Reads: `source` (a tar URI). Writes one row per sample: `source` (`tar-uri#member`),
     `tar_offset`, `data`, `size_bytes`, `sha256`, `caption_en`/`caption_zh` from `.txt`/`.zh.txt`
-    or `.json` members. Rejects: `unreadable` for a tar that cannot be opened (one row for the
-    tar) or a truncated member. Rows whose source is in the tar's optional `done_members` list
-    (analysed by an interrupted earlier run) are left out. Resources: 1 CPU; one tar per batch.
+    or `.json` members, `source_meta` (the `.json` member's text). Rejects: `unreadable` for a
+    tar that cannot be opened (one row for the tar) or a truncated member. Rows whose source is
+    in the tar's optional `done_members` list (analysed by an interrupted earlier run) are left
+    out. Resources: 1 CPU; one tar per batch.
     """
 
     name: ClassVar[str] = "read_tar"
@@ -240,9 +268,10 @@ class TarReader(Stage):
 
 def _sample_rows(tar_uri: str, key: str, sample: dict[str, Any]) -> list[dict[str, Any]]:
     members = sample["members"]
-    en = zh = None
+    en = zh = meta = None
     if "json" in members:
         en, zh = caption_from_json(members["json"][2])
+        meta = source_meta(members["json"][2])
     for e in CAPTION_EXTS:
         if e in members:
             en = _text(members[e][2]) or en
@@ -262,6 +291,7 @@ def _sample_rows(tar_uri: str, key: str, sample: dict[str, Any]) -> list[dict[st
                 schema.SHA256: hashlib.sha256(data).hexdigest(),
                 schema.CAPTION_EN: en,
                 schema.CAPTION_ZH: zh,
+                schema.SOURCE_META: meta,
             }
         )
     if "error" in sample:

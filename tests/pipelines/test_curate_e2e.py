@@ -44,6 +44,8 @@ def test_every_input_gets_exactly_its_expected_outcome(samples, curated):
             assert [r["width"], r["height"]] == e["size"], rel  # after EXIF orientation
         if e["caption"]:
             assert r["caption_en"] == e["caption"]
+        if e.get("meta"):
+            assert json.loads(r["source_meta"]) == e["meta"], rel
         if e["duplicate_of"]:
             assert r["duplicate_of"] == by_rel[e["duplicate_of"]]["key"], rel
 
@@ -63,7 +65,8 @@ def test_kept_samples_are_bucketed_without_upscaling_and_bytes_unchanged(curated
             assert hashlib.sha256(data).hexdigest() == r["sha256"]
         else:
             assert data == Path(r["source"]).read_bytes()
-        assert json.loads(members[f"{r['key']}.json"])["source"] == r["source"]
+        row = json.loads(members[f"{r['key']}.json"])
+        assert row["source"] == r["source"] and row["source_meta"] == r["source_meta"]
         if r["caption_en"]:
             assert members[f"{r['key']}.txt"].decode() == r["caption_en"]
 

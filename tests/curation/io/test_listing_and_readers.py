@@ -3,12 +3,20 @@ import io
 import json
 import tarfile
 
+import pyarrow as pa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from curation import schema
 from curation.io.listing import InputSpec, few_local_files, list_inputs
-from curation.io.readers import FileReader, TarReader, read_bytes
+from curation.io.readers import (
+    META,
+    SIDECAR,
+    FileReader,
+    TarReader,
+    read_bytes,
+    source_meta,
+)
 
 
 def _tar(path, members):
@@ -138,3 +146,69 @@ def test_few_local_files_counts_nested_folders_up_to_the_limit(
     assert few_local_files(specs, limit) == (len(layout) + single_files <= limit)
     for other in (InputSpec("s3://bucket/x", "folder"), InputSpec(str(root / "a.tar"), "tar")):
         assert few_local_files([*specs, other], 10**6) is False
+
+
+def test_metadata_sidecars_travel_verbatim_next_to_the_caption(tmp_path):
+    """img2dataset's folder layout: `<stem>.jpg`, `.txt` (caption) and `.json` (URL, licence).
+    The caption comes from the `.txt`; the JSON's text is `source_meta`, exactly as crawled."""
+    meta = '{"url": "https://example.com/a.jpg", "license": "CC-BY-4.0", "width": 5120}'
+    (tmp_path / "a.jpg").write_bytes(b"a")
+    (tmp_path / "a.txt").write_text("the caption")
+    (tmp_path / "a.json").write_text(meta + "\n")
+    (tmp_path / "b.jpg").write_bytes(b"b")
+    (tmp_path / "b.json").write_text('{"caption": "from json", "url": "u"}')
+    (tmp_path / "c.jpg").write_bytes(b"c")
+    (tmp_path / "c.json").write_text("[1, 2]")  # not an object: no metadata, no failure
+    (tmp_path / "d.jpg").write_bytes(b"d")
+    (tmp_path / "d.json").write_bytes(b'{"caption": "x", "pad": "' + b"0" * 70_000 + b'"}')
+    (tmp_path / "e.jpg").write_bytes(b"e")
+    items = {i.uri.rsplit("/", 1)[-1]: i for i in list_inputs([str(tmp_path)])}
+    assert set(items) == {"a.jpg", "b.jpg", "c.jpg", "d.jpg", "e.jpg"}
+    assert items["a.jpg"].sidecar.endswith("a.txt") and items["a.jpg"].meta.endswith("a.json")
+    assert items["e.jpg"].meta is None
+    names = sorted(items)
+    t = FileReader()(
+        pa.table(
+            {
+                schema.SOURCE: [items[n].uri for n in names],
+                SIDECAR: [items[n].sidecar for n in names],
+                META: [items[n].meta for n in names],
+            }
+        )
+    )
+    rows = {n: r for n, r in zip(names, t.to_pylist(), strict=True)}
+    assert rows["a.jpg"][schema.CAPTION_EN] == "the caption"
+    assert rows["a.jpg"][schema.SOURCE_META] == meta
+    assert rows["b.jpg"][schema.CAPTION_EN] == "from json"
+    assert json.loads(rows["b.jpg"][schema.SOURCE_META]) == {"caption": "from json", "url": "u"}
+    assert rows["c.jpg"][schema.SOURCE_META] is None
+    assert rows["d.jpg"][schema.SOURCE_META] is None  # over META_MAX_BYTES
+    assert rows["e.jpg"][schema.SOURCE_META] is None
+    assert all(r[schema.STATUS] is None for r in rows.values())  # no image lost over metadata
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(meta=st.dictionaries(st.text(), _JSON, max_size=6), raw=st.binary(max_size=200))
+def test_source_meta_keeps_json_objects_and_nothing_else(meta, raw):
+    """Any JSON object under the cap reads back equal; any other bytes give None, never raise."""
+    text = json.dumps(meta, ensure_ascii=False)
+    assert json.loads(source_meta(text.encode())) == meta
+    got = source_meta(raw)
+    assert got is None or isinstance(json.loads(got), dict)
+
+
+def test_tar_json_members_become_source_meta(tmp_path):
+    meta = b'{"url": "https://example.com/k.jpg", "caption": "k cap"}'
+    _tar(tmp_path / "s.tar", [("k.jpg", b"k"), ("k.json", meta), ("m.jpg", b"m"), ("m.json", b"{")])
+    rows = {r[schema.SOURCE].rsplit("#", 1)[-1]: r for r in TarReader()(
+        pa.table({schema.SOURCE: [str(tmp_path / "s.tar")]})).to_pylist()}  # fmt: skip
+    assert rows["k.jpg"][schema.SOURCE_META] == meta.decode()
+    assert rows["k.jpg"][schema.CAPTION_EN] == "k cap"
+    assert rows["m.jpg"][schema.SOURCE_META] is None
