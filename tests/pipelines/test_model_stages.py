@@ -185,7 +185,7 @@ def test_every_model_stage_through_the_cli(local_ray, inputs, models, tmp_path, 
     assert emb.schema.field("embedding").type.list_size == models["dim"]
     assert {k for k in emb.column("key").to_pylist() if k} == {r[schema.KEY] for r in kept}
     stats = json.loads((out / "stats.json").read_text())
-    assert "low_aesthetic" in stats["rules"] and stats["manifest_version"] == 3
+    assert "low_aesthetic" in stats["rules"] and stats["manifest_version"] == 4
 
 
 def test_missing_weights_stop_the_job_before_any_work(local_ray, inputs, tmp_path, capsys):
