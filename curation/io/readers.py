@@ -121,11 +121,11 @@ class FileReader(Stage):
         return set_columns(table, out)
 
 
-def _read_small(uri: str) -> bytes:
+def _read_sidecar(uri: str) -> bytes:
     """A sidecar's bytes; empty when it cannot be read (a lost caption loses no image)."""
     try:
         with fsspec.open(local_path(uri), "rb") as fh:
-            return fh.read(META_MAX_BYTES + 1)
+            return fh.read()
     except Exception:
         return b""
 
@@ -154,9 +154,9 @@ def _read_one(src: str, sidecar: str | None, meta: str | None, max_bytes: int) -
         schema.SIZE_BYTES: len(data),
         schema.SHA256: hashlib.sha256(data).hexdigest(),
     }
-    raw_meta = _read_small(meta) if meta else b""
+    raw_meta = _read_sidecar(meta) if meta else b""
     if sidecar:
-        raw = raw_meta if sidecar == meta else _read_small(sidecar)
+        raw = raw_meta if sidecar == meta else _read_sidecar(sidecar)
         if sidecar.lower().endswith(".json"):
             row[schema.CAPTION_EN], row[schema.CAPTION_ZH] = caption_from_json(raw)
         else:

@@ -183,6 +183,7 @@ def test_metadata_sidecars_travel_verbatim_next_to_the_caption(tmp_path):
     assert json.loads(rows["b.jpg"][schema.SOURCE_META]) == {"caption": "from json", "url": "u"}
     assert rows["c.jpg"][schema.SOURCE_META] is None
     assert rows["d.jpg"][schema.SOURCE_META] is None  # over META_MAX_BYTES
+    assert rows["d.jpg"][schema.CAPTION_EN] == "x"  # ... its caption still read
     assert rows["e.jpg"][schema.SOURCE_META] is None
     assert all(r[schema.STATUS] is None for r in rows.values())  # no image lost over metadata
 
