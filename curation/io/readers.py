@@ -52,31 +52,32 @@ def read_bytes(source: str, tar_offset: int | None = None, size: int | None = No
     return data
 
 
-def caption_from_json(raw: bytes) -> tuple[str | None, str | None]:
-    """(English, Chinese) captions from a sidecar JSON's `caption`/`caption_en`/`caption_zh`."""
-    try:
-        meta = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        return None, None
+def json_sidecar(raw: bytes) -> tuple[str | None, str | None, str | None]:
+    """(English caption, Chinese caption, `source_meta`) of a JSON sidecar, from one parse.
+
+    The captions are its `caption_en` (or `caption`) and `caption_zh` strings; `source_meta` is
+    its text, verbatim (not re-serialised, so provenance reads back exactly as crawled), when it
+    is at most `META_MAX_BYTES` bytes. All None unless `raw` is one JSON object.
+    """
+    try:  # any encoding JSON allows (UTF-8 with or without a BOM, UTF-16, UTF-32)
+        text = raw.decode(json.detect_encoding(raw)).lstrip("\ufeff").strip()
+        meta = json.loads(text)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None, None, None
     if not isinstance(meta, dict):
-        return None, None
+        return None, None, None
     en = meta.get("caption_en", meta.get("caption"))
     zh = meta.get("caption_zh")
-    return (en if isinstance(en, str) else None), (zh if isinstance(zh, str) else None)
+    return (
+        en if isinstance(en, str) else None,
+        zh if isinstance(zh, str) else None,
+        text if len(raw) <= META_MAX_BYTES else None,
+    )
 
 
 def source_meta(raw: bytes) -> str | None:
-    """`raw` as text when it is one JSON object of at most `META_MAX_BYTES` bytes, else None.
-
-    Kept verbatim (not re-serialised), so provenance fields read back exactly as crawled.
-    """
-    if not raw or len(raw) > META_MAX_BYTES:
-        return None
-    try:
-        text = raw.decode("utf-8").strip()
-        return text if isinstance(json.loads(text), dict) else None
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        return None
+    """The `source_meta` of a JSON sidecar's bytes (`json_sidecar`)."""
+    return json_sidecar(raw)[2]
 
 
 def safe_text(text: str, limit: int = 500) -> str:
@@ -154,14 +155,17 @@ def _read_one(src: str, sidecar: str | None, meta: str | None, max_bytes: int) -
         schema.SIZE_BYTES: len(data),
         schema.SHA256: hashlib.sha256(data).hexdigest(),
     }
-    raw_meta = _read_sidecar(meta) if meta else b""
-    if sidecar:
-        raw = raw_meta if sidecar == meta else _read_sidecar(sidecar)
+    en = zh = None
+    if meta:
+        en, zh, row[schema.SOURCE_META] = json_sidecar(_read_sidecar(meta))
+    if sidecar and sidecar != meta:
+        raw = _read_sidecar(sidecar)
         if sidecar.lower().endswith(".json"):
-            row[schema.CAPTION_EN], row[schema.CAPTION_ZH] = caption_from_json(raw)
+            en, zh, _ = json_sidecar(raw)
         else:
-            row[schema.CAPTION_EN] = _text(raw)
-    row[schema.SOURCE_META] = source_meta(raw_meta)
+            en, zh = _text(raw), None
+    if sidecar:
+        row[schema.CAPTION_EN], row[schema.CAPTION_ZH] = en, zh
     return row
 
 
@@ -270,8 +274,7 @@ def _sample_rows(tar_uri: str, key: str, sample: dict[str, Any]) -> list[dict[st
     members = sample["members"]
     en = zh = meta = None
     if "json" in members:
-        en, zh = caption_from_json(members["json"][2])
-        meta = source_meta(members["json"][2])
+        en, zh, meta = json_sidecar(members["json"][2])
     for e in CAPTION_EXTS:
         if e in members:
             en = _text(members[e][2]) or en
