@@ -52,7 +52,12 @@ from bench.calibrate_native import (
     load_gray,
 )
 from curation.analyze import native as nat
-from curation.analyze.native_coherence import JPEG_LINES, VP8_LINES, coherence_statistics
+from curation.analyze.native_coherence import (
+    JPEG_LINES,
+    VP8_LINES,
+    cfa_statistic,
+    coherence_statistics,
+)
 from curation.analyze.pixel_analyzer import block_codec
 
 Image.MAX_IMAGE_PIXELS = None
@@ -150,6 +155,7 @@ def raw_statistics(gray: np.ndarray) -> dict[str, float]:
     for value, z in zip((0.375, 0.5, 0.625, 0.75), grid, strict=True):
         out[f"z{value}"] = z
     out["quarter"] = nat._quarter_period(grid)
+    out["cfa"] = cfa_statistic(g, *bands)
     return out
 
 

@@ -50,9 +50,10 @@ NATIVE_SCORE = "native_score"
 UPSCALE_FACTOR = "upscale_factor"
 NATIVE_DETAIL = "native_detail"
 # the native verdict's evidence (issue 11), nullable: see docs/native-detection.md
-NATIVE_PERIOD = "native_period"  # px: period of the strongest resampling trace (null: none)
-NATIVE_STRENGTH = "native_strength"  # strongest test's statistic / threshold (score = 2^-x)
-NATIVE_TEST = "native_test"  # that test: spectral | fold | harmonic | grid | quarter
+NATIVE_PERIOD = "native_period"  # px: period of the strongest resampling trace (null: none; cfa: 2)
+NATIVE_STRENGTH = "native_strength"  # strongest test's statistic / threshold (score = 2^-x;
+# for cfa, the Bayer lattice's own statistic / threshold: kept, score = 1 - 2^-x / 2)
+NATIVE_TEST = "native_test"  # that test: spectral | fold | harmonic | grid | quarter | cfa
 NATIVE_CODEC = "native_codec"  # block structure modelled: jpeg | vp8 | av1 | lossless
 PHASH = "phash"  # 64-bit perceptual hash as signed int64 (bit pattern of imagehash.phash)
 THUMBNAIL = "thumbnail"  # small JPEG for the model scorers (working column)

@@ -42,8 +42,13 @@ the codec (`pixel_analyzer.block_codec`).
 Each test's statistic is divided by a threshold calibrated on real photographs and renders
 (``bench/calibrate_native.py``; tables and held-out figures in ``docs/native-detection.md``);
 the largest ratio ``E`` becomes ``score = 2 ** -E``, so ``score = 0.5`` is the decision
-boundary. The centre of the image, at most 2561 × 1601 pixels, is analysed (the calibrated
-window): about 17 ms on one core (profiles 3, coherence 14).
+boundary. One piece of evidence goes the other way: a straight-from-camera file still carries
+its demosaicing lattice, a 2-px pattern like a 2× enlargement's, except that it alternates
+between even and odd rows (columns), and any resampling moves it off the 2-px grid. When a
+test fires, that lattice is measured (`native_coherence.cfa_statistic`, about 7 ms); intact, it
+keeps the image (``test == "cfa"``, ``score`` at least 0.75; ``bench/camera_natives.py``).
+The centre of the image, at most 2561 × 1601 pixels, is analysed (the calibrated window):
+about 17 ms on one core (profiles 3, coherence 14).
 """
 
 from __future__ import annotations
@@ -53,7 +58,12 @@ from typing import NamedTuple
 import cv2
 import numpy as np
 
-from curation.analyze.native_coherence import GRID, JPEG_LINES, coherence_statistics
+from curation.analyze.native_coherence import (
+    GRID,
+    JPEG_LINES,
+    cfa_statistic,
+    coherence_statistics,
+)
 
 DEFAULT_NATIVE_THRESHOLD: float = 0.5
 """Images with ``native_score(...).score`` below this are rejected as ``upscaled``."""
@@ -76,6 +86,12 @@ _VP8_GRID_THRESHOLDS = (28.7, 82.6, 90.0, 199.5)
 # 4-px-period statistic, whose JPEG threshold is 34).
 _VP8_FINE_GRID_THRESHOLDS = (17.2, 49.6, 90.0, 199.5)
 _VP8_FINE_QUARTER_THRESHOLD = 58.1
+# An intact Bayer lattice (`cfa_statistic`: row-alternating z at 1/2) overrides the tests above:
+# 1.1 × the largest value an enlargement reached in calibration (bench.calibrate_codecs, 2026-12-06:
+# 8.17 over 864 PNG and JPEG files; 16.75 over 864 lossy WebPs, whose 4×4 transform grid feeds
+# this statistic too; AVIF, on a 4-px lattice as well, takes WebP's).
+_CFA_THRESHOLD = 9.0
+_VP8_CFA_THRESHOLD = 18.4
 _SPECTRAL_FLOOR = 8.0  # never below this (small images: chance peaks of the periodogram)
 _DEPTH_THRESHOLD = 5.0  # ...and its modulation depth (percent of the mean |difference|)
 _FOLD_T_THRESHOLD = 20.0  # |T| in percent of the mean |difference|
@@ -100,14 +116,15 @@ class NativeEvidence(NamedTuple):
 
     Attributes:
         score: Higher means more native; roughly in ``[0, 1]``; ``0.5`` at the calibrated
-            decision boundary.
+            decision boundary. ``2^-strength``, or ``1 - 2^-strength / 2`` (at least 0.75)
+            when an intact Bayer lattice overrides a resampling test (``test == "cfa"``).
         factor: Estimated upscale factor, ``nan`` when no resampling trace was found.
         detail: A few words for a person explaining the strongest evidence.
         period: Period in pixels of the strongest trace (``1/ν`` of a spectral line, ``1/α``
             of a cyclic frequency, the fold's period), ``nan`` when no test fired.
         strength: The strongest test's statistic over its threshold (``E``; ``score = 2^-E``).
         test: Which test gave ``strength``: ``spectral``, ``fold``, ``harmonic``, ``grid``,
-            ``quarter`` (see `TESTS`).
+            ``quarter``, or ``cfa`` (see `TESTS`).
         codec: The block structure the detector modelled (see `CODECS`).
     """
 
@@ -328,13 +345,14 @@ class _Model(NamedTuple):
     harmonic_threshold: float = _HARMONIC_THRESHOLD
     spectral_scale: float = 1.0  # × the spectral test's threshold
     mild: bool = True  # harmonic fundamentals of enlargements below 1.23× (native_coherence)
+    cfa_threshold: float = _CFA_THRESHOLD  # intact Bayer lattice (`cfa_statistic`): kept
 
 
 _JPEG = _Model((1 / 8, 2 / 8, 3 / 8), JPEG_LINES, True, _GRID_THRESHOLDS, _QUARTER_THRESHOLD)
 # The harmonic sum skips k/8 only (k/4 included): natives saved as WebP show no coherence at
 # odd k/16 (same maxima with and without skipping them), and 16/9 ≈ 1.78 lives there.
 _VP8 = _Model(tuple(k / 16 for k in range(1, 8)), JPEG_LINES, False, _VP8_GRID_THRESHOLDS,
-              float("inf"))
+              float("inf"), cfa_threshold=_VP8_CFA_THRESHOLD)
 # JPEG coarser than q85: fold and 4-px-period tests off, the other thresholds at 1.1 × the
 # largest value of the calibration natives saved at q75 (harmonic 67.8, spectral 1.1 × its
 # threshold, z 38.8 and 82.0 at 3/8 and 1/2, 103.6 at 5/8).
@@ -342,6 +360,8 @@ _JPEG_LOW = _Model((1 / 8, 2 / 8, 3 / 8), JPEG_LINES, False, (42.7, 90.2, 114.0,
                    float("inf"), harmonic_threshold=74.6, spectral_scale=1.2)
 # AVIF: as VP8, without the mild-enlargement fundamentals: measured so (a first version of
 # them, counting terms above 0.84 for every candidate, rejected 3 more AVIF natives).
+# Its 4-px lattice feeds the Bayer-lattice statistic as VP8's does: WebP's threshold (AVIF
+# enlargements reached 7.2 in calibration but 13.1 held out).
 _AV1 = _VP8._replace(mild=False)
 # Lossy WebP at q90 or finer (the quantiser read from the frame header by the caller): its
 # 4-px grid is weak enough for the 4-px-period test and lower grid thresholds, and its spectra
@@ -349,7 +369,7 @@ _AV1 = _VP8._replace(mild=False)
 # cyc/px: content), so only the k/8 lines a JPEG history leaves are masked. The 8-px fold
 # stays off: it fires on natives at q90-q100 (16.5 × its threshold).
 _VP8_FINE = _Model((1 / 8, 2 / 8, 3 / 8), JPEG_LINES, False, _VP8_FINE_GRID_THRESHOLDS,
-                   _VP8_FINE_QUARTER_THRESHOLD)
+                   _VP8_FINE_QUARTER_THRESHOLD, cfa_threshold=_VP8_CFA_THRESHOLD)
 _MODELS: dict[str, _Model] = {"jpeg": _JPEG, "jpeg_low": _JPEG_LOW, "lossless": _JPEG,
                               "vp8": _VP8, "vp8_fine": _VP8_FINE, "av1": _AV1}
 CODECS: tuple[str, ...] = tuple(_MODELS)
@@ -374,8 +394,10 @@ CODECS: tuple[str, ...] = tuple(_MODELS)
   ``vp8``, without the harmonic fundamentals of enlargements below 1.23× (see
   docs/native-detection.md).
 """
-TESTS: tuple[str, ...] = ("spectral", "fold", "harmonic", "grid", "quarter")
-"""Names of the tests, as `NativeEvidence.test` reports the strongest."""
+TESTS: tuple[str, ...] = ("spectral", "fold", "harmonic", "grid", "quarter", "cfa")
+"""Names of the tests, as `NativeEvidence.test` reports the strongest (``cfa``: a camera's
+intact Bayer lattice overrode the others, see `native_score`)."""
+
 
 
 class _Trace(NamedTuple):
@@ -483,6 +505,17 @@ def native_score(gray: np.ndarray, codec: str = "jpeg") -> NativeEvidence:
     tests = [_profile_evidence(gray, bands, model), _coherence_evidence(gray, bands, model)]
     best = max(tests, key=lambda t: t.ratio)
     score = float(2.0 ** -best.ratio)
+    if best.ratio >= 1.0:
+        # A camera's demosaicing lattice repeats every 2 px, as a 2× enlargement's trace does,
+        # but alternates between rows; resampling moves it off the 2-px grid. Still intact, it
+        # shows the pixels are at the sensor's resolution, whatever else fired.
+        cfa = cfa_statistic(gray, *bands) / model.cfa_threshold
+        if cfa >= 1.0:
+            return NativeEvidence(
+                1.0 - 0.5 * 2.0**-cfa, float("nan"),
+                f"intact Bayer colour-filter lattice (a 2-px pattern alternating between rows, "
+                f"z={cfa * model.cfa_threshold:.0f}): pixels at the camera's resolution, so "
+                f"not taken as resampling: {best.detail}", 2.0, cfa, "cfa", codec)
     if best.ratio < 1.0:
         return NativeEvidence(score, float("nan"),
                               f"no resampling trace (profile tests {tests[0].ratio:.2f}, "

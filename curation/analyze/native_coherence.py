@@ -225,3 +225,54 @@ def coherence_statistics(
     alpha, z = _combined(gray, row_bands, col_bands)
     h, a1 = _harmonic(alpha, z, skip, mild)
     return h, a1, [float(z[np.abs(alpha - g) < 0.0008].max(initial=0.0)) for g in GRID]
+
+
+def _alternating_half(rows: np.ndarray, parity: np.ndarray) -> float:
+    """Rayleigh ``z`` at ``α = 1/2`` of ``Σ_rows ± Σ_v X(v) X(1/2 − v)``, the sign the row's parity.
+
+    A resampling grid gives every row the same phase at ``α = 1/2`` (so this sum cancels); a
+    Bayer colour-filter array alternates its 2-px pattern between even and odd rows (its
+    checkerboard component), which this sum collects. Same whitening and normalisation as
+    `_axis_coherence`.
+    """
+    w = rows.shape[1]
+    n = _fast_len_below(w)
+    k = min(n, w - 1)
+    d = np.subtract(rows[:, 1 : k + 1], rows[:, :k], dtype=np.float32)
+    d *= _hann(k)
+    width = round(2 * _HALF_BAND * n)
+    lo = round((0.25 - _HALF_BAND) * n)
+    spec = sf.rfft(d, n=n, axis=1, workers=1)[:, lo : lo + width]
+    power = spec.real**2 + spec.imag**2
+    inv_env = 1.0 / (np.sqrt(power.mean(axis=0)) + 1e-6)
+    white = spec * inv_env
+    m = _fast_len_above((3 * width + 1) // 2)
+    ks = np.arange(width // 2, 3 * width // 2)
+    a = (2 * lo + ks) / n
+    j = int(np.argmin(np.abs(a - 0.5)))
+    p = sf.fft(white, n=m, axis=1, workers=1)
+    sign = np.where(parity % 2 == 0, 1.0, -1.0)[:, None]
+    corr = sf.ifft(((p * p) * sign).sum(axis=0), workers=1)[ks[j]]
+    energy = (power * inv_env**2).mean(axis=1)
+    pairs = float(min(ks[j] + 1, 2 * width - 1 - ks[j]))
+    return float(np.abs(corr) / np.sqrt(max(float(np.dot(energy, energy)) * pairs, 1e-20)))
+
+
+def cfa_statistic(
+    gray: np.ndarray, row_bands: list[tuple[int, int]], col_bands: list[tuple[int, int]]
+) -> float:
+    """Evidence of an intact Bayer lattice: row-parity-alternating ``z`` at 1/2, ``min`` of axes.
+
+    A camera's demosaicing interpolates, at every pixel, the colours its filter did not
+    capture; the pattern repeats every 2 px and, in its checkerboard part, flips between even
+    and odd rows (columns). Any resampling moves that lattice off the 2-px grid (an enlargement
+    by ``f`` puts it at ``2 f`` px), so an image that still carries it is at its sensor's
+    resolution. Same rows (columns) as `coherence_statistics`; one more transform per axis.
+    """
+    ridx = _spread(row_bands)
+    zx = _alternating_half(gray[ridx], ridx)
+    cidx = np.concatenate([np.arange(a, b) for a, b in col_bands])
+    cols = np.concatenate([cv2.transpose(gray[:, a:b]) for a, b in col_bands])
+    sel = _spread([(0, cols.shape[0])])
+    zy = _alternating_half(cols[sel], cidx[sel])
+    return min(zx, zy)
