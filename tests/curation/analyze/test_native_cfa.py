@@ -98,3 +98,18 @@ def test_no_enlargement_keeps_a_bayer_lattice(seed: int, factor: float, fmt: tup
     big, _ = _saved(_enlarged(frame, factor), kind, q or 95)
     assert _cfa(np.asarray(Image.fromarray(frame).convert("L"))) >= nat._CFA_THRESHOLD
     assert _cfa(big) < nat._CFA_THRESHOLD
+
+
+def test_the_analysis_stage_keeps_a_camera_file_and_says_why() -> None:
+    from curation import schema
+    from curation.analyze.pixel_analyzer import PixelAnalyzer
+
+    frame = bilinear_demosaic(mosaic(_scene("Flow")))
+    buf = io.BytesIO()
+    Image.fromarray(frame).save(buf, "JPEG", quality=95)
+    row = PixelAnalyzer()({
+        schema.DATA: [buf.getvalue()], schema.ORIENTATION: [1], schema.STATUS: [None],
+    }).to_pylist()[0]
+    assert row[schema.NATIVE_TEST] == "cfa" and row[schema.NATIVE_PERIOD] == 2.0
+    assert row[schema.NATIVE_SCORE] >= 0.75 and row[schema.NATIVE_STRENGTH] >= 1
+    assert row[schema.UPSCALE_FACTOR] is None and "Bayer" in row[schema.NATIVE_DETAIL]
