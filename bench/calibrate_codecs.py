@@ -52,12 +52,7 @@ from bench.calibrate_native import (
     load_gray,
 )
 from curation.analyze import native as nat
-from curation.analyze.native_coherence import (
-    JPEG_LINES,
-    VP8_LINES,
-    cfa_statistic,
-    coherence_statistics,
-)
+from curation.analyze.native_coherence import JPEG_LINES, VP8_LINES, coherence_statistics
 from curation.analyze.pixel_analyzer import block_codec
 
 Image.MAX_IMAGE_PIXELS = None
@@ -150,12 +145,12 @@ def raw_statistics(gray: np.ndarray) -> dict[str, float]:
         out[f"spectral_{name}"], out[f"freq_{name}"] = ratio, freq
     out["fold"] = nat._fold_evidence(p1x, p1y)[0]
     for name, skip in (("jpeg", JPEG_LINES), ("vp8", VP8_LINES)):
-        h, a1, grid = coherence_statistics(g, *bands, skip=skip)
+        h, a1, grid, lattice = coherence_statistics(g, *bands, skip=skip)
         out[f"harmonic_{name}"], out[f"alpha_{name}"] = h, a1
     for value, z in zip((0.375, 0.5, 0.625, 0.75), grid, strict=True):
         out[f"z{value}"] = z
     out["quarter"] = nat._quarter_period(grid)
-    out["cfa"] = cfa_statistic(g, *bands)
+    out["cfa"] = lattice
     return out
 
 

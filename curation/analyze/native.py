@@ -44,9 +44,10 @@ Each test's statistic is divided by a threshold calibrated on real photographs a
 the largest ratio ``E`` becomes ``score = 2 ** -E``, so ``score = 0.5`` is the decision
 boundary. One piece of evidence goes the other way: a straight-from-camera file still carries
 its demosaicing lattice, a 2-px pattern like a 2× enlargement's, except that it alternates
-between even and odd rows (columns), and any resampling moves it off the 2-px grid. When a
-test fires, that lattice is measured (`native_coherence.cfa_statistic`, about 7 ms); intact, it
-keeps the image (``test == "cfa"``, ``score`` at least 0.75; ``bench/camera_natives.py``).
+between even and odd rows (columns), and any resampling moves it off the 2-px grid. The
+coherence pass measures that lattice too (well under a millisecond); when a test fires and it
+is intact, it keeps the image (``test == "cfa"``, ``score`` at least 0.75;
+``bench/camera_natives.py``).
 The centre of the image, at most 2561 × 1601 pixels, is analysed (the calibrated window):
 about 17 ms on one core (profiles 3, coherence 14).
 """
@@ -58,12 +59,7 @@ from typing import NamedTuple
 import cv2
 import numpy as np
 
-from curation.analyze.native_coherence import (
-    GRID,
-    JPEG_LINES,
-    cfa_statistic,
-    coherence_statistics,
-)
+from curation.analyze.native_coherence import GRID, JPEG_LINES, coherence_statistics
 
 DEFAULT_NATIVE_THRESHOLD: float = 0.5
 """Images with ``native_score(...).score`` below this are rejected as ``upscaled``."""
@@ -86,7 +82,7 @@ _VP8_GRID_THRESHOLDS = (28.7, 82.6, 90.0, 199.5)
 # 4-px-period statistic, whose JPEG threshold is 34).
 _VP8_FINE_GRID_THRESHOLDS = (17.2, 49.6, 90.0, 199.5)
 _VP8_FINE_QUARTER_THRESHOLD = 58.1
-# An intact Bayer lattice (`cfa_statistic`: row-alternating z at 1/2) overrides the tests above:
+# An intact Bayer lattice (native_coherence: row-alternating z at 1/2) overrides the tests above:
 # 1.1 × the largest value an enlargement reached in calibration (bench.calibrate_codecs, 2026-12-06:
 # 8.17 over 864 PNG and JPEG files; 16.75 over 864 lossy WebPs, whose 4×4 transform grid feeds
 # this statistic too; AVIF, on a 4-px lattice as well, takes WebP's).
@@ -345,7 +341,7 @@ class _Model(NamedTuple):
     harmonic_threshold: float = _HARMONIC_THRESHOLD
     spectral_scale: float = 1.0  # × the spectral test's threshold
     mild: bool = True  # harmonic fundamentals of enlargements below 1.23× (native_coherence)
-    cfa_threshold: float = _CFA_THRESHOLD  # intact Bayer lattice (`cfa_statistic`): kept
+    cfa_threshold: float = _CFA_THRESHOLD  # intact Bayer lattice (native_coherence): kept
 
 
 _JPEG = _Model((1 / 8, 2 / 8, 3 / 8), JPEG_LINES, True, _GRID_THRESHOLDS, _QUARTER_THRESHOLD)
@@ -440,10 +436,14 @@ def _quarter_period(grid: list[float]) -> float:
     return float(np.sqrt(z[0.5] * z[0.75]) - _QUARTER_GRID_WEIGHT * z[0.625])
 
 
-def _coherence_evidence(gray: np.ndarray, bands: tuple[Bands, Bands], model: _Model) -> _Trace:
-    """The cyclic-coherence tests' strongest evidence (harmonic, grid, 4-px period)."""
-    harmonic, alpha1, grid = coherence_statistics(gray, *bands, skip=model.cyclic,
-                                                  mild=model.mild)
+def _coherence_evidence(
+    gray: np.ndarray, bands: tuple[Bands, Bands], model: _Model
+) -> tuple[_Trace, float]:
+    """The cyclic-coherence tests' strongest evidence (harmonic, grid, 4-px period), and the
+    Bayer lattice's statistic over its threshold."""
+    harmonic, alpha1, grid, lattice = coherence_statistics(gray, *bands, skip=model.cyclic,
+                                                           mild=model.mild)
+    cfa = lattice / model.cfa_threshold
     quarter = _quarter_period(grid)
     ratios = [harmonic / model.harmonic_threshold] + [
         z / t for z, t in zip(grid, model.grid_thresholds, strict=True)
@@ -453,17 +453,17 @@ def _coherence_evidence(gray: np.ndarray, bands: tuple[Bands, Bands], model: _Mo
         return _Trace(ratios[j], 4 / 3, (
             f"coherent spectral correlation at 1/2 and 3/4 cyc/px (z={grid[1]:.0f}, "
             f"{grid[3]:.0f}) beyond the JPEG-grid level at 5/8 (z={grid[2]:.0f}): a 4-px "
-            f"resampling period (≈1.33× or 2× upscale)"), 4.0, "quarter")
+            f"resampling period (≈1.33× or 2× upscale)"), 4.0, "quarter"), cfa
     if j == 0:
         alias = 1.0 / max((2 * alpha1) % 1.0, 1e-3)
         return _Trace(ratios[0], 1.0 / alpha1, (
             f"coherent spectral correlation at cyclic frequency {alpha1:.4f} cyc/px and its "
             f"harmonics (sum z={harmonic:.0f}; ≈{1 / alpha1:.2f}× or {alias:.2f}× upscale)"),
-            1.0 / alpha1, "harmonic")
+            1.0 / alpha1, "harmonic"), cfa
     g = GRID[j - 1]
     detail = (f"coherent spectral correlation at {g:.3f} cyc/px (z={grid[j - 1]:.0f}, beyond "
               f"the block-grid level; ≈{1 / g:.2f}× upscale)")
-    return _Trace(ratios[j], 1.0 / g, detail, 1.0 / g, "grid")
+    return _Trace(ratios[j], 1.0 / g, detail, 1.0 / g, "grid"), cfa
 
 
 def _central_window(gray: np.ndarray) -> np.ndarray:
@@ -502,20 +502,19 @@ def native_score(gray: np.ndarray, codec: str = "jpeg") -> NativeEvidence:
     model = _MODELS[codec]
     gray = np.ascontiguousarray(_central_window(gray))
     bands = _textured_bands(gray)
-    tests = [_profile_evidence(gray, bands, model), _coherence_evidence(gray, bands, model)]
+    coherence, cfa = _coherence_evidence(gray, bands, model)
+    tests = [_profile_evidence(gray, bands, model), coherence]
     best = max(tests, key=lambda t: t.ratio)
     score = float(2.0 ** -best.ratio)
-    if best.ratio >= 1.0:
+    if best.ratio >= 1.0 and cfa >= 1.0:
         # A camera's demosaicing lattice repeats every 2 px, as a 2× enlargement's trace does,
         # but alternates between rows; resampling moves it off the 2-px grid. Still intact, it
         # shows the pixels are at the sensor's resolution, whatever else fired.
-        cfa = cfa_statistic(gray, *bands) / model.cfa_threshold
-        if cfa >= 1.0:
-            return NativeEvidence(
-                1.0 - 0.5 * 2.0**-cfa, float("nan"),
-                f"intact Bayer colour-filter lattice (a 2-px pattern alternating between rows, "
-                f"z={cfa * model.cfa_threshold:.0f}): pixels at the camera's resolution, so "
-                f"not taken as resampling: {best.detail}", 2.0, cfa, "cfa", codec)
+        return NativeEvidence(
+            1.0 - 0.5 * 2.0**-cfa, float("nan"),
+            f"intact Bayer colour-filter lattice (a 2-px pattern alternating between rows, "
+            f"z={cfa * model.cfa_threshold:.0f}): pixels at the camera's resolution, so not "
+            f"taken as resampling: {best.detail}", 2.0, cfa, "cfa", codec)
     if best.ratio < 1.0:
         return NativeEvidence(score, float("nan"),
                               f"no resampling trace (profile tests {tests[0].ratio:.2f}, "

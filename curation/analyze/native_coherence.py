@@ -17,7 +17,7 @@ inverse transform, so the sum stays phase-coherent) is normalised as a Rayleigh 
 ``z(α) = |C(α)| / sqrt(Σ_rows e_row² · pairs(α))`` (about 1 for random phases). One factor
 scales both axes, so the two axes' ``z`` are combined with ``min`` (within a bin).
 
-Two statistics come out:
+Three statistics come out:
 
 * **harmonic sum**: for each candidate fundamental ``α1 ∈ [0.30, 0.88]`` (``f`` ≈ 1.14–3.3;
   above 0.81 the sum is divided by ``_MILD_WEIGHT``, since natives reach higher sums there;
@@ -29,6 +29,14 @@ Two statistics come out:
   factors; the harmonics' pairs sit lower in frequency and survive.
 * **grid values**: ``z`` at ``α = 3/8, 1/2, 5/8, 3/4`` (factors 8/3, 2, 8/5, 4/3), which a JPEG
   grid also produces, so they get their own thresholds (in `curation.analyze.native`).
+
+* **Bayer lattice**: ``C(1/2)`` again, from a band of pairs centred on ``α/2 = 1/4``, with
+  each row's term signed by the parity of its index. A camera's demosaicing interpolates, at
+  every pixel, the colours its filter did not capture: a pattern that repeats every 2 px and,
+  in its checkerboard part, flips between even and odd rows (columns). A resampling grid gives
+  every row the same phase, so this sum cancels for it; any resampling also moves the lattice
+  off the 2-px grid (an enlargement by ``f`` puts it at ``2 f`` px). A large value says the
+  pixels are still at the sensor's resolution (`curation.analyze.native` keeps such images).
 
 About 14 ms for a 2561×1601 window on one core (512 rows per axis: a coherent trace's ``z``
 grows with the square root of the rows; 256 rows gave about 2 points less recall).
@@ -104,8 +112,12 @@ def _hann(k: int) -> np.ndarray:
     return np.hanning(k).astype(np.float32)
 
 
-def _axis_coherence(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Cyclic frequencies (cycles/px) and Rayleigh statistic ``z`` of the rows of ``rows``."""
+def _axis_coherence(
+    rows: np.ndarray, index: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Cyclic frequencies (cycles/px) and Rayleigh statistic ``z`` of the rows of ``rows``, and
+    the Bayer-lattice ``z`` (see the module's docstring); ``index``: each row's index in the
+    image, whose parity signs the lattice's sum."""
     w = rows.shape[1]
     n = _fast_len_below(w)
     k = min(n, w - 1)
@@ -156,7 +168,15 @@ def _axis_coherence(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     order = np.lexsort((np.abs(a - np.concatenate(centres)), a))
     a, z = a[order], z[order]
     keep = np.r_[True, np.diff(a) > 0]
-    return a[keep] / n, z[keep]
+    lo = round((0.25 - _HALF_BAND) * n)  # a band centred on pairs for alpha = 1/2
+    band = slice(lo - first, lo - first + width)
+    j = int(np.argmin(np.abs(2 * lo + ks - n / 2)))
+    p = sf.fft(white[:, band], n=m, axis=1, workers=1)
+    sign = np.where(index % 2 == 0, 1.0, -1.0).astype(np.float32)
+    corr = np.dot(sign @ (p * p), np.exp(2j * np.pi * np.arange(m) * ks[j] / m)) / m
+    energy = power[:, band] @ inv_pow[band]
+    lattice = abs(corr) / np.sqrt(max(float(np.dot(energy, energy)) * pairs[j], 1e-20))
+    return a[keep] / n, z[keep], float(lattice)
 
 
 def _sliding_max(v: np.ndarray, half: int) -> np.ndarray:
@@ -166,15 +186,19 @@ def _sliding_max(v: np.ndarray, half: int) -> np.ndarray:
 
 def _combined(
     gray: np.ndarray, row_bands: list[tuple[int, int]], col_bands: list[tuple[int, int]]
-) -> tuple[np.ndarray, np.ndarray]:
-    """Both axes' ``z`` on the x axis's frequency grid, combined with ``min``."""
-    ax, zx = _axis_coherence(gray[_spread(row_bands)])
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Both axes' ``z`` on the x axis's frequency grid, and their lattice ``z``, combined with
+    ``min``."""
+    rows = _spread(row_bands)
+    ax, zx, lx = _axis_coherence(gray[rows], rows)
     # columns as rows: transpose only the chosen bands
     cols = np.concatenate([cv2.transpose(gray[:, a:b]) for a, b in col_bands])
-    ay, zy = _axis_coherence(cols[_spread([(0, cols.shape[0])])])
+    index = np.concatenate([np.arange(a, b) for a, b in col_bands])
+    sel = _spread([(0, cols.shape[0])])
+    ay, zy, ly = _axis_coherence(cols[sel], index[sel])
     ym = _sliding_max(zy, max(1, int(np.ceil(0.0012 / (ay[1] - ay[0])))))
     xm = _sliding_max(zx, max(1, int(np.ceil(0.0004 / (ax[1] - ax[0])))))
-    return ax, np.minimum(xm, np.interp(ax, ay, ym))
+    return ax, np.minimum(xm, np.interp(ax, ay, ym)), min(lx, ly)
 
 
 def _harmonic(
@@ -213,8 +237,9 @@ def coherence_statistics(
     col_bands: list[tuple[int, int]],
     skip: tuple[float, ...] = JPEG_LINES,
     mild: bool = True,
-) -> tuple[float, float, list[float]]:
-    """Raw statistics: (harmonic sum, its fundamental, combined ``z`` at each of `GRID`).
+) -> tuple[float, float, list[float], float]:
+    """Raw statistics: (harmonic sum, its fundamental, combined ``z`` at each of `GRID`, Bayer
+    lattice ``z``).
 
     ``gray`` is a C-contiguous 2-D uint8 array of at least 64×64 pixels; ``row_bands`` and
     ``col_bands`` are the ``(start, stop)`` horizontal and vertical bands to analyse (checked and
@@ -222,57 +247,7 @@ def coherence_statistics(
     the harmonic sum leaves out (`JPEG_LINES`, or `VP8_LINES` for a 4-px transform grid);
     ``mild`` adds the fundamentals of enlargements below 1.23× (above ``_MILD``).
     """
-    alpha, z = _combined(gray, row_bands, col_bands)
+    alpha, z, lattice = _combined(gray, row_bands, col_bands)
     h, a1 = _harmonic(alpha, z, skip, mild)
-    return h, a1, [float(z[np.abs(alpha - g) < 0.0008].max(initial=0.0)) for g in GRID]
+    return h, a1, [float(z[np.abs(alpha - g) < 0.0008].max(initial=0.0)) for g in GRID], lattice
 
-
-def _alternating_half(rows: np.ndarray, parity: np.ndarray) -> float:
-    """Rayleigh ``z`` at ``α = 1/2`` of ``Σ_rows ± Σ_v X(v) X(1/2 − v)``, the sign the row's parity.
-
-    A resampling grid gives every row the same phase at ``α = 1/2`` (so this sum cancels); a
-    Bayer colour-filter array alternates its 2-px pattern between even and odd rows (its
-    checkerboard component), which this sum collects. Same whitening and normalisation as
-    `_axis_coherence`.
-    """
-    w = rows.shape[1]
-    n = _fast_len_below(w)
-    k = min(n, w - 1)
-    d = np.subtract(rows[:, 1 : k + 1], rows[:, :k], dtype=np.float32)
-    d *= _hann(k)
-    width = round(2 * _HALF_BAND * n)
-    lo = round((0.25 - _HALF_BAND) * n)
-    spec = sf.rfft(d, n=n, axis=1, workers=1)[:, lo : lo + width]
-    power = spec.real**2 + spec.imag**2
-    inv_env = 1.0 / (np.sqrt(power.mean(axis=0)) + 1e-6)
-    white = spec * inv_env
-    m = _fast_len_above((3 * width + 1) // 2)
-    ks = np.arange(width // 2, 3 * width // 2)
-    a = (2 * lo + ks) / n
-    j = int(np.argmin(np.abs(a - 0.5)))
-    p = sf.fft(white, n=m, axis=1, workers=1)
-    sign = np.where(parity % 2 == 0, 1.0, -1.0)[:, None]
-    corr = sf.ifft(((p * p) * sign).sum(axis=0), workers=1)[ks[j]]
-    energy = (power * inv_env**2).mean(axis=1)
-    pairs = float(min(ks[j] + 1, 2 * width - 1 - ks[j]))
-    return float(np.abs(corr) / np.sqrt(max(float(np.dot(energy, energy)) * pairs, 1e-20)))
-
-
-def cfa_statistic(
-    gray: np.ndarray, row_bands: list[tuple[int, int]], col_bands: list[tuple[int, int]]
-) -> float:
-    """Evidence of an intact Bayer lattice: row-parity-alternating ``z`` at 1/2, ``min`` of axes.
-
-    A camera's demosaicing interpolates, at every pixel, the colours its filter did not
-    capture; the pattern repeats every 2 px and, in its checkerboard part, flips between even
-    and odd rows (columns). Any resampling moves that lattice off the 2-px grid (an enlargement
-    by ``f`` puts it at ``2 f`` px), so an image that still carries it is at its sensor's
-    resolution. Same rows (columns) as `coherence_statistics`; one more transform per axis.
-    """
-    ridx = _spread(row_bands)
-    zx = _alternating_half(gray[ridx], ridx)
-    cidx = np.concatenate([np.arange(a, b) for a, b in col_bands])
-    cols = np.concatenate([cv2.transpose(gray[:, a:b]) for a, b in col_bands])
-    sel = _spread([(0, cols.shape[0])])
-    zy = _alternating_half(cols[sel], cidx[sel])
-    return min(zx, zy)

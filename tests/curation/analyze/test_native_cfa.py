@@ -19,7 +19,7 @@ from PIL import Image
 from bench.camera_natives import bilinear_demosaic, mosaic
 from curation.analyze import native as nat
 from curation.analyze.native import DEFAULT_NATIVE_THRESHOLD, native_score
-from curation.analyze.native_coherence import cfa_statistic
+from curation.analyze.native_coherence import coherence_statistics
 from curation.analyze.pixel_analyzer import block_codec
 
 WALL = "/usr/share/wallpapers"
@@ -54,7 +54,7 @@ def _saved(rgb: np.ndarray, fmt: str = "JPEG", quality: int = 95) -> tuple[np.nd
 
 def _cfa(gray: np.ndarray) -> float:
     g = np.ascontiguousarray(nat._central_window(gray))
-    return cfa_statistic(g, *nat._textured_bands(g))
+    return coherence_statistics(g, *nat._textured_bands(g))[3]
 
 
 def _enlarged(rgb: np.ndarray, factor: float) -> np.ndarray:
