@@ -63,14 +63,17 @@ LOSSLESS_OR_JPEG = (("png", 0), ("jpeg", 75), ("jpeg", 90), ("jpeg", 100))
 WEBP = (("webp", 75), ("webp", 90), ("webp", 100))
 
 
-def encode(gray: np.ndarray, container: str, quality: int) -> tuple[np.ndarray, str]:
-    """Save as `container` at `quality` with Pillow; the luma decoded again and the codec the
-    job would pass (`block_codec` of the bytes; png: the pixels unchanged, ``lossless``)."""
+def encode(pixels: np.ndarray, container: str, quality: int) -> tuple[np.ndarray, str]:
+    """Save luma or RGB `pixels` as `container` at `quality` with Pillow; the luma decoded again
+    and the codec the job would pass (`block_codec` of the bytes; png: the pixels' luma,
+    ``lossless``)."""
     if container == "png":
-        return gray, "lossless"
+        if pixels.ndim == 3:
+            pixels = np.asarray(Image.fromarray(pixels).convert("L"))
+        return pixels, "lossless"
     buf = io.BytesIO()
     kw = {"speed": 8} if container == "avif" else {}
-    Image.fromarray(gray).save(buf, container.upper(), quality=quality, **kw)
+    Image.fromarray(pixels).save(buf, container.upper(), quality=quality, **kw)
     codec = block_codec(buf.getvalue())
     buf.seek(0)
     with Image.open(buf) as im:

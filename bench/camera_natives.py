@@ -22,7 +22,6 @@ Usage: `python -m bench.camera_natives [--workers 2]` (about 4 minutes on 2 core
 from __future__ import annotations
 
 import argparse
-import io
 import time
 from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
@@ -31,6 +30,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from bench.calibrate_codecs import encode
 from bench.calibrate_native import (
     HELD_OUT_RENDERS,
     HELD_OUT_UPSCALED,
@@ -40,7 +40,6 @@ from bench.calibrate_native import (
     find_pictures,
 )
 from curation.analyze import native as nat
-from curation.analyze.pixel_analyzer import block_codec
 
 Image.MAX_IMAGE_PIXELS = None
 DEMOSAIC = ("bilinear", "cv_bilinear", "cv_vng", "cv_ea")
@@ -87,16 +86,6 @@ def camera_frame(
     return bilinear_demosaic(raw) if method == "bilinear" else cv2.cvtColor(raw, _CV[method])
 
 
-def saved_luma(rgb: np.ndarray, container: str, quality: int) -> tuple[np.ndarray, str]:
-    """Save as `container` at `quality`; the decoded luma and the codec the job would pass."""
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, container.upper(), quality=quality)
-    codec = block_codec(buf.getvalue())
-    buf.seek(0)
-    with Image.open(buf) as im:
-        return np.ascontiguousarray(np.asarray(im.convert("L"))), codec
-
-
 def judge(gray: np.ndarray, codec: str) -> dict:
     """The job's verdict, and the verdict the detector gave before the CFA override."""
     ev = nat.native_score(gray, codec=codec)
@@ -122,7 +111,7 @@ def run_picture(job: tuple[str, str, str, int]) -> list[dict]:
         for noise in (0.0, 3.0):
             frame = camera_frame(scene, method, noise, rng)
             for container, q in SAVES:
-                gray, codec = saved_luma(frame, container, q)
+                gray, codec = encode(frame, container, q)
                 rows.append({"kind": "camera", "method": method, "noise": noise,
                              "container": container, "q": q, **judge(gray, codec)})
             if noise:
@@ -133,7 +122,7 @@ def run_picture(job: tuple[str, str, str, int]) -> list[dict]:
                     continue
                 big = cv2.resize(frame, (round(frame.shape[1] * g), round(frame.shape[0] * g)),
                                  interpolation=cv2.INTER_CUBIC)
-                gray, codec = saved_luma(big, "jpeg", 90)
+                gray, codec = encode(big, "jpeg", 90)
                 rows.append({"kind": "camera enlarged", "method": method, "noise": noise,
                              "container": "jpeg", "q": 90, "factor": g, **judge(gray, codec)})
     for r in rows:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import io
 import os
 import time
 from collections import Counter
@@ -41,9 +40,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from bench.calibrate_codecs import FACTORS, METHODS, NEAR_GRID, enlarged, resize
+from bench.calibrate_codecs import FACTORS, METHODS, NEAR_GRID, encode, enlarged, resize
 from curation.analyze import native as nat
-from curation.analyze.pixel_analyzer import block_codec
 
 if TYPE_CHECKING:
     from torch import nn
@@ -77,18 +75,6 @@ def make_pack(out: str) -> None:
             y, x = (h - ch) // 16 * 8, (w - cw) // 16 * 8
             Image.fromarray(g[y : y + ch, x : x + cw]).save(
                 f"{out}/{tag}__{name.replace('/', '_')}.png", compress_level=9)
-
-
-def encode(gray: np.ndarray, container: str, quality: int) -> tuple[np.ndarray, str]:
-    """Saved and decoded again with Pillow; the codec the job would pass."""
-    if container == "png":
-        return gray, "lossless"
-    buf = io.BytesIO()
-    Image.fromarray(gray).save(buf, container.upper(), quality=quality)
-    codec = block_codec(buf.getvalue())
-    buf.seek(0)
-    with Image.open(buf) as im:
-        return np.ascontiguousarray(np.asarray(im.convert("L"))), codec
 
 
 def natives(g: np.ndarray) -> Iterator[Variant]:
