@@ -45,7 +45,7 @@ the largest ratio ``E`` becomes ``score = 2 ** -E``, so ``score = 0.5`` is the d
 boundary. One piece of evidence goes the other way: a straight-from-camera file still carries
 its demosaicing lattice, a 2-px pattern like a 2× enlargement's, except that it alternates
 between even and odd rows (columns), and any resampling moves it off the 2-px grid. The
-coherence pass measures that lattice too (well under a millisecond); when a test fires and it
+coherence pass measures that lattice too (about 1 ms); when a test fires and it
 is intact, it keeps the image (``test == "cfa"``, ``score`` at least 0.75;
 ``bench/camera_natives.py``).
 The centre of the image, at most 2561 × 1601 pixels, is analysed (the calibrated window):
@@ -393,7 +393,6 @@ CODECS: tuple[str, ...] = tuple(_MODELS)
 TESTS: tuple[str, ...] = ("spectral", "fold", "harmonic", "grid", "quarter", "cfa")
 """Names of the tests, as `NativeEvidence.test` reports the strongest (``cfa``: a camera's
 intact Bayer lattice overrode the others, see `native_score`)."""
-
 
 
 class _Trace(NamedTuple):
