@@ -10,8 +10,9 @@ lattice), centre-cropped to at most 2520×1560 (offsets on the 8-px grid), sampl
 RGGB-type mosaic (blue at (0, 0), red at (1, 1)), demosaiced by a textbook bilinear filter
 (`bilinear_demosaic`) or by OpenCV's bilinear, VNG and edge-aware methods, optionally with
 sensor noise, and saved as JPEG q85/q95 and WebP q90 (Pillow, 4:2:0), as cameras and phones
-save them. Enlargements of those camera frames (1.25–3×, bicubic, JPEG q90; a fake 4K made
-from a camera JPEG) check that the CFA override keeps them caught.
+save them; and, with noise, denoised and sharpened before a JPEG q92 (`processed`).
+Enlargements of those camera frames (1.25–3×, bicubic, JPEG q90; a fake 4K made from a camera
+JPEG) check that the CFA override keeps them caught.
 
 Each image is judged as the job judges it (`native_score` with the codec of its bytes); the
 verdict without the override (``before``) is the same call's, read from its evidence.
@@ -28,7 +29,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import cv2
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from bench.calibrate_codecs import encode
 from bench.calibrate_native import (
@@ -86,6 +87,16 @@ def camera_frame(
     return bilinear_demosaic(raw) if method == "bilinear" else cv2.cvtColor(raw, _CV[method])
 
 
+def processed(frame: np.ndarray) -> dict[str, np.ndarray]:
+    """`frame` denoised (OpenCV non-local means, or a bilateral filter), then sharpened (unsharp
+    mask, radius 1.2, 120 %), as cameras and phones finish a frame before saving it."""
+    denoised = {"non-local means + sharpening": cv2.fastNlMeansDenoisingColored(
+                    frame, None, 3, 3, 5, 11),
+                "bilateral + sharpening": cv2.bilateralFilter(frame, 5, 20, 3)}
+    sharpen = ImageFilter.UnsharpMask(radius=1.2, percent=120, threshold=1)
+    return {k: np.asarray(Image.fromarray(v).filter(sharpen)) for k, v in denoised.items()}
+
+
 def judge(gray: np.ndarray, codec: str) -> dict:
     """The job's verdict, and the verdict the detector gave before the CFA override."""
     ev = nat.native_score(gray, codec=codec)
@@ -125,6 +136,13 @@ def run_picture(job: tuple[str, str, str, int]) -> list[dict]:
                 gray, codec = encode(big, "jpeg", 90)
                 rows.append({"kind": "camera enlarged", "method": method, "noise": noise,
                              "container": "jpeg", "q": 90, "factor": g, **judge(gray, codec)})
+    for method in ("bilinear", "cv_ea"):  # a phone's or camera's finishing, after the mosaic
+        frame = camera_frame(scene, method, 3.0, rng)
+        for processing, finished in processed(frame).items():
+            gray, codec = encode(finished, "jpeg", 92)
+            rows.append({"kind": "processed", "method": method, "noise": 3.0,
+                         "processing": processing, "container": "jpeg", "q": 92,
+                         **judge(gray, codec)})
     for r in rows:
         r["picture"], r["group"] = name, group
     return rows
@@ -161,6 +179,10 @@ def report(rows: list[dict]) -> None:
             elif r["rejected"]:
                 by_test[r["test"]] += 1
         print(f"\nStill rejected, by test: {dict(by_test)}")
+        for processing in ("non-local means + sharpening", "bilateral + sharpening"):
+            c = [r for r in sel if r["kind"] == "processed" and r["processing"] == processing]
+            print(f"Denoised ({processing}), JPEG q92: rejected {rate(c, 'rejected_before')} → "
+                  f"{rate(c, 'rejected')}")
         ups = [r for r in sel if r["kind"] == "camera enlarged"]
         print(f"Camera frames enlarged 1.25–3× (JPEG q90): recall {rate(ups, 'rejected_before')}"
               f" → {rate(ups, 'rejected')}")
