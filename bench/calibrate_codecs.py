@@ -42,15 +42,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from bench.calibrate_native import (
-    HELD_OUT_RENDERS,
-    HELD_OUT_UPSCALED,
-    SUSPECTED,
-    center_crop,
-    find_held_out,
-    find_pictures,
-    load_gray,
-)
+from bench.calibrate_native import center_crop, clean_held_out, clean_pictures, load_gray
 from curation.analyze import native as nat
 from curation.analyze.native_coherence import JPEG_LINES, VP8_LINES, coherence_statistics
 from curation.analyze.pixel_analyzer import block_codec
@@ -310,11 +302,7 @@ def main() -> None:
             rows = pickle.load(fh)
         report(rows, a.load)
         return
-    if a.held_out:
-        skip = set(HELD_OUT_UPSCALED) | set(HELD_OUT_RENDERS)
-        pictures = [p for p in find_held_out() if p[0] not in skip]
-    else:
-        pictures = [p for p in find_pictures() if p[0] not in SUSPECTED]
+    pictures = clean_held_out() if a.held_out else clean_pictures()
     natives = subsample(pictures, a.natives_limit)
     ups = {n for n, _ in subsample(pictures, a.upscale_pictures)}
     jobs = [(n, p, i, n in ups) for i, (n, p) in enumerate(natives)]

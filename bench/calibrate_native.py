@@ -118,6 +118,17 @@ def find_held_out(min_long_side: int = 2560) -> list[tuple[str, str]]:
     return out
 
 
+def clean_pictures() -> list[tuple[str, str]]:
+    """The calibration pictures without the suspected enlargements (`SUSPECTED`)."""
+    return [p for p in find_pictures() if p[0] not in SUSPECTED]
+
+
+def clean_held_out() -> list[tuple[str, str]]:
+    """The held-out camera photographs: no renders, not the two known enlargements."""
+    skip = set(HELD_OUT_RENDERS) | set(HELD_OUT_UPSCALED)
+    return [p for p in find_held_out() if p[0] not in skip]
+
+
 def load_gray(path: str) -> np.ndarray:
     """8-bit luma of a picture (the same plane the curation job analyses)."""
     with Image.open(path) as im:

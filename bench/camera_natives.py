@@ -32,14 +32,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from bench.calibrate_codecs import encode
-from bench.calibrate_native import (
-    HELD_OUT_RENDERS,
-    HELD_OUT_UPSCALED,
-    SUSPECTED,
-    center_crop,
-    find_held_out,
-    find_pictures,
-)
+from bench.calibrate_native import center_crop, clean_held_out, clean_pictures
 from curation.analyze import native as nat
 
 Image.MAX_IMAGE_PIXELS = None
@@ -193,9 +186,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workers", type=int, default=2)
     args = ap.parse_args()
-    cal = [(n, p, "calibration") for n, p in find_pictures() if n not in SUSPECTED]
-    held = [(n, p, "held out") for n, p in find_held_out()
-            if n not in HELD_OUT_RENDERS + HELD_OUT_UPSCALED]
+    cal = [(n, p, "calibration") for n, p in clean_pictures()]
+    held = [(n, p, "held out") for n, p in clean_held_out()]
     jobs = [(n, p, g, i) for i, (n, p, g) in enumerate(cal + held)]
     t = time.perf_counter()
     rows: list[dict] = []

@@ -55,19 +55,10 @@ Variant = tuple[str, float, str, int, np.ndarray]  # variant, factor, container,
 
 def make_pack(out: str) -> None:
     """The central crops of the calibration and held-out pictures, as PNG files in `out`."""
-    from bench.calibrate_native import (
-        HELD_OUT_RENDERS,
-        HELD_OUT_UPSCALED,
-        SUSPECTED,
-        find_held_out,
-        find_pictures,
-        load_gray,
-    )
+    from bench.calibrate_native import clean_held_out, clean_pictures, load_gray
 
     os.makedirs(out, exist_ok=True)
-    cal = [p for p in find_pictures() if p[0] not in SUSPECTED]
-    held = [p for p in find_held_out() if p[0] not in HELD_OUT_RENDERS + HELD_OUT_UPSCALED]
-    for tag, pictures in (("cal", cal), ("held", held)):
+    for tag, pictures in (("cal", clean_pictures()), ("held", clean_held_out())):
         for name, path in pictures:
             g = load_gray(path)
             h, w = g.shape

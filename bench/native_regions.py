@@ -19,14 +19,7 @@ import cv2
 import numpy as np
 
 from bench.calibrate_codecs import encode
-from bench.calibrate_native import (
-    HELD_OUT_RENDERS,
-    HELD_OUT_UPSCALED,
-    SUSPECTED,
-    find_held_out,
-    find_pictures,
-    load_gray,
-)
+from bench.calibrate_native import clean_held_out, clean_pictures, load_gray
 from curation.analyze import native as nat
 
 SAVES = (("jpeg", 90), ("webp", 90))
@@ -62,9 +55,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workers", type=int, default=2)
     args = ap.parse_args()
-    jobs = [(n, p, "calibration") for n, p in find_pictures() if n not in SUSPECTED]
-    jobs += [(n, p, "held out") for n, p in find_held_out()
-             if n not in HELD_OUT_RENDERS + HELD_OUT_UPSCALED]
+    jobs = [(n, p, "calibration") for n, p in clean_pictures()]
+    jobs += [(n, p, "held out") for n, p in clean_held_out()]
     rows: list[dict] = []
     with ProcessPoolExecutor(args.workers) as pool:
         for r in pool.map(run_picture, jobs):
