@@ -15,7 +15,10 @@ anyway) and turned into:
   bilinear and OpenCV cubic / Lanczos4 / linear; f in `FACTORS`; each (factor, resizer) is saved
   once as PNG or JPEG (quality rotating over 75/90/100 and PNG, by picture) and once as lossy
   WebP (75/90/100, rotating), plus one AVIF q60 per factor; the near-grid factors (4/3, 8/5 and 2
-  ± 3 %) at q90 as JPEG and WebP (resizer rotating).
+  ± 3 %) at q90 as JPEG and WebP (resizer rotating);
+* with ``--jpeg-sources``, the same enlargements only, each made from the area downscale saved
+  as a JPEG first (q75/85/95, rotating by picture and factor), as a fake 4K file made from a
+  web image is: the small JPEG's 8-px block grid comes along, magnified to 8 f px.
 
 Each image is judged with the codec the job would pass (`block_codec` of its bytes: ``jpeg``, or
 ``jpeg_low`` below q85, ``lossless`` for PNG, ``vp8`` for lossy WebP, ``vp8_fine`` for lossy
@@ -26,6 +29,7 @@ too (``--save``) so thresholds can be refitted without re-encoding.
 
 Usage (issue 11's figures: 2 workers, `nice -n 10`, about 10 minutes on 2 cores):
 `python bench/calibrate_codecs.py [--held-out] [--natives-limit N] [--upscale-pictures N]`
+`[--jpeg-sources]` (about 5 minutes each for the enlargements of JPEG sources).
 """
 
 from __future__ import annotations
@@ -83,49 +87,56 @@ def resize(gray: np.ndarray, size: tuple[int, int], method: str) -> np.ndarray:
     return cv2.resize(gray, size, interpolation=cv[method])
 
 
-def enlarged(gray: np.ndarray, factor: float, method: str) -> np.ndarray:
-    """Area-downscale to 1/factor, then enlarge back to the original size with `method`."""
+def enlarged(gray: np.ndarray, factor: float, method: str, source_q: int = 0) -> np.ndarray:
+    """Area-downscale to 1/factor, then enlarge back to the original size with `method`; with
+    `source_q`, the small picture is first saved as a JPEG of that quality (a web image)."""
     h, w = gray.shape
     small = resize(gray, (round(w / factor), round(h / factor)), "cv_area")
+    if source_q:
+        small = encode(small, "jpeg", source_q)[0]
     return resize(small, (w, h), method)
 
 
-# set, method, factor, container, quality, (image, codec)
-Case = tuple[str, str, float, str, int, tuple[np.ndarray, str]]
+# set, method, factor, container, quality, source JPEG quality (0: none), (image, codec)
+Case = tuple[str, str, float, str, int, int, tuple[np.ndarray, str]]
+SOURCE_QUALITIES = (75, 85, 95)  # of the small JPEG a web-style enlargement is made from
 
 
 def native_cases(gray: np.ndarray) -> Iterator[Case]:
     """The picture's native variants."""
     h, w = gray.shape
-    yield "native", "as is", 1.0, "png", 0, encode(gray, "png", 0)
+    yield "native", "as is", 1.0, "png", 0, 0, encode(gray, "png", 0)
     for q in (75, 85, 95, 100):
-        yield "native", "as is", 1.0, "jpeg", q, encode(gray, "jpeg", q)
+        yield "native", "as is", 1.0, "jpeg", q, 0, encode(gray, "jpeg", q)
     for q in (75, 85, 90, 95, 100):
-        yield "native", "as is", 1.0, "webp", q, encode(gray, "webp", q)
+        yield "native", "as is", 1.0, "webp", q, 0, encode(gray, "webp", q)
     crop = np.ascontiguousarray(gray[3:, 5:])
     down = resize(gray, (round(w / 1.5), round(h / 1.5)), "pil_lanczos")
     for q in (85, 95):  # each side of the vp8 / vp8_fine split
-        yield "native", "crop+3/5px", 1.0, "webp", q, encode(crop, "webp", q)
-        yield "native", "down pil_lanczos", 1 / 1.5, "webp", q, encode(down, "webp", q)
+        yield "native", "crop+3/5px", 1.0, "webp", q, 0, encode(crop, "webp", q)
+        yield "native", "down pil_lanczos", 1 / 1.5, "webp", q, 0, encode(down, "webp", q)
     for q in (50, 75):
-        yield "native", "as is", 1.0, "avif", q, encode(gray, "avif", q)
+        yield "native", "as is", 1.0, "avif", q, 0, encode(gray, "avif", q)
 
 
-def upscale_cases(gray: np.ndarray, index: int) -> Iterator[Case]:
-    """Enlargements of the picture, the saved format rotating with the picture's `index`."""
+def upscale_cases(gray: np.ndarray, index: int, jpeg_sources: bool = False) -> Iterator[Case]:
+    """Enlargements of the picture, the saved format rotating with the picture's `index`; with
+    `jpeg_sources`, each made from a small JPEG (quality rotating over `SOURCE_QUALITIES`)."""
     for i, f in enumerate(FACTORS):
+        sq = SOURCE_QUALITIES[(index + i) % len(SOURCE_QUALITIES)] if jpeg_sources else 0
         for j, m in enumerate(METHODS):
-            up = enlarged(gray, f, m)
+            up = enlarged(gray, f, m, sq)
             for saves in (LOSSLESS_OR_JPEG, WEBP):
                 container, q = saves[(index + i + j) % len(saves)]
-                yield "upscaled", m, f, container, q, encode(up, container, q)
-        yield "upscaled", METHODS[(index + i) % len(METHODS)], f, "avif", 60, encode(
-            enlarged(gray, f, METHODS[(index + i) % len(METHODS)]), "avif", 60)
+                yield "upscaled", m, f, container, q, sq, encode(up, container, q)
+        m = METHODS[(index + i) % len(METHODS)]
+        yield "upscaled", m, f, "avif", 60, sq, encode(enlarged(gray, f, m, sq), "avif", 60)
     for i, f in enumerate(NEAR_GRID):
         m = METHODS[(index + i) % len(METHODS)]
-        up = enlarged(gray, f, m)
+        sq = SOURCE_QUALITIES[(index + i) % len(SOURCE_QUALITIES)] if jpeg_sources else 0
+        up = enlarged(gray, f, m, sq)
         for container in ("jpeg", "webp"):
-            yield "near", m, f, container, 90, encode(up, container, 90)
+            yield "near", m, f, container, 90, sq, encode(up, container, 90)
 
 
 def raw_statistics(gray: np.ndarray) -> dict[str, float]:
@@ -151,24 +162,25 @@ def raw_statistics(gray: np.ndarray) -> dict[str, float]:
 
 def judge(case: Case) -> dict:
     """One case's verdicts (with its container's codec and, as before, as JPEG) and statistics."""
-    kind, method, factor, container, q, (img, codec) = case
+    kind, method, factor, container, q, source_q, (img, codec) = case
     ev = nat.native_score(img, codec=codec)
     before = nat.native_score(img, codec="jpeg")
     return {"set": kind, "method": method, "factor": factor, "container": container, "q": q,
+            "source_q": source_q,
             "rejected": ev.score < nat.DEFAULT_NATIVE_THRESHOLD, "score": ev.score,
             "test": ev.test, "period": ev.period, "strength": ev.strength, "detail": ev.detail,
             "rejected_before": before.score < nat.DEFAULT_NATIVE_THRESHOLD,
             "raw": raw_statistics(img)}
 
 
-def run_picture(job: tuple[str, str, int, bool]) -> list[dict]:
-    """All cases of one picture."""
+def run_picture(job: tuple[str, str, int, bool, bool]) -> list[dict]:
+    """All cases of one picture (with JPEG sources: its enlargements only)."""
     cv2.setNumThreads(1)
-    name, path, index, with_upscales = job
+    name, path, index, with_upscales, jpeg_sources = job
     gray = center_crop(load_gray(path), 2520, 1560)
-    cases = list(native_cases(gray))
+    cases = [] if jpeg_sources else list(native_cases(gray))
     if with_upscales:
-        cases += list(upscale_cases(gray, index))
+        cases += list(upscale_cases(gray, index, jpeg_sources))
     rows = [judge(c) for c in cases]
     for r in rows:
         r["picture"] = name
@@ -229,6 +241,14 @@ def report(rows: list[dict], title: str) -> None:
     for c in ("png", "jpeg", "webp"):
         sel = [r for r in rows if r["set"] == "upscaled" and r["container"] == c]
         print(f"\nAll {c} enlargements: {rate(sel)}.")
+    if any(r.get("source_q") for r in rows):
+        print("\nRecall by the source JPEG's quality × container:\n")
+        print("| source | " + " | ".join(containers) + " |")
+        print("|---" * (len(containers) + 1) + "|")
+        for sq in SOURCE_QUALITIES:
+            cells = [rate([r for r in rows if r["set"] == "upscaled" and r["container"] == c
+                           and r.get("source_q") == sq]) for c in containers]
+            print(f"| q{sq} | " + " | ".join(cells) + " |")
     print("\nNear-grid factors at q90 (goal ≥ 85 %):\n")
     print("| factor | jpeg | webp |\n|---|---|---|")
     for f in NEAR_GRID:
@@ -290,6 +310,9 @@ def main() -> None:
     ap.add_argument("--natives-limit", type=int, default=0, help="pictures for natives (0: all)")
     ap.add_argument("--upscale-pictures", type=int, default=16,
                     help="pictures (evenly spread) that also get the enlargements")
+    ap.add_argument("--jpeg-sources", action="store_true",
+                    help="only enlargements, each made from a small JPEG (q75/85/95), as a fake "
+                         "4K file made from a web image is")
     ap.add_argument("--save", help="pickle every row to this file")
     ap.add_argument("--load", help="only print the tables of a saved run")
     ap.add_argument("--timing", help="only time decode vs detector on this picture (4K)")
@@ -305,8 +328,10 @@ def main() -> None:
     pictures = clean_held_out() if a.held_out else clean_pictures()
     natives = subsample(pictures, a.natives_limit)
     ups = {n for n, _ in subsample(pictures, a.upscale_pictures)}
-    jobs = [(n, p, i, n in ups) for i, (n, p) in enumerate(natives)]
-    jobs += [(n, p, i, True) for i, (n, p) in enumerate(pictures)
+    if a.jpeg_sources:
+        natives = []
+    jobs = [(n, p, i, n in ups, False) for i, (n, p) in enumerate(natives)]
+    jobs += [(n, p, i, True, a.jpeg_sources) for i, (n, p) in enumerate(pictures)
              if n in ups and n not in {j[0] for j in jobs}]
     t0 = time.time()
     with ProcessPoolExecutor(a.workers) as ex:
@@ -317,7 +342,8 @@ def main() -> None:
     if a.save:
         with open(a.save, "wb") as fh:
             pickle.dump(rows, fh)
-    report(rows, "held out" if a.held_out else "calibration")
+    report(rows, ("held out" if a.held_out else "calibration")
+           + (", enlargements of JPEG sources" if a.jpeg_sources else ""))
 
 
 if __name__ == "__main__":
