@@ -50,6 +50,7 @@ from bench.calibrate_native import center_crop, clean_held_out, clean_pictures, 
 from curation.analyze import native as nat
 from curation.analyze.native_coherence import JPEG_LINES, VP8_LINES, coherence_statistics
 from curation.analyze.pixel_analyzer import block_codec
+from curation.analyze.sharpness import DEFAULT_SHARPNESS_THRESHOLD, sharpness_score
 
 Image.MAX_IMAGE_PIXELS = None
 FACTORS = (1.15, 1.25, 4 / 3, 1.5, 1.78, 2.0, 2.5, 3.0)
@@ -170,7 +171,7 @@ def judge(case: Case) -> dict:
             "rejected": ev.score < nat.DEFAULT_NATIVE_THRESHOLD, "score": ev.score,
             "test": ev.test, "period": ev.period, "strength": ev.strength, "detail": ev.detail,
             "rejected_before": before.score < nat.DEFAULT_NATIVE_THRESHOLD,
-            "raw": raw_statistics(img)}
+            "sharpness": sharpness_score(img), "raw": raw_statistics(img)}
 
 
 def run_picture(job: tuple[str, str, int, bool, bool]) -> list[dict]:
@@ -249,6 +250,8 @@ def report(rows: list[dict], title: str) -> None:
             cells = [rate([r for r in rows if r["set"] == "upscaled" and r["container"] == c
                            and r.get("source_q") == sq]) for c in containers]
             print(f"| q{sq} | " + " | ".join(cells) + " |")
+    if all("sharpness" in r for r in rows):
+        blurred(rows)
     print("\nNear-grid factors at q90 (goal ≥ 85 %):\n")
     print("| factor | jpeg | webp |\n|---|---|---|")
     for f in NEAR_GRID:
@@ -264,6 +267,28 @@ def report(rows: list[dict], title: str) -> None:
     for r in rows:
         if r["set"] == "native" and r["rejected"]:
             print(f"- {r['picture']} {r['method']} {r['container']} q{r['q']}: {r['detail']}")
+
+
+def blurred(rows: list[dict]) -> None:
+    """What a job's focus rule (`sharpness_score` below its default threshold) rejects: of the
+    natives, and of the enlargements the native test keeps (a job rejects either way)."""
+    for r in rows:
+        r["blurred"] = r["sharpness"] < DEFAULT_SHARPNESS_THRESHOLD
+    print("\nThe focus rule (sharpness < "
+          f"{DEFAULT_SHARPNESS_THRESHOLD}) on the same images:\n")
+    print("| container | natives rejected as blurred | enlargements kept by the native test "
+          "| ... of which rejected as blurred |\n|---|---|---|---|")
+    for c in ("png", "jpeg", "webp", "avif"):
+        natives = [r for r in rows if r["set"] == "native" and r["container"] == c]
+        missed = [r for r in rows if r["set"] == "upscaled" and r["container"] == c
+                  and not r["rejected"]]
+        print(f"| {c} | {rate(natives, 'blurred')} | {len(missed)} | {rate(missed, 'blurred')} |")
+    by_factor = defaultdict(list)
+    for r in rows:
+        if r["set"] == "upscaled" and r["container"] in ("jpeg", "webp"):
+            by_factor[round(r["factor"], 4)].append(r["rejected"] or r["blurred"])
+    print("\nJPEG and WebP enlargements rejected by either rule, by factor: " + ", ".join(
+        f"{f:.4g}: {np.mean(v):.2f}" for f, v in sorted(by_factor.items())) + ".")
 
 
 def timing(path: str, repeats: int = 15) -> None:
