@@ -54,7 +54,7 @@ NATIVE_PERIOD = "native_period"  # px: period of the strongest resampling trace 
 NATIVE_STRENGTH = "native_strength"  # strongest test's statistic / threshold (score = 2^-x;
 # for cfa, the Bayer lattice's own statistic / threshold: kept, score = 1 - 2^-x / 2)
 NATIVE_TEST = "native_test"  # that test: spectral | fold | harmonic | grid | quarter | cfa
-NATIVE_CODEC = "native_codec"  # block structure modelled: jpeg | vp8 | av1 | lossless
+NATIVE_CODEC = "native_codec"  # block structure modelled: one of native.CODECS (jpeg, vp8, ...)
 PHASH = "phash"  # 64-bit perceptual hash as signed int64 (bit pattern of imagehash.phash)
 THUMBNAIL = "thumbnail"  # small JPEG for the model scorers (working column)
 AESTHETIC = "aesthetic"

@@ -354,6 +354,14 @@ _VP8 = _Model(tuple(k / 16 for k in range(1, 8)), JPEG_LINES, False, _VP8_GRID_T
 # threshold, z 38.8 and 82.0 at 3/8 and 1/2, 103.6 at 5/8).
 _JPEG_LOW = _Model((1 / 8, 2 / 8, 3 / 8), JPEG_LINES, False, (42.7, 90.2, 114.0, 199.5),
                    float("inf"), harmonic_threshold=74.6, spectral_scale=1.2)
+# JPEG coarser still (q60-q73; below q60): the same tests as `_JPEG_LOW`, thresholds at 1.1 × the
+# largest value of the calibration natives saved at q60, q70 and q72 (spectral 1.18 × its
+# threshold, harmonic 99.6, z 67.9, 90.7 and 144.2 at 3/8, 1/2 and 5/8; 3/4 keeps 199.5) and at
+# q20-q50 (1.37 ×, 142.1, z 107.7, 148.5, 167.8 and 183.9); bench/coarse_jpeg.py.
+_JPEG_COARSE = _JPEG_LOW._replace(grid_thresholds=(74.7, 99.8, 158.6, 199.5),
+                                  harmonic_threshold=109.6, spectral_scale=1.30)
+_JPEG_COARSEST = _JPEG_LOW._replace(grid_thresholds=(118.5, 163.3, 184.6, 202.3),
+                                    harmonic_threshold=156.3, spectral_scale=1.51)
 # AVIF: as VP8, without the mild-enlargement fundamentals: measured so (a first version of
 # them, counting terms above 0.84 for every candidate, rejected 3 more AVIF natives).
 # Its 4-px lattice feeds the Bayer-lattice statistic as VP8's does: WebP's threshold (AVIF
@@ -366,16 +374,20 @@ _AV1 = _VP8._replace(mild=False)
 # stays off: it fires on natives at q90-q100 (16.5 × its threshold).
 _VP8_FINE = _Model((1 / 8, 2 / 8, 3 / 8), JPEG_LINES, False, _VP8_FINE_GRID_THRESHOLDS,
                    _VP8_FINE_QUARTER_THRESHOLD, cfa_threshold=_VP8_CFA_THRESHOLD)
-_MODELS: dict[str, _Model] = {"jpeg": _JPEG, "jpeg_low": _JPEG_LOW, "lossless": _JPEG,
+_MODELS: dict[str, _Model] = {"jpeg": _JPEG, "jpeg_low": _JPEG_LOW, "jpeg_coarse": _JPEG_COARSE,
+                              "jpeg_coarsest": _JPEG_COARSEST, "lossless": _JPEG,
                               "vp8": _VP8, "vp8_fine": _VP8_FINE, "av1": _AV1}
 CODECS: tuple[str, ...] = tuple(_MODELS)
 """Block structures `native_score` models, by the codec of the file analysed:
 
 * ``jpeg``: JPEG's 8×8 DCT grid (lines at ``k/8`` masked; every test);
-* ``jpeg_low``: a JPEG coarser than quality 85 (its quantisation table, read by the caller):
+* ``jpeg_low``: a JPEG of quality 74-84 (its quantisation table, read by the caller):
   at q75 the 8×8 grid alone trips the fold and grid tests of ``jpeg`` (29 % of the calibration
   natives), so the fold and 4-px-period tests are off and the other thresholds are set on q75
   natives;
+* ``jpeg_coarse`` (q60-q73) and ``jpeg_coarsest`` (below q60): as ``jpeg_low``, with thresholds
+  set on natives saved that coarsely (``jpeg_low`` rejected 15-20 % of the natives at q50-q60);
+  they catch a third of the enlargements at q60-q70 and few below;
 * ``lossless``: PNG, lossless WebP (VP8L), TIFF, ...: no grid of its own, but a lossless file
   may hold a JPEG's pixels, so it is judged as ``jpeg``;
 * ``vp8``: lossy WebP: a 4×4 transform in 16×16 macroblocks with a loop filter on both edges,

@@ -216,6 +216,13 @@ JPEG_LOW_SCALE = 31.0
 50 at 75) above which a JPEG is judged with the ``jpeg_low`` model: the detector was calibrated
 at q85-q100, and at q75 the 8×8 grid alone trips the fold and grid tests
 (docs/native-detection.md, "Codecs")."""
+JPEG_COARSE_SCALE = 52.0
+"""Scale above which (quality 73 and coarser: 54.1 at q73, 51.9 at q74) a JPEG is judged with the
+``jpeg_coarse`` model: ``jpeg_low``'s thresholds, set on q75 natives, reject 5-15 % of the
+natives saved at q72-q60."""
+JPEG_COARSEST_SCALE = 81.0
+"""Scale above which (below quality 60: 80.04 at q60, 81.9 at q59, 100 at q50, 125 at q40) a
+JPEG is judged with the ``jpeg_coarsest`` model."""
 
 
 def _jpeg_quant_scale(data: bytes) -> float | None:
@@ -358,15 +365,21 @@ def block_codec(data: bytes) -> str:
     """The block structure of an encoded image, from its first bytes (see `native.CODECS`).
 
     ``jpeg`` for JPEG (and MPO), ``jpeg_low`` for a JPEG whose luma quantisation table is
-    coarser than libjpeg's at quality 85 (`JPEG_LOW_SCALE`), ``vp8`` for lossy WebP (a
-    ``VP8 `` chunk, also inside an extended ``VP8X`` file; animations too), ``vp8_fine`` for a
-    lossy WebP whose quantiser is at most `VP8_FINE_QUANTISER`, ``av1`` for AVIF, ``lossless`` for
-    everything else (PNG, lossless WebP, TIFF, ...: no block grid of their own).
+    coarser than libjpeg's at quality 85 (`JPEG_LOW_SCALE`), ``jpeg_coarse`` and
+    ``jpeg_coarsest`` coarser still (`JPEG_COARSE_SCALE`, `JPEG_COARSEST_SCALE`), ``vp8`` for
+    lossy WebP (a ``VP8 `` chunk, also inside an extended ``VP8X`` file; animations too),
+    ``vp8_fine`` for a lossy WebP whose quantiser is at most `VP8_FINE_QUANTISER`, ``av1`` for
+    AVIF, ``lossless`` for everything else (PNG, lossless WebP, TIFF, ...: no block grid of
+    their own).
     """
     head = bytes(data[:64])
     if head.startswith(b"\xff\xd8\xff"):
         scale = _jpeg_quant_scale(data)
-        return "jpeg_low" if scale is not None and scale > JPEG_LOW_SCALE else "jpeg"
+        if scale is None or scale <= JPEG_LOW_SCALE:
+            return "jpeg"
+        if scale > JPEG_COARSEST_SCALE:
+            return "jpeg_coarsest"
+        return "jpeg_coarse" if scale > JPEG_COARSE_SCALE else "jpeg_low"
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         frame = _webp_lossy_frame(data)
         if frame is None:

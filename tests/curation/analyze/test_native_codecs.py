@@ -84,6 +84,9 @@ def test_block_codec_from_the_first_bytes() -> None:
     assert block_codec(_bytes(g, "JPEG", quality=85)) == "jpeg"
     assert block_codec(_bytes(g, "JPEG", quality=84)) == "jpeg_low"
     assert block_codec(_bytes(g, "JPEG", quality=75, progressive=True)) == "jpeg_low"
+    for quality, codec in ((74, "jpeg_low"), (73, "jpeg_coarse"), (60, "jpeg_coarse"),
+                           (59, "jpeg_coarsest"), (20, "jpeg_coarsest")):
+        assert block_codec(_bytes(g, "JPEG", quality=quality)) == codec, quality
     assert block_codec(cases["vp8"]) == "vp8"
     assert block_codec(cases["lossless"]) == "lossless"
     assert block_codec(cases["png"]) == block_codec(cases["tiff"]) == "lossless"
@@ -167,6 +170,22 @@ def test_real_photographs_as_jpeg_q75_stay_native(path: str) -> None:
     assert block_codec(data) == "jpeg_low"
     ev = native_score(_decode(data), codec=block_codec(data))
     assert ev.score >= THR, ev
+
+
+@pytest.mark.parametrize("name", ["greentock_by_Peter_Nerlich.jpg",
+                                  "analogpattern_by_Peter_Nerlich.jpg"])
+def test_held_out_photographs_as_coarse_jpeg_stay_native(name: str) -> None:
+    """Saved at q40-q60, two held-out photographs were rejected by ``jpeg_low``'s thresholds
+    (the 8×8 grid at 5/8 cyc/px); the coarse models, set on other pictures, keep them."""
+    g = _full(f"{BACKGROUNDS}/{name}", "lomiri-wallpapers-16.04")
+    h, w = g.shape
+    crop = np.ascontiguousarray(g[(h - 1560) // 16 * 8 :][:1560, (w - 2520) // 16 * 8 :][:, :2520])
+    for quality in (40, 50, 60):
+        data = _bytes(crop, "JPEG", quality=quality)
+        img = _decode(data)
+        assert native_score(img, codec="jpeg_low").score < THR, quality
+        ev = native_score(img, codec=block_codec(data))
+        assert ev.score >= THR and ev.codec == block_codec(data), (quality, ev)
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
