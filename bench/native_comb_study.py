@@ -31,10 +31,6 @@ from bench.calibrate_native import center_crop, clean_pictures, load_gray
 from curation.analyze import native as nat
 
 PERIODS = 8 * np.exp(np.linspace(np.log(1.1), np.log(3.2), 1200))
-_EIGHTHS = tuple(k / 8 for k in range(1, 5))
-_SIXTEENTHS = tuple(k / 16 for k in range(1, 9))
-LINES = {"jpeg": _EIGHTHS, "jpeg_low": _EIGHTHS, "lossless": _EIGHTHS, "vp8_fine": _EIGHTHS,
-         "vp8": _SIXTEENTHS, "av1": _SIXTEENTHS}
 
 
 def comb_statistic(gray: np.ndarray, codec: str) -> tuple[float, float]:
@@ -46,7 +42,7 @@ def comb_statistic(gray: np.ndarray, codec: str) -> tuple[float, float]:
     for p in PERIODS:
         freqs = np.arange(1, 5) / p
         ok = (freqs >= 0.03) & (freqs <= 0.49)
-        for line in LINES[codec]:
+        for line in nat._MODELS[codec].lines:  # the codec's own lines, as the spectral test
             ok &= np.abs(freqs - line) > 0.006
         freqs = freqs[ok]
         if freqs.size < 2:

@@ -250,4 +250,3 @@ def coherence_statistics(
     alpha, z, lattice = _combined(gray, row_bands, col_bands)
     h, a1 = _harmonic(alpha, z, skip, mild)
     return h, a1, [float(z[np.abs(alpha - g) < 0.0008].max(initial=0.0)) for g in GRID], lattice
-
