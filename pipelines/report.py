@@ -24,6 +24,7 @@ import json
 import math
 import os
 import tarfile
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from curation import schema
+from curation.analyze.native import CODECS, TESTS
 from curation.io.atomic import atomic_write, join
 from pipelines.stats import finished_fs, job_stats, read_manifest, score_columns
 
@@ -114,6 +116,37 @@ def reason_rows(stats: dict[str, Any]) -> list[list[str]]:
     for reason, n in sorted(stats["reasons"].items(), key=lambda kv: -kv[1]):
         rows.append([reason, str(n), f"{100 * n / total:.1f}%"])
     return rows
+
+
+NATIVE_FIRED = tuple(x for x in TESTS if x != "cfa")
+"""The tests whose firing rejects an image as ``upscaled`` (`native_test` of such a row)."""
+
+
+def native_rows(t: pa.Table) -> list[list[Any]]:
+    """Per block-structure model (`native_codec`): images judged, rejected as ``upscaled`` (all,
+    then by the test that fired) and kept by a camera's Bayer lattice although a test fired."""
+    counts: dict[str, Counter[str]] = {}
+    for codec, test, reason in zip(
+        t.column(schema.NATIVE_CODEC).to_pylist(),
+        t.column(schema.NATIVE_TEST).to_pylist(),
+        t.column(schema.REASON).to_pylist(),
+        strict=True,
+    ):
+        if codec is None:
+            continue
+        n = counts.setdefault(codec, Counter())
+        n["judged"] += 1
+        if reason == "upscaled":
+            n["upscaled"] += 1
+            n[f"by {test}"] += 1
+        elif test == "cfa":
+            n["cfa"] += 1
+    order = [c for c in CODECS if c in counts] + sorted(set(counts) - set(CODECS))
+    return [
+        [c, counts[c]["judged"], counts[c]["upscaled"],
+         *(counts[c][f"by {x}"] or "" for x in NATIVE_FIRED), counts[c]["cfa"] or ""]
+        for c in order
+    ]  # fmt: skip
 
 
 def format_table(header: list[str], rows: list[list[str]]) -> str:
@@ -750,6 +783,12 @@ def write_report(output: str, *, samples: int = DEFAULT_SAMPLES, workers: int | 
     stage_table = _table(
         ["stage", "CPU seconds"], [[k, f"{v:.2f}"] for k, v in job.get("stage_seconds", {}).items()]
     )
+    native = native_rows(t)
+    native_table = _table(
+        ["model (native_codec)", "judged", "rejected as upscaled",
+         *(f"by {x}" for x in NATIVE_FIRED), "kept by a camera lattice"],
+        native,
+    )  # fmt: skip
     rules = job.get("rules", {})
     rule_rows = [[r, v.get("rule", ""), v.get("setting", "")] for r, v in sorted(rules.items())]
 
@@ -763,7 +802,8 @@ def write_report(output: str, *, samples: int = DEFAULT_SAMPLES, workers: int | 
     nav = " ".join(
         f'<a href="#{a}">{n}</a>'
         for a, n in (("funnel", "funnel"), ("buckets", "buckets"), ("scores", "scores"),
-                     ("sizes", "sizes"), ("sheets", "contact sheets"), ("lineage", "lineage"))
+                     ("native", "native evidence"), ("sizes", "sizes"),
+                     ("sheets", "contact sheets"), ("lineage", "lineage"))
     )  # fmt: skip
     csp = (
         "default-src 'none'; img-src data:; style-src 'unsafe-inline'; "
@@ -790,6 +830,13 @@ Manifest version {_e(job.get("manifest_version", "?"))}; wall time
 {bucket_table if s["groups"] else '<p class="note">No image was kept.</p>'}
 <h2 id="scores">Scores: kept against rejected, thresholds from config.yaml</h2>
 <div class="plots">{"".join(hist_html) or '<p class="note">No scores in the manifest.</p>'}</div>
+<h2 id="native">Native-resolution evidence</h2>
+<p class="note">Per block-structure model the detector used (the manifest's native_codec):
+images it judged, those rejected as upscaled with the test that fired (native_test; the
+evidence is in native_detail, native_period and native_strength; the method in
+docs/native-detection.md), and those a camera's intact Bayer lattice kept although a test
+fired.</p>
+{native_table if native else '<p class="note">No image reached the resolution analysis.</p>'}
 <h2 id="sizes">Width × height by outcome</h2>
 {img(scatter, "width by height")}
 <h2 id="sheets">Contact sheets</h2>

@@ -18,12 +18,23 @@ from typing import Any
 
 import fsspec
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
+from curation import schema
+from curation.analyze.native import CODECS, TESTS
 from pipelines.cli import main
-from pipelines.report import open_reduced, reduced_image, write_report
+from pipelines.report import (
+    NATIVE_FIRED,
+    native_rows,
+    open_reduced,
+    reduced_image,
+    write_report,
+)
 from pipelines.samples import _real_photos
 
 CHROMIUM = "/usr/bin/chromium"
@@ -466,3 +477,68 @@ def test_real_jobs_with_zero_and_one_kept(local_ray, tmp_path, capsys):
             shard = next((out / "shards").rglob("*.tar"))
             shard.write_bytes(shard.read_bytes()[:-2048])
             assert main(["verify", str(out)]) == 1
+
+
+_NATIVE_ROW = st.tuples(
+    st.sampled_from([None, *CODECS]),
+    st.sampled_from([None, *TESTS]),
+    st.sampled_from([None, "upscaled", "blurry", "flat", "duplicate"]),
+)
+
+
+@settings(max_examples=80, deadline=None)
+@given(rows=st.lists(_NATIVE_ROW, max_size=40))
+def test_native_evidence_counts_every_judged_row_once(rows):
+    """Each judged row counts once per model; the by-test columns add up to the upscaled ones."""
+    t = pa.table({
+        schema.NATIVE_CODEC: pa.array([r[0] for r in rows], pa.string()),
+        schema.NATIVE_TEST: pa.array([r[1] for r in rows], pa.string()),
+        schema.REASON: pa.array([r[2] for r in rows], pa.string()),
+    })  # fmt: skip
+    table = native_rows(t)
+    assert [r[0] for r in table] == [c for c in CODECS if any(x[0] == c for x in rows)]
+    for codec, judged, upscaled, *by_test, cfa in table:
+        mine = [r for r in rows if r[0] == codec]
+        assert judged == len(mine)
+        assert upscaled == sum(r[2] == "upscaled" for r in mine)
+        fired = dict(zip(NATIVE_FIRED, by_test, strict=True))
+        for name in NATIVE_FIRED:
+            assert (fired[name] or 0) == sum(r[2] == "upscaled" and r[1] == name for r in mine)
+        assert (cfa or 0) == sum(r[2] != "upscaled" and r[1] == "cfa" for r in mine)
+
+
+def test_report_shows_which_test_judged_images_upscaled(audit_output, audit_jpeg):
+    img = audit_jpeg(64, 40, 1)
+    kept = [{"data": img, "ext": "jpg", "bucket": "3840x2176", "width": 64, "height": 40,
+             "native_score": 0.8, "native_test": "cfa", "native_codec": "jpeg"}]
+    rejected = [
+        {"source": "/a.webp", "reason": "upscaled", "native_score": 0.2, "native_test": "harmonic",
+         "native_codec": "vp8", "sha256": "a" * 64},
+        {"source": "/b.webp", "reason": "upscaled", "native_score": 0.3, "native_test": "grid",
+         "native_codec": "vp8", "sha256": "b" * 64},
+        {"source": "/c.jpg", "reason": "upscaled", "native_score": 0.4, "native_test": "fold",
+         "native_codec": "jpeg", "sha256": "c" * 64},
+        {"source": "/d.jpg", "reason": "blurry", "native_score": 0.9, "native_test": "spectral",
+         "native_codec": "jpeg_low", "sha256": "d" * 64},
+        {"source": "/e.jpg", "reason": "too_small"},  # never analysed
+    ]  # fmt: skip
+    out, _ = audit_output(kept, rejected)
+    text = Path(write_report(str(out), workers=1)).read_text()
+    section = text[text.index('id="native"') : text.index('id="sizes"')]
+    rows = [r.split("</tr>")[0] for r in section.split("<tr>")[2:]]
+    cells = [[c.split("</td>")[0] for c in r.split("<td>")[1:]] for r in rows]
+    by_model = {c[0]: c[1:] for c in cells}
+    assert list(by_model) == ["jpeg", "jpeg_low", "vp8"]  # the detector's order of models
+    heads = ["judged", "upscaled", *NATIVE_FIRED, "cfa"]
+    assert dict(zip(heads, by_model["vp8"], strict=True)) == {
+        "judged": "2", "upscaled": "2", "spectral": "", "fold": "", "harmonic": "1", "grid": "1",
+        "quarter": "", "cfa": ""}  # fmt: skip
+    assert dict(zip(heads, by_model["jpeg"], strict=True))["fold"] == "1"
+    assert dict(zip(heads, by_model["jpeg"], strict=True))["cfa"] == "1"
+    assert by_model["jpeg_low"][:2] == ["1", "0"]
+
+
+def test_report_without_native_evidence_says_so(audit_output):
+    out, _ = audit_output([], [{"source": "/gone.jpg", "reason": "too_small"}])
+    text = Path(write_report(str(out), workers=1)).read_text()
+    assert "No image reached the resolution analysis" in text
