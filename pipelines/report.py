@@ -788,6 +788,9 @@ def write_report(output: str, *, samples: int = DEFAULT_SAMPLES, workers: int | 
         ["model (native_codec)", "judged", "rejected as upscaled",
          *(f"by {x}" for x in NATIVE_FIRED), "kept by a camera lattice"],
         native,
+    ) if native else (
+        '<p class="note">No manifest row carries native evidence (native_codec): no image '
+        "reached the resolution analysis, or the manifest predates the column.</p>"
     )  # fmt: skip
     rules = job.get("rules", {})
     rule_rows = [[r, v.get("rule", ""), v.get("setting", "")] for r, v in sorted(rules.items())]
@@ -836,7 +839,7 @@ images it judged, those rejected as upscaled with the test that fired (native_te
 evidence is in native_detail, native_period and native_strength; the method in
 docs/native-detection.md), and those a camera's intact Bayer lattice kept although a test
 fired.</p>
-{native_table if native else '<p class="note">No image reached the resolution analysis.</p>'}
+{native_table}
 <h2 id="sizes">Width × height by outcome</h2>
 {img(scatter, "width by height")}
 <h2 id="sheets">Contact sheets</h2>

@@ -541,4 +541,4 @@ def test_report_shows_which_test_judged_images_upscaled(audit_output, audit_jpeg
 def test_report_without_native_evidence_says_so(audit_output):
     out, _ = audit_output([], [{"source": "/gone.jpg", "reason": "too_small"}])
     text = Path(write_report(str(out), workers=1)).read_text()
-    assert "No image reached the resolution analysis" in text
+    assert "No manifest row carries native evidence" in text
