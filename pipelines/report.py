@@ -24,7 +24,6 @@ import json
 import math
 import os
 import tarfile
-from collections import Counter
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -125,26 +124,25 @@ NATIVE_FIRED = tuple(x for x in TESTS if x != "cfa")
 def native_rows(t: pa.Table) -> list[list[Any]]:
     """Per block-structure model (`native_codec`): images judged, rejected as ``upscaled`` (all,
     then by the test that fired) and kept by a camera's Bayer lattice although a test fired."""
-    counts: dict[str, Counter[str]] = {}
-    for codec, test, reason in zip(
-        t.column(schema.NATIVE_CODEC).to_pylist(),
-        t.column(schema.NATIVE_TEST).to_pylist(),
-        t.column(schema.REASON).to_pylist(),
-        strict=True,
-    ):
-        if codec is None:
-            continue
-        n = counts.setdefault(codec, Counter())
-        n["judged"] += 1
-        if reason == "upscaled":
-            n["upscaled"] += 1
-            n[f"by {test}"] += 1
-        elif test == "cfa":
-            n["cfa"] += 1
-    order = [c for c in CODECS if c in counts] + sorted(set(counts) - set(CODECS))
+    codec, test, reason = schema.NATIVE_CODEC, schema.NATIVE_TEST, schema.REASON
+    judged = t.select([codec, test, reason]).filter(pc.is_valid(t.column(codec)))
+    upscaled = pc.fill_null(pc.equal(judged.column(reason), "upscaled"), False)
+    is_cfa = pc.fill_null(pc.equal(judged.column(test), "cfa"), False)
+    lattice = pc.and_(pc.invert(upscaled), is_cfa)
+
+    def count(rows: pa.Table, keys: list[str]) -> dict[tuple[Any, ...], int]:
+        g = rows.group_by(keys).aggregate([([], "count_all")]).to_pylist()
+        return {tuple(r[k] for k in keys): r["count_all"] for r in g}
+
+    n = count(judged, [codec])
+    up = count(judged.filter(upscaled), [codec])
+    by = count(judged.filter(upscaled), [codec, test])
+    cfa = count(judged.filter(lattice), [codec])
+    names = {c for (c,) in n}
+    order = [c for c in CODECS if c in names] + sorted(names - set(CODECS))
     return [
-        [c, counts[c]["judged"], counts[c]["upscaled"],
-         *(counts[c][f"by {x}"] or "" for x in NATIVE_FIRED), counts[c]["cfa"] or ""]
+        [c, n[(c,)], up.get((c,), 0), *(by.get((c, x)) or "" for x in NATIVE_FIRED),
+         cfa.get((c,)) or ""]
         for c in order
     ]  # fmt: skip
 
