@@ -134,9 +134,10 @@ def native_rows(t: pa.Table) -> list[list[Any]]:
         g = rows.group_by(keys).aggregate([([], "count_all")]).to_pylist()
         return {tuple(r[k] for k in keys): r["count_all"] for r in g}
 
+    rejected = judged.filter(upscaled)
     n = count(judged, [codec])
-    up = count(judged.filter(upscaled), [codec])
-    by = count(judged.filter(upscaled), [codec, test])
+    up = count(rejected, [codec])
+    by = count(rejected, [codec, test])
     cfa = count(judged.filter(lattice), [codec])
     names = {c for (c,) in n}
     order = [c for c in CODECS if c in names] + sorted(names - set(CODECS))

@@ -489,7 +489,7 @@ _NATIVE_ROW = st.tuples(
 @settings(max_examples=80, deadline=None)
 @given(rows=st.lists(_NATIVE_ROW, max_size=40))
 def test_native_evidence_counts_every_judged_row_once(rows):
-    """Each judged row counts once per model; the by-test columns add up to the upscaled ones."""
+    """Each judged row counts once per model, and once under the test that rejected it."""
     t = pa.table({
         schema.NATIVE_CODEC: pa.array([r[0] for r in rows], pa.string()),
         schema.NATIVE_TEST: pa.array([r[1] for r in rows], pa.string()),
