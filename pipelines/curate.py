@@ -268,10 +268,10 @@ def stale_mask(t: pa.Table, score_all: bool) -> pa.ChunkedArray | pa.Array:
     partial_scores = pc.is_null(t[COMPLETE_MARKS[0]])
     for name in COMPLETE_MARKS[1:]:
         partial_scores = pc.or_(partial_scores, pc.is_null(t[name]))
-    due = pc.is_null(t[schema.STATUS])
-    if score_all:
-        due = pc.scalar(True)
-    return pc.and_(pc.and_(decoded, partial_scores), due)
+    stale = pc.and_(decoded, partial_scores)
+    if score_all:  # every score is needed, whatever the row's verdict
+        return stale
+    return pc.and_(stale, pc.is_null(t[schema.STATUS]))
 
 
 def _not_stale(t: pa.Table, rules: list[Rule], score_all: bool) -> pa.Table:

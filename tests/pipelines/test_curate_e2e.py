@@ -168,3 +168,28 @@ def test_retuning_a_pixel_threshold_analyses_again_only_what_stopped_early(
     for source, r in direct.items():
         assert {f: retuned[source][f] for f in fields} == {f: r[f] for f in fields}, source
     assert main(["verify", str(copy)]) == 0
+
+
+def test_a_rerun_with_score_all_completes_every_stored_analysis(samples, curated, tmp_path, capsys):
+    """`analyze.score_all` over an output whose analyses stopped early: the rerun analyses
+    again exactly the decoded images that lack a score, fills every score, and keeps every
+    verdict (it crashed before: the stale rows' mask was built from an expression)."""
+    folder, _ = samples
+    first = _rows(curated)
+    partial = {s for s, r in first.items()
+               if r["sharpness"] is not None and any(r[f] is None for f in SCORES)}
+    assert partial, "some analysis stopped at a rule the image failed"
+    copy = tmp_path / "copy"
+    shutil.copytree(curated, copy)
+    capsys.readouterr()
+    assert main(["curate", str(folder), "--output", str(copy),
+                 "--set", "analyze.score_all=true"]) == 0
+    assert f"analysed {len(partial)} inputs in this run" in capsys.readouterr().out
+    rows = _rows(copy)
+    assert rows.keys() == first.keys()
+    for source, r in rows.items():
+        assert (r["status"], r["reason"], r["key"]) == (
+            first[source]["status"], first[source]["reason"], first[source]["key"]), source
+        if source in partial:
+            assert all(r[f] is not None for f in SCORES), source
+    assert main(["verify", str(copy)]) == 0
