@@ -36,6 +36,10 @@ from training.parallel import DistInfo, barrier
 
 _PREFIX = "step-"
 _OPTIONS = StateDictOptions(ignore_frozen_params=True)
+# Loading: the frozen parameters (the VAE's encoder) are not in a checkpoint, so the model's
+# own state dict is not matched strictly; every trainable tensor still is (`dcp.load` fails on
+# any key of the state it fills that the checkpoint lacks).
+_LOAD_OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)
 
 
 def checkpoint_dir(output_dir: str | Path) -> Path:
@@ -156,7 +160,7 @@ def load_checkpoint(
         optimizer,
         model_state_dict=state["model"],
         optim_state_dict=state["optim"],
-        options=_OPTIONS,
+        options=_LOAD_OPTIONS,
     )
     if ema is not None:
         for name, tensor in ema.items():

@@ -419,6 +419,32 @@ def test_vae_decoder_post_training(
     assert [e.step for e in acc.Scalars("eval/psnr")] == [2, 4]
 
 
+def test_vae_resume_is_bit_identical(curated_shards: Path, parts: dict, tmp_path: Path) -> None:
+    """The frozen encoder is not in a checkpoint; a resume loads the trained decoder, optimizer
+    and EMA and continues exactly (it failed on the encoder's missing keys before)."""
+    from training.vae_trainer import train_vae
+
+    def config(out: Path) -> VaeTrainConfig:
+        return load_train_config(VaeTrainConfig, data={
+            "data": {"root": str(curated_shards), "mode": "crop", "crop_size": 32,
+                     "batch_size": 2, "small_buckets": "pad"},
+            "model": {"pretrained": str(parts["vae"])},
+            "loss": {"perceptual_weight": 0.0},
+            "optim": {"lr": 1e-3},
+            "loop": {"output_dir": str(out), "max_steps": 4, "mixed_precision": "no",
+                     "progress": False, "log_every": 1, "device": "cpu", "ema_decay": 0.5,
+                     "checkpoint_every": 2},
+        })  # fmt: skip
+
+    full = train_vae(config(tmp_path / "a"))
+    first = train_vae(config(tmp_path / "b"), stop_after=2)
+    assert first.losses == full.losses[:2]
+    resumed = train_vae(config(tmp_path / "b"))
+    assert resumed.losses == full.losses[2:]  # bit-identical on the CPU
+    again = train_vae(config(tmp_path / "b"))  # a finished run resumes to its end: no step
+    assert again.step == 4 and again.losses == []
+
+
 def test_config_errors_are_clear(curated_shards: Path, parts: dict, tmp_path: Path) -> None:
     tree = dit_config(curated_shards, parts, tmp_path, loop={"max_steps": 1})
     with pytest.raises(TrainConfigError, match=r"unknown config key 'loop.max_step'"):
