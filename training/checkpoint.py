@@ -120,7 +120,8 @@ def save_checkpoint(
                 key=lambda p: int(p.name[len(_PREFIX) :]),
             )
             for old in done[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+                if old != final:  # never the checkpoint just written
+                    shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
 

@@ -194,6 +194,28 @@ class Trainer:
         if "cuda" in state and self.info.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda"], self.info.device)
 
+    def _check_output_dir(self) -> None:
+        """Refuse to start a new run over another run's checkpoints (before anything is written).
+
+        Its checkpoints would outnumber the new run's: pruning would delete each new one as it
+        is written, and a later ``resume: auto`` would continue the old run.
+
+        Raises:
+            ValueError: ``loop.resume`` is not ``auto`` and ``output_dir`` holds a checkpoint
+                other than the one named.
+        """
+        resume = self.loop.resume
+        existing = latest_checkpoint(self.loop.output_dir)
+        if resume == "auto" or existing is None:
+            return
+        if resume != "never" and Path(resume).resolve().parent == existing.parent.resolve():
+            return  # resuming from a checkpoint of this very run
+        raise ValueError(
+            f"loop.output_dir {self.loop.output_dir} already holds another run's checkpoints "
+            f"(newest: {existing.name}); with loop.resume={resume!r} choose an empty "
+            f"output_dir, remove {existing.parent}, or set loop.resume=auto to continue that run"
+        )
+
     def _resume_from(self) -> Path | None:
         resume = self.loop.resume
         if resume == "never":
@@ -258,6 +280,7 @@ class Trainer:
             The step reached, the per-step losses (mean over ranks and micro-batches) of this
             process's run, the last checkpoint and the exported model folder.
         """
+        self._check_output_dir()
         self.setup()
         info, loop = self.info, self.loop
         step, epoch, stage = 0, 0, 0

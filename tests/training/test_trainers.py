@@ -443,6 +443,14 @@ def test_vae_resume_is_bit_identical(curated_shards: Path, parts: dict, tmp_path
     assert resumed.losses == full.losses[2:]  # bit-identical on the CPU
     again = train_vae(config(tmp_path / "b"))  # a finished run resumes to its end: no step
     assert again.step == 4 and again.losses == []
+    # A new run (resume: never) over a folder holding another run's checkpoints would have
+    # its own pruned as written: it stops before writing anything.
+    fresh = config(tmp_path / "a")
+    fresh = dataclasses.replace(fresh, loop=dataclasses.replace(fresh.loop, resume="never"))
+    before = sorted(p.name for p in (tmp_path / "a").rglob("*"))
+    with pytest.raises(ValueError, match=r"already holds another run's checkpoints.*step-00000004"):
+        train_vae(fresh)
+    assert sorted(p.name for p in (tmp_path / "a").rglob("*")) == before
 
 
 def test_config_errors_are_clear(curated_shards: Path, parts: dict, tmp_path: Path) -> None:
