@@ -85,6 +85,7 @@ _MANIFEST_COLUMNS = (
     "crop_bottom",
     "width",
     "height",
+    "orientation",
     "aesthetic",
     "caption_en",
     "caption_zh",
@@ -253,6 +254,7 @@ class _Samples:
     extension: list[str]
     box: np.ndarray  # [N, 4] int64 (left, top, right, bottom) in oriented pixels
     size: np.ndarray  # [N, 2] int64 (width, height) oriented
+    orientation: np.ndarray  # [N] int64: the EXIF orientation curation used (0: not recorded)
     aesthetic: np.ndarray  # [N] float64, nan when null
     caption: list[str]
 
@@ -267,6 +269,7 @@ class _Samples:
             extension=[self.extension[i] for i in ids],
             box=self.box[ids],
             size=self.size[ids],
+            orientation=self.orientation[ids],
             aesthetic=self.aesthetic[ids],
             caption=[self.caption[i] for i in ids],
         )
@@ -447,6 +450,7 @@ class BucketedLoader:
         aesthetic = np.array(
             [np.nan if v is None else v for v in _column(t, "aesthetic")], np.float64
         )
+        orientation = np.array([v or 0 for v in _column(t, "orientation")], np.int64)
         return _Samples(
             key=_column(t, "key"),
             bucket=_column(t, "bucket"),
@@ -454,6 +458,7 @@ class BucketedLoader:
             extension=_column(t, "extension"),
             box=box,
             size=size,
+            orientation=orientation,
             aesthetic=aesthetic,
             caption=[c or "" for c in _column(t, cap_col)],
         )
@@ -726,10 +731,12 @@ class _EpochStream(torch.utils.data.IterableDataset):
                     resample=cfg.resample,
                     draft=cfg.jpeg_draft,
                     name=f"{s.shard[i]}:{s.key[i]}",
+                    orientation=int(s.orientation[i]) or None,
                 )
             else:
                 rng = np.random.default_rng([cfg.seed, self.epoch, batch.uid, slot])
-                img = decode_crop(data, cfg.crop_size, rng, name=f"{s.shard[i]}:{s.key[i]}")
+                img = decode_crop(data, cfg.crop_size, rng, name=f"{s.shard[i]}:{s.key[i]}",
+                                  orientation=int(s.orientation[i]) or None)
             images.append(img)
             text = members.get(CAPTIONS[cfg.caption_language][1])
             captions.append(text.decode("utf-8") if text is not None else s.caption[i])
@@ -871,11 +878,17 @@ _ORIENT = {
 }
 
 
-def _open(data: bytes, name: str) -> tuple[Image.Image, int]:
-    """A PIL image (header read, pixels not yet) and its EXIF orientation (1..8)."""
+def _open(data: bytes, name: str, orientation: int | None = None) -> tuple[Image.Image, int]:
+    """A PIL image (header read, pixels not yet) and its orientation (1..8).
+
+    ``orientation`` is the one curation recorded in the manifest, which its crop box and sizes
+    are in (curation reads a PNG's EXIF only from before the pixel data); without it, the
+    file's EXIF orientation.
+    """
     try:
         im = Image.open(io.BytesIO(data))
-        orientation = int(im.getexif().get(0x0112, 1) or 1)
+        if orientation is None:
+            orientation = int(im.getexif().get(0x0112, 1) or 1)
     except Exception as e:
         raise ValueError(f"{name}: cannot decode image: {e}") from e
     return im, orientation if orientation in range(1, 9) else 1
@@ -950,14 +963,16 @@ def decode_bucket(
     resample: str = "lanczos",
     draft: bool = True,
     name: str = "image",
+    orientation: int | None = None,
 ) -> np.ndarray:
     """Decode, crop to `box` (oriented pixels), resize down to `target` (W, H) and orient.
 
     The crop and the filter work on the stored pixels, and only the small result is turned to
     its EXIF orientation; JPEGs may be decoded at 1/2..1/8 scale first (`draft`). Returns uint8
     RGB `[H, W, 3]`. A target larger than the box raises: the loader never upscales.
+    `orientation`: the manifest's (see `_open`); None reads the file's EXIF.
     """
-    im, orientation = _open(data, name)
+    im, orientation = _open(data, name, orientation)
     sw, sh = im.size
     ow, oh = (sh, sw) if orientation in _TRANSPOSED else (sw, sh)
     left, top, right, bottom = box
@@ -998,14 +1013,19 @@ def decode_bucket(
 
 
 def decode_crop(
-    data: bytes, size: int, rng: np.random.Generator, *, name: str = "image"
+    data: bytes,
+    size: int,
+    rng: np.random.Generator,
+    *,
+    name: str = "image",
+    orientation: int | None = None,
 ) -> np.ndarray:
     """A random `size`² crop of the full-resolution, oriented image: uint8 RGB `[size, size, 3]`.
 
     The window is drawn in oriented pixels (x, then y, uniform), cut from the stored pixels and
-    only then oriented.
+    only then oriented. `orientation`: the manifest's (see `_open`); None reads the EXIF.
     """
-    im, orientation = _open(data, name)
+    im, orientation = _open(data, name, orientation)
     sw, sh = im.size
     ow, oh = (sh, sw) if orientation in _TRANSPOSED else (sw, sh)
     if ow < size or oh < size:

@@ -7,9 +7,11 @@ import json
 import math
 import pickle
 import shutil
+import struct
 import subprocess
 import sys
 import tarfile
+import zlib
 from pathlib import Path
 
 import cv2
@@ -442,3 +444,43 @@ def test_a_rank_reads_only_the_shards_that_hold_its_samples(curated_shards, tmp_
         (copy / shard).unlink()
     again = _epoch(BucketedLoader(DataConfig(**{**kw, "root": str(copy)}, seed=seed), world_size=2))
     assert [b["keys"] for b in again] == [b["keys"] for b in mine]
+
+
+def _png_with_trailing_exif(rgb: np.ndarray, orientation: int) -> bytes:
+    """A PNG whose eXIf chunk comes after the pixel data (allowed by the PNG spec, rare)."""
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "PNG")
+    data = buf.getvalue()
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    raw = exif.tobytes().removeprefix(b"Exif\x00\x00")
+    chunk = (struct.pack(">I", len(raw)) + b"eXIf" + raw
+             + struct.pack(">I", zlib.crc32(b"eXIf" + raw)))
+    return data[:-12] + chunk + data[-12:]  # before IEND
+
+
+def test_the_loader_orients_as_curation_recorded(local_ray, tmp_path):
+    """Curation reads a PNG's EXIF only before its pixels; the loader follows the manifest's
+    `orientation`, not the file's trailing EXIF (which made the crop box fall outside)."""
+    from pipelines.cli import main
+    from pipelines.samples import render
+
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    rgb = render(1280, 720, 7400)
+    data = _png_with_trailing_exif(rgb, 6)
+    with Image.open(io.BytesIO(data)) as im:
+        assert im.getexif().get(0x0112) == 6  # what a full read of the file says
+    (inputs / "late_exif.png").write_bytes(data)
+    args = ["curate", str(inputs), "--output", str(out), "--set", "probe.min_pixels=921600",
+            "--set", "bucket.tier_scales=[0.25,0.1875]"]  # as the `curated_shards` fixture
+    assert main(args) == 0
+    (row,) = _rows(out).values()
+    assert (row["status"], row["orientation"], row["width"]) == ("kept", 1, 1280), row
+    cfg = DataConfig(root=str(out), resolution_divisor=4)
+    (batch,) = _epoch(BucketedLoader(cfg))
+    box = rgb[row["crop_top"] : row["crop_bottom"], row["crop_left"] : row["crop_right"]]
+    tw, th = cfg.target_size(row["bucket"])
+    want = np.asarray(Image.fromarray(box).resize((tw, th), Image.Resampling.LANCZOS))
+    got = ((batch["pixels"][0].permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.int16)
+    assert np.abs(got - want.astype(np.int16)).max() <= 1
