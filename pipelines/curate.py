@@ -344,18 +344,23 @@ def _fullest_row(t: pa.Table) -> pa.Table:
 
 
 def expand_listing(
-    batch: pa.Table, *, sidecar_extensions: tuple[str, ...], chunk: int = 100_000
+    batch: pa.Table,
+    *,
+    sidecar_extensions: tuple[str, ...],
+    chunk: int = 100_000,
+    exclude: str | None = None,
 ) -> Iterator[pa.Table]:
     """Ray task body: expand planned INPUTs (`uri`, `kind`) into listing rows, in chunks.
 
     A folder or a URI list file of millions of entries streams out in blocks of `chunk`
-    rows; nothing per input reaches the driver.
+    rows; nothing per input reaches the driver. Files under `exclude` (the job's OUT) are
+    not listed.
     """
     out: dict[str, list[Any]] = {schema.SOURCE: [], SIDECAR: [], META: [], KIND: []}
     sent = False
     for uri, kind in zip(column(batch, "uri"), column(batch, "kind"), strict=True):
         spec = InputSpec(uri, kind)
-        for item in expand_input(spec, sidecar_extensions=sidecar_extensions):
+        for item in expand_input(spec, sidecar_extensions=sidecar_extensions, exclude=exclude):
             out[schema.SOURCE].append(item.uri)
             out[SIDECAR].append(item.sidecar)
             out[META].append(item.meta)
@@ -706,9 +711,17 @@ def _only_kind(t: pa.Table, kind: str) -> pa.Table:
 
 
 def list_job(
-    rd: Any, specs: Sequence[InputSpec], cfg: JobConfig, *, chunk: int = 100_000
+    rd: Any,
+    specs: Sequence[InputSpec],
+    cfg: JobConfig,
+    *,
+    chunk: int = 100_000,
+    output: str | None = None,
 ) -> Listing:
-    """Expand the planned INPUTs in Ray tasks (one per INPUT); see `expand_listing`."""
+    """Expand the planned INPUTs in Ray tasks (one per INPUT); see `expand_listing`.
+
+    A folder INPUT that holds `output` (the job's OUT) does not list it.
+    """
     plan = rd.from_items(
         [{"uri": s.uri, "kind": s.kind} for s in specs], override_num_blocks=max(1, len(specs))
     )
@@ -716,6 +729,7 @@ def list_job(
         expand_listing,
         sidecar_extensions=tuple(e.lower() for e in cfg.input.sidecar_extensions),
         chunk=chunk,
+        exclude=output,
     )
     rows, count = nonempty(plan.map_batches(expand, batch_format="pyarrow", batch_size=1))
     if rows is None:
@@ -971,7 +985,7 @@ def _run_passes(
         passes.run("listing", len(specs), user_errors=(OSError,)),
         quiet_ray_data(sys.stdout.isatty()),
     ):
-        listing = list_job(rd, specs, cfg)
+        listing = list_job(rd, specs, cfg, output=output)
     if not listing.count:
         raise ValueError(f"no input files found in {', '.join(inputs)}")
     work = join(output, "_work")

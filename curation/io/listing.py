@@ -102,10 +102,13 @@ def _uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return f"{protocol}://{path}"
 
 
-def _walk_local(folder: str) -> list[str]:
-    """Every file under a local folder; linked folders are not descended (no loops)."""
+def _walk_local(folder: str, exclude: str | None = None) -> list[str]:
+    """Every file under a local folder; linked folders are not descended (no loops), nor the
+    folder ``exclude`` (an absolute path)."""
     out = []
-    for root, _dirs, files in os.walk(folder, followlinks=False):
+    for root, dirs, files in os.walk(folder, followlinks=False):
+        if exclude is not None:
+            dirs[:] = [d for d in dirs if os.path.abspath(os.path.join(root, d)) != exclude]
         out.extend(os.path.join(root, f) for f in files)
     return out
 
@@ -241,15 +244,26 @@ def expand_input(
     *,
     sidecar_extensions: Iterable[str] = ("txt", "json"),
     storage_options: dict | None = None,
+    exclude: str | None = None,
 ) -> Iterator[InputItem]:
-    """Every input item of one planned INPUT, in a deterministic order (list files stream)."""
+    """Every input item of one planned INPUT, in a deterministic order (list files stream).
+
+    ``exclude``: a folder or prefix (the job's OUT) whose files a folder INPUT does not list,
+    so that an OUT inside an INPUT folder never feeds the job its own shards and manifest.
+    """
     sidecar_exts = tuple(e.lower() for e in sidecar_extensions)
     fs, path = fsspec.core.url_to_fs(spec.uri, **(storage_options or {}))
     if spec.kind == "folder":
         if _is_local(fs):
-            files = _walk_local(path)
+            skip = None
+            if exclude is not None and is_local(exclude):
+                skip = os.path.abspath(local_path(exclude).removeprefix("file://"))
+            files = _walk_local(path, skip)
         else:
             files = [p for p in fs.find(path) if not fs.isdir(p)]
+            if exclude is not None and not is_local(exclude):
+                skip = fsspec.core.url_to_fs(exclude, **(storage_options or {}))[1].rstrip("/")
+                files = [p for p in files if p != skip and not p.startswith(skip + "/")]
         yield from _group_folder(fs, files, sidecar_exts)
     elif spec.kind == "list":
         with fs.open(path, "rt", errors="surrogateescape") as fh:

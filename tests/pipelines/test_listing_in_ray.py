@@ -50,3 +50,29 @@ def test_ray_listing_equals_the_driver_listing(local_ray, tmp_path_factory, name
     assert got == want
     assert listing.count == len(want)
     assert listing.tars == sum(1 for w in want if w[2] == "tar")
+
+
+def test_an_output_inside_an_input_folder_is_not_listed(local_ray, tmp_path):
+    """`curate F --output F/out`: a rerun must not take its own shards, manifest and work
+    files for inputs (they became `decode_error`/`duplicate` rows before)."""
+    from pipelines.cli import main
+    from pipelines.samples import encode, render
+
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    for i, name in enumerate(("a.jpg", "sub/b.jpg")):
+        (folder / name).write_bytes(encode(render(1280, 720, 7500 + i), "JPEG", quality=95))
+    out = folder / "out"
+    args = ["curate", str(folder), "--output", str(out), "--set", "probe.min_pixels=921600",
+            "--set", "bucket.tier_scales=[0.25,0.1875]"]
+    assert main(args) == 0
+    assert main(args) == 0  # OUT now holds shards, a manifest and _work files
+    import pyarrow.parquet as pq
+
+    sources = sorted(r["source"] for r in pq.read_table(out / "manifest").to_pylist())
+    assert sources == [str(folder / "a.jpg"), str(folder / "sub" / "b.jpg")]
+    specs = plan_inputs([str(folder)])
+    listed = list_job(local_ray.data, specs, load_config(), output=str(out)).rows.take_all()
+    assert sorted(r["source"] for r in listed) == sources
+    # The same folder listed for another job (OUT elsewhere) does see those files.
+    assert len(list_job(local_ray.data, specs, load_config()).rows.take_all()) > len(sources)

@@ -98,3 +98,27 @@ def test_listing_does_not_descend_linked_folders(tmp_path):
     (tmp_path / "in" / "link.jpg").symlink_to(tmp_path / "in" / "a.jpg")
     items = [i.uri for i in list_inputs([str(tmp_path / "in")])]
     assert items == [str(tmp_path / "in" / "a.jpg"), str(tmp_path / "in" / "link.jpg")]
+
+
+def test_a_folder_input_skips_the_jobs_output(tmp_path, s3_server):
+    """OUT inside a folder INPUT (local or an S3 prefix) is never listed as input."""
+    import boto3
+
+    from curation.io.listing import InputSpec, expand_input
+
+    local = tmp_path / "in"
+    for name in ("a.jpg", "out/shards/b/x.tar", "out/manifest/p.parquet", "outer/c.jpg"):
+        (local / name).parent.mkdir(parents=True, exist_ok=True)
+        (local / name).write_bytes(b"x")
+    spec = InputSpec(str(local), "folder")
+    listed = sorted(i.uri for i in expand_input(spec, exclude=str(local / "out")))
+    assert listed == [str(local / "a.jpg"), str(local / "outer" / "c.jpg")]
+    assert len(list(expand_input(spec))) == 4
+
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket="outin", CreateBucketConfiguration={"LocationConstraint": "us-west-2"})
+    for name in ("in/a.jpg", "in/out/shards/b/x.tar", "in/out/_SUCCESS", "in/outer/c.jpg"):
+        s3.put_object(Bucket="outin", Key=name, Body=b"x")
+    spec = InputSpec("s3://outin/in", "folder")
+    listed = sorted(i.uri for i in expand_input(spec, exclude="s3://outin/in/out/"))
+    assert listed == ["s3://outin/in/a.jpg", "s3://outin/in/outer/c.jpg"]
