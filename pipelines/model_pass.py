@@ -905,10 +905,10 @@ def _caption_sources(t: pa.Table) -> pa.Table:
     if schema.CAPTION_EN not in t.column_names:
         return t
     caps, srcs = column(t, schema.CAPTION_EN), column(t, schema.CAPTION_SOURCE)
-    uris = column(t, schema.SOURCE)
+    offsets = column(t, schema.TAR_OFFSET)
     new = [
-        s if s or not c else input_caption_source(u)
-        for c, s, u in zip(caps, srcs, uris, strict=True)
+        s if s or not c else input_caption_source(o)
+        for c, s, o in zip(caps, srcs, offsets, strict=True)
     ]
     return set_columns(t, {schema.CAPTION_SOURCE: new})
 

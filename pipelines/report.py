@@ -38,6 +38,7 @@ import pyarrow.compute as pc
 from curation import schema
 from curation.analyze.native import CODECS, TESTS
 from curation.io.atomic import atomic_write, join
+from curation.io.listing import split_tar_source
 from pipelines.stats import finished_fs, job_stats, read_manifest, score_columns
 
 THUMB_SIDE = 240
@@ -312,9 +313,9 @@ def thumb_job(output: str, row: dict[str, Any]) -> ThumbJob:
     if row[schema.STATUS] == schema.STATUS_KEPT and row.get(schema.SHARD):
         return ThumbJob(join(output, row[schema.SHARD]), f"{row[schema.KEY]}.{row['extension']}")
     source = row[schema.SOURCE]
-    if "#" in source:
-        uri, member = source.rsplit("#", 1)
-        return ThumbJob(uri, member, row.get(schema.TAR_OFFSET), row.get(schema.SIZE_BYTES))
+    if row.get(schema.TAR_OFFSET) is not None:  # a tar member (a file's name may hold `#`)
+        uri, member = split_tar_source(source)
+        return ThumbJob(uri, member, row[schema.TAR_OFFSET], row.get(schema.SIZE_BYTES))
     return ThumbJob(source)
 
 

@@ -16,9 +16,11 @@ SOURCE_SIDECAR = "sidecar"
 SOURCE_TAR = "tar"
 
 
-def input_caption_source(source: str) -> str:
-    """Where a caption that came with the input was found: a tar member or a sidecar file."""
-    return SOURCE_TAR if "#" in source else SOURCE_SIDECAR
+def input_caption_source(tar_offset: int | None) -> str:
+    """Where a caption that came with the input was found: a tar member (a row read from a
+    tar has its member's `tar_offset`) or a sidecar file (a `#` in a file's name says
+    nothing)."""
+    return SOURCE_TAR if tar_offset is not None else SOURCE_SIDECAR
 
 
 def model_name(path: str) -> str:
@@ -44,7 +46,7 @@ class VlmCaptioner(Stage):
         schema.THUMBNAIL,
         schema.CAPTION_EN,
         schema.CAPTION_SOURCE,
-        schema.SOURCE,
+        schema.TAR_OFFSET,
     )
     writes: ClassVar[tuple[str, ...]] = (schema.CAPTION_EN, schema.CAPTION_SOURCE)
     model_path: str = ""
@@ -111,11 +113,11 @@ class VlmCaptioner(Stage):
         thumbs = column(table, schema.THUMBNAIL)
         captions = column(table, schema.CAPTION_EN)
         sources = column(table, schema.CAPTION_SOURCE)
-        uris = column(table, schema.SOURCE)
+        offsets = column(table, schema.TAR_OFFSET)
         todo: list[int] = []
         for i, (thumb, cap) in enumerate(zip(thumbs, captions, strict=True)):
             if cap and not sources[i]:
-                sources[i] = input_caption_source(uris[i])
+                sources[i] = input_caption_source(offsets[i])
             if thumb is None:
                 continue
             if not cap or not self.keep_sidecar or self.sidecar_hint:

@@ -542,3 +542,22 @@ def test_report_without_native_evidence_says_so(audit_output):
     out, _ = audit_output([], [{"source": "/gone.jpg", "reason": "too_small"}])
     text = Path(write_report(str(out), workers=1)).read_text()
     assert "No manifest row carries native evidence" in text
+
+
+def test_thumbnails_find_files_whose_names_hold_a_hash():
+    """Only a row read from a tar (it has `tar_offset`) is a tar member; a file named
+    `bad#one.jpg` is opened whole (the report showed a placeholder for it before)."""
+    from pipelines.report import ThumbJob, thumb_job
+
+    def row(source: str, offset: int | None = None, status: str = "rejected") -> dict:
+        return {schema.STATUS: status, schema.SOURCE: source, schema.TAR_OFFSET: offset,
+                schema.SIZE_BYTES: 99, schema.SHARD: None}
+
+    assert thumb_job("/out", row("/in/bad#one.jpg")) == ThumbJob("/in/bad#one.jpg")
+    assert thumb_job("/out", row("/in/x.tar#c#d.jpg", 1536)) == ThumbJob(
+        "/in/x.tar", "c#d.jpg", 1536, 99)
+    assert thumb_job("/out", row("s3://b/p.tar#k.webp", 512)) == ThumbJob(
+        "s3://b/p.tar", "k.webp", 512, 99)
+    kept = {**row("/in/a#b.jpg"), schema.STATUS: schema.STATUS_KEPT,
+            schema.SHARD: "shards/1x1/1x1-000000.tar", schema.KEY: "k", "extension": "jpg"}
+    assert thumb_job("/out", kept) == ThumbJob("/out/shards/1x1/1x1-000000.tar", "k.jpg")

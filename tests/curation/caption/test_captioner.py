@@ -33,7 +33,8 @@ def _thumb(seed: int, size=(96, 64)) -> bytes:
 
 def _batch() -> dict:
     return {
-        schema.SOURCE: ["/d/a.jpg", "/d/b.jpg", "/t/x.tar#c", "/d/none.jpg"],
+        schema.SOURCE: ["/d/a.jpg", "/d/b#c.jpg", "/t/x.tar#c", "/d/none.jpg"],
+        schema.TAR_OFFSET: [None, None, 1536, None],
         schema.THUMBNAIL: [_thumb(0), _thumb(1), _thumb(2, (64, 96)), None],
         schema.CAPTION_EN: [None, "a sidecar caption", "a tar caption", None],
     }
@@ -88,5 +89,6 @@ def test_translation_fills_missing_chinese_and_keeps_given_ones(translator):
 
 
 def test_input_caption_source():
-    assert input_caption_source("s3://b/x.tar#k") == "tar"
-    assert input_caption_source("/data/img.jpg") == "sidecar"
+    """A row read from a tar carries its member's offset; a `#` in a file's name is no tar."""
+    assert input_caption_source(512) == "tar"
+    assert input_caption_source(None) == "sidecar"
