@@ -86,8 +86,11 @@ def safe_text(text: str, limit: int = 500) -> str:
 
 
 def _text(raw: bytes) -> str | None:
+    """A caption file's text: UTF-8 (a byte-order mark dropped) or UTF-16 with its mark;
+    None when empty or in another encoding (a guess could turn a GBK caption into noise)."""
+    encoding = "utf-16" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
     try:
-        text = raw.decode("utf-8").strip()
+        text = raw.decode(encoding).strip()
     except UnicodeDecodeError:
         return None
     return text or None
@@ -162,8 +165,8 @@ def _read_one(src: str, sidecar: str | None, meta: str | None, max_bytes: int) -
         raw = _read_sidecar(sidecar)
         if sidecar.lower().endswith(".json"):
             en, zh, _ = json_sidecar(raw)
-        else:
-            en, zh = _text(raw), None
+        else:  # the `.txt` is the English caption; the JSON's stand where it says nothing
+            en = _text(raw) or en
     if sidecar:
         row[schema.CAPTION_EN], row[schema.CAPTION_ZH] = en, zh
     return row

@@ -162,8 +162,20 @@ def test_metadata_sidecars_travel_verbatim_next_to_the_caption(tmp_path):
     (tmp_path / "d.jpg").write_bytes(b"d")
     (tmp_path / "d.json").write_bytes(b'{"caption": "x", "pad": "' + b"0" * 70_000 + b'"}')
     (tmp_path / "e.jpg").write_bytes(b"e")
+    # A `.txt` caption with a JSON that also holds captions: the `.txt` is the English one,
+    # an empty `.txt` says nothing, the JSON's Chinese caption stays; marks are dropped.
+    (tmp_path / "f.jpg").write_bytes(b"f")
+    (tmp_path / "f.txt").write_bytes("\ufeffwith a mark".encode())
+    (tmp_path / "f.json").write_text('{"caption": "json en", "caption_zh": "中文"}')
+    (tmp_path / "g.jpg").write_bytes(b"g")
+    (tmp_path / "g.txt").write_text("  \n")
+    (tmp_path / "g.json").write_text('{"caption": "json en", "caption_zh": "中文"}')
+    (tmp_path / "h.jpg").write_bytes(b"h")
+    (tmp_path / "h.txt").write_bytes("utf-16 caption".encode("utf-16"))
+    (tmp_path / "i.jpg").write_bytes(b"i")
+    (tmp_path / "i.txt").write_bytes("caf\xe9".encode("latin-1"))  # not UTF-8: no guess
     items = {i.uri.rsplit("/", 1)[-1]: i for i in list_inputs([str(tmp_path)])}
-    assert set(items) == {"a.jpg", "b.jpg", "c.jpg", "d.jpg", "e.jpg"}
+    assert set(items) == {f"{c}.jpg" for c in "abcdefghi"}
     assert items["a.jpg"].sidecar.endswith("a.txt") and items["a.jpg"].meta.endswith("a.json")
     assert items["e.jpg"].meta is None
     names = sorted(items)
@@ -185,6 +197,12 @@ def test_metadata_sidecars_travel_verbatim_next_to_the_caption(tmp_path):
     assert rows["d.jpg"][schema.SOURCE_META] is None  # over META_MAX_BYTES
     assert rows["d.jpg"][schema.CAPTION_EN] == "x"  # ... its caption still read
     assert rows["e.jpg"][schema.SOURCE_META] is None
+    assert (rows["f.jpg"][schema.CAPTION_EN], rows["f.jpg"][schema.CAPTION_ZH]) == (
+        "with a mark", "中文")
+    assert (rows["g.jpg"][schema.CAPTION_EN], rows["g.jpg"][schema.CAPTION_ZH]) == (
+        "json en", "中文")
+    assert rows["h.jpg"][schema.CAPTION_EN] == "utf-16 caption"
+    assert rows["i.jpg"][schema.CAPTION_EN] is None
     assert all(r[schema.STATUS] is None for r in rows.values())  # no image lost over metadata
 
 
