@@ -114,9 +114,16 @@ def _walk_local(folder: str, exclude: str | None = None) -> list[str]:
 
 
 def _group_folder(
-    fs: fsspec.AbstractFileSystem, paths: Iterable[str], sidecar_exts: tuple[str, ...]
+    fs: fsspec.AbstractFileSystem,
+    paths: Iterable[str],
+    sidecar_exts: tuple[str, ...],
+    named: bool = False,
 ) -> Iterator[InputItem]:
-    """Pair images with sidecars; every non-sidecar file is an input."""
+    """Pair images with sidecars; every non-sidecar file is an input.
+
+    Hidden files (`.DS_Store`, `._x.jpg`) and `_SUCCESS` inside a folder are not inputs;
+    `named`: the paths were INPUT arguments themselves, and each is an input whatever its name.
+    """
     paths = sorted(paths)
     by_stem: dict[str, dict[str, str]] = {}
     for p in paths:
@@ -125,7 +132,7 @@ def _group_folder(
     for p in paths:
         pp = PurePosixPath(p)
         name = pp.name
-        if name.startswith(".") or name == "_SUCCESS":
+        if not named and (name.startswith(".") or name == "_SUCCESS"):
             continue
         ext = pp.suffix.lower().lstrip(".")
         siblings = by_stem[str(pp.with_suffix(""))]
@@ -223,11 +230,13 @@ def plan_inputs(
     return specs
 
 
-def parse_uri_line(line: str) -> Iterator[InputItem]:
+def parse_uri_line(line: str, base: str | None = None) -> Iterator[InputItem]:
     """The inputs one line of a URI list file names (none for blanks and `#` comments).
 
     Listed URIs are taken as they are: one that cannot be read becomes an `unreadable`
-    manifest row, not a failed job.
+    manifest row, not a failed job. A relative path is relative to ``base``, the folder of the
+    list file (a local path or a URI prefix), as in a playlist: never to the working folder of
+    whichever worker expands the list.
     """
     line = line.strip()
     if not line or line.startswith("#"):
@@ -235,6 +244,11 @@ def parse_uri_line(line: str) -> Iterator[InputItem]:
     for u in braceexpand.braceexpand(line):
         kind = "tar" if u.lower().endswith(TAR_EXTENSIONS) else "file"
         if "://" not in u:
+            if base is not None and not os.path.isabs(u):
+                if "://" in base:
+                    yield InputItem(base.rstrip("/") + "/" + u.removeprefix("./"), kind)
+                    continue
+                u = os.path.join(base, u)
             u = local_source(u)
         yield InputItem(u, kind)
 
@@ -266,13 +280,15 @@ def expand_input(
                 files = [p for p in files if p != skip and not p.startswith(skip + "/")]
         yield from _group_folder(fs, files, sidecar_exts)
     elif spec.kind == "list":
+        base = os.path.dirname(local_path(spec.uri)) if is_local(spec.uri) else (
+            spec.uri.rsplit("/", 1)[0])
         with fs.open(path, "rt", errors="surrogateescape") as fh:
             for line in fh:
-                yield from parse_uri_line(line)
+                yield from parse_uri_line(line, base)
     elif spec.kind == "tar":
         yield InputItem(spec.uri, "tar")
     else:
-        yield from _group_folder(fs, [path], sidecar_exts)
+        yield from _group_folder(fs, [path], sidecar_exts, named=True)
 
 
 def list_inputs(

@@ -122,3 +122,8 @@ def test_a_folder_input_skips_the_jobs_output(tmp_path, s3_server):
     spec = InputSpec("s3://outin/in", "folder")
     listed = sorted(i.uri for i in expand_input(spec, exclude="s3://outin/in/out/"))
     assert listed == ["s3://outin/in/a.jpg", "s3://outin/in/outer/c.jpg"]
+    # A URI list on S3: relative entries are relative to the list's prefix.
+    s3.put_object(Bucket="outin", Key="in/urls.lst", Body=b"a.jpg\nouter/c.jpg\ns3://x/y.jpg\n")
+    fsspec.filesystem("s3").invalidate_cache()  # the listing above is cached
+    listed = [i.uri for i in expand_input(InputSpec("s3://outin/in/urls.lst", "list"))]
+    assert listed == ["s3://outin/in/a.jpg", "s3://outin/in/outer/c.jpg", "s3://x/y.jpg"]

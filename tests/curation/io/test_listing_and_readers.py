@@ -47,10 +47,16 @@ def test_listing_walks_folders_pairs_sidecars_and_reads_lists(tmp_path):
         "s-000.tar": ("tar", None),
     }
 
+    # Named as an INPUT, a hidden file is an input like any other.
+    assert [i.uri for i in list_inputs([str(tmp_path / "a" / ".hidden.jpg")])] == [
+        f"{tmp_path}/a/.hidden.jpg"]
+
     lst = tmp_path / "inputs.lst"
-    lst.write_text(f"{tmp_path}/a/x.jpg\n# comment\n{tmp_path}/missing.jpg\n")
+    lst.write_text(f"{tmp_path}/a/x.jpg\n# comment\n{tmp_path}/missing.jpg\n"
+                   "a/b/y.png\n./rel.jpg\n")  # relative: to the list's folder
     listed = [i.uri for i in list_inputs([str(lst)])]
-    assert listed == [f"{tmp_path}/a/x.jpg", f"{tmp_path}/missing.jpg"]
+    assert listed == [f"{tmp_path}/a/x.jpg", f"{tmp_path}/missing.jpg",
+                      f"{tmp_path}/a/b/y.png", f"{tmp_path}/rel.jpg"]
 
 
 def test_listing_brace_patterns(tmp_path):
