@@ -567,6 +567,11 @@ class BucketedLoader:
 
     # ----- the public API ---------------------------------------------------------------
 
+    @property
+    def keys(self) -> list[str]:
+        """The key of every selected sample (of all ranks), in manifest order."""
+        return list(self._samples.key)
+
     def __len__(self) -> int:
         """Batches per epoch on this rank (the same on every rank and every epoch)."""
         return self._len

@@ -231,7 +231,35 @@ class DitTask:
             from training.data import BucketedLoader
 
             factory = BucketedLoader
-        return factory(data, rank=info.rank, world_size=info.world_size)
+        loader = factory(data, rank=info.rank, world_size=info.world_size)
+        if self.cfg.text.source == "cache":
+            self._check_text_cache(data, getattr(loader, "keys", None), stage)
+        return loader
+
+    def _check_text_cache(self, data: Any, keys: list[str] | None, stage: int) -> None:
+        """Before any model is built: the cache holds this stage's captions, in its language.
+
+        Raises:
+            ValueError: the cache's language differs, or it lacks samples the stage trains on
+                (it was written for other data); a `KeyError` hours into the run otherwise.
+        """
+        from training.text_cache import TextEmbeddingCache
+
+        cache = TextEmbeddingCache(self.cfg.text.cache)
+        written_for = cache.meta.get("data")
+        if cache.language != data.caption_language:
+            raise ValueError(
+                f"text.cache {self.cfg.text.cache} holds caption_{cache.language} embeddings, "
+                f"data.caption_language is {data.caption_language!r}: rerun native4k "
+                f"encode-text with --language {data.caption_language}"
+            )
+        missing = [k for k in keys or () if k not in cache]
+        if missing:
+            raise ValueError(
+                f"text.cache {self.cfg.text.cache} lacks {len(missing)} of the {len(keys or ())} "
+                f"samples stage {self.stage_name(stage)!r} trains on (e.g. {missing[0]!r}); it "
+                f"was written for {written_for}: rerun native4k encode-text on {data.root}"
+            )
 
     # -- loss -----------------------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ unpickled). The padded T5 sequence is stored whole (Flux attends to the padding 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -174,7 +175,7 @@ def write_text_cache(
         "seq_dim": int(seq.shape[-1]),
         "pooled_dim": int(pooled.shape[-1]),
         "language": language,
-        "data": str(data_root),
+        "data": str(data_root) if "://" in str(data_root) else os.path.abspath(data_root),
         "encoders": encoders_folder,
     }
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
@@ -208,6 +209,14 @@ class TextEmbeddingCache:
         self._open = lambda name: safe_open(str(self.root / name), framework="pt")
         empty = self._open("empty.safetensors")
         self.empty_seq, self.empty_pooled = empty.get_tensor("seq"), empty.get_tensor("pooled")
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._where
+
+    @property
+    def language(self) -> str:
+        """The caption language encoded (``caption_<language>``)."""
+        return str(self.meta.get("language", "en"))
 
     @property
     def max_sequence_length(self) -> int:

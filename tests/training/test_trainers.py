@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -417,6 +418,32 @@ def test_vae_decoder_post_training(
     ):
         assert tag in tags, tag  # fmt: skip
     assert [e.step for e in acc.Scalars("eval/psnr")] == [2, 4]
+
+
+def test_a_text_cache_for_other_data_stops_the_run_before_it_starts(
+    curated_shards: Path, parts: dict, text_cache: Path, tmp_path: Path
+) -> None:
+    """A cache missing samples (written for other data) or in another language fails at
+    set-up, naming the stage and the data; a `KeyError` when the first such batch came, before."""
+    import pyarrow.parquet as pq
+
+    meta = json.loads((text_cache / "meta.json").read_text())
+    assert meta["data"] == str(curated_shards)  # the data it was written for
+    partial = tmp_path / "partial"
+    shutil.copytree(text_cache, partial)
+    index = pq.read_table(partial / "index.parquet")
+    pq.write_table(index.slice(0, index.num_rows - 2), partial / "index.parquet")
+    zh = tmp_path / "zh"
+    shutil.copytree(text_cache, zh)
+    (zh / "meta.json").write_text(json.dumps({**meta, "language": "zh"}))
+    for cache, match in ((partial, r"lacks 2 of the 11 samples stage 'all'.*encode-text on"),
+                         (zh, r"caption_zh embeddings, data.caption_language is 'en'")):
+        out = tmp_path / f"run-{cache.name}"
+        tree = dit_config(curated_shards, parts, out, loop={"max_steps": 2},
+                          text={"source": "cache", "cache": str(cache), "encoders": None})
+        with pytest.raises(ValueError, match=match):
+            train_dit(load_train_config(DitTrainConfig, data=tree))
+        assert not (out / "train_config.yaml").exists()
 
 
 def test_vae_resume_is_bit_identical(curated_shards: Path, parts: dict, tmp_path: Path) -> None:
