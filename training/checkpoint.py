@@ -52,8 +52,18 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     root = checkpoint_dir(output_dir)
     if not root.is_dir():
         return None
-    done = [p for p in root.iterdir() if p.name.startswith(_PREFIX) and p.suffix != ".partial"]
-    return max(done, key=lambda p: int(p.name[len(_PREFIX) :]), default=None)
+    return max(_complete(root), key=_step_of, default=None)
+
+
+def _step_of(folder: Path) -> int:
+    return int(folder.name[len(_PREFIX) :])
+
+
+def _complete(root: Path) -> list[Path]:
+    """The complete checkpoint folders under ``root``: ``step-<digits>`` exactly (a copy named
+    ``step-00000050.bak`` or a ``.partial`` one is not a checkpoint)."""
+    return [p for p in root.iterdir()
+            if p.is_dir() and p.name.startswith(_PREFIX) and p.name[len(_PREFIX) :].isdigit()]
 
 
 def _json_default(value: Any) -> Any:
@@ -111,14 +121,7 @@ def save_checkpoint(
         shutil.rmtree(final, ignore_errors=True)
         partial.rename(final)
         if keep > 0:
-            done = sorted(
-                (
-                    p
-                    for p in root.iterdir()
-                    if p.name.startswith(_PREFIX) and p.suffix != ".partial"
-                ),
-                key=lambda p: int(p.name[len(_PREFIX) :]),
-            )
+            done = sorted(_complete(root), key=_step_of)
             for old in done[:-keep]:
                 if old != final:  # never the checkpoint just written
                     shutil.rmtree(old, ignore_errors=True)

@@ -550,3 +550,15 @@ def test_resolution_shift_moves_timesteps_to_noise() -> None:
     t = sample_timesteps(20000, 16384, fixed, t_min=0.2, t_max=0.6, generator=g,
                          device=torch.device("cpu"))  # fmt: skip
     assert abs(t.mean().item() - 0.4) < 0.01  # uniform inside the band without a shift
+
+
+def test_only_step_folders_are_checkpoints(tmp_path: Path) -> None:
+    """A copy such as `step-00000050.bak`, a `.partial` folder or a stray file is no checkpoint
+    (`int('00000050.bak')` stopped the run before)."""
+    from training.checkpoint import checkpoint_dir, latest_checkpoint
+
+    root = checkpoint_dir(tmp_path)
+    for name in ("step-00000004", "step-00000050.bak", "step-00000060.partial", "step-x"):
+        (root / name).mkdir(parents=True)
+    (root / "step-00000070").write_text("a file")
+    assert latest_checkpoint(tmp_path) == root / "step-00000004"
