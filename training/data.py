@@ -359,6 +359,31 @@ class BucketedLoader:
 
     # ----- selection and small buckets --------------------------------------------------
 
+    def _check_sizes(self, t: pa.Table, buckets: dict[str, int]) -> None:
+        """What the manifest already tells about the decoded sizes, before the first batch.
+
+        Raises:
+            ValueError: in `bucket` mode, `resolution_divisor` shrinks a bucket to nothing; in
+                `crop` mode, selected images are smaller than `crop_size`.
+        """
+        cfg = self.cfg
+        if cfg.mode == "bucket":
+            for b in buckets:
+                cfg.target_size(b)
+            return
+        if "width" not in t.column_names or "height" not in t.column_names:
+            return  # another producer's manifest: the decoder will say
+        sizes = np.array([[v or 0 for v in _column(t, c)] for c in ("width", "height")],
+                         np.int64)
+        small = np.flatnonzero((sizes.min(axis=0) < cfg.crop_size) & (sizes.min(axis=0) > 0))
+        if len(small):
+            i = int(small[np.argmin(sizes[:, small].min(axis=0))])
+            raise ValueError(
+                f"data config key 'crop_size' ({cfg.crop_size}): {len(small)} of the "
+                f"{t.num_rows} selected images are smaller (the smallest "
+                f"{sizes[0, i]}x{sizes[1, i]}); lower it, or select larger images"
+            )
+
     def _select(self) -> _Samples:
         cfg = self.cfg
         cols = _MANIFEST_COLUMNS + ((cfg.select_column,) if cfg.select_column else ())
@@ -367,6 +392,8 @@ class BucketedLoader:
             if c not in t.column_names:
                 raise ValueError(f"{cfg.root}: the manifest has no '{c}' column")
         t = t.filter(pc.equal(t.column("status"), "kept"))
+        if t.num_rows == 0:
+            raise ValueError(f"{cfg.root} kept no image: nothing to train on (see its stats.json)")
         available = _count(_column(t, "bucket"))
         selection: dict[str, Any] = {"column": None}
         if cfg.select_column:
@@ -379,6 +406,11 @@ class BucketedLoader:
                 raise ValueError(f"data config key 'select_column': '{col}' is not numeric")
             values = np.array([np.nan if v is None else v for v in _column(t, col)], np.float64)
             valid = np.flatnonzero(np.isfinite(values))
+            if len(valid) == 0:
+                raise ValueError(
+                    f"data config key 'select_column': '{col}' is null in all {t.num_rows} kept "
+                    f"rows of {cfg.root} (was its scorer enabled when it was curated?)"
+                )
             n_keep = math.ceil(cfg.select_top * len(valid) - 1e-9) if len(valid) else 0
             keys = np.array(_column(t, "key"), dtype=object)
             # Top by value, ties broken by key, so the selection does not depend on row order.
@@ -396,6 +428,7 @@ class BucketedLoader:
             }
             t = t.take(pa.array(keep, pa.int64()))
         selected = _count(_column(t, "bucket"))
+        self._check_sizes(t, selected)
         weights = cfg.bucket_weights
         unknown = sorted(set(weights) - set(available))
         if unknown:

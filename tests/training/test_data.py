@@ -16,6 +16,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -373,6 +374,24 @@ def test_unfinished_output_and_unknown_column_are_clear_errors(curated_shards, t
         BucketedLoader(DataConfig(root=str(tmp_path)))
     with pytest.raises(ValueError, match=r"'select_column'.*no 'beauty'"):
         BucketedLoader(DataConfig(root=str(curated_shards), select_column="beauty", select_top=0.5))
+    # What the manifest already tells stops the loader before the first batch, not at it.
+    with pytest.raises(ValueError, match=r"'aesthetic' is null in all 11 kept rows"):
+        BucketedLoader(DataConfig(root=str(curated_shards), select_column="aesthetic",
+                                  select_top=0.05))
+    with pytest.raises(ValueError, match=r"'crop_size' \(768\): 9 of the 11 .* smallest 1280x720"):
+        BucketedLoader(DataConfig(root=str(curated_shards), mode="crop", crop_size=768))
+    with pytest.raises(ValueError, match=r"'resolution_divisor' \(24\) shrinks bucket"):
+        BucketedLoader(DataConfig(root=str(curated_shards), resolution_divisor=24))
+    empty = tmp_path / "empty"  # a job that kept nothing
+    shutil.copytree(curated_shards, empty)
+    manifest = pq.read_table(empty / "manifest")
+    for part in (empty / "manifest").glob("*.parquet"):
+        part.unlink()
+    status = manifest.schema.get_field_index("status")
+    pq.write_table(manifest.set_column(status, "status", pa.array(["rejected"] * len(manifest))),
+                   empty / "manifest" / "part-0.parquet")
+    with pytest.raises(ValueError, match=r"kept no image: nothing to train on"):
+        BucketedLoader(DataConfig(root=str(empty)))
 
 
 class _Boom:
