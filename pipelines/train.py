@@ -48,6 +48,14 @@ def _train(args: argparse.Namespace, which: str) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"native4k: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        from training.checkpoint import latest_checkpoint
+
+        last = latest_checkpoint(cfg.loop.output_dir)
+        where = f"from {last}" if last is not None else "from the start (no checkpoint yet)"
+        print(f"native4k train-{which}: interrupted; rerun the same command to resume {where}",
+              file=sys.stderr)
+        return 130
     import torch.distributed as dist
 
     if not dist.is_initialized() or dist.get_rank() == 0:

@@ -562,3 +562,22 @@ def test_only_step_folders_are_checkpoints(tmp_path: Path) -> None:
         (root / name).mkdir(parents=True)
     (root / "step-00000070").write_text("a file")
     assert latest_checkpoint(tmp_path) == root / "step-00000004"
+
+
+def test_ctrl_c_ends_with_one_line_that_says_how_to_resume(
+    curated_shards: Path, parts: dict, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    import training.dit_trainer as dt
+    from pipelines.cli import main
+
+    def interrupted(cfg, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dt, "train_dit", interrupted)
+    path = tmp_path / "dit.yaml"
+    tree = dit_config(curated_shards, parts, tmp_path / "out", loop={"max_steps": 2})
+    path.write_text(yaml.safe_dump(tree))
+    assert main(["train-dit", "--config", str(path)]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["native4k train-dit: interrupted; rerun the same command to resume from the "
+                   "start (no checkpoint yet)"]
