@@ -222,8 +222,8 @@ class TarReader(Stage):
                         continue
                     name = escape_name(member.name)
                     key, ext = base_plus_ext(name)
-                    if key is None:
-                        continue
+                    if key is None:  # no extension, or a hidden name: a sample of its own
+                        key, ext = name, ""
                     if key not in samples:
                         samples[key] = {"members": {}}
                         order.append(key)
@@ -242,7 +242,10 @@ class TarReader(Stage):
                     if len(data) != member.size:
                         samples[key]["error"] = f"{name}: truncated tar member"
                         continue
-                    samples[key]["members"][ext.lower()] = (name, member.offset_data, data)
+                    members = samples[key]["members"]
+                    # `x.jpg` and `x.JPG` in one tar are two images, not one
+                    slot = next(e for e in (ext.lower(), ext, name) if e not in members)
+                    members[slot] = (name, member.offset_data, data)
                 end = fh.tell()
                 fh.seek(0, 2)
                 if fh.tell() % 512 or fh.tell() < end:
@@ -298,6 +301,16 @@ def _sample_rows(tar_uri: str, key: str, sample: dict[str, Any]) -> list[dict[st
                 schema.CAPTION_EN: en,
                 schema.CAPTION_ZH: zh,
                 schema.SOURCE_META: meta,
+            }
+        )
+    if not images and "error" not in sample:  # captions or metadata without an image
+        rows.append(
+            {
+                schema.SOURCE: f"{tar_uri}#{key}",
+                schema.STATUS: schema.STATUS_REJECTED,
+                schema.REASON: "unsupported_format",
+                schema.DETAIL: "sample has no image member, only "
+                + ", ".join(f".{e}" for e in sorted(members)),
             }
         )
     if "error" in sample:

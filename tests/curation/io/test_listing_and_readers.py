@@ -118,6 +118,20 @@ def test_tar_reader_groups_members_keeps_offsets_and_reports_truncation(tmp_path
         assert all(r[schema.SOURCE].startswith(str(cut)) for r in rows)
         assert any(r[schema.SOURCE].endswith("#a.jpg") and r[schema.STATUS] is None for r in rows)
 
+    # No member vanishes: no extension, a hidden name, two images whose extensions differ in
+    # case, and samples with only metadata or only a caption each get a row.
+    odd = tmp_path / "odd.tar"
+    _tar(odd, [("noext", b"N"), (".hidden.jpg", b"H"), ("x.JPG", b"X1"), ("x.jpg", b"X2"),
+               ("x.txt", b"cap x"), ("j.json", b"{}"), ("t.txt", b"lonely caption")])
+    rows = {r[schema.SOURCE].split("#")[1]: r for r in TarReader()({schema.SOURCE: [str(odd)]})
+            .to_pylist()}
+    assert set(rows) == {"noext", ".hidden.jpg", "x.JPG", "x.jpg", "j", "t"}
+    assert [rows[n][schema.DATA] for n in ("noext", ".hidden.jpg", "x.JPG", "x.jpg")] == [
+        b"N", b"H", b"X1", b"X2"]
+    assert rows["x.JPG"][schema.CAPTION_EN] == rows["x.jpg"][schema.CAPTION_EN] == "cap x"
+    for n, only in (("j", ".json"), ("t", ".txt")):
+        assert rows[n][schema.REASON] == "unsupported_format" and only in rows[n][schema.DETAIL]
+
     bad = tmp_path / "bad.tar"
     bad.write_bytes(b"not a tar at all" * 10)
     rows = TarReader()({schema.SOURCE: [str(bad)]}).to_pylist()
