@@ -173,9 +173,13 @@ class Trainer:
         if info.is_main and self.config_dict:
             import yaml
 
-            (Path(loop.output_dir) / "train_config.yaml").write_text(
-                yaml.safe_dump(self.config_dict, sort_keys=False)
-            )
+            saved = Path(loop.output_dir) / "train_config.yaml"
+            if saved.is_file() and self._resume_from() is not None:
+                changed = _changes(yaml.safe_load(saved.read_text()) or {}, self.config_dict)
+                if changed:
+                    print(f"{self.task.name}: resuming with changed settings (the optimizer's "
+                          "apply from the next step): " + "; ".join(changed), flush=True)
+            saved.write_text(yaml.safe_dump(self.config_dict, sort_keys=False))
         self.writer = None
         if info.is_main and loop.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -215,6 +219,20 @@ class Trainer:
             f"(newest: {existing.name}); with loop.resume={resume!r} choose an empty "
             f"output_dir, remove {existing.parent}, or set loop.resume=auto to continue that run"
         )
+
+    def _apply_optim_settings(self, step: int) -> None:
+        """After a resume: the configured AdamW settings, not the checkpoint's.
+
+        A checkpoint restores its optimizer's hyperparameters with its moments, which would
+        silently keep an old learning rate a user changed on resume; the same values give the
+        same state, so an unchanged resume stays exact.
+        """
+        o = self.optim_cfg
+        lam = lr_lambda(o, self.total_steps)
+        self.scheduler.base_lrs = [o.lr for _ in self.optimizer.param_groups]
+        for group in self.optimizer.param_groups:
+            group.update(initial_lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                         weight_decay=o.weight_decay, lr=o.lr * lam(step))
 
     def _resume_from(self) -> Path | None:
         resume = self.loop.resume
@@ -292,6 +310,7 @@ class Trainer:
             )
             step, epoch = state["step"], state["epoch"]
             self.scheduler.load_state_dict(state["scheduler"])
+            self._apply_optim_settings(step)
             if state["stage"] == self._stage_of(step):
                 loader_state = state["loader"]
             self._set_rng_state(rng)
@@ -454,3 +473,15 @@ class Trainer:
             self.task.export(full, folder)
         barrier()
         return folder
+
+
+def _changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """``key: old → new`` for every setting that differs between two config trees."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} → {b!r}")
+    return out

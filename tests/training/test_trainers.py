@@ -446,7 +446,9 @@ def test_a_text_cache_for_other_data_stops_the_run_before_it_starts(
         assert not (out / "train_config.yaml").exists()
 
 
-def test_vae_resume_is_bit_identical(curated_shards: Path, parts: dict, tmp_path: Path) -> None:
+def test_vae_resume_is_bit_identical(
+    curated_shards: Path, parts: dict, tmp_path: Path, capsys
+) -> None:
     """The frozen encoder is not in a checkpoint; a resume loads the trained decoder, optimizer
     and EMA and continues exactly (it failed on the encoder's missing keys before)."""
     from training.vae_trainer import train_vae
@@ -478,6 +480,23 @@ def test_vae_resume_is_bit_identical(curated_shards: Path, parts: dict, tmp_path
     with pytest.raises(ValueError, match=r"already holds another run's checkpoints.*step-00000004"):
         train_vae(fresh)
     assert sorted(p.name for p in (tmp_path / "a").rglob("*")) == before
+    # A learning rate changed on resume applies (the checkpoint's optimizer kept the old one)
+    # and is reported.
+    from training.config import to_dict
+    from training.trainer import Trainer
+    from training.vae_trainer import VaeTask
+
+    train_vae(config(tmp_path / "c"), stop_after=2)
+    changed = config(tmp_path / "c")
+    changed = dataclasses.replace(changed, optim=dataclasses.replace(changed.optim, lr=5e-4))
+    trainer = Trainer(VaeTask(changed), optim=changed.optim, loop=changed.loop,
+                      parallel=changed.parallel, config_dict=to_dict(changed))
+    capsys.readouterr()
+    assert trainer.run().step == 4
+    out = capsys.readouterr().out
+    assert ("resuming with changed settings (the optimizer's apply from the next step): "
+            "optim.lr: 0.001 → 0.0005\n") in out
+    assert trainer.step_lr == 5e-4  # constant schedule, no warm-up
 
 
 def test_config_errors_are_clear(curated_shards: Path, parts: dict, tmp_path: Path) -> None:
