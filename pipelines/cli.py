@@ -259,7 +259,12 @@ def console() -> None:
     closed and renamed and Ray is down; the interpreter's teardown of Ray's and Arrow's native
     modules would still take about 0.7 s, so the process ends at once (output flushed first).
     """
-    code = main()
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:  # `native4k stats OUT | head`: the reader left, nothing is wrong
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
     if _STOPPED_OWN_RAY:
         sys.stdout.flush()
         sys.stderr.flush()

@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -855,7 +856,8 @@ class JobFailed(RuntimeError):
     """A pass of the job failed unexpectedly; the full traceback is in `log_path`."""
 
     def __init__(self, step: str, num_inputs: int, log_path: str, cause: BaseException) -> None:
-        first = (str(cause).strip().splitlines() or [""])[0][:200]
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(cause))  # Ray colours its task names
+        first = (text.strip().splitlines() or [""])[0][:200]
         super().__init__(
             f"the {step} pass failed on {num_inputs} inputs ({type(cause).__name__}: {first}); "
             f"full traceback in {log_path}; rerun the same command to resume"

@@ -42,6 +42,10 @@ def sniff_non_image(data: bytes) -> str | None:
         return "HTML document, not an image"
     if head.startswith(b"%pdf"):
         return "PDF document, not an image"
+    if data[:2] == b"\x1f\x8b":
+        return "gzip-compressed file (a .tar.gz shard?): not read; give it uncompressed (.tar)"
+    if data[:3] == b"BZh" or data[:6] == b"\xfd7zXZ\x00" or data[:4] == b"\x28\xb5\x2f\xfd":
+        return "compressed file (bzip2, xz or zstd): not read; give it uncompressed"
     try:
         text = data[:4096].decode("utf-8")
     except UnicodeDecodeError:
@@ -144,7 +148,9 @@ def probe(data: bytes) -> dict[str, Any]:
             reason="unsupported_format", detail=f"format {fmt or 'unknown'} is not supported"
         )
     elif frames > 1 and fmt != "mpo":
-        row.update(reason="unsupported_format", detail=f"animated {fmt} ({frames} frames)")
+        what = f"multi-page {fmt} ({frames} pages)" if fmt == "tiff" else (
+            f"animated {fmt} ({frames} frames)")
+        row.update(reason="unsupported_format", detail=what)
     return row
 
 

@@ -370,3 +370,14 @@ def test_s3_outage_mid_job_and_no_credential_leaks(
     finally:
         server.stop()
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_a_failed_pass_is_one_plain_line_even_from_ray(tmp_path):
+    """Ray colours task names in its errors (`\\x1b[36mray::MapBatches\\x1b[39m`); the job's
+    one-line message carries no escape codes."""
+    from pipelines.curate import JobFailed
+
+    cause = RuntimeError("\x1b[36mray::MapBatches(_not_stale)()\x1b[39m (pid=1) failed\nmore")
+    msg = str(JobFailed("listing", 20, str(tmp_path / "log.txt"), cause))
+    assert "\x1b" not in msg
+    assert "(RuntimeError: ray::MapBatches(_not_stale)() (pid=1) failed)" in msg

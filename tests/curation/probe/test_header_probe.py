@@ -39,6 +39,19 @@ def test_probe_names_what_is_wrong():
     frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:])
     gif = probe(buf.getvalue())
     assert gif["reason"] == "unsupported_format" and "animated" in gif["detail"]
+    buf = io.BytesIO()
+    frames[0].save(buf, "TIFF", save_all=True, append_images=frames[1:])
+    assert probe(buf.getvalue())["detail"] == "multi-page tiff (2 pages)"
+    import gzip
+    import tarfile
+
+    tar = io.BytesIO()
+    with tarfile.open(fileobj=tar, mode="w") as tf:
+        info = tarfile.TarInfo("a.jpg")
+        info.size = 3
+        tf.addfile(info, io.BytesIO(b"abc"))
+    tgz = probe(gzip.compress(tar.getvalue()))  # a compressed WebDataset shard
+    assert tgz["reason"] == "unsupported_format" and ".tar.gz" in tgz["detail"]
 
 
 def test_decompression_bomb_is_sized_from_its_header_without_decoding():
