@@ -10,6 +10,7 @@ any model is built; files the run needs (weights, caches) are checked here too.
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -288,8 +289,8 @@ class DitTrainConfig:
             _check(self.loop.max_steps > 0, "loop.max_steps", "must be positive (or give stages)")
         if check_files:
             if m.pretrained is not None:
-                _require_model_folder(m.pretrained, "model.pretrained")
-            _require_model_folder(m.vae, "model.vae")
+                _require_model_folder(m.pretrained, "model.pretrained", "Transformer")
+            _require_model_folder(m.vae, "model.vae", "Autoencoder")
             if tx.source == "cache":
                 _require_file(
                     Path(tx.cache) / "meta.json", "text.cache", "run native4k encode-text"
@@ -380,7 +381,7 @@ class VaeTrainConfig:
         _check(self.eval.size > 0 and self.eval.size % 16 == 0, "eval.size", "multiple of 16")
         if check_files:
             if m.pretrained is not None:
-                _require_model_folder(m.pretrained, "model.pretrained")
+                _require_model_folder(m.pretrained, "model.pretrained", "Autoencoder")
             if lo.perceptual_weight > 0:
                 _require_file(lo.vgg_weights, "loss.vgg_weights", "copy the VGG16 weights here")
             if lo.lpips_weights is not None:
@@ -443,18 +444,44 @@ def _require_dir(path: Path, key: str) -> None:
         raise TrainConfigError(f"config key '{key}': folder {path} not found")
 
 
-def _require_model_folder(folder: str, key: str) -> None:
+def _require_model_folder(folder: str, key: str, kind: str | None = None) -> None:
+    """A diffusers model folder whose config names the right kind of model (``kind`` in its
+    `_class_name`) and whose safetensors weights can be opened (header only)."""
     root = Path(folder)
     if not (root / "config.json").is_file():
         raise TrainConfigError(
             f"config key '{key}': {root / 'config.json'} not found; name a model folder in "
             "diffusers layout (config.json + diffusion_pytorch_model.safetensors)"
         )
-    if not any(root.glob("diffusion_pytorch_model*")):
+    weights = sorted(root.glob("diffusion_pytorch_model*"))
+    if not weights:
         raise TrainConfigError(
             f"config key '{key}': no weights in {root} (expected "
             "diffusion_pytorch_model.safetensors); copy the checkpoint's weight files there"
         )
+    try:
+        name = str(json.loads((root / "config.json").read_text()).get("_class_name", ""))
+    except (ValueError, AttributeError) as e:
+        raise TrainConfigError(f"config key '{key}': {root / 'config.json'} is no JSON object"
+                               ) from e
+    if kind and kind not in name:
+        raise TrainConfigError(
+            f"config key '{key}': {root} holds a {name or 'model of unknown class'}, not "
+            f"an {kind} (the folder of another part?)"
+        )
+    from safetensors import safe_open
+
+    for w in weights:
+        if w.suffix != ".safetensors":
+            continue
+        try:
+            with safe_open(str(w), framework="pt"):
+                pass
+        except Exception as e:
+            raise TrainConfigError(
+                f"config key '{key}': cannot read the weights file {w} ({e}); copy it again "
+                "from the checkpoint"
+            ) from e
 
 
 # ----------------------------------------------------------------------------------------------

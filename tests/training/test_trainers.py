@@ -501,6 +501,22 @@ def test_vae_resume_is_bit_identical(
 
 def test_config_errors_are_clear(curated_shards: Path, parts: dict, tmp_path: Path) -> None:
     tree = dit_config(curated_shards, parts, tmp_path, loop={"max_steps": 1})
+    # A folder of another part, and an empty weights file, are named before any work.
+    def with_vae(folder: Path) -> dict:
+        return {**tree, "model": {**tree["model"], "vae": str(folder)}}
+
+    other = tmp_path / "transformer"
+    shutil.copytree(parts["vae"], other)
+    conf = json.loads((other / "config.json").read_text())
+    conf["_class_name"] = "FluxTransformer2DModel"
+    (other / "config.json").write_text(json.dumps(conf))
+    with pytest.raises(TrainConfigError, match=r"'model.vae'.*holds a FluxTransformer2DModel, not"):
+        load_train_config(DitTrainConfig, data=with_vae(other))
+    empty = tmp_path / "empty_vae"
+    shutil.copytree(parts["vae"], empty)
+    (empty / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+    with pytest.raises(TrainConfigError, match=r"'model.vae': cannot read the weights file"):
+        load_train_config(DitTrainConfig, data=with_vae(empty))
     with pytest.raises(TrainConfigError, match=r"unknown config key 'loop.max_step'"):
         load_train_config(DitTrainConfig, data={**tree, "loop": {"max_step": 1}})
     with pytest.raises(TrainConfigError, match=r"'optim.lr' must be a number"):
