@@ -167,7 +167,14 @@ class VaeTask:
 
 
 def _load_eval_images(paths: list[str], size: int, limit: int) -> list[torch.Tensor]:
-    """Centre crops (3, size, size) in [-1, 1] of the held-out images (smaller ones skipped)."""
+    """Centre crops (3, size, size) in [-1, 1] of the held-out images.
+
+    Files that are no readable image, or smaller than ``size``, are skipped and counted in
+    one printed line.
+
+    Raises:
+        ValueError: images were named but none is usable (no metric would ever be computed).
+    """
     import numpy as np
     from PIL import Image, ImageOps
 
@@ -178,17 +185,29 @@ def _load_eval_images(paths: list[str], size: int, limit: int) -> list[torch.Ten
             files += sorted(f for f in path.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
         else:
             files.append(path)
-    out = []
+    out: list[torch.Tensor] = []
+    unreadable, small = [], []
     for f in files:
         if len(out) >= limit:
             break
-        with Image.open(f) as im:
-            im = ImageOps.exif_transpose(im).convert("RGB")
-            if min(im.size) < size:
-                continue
-            left, top = (im.width - size) // 2, (im.height - size) // 2
-            crop = np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.float32)
+        try:
+            with Image.open(f) as im:
+                im = ImageOps.exif_transpose(im).convert("RGB")
+        except Exception:
+            unreadable.append(f.name)
+            continue
+        if min(im.size) < size:
+            small.append(f.name)
+            continue
+        left, top = (im.width - size) // 2, (im.height - size) // 2
+        crop = np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.float32)
         out.append(torch.from_numpy(crop).permute(2, 0, 1) / 127.5 - 1)
+    skipped = [f"{len(unreadable)} unreadable ({', '.join(unreadable[:3])})"] if unreadable else []
+    skipped += [f"{len(small)} smaller than {size}px ({', '.join(small[:3])})"] if small else []
+    if files and not out:
+        raise ValueError(f"eval.images: no usable held-out image: {'; '.join(skipped)}")
+    if skipped:
+        print(f"train-vae: eval.images skipped {'; '.join(skipped)}", flush=True)
     return out
 
 

@@ -616,3 +616,21 @@ def test_ctrl_c_ends_with_one_line_that_says_how_to_resume(
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["native4k train-dit: interrupted; rerun the same command to resume from the "
                    "start (no checkpoint yet)"]
+
+
+def test_held_out_images_that_cannot_serve_are_named(tmp_path: Path, capsys) -> None:
+    from PIL import Image
+
+    from training.vae_trainer import _load_eval_images
+
+    Image.new("RGB", (80, 70), "red").save(tmp_path / "good.png")
+    Image.new("RGB", (40, 40), "red").save(tmp_path / "small.png")
+    (tmp_path / "notes.png").write_text("not an image")
+    (crop,) = _load_eval_images([str(tmp_path)], 64, 8)
+    assert crop.shape == (3, 64, 64)
+    assert capsys.readouterr().out == (
+        "train-vae: eval.images skipped 1 unreadable (notes.png); 1 smaller than 64px "
+        "(small.png)\n")
+    (tmp_path / "good.png").unlink()
+    with pytest.raises(ValueError, match=r"eval.images: no usable held-out image: 1 unreadable"):
+        _load_eval_images([str(tmp_path)], 64, 8)
