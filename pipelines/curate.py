@@ -66,7 +66,7 @@ from curation.io.listing import (
 )
 from curation.io.readers import DONE_MEMBERS, META, SIDECAR, FileReader, TarReader
 from curation.probe.header_probe import EXTENSIONS, HeaderProbe
-from curation.shard.shard_writer import ShardWriter, plan_bucket, sample_key
+from curation.shard.shard_writer import CHANGED_FOLDER, ShardWriter, plan_bucket, sample_key
 from curation.threshold_filter import ASPECT, PIXELS, Rule, ThresholdFilter
 from pipelines import grouping
 from pipelines.config import ConfigError, JobConfig, dump_yaml, to_dict
@@ -749,6 +749,66 @@ _STALE_COLUMNS = (
 )
 
 
+def _mtimes(fs: Any, folder: str) -> dict[str, float]:
+    """File name -> modification time (s) of the Parquet files in `folder` (one listing)."""
+    out = {}
+    for info in fs.ls(folder, detail=True):
+        name = str(info["name"]).rsplit("/", 1)[-1]
+        if not name.endswith(".parquet"):
+            continue
+        t = info.get("mtime", info.get("LastModified"))
+        out[name] = t.timestamp() if hasattr(t, "timestamp") else float(t or 0.0)
+    return out
+
+
+def _changed_at(analysis: str) -> dict[str, float]:
+    """Source -> the latest time its re-read bytes were found to differ from its analysis.
+
+    From the shard writer's records (`CHANGED_FOLDER`, a sibling of `analysis`), dated by
+    their files, as the analysis parts are: one clock, the storage's.
+    """
+    folder = analysis.rsplit("/", 1)[0] + "/" + CHANGED_FOLDER.rsplit("/", 1)[-1]
+    fs, path = fsspec.core.url_to_fs(folder)
+    if not fs.exists(path):
+        return {}
+    out: dict[str, float] = {}
+    for name, t in _mtimes(fs, path).items():
+        with fs.open(f"{path.rstrip('/')}/{name}", "rb") as fh:
+            for source in pq.read_table(fh, columns=[schema.SOURCE]).column(0).to_pylist():
+                out[source] = max(out.get(source, t), t)
+    return out
+
+
+_PATH = "path"  # Ray Data's column of the file a row was read from (`include_paths`)
+
+
+def _drop_changed(t: pa.Table, changed: dict[str, float], parts: dict[str, float]) -> pa.Table:
+    """Rows not analysed before their source's bytes were found changed."""
+    keep = [
+        source not in changed or parts.get(path.rsplit("/", 1)[-1], 0.0) > changed[source]
+        for source, path in zip(column(t, schema.SOURCE), column(t, _PATH), strict=True)
+    ]
+    return t.filter(pa.array(keep, pa.bool_())).drop_columns([_PATH])
+
+
+def _read_analysis(rd: Any, analysis: str, **kwargs: Any) -> Any:
+    """The stored analysis rows, less those analysed before their input's bytes changed.
+
+    The shard writer re-reads each kept input and records those whose bytes no longer match
+    their analysis; their older rows are left out here, so a rerun analyses the new bytes and
+    keeps that row alone (a file replaced, even by its earlier self, is analysed again).
+    """
+    changed = _changed_at(analysis)
+    if not changed:
+        return _read_parquet(rd, analysis, **kwargs)
+    fs, path = fsspec.core.url_to_fs(analysis)
+    parts = _mtimes(fs, path)
+    stored = _read_parquet(rd, analysis, include_paths=True, **kwargs)
+    return stored.map_batches(
+        partial(_drop_changed, changed=changed, parts=parts), batch_format="pyarrow"
+    )
+
+
 def _analysed_sources(rd: Any, analysis: str, cfg: JobConfig) -> tuple[Any | None, int, int]:
     """The sources an earlier run of this job analysed (its Parquet parts), as a dataset.
 
@@ -758,7 +818,7 @@ def _analysed_sources(rd: Any, analysis: str, cfg: JobConfig) -> tuple[Any | Non
     fs, path = fsspec.core.url_to_fs(analysis)
     if not fs.exists(path) or not fs.glob(path.rstrip("/") + "/part-*.parquet"):
         return None, 0, 0
-    stored = _read_parquet(rd, analysis, columns=list(_STALE_COLUMNS))
+    stored = _read_analysis(rd, analysis, columns=list(_STALE_COLUMNS))
     num_stored = stored.count()
     done, num_done = nonempty(
         stored.map_batches(
@@ -1096,7 +1156,7 @@ def _decide_and_write(
     # only the images whose analyses had stopped at a rule they now pass.
     num_inputs = listing.count
     with passes.run("dedup", num_inputs):
-        stored = _read_parquet(rd, analysis)
+        stored = _read_analysis(rd, analysis)
         rows = keep_listed(stored, listing, partitions_for(num_inputs)).map_batches(
             Retune(rules=pixel_rules(cfg)), batch_format="pyarrow"
         )

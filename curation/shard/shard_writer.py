@@ -15,6 +15,10 @@ from curation.base import Stage, column, set_columns
 from curation.io.atomic import atomic_write, join
 from curation.io.readers import read_bytes
 
+CHANGED_FOLDER = "_work/changed"
+"""Under OUT: Parquet files of (`source`, `sha256`) pairs whose bytes changed after their
+analysis; a rerun analyses those sources again (`pipelines.curate`)."""
+
 KEY_HEX = 32
 """Hex digits of sha256 in a sample key (128 bits: unique within any real job)."""
 
@@ -73,7 +77,8 @@ class ShardWriter(Stage):
     sha256, then written unchanged as `<key>.<ext>` next to `<key>.json` (its manifest row),
     `<key>.txt` and `<key>.zh.txt` (captions, when present). Reads: the manifest columns.
     Rejects: `unreadable` when a source vanished or changed since it was analysed (the row
-    leaves the shard). Resources: 1 CPU, memory of one image at a time.
+    leaves the shard; the pair (source, old sha256) goes to `CHANGED_FOLDER`, so that a rerun
+    analyses the new bytes). Resources: 1 CPU, memory of one image at a time.
     """
 
     name: ClassVar[str] = "write"
@@ -86,6 +91,7 @@ class ShardWriter(Stage):
         assert len(shards) == 1, f"one shard per call, got {shards}"
         shard = shards.pop()
         rows = t.to_pylist()
+        changed: list[tuple[str, str]] = []
         import webdataset as wds  # here, not at module level: it imports torch
 
         with atomic_write(join(self.output, shard)) as fh:
@@ -96,7 +102,9 @@ class ShardWriter(Stage):
                         row[schema.SOURCE], row.get(schema.TAR_OFFSET), row[schema.SIZE_BYTES]
                     )
                     if hashlib.sha256(data).hexdigest() != row[schema.SHA256]:
-                        raise OSError("content changed since it was analysed")
+                        changed.append((row[schema.SOURCE], row[schema.SHA256]))
+                        raise OSError(
+                            "content changed since it was analysed; rerun to analyse it again")
                 except Exception as e:  # a vanished input is this row's verdict
                     row.update(
                         {
@@ -117,8 +125,21 @@ class ShardWriter(Stage):
                     sample["zh.txt"] = row[schema.CAPTION_ZH].encode()
                 writer.write(sample)
             writer.close()
+        if changed:
+            self._record_changed(shard, changed)
         fields = list(t.schema)
         for c in (schema.STATUS, schema.REASON, schema.DETAIL):
             if c not in t.column_names:
                 fields.append(pa.field(c, schema.arrow_type(c)))
         return pa.Table.from_pylist(rows, schema=pa.schema(fields))
+
+    def _record_changed(self, shard: str, changed: list[tuple[str, str]]) -> None:
+        """One new file per record (named by its content: never overwritten by a rerun)."""
+        table = pa.table({schema.SOURCE: [s for s, _ in changed],
+                          schema.SHA256: [h for _, h in changed]})
+        digest = hashlib.sha256("\n".join(f"{s}\t{h}" for s, h in changed).encode()).hexdigest()
+        stem = shard.rsplit("/", 1)[-1].removesuffix(".tar")
+        import pyarrow.parquet as pq
+
+        with atomic_write(join(self.output, CHANGED_FOLDER, f"{stem}-{digest[:16]}.parquet")) as fh:
+            pq.write_table(table, fh)

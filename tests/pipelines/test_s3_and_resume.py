@@ -169,3 +169,51 @@ def test_one_row_per_source_keeps_the_fullest_row(local_ray, rows_per_partition)
     ]
     unique = local_ray.data.from_arrow(t.slice(1, 3)).materialize()
     assert one_row_per_source(unique, 3, Partitioning(2, rows_per_partition))[1:] == (3, 0)
+
+
+def test_a_file_replaced_between_runs_is_analysed_again(local_ray, tmp_path, capsys):
+    """Its stored analysis no longer matches its bytes: the rerun that finds out (re-reading it
+    for its shard) rejects it for now and records the change, and the next analyses the new
+    bytes (it stayed `unreadable` on every rerun before); also when it is put back."""
+    import hashlib
+
+    import pyarrow.parquet as pq
+
+    from pipelines.cli import main
+    from pipelines.samples import encode, render
+
+    folder, out = tmp_path / "in", tmp_path / "out"
+    folder.mkdir()
+    for i, name in enumerate(("a.jpg", "b.jpg")):
+        (folder / name).write_bytes(encode(render(1280, 720, 7600 + i), "JPEG", quality=95))
+    args = ["curate", str(folder), "--output", str(out), "--set", "probe.min_pixels=921600",
+            "--set", "bucket.tier_scales=[0.25,0.1875]"]
+
+    def rows() -> dict[str, dict]:
+        return {r["source"].rsplit("/", 1)[-1]: r
+                for r in pq.read_table(out / "manifest").to_pylist()}
+
+    assert main(args) == 0
+    assert [r["status"] for r in rows().values()] == ["kept", "kept"]
+    old = (folder / "a.jpg").read_bytes()
+    new = encode(render(1280, 720, 7700), "JPEG", quality=95)
+    (folder / "a.jpg").write_bytes(new)
+    assert main(args) == 0
+    a = rows()["a.jpg"]
+    assert (a["status"], a["reason"]) == ("rejected", "unreadable")
+    assert "content changed since it was analysed; rerun" in a["detail"]
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "analysed 1 inputs in this run" in capsys.readouterr().out
+    final = rows()
+    assert len(final) == 2 and final["a.jpg"]["status"] == "kept"
+    assert final["a.jpg"]["sha256"] == hashlib.sha256(new).hexdigest()
+    assert main(["verify", str(out)]) == 0
+    # Put back as it first was: its first analysis is older than the change found, so the
+    # bytes are analysed once more rather than matched to a stale row (or to none).
+    (folder / "a.jpg").write_bytes(old)
+    assert main(args) == 0 and rows()["a.jpg"]["reason"] == "unreadable"
+    assert main(args) == 0
+    final = rows()
+    assert len(final) == 2 and final["a.jpg"]["status"] == "kept"
+    assert final["a.jpg"]["sha256"] == hashlib.sha256(old).hexdigest()
