@@ -139,6 +139,11 @@ class Trainer:
         # Every stage's loader first: a data setting that does not fit stops the run before any
         # model is built.
         self.loaders = [self.task.make_loader(i, info) for i in range(len(self.stages))]
+        if info.is_main:
+            for i, loader in enumerate(self.loaders):
+                if hasattr(loader, "report"):
+                    print(f"{self.task.name}: stage {self.task.stage_name(i)!r}: "
+                          f"{data_summary(loader.report())}", flush=True)
         torch.manual_seed(loop.seed)  # same init on every rank
         module = self.task.build(info)
         self.bf16 = loop.mixed_precision == "bf16"
@@ -315,7 +320,8 @@ class Trainer:
                 loader_state = state["loader"]
             self._set_rng_state(rng)
             if info.is_main:
-                print(f"{self.task.name}: resumed from {resumed} at step {step}", flush=True)
+                print(f"{self.task.name}: resumed from {resumed} at step {step} (stage "
+                      f"{self.task.stage_name(self._stage_of(step))!r})", flush=True)
         stage = self._stage_of(step)
         loader = self.loaders[stage]
         if loader_state is not None:
@@ -473,6 +479,23 @@ class Trainer:
             self.task.export(full, folder)
         barrier()
         return folder
+
+
+def data_summary(report: dict[str, Any]) -> str:
+    """One line from a loader's `report()`: what it trains on, and what it padded or dropped."""
+    buckets = report.get("buckets", {})
+    used = {b: r for b, r in buckets.items() if not r.get("dropped")}
+    epoch = report.get("epoch", {})
+    line = (f"{sum(r.get('selected', 0) for r in used.values())} samples in {len(used)} "
+            f"buckets, {epoch.get('batches_per_rank', '?')} batches per rank per epoch")
+    small = report.get("small_buckets", {})
+    if small.get("buckets"):
+        line += (f"; small buckets ({small['policy']}, under {small['threshold']}): "
+                 + ", ".join(f"{b} ({buckets[b]['selected']})" for b in small["buckets"]))
+    dropped = {b: r["dropped"] for b, r in buckets.items() if r.get("dropped")}
+    if dropped:
+        line += "; dropped: " + ", ".join(f"{b} ({why})" for b, why in sorted(dropped.items()))
+    return line
 
 
 def _changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:

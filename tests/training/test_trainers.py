@@ -466,6 +466,9 @@ def test_vae_resume_is_bit_identical(
         })  # fmt: skip
 
     full = train_vae(config(tmp_path / "a"))
+    summary = [line for line in capsys.readouterr().out.splitlines() if "samples in" in line]
+    assert summary == ["train-vae: stage 'decoder': 11 samples in 4 buckets, 7 batches per rank "
+                       "per epoch; small buckets (pad, under 2): 1024x1024 (1), 640x960 (1)"]
     first = train_vae(config(tmp_path / "b"), stop_after=2)
     assert first.losses == full.losses[:2]
     resumed = train_vae(config(tmp_path / "b"))
