@@ -46,6 +46,7 @@ from curation.analyze.thumbnail_maker import ThumbnailMaker
 from curation.base import Stage, column, pending_mask, set_columns
 from curation.caption.captioner import VlmCaptioner, input_caption_source
 from curation.caption.translator import CaptionTranslator
+from curation.dedup.near_dup import colour
 from curation.dedup.semantic_dedup import SemanticDedup
 from curation.io.atomic import atomic_write, join
 from curation.score.chain import ModelChain, WarmActor
@@ -96,6 +97,7 @@ SLIM_COLUMNS = (
     schema.TAR_OFFSET,
     schema.SIZE_BYTES,
     schema.ORIENTATION,
+    schema.MODE,
 )
 """The columns of a row the model pass needs (no bytes; thumbnails join them, or are made
 again from the source for a row that has none)."""
@@ -764,6 +766,7 @@ def _semantic_duplicates(scored: Any, s: Any) -> tuple[dict[str, tuple[str, str,
         schema.SIZE_BYTES,
         schema.SHARPNESS,
         schema.NATIVE_SCORE,
+        schema.MODE,
         schema.EMBEDDING,
     ]
     parts = []
@@ -787,6 +790,7 @@ def _semantic_duplicates(scored: Any, s: Any) -> tuple[dict[str, tuple[str, str,
         column(table, schema.SHARPNESS),
         column(table, schema.NATIVE_SCORE),
         sources,
+        [colour(m) for m in column(table, schema.MODE)],
     )
     out = {sources[mt.index]: (sources[mt.root], shas[mt.root], mt.similarity) for mt in matches}
     return out, dedup.index_kind(table.num_rows)

@@ -11,7 +11,9 @@ one machine's memory):
 3. `pick_parent`: per row, the best-ranked of its better neighbours is its parent. Following
    parents to a row with none (pointer jumping) gives the kept copy that the row duplicates.
 
-Rank ("the copy kept is the best one"): larger pixel count, then the larger file (at equal
+Rank ("the copy kept is the best one"): larger pixel count, then colour over grey (a grey
+copy of a colour photograph hashes alike, and a PNG one is often the larger file), then the
+larger file (at equal
 pixel counts, more bytes per pixel: the least lossy encoding), then sharper, then more native,
 then the smaller source URI (a deterministic tie-break). The file size comes before the
 focus measure because re-encoding moves the focus measure either way: on 12 real photographs
@@ -39,6 +41,9 @@ PARENT_PIXELS = "parent_pixels"
 PARENT_SIZE = "parent_size_bytes"
 PARENT_SHARPNESS = "parent_sharpness"
 PARENT_NATIVE = "parent_native"
+PARENT_COLOUR = "parent_colour"
+GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
+"""PIL modes without colour (the rest, palette included, rank as colour)."""
 
 HASH_COLUMNS = (
     schema.SOURCE,
@@ -49,6 +54,7 @@ HASH_COLUMNS = (
     schema.SIZE_BYTES,
     schema.SHARPNESS,
     schema.NATIVE_SCORE,
+    schema.MODE,
 )
 """The slim columns the dedup step reads (no bytes travel through its shuffles)."""
 
@@ -63,6 +69,7 @@ EDGE_SCHEMA = pa.schema(
         (PARENT_SIZE, pa.int64()),
         (PARENT_SHARPNESS, pa.float64()),
         (PARENT_NATIVE, pa.float64()),
+        (PARENT_COLOUR, pa.int64()),
     ]
 )
 
@@ -83,10 +90,18 @@ def band_keys(phash: int, max_distance: int) -> list[int]:
     ]
 
 
-def rank_key(pixels: Any, size_bytes: Any, sharpness: Any, native: Any, source: str) -> tuple:
-    """Sort key of a copy: smaller is better (more pixels, more bytes, sharper, more native,
-    smaller URI; a null counts as 0)."""
-    return (-(pixels or 0), -(size_bytes or 0), -(sharpness or 0.0), -(native or 0.0), source)
+def colour(mode: Any) -> int:
+    """1 for a PIL mode with colour (or unknown), 0 for a grey one (`GREY_MODES`)."""
+    return 0 if mode in GREY_MODES else 1
+
+
+def rank_key(
+    pixels: Any, size_bytes: Any, sharpness: Any, native: Any, source: str, colour: int = 1
+) -> tuple:
+    """Sort key of a copy: smaller is better (more pixels, colour over grey, more bytes,
+    sharper, more native, smaller URI; a null counts as 0)."""
+    return (-(pixels or 0), -colour, -(size_bytes or 0), -(sharpness or 0.0), -(native or 0.0),
+            source)
 
 
 @dataclass(kw_only=True)
@@ -131,7 +146,8 @@ def match_band(group: pa.Table, max_distance: int) -> pa.Table:
         sharp, native = column(group, schema.SHARPNESS), column(group, schema.NATIVE_SCORE)
         size = column(group, schema.SIZE_BYTES)
         pixels = [(a or 0) * (b or 0) for a, b in zip(w, h, strict=True)]
-        keys = [rank_key(*r) for r in zip(pixels, size, sharp, native, src, strict=True)]
+        colours = [colour(m) for m in column(group, schema.MODE)]
+        keys = [rank_key(*r) for r in zip(pixels, size, sharp, native, src, colours, strict=True)]
         for i in range(n):
             dist = np.bitwise_count(hashes ^ hashes[i])
             for j in np.nonzero(dist <= max_distance)[0]:
@@ -145,14 +161,15 @@ def match_band(group: pa.Table, max_distance: int) -> pa.Table:
                     out[PARENT_SIZE].append(size[j])
                     out[PARENT_SHARPNESS].append(sharp[j])
                     out[PARENT_NATIVE].append(native[j])
+                    out[PARENT_COLOUR].append(colours[j])
     return pa.table(out, schema=EDGE_SCHEMA)
 
 
 def pick_parent(edges: pa.Table) -> pa.Table:
     """Per source, keep only the edge to its best-ranked better neighbour."""
     best: dict[str, tuple[tuple, int]] = {}
-    names = (PARENT_PIXELS, PARENT_SIZE, PARENT_SHARPNESS, PARENT_NATIVE, PARENT)
-    cols = [column(edges, c) for c in names]
+    names = (PARENT_PIXELS, PARENT_SIZE, PARENT_SHARPNESS, PARENT_NATIVE, PARENT, PARENT_COLOUR)
+    cols = [column(edges, c, 1) for c in names]
     for i, src in enumerate(column(edges, schema.SOURCE)):
         k = rank_key(*(c[i] for c in cols))
         if src not in best or k < best[src][0]:

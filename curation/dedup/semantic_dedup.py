@@ -82,9 +82,12 @@ class SemanticDedup:
         sharpness: Sequence[Any],
         native: Sequence[Any],
         sources: Sequence[str],
+        colours: Sequence[int] | None = None,
     ) -> list[SemanticMatch]:
-        """Every row that has a better-ranked semantic duplicate, with its kept copy."""
-        ranked = zip(pixels, size_bytes, sharpness, native, sources, strict=True)
+        """Every row that has a better-ranked semantic duplicate, with its kept copy
+        (`colours`: `near_dup.colour` of each row's mode; all colour when None)."""
+        colours = [1] * len(sources) if colours is None else colours
+        ranked = zip(pixels, size_bytes, sharpness, native, sources, colours, strict=True)
         keys = [rank_key(*r) for r in ranked]
         rows, cols, sims = self.pairs(emb)
         parent: dict[int, tuple[int, float]] = {}

@@ -49,6 +49,7 @@ def _rows(specs):
             schema.SIZE_BYTES: [s[6] if len(s) > 6 else 1000 for s in specs],
             schema.SHARPNESS: [s[5] for s in specs],
             schema.NATIVE_SCORE: [1.0] * len(specs),
+            schema.MODE: [s[7] if len(s) > 7 else "RGB" for s in specs],
         }
     )
 
@@ -99,6 +100,36 @@ def test_the_larger_file_outranks_a_sharper_re_encode_of_the_same_size():
         "cdn.webp": "original_q95.jpg",
         "same_bytes_blurred.jpg": "original_q95.jpg",
     }
+
+
+def test_a_colour_copy_outranks_a_larger_grey_one():
+    """A grey copy of a colour photograph hashes alike (the hash reads luma) and, as a PNG,
+    is often the larger file: at equal pixel counts the colour one is kept (the grey one was
+    before, and the job lost the colour)."""
+    t = _rows(
+        [
+            ("colour.jpg", "s1", 0b1111, 5000, 3000, 1.0, 4_000_000, "RGB"),
+            ("grey.png", "s2", 0b1111, 5000, 3000, 1.2, 9_000_000, "L"),
+            ("grey16.png", "s3", 0b1111, 5000, 3000, 1.2, 19_000_000, "I;16"),
+            ("cmyk.jpg", "s4", 0b1110, 5000, 3000, 1.0, 3_000_000, "CMYK"),
+            ("bigger_grey.png", "s5", 0b0111, 6000, 3600, 1.0, 9_000_000, "L"),
+        ]
+    )
+    best = pick_parent(match_band(t, max_distance=2))
+    parents = dict(
+        zip(best.column(schema.SOURCE).to_pylist(), best.column(PARENT).to_pylist(), strict=True)
+    )
+    assert parents == {  # more pixels still come first
+        "colour.jpg": "bigger_grey.png",
+        "grey.png": "bigger_grey.png",
+        "grey16.png": "bigger_grey.png",
+        "cmyk.jpg": "bigger_grey.png",
+    }
+    best = pick_parent(match_band(t.slice(0, 4), max_distance=2))
+    parents = dict(
+        zip(best.column(schema.SOURCE).to_pylist(), best.column(PARENT).to_pylist(), strict=True)
+    )
+    assert parents == dict.fromkeys(("grey.png", "grey16.png", "cmyk.jpg"), "colour.jpg")
 
 
 def test_splitter_emits_one_row_per_band():
