@@ -64,7 +64,7 @@ from curation.io.listing import (
     plan_inputs,
     split_tar_source,
 )
-from curation.io.readers import DONE_MEMBERS, META, SIDECAR, FileReader, TarReader
+from curation.io.readers import DONE_MEMBERS, META, SIDECAR, SIDECAR_ZH, FileReader, TarReader
 from curation.probe.header_probe import EXTENSIONS, HeaderProbe
 from curation.shard.shard_writer import CHANGED_FOLDER, ShardWriter, plan_bucket, sample_key
 from curation.threshold_filter import ASPECT, PIXELS, Rule, ThresholdFilter
@@ -86,7 +86,8 @@ ANALYSIS_COLUMNS = tuple(c for c in schema.MANIFEST_COLUMNS if c != schema.KEY)
 KIND = "kind"  # listing column: "file" or "tar"
 TAR = "tar"  # the tar URI of an analysed tar member (resume)
 LISTING_SCHEMA = pa.schema(
-    [(schema.SOURCE, pa.string()), (SIDECAR, pa.string()), (META, pa.string()), (KIND, pa.string())]
+    [(schema.SOURCE, pa.string()), (SIDECAR, pa.string()), (META, pa.string()),
+     (SIDECAR_ZH, pa.string()), (KIND, pa.string())]
 )
 AWS_ENV = (
     "AWS_ENDPOINT_URL",
@@ -357,7 +358,9 @@ def expand_listing(
     rows; nothing per input reaches the driver. Files under `exclude` (the job's OUT) are
     not listed.
     """
-    out: dict[str, list[Any]] = {schema.SOURCE: [], SIDECAR: [], META: [], KIND: []}
+    out: dict[str, list[Any]] = {
+        schema.SOURCE: [], SIDECAR: [], META: [], SIDECAR_ZH: [], KIND: []
+    }
     sent = False
     for uri, kind in zip(column(batch, "uri"), column(batch, "kind"), strict=True):
         spec = InputSpec(uri, kind)
@@ -365,6 +368,7 @@ def expand_listing(
             out[schema.SOURCE].append(item.uri)
             out[SIDECAR].append(item.sidecar)
             out[META].append(item.meta)
+            out[SIDECAR_ZH].append(item.sidecar_zh)
             out[KIND].append(item.kind)
             if len(out[KIND]) >= chunk:
                 yield pa.table(out, schema=LISTING_SCHEMA)

@@ -38,6 +38,7 @@ class InputItem:
     kind: str  # "file" | "tar"
     sidecar: str | None = None  # the caption sidecar (the first of the sidecar extensions)
     meta: str | None = None  # the `<stem>.json` metadata sidecar, when json is a sidecar extension
+    sidecar_zh: str | None = None  # `<stem>.zh.txt`: the Chinese caption, when txt is a sidecar
 
 
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -129,15 +130,22 @@ def _group_folder(
     for p in paths:
         pp = PurePosixPath(p)
         by_stem.setdefault(str(pp.with_suffix("")), {})[pp.suffix.lower().lstrip(".")] = p
+    zh_files = {p for p in paths if "txt" in sidecar_exts and p.lower().endswith(".zh.txt")}
+    zh_of = {p[: -len(".zh.txt")]: p for p in zh_files}  # image stem -> its Chinese caption
     for p in paths:
         pp = PurePosixPath(p)
         name = pp.name
         if not named and (name.startswith(".") or name == "_SUCCESS"):
             continue
         ext = pp.suffix.lower().lstrip(".")
-        siblings = by_stem[str(pp.with_suffix(""))]
+        stem = str(pp.with_suffix(""))
+        siblings = by_stem[stem]
         if ext in sidecar_exts and any(e not in sidecar_exts for e in siblings):
             continue  # a sidecar of an image with the same stem
+        if not named and p in zh_files and any(
+            e not in sidecar_exts for e in by_stem.get(p[: -len(".zh.txt")], {})
+        ):
+            continue  # `<stem>.zh.txt`: the Chinese caption of an image `<stem>.<ext>`
         if ext in sidecar_exts and ext == "json":
             continue  # stray metadata, not an image
         if p.lower().endswith(TAR_EXTENSIONS):
@@ -151,7 +159,8 @@ def _group_folder(
                     break
             if "json" in sidecar_exts and "json" in siblings:
                 meta = _uri(fs, siblings["json"])
-        yield InputItem(_uri(fs, p), "file", sidecar, meta)
+        zh = zh_of.get(stem)
+        yield InputItem(_uri(fs, p), "file", sidecar, meta, _uri(fs, zh) if zh else None)
 
 
 @dataclass(frozen=True)

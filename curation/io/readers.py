@@ -22,6 +22,7 @@ from curation.io.listing import escape_name, local_path, split_tar_source
 
 SIDECAR = "sidecar"  # listing column: URI of a sidecar caption file
 META = "meta"  # listing column: URI of a `<stem>.json` metadata sidecar
+SIDECAR_ZH = "sidecar_zh"  # listing column: URI of a `<stem>.zh.txt` Chinese caption
 DONE_MEMBERS = "done_members"  # optional tar column: member sources already analysed (resume)
 KIND = "kind"  # listing column: "file" | "tar"
 
@@ -117,9 +118,10 @@ class FileReader(Stage):
             c: [] for c in (*self.writes, *schema.DECISION_COLUMNS)
         }
         metas = column(table, META) if META in table.column_names else [None] * table.num_rows
+        zhs = column(table, SIDECAR_ZH)  # None where the column is absent
         sources, sidecars = column(table, schema.SOURCE), column(table, SIDECAR)
-        for src, side, meta in zip(sources, sidecars, metas, strict=True):
-            row = _read_one(src, side, meta, self.max_file_bytes)
+        for src, side, meta, zh in zip(sources, sidecars, metas, zhs, strict=True):
+            row = _read_one(src, side, meta, self.max_file_bytes, zh)
             for c in out:
                 out[c].append(row.get(c))
         return set_columns(table, out)
@@ -134,7 +136,9 @@ def _read_sidecar(uri: str) -> bytes:
         return b""
 
 
-def _read_one(src: str, sidecar: str | None, meta: str | None, max_bytes: int) -> dict[str, Any]:
+def _read_one(
+    src: str, sidecar: str | None, meta: str | None, max_bytes: int, sidecar_zh: str | None = None
+) -> dict[str, Any]:
     try:
         fs, path = fsspec.core.url_to_fs(local_path(src))
         size = fs.size(path)
@@ -167,7 +171,9 @@ def _read_one(src: str, sidecar: str | None, meta: str | None, max_bytes: int) -
             en, zh, _ = json_sidecar(raw)
         else:  # the `.txt` is the English caption; the JSON's stand where it says nothing
             en = _text(raw) or en
-    if sidecar:
+    if sidecar_zh:
+        zh = _text(_read_sidecar(sidecar_zh)) or zh
+    if sidecar or sidecar_zh:
         row[schema.CAPTION_EN], row[schema.CAPTION_ZH] = en, zh
     return row
 

@@ -12,6 +12,7 @@ from curation.io.listing import InputSpec, few_local_files, list_inputs
 from curation.io.readers import (
     META,
     SIDECAR,
+    SIDECAR_ZH,
     FileReader,
     TarReader,
     read_bytes,
@@ -194,8 +195,15 @@ def test_metadata_sidecars_travel_verbatim_next_to_the_caption(tmp_path):
     (tmp_path / "h.txt").write_bytes("utf-16 caption".encode("utf-16"))
     (tmp_path / "i.jpg").write_bytes(b"i")
     (tmp_path / "i.txt").write_bytes("caf\xe9".encode("latin-1"))  # not UTF-8: no guess
+    # `<stem>.zh.txt` is the Chinese caption, as in tars; one without an image is an input.
+    (tmp_path / "j.jpg").write_bytes(b"j")
+    (tmp_path / "j.txt").write_text("english")
+    (tmp_path / "j.zh.txt").write_text("中文说明")
+    (tmp_path / "K.JPG").write_bytes(b"k")
+    (tmp_path / "K.ZH.TXT").write_text("只有中文")
+    (tmp_path / "stray.zh.txt").write_text("孤")
     items = {i.uri.rsplit("/", 1)[-1]: i for i in list_inputs([str(tmp_path)])}
-    assert set(items) == {f"{c}.jpg" for c in "abcdefghi"}
+    assert set(items) == {f"{c}.jpg" for c in "abcdefghij"} | {"K.JPG", "stray.zh.txt"}
     assert items["a.jpg"].sidecar.endswith("a.txt") and items["a.jpg"].meta.endswith("a.json")
     assert items["e.jpg"].meta is None
     names = sorted(items)
@@ -205,10 +213,15 @@ def test_metadata_sidecars_travel_verbatim_next_to_the_caption(tmp_path):
                 schema.SOURCE: [items[n].uri for n in names],
                 SIDECAR: [items[n].sidecar for n in names],
                 META: [items[n].meta for n in names],
+                SIDECAR_ZH: [items[n].sidecar_zh for n in names],
             }
         )
     )
     rows = {n: r for n, r in zip(names, t.to_pylist(), strict=True)}
+    assert (rows["j.jpg"][schema.CAPTION_EN], rows["j.jpg"][schema.CAPTION_ZH]) == (
+        "english", "中文说明")
+    assert (rows["K.JPG"][schema.CAPTION_EN], rows["K.JPG"][schema.CAPTION_ZH]) == (
+        None, "只有中文")
     assert rows["a.jpg"][schema.CAPTION_EN] == "the caption"
     assert rows["a.jpg"][schema.SOURCE_META] == meta
     assert rows["b.jpg"][schema.CAPTION_EN] == "from json"
