@@ -313,9 +313,12 @@ def thumb_job(output: str, row: dict[str, Any]) -> ThumbJob:
     if row[schema.STATUS] == schema.STATUS_KEPT and row.get(schema.SHARD):
         return ThumbJob(join(output, row[schema.SHARD]), f"{row[schema.KEY]}.{row['extension']}")
     source = row[schema.SOURCE]
-    if row.get(schema.TAR_OFFSET) is not None:  # a tar member (a file's name may hold `#`)
+    offset = row.get(schema.TAR_OFFSET)
+    # A tar member: read from a tar (its offset), or named `….tar#member` (an older manifest);
+    # a file's own name may hold `#`.
+    if offset is not None or ".tar#" in source.lower():
         uri, member = split_tar_source(source)
-        return ThumbJob(uri, member, row[schema.TAR_OFFSET], row.get(schema.SIZE_BYTES))
+        return ThumbJob(uri, member, offset, row.get(schema.SIZE_BYTES) if offset else None)
     return ThumbJob(source)
 
 

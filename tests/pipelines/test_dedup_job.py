@@ -35,6 +35,7 @@ def test_chain_resolves_to_the_root_and_far_rows_stay(local_ray):
             schema.HEIGHT: [4000, 3000, 2500, 4000],
             schema.SHARPNESS: [1.0, 1.0, 1.0, 1.0],
             schema.NATIVE_SCORE: [1.0, 1.0, 1.0, 1.0],
+            schema.MODE: ["RGB", "RGB", "L", "RGB"],
             schema.STATUS: pa.nulls(4, pa.string()),
         }
     )

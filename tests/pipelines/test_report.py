@@ -558,6 +558,7 @@ def test_thumbnails_find_files_whose_names_hold_a_hash():
         "/in/x.tar", "c#d.jpg", 1536, 99)
     assert thumb_job("/out", row("s3://b/p.tar#k.webp", 512)) == ThumbJob(
         "s3://b/p.tar", "k.webp", 512, 99)
+    assert thumb_job("/out", row("/in/p.tar#k.jpg")) == ThumbJob("/in/p.tar", "k.jpg")
     kept = {**row("/in/a#b.jpg"), schema.STATUS: schema.STATUS_KEPT,
             schema.SHARD: "shards/1x1/1x1-000000.tar", schema.KEY: "k", "extension": "jpg"}
     assert thumb_job("/out", kept) == ThumbJob("/out/shards/1x1/1x1-000000.tar", "k.jpg")
