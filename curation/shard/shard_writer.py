@@ -102,15 +102,18 @@ class ShardWriter(Stage):
                         row[schema.SOURCE], row.get(schema.TAR_OFFSET), row[schema.SIZE_BYTES]
                     )
                     if hashlib.sha256(data).hexdigest() != row[schema.SHA256]:
-                        changed.append((row[schema.SOURCE], row[schema.SHA256]))
                         raise OSError(
                             "content changed since it was analysed; rerun to analyse it again")
                 except Exception as e:  # a vanished input is this row's verdict
+                    # ... and a rerun analyses it again: its bytes (or its tar) changed, or
+                    # it cannot be read as it was (a rewritten tar moves every later member)
+                    changed.append((row[schema.SOURCE], row[schema.SHA256]))
                     row.update(
                         {
                             schema.STATUS: schema.STATUS_REJECTED,
                             schema.REASON: "unreadable",
-                            schema.DETAIL: f"cannot re-read for writing: {e}"[:300],
+                            schema.DETAIL: (f"cannot re-read for writing: {e}" + (
+                                "" if "rerun" in str(e) else "; a rerun analyses it again"))[:300],
                             schema.SHARD: None,
                             schema.KEY: None,
                             schema.BUCKET: None,
