@@ -61,6 +61,7 @@ from curation.io.listing import (
     InputSpec,
     expand_input,
     few_local_files,
+    local_path,
     plan_inputs,
     split_tar_source,
 )
@@ -994,6 +995,25 @@ def _union(parts: Sequence[Any]) -> Any:
     return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
 
 
+def _check_output_apart(specs: Sequence[InputSpec], output: str) -> None:
+    """OUT may sit inside a folder INPUT (it is not listed), but not be one.
+
+    Raises:
+        ValueError: a local folder INPUT is OUT itself (by real path).
+    """
+    if not is_local(output):
+        return
+    real = os.path.realpath(local_path(output))
+    for spec in specs:
+        if (spec.kind == "folder" and is_local(spec.uri)
+                and os.path.realpath(local_path(spec.uri)) == real):
+            raise ValueError(
+                f"the output folder {output} is the input folder {spec.uri}: its shards and "
+                "manifest would mix with the inputs; give OUT a folder of its own (a "
+                "subfolder of the input is fine)"
+            )
+
+
 def run_curate(
     inputs: Sequence[str],
     output: str,
@@ -1014,6 +1034,7 @@ def run_curate(
     passes = _Passes(output, echo)
     with passes.run("listing", len(inputs), user_errors=(ValueError, OSError)):
         specs = plan_inputs(inputs, list_extensions=cfg.input.list_extensions)
+        _check_output_apart(specs, output)
 
     with passes.run("start-up", len(specs)):
         ray = init_ray(cfg, ray_address)

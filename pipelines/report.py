@@ -37,8 +37,8 @@ import pyarrow.compute as pc
 
 from curation import schema
 from curation.analyze.native import CODECS, TESTS
-from curation.io.atomic import atomic_write, join
-from curation.io.listing import split_tar_source
+from curation.io.atomic import atomic_write, is_local, join
+from curation.io.listing import local_path, split_tar_source
 from pipelines.stats import finished_fs, job_stats, read_manifest, score_columns
 
 THUMB_SIDE = 240
@@ -308,6 +308,11 @@ def _thumbnails_all(
     return results
 
 
+def _is_file(source: str) -> bool:
+    """A local file of that very name (`a.tar#b.jpg` can be a file, not a tar member)."""
+    return is_local(source) and os.path.isfile(local_path(source))
+
+
 def thumb_job(output: str, row: dict[str, Any]) -> ThumbJob:
     """Where a manifest row's image is: its shard member when kept, else its source."""
     if row[schema.STATUS] == schema.STATUS_KEPT and row.get(schema.SHARD):
@@ -316,7 +321,7 @@ def thumb_job(output: str, row: dict[str, Any]) -> ThumbJob:
     offset = row.get(schema.TAR_OFFSET)
     # A tar member: read from a tar (its offset), or named `….tar#member` (an older manifest);
     # a file's own name may hold `#`.
-    if offset is not None or ".tar#" in source.lower():
+    if offset is not None or (".tar#" in source.lower() and not _is_file(source)):
         uri, member = split_tar_source(source)
         return ThumbJob(uri, member, offset, row.get(schema.SIZE_BYTES) if offset else None)
     return ThumbJob(source)

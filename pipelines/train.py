@@ -23,6 +23,14 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _train(args: argparse.Namespace, which: str) -> int:
+    try:
+        return _run_training(args, which)
+    except KeyboardInterrupt:  # before a run began (loading the config imports diffusers)
+        print(f"native4k train-{which}: interrupted before training started", file=sys.stderr)
+        return 130
+
+
+def _run_training(args: argparse.Namespace, which: str) -> int:
     from training.config import (
         DitTrainConfig,
         TrainConfigError,

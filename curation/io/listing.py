@@ -105,11 +105,12 @@ def _uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
 
 def _walk_local(folder: str, exclude: str | None = None) -> list[str]:
     """Every file under a local folder; linked folders are not descended (no loops), nor the
-    folder ``exclude`` (an absolute path)."""
+    folder ``exclude`` (compared by real path: a link to either side is seen through)."""
     out = []
+    exclude = os.path.realpath(exclude) if exclude is not None else None
     for root, dirs, files in os.walk(folder, followlinks=False):
         if exclude is not None:
-            dirs[:] = [d for d in dirs if os.path.abspath(os.path.join(root, d)) != exclude]
+            dirs[:] = [d for d in dirs if os.path.realpath(os.path.join(root, d)) != exclude]
         out.extend(os.path.join(root, f) for f in files)
     return out
 

@@ -544,7 +544,7 @@ def test_report_without_native_evidence_says_so(audit_output):
     assert "No manifest row carries native evidence" in text
 
 
-def test_thumbnails_find_files_whose_names_hold_a_hash():
+def test_thumbnails_find_files_whose_names_hold_a_hash(tmp_path):
     """Only a row read from a tar (it has `tar_offset`) is a tar member; a file named
     `bad#one.jpg` is opened whole (the report showed a placeholder for it before)."""
     from pipelines.report import ThumbJob, thumb_job
@@ -559,6 +559,9 @@ def test_thumbnails_find_files_whose_names_hold_a_hash():
     assert thumb_job("/out", row("s3://b/p.tar#k.webp", 512)) == ThumbJob(
         "s3://b/p.tar", "k.webp", 512, 99)
     assert thumb_job("/out", row("/in/p.tar#k.jpg")) == ThumbJob("/in/p.tar", "k.jpg")
+    named = tmp_path / "a.tar#b.jpg"  # a plain file, whatever its name says
+    named.write_bytes(b"x")
+    assert thumb_job("/out", row(str(named))) == ThumbJob(str(named))
     kept = {**row("/in/a#b.jpg"), schema.STATUS: schema.STATUS_KEPT,
             schema.SHARD: "shards/1x1/1x1-000000.tar", schema.KEY: "k", "extension": "jpg"}
     assert thumb_job("/out", kept) == ThumbJob("/out/shards/1x1/1x1-000000.tar", "k.jpg")

@@ -619,6 +619,14 @@ def test_ctrl_c_ends_with_one_line_that_says_how_to_resume(
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["native4k train-dit: interrupted; rerun the same command to resume from the "
                    "start (no checkpoint yet)"]
+    import training.config as tc
+
+    def early(*args, **kwargs):  # Ctrl-C while the config loads (diffusers' import, ~2 s)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tc, "load_train_config", early)
+    assert main(["train-dit", "--config", str(path)]) == 130
+    assert capsys.readouterr().err == "native4k train-dit: interrupted before training started\n"
 
 
 def test_held_out_images_that_cannot_serve_are_named(tmp_path: Path, capsys) -> None:

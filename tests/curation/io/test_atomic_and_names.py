@@ -114,6 +114,12 @@ def test_a_folder_input_skips_the_jobs_output(tmp_path, s3_server):
     listed = sorted(i.uri for i in expand_input(spec, exclude=str(local / "out")))
     assert listed == [str(local / "a.jpg"), str(local / "outer" / "c.jpg")]
     assert len(list(expand_input(spec))) == 4
+    # Through links: the input folder's, or the output's (compared by real path).
+    (tmp_path / "in_link").symlink_to(local)
+    (tmp_path / "out_link").symlink_to(local / "out")
+    via = InputSpec(str(tmp_path / "in_link"), "folder")
+    assert len(list(expand_input(via, exclude=str(local / "out")))) == 2
+    assert len(list(expand_input(spec, exclude=str(tmp_path / "out_link")))) == 2
 
     s3 = boto3.client("s3")
     s3.create_bucket(Bucket="outin", CreateBucketConfiguration={"LocationConstraint": "us-west-2"})
