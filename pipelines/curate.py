@@ -772,8 +772,8 @@ def _changed_at(analysis: str) -> dict[str, float]:
     From the shard writer's records (`CHANGED_FOLDER`, a sibling of `analysis`), dated by
     their files, as the analysis parts are: one clock, the storage's.
     """
-    folder = analysis.rsplit("/", 1)[0] + "/" + CHANGED_FOLDER.rsplit("/", 1)[-1]
-    fs, path = fsspec.core.url_to_fs(folder)
+    output = analysis.rsplit("/", 2)[0]  # `analysis` is OUT/_work/analysis
+    fs, path = fsspec.core.url_to_fs(join(output, CHANGED_FOLDER))
     if not fs.exists(path):
         return {}
     out: dict[str, float] = {}

@@ -141,6 +141,16 @@ class DitTask:
     def __init__(self, cfg: DitTrainConfig, *, loader_factory: Any = None) -> None:
         self.cfg = cfg
         self.loader_factory = loader_factory
+        self._cache: Any = None  # the text cache, opened once (`text_cache`)
+
+    def text_cache(self) -> Any:
+        """The `TextEmbeddingCache` of `text.cache`, opened on first use (its index is read
+        once, for the data checks of every stage and for training)."""
+        if self._cache is None:
+            from training.text_cache import TextEmbeddingCache
+
+            self._cache = TextEmbeddingCache(self.cfg.text.cache)
+        return self._cache
 
     # -- models ---------------------------------------------------------------------------------
 
@@ -186,9 +196,7 @@ class DitTask:
             )
         text = cfg.text
         if text.source == "cache":
-            from training.text_cache import TextEmbeddingCache
-
-            self.cache = TextEmbeddingCache(text.cache)
+            self.cache = self.text_cache()
             self.encoders = None
             seq_dim, pooled_dim = self.cache.meta["seq_dim"], self.cache.meta["pooled_dim"]
             if self.cache.max_sequence_length != text.max_sequence_length:
@@ -243,9 +251,7 @@ class DitTask:
             ValueError: the cache's language differs, or it lacks samples the stage trains on
                 (it was written for other data); a `KeyError` hours into the run otherwise.
         """
-        from training.text_cache import TextEmbeddingCache
-
-        cache = TextEmbeddingCache(self.cfg.text.cache)
+        cache = self.text_cache()
         written_for = cache.meta.get("data")
         if cache.language != data.caption_language:
             raise ValueError(

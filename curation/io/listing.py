@@ -279,9 +279,7 @@ def expand_input(
     fs, path = fsspec.core.url_to_fs(spec.uri, **(storage_options or {}))
     if spec.kind == "folder":
         if _is_local(fs):
-            skip = None
-            if exclude is not None and is_local(exclude):
-                skip = os.path.abspath(local_path(exclude).removeprefix("file://"))
+            skip = local_path(exclude) if exclude is not None and is_local(exclude) else None
             files = _walk_local(path, skip)
         else:
             files = [p for p in fs.find(path) if not fs.isdir(p)]

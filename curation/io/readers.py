@@ -117,8 +117,7 @@ class FileReader(Stage):
         out: dict[str, list[Any]] = {
             c: [] for c in (*self.writes, *schema.DECISION_COLUMNS)
         }
-        metas = column(table, META) if META in table.column_names else [None] * table.num_rows
-        zhs = column(table, SIDECAR_ZH)  # None where the column is absent
+        metas, zhs = column(table, META), column(table, SIDECAR_ZH)  # None where absent
         sources, sidecars = column(table, schema.SOURCE), column(table, SIDECAR)
         for src, side, meta, zh in zip(sources, sidecars, metas, zhs, strict=True):
             row = _read_one(src, side, meta, self.max_file_bytes, zh)

@@ -102,8 +102,7 @@ class ShardWriter(Stage):
                         row[schema.SOURCE], row.get(schema.TAR_OFFSET), row[schema.SIZE_BYTES]
                     )
                     if hashlib.sha256(data).hexdigest() != row[schema.SHA256]:
-                        raise OSError(
-                            "content changed since it was analysed; rerun to analyse it again")
+                        raise OSError("content changed since it was analysed")
                 except Exception as e:  # a vanished input is this row's verdict
                     # ... and a rerun analyses it again: its bytes (or its tar) changed, or
                     # it cannot be read as it was (a rewritten tar moves every later member)
@@ -112,8 +111,10 @@ class ShardWriter(Stage):
                         {
                             schema.STATUS: schema.STATUS_REJECTED,
                             schema.REASON: "unreadable",
-                            schema.DETAIL: (f"cannot re-read for writing: {e}" + (
-                                "" if "rerun" in str(e) else "; a rerun analyses it again"))[:300],
+                            schema.DETAIL: (
+                                f"cannot re-read for writing: {e}"[:260]
+                                + "; rerun to analyse it again"
+                            ),
                             schema.SHARD: None,
                             schema.KEY: None,
                             schema.BUCKET: None,
