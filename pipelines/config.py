@@ -8,6 +8,8 @@ or contradictory settings stop the job before it starts, naming the key.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -443,6 +445,7 @@ class JobConfig:
             (self.ray.num_cpus >= 0, "ray.num_cpus", "must be >= 0"),
             (self.ray.rows_per_partition > 0, "ray.rows_per_partition", "must be positive"),
             (bool(self.bucket.tier_scales), "bucket.tier_scales", "must not be empty"),
+            (all(s > 0 for s in self.bucket.tier_scales), "bucket.tier_scales", "must be positive"),
             *self._model_checks(),
         ]
         for ok, key, msg in checks:
@@ -457,6 +460,10 @@ class JobConfig:
                     f"config key 'bucket.buckets' has {b!r}: "
                     "expected 'WxH' with sides multiples of 64"
                 )
+
+
+_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+"""A number in exponent notation, which YAML 1.1 reads as text unless it has a dot."""
 
 
 def _check_type(value: Any, typ: Any, key: str) -> Any:
@@ -486,8 +493,12 @@ def _check_type(value: Any, typ: Any, key: str) -> Any:
             raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
         return value
     if typ is float:
+        if isinstance(value, str) and _EXPONENT.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as text
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"config key '{key}' must be a finite number, got {value!r}")
         return float(value)
     if typ is str:
         if not isinstance(value, str):
@@ -538,7 +549,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             loaded = yaml.safe_load(Path(path).read_text())
         except OSError as e:
             raise ConfigError(f"cannot read config file {path}: {e.strerror}") from e
-        except yaml.YAMLError as e:
+        except (yaml.YAMLError, UnicodeDecodeError) as e:  # not YAML, or not UTF-8 text
             raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
         data = loaded or {}
     for item in overrides or []:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -488,6 +490,10 @@ def _require_model_folder(folder: str, key: str, kind: str | None = None) -> Non
 # YAML -> dataclasses, with every key and type checked
 
 
+_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+"""A number in exponent notation, which YAML 1.1 reads as text unless it has a dot."""
+
+
 def _check_type(value: Any, typ: Any, key: str) -> Any:
     origin = typing.get_origin(typ)
     args = typing.get_args(typ)
@@ -536,8 +542,12 @@ def _check_type(value: Any, typ: Any, key: str) -> Any:
             raise TrainConfigError(f"config key '{key}' must be an integer, got {value!r}")
         return value
     if typ is float:
+        if isinstance(value, str) and _EXPONENT.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as text
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise TrainConfigError(f"config key '{key}' must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise TrainConfigError(f"config key '{key}' must be a finite number, got {value!r}")
         return float(value)
     if typ is str:
         if not isinstance(value, str):
@@ -603,7 +613,7 @@ def load_train_config(
             loaded = yaml.safe_load(Path(path).read_text())
         except OSError as e:
             raise TrainConfigError(f"cannot read config file {path}: {e.strerror}") from e
-        except yaml.YAMLError as e:
+        except (yaml.YAMLError, UnicodeDecodeError) as e:  # not YAML, or not UTF-8 text
             raise TrainConfigError(f"config file {path} is not valid YAML: {e}") from e
         if loaded is not None and not isinstance(loaded, dict):
             raise TrainConfigError(f"config file {path} must hold a mapping")

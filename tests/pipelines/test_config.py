@@ -1,5 +1,7 @@
 import pytest
 import yaml
+from hypothesis import given
+from hypothesis import strategies as st
 
 from pipelines.config import ConfigError, JobConfig, dump_yaml, load_config
 
@@ -51,3 +53,36 @@ def test_dump_is_documented_and_round_trips(tmp_path):
     f.write_text(text)
     assert load_config(f) == JobConfig()
     assert yaml.safe_load(text)["probe"]["min_pixels"] == 8294400
+
+
+@given(
+    st.floats(min_value=1e-9, max_value=1e9, allow_nan=False),
+    st.sampled_from(["{:e}", "{:E}", "{:.3e}"]),
+)
+def test_numbers_in_exponent_notation_are_numbers(value, fmt):
+    """YAML 1.1 reads `1e-3` (no dot) as text; a float setting still takes it as a number."""
+    text = fmt.format(value)
+    cfg = load_config(overrides=[f"analyze.min_sharpness={text}"])
+    assert cfg.analyze.min_sharpness == float(text)
+
+
+@pytest.mark.parametrize("text", [".nan", ".inf", "-.inf", ".NaN"])
+def test_a_threshold_must_be_finite(text):
+    """`sharpness < nan` is never true: a NaN threshold would switch the rule off silently."""
+    with pytest.raises(ConfigError, match=r"analyze\.min_sharpness.*finite"):
+        load_config(overrides=[f"analyze.min_sharpness={text}"])
+    with pytest.raises(ConfigError, match=r"probe\.max_aspect.*finite"):
+        load_config(overrides=[f"probe.max_aspect={text}"])
+
+
+@pytest.mark.parametrize("scales", ["[-1]", "[0]", "[1.0, 0]"])
+def test_tier_scales_must_be_positive(scales):
+    with pytest.raises(ConfigError, match=r"bucket\.tier_scales.*positive"):
+        load_config(overrides=[f"bucket.tier_scales={scales}"])
+
+
+def test_a_config_file_that_is_not_utf8_is_one_error(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_bytes(b"\xff\xfe\x00bad")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(f)

@@ -524,6 +524,11 @@ def test_config_errors_are_clear(curated_shards: Path, parts: dict, tmp_path: Pa
         load_train_config(DitTrainConfig, data={**tree, "loop": {"max_step": 1}})
     with pytest.raises(TrainConfigError, match=r"'optim.lr' must be a number"):
         load_train_config(DitTrainConfig, data={**tree, "optim": {"lr": "fast"}})
+    with pytest.raises(TrainConfigError, match=r"'optim.lr' must be a finite number"):
+        load_train_config(DitTrainConfig, data={**tree, "optim": {"lr": float("nan")}})
+    # YAML 1.1 reads 1e-4 (no dot) as text; a learning rate is written that way
+    written = load_train_config(DitTrainConfig, data=tree, overrides=["optim.lr=1e-4"])
+    assert written.optim.lr == 1e-4
     with pytest.raises(TrainConfigError, match=r"'model.vae'.*config\.json"):
         load_train_config(DitTrainConfig, data={**tree, "model": {**tree["model"], "vae": "/no"}})
     for backend, why in (("fast", "must be one of"), ("flash_hub", "model hub")):
