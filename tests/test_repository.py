@@ -21,4 +21,15 @@ def test_ray_cluster_config_is_valid_for_the_cluster_launcher():
 
     config = prepare_config(yaml.safe_load((ROOT / "ray_cluster.yaml").read_text()))
     validate_config(config)
-    assert any("make setup" in c for c in config["setup_commands"])
+    # every node builds its own .venv from the pinned project, without the test extra
+    assert any("pip install -q -e ." in c for c in config["setup_commands"])
+    assert not any("[test]" in c or "make setup" in c for c in config["setup_commands"])
+    # and never receives this machine's .venv, outputs or scratch files (.gitignore filters)
+    assert ".gitignore" in config["rsync_filter"]
+    ignored = (ROOT / ".gitignore").read_text().split()
+    assert {".venv/", "/demo_out/", "/scratch/"} <= set(ignored)
+    # the head runs the autoscaler: its profile is not the workers' S3-only one
+    nodes = config["available_node_types"]
+    head = nodes[config["head_node_type"]]["node_config"]["IamInstanceProfile"]["Name"]
+    assert all(head != n["node_config"]["IamInstanceProfile"]["Name"]
+               for k, n in nodes.items() if k != config["head_node_type"])  # fmt: skip
