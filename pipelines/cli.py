@@ -8,7 +8,7 @@ import contextlib
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 
@@ -88,14 +88,45 @@ def _stop_ray() -> None:
     ray.shutdown()
 
 
+def _storage_errors() -> tuple[type[Exception], ...]:
+    """Errors of reading or writing OUT that are the storage's, not the program's: OSError,
+    and botocore's own (no credentials, an unreachable endpoint), which are not OSErrors."""
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+    except ImportError:  # no S3 support installed
+        return (OSError,)
+    return (OSError, BotoCoreError, ClientError)
+
+
+def _count(least: int) -> Callable[[str], int]:
+    """An argparse type: an integer of at least `least`."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be at least {least}, got {value}")
+        return value
+
+    return parse
+
+
+def _audit_error(output: str, e: Exception) -> int:
+    """One line for an audit that cannot run: OUT unusable (exit 2)."""
+    storage = not isinstance(e, ValueError) or isinstance(e, UnicodeDecodeError)
+    print(f"native4k: {f'cannot use {output}: ' if storage else ''}{e}", file=sys.stderr)
+    return 2
+
+
 def _stats(args: argparse.Namespace) -> int:
     from pipelines.stats import output_stats, stats_json, stats_text
 
     try:
         stats = output_stats(args.output, by=args.by)
-    except (ValueError, OSError) as e:
-        print(f"native4k: {e}", file=sys.stderr)
-        return 2
+    except (ValueError, *_storage_errors()) as e:
+        return _audit_error(args.output, e)
     print(stats_json(stats) if args.json else stats_text(stats))
     return 0
 
@@ -103,7 +134,10 @@ def _stats(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     from pipelines.verify import run_verify
 
-    res = run_verify(args.output, deep=args.deep, workers=args.workers, progress=True)
+    try:
+        res = run_verify(args.output, deep=args.deep, workers=args.workers, progress=True)
+    except (ValueError, *_storage_errors()) as e:
+        return _audit_error(args.output, e)
     for p in res.findings:
         print(f"MISMATCH {p}")
     checked = f"{res.rows} manifest rows, {res.shards} shards, {res.samples} samples"
@@ -123,9 +157,8 @@ def _report(args: argparse.Namespace) -> int:
 
     try:
         print(write_report(args.output, samples=args.samples))
-    except ValueError as e:
-        print(f"native4k: {e}", file=sys.stderr)
-        return 2
+    except (ValueError, *_storage_errors()) as e:
+        return _audit_error(args.output, e)
     return 0
 
 
@@ -202,13 +235,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("output", metavar="OUT")
     p.add_argument("--deep", action="store_true", help="also decode every image in full")
-    p.add_argument("--workers", type=int, help="processes reading shards (default: one per CPU)")
+    p.add_argument(
+        "--workers", type=_count(1), help="processes reading shards (default: one per CPU)"
+    )
     p.set_defaults(func=_verify)
 
     p = sub.add_parser("report", help="write OUT/report.html for auditors")
     p.add_argument("output", metavar="OUT")
     p.add_argument(
-        "--samples", type=int, default=8, help="thumbnails per bucket and per rejection reason"
+        "--samples", type=_count(0), default=8,
+        help="thumbnails per bucket and per rejection reason",
     )
     p.set_defaults(func=_report)
 
@@ -265,6 +301,11 @@ def console() -> None:
     except BrokenPipeError:  # `native4k stats OUT | head`: the reader left, nothing is wrong
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
+    except KeyboardInterrupt:  # Ctrl-C: one line, not the traceback of wherever it landed
+        resume = sys.argv[1:2] == ["curate"]
+        print(f"\nnative4k: interrupted{'; rerun the same command to resume' if resume else ''}",
+              file=sys.stderr)  # fmt: skip
+        sys.exit(130)
     if _STOPPED_OWN_RAY:
         sys.stdout.flush()
         sys.stderr.flush()

@@ -29,7 +29,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -92,7 +92,9 @@ LISTING_SCHEMA = pa.schema(
 )
 AWS_ENV = (
     "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",  # botocore's per-service endpoint, preferred over the one above
     "AWS_DEFAULT_REGION",
+    "AWS_REGION",
     "AWS_MAX_ATTEMPTS",
     "AWS_RETRY_MODE",
 )
@@ -638,13 +640,18 @@ def local_ray_system_config(num_cpus: int) -> dict[str, int]:
     }
 
 
+def worker_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The variables a joined cluster's workers are given: `AWS_ENV`'s, never credentials."""
+    return {k: environ[k] for k in AWS_ENV if k in environ}
+
+
 def init_ray(cfg: JobConfig, address: str | None) -> Any:
     """Connect to a cluster (`address`) or start a local Ray instance."""
     import ray
 
     if ray.is_initialized():
         return ray
-    env = {k: os.environ[k] for k in AWS_ENV if k in os.environ}
+    env = worker_env(os.environ)
     runtime_env = {"env_vars": env} if env and address else None
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
@@ -688,10 +695,13 @@ def _read_parquet(rd: Any, uri: str, **kwargs: Any) -> Any:
         ctx.use_datasource_v2, ctx.enable_progress_bars = saved
 
 
-def _remove(uri: str) -> None:
+def _remove(uri: str) -> bool:
+    """Remove a file or folder if it exists; whether it did."""
     fs, path = fsspec.core.url_to_fs(uri)
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
+    if not fs.exists(path):
+        return False
+    fs.rm(path, recursive=True)
+    return True
 
 
 def _write_text(uri: str, text: str) -> None:
@@ -933,6 +943,7 @@ class JobFailed(RuntimeError):
 FAULT_ENV = "NATIVE4K_FAULT"
 """Fault injection for tests: `<pass>` raises when that pass starts on the driver;
 `<pass>:kill` kills the driver there with SIGKILL (as a lost node or an OOM kill would);
+`<pass>:interrupt` sends it SIGINT there (Ctrl-C);
 `<pass>:lost` raises a Ray worker crash there once (as a lost node would)."""
 CLUSTER_ATTEMPTS = 3  # passes 1-4 run again (resuming) when the cluster loses a node
 
@@ -972,10 +983,10 @@ class _Passes:
         start = time.perf_counter()
         try:
             fault = os.environ.get(FAULT_ENV)
-            if fault == f"{step}:kill":
+            if fault in (f"{step}:kill", f"{step}:interrupt"):
                 import signal
 
-                os.kill(os.getpid(), signal.SIGKILL)
+                os.kill(os.getpid(), signal.SIGKILL if fault.endswith("kill") else signal.SIGINT)
             if fault == step:
                 raise RuntimeError(f"fault injected by {FAULT_ENV}={step}")
             if fault == f"{step}:lost" and step not in self.lost:
@@ -1079,6 +1090,8 @@ def _run_passes(
     analysis = join(work, "analysis")
     _remove(join(output, "_SUCCESS"))
     notes = _reset_if_changed(work, inputs, cfg)
+    if _remove(join(output, "report.html")):  # it described the earlier run
+        notes.append(f"removed the earlier run's report.html (native4k report {output})")
     skipped = None
     for attempt in range(1, CLUSTER_ATTEMPTS + 1):
         try:

@@ -663,6 +663,27 @@ def _read_text(fs: Any, path: str) -> str | None:
         return None
 
 
+def _read_document(fs: Any, path: str, parse: Any, output: str) -> dict[str, Any]:
+    """OUT's `config.yaml` or `stats.json` as a mapping ({} when absent).
+
+    Raises:
+        ValueError: the file is there but is not a YAML/JSON mapping (the message names it).
+    """
+    text = _read_text(fs, path)
+    if not text:
+        return {}
+    import yaml
+
+    name = path.rsplit("/", 1)[-1]
+    try:
+        data = parse(text)
+    except (ValueError, yaml.YAMLError) as e:  # JSON's errors are ValueErrors
+        raise ValueError(f"{output}: {name} cannot be read ({e})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{output}: {name} is not a mapping")
+    return data
+
+
 def write_report(output: str, *, samples: int = DEFAULT_SAMPLES, workers: int | None = None) -> str:
     """Write `OUT/report.html` for auditors and return its URI.
 
@@ -681,10 +702,8 @@ def write_report(output: str, *, samples: int = DEFAULT_SAMPLES, workers: int | 
     for c in schema.MANIFEST_COLUMNS:
         if c not in t.column_names:
             t = t.append_column(c, pa.nulls(t.num_rows, schema.FIELDS[c]))
-    config_text = _read_text(fs, f"{root}/config.yaml")
-    config = (yaml.safe_load(config_text) or {}) if config_text else {}
-    job_json = _read_text(fs, f"{root}/stats.json")
-    job = json.loads(job_json) if job_json else {}
+    config = _read_document(fs, f"{root}/config.yaml", yaml.safe_load, output)
+    job = _read_document(fs, f"{root}/stats.json", json.loads, output)
     s = job_stats(t)
     scores = score_columns(t)
     kept_mask = pc.fill_null(pc.equal(t.column(schema.STATUS), schema.STATUS_KEPT), False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import unicodedata
 from typing import Any
 
 import fsspec
@@ -224,6 +225,7 @@ def job_stats(table: pa.Table, by: str | None = None) -> dict[str, Any]:
         "bytes": int(pc.sum(size).as_py() or 0),
         "kept_bytes": int(pc.sum(kept_rows.column(schema.SIZE_BYTES)).as_py() or 0),
         "by": by or schema.BUCKET,
+        "rows": "kept" if by is None else "all",  # which rows the groups cut
         "groups": groups,
         "reasons": group_stats(
             rejected_rows, schema.REASON, scores=scores, denominator=table.num_rows
@@ -262,8 +264,16 @@ def _score_cell(entry: dict[str, Any], score: str) -> str:
     return f"{s['mean']:.3g}/{s['median']:.3g}" if s else "-"
 
 
+_UNPRINTABLE = ("Cc", "Zl", "Zp")  # control characters and line/paragraph separators
+
+
 def _label(v: Any) -> str:
-    return NULL_LABEL if v is None else str(v)
+    """A cell's text for a terminal: control characters (a crawled name's escape codes or
+    line breaks) shown as escapes, never sent to the terminal."""
+    if v is None:
+        return NULL_LABEL
+    return "".join(c.encode("unicode_escape").decode()
+                   if unicodedata.category(c) in _UNPRINTABLE else c for c in str(v))  # fmt: skip
 
 
 def format_table(header: list[str], rows: list[list[str]]) -> str:
@@ -281,6 +291,7 @@ def stats_text(stats: dict[str, Any]) -> str:
     Score cells are `mean/median`; a score that no row of the job has is left out.
     """
     by = stats["by"]
+    kept_only = stats.get("rows", "kept" if by == schema.BUCKET else "all") == "kept"
     scores = list(
         dict.fromkeys(s for e in (*stats["groups"], *stats["reasons"]) for s in e["scores"])
     )
@@ -289,22 +300,22 @@ def stats_text(stats: dict[str, Any]) -> str:
         f"({_mb(stats['kept_bytes'])} MB), {stats['rejected']} rejected",
         "",
     ]
-    share_of = "kept" if by == schema.BUCKET else "all"
+    share_of = "kept" if kept_only else "all"
     head = [by, "samples", f"share ({share_of})", "MB", "shards"]
-    if by != schema.BUCKET:
+    if not kept_only:
         head[2:2] = ["kept", "rejected"]
     head += [f"{s} mean/med" for s in scores]
     rows = []
     for e in stats["groups"]:
         row = [_label(e[by]), str(e["samples"])]
-        if by != schema.BUCKET:
+        if not kept_only:
             row += [str(e["kept"]), str(e["rejected"])]
         row += [f"{100 * e['share']:.1f}%", _mb(e["bytes"]), str(e["shards"])]
         rows.append(row + [_score_cell(e, s) for s in scores])
     if rows:
         lines.append(format_table(head, rows))
     else:
-        lines.append(f"(no {'kept images' if by == schema.BUCKET else 'rows'})")
+        lines.append(f"(no {'kept images' if kept_only else 'rows'})")
     lines.append("")
     rhead = ["reason", "samples", "share (all)", "MB"] + [f"{s} mean/med" for s in scores]
     rrows = [

@@ -289,12 +289,19 @@ def _manifest_findings(t: pa.Table) -> Iterable[str]:
         yield f"manifest: rejected row {r[schema.SOURCE]} names shard {r[schema.SHARD]}"
 
 
+_JOB_ENTRIES = ("_SUCCESS", "stats.json", "manifest", "shards", "_work")
+"""What a curation job writes into OUT; a folder with none of them is not an output."""
+
+
 def _read_json(fs: Any, path: str, what: str, findings: list[str]) -> dict[str, Any] | None:
     try:
         with fs.open(path, "rb") as fh:
             raw = fh.read()
     except FileNotFoundError:
         findings.append(f"{what} is missing")
+        return None
+    except IsADirectoryError:
+        findings.append(f"{what} is a folder, not a file")
         return None
     try:
         data = json.loads(raw)
@@ -383,10 +390,20 @@ def run_verify(
 
     Returns:
         The findings (precise sentences; empty when everything agrees) and the counts checked.
+
+    Raises:
+        ValueError: OUT does not exist, is a file, or holds nothing a curation job writes.
     """
     findings: list[str] = []
     fs, root = fsspec.core.url_to_fs(output)
     root = root.rstrip("/")
+    if not fs.isdir(root):
+        raise ValueError(f"{output} is a file, not a job's folder" if fs.exists(root)
+                         else f"{output} does not exist")  # fmt: skip
+    if not any(fs.exists(f"{root}/{name}") for name in _JOB_ENTRIES):
+        raise ValueError(
+            f"{output} is not a curation job's output (none of {', '.join(_JOB_ENTRIES)})"
+        )
     success = _read_json(fs, f"{root}/_SUCCESS", "_SUCCESS", findings)
     if success is None and findings:
         findings[-1] += ": the job did not complete"

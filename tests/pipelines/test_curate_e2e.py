@@ -111,10 +111,15 @@ def test_verify_catches_a_tampered_shard(curated, tmp_path):
     assert main(["verify", str(copy)]) == 1
 
 
-def test_rerun_and_fresh_run_give_identical_keys_and_shards(samples, curated, tmp_path):
+def test_rerun_and_fresh_run_give_identical_keys_and_shards(samples, curated, tmp_path, capsys):
     folder, _ = samples
     before = {s: (r["key"], r["shard"], r["reason"]) for s, r in _rows(curated).items()}
+    assert main(["report", str(curated), "--samples", "0"]) == 0
+    capsys.readouterr()
     assert main(["curate", str(folder), "--output", str(curated)]) == 0  # rerun in place
+    # the earlier run's report is gone, not left to describe this one
+    assert not (curated / "report.html").exists()
+    assert "removed the earlier run's report.html" in capsys.readouterr().out
     assert {s: (r["key"], r["shard"], r["reason"]) for s, r in _rows(curated).items()} == before
     fresh = tmp_path / "fresh"
     assert main(["curate", str(folder), "--output", str(fresh)]) == 0

@@ -148,6 +148,26 @@ def test_driver_killed_at_every_pass_then_rerun(inputs, reference, tmp_path, job
     assert not [p for p in out.rglob("*") if "_work" not in p.parts and ".tmp" in p.name]
 
 
+@pytest.mark.parametrize("step", ["analysis", "shards"])
+def test_ctrl_c_is_one_line_and_a_rerun_resumes(inputs, reference, tmp_path, job_outcome, step):
+    """Ctrl-C in any pass: exit 130 and one line saying how to resume, no traceback."""
+    out = tmp_path / "out"
+    rc, _, stderr = run_cli(
+        "curate", str(inputs), "--output", str(out), *SMALL,
+        env={"NATIVE4K_FAULT": f"{step}:interrupt"},
+    )  # fmt: skip
+    assert rc == 130, stderr[-2000:]
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    assert stderr.rstrip().splitlines()[-1] == (
+        "native4k: interrupted; rerun the same command to resume"
+    )
+    rc, stdout = _quiet_main("curate", str(inputs), "--output", str(out), *SMALL)
+    assert rc == 0
+    if step == "shards":  # the finished analysis is kept
+        assert "analysed 0 inputs in this run" in stdout
+    assert job_outcome(out) == job_outcome(reference)
+
+
 def _task_workers(root: psutil.Process) -> list[psutil.Process]:
     """This process's Ray workers that are running one of the job's pass-1 tasks."""
     found = []

@@ -565,3 +565,19 @@ def test_thumbnails_find_files_whose_names_hold_a_hash(tmp_path):
     kept = {**row("/in/a#b.jpg"), schema.STATUS: schema.STATUS_KEPT,
             schema.SHARD: "shards/1x1/1x1-000000.tar", schema.KEY: "k", "extension": "jpg"}
     assert thumb_job("/out", kept) == ThumbJob("/out/shards/1x1/1x1-000000.tar", "k.jpg")
+
+
+@pytest.mark.parametrize(
+    "name,text,words",
+    [("config.yaml", "analyze: [", "config.yaml cannot be read"),
+     ("config.yaml", "- a list\n", "config.yaml is not a mapping"),
+     ("stats.json", "{bad", "stats.json cannot be read")],
+)  # fmt: skip
+def test_a_damaged_summary_file_is_named(audit_output, audit_jpeg, capsys, name, text, words):
+    out, _ = audit_output([], [{"source": "/gone.jpg", "reason": "too_small"}])
+    (out / name).write_text(text)
+    assert main(["report", str(out)]) == 2
+    assert words in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["report", str(out), "--samples", "-1"])
+    assert exit_.value.code == 2

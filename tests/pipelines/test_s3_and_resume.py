@@ -16,9 +16,11 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from pipelines.cli import main
-from pipelines.curate import Partitioning, one_row_per_source
+from pipelines.curate import AWS_ENV, Partitioning, one_row_per_source, worker_env
 from pipelines.verify import read_manifest, verify
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -255,3 +257,17 @@ def test_a_rewritten_tar_is_analysed_again(local_ray, tmp_path):
     assert main(args) == 0
     assert statuses() == {"k0.jpg": "kept", "k1.jpg": "kept", "k2.jpg": "kept"}
     assert main(["verify", str(out)]) == 0
+
+
+@given(st.dictionaries(
+    st.sampled_from(["AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION",
+                     "AWS_REGION", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                     "AWS_SESSION_TOKEN", "AWS_PROFILE", "HOME"]),
+    st.text(min_size=1, max_size=8),
+))  # fmt: skip
+def test_a_clusters_workers_get_the_endpoint_and_region_never_keys(environ):
+    """`--ray-address`: botocore's per-service endpoint (`AWS_ENDPOINT_URL_S3`) travels too."""
+    env = worker_env(environ)
+    assert env == {k: v for k, v in environ.items() if k in AWS_ENV}
+    assert {"AWS_ENDPOINT_URL_S3", "AWS_REGION"} <= set(AWS_ENV)
+    assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"} & set(env)

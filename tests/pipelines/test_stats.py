@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import unicodedata
 
 import fsspec
 import pyarrow as pa
@@ -182,3 +183,35 @@ def test_s3_output_gives_the_same_tables(audit_output, audit_jpeg, s3_server):
     fs.put(str(out) + "/", "audit-stats/job", recursive=True)
     assert output_stats("s3://audit-stats/job") == output_stats(str(out))
     assert output_stats("s3://audit-stats/job", by="reason")["groups"]
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(row_strategy, min_size=1, max_size=20))
+def test_the_share_column_says_which_rows_it_is_of(rows):
+    """Plain `stats` cuts kept rows by bucket; `--by bucket` cuts every row: the header and
+    the JSON say which, and the shares add up over those rows."""
+    t = _table(rows)
+    for by, of in ((None, "kept"), (schema.BUCKET, "all")):
+        s = job_stats(t, by=by)
+        assert s["rows"] == of
+        assert sum(g["samples"] for g in s["groups"]) == (
+            s["kept"] if of == "kept" else s["total"]
+        )
+        text = stats_module.stats_text(s)
+        if s["groups"]:
+            assert f"share ({of})" in text and ("rejected  share" in text) == (of == "all")
+        else:
+            assert "(no kept images)" in text and of == "kept"
+
+
+@given(st.text(alphabet=st.characters(codec="utf-8"), min_size=1, max_size=12))
+def test_control_characters_in_names_never_reach_the_terminal(name):
+    """A crawled name with escape codes or line breaks is shown escaped, one row per group."""
+    t = _table([{"kept": True, "bucket": BUCKETS[0], "reason": "blurry", "shard": 0,
+                 "size": 1, "sharpness": 1.0, "entropy": 1.0, "fmt": "jpeg"}])
+    t = t.set_column(t.schema.get_field_index(schema.SOURCE), schema.SOURCE,
+                     pa.array([f"/in/{name}"], pa.string()))  # fmt: skip
+    text = stats_module.stats_text(job_stats(t, by=schema.SOURCE))
+    assert not any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in text if c != "\n")
+    table_lines = text.split("\n\n")[1].splitlines()
+    assert len(table_lines) == 3  # header, rule, the one group

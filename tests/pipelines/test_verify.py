@@ -343,3 +343,43 @@ def test_s3_output_in_parallel(job, s3_server):
     fs.put_file(str(shard), f"audit-verify/job/{shard.relative_to(out).as_posix()}")
     findings = run_verify("s3://audit-verify/job", workers=2).findings
     _one(findings, shard.relative_to(out).as_posix(), "no .jpg image member")
+
+
+def test_a_path_that_is_no_output_is_refused_not_audited(job, tmp_path, capsys):
+    """A typo, a file or an input folder is a usage error (exit 2), not a damaged output."""
+    out, _ = job
+    afile = tmp_path / "afile.txt"
+    afile.write_text("hi")
+    inputs = tmp_path / "photos"
+    inputs.mkdir()
+    (inputs / "a.jpg").write_bytes(b"x")
+    for path, words in ((tmp_path / "nope", "does not exist"), (afile, "is a file"),
+                        (inputs, "not a curation job's output")):  # fmt: skip
+        assert main(["verify", str(path)]) == 2
+        assert words in capsys.readouterr().err
+    (out / "_SUCCESS").unlink()
+    (out / "_SUCCESS").mkdir()
+    _one(verify(str(out)), "_SUCCESS is a folder")
+    with pytest.raises(SystemExit) as exit_:
+        main(["verify", str(out), "--workers", "0"])
+    assert exit_.value.code == 2 and "--workers: must be at least 1" in capsys.readouterr().err
+
+
+def test_s3_without_credentials_is_one_line(job, s3_server, monkeypatch, capsys):
+    """botocore's errors are not OSErrors: no credentials is a message, not a traceback."""
+    import s3fs
+
+    out, _ = job
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(out / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(out / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        for command in ("stats", "verify", "report"):
+            assert main([command, "s3://audit-nocreds/job"]) == 2
+            err = capsys.readouterr().err
+            assert "cannot use s3://audit-nocreds/job" in err and "credentials" in err
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
