@@ -58,7 +58,8 @@ def _run_and_report(args: argparse.Namespace, cfg: Any) -> int:
     print()
     for line in outcome_lines(result.stats):
         print(f"native4k: {line}")
-    print(f"shards:   {result.output}/shards/")
+    kept = result.stats.get("kept", 0)
+    print(f"shards:   {f'{result.output}/shards/' if kept else 'none (nothing kept)'}")
     print(f"manifest: {result.output}/manifest/")
     print(f"stats:    {result.output}/stats.json   (native4k stats {result.output})")
     return 0
@@ -132,6 +133,7 @@ def _stats(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    from pipelines.stats import printable
     from pipelines.verify import run_verify
 
     try:
@@ -139,7 +141,7 @@ def _verify(args: argparse.Namespace) -> int:
     except (ValueError, *_storage_errors()) as e:
         return _audit_error(args.output, e)
     for p in res.findings:
-        print(f"MISMATCH {p}")
+        print(f"MISMATCH {printable(p)}")  # a finding quotes names, which may hold escapes
     checked = f"{res.rows} manifest rows, {res.shards} shards, {res.samples} samples"
     if res.findings:
         print(

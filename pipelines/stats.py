@@ -267,13 +267,15 @@ def _score_cell(entry: dict[str, Any], score: str) -> str:
 _UNPRINTABLE = ("Cc", "Zl", "Zp")  # control characters and line/paragraph separators
 
 
-def _label(v: Any) -> str:
-    """A cell's text for a terminal: control characters (a crawled name's escape codes or
-    line breaks) shown as escapes, never sent to the terminal."""
-    if v is None:
-        return NULL_LABEL
+def printable(text: str) -> str:
+    """`text` for a terminal: control characters (a crawled name's escape codes or line
+    breaks) shown as escapes, never sent to the terminal."""
     return "".join(c.encode("unicode_escape").decode()
-                   if unicodedata.category(c) in _UNPRINTABLE else c for c in str(v))  # fmt: skip
+                   if unicodedata.category(c) in _UNPRINTABLE else c for c in text)  # fmt: skip
+
+
+def _label(v: Any) -> str:
+    return NULL_LABEL if v is None else printable(str(v))
 
 
 def format_table(header: list[str], rows: list[list[str]]) -> str:

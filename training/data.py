@@ -46,6 +46,7 @@ import itertools
 import json
 import logging
 import math
+import os
 import re
 import warnings
 from collections.abc import Iterator
@@ -97,7 +98,8 @@ class DataConfig:
     """What the training loader reads and how it batches it (validated on construction)."""
 
     root: str
-    """A curation output: a folder or `s3://` prefix holding `manifest/` and `shards/`."""
+    """A curation output: a folder or `s3://` prefix holding `manifest/` and `shards/` (a
+    `pathlib.Path` is taken too, as its text)."""
     mode: str = "bucket"
     """`bucket`: crop each image to its recorded box and resize it down to its bucket's size;
     `crop`: random `crop_size`² crops of the native (oriented) pixels, for VAE training."""
@@ -158,6 +160,8 @@ class DataConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, typ):
                 raise bad(name, f"must be an integer, got {v!r}")
+        if isinstance(self.root, os.PathLike):  # a pathlib.Path names a folder as well
+            self.root = os.fspath(self.root)
         if not isinstance(self.root, str) or not self.root:
             raise bad("root", "must name a curation output (folder or s3:// prefix)")
         if self.mode not in MODES:
@@ -602,7 +606,7 @@ class BucketedLoader:
 
     @property
     def keys(self) -> list[str]:
-        """The key of every selected sample (of all ranks), in manifest order."""
+        """The key of every selected sample (of all ranks), ordered by bucket, shard and key."""
         return list(self._samples.key)
 
     def __len__(self) -> int:

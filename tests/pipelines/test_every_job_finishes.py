@@ -133,6 +133,9 @@ def check_output(out: Path, expected: dict[str, tuple[str, str | None]], stdout:
     assert stats["total"] == len(expected) and stats["kept"] == len(kept)
     if not kept:
         assert "nothing kept" in stdout
+        assert "shards:   none (nothing kept)" in stdout  # no path to a folder never written
+    else:
+        assert f"shards:   {out}/shards/" in stdout
     with contextlib.redirect_stdout(io.StringIO()):
         assert main(["verify", str(out)]) == 0
         assert main(["stats", str(out)]) == 0

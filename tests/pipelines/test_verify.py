@@ -383,3 +383,17 @@ def test_s3_without_credentials_is_one_line(job, s3_server, monkeypatch, capsys)
             assert "cannot use s3://audit-nocreds/job" in err and "credentials" in err
     finally:
         s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_findings_print_names_with_control_characters_escaped(job, capsys):
+    out, _ = job
+    name = "/in/\x1b[31mred\nline.jpg"
+
+    def edit(t: pa.Table) -> pa.Table:
+        rejected = pc.equal(t.column("source"), "/in/x.jpg")
+        return _set(_set(t, "source", rejected, name), "reason", rejected, None)
+
+    _edit_manifest(out, edit)
+    assert main(["verify", str(out)]) == 1
+    printed = capsys.readouterr().out
+    assert "\x1b" not in printed and "\\x1b[31mred\\nline.jpg has no reason" in printed

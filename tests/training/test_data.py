@@ -108,7 +108,8 @@ def test_pixels_are_the_oriented_box_resized_down(curated_shards, divisor):
 
 def test_crop_mode_gives_native_windows(curated_shards):
     rows = _rows(curated_shards)
-    cfg = DataConfig(root=str(curated_shards), mode="crop", crop_size=256, batch_size=1, seed=3)
+    cfg = DataConfig(root=curated_shards, mode="crop", crop_size=256, batch_size=1, seed=3)
+    assert cfg.root == str(curated_shards)  # a pathlib.Path names the output as well
     loader = BucketedLoader(cfg)
     first = _epoch(loader)
     second = _epoch(loader)
