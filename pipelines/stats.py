@@ -52,22 +52,44 @@ def read_manifest(output: str, columns: list[str] | None = None) -> pa.Table:
             nulls of its `schema.py` type (or string when undeclared).
 
     Raises:
-        ValueError: no finished job, or no manifest file.
+        ValueError: no finished job, no manifest file, a manifest without `source` or
+            `status`, or one whose row count is not the one `_SUCCESS` records (a part added
+            or removed after the job: its counts would be wrong).
     """
     fs, root = finished_fs(output)
     files = manifest_files(fs, root)
     if not files:
         raise ValueError(f"{output} has no manifest (manifest/*.parquet)")
     present = set(pq.read_schema(files[0], filesystem=fs).names)
+    for required in (schema.SOURCE, schema.STATUS):
+        if required not in present:
+            raise ValueError(f"{files[0]} is not a manifest: it has no '{required}' column")
     wanted = columns if columns is not None else sorted(present)
     read = [c for c in wanted if c in present]
     table = pq.ParquetDataset(files, filesystem=fs).read(columns=read)
+    recorded = _success_rows(fs, root)
+    if recorded is not None and recorded != table.num_rows:
+        raise ValueError(
+            f"{output}: the manifest holds {table.num_rows} rows but _SUCCESS records {recorded} "
+            f"(a manifest file added or removed since the job); `native4k verify {output}` "
+            "names the difference"
+        )
     for c in wanted:
         if c not in present:
             table = table.append_column(
                 c, pa.nulls(table.num_rows, schema.FIELDS.get(c, pa.string()))
             )
     return table.select(wanted)
+
+
+def _success_rows(fs: fsspec.AbstractFileSystem, root: str) -> int | None:
+    """The manifest row count `_SUCCESS` records (None when it records none)."""
+    try:
+        with fs.open(f"{root}/_SUCCESS", "rb") as fh:
+            rows = json.loads(fh.read()).get("rows")
+    except (OSError, ValueError, AttributeError):  # unreadable, not JSON, not an object
+        return None
+    return rows if isinstance(rows, int) else None
 
 
 def score_columns(table: pa.Table) -> list[str]:

@@ -215,3 +215,28 @@ def test_control_characters_in_names_never_reach_the_terminal(name):
     assert not any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in text if c != "\n")
     table_lines = text.split("\n\n")[1].splitlines()
     assert len(table_lines) == 3  # header, rule, the one group
+
+
+def test_a_manifest_that_disagrees_with_success_is_refused(audit_output, audit_jpeg, capsys):
+    """A stray or missing manifest file would make every count wrong: stats and report say so
+    instead of printing them."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    out, _ = _outputs(audit_output, audit_jpeg, 2)
+    part = sorted((out / "manifest").glob("*.parquet"))[0]
+    stray = out / "manifest" / "part-99999-0.parquet"
+    shutil.copy(part, stray)
+    total, extra = 2 + 3, pq.read_metadata(part).num_rows
+    for command in ("stats", "report"):
+        assert main([command, str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"holds {total + extra} rows but _SUCCESS records {total}" in err
+        assert "native4k verify" in err
+    stray.unlink()
+    assert main(["stats", str(out)]) == 0
+    capsys.readouterr()
+    pq.write_table(pq.read_table(part).drop_columns(["status"]), part)
+    assert main(["stats", str(out)]) == 2
+    assert "has no 'status' column" in capsys.readouterr().err
