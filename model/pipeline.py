@@ -14,6 +14,7 @@ A local folder in diffusers layout loads with :meth:`UltraFluxPipeline.from_fold
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any, ClassVar
@@ -171,9 +172,11 @@ class UltraFluxPipeline(DiffusionPipeline):
         transformer = UltraFluxTransformer2DModel.from_pretrained(
             root / "transformer", torch_dtype=torch_dtype, **legacy
         )
+        _require_all_weights(transformer, root / "transformer")
         if rope_method is not None:
             transformer.set_rope_method(rope_method)
         vae = _load_vae(root / "vae", torch_dtype)
+        _require_all_weights(vae, root / "vae")
         components: dict[str, Any] = {}
         if load_text_encoders:
             components = _load_text_encoders(root, torch_dtype)
@@ -363,12 +366,31 @@ def _require_model_files(folder: Path, what: str) -> None:
             f"layout (config.json + diffusion_pytorch_model.safetensors); copy it from the "
             "checkpoint"
         )
+    try:
+        name = str(json.loads(config.read_text()).get("_class_name", ""))
+    except (ValueError, AttributeError) as e:  # not JSON, or not an object
+        raise ValueError(f"{config} is not a model config (JSON object): {e}") from e
+    expected = {"transformer": "Transformer", "vae": "Autoencoder"}.get(what)
+    if expected and name and expected not in name:
+        raise ValueError(
+            f"{folder} holds a {name}, not a {what}: copy the checkpoint's {what}/ folder there"
+        )
     patterns = ("diffusion_pytorch_model*.safetensors", "diffusion_pytorch_model*.bin")
     if not any(any(folder.glob(p)) for p in patterns):
         raise FileNotFoundError(
             f"no weights in {folder}: expected {folder / 'diffusion_pytorch_model.safetensors'} "
             "(or its sharded index); copy the weight files of the checkpoint's "
             f"{what}/ folder there"
+        )
+
+
+def _require_all_weights(model: torch.nn.Module, folder: Path) -> None:
+    """Raise when the weight files left tensors unloaded (diffusers keeps them on `meta`)."""
+    unloaded = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if unloaded:
+        raise ValueError(
+            f"the weights in {folder} lack {len(unloaded)} of the model's tensors (e.g. "
+            f"{unloaded[0]}): they belong to another model or are incomplete"
         )
 
 

@@ -13,9 +13,12 @@ only when the command runs.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
+
+from pipelines.arguments import at_least
 
 _DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -40,7 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--prompt-embeds",
         type=Path,
-        help="torch file with 'prompt_embeds' (1, L, 4096) and 'pooled_prompt_embeds' (1, 768), "
+        help="torch file with 'prompt_embeds' (1, L, D) and 'pooled_prompt_embeds' (1, P), D and "
+        "P the transformer's joint_attention_dim and pooled_projection_dim (FLUX: 4096, 768), "
         "instead of --prompt",
     )
     parser.add_argument(
@@ -49,14 +53,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=(4096, 4096),
         help="WIDTHxHEIGHT in px (default 4096x4096)",
     )
-    parser.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
+    parser.add_argument("--steps", type=at_least(1), default=50, help="sampling steps (default 50)")
     parser.add_argument("--guidance", type=float, default=4.0, help="embedded guidance (default 4)")
     parser.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
-    parser.add_argument("--out", required=True, type=Path, help="output image file (.png, .jpg)")
+    parser.add_argument(
+        "--out", required=True, type=Path,
+        help="output image file (.png, .jpg, .webp, ...; replaced if it exists, atomically)",
+    )
     parser.add_argument(
         "--shift", type=float, help="fixed timestep shift (default: resolution-dependent)"
     )
-    parser.add_argument("--max-sequence-length", type=int, default=512, help="T5 tokens")
+    parser.add_argument(
+        "--max-sequence-length", type=at_least(1), default=512, help="T5 tokens (default 512)"
+    )
     parser.add_argument(
         "--rope-method",
         help="override the model's RoPE method: base, yarn, resonance, resonance_yarn, "
@@ -83,13 +92,24 @@ def run(args: argparse.Namespace) -> int:
     if (args.prompt is None) == (args.prompt_embeds is None):
         print("error: give exactly one of --prompt and --prompt-embeds", file=sys.stderr)
         return 2
+    problem = _output_problem(args.out)
+    if problem:  # found before the models load, not after the sampling
+        print(f"error: --out {args.out}: {problem}", file=sys.stderr)
+        return 2
     import torch
 
     from model.fp8 import convert_linears_to_fp8
     from model.pipeline import UltraFluxPipeline
 
     dtype = getattr(torch, _DTYPES[args.dtype])
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as err:
+        print(f"error: --device {args.device}: {err}", file=sys.stderr)
+        return 2
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print(f"error: --device {args.device}: no CUDA device here", file=sys.stderr)
+        return 2
     width, height = args.size
     embeds = {}
     try:
@@ -101,10 +121,11 @@ def run(args: argparse.Namespace) -> int:
             rope_method=args.rope_method,
             load_text_encoders=args.prompt is not None,
         )
-    except (FileNotFoundError, KeyError, ValueError) as err:
+        _check_prompt_embeds(embeds, pipe.transformer.config, args.prompt_embeds)
+        pipe.to(device)
+    except (OSError, KeyError, ValueError, RuntimeError) as err:  # a file the model can't use
         print(f"error: {err}", file=sys.stderr)
         return 1
-    pipe.to(device)
     if args.fp8:
         convert_linears_to_fp8(pipe.transformer)
     if args.compile:
@@ -127,10 +148,45 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    images[0].save(args.out)
+    _save(images[0], args.out)
     print(f"{args.out}: {width}x{height}, {args.steps} steps, {time.perf_counter() - start:.1f} s")
     return 0
+
+
+def _image_format(path: Path) -> str | None:
+    """PIL's format name for the file's extension (None: PIL writes no such file)."""
+    from PIL import Image
+
+    Image.init()
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    return fmt if fmt in Image.SAVE else None
+
+
+def _output_problem(path: Path) -> str | None:
+    """Why the image could not be written to `path` (None: it can)."""
+    if path.is_dir():
+        return "is a folder; name an image file"
+    if _image_format(path) is None:
+        return f"{path.suffix or 'no extension'} is not an image format (use .png, .jpg, .webp)"
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{parent} is a file, so no folder can be made there"
+    if not os.access(parent, os.W_OK):
+        return f"{parent} is not writable"
+    return None
+
+
+def _save(image: object, path: Path) -> None:
+    """Write the image to a temporary file beside `path`, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        image.save(tmp, format=_image_format(path))  # type: ignore[attr-defined]
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _load_prompt_embeds(path: Path) -> dict:
@@ -139,11 +195,26 @@ def _load_prompt_embeds(path: Path) -> dict:
 
     if not path.is_file():
         raise FileNotFoundError(f"prompt embeddings file {path} not found")
-    data = torch.load(path, map_location="cpu", weights_only=True)
-    missing = {"prompt_embeds", "pooled_prompt_embeds"} - set(data)
-    if missing:
-        raise KeyError(f"{path} lacks {', '.join(sorted(missing))}")
-    return {
-        "prompt_embeds": data["prompt_embeds"],
-        "pooled_prompt_embeds": data["pooled_prompt_embeds"],
-    }
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch.load raises many kinds for a file that is not its own
+        raise ValueError(f"{path} is not a torch file of tensors ({type(err).__name__})") from err
+    names = ("prompt_embeds", "pooled_prompt_embeds")
+    if not isinstance(data, dict) or not all(isinstance(data.get(n), torch.Tensor) for n in names):
+        raise ValueError(f"{path} must hold a dict with tensors {names[0]} and {names[1]}")
+    return {n: data[n] for n in names}
+
+
+def _check_prompt_embeds(embeds: dict, config: object, path: Path | None) -> None:
+    """Raise when the embeddings' shapes do not fit the transformer."""
+    if not embeds:
+        return
+    seq, pooled = embeds["prompt_embeds"], embeds["pooled_prompt_embeds"]
+    width = config.joint_attention_dim  # type: ignore[attr-defined]
+    pooled_width = config.pooled_projection_dim  # type: ignore[attr-defined]
+    if seq.ndim != 3 or seq.shape[0] != 1 or seq.shape[-1] != width:
+        raise ValueError(f"{path}: prompt_embeds is {tuple(seq.shape)}, expected (1, L, {width})")
+    if pooled.ndim != 2 or pooled.shape != (1, pooled_width):
+        raise ValueError(
+            f"{path}: pooled_prompt_embeds is {tuple(pooled.shape)}, expected (1, {pooled_width})"
+        )

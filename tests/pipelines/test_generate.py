@@ -2,12 +2,14 @@
 
 import argparse
 import math
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 from PIL import Image
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
@@ -268,3 +270,64 @@ def test_size_argument_is_validated() -> None:
     with pytest.raises(SystemExit):
         cli(["--model", "m", "--out", "o.png", "--size", "5440x3000"])
     assert generate.parse_size("6336x2624") == (6336, 2624)
+
+
+def test_a_bad_output_or_count_is_refused_before_the_models_load(
+    tmp_path: Path, embeds_file: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """With a real model, a bad --out found after sampling would lose the whole run."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    base = ["--model", str(tmp_path / "no-model"), "--prompt-embeds", str(embeds_file)]
+    for out, words in ((tmp_path / "z.xyz", ".xyz is not an image format"),
+                       (tmp_path / "noext", "no extension is not an image format"),
+                       (tmp_path, "is a folder"),
+                       (afile / "x.png", "is a file")):  # fmt: skip
+        assert generate.run(cli([*base, "--out", str(out)])) == 2
+        assert words in capsys.readouterr().err
+    for flag in ("--steps", "--max-sequence-length"):
+        with pytest.raises(SystemExit):
+            cli([*base, "--out", "x.png", flag, "0"])
+        assert "must be at least 1" in capsys.readouterr().err
+
+
+def test_an_unusable_model_folder_or_embeddings_file_is_one_line(
+    tmp_path: Path, embeds_file: Path, capsys: pytest.CaptureFixture
+) -> None:
+    save_tiny_model(tmp_path, text_encoders=False)
+    out = tmp_path / "img.png"
+
+    def run(embeds: Path = embeds_file) -> str:
+        args = ["--model", str(tmp_path), "--prompt-embeds", str(embeds), "--out", str(out)]
+        assert generate.run(cli([*args, "--dtype", "fp32", "--device", "cpu", "--steps", "1",
+                                 "--size", "64x64"])) == 1  # fmt: skip
+        return capsys.readouterr().err.strip()
+
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_text("hello")
+    assert "is not a torch file" in run(garbage)
+    wide = tmp_path / "wide.pt"
+    torch.save({"prompt_embeds": torch.zeros(1, 4, 4096),
+                "pooled_prompt_embeds": torch.zeros(1, 768)}, wide)  # fmt: skip
+    assert f"expected (1, L, {TEXT_DIM})" in run(wide)
+    weights = tmp_path / "transformer" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    save_file({k: v for k, v in tensors.items() if k != "context_embedder.bias"}, weights)
+    assert "lack 1 of the model's tensors (e.g. context_embedder.bias)" in run()
+    shutil.rmtree(tmp_path / "transformer")
+    shutil.copytree(tmp_path / "vae", tmp_path / "transformer")
+    assert "holds a AutoencoderKLF16, not a transformer" in run()
+    assert not out.exists()
+
+
+def test_the_image_replaces_an_existing_file_atomically(
+    model_dir: Path, embeds_file: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "img.webp"
+    out.write_bytes(b"an older image")
+    argv = ["--model", str(model_dir), "--prompt-embeds", str(embeds_file), "--out", str(out),
+            "--dtype", "fp32", "--device", "cpu", "--steps", "1", "--size", "64x64"]  # fmt: skip
+    assert generate.run(cli(argv)) == 0
+    with Image.open(out) as image:
+        assert image.format == "WEBP" and image.size == (64, 64)
+    assert [p.name for p in tmp_path.iterdir()] == ["img.webp"]  # no temporary file left
