@@ -7,7 +7,11 @@ rank reads the same config; set ``parallel.strategy: fsdp`` or ``ddp``).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
+
+from pipelines.arguments import at_least
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -99,9 +103,9 @@ def add_encode_text_arguments(p: argparse.ArgumentParser) -> None:
         help="folder with text_encoder/, tokenizer/, text_encoder_2/, tokenizer_2/ (FLUX.1-dev)",
     )
     p.add_argument("--output", "-o", required=True, help="cache folder to write")
-    p.add_argument("--max-sequence-length", type=int, default=512, help="T5 tokens (512)")
+    p.add_argument("--max-sequence-length", type=at_least(1), default=512, help="T5 tokens (512)")
     p.add_argument("--language", default="en", choices=["en", "zh"], help="caption column")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=at_least(1), default=8, help="captions per batch (8)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 
 
@@ -111,6 +115,9 @@ def encode_text_cmd(args: argparse.Namespace) -> int:
 
     from training.text_cache import TextEncoders, write_text_cache
 
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("native4k: --device cuda: no CUDA device here", file=sys.stderr)
+        return 2
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if use_cuda else "cpu")
     try:
@@ -127,8 +134,17 @@ def encode_text_cmd(args: argparse.Namespace) -> int:
             encoders_folder=str(args.encoders),
             progress=sys.stderr.isatty(),
         )
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:  # DATA, the output folder or an encoder file
         print(f"native4k: {e}", file=sys.stderr)
         return 2
-    print(f"native4k encode-text: {n} captions -> {args.output}")
+    except RuntimeError as e:  # transformers on an encoder folder it cannot use
+        print(f"native4k: cannot use the encoders in {args.encoders}: {e}", file=sys.stderr)
+        return 2
+    meta = json.loads((Path(args.output) / "meta.json").read_text())
+    column = f"caption_{args.language}"
+    print(f"native4k encode-text: {n} samples, {meta['captioned']} with a {column} "
+          f"-> {args.output}")  # fmt: skip
+    if not meta["captioned"]:
+        print(f"native4k: no sample has a {column}: each gets the empty caption's embedding",
+              file=sys.stderr)  # fmt: skip
     return 0

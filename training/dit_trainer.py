@@ -251,6 +251,8 @@ class DitTask:
             ValueError: the cache's language differs, or it lacks samples the stage trains on
                 (it was written for other data); a `KeyError` hours into the run otherwise.
         """
+        from training.text_cache import caption_digest, read_captions
+
         cache = self.text_cache()
         written_for = cache.meta.get("data")
         if cache.language != data.caption_language:
@@ -266,6 +268,18 @@ class DitTask:
                 f"samples stage {self.stage_name(stage)!r} trains on (e.g. {missing[0]!r}); it "
                 f"was written for {written_for}: rerun native4k encode-text on {data.root}"
             )
+        if cache.digests and keys:  # the same keys with other captions (re-captioned data)
+            wanted = set(keys)
+            current = dict(zip(*read_captions(data.root, data.caption_language), strict=True))
+            stale = [k for k in sorted(wanted) if k in current
+                     and cache.digests.get(k) != caption_digest(current[k])]  # fmt: skip
+            if stale:
+                raise ValueError(
+                    f"text.cache {self.cfg.text.cache} was encoded from other captions for "
+                    f"{len(stale)} of the {len(wanted)} samples stage {self.stage_name(stage)!r} "
+                    f"trains on (e.g. {stale[0]!r}; written for {written_for}): rerun native4k "
+                    f"encode-text on {data.root}"
+                )
 
     # -- loss -----------------------------------------------------------------------------------
 

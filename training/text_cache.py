@@ -20,6 +20,7 @@ unpickled). The padded T5 sequence is stored whole (Flux attends to the padding 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -104,6 +105,10 @@ def read_captions(data_root: str, language: str = "en") -> tuple[list[str], list
     manifest = f"{path.rstrip('/')}/manifest"
     if not fs.exists(manifest):
         raise FileNotFoundError(f"{data_root}/manifest not found: is this a curation output?")
+    if not fs.exists(f"{path.rstrip('/')}/_SUCCESS"):
+        raise FileNotFoundError(
+            f"{data_root}/_SUCCESS not found: the curation job has not finished (rerun it)"
+        )
     dataset = ds.dataset(manifest, filesystem=fs, format="parquet")
     if column not in dataset.schema.names:
         raise ValueError(f"the manifest of {data_root} has no {column} column")
@@ -112,6 +117,11 @@ def read_captions(data_root: str, language: str = "en") -> tuple[list[str], list
     captions = [c or "" for c in table.column(column).to_pylist()]
     order = sorted(range(len(keys)), key=keys.__getitem__)
     return [keys[i] for i in order], [captions[i] for i in order]
+
+
+def caption_digest(caption: str) -> str:
+    """The SHA-256 of a caption's text: what a cache row was encoded from."""
+    return hashlib.sha256(caption.encode("utf-8")).hexdigest()
 
 
 def write_text_cache(
@@ -126,12 +136,19 @@ def write_text_cache(
     encoders_folder: str = "",
     progress: bool = True,
 ) -> int:
-    """Encode every kept sample's caption into a cache folder; return the number of samples."""
+    """Encode every kept sample's caption into a cache folder; return the number of samples.
+
+    Raises:
+        FileNotFoundError: `data_root` is not a finished curation output.
+        ValueError: it kept no image (no caption to encode).
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
     from safetensors.torch import save_file
 
     keys, captions = read_captions(data_root, language)
+    if not keys:
+        raise ValueError(f"{data_root} kept no image: there is no caption to encode")
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     (out / "meta.json").unlink(missing_ok=True)
@@ -168,7 +185,11 @@ def write_text_cache(
         rows.extend(range(len(chunk)))
     if bar is not None:
         bar.close()
-    pq.write_table(pa.table({"key": keys, "file": files, "row": rows}), out / "index.parquet")
+    digests = [caption_digest(c) for c in captions]
+    pq.write_table(
+        pa.table({"key": keys, "file": files, "row": rows, "caption_sha256": digests}),
+        out / "index.parquet",
+    )
     meta = {
         "num_samples": len(keys),
         "max_sequence_length": max_sequence_length,
@@ -176,7 +197,8 @@ def write_text_cache(
         "pooled_dim": int(pooled.shape[-1]),
         "language": language,
         "data": str(data_root) if "://" in str(data_root) else os.path.abspath(data_root),
-        "encoders": encoders_folder,
+        "encoders": os.path.abspath(encoders_folder) if encoders_folder else "",
+        "captioned": sum(bool(c) for c in captions),
     }
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
     return len(keys)
@@ -205,6 +227,10 @@ class TextEmbeddingCache:
         self._where = {
             k: (f, r) for k, f, r in zip(index["key"], index["file"], index["row"], strict=True)
         }
+        # what each row was encoded from (caches written before digests: none, not checked)
+        self.digests: dict[str, str] = dict(
+            zip(index["key"], index.get("caption_sha256") or (), strict=False)
+        )
         self._files: dict[str, Any] = {}
         self._open = lambda name: safe_open(str(self.root / name), framework="pt")
         empty = self._open("empty.safetensors")

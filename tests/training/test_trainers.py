@@ -13,6 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 import torch
 import yaml
@@ -33,6 +34,7 @@ from training.dit_trainer import (
     timestep_shift,
     train_dit,
 )
+from training.text_cache import caption_digest
 from training.tiny import TINY_DIT, TINY_VAE, save_tiny_text_encoders, save_tiny_vae
 from training.trainer import Trainer
 
@@ -436,14 +438,57 @@ def test_a_text_cache_for_other_data_stops_the_run_before_it_starts(
     zh = tmp_path / "zh"
     shutil.copytree(text_cache, zh)
     (zh / "meta.json").write_text(json.dumps({**meta, "language": "zh"}))
+    recaptioned = tmp_path / "recaptioned"  # the same keys, encoded from other captions
+    shutil.copytree(text_cache, recaptioned)
+    digests = index.column("caption_sha256").to_pylist()
+    digests[3] = caption_digest("a caption the data no longer has")
+    pq.write_table(index.set_column(index.schema.get_field_index("caption_sha256"),
+                                    "caption_sha256", pa.array(digests)),
+                   recaptioned / "index.parquet")  # fmt: skip
     for cache, match in ((partial, r"lacks 2 of the 11 samples stage 'all'.*encode-text on"),
-                         (zh, r"caption_zh embeddings, data.caption_language is 'en'")):
+                         (zh, r"caption_zh embeddings, data.caption_language is 'en'"),
+                         (recaptioned, r"encoded from other captions for 1 of the 11 samples")):
         out = tmp_path / f"run-{cache.name}"
         tree = dit_config(curated_shards, parts, out, loop={"max_steps": 2},
                           text={"source": "cache", "cache": str(cache), "encoders": None})
         with pytest.raises(ValueError, match=match):
             train_dit(load_train_config(DitTrainConfig, data=tree))
         assert not (out / "train_config.yaml").exists()
+
+
+def test_encode_text_refuses_what_it_cannot_encode(
+    curated_shards: Path, parts: dict, tmp_path: Path, capsys
+) -> None:
+    """An unfinished output, one that kept nothing, a bad count: one line each, exit 2."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from pipelines.cli import main
+
+    def encode(data: Path, *extra: str) -> int:
+        return main(["encode-text", str(data), "--encoders", str(parts["encoders"]),
+                     "--output", str(tmp_path / "cache"), *extra])  # fmt: skip
+
+    nothing = tmp_path / "nothing"
+    shutil.copytree(curated_shards, nothing)
+    for part in (nothing / "manifest").glob("*.parquet"):
+        t = pq.read_table(part)
+        status = pa.array(["rejected"] * t.num_rows, t.schema.field("status").type)
+        pq.write_table(t.set_column(t.schema.get_field_index("status"), "status", status), part)
+    assert encode(nothing) == 2
+    assert "kept no image" in capsys.readouterr().err
+    (nothing / "_SUCCESS").unlink()
+    assert encode(nothing) == 2
+    assert "the curation job has not finished" in capsys.readouterr().err
+    for flag in ("--batch-size", "--max-sequence-length"):
+        with pytest.raises(SystemExit):
+            encode(curated_shards, flag, "0")
+        assert "must be at least 1" in capsys.readouterr().err
+    assert encode(curated_shards, "--language", "zh", "--max-sequence-length", "8") == 0
+    captured = capsys.readouterr()
+    kept = pc.sum(pc.equal(pq.read_table(curated_shards / "manifest").column("status"), "kept"))
+    assert f"{kept.as_py()} samples, 0 with a caption_zh" in captured.out
+    assert "no sample has a caption_zh" in captured.err
 
 
 def test_vae_resume_is_bit_identical(
