@@ -8,8 +8,10 @@ import contextlib
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
+
+from pipelines.arguments import at_least
 
 
 def _curate(args: argparse.Namespace) -> int:
@@ -99,21 +101,6 @@ def _storage_errors() -> tuple[type[Exception], ...]:
     return (OSError, BotoCoreError, ClientError)
 
 
-def _count(least: int) -> Callable[[str], int]:
-    """An argparse type: an integer of at least `least`."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < least:
-            raise argparse.ArgumentTypeError(f"must be at least {least}, got {value}")
-        return value
-
-    return parse
-
-
 def _audit_error(output: str, e: Exception) -> int:
     """One line for an audit that cannot run: OUT unusable (exit 2)."""
     storage = not isinstance(e, ValueError) or isinstance(e, UnicodeDecodeError)
@@ -177,10 +164,11 @@ def _config(args: argparse.Namespace) -> int:
 
 def _models(args: argparse.Namespace) -> int:
     from pipelines.config import ConfigError, load_config
-    from pipelines.model_pass import configured_models, plan_models
+    from pipelines.model_pass import check_metric, configured_models, plan_models
 
     try:
         cfg = load_config(args.config, args.set)
+        check_metric(cfg)
     except ConfigError as e:
         print(f"native4k: configuration error: {e}", file=sys.stderr)
         return 2
@@ -238,14 +226,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", metavar="OUT")
     p.add_argument("--deep", action="store_true", help="also decode every image in full")
     p.add_argument(
-        "--workers", type=_count(1), help="processes reading shards (default: one per CPU)"
+        "--workers", type=at_least(1), help="processes reading shards (default: one per CPU)"
     )
     p.set_defaults(func=_verify)
 
     p = sub.add_parser("report", help="write OUT/report.html for auditors")
     p.add_argument("output", metavar="OUT")
     p.add_argument(
-        "--samples", type=_count(0), default=8,
+        "--samples", type=at_least(0), default=8,
         help="thumbnails per bucket and per rejection reason",
     )
     p.set_defaults(func=_report)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import types
 import typing
@@ -197,6 +198,18 @@ class ModelsConfig:
         "Local folder of a transformers sequence-to-sequence model that translates English "
         "captions to Chinese (caption_zh). Empty: no translation.",
     )
+
+    _PATHS: typing.ClassVar[tuple[str, ...]] = (
+        "clip_weights", "aesthetic_weights", "safety_weights", "nudenet_weights",
+        "pyiqa_weights", "caption_model", "translation_model",
+    )  # fmt: skip
+
+    def __post_init__(self) -> None:
+        """`~/w.pt` means the home folder's file, for the checks and the loaders alike."""
+        for name in self._PATHS:
+            value = getattr(self, name)
+            if isinstance(value, str) and value.startswith("~"):
+                setattr(self, name, os.path.expanduser(value))
 
 
 @dataclass(kw_only=True)

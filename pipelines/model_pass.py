@@ -124,7 +124,7 @@ class ModelEntry:
 
 
 def _exists(path: str, folder: bool = False) -> bool:
-    p = Path(path).expanduser()
+    p = Path(path)  # `~` was expanded when the configuration loaded
     return (p / "config.json").is_file() if folder else p.is_file()
 
 
@@ -216,10 +216,11 @@ def configured_models(cfg: JobConfig) -> list[ModelEntry]:
         ("models.translation_model", m.translation_model, "translator (caption_zh)"),
     ):
         if path:
+            folder = Path(path)
             out.append(
                 ModelEntry(
-                    setting=setting,
-                    path=path,
+                    setting=setting,  # a folder without config.json: name the file it lacks
+                    path=str(folder / "config.json") if folder.is_dir() else path,
                     purpose=purpose,
                     present=_exists(path, folder=True),
                     how="save the model, its processor/tokenizer and config.json there "
@@ -227,6 +228,15 @@ def configured_models(cfg: JobConfig) -> list[ModelEntry]:
                 )
             )
     return out
+
+
+def check_metric(cfg: JobConfig) -> None:
+    """Raise `ConfigError` when `score.quality_metric` is not a pyiqa metric."""
+    if cfg.score.enabled and cfg.score.quality_metric:
+        try:
+            lower_better(cfg.score.quality_metric)
+        except ValueError as e:
+            raise ConfigError(f"config key 'score.quality_metric': {e}") from e
 
 
 def check_models(cfg: JobConfig) -> None:
@@ -238,11 +248,7 @@ def check_models(cfg: JobConfig) -> None:
     Raises:
         ConfigError: one message naming every missing file and how to provide it.
     """
-    if cfg.score.enabled and cfg.score.quality_metric:
-        try:
-            lower_better(cfg.score.quality_metric)
-        except ValueError as e:
-            raise ConfigError(f"config key 'score.quality_metric': {e}") from e
+    check_metric(cfg)
     missing = [
         e
         for e in configured_models(cfg)

@@ -288,6 +288,29 @@ def test_models_command_lists_files_and_their_presence(tmp_path, capsys):
     assert "MISSING  models.pyiqa_weights" in out and "musiq" in out
     assert main(["models"]) == 0  # the defaults need no file
     assert "pyiqa piqe" in capsys.readouterr().out
+    # as curate would: an unknown metric is a configuration error, not a missing download
+    assert main(["models", "--set", "score.quality_metric=bogus_metric"]) == 2
+    assert "unknown pyiqa metric 'bogus_metric'" in capsys.readouterr().err
+    # a folder without config.json is named by the file it lacks
+    folder = tmp_path / "translator"
+    folder.mkdir()
+    assert main(["models", "--set", f"models.translation_model={folder}"]) == 1
+    lacking = folder / "config.json"
+    assert f"MISSING  models.translation_model   {lacking}" in capsys.readouterr().out
+
+
+def test_home_relative_model_paths_mean_the_same_file_everywhere(tmp_path, monkeypatch):
+    """`models` said a `~/` file was present while the loader looked for a literal `~`."""
+    from pipelines.config import load_config
+    from pipelines.model_pass import configured_models
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "clip.pt").write_bytes(b"x")
+    cfg = load_config(overrides=["models.clip_weights=~/clip.pt", "models.caption_model=~/cap"])
+    assert cfg.models.clip_weights == str(tmp_path / "clip.pt")
+    assert cfg.models.caption_model == str(tmp_path / "cap")
+    entry = next(e for e in configured_models(cfg) if e.setting == "models.clip_weights")
+    assert entry.present and entry.path == str(tmp_path / "clip.pt")
 
 
 def test_jpeg_thumbnails_wait_for_the_thresholds_and_a_retune_makes_them(
