@@ -380,7 +380,8 @@ class DitTask:
 def save_diffusers(model: Any, state_dict: dict[str, torch.Tensor], folder: Path) -> None:
     """A diffusers-layout folder (config.json + sharded safetensors) from a full state dict."""
     from huggingface_hub import split_torch_state_dict_into_shards
-    from safetensors.torch import save_file
+
+    from training.text_cache import save_tensors
 
     folder.mkdir(parents=True, exist_ok=True)
     model.save_config(folder)
@@ -391,7 +392,7 @@ def save_diffusers(model: Any, state_dict: dict[str, torch.Tensor], folder: Path
         max_shard_size="10GB",
     )
     for filename, names in split.filename_to_tensors.items():
-        save_file({n: tensors[n] for n in names}, str(folder / filename), metadata={"format": "pt"})
+        save_tensors({n: tensors[n] for n in names}, folder / filename, metadata={"format": "pt"})
     if split.is_sharded:
         index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
         import json

@@ -119,6 +119,19 @@ def read_captions(data_root: str, language: str = "en") -> tuple[list[str], list
     return [keys[i] for i in order], [captions[i] for i in order]
 
 
+def save_tensors(
+    tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
+) -> None:
+    """`safetensors.torch.save_file`, leaving the file readable as the umask says (safetensors
+    writes it owner-only: 0600 would hide a shared cache or model from the other users)."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def caption_digest(caption: str) -> str:
     """The SHA-256 of a caption's text: what a cache row was encoded from."""
     return hashlib.sha256(caption.encode("utf-8")).hexdigest()
@@ -144,7 +157,6 @@ def write_text_cache(
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from safetensors.torch import save_file
 
     keys, captions = read_captions(data_root, language)
     if not keys:
@@ -158,9 +170,8 @@ def write_text_cache(
         return seq.to(torch.bfloat16).cpu(), pooled.to(torch.bfloat16).cpu()
 
     seq, pooled = encode([""])
-    save_file(
-        {"seq": seq.contiguous(), "pooled": pooled.contiguous()}, str(out / "empty.safetensors")
-    )
+    empty = {"seq": seq.contiguous(), "pooled": pooled.contiguous()}
+    save_tensors(empty, out / "empty.safetensors")
     files, rows = [], []
     bar = None
     if progress:
@@ -177,9 +188,9 @@ def write_text_cache(
             if bar is not None:
                 bar.update(len(chunk[b : b + batch_size]))
         name = f"embeds-{f_idx:05d}.safetensors"
-        save_file(
+        save_tensors(
             {"seq": torch.cat(seqs).contiguous(), "pooled": torch.cat(pools).contiguous()},
-            str(out / name),
+            out / name,
         )
         files.extend([name] * len(chunk))
         rows.extend(range(len(chunk)))

@@ -489,6 +489,10 @@ def test_encode_text_refuses_what_it_cannot_encode(
     kept = pc.sum(pc.equal(pq.read_table(curated_shards / "manifest").column("status"), "kept"))
     assert f"{kept.as_py()} samples, 0 with a caption_zh" in captured.out
     assert "no sample has a caption_zh" in captured.err
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in (tmp_path / "cache").glob("*.safetensors"):  # shared as the umask says, not 0600
+        assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f
 
 
 def test_vae_resume_is_bit_identical(
