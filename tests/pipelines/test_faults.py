@@ -104,11 +104,22 @@ class OutputWatcher:
         self._thread.join()
 
 
+_DEFAULT_SIGINT = (
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+    "os.execv(sys.argv[1], sys.argv[1:])"
+)
+
+
 def run_cli(*args: str, env: dict[str, str] | None = None,
             timeout: float = 600) -> tuple[int, str, str]:
-    """`native4k ARGS` in its own process group; every process left in it is killed after."""
+    """`native4k ARGS` in its own process group; every process left in it is killed after.
+
+    It starts with Ctrl-C's default action, as from a terminal, even where this test runs with
+    SIGINT ignored (a background job of a non-interactive shell): exec keeps an ignored signal
+    ignored, so a small launcher resets it first.
+    """
     proc = subprocess.Popen(
-        [CLI, *args],
+        [sys.executable, "-c", _DEFAULT_SIGINT, CLI, *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
