@@ -23,6 +23,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -151,19 +153,73 @@ def write_text_cache(
 ) -> int:
     """Encode every kept sample's caption into a cache folder; return the number of samples.
 
+    The cache is written into a staging folder beside `output` and replaces it only when
+    complete: an interrupted rerun leaves the earlier cache as it was.
+
     Raises:
         FileNotFoundError: `data_root` is not a finished curation output.
-        ValueError: it kept no image (no caption to encode).
+        ValueError: it kept no image (no caption to encode), or `output` is a folder that
+            holds files other than a text cache (they would be replaced).
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     keys, captions = read_captions(data_root, language)
     if not keys:
         raise ValueError(f"{data_root} kept no image: there is no caption to encode")
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "meta.json").unlink(missing_ok=True)
+    target = Path(output)
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"{target} is a file: name a folder for the text cache")
+    if target.is_dir() and not _is_cache_or_empty(target):
+        raise ValueError(
+            f"{target} holds files that are not a text cache: name a new or empty folder"
+        )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    out = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    try:
+        count = _encode_into(out, keys, captions, encoders, max_sequence_length=max_sequence_length,
+                             language=language, batch_size=batch_size, rows_per_file=rows_per_file,
+                             data_root=data_root, encoders_folder=encoders_folder,
+                             progress=progress)  # fmt: skip
+        _replace_folder(out, target)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    return count
+
+
+_CACHE_FILE = re.compile(r"(meta\.json|index\.parquet|empty\.safetensors|embeds-\d+\.safetensors)")
+
+
+def _is_cache_or_empty(folder: Path) -> bool:
+    """Whether `folder` holds nothing but a text cache's files."""
+    return all(_CACHE_FILE.fullmatch(p.name) for p in folder.iterdir())
+
+
+def _replace_folder(new: Path, target: Path) -> None:
+    """Put the finished folder `new` in `target`'s place (the old one is removed after)."""
+    old = target.parent / f".{target.name}.old-{os.getpid()}"
+    if target.exists():
+        target.rename(old)
+    new.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _encode_into(
+    out: Path,
+    keys: list[str],
+    captions: list[str],
+    encoders: TextEncoders,
+    *,
+    max_sequence_length: int,
+    language: str,
+    batch_size: int,
+    rows_per_file: int,
+    data_root: str,
+    encoders_folder: str,
+    progress: bool,
+) -> int:
+    """Write the cache's files into `out`; the number of samples."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
     def encode(batch: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         seq, pooled = encoders.encode(batch, max_sequence_length)

@@ -493,6 +493,35 @@ def test_encode_text_refuses_what_it_cannot_encode(
     os.umask(umask)
     for f in (tmp_path / "cache").glob("*.safetensors"):  # shared as the umask says, not 0600
         assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f
+    before = {p.name: p.read_bytes() for p in (tmp_path / "cache").iterdir()}
+    # Ctrl-C in a rerun (the encoders interrupted midway) leaves the earlier cache whole
+    from training import text_cache
+
+    calls = 0
+    real_encode = text_cache.TextEncoders.encode
+
+    def interrupted(self, captions, max_sequence_length):
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise KeyboardInterrupt
+        return real_encode(self, captions, max_sequence_length)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(text_cache.TextEncoders, "encode", interrupted)
+        with pytest.raises(KeyboardInterrupt):  # the console entry point makes it one line
+            encode(curated_shards, "--max-sequence-length", "8", "--batch-size", "2")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "cache").iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "nothing"]  # no staging
+    # a folder holding other files, or a file, is never replaced by a cache
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "a.jpg").write_bytes(b"x")
+    for target in (other, other / "a.jpg"):
+        assert main(["encode-text", str(curated_shards), "--encoders", str(parts["encoders"]),
+                     "--output", str(target)]) == 2  # fmt: skip
+        assert "text cache" in capsys.readouterr().err
+    assert (other / "a.jpg").read_bytes() == b"x"
 
 
 def test_vae_resume_is_bit_identical(
