@@ -248,8 +248,9 @@ class DitTask:
         """Before any model is built: the cache holds this stage's captions, in its language.
 
         Raises:
-            ValueError: the cache's language differs, or it lacks samples the stage trains on
-                (it was written for other data); a `KeyError` hours into the run otherwise.
+            ValueError: the cache's language differs, it lacks samples the stage trains on
+                (it was written for other data; a `KeyError` hours into the run otherwise), or
+                it was encoded from other captions of those samples (the data re-captioned).
         """
         from training.text_cache import caption_digest, read_captions
 
