@@ -315,7 +315,7 @@ def stats_text(stats: dict[str, Any]) -> str:
     Score cells are `mean/median`; a score that no row of the job has is left out.
     """
     by = stats["by"]
-    kept_only = stats.get("rows", "kept" if by == schema.BUCKET else "all") == "kept"
+    kept_only = stats["rows"] == "kept"
     scores = list(
         dict.fromkeys(s for e in (*stats["groups"], *stats["reasons"]) for s in e["scores"])
     )

@@ -7,9 +7,7 @@ rank reads the same config; set ``parallel.strategy: fsdp`` or ``ddp``).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
 from pipelines.arguments import at_least
 
@@ -124,7 +122,7 @@ def encode_text_cmd(args: argparse.Namespace) -> int:
         encoders = TextEncoders(
             args.encoders, device=device, dtype=torch.bfloat16 if use_cuda else torch.float32
         )
-        n = write_text_cache(
+        meta = write_text_cache(
             args.data,
             encoders,
             args.output,
@@ -140,10 +138,9 @@ def encode_text_cmd(args: argparse.Namespace) -> int:
     except RuntimeError as e:  # transformers on an encoder folder it cannot use
         print(f"native4k: cannot use the encoders in {args.encoders}: {e}", file=sys.stderr)
         return 2
-    meta = json.loads((Path(args.output) / "meta.json").read_text())
     column = f"caption_{args.language}"
-    print(f"native4k encode-text: {n} samples, {meta['captioned']} with a {column} "
-          f"-> {args.output}")  # fmt: skip
+    print(f"native4k encode-text: {meta['num_samples']} samples, {meta['captioned']} with a "
+          f"{column} -> {args.output}")  # fmt: skip
     if not meta["captioned"]:
         print(f"native4k: no sample has a {column}: each gets the empty caption's embedding",
               file=sys.stderr)  # fmt: skip

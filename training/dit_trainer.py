@@ -142,6 +142,7 @@ class DitTask:
         self.cfg = cfg
         self.loader_factory = loader_factory
         self._cache: Any = None  # the text cache, opened once (`text_cache`)
+        self._read_captions: dict[tuple[str, str], dict[str, str]] = {}  # (`_captions`)
 
     def text_cache(self) -> Any:
         """The `TextEmbeddingCache` of `text.cache`, opened on first use (its index is read
@@ -244,6 +245,16 @@ class DitTask:
             self._check_text_cache(data, getattr(loader, "keys", None), stage)
         return loader
 
+    def _captions(self, root: str, language: str) -> dict[str, str]:
+        """Key → caption of the data's kept samples, read from its manifest once per run (every
+        stage of a curriculum reads the same data)."""
+        from training.text_cache import read_captions
+
+        if (root, language) not in self._read_captions:
+            keys, captions = read_captions(root, language)
+            self._read_captions[(root, language)] = dict(zip(keys, captions, strict=True))
+        return self._read_captions[(root, language)]
+
     def _check_text_cache(self, data: Any, keys: list[str] | None, stage: int) -> None:
         """Before any model is built: the cache holds this stage's captions, in its language.
 
@@ -252,7 +263,7 @@ class DitTask:
                 (it was written for other data; a `KeyError` hours into the run otherwise), or
                 it was encoded from other captions of those samples (the data re-captioned).
         """
-        from training.text_cache import caption_digest, read_captions
+        from training.text_cache import caption_digest
 
         cache = self.text_cache()
         written_for = cache.meta.get("data")
@@ -271,7 +282,7 @@ class DitTask:
             )
         if cache.digests and keys:  # the same keys with other captions (re-captioned data)
             wanted = set(keys)
-            current = dict(zip(*read_captions(data.root, data.caption_language), strict=True))
+            current = self._captions(data.root, data.caption_language)
             stale = [k for k in sorted(wanted) if k in current
                      and cache.digests.get(k) != caption_digest(current[k])]  # fmt: skip
             if stale:

@@ -150,8 +150,9 @@ def write_text_cache(
     rows_per_file: int = 1024,
     encoders_folder: str = "",
     progress: bool = True,
-) -> int:
-    """Encode every kept sample's caption into a cache folder; return the number of samples.
+) -> dict[str, Any]:
+    """Encode every kept sample's caption into a cache folder; return its `meta.json` data
+    (`num_samples`, `captioned`: how many had a caption, ...).
 
     The cache is written into a staging folder beside `output` and replaces it only when
     complete: an interrupted rerun leaves the earlier cache as it was.
@@ -176,14 +177,14 @@ def write_text_cache(
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir()
     try:
-        count = _encode_into(out, keys, captions, encoders, max_sequence_length=max_sequence_length,
+        meta = _encode_into(out, keys, captions, encoders, max_sequence_length=max_sequence_length,
                              language=language, batch_size=batch_size, rows_per_file=rows_per_file,
                              data_root=data_root, encoders_folder=encoders_folder,
                              progress=progress)  # fmt: skip
         _replace_folder(out, target)
     finally:
         shutil.rmtree(out, ignore_errors=True)
-    return count
+    return meta
 
 
 _CACHE_FILE = re.compile(r"(meta\.json|index\.parquet|empty\.safetensors|embeds-\d+\.safetensors)")
@@ -216,8 +217,8 @@ def _encode_into(
     data_root: str,
     encoders_folder: str,
     progress: bool,
-) -> int:
-    """Write the cache's files into `out`; the number of samples."""
+) -> dict[str, Any]:
+    """Write the cache's files into `out`; its `meta.json` data."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -268,7 +269,7 @@ def _encode_into(
         "captioned": sum(bool(c) for c in captions),
     }
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
-    return len(keys)
+    return meta
 
 
 class TextEmbeddingCache:
