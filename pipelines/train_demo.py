@@ -9,6 +9,7 @@ the loss value. Images train at 1/16 of their bucket size so each step takes wel
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -56,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         "loop": {"output_dir": str(work / "run"), "mixed_precision": "no", "device": "cpu",
                  "progress": False, "log_every": 1, "resume": "never", "ema_decay": 0.9},
     }  # fmt: skip
+    # the demo trains afresh each time: its earlier run is its own output, not a user's
+    shutil.rmtree(work / "run", ignore_errors=True)
     path = work / "dit.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     print(f"train-demo: config {path}")
