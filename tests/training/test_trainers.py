@@ -728,3 +728,14 @@ def test_held_out_images_that_cannot_serve_are_named(tmp_path: Path, capsys) -> 
     (tmp_path / "good.png").unlink()
     with pytest.raises(ValueError, match=r"eval.images: no usable held-out image: 1 unreadable"):
         _load_eval_images([str(tmp_path)], 64, 8)
+
+
+def test_train_demo_runs_again(curated_shards: Path, tmp_path: Path, capsys) -> None:
+    """`make train-demo` twice: the second run trains afresh instead of being refused by the
+    guard against training over another run's checkpoints."""
+    from pipelines import train_demo
+
+    argv = ["--data", str(curated_shards), "--work", str(tmp_path / "train")]
+    for _ in range(2):
+        assert train_demo.main(argv) == 0
+        assert "native4k train-dit: 8 steps" in capsys.readouterr().out
