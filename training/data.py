@@ -290,7 +290,10 @@ def read_manifest(root: str, columns: tuple[str, ...]) -> pa.Table:
             f"{root} is not a finished curation output: _SUCCESS is missing "
             "(run `native4k curate ... --output` to completion first)"
         )
-    files = sorted(fs.glob(f"{path}/manifest/*.parquet"))
+    # Listed, not globbed: a folder name may hold glob characters ("run [v2]", "a*b").
+    manifest = f"{path}/manifest"
+    names = fs.ls(manifest, detail=False) if fs.isdir(manifest) else []
+    files = sorted(f for f in names if f.rstrip("/").rsplit("/", 1)[-1].endswith(".parquet"))
     if not files:
         raise ValueError(f"{root} has no manifest/*.parquet")
     tables = []

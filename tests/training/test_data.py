@@ -504,3 +504,20 @@ def test_the_loader_orients_as_curation_recorded(local_ray, tmp_path):
     want = np.asarray(Image.fromarray(box).resize((tw, th), Image.Resampling.LANCZOS))
     got = ((batch["pixels"][0].permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.int16)
     assert np.abs(got - want.astype(np.int16)).max() <= 1
+
+
+@pytest.mark.parametrize("name", ["run [v2]", "a*b?c", "with space"])
+def test_a_root_whose_name_holds_glob_characters_is_read(tmp_path, name):
+    """The manifest was found by globbing `<root>/manifest/*.parquet`, so a root named
+    `run [v2]` read as a pattern: "has no manifest/*.parquet" for a finished output."""
+    from training.data import read_manifest
+
+    root = tmp_path / name
+    (root / "manifest").mkdir(parents=True)
+    (root / "_SUCCESS").write_text("")
+    for i in range(2):
+        pq.write_table(pa.table({"key": [f"k{i}"], "status": ["kept"]}),
+                       root / "manifest" / f"part-{i}.parquet")
+    (root / "manifest" / "notes.txt").write_text("not a part")
+    table = read_manifest(str(root), ("key", "status", "bucket"))
+    assert table.column("key").to_pylist() == ["k0", "k1"]
