@@ -145,6 +145,8 @@ def load_checkpoint(
             rank).
     """
     folder = Path(folder)
+    if folder.name.endswith(".partial"):
+        raise FileNotFoundError(f"{folder} is a checkpoint whose save did not finish")
     meta = folder / f"rank{info.rank}.json"
     if not (folder / ".metadata").is_file() or not meta.is_file():
         raise FileNotFoundError(
