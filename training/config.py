@@ -81,7 +81,8 @@ class LoopConfig:
     record_samples: bool = _f(
         False,
         "Append the keys of every trained batch to output_dir/samples-rank<R>.txt (one line per "
-        "batch): an audit of which samples each rank saw.",
+        "batch): an audit of which samples each rank saw. A resume keeps the lines of the "
+        "checkpoint's batches only (those trained past it are trained, and recorded, again).",
     )
 
 
@@ -347,7 +348,8 @@ class VaeLossConfig:
 
 @dataclass(kw_only=True)
 class VaeEvalConfig:
-    """Held-out reconstruction metrics (PSNR, SSIM, and LPIPS-style distance with weights)."""
+    """Held-out reconstruction metrics (PSNR, SSIM, and LPIPS-style distance with weights) of
+    the weights the export saves: the EMA when `loop.ema_decay` > 0, else the trained ones."""
 
     images: list[str] = _f([], "Image files or folders held out from training.")
     every: int = _f(0, "Evaluate every this many steps (0: only at the end; no images: never).")
