@@ -391,6 +391,12 @@ class VaeTrainConfig:
             "torchvision's vgg16-397923af.pth; or set loss.perceptual_weight: 0)",
         )
         _check(self.parallel.strategy != "fsdp", "parallel.strategy", "use 'ddp' for the VAE")
+        _check(
+            self.data.mode == "crop",
+            "data.mode",
+            "must be 'crop' for train-vae: the decoder post-trains on random data.crop_size² "
+            "crops of native pixels (UltraFlux: 512²); 'bucket' mode resizes whole images down",
+        )
         _check(self.eval.size > 0 and self.eval.size % 16 == 0, "eval.size", "multiple of 16")
         _check(self.eval.every >= 0, "eval.every", "must be >= 0")
         _check(self.eval.max_images >= 1, "eval.max_images", "must be at least 1")

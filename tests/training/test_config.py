@@ -54,6 +54,7 @@ def test_overrides_leave_the_callers_mapping_alone(tmp_path: Path) -> None:
         ("dit", "data.crop_size=48", r"'data.crop_size' must be a multiple of 32"),
         ("vae", "eval.every=-1", r"'eval.every' must be >= 0"),
         ("vae", "eval.max_images=0", r"'eval.max_images' must be at least 1"),
+        ("vae", "data.mode=bucket", r"'data.mode' must be 'crop' for train-vae"),
     ],
 )
 def test_settings_that_cannot_train_are_refused_up_front(
