@@ -137,6 +137,7 @@ class DitTask:
     """
 
     name = "train-dit"
+    evaluates = False  # no held-out metric (see `evaluate`)
 
     def __init__(self, cfg: DitTrainConfig, *, loader_factory: Any = None) -> None:
         self.cfg = cfg

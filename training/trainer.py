@@ -46,7 +46,8 @@ class StepOutput:
 
 
 class TrainTask(Protocol):
-    """What a trainer needs from the DiT or VAE side."""
+    """What a trainer needs from the DiT or VAE side (optionally also ``evaluates``: false when
+    :meth:`evaluate` measures nothing, so the EMA weights need not be swapped in for it)."""
 
     name: str
 
@@ -435,8 +436,9 @@ class Trainer:
     @torch.no_grad()
     def _evaluate(self, step: int) -> dict[str, float]:
         """The task's held-out metrics of the weights the export saves: the EMA, when enabled
-        (swapped in for the evaluation, then the trained weights are put back)."""
-        if self.ema is None:
+        (swapped in for the evaluation, then the trained weights are put back). A task whose
+        ``evaluates`` is false (the DiT) has nothing to measure: no copy of the weights is made."""
+        if self.ema is None or not getattr(self.task, "evaluates", True):
             return self.task.evaluate(self.model, step)
         params = list(self.params.values())
         trained = [p.detach().clone() for p in params]
