@@ -70,7 +70,8 @@ class LoopConfig:
     resume: str = _f(
         "auto",
         "'auto': continue from the newest checkpoint in output_dir if one exists; 'never'; or "
-        "the path of a checkpoint folder.",
+        "the path of a checkpoint folder (in output_dir, one with no newer checkpoint beside it: "
+        "those of another continuation are refused, not mixed in).",
     )
     device: Literal["auto", "cpu", "cuda"] = _f(
         "auto", "'auto' is CUDA when available (the local rank's GPU), else the CPU."

@@ -23,7 +23,12 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from training.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    newer_checkpoints,
+    save_checkpoint,
+)
 from training.config import LoopConfig, OptimConfig, ParallelConfig
 from training.parallel import (
     DistInfo,
@@ -207,16 +212,28 @@ class Trainer:
         Its checkpoints would outnumber the new run's: pruning would delete each new one as it
         is written, and a later ``resume: auto`` would continue the old run.
 
+        Nor over checkpoints newer than the one ``loop.resume`` names: they are another
+        continuation of the run, which pruning would keep instead of the new checkpoints and a
+        later ``resume: auto`` would continue.
+
         Raises:
             ValueError: ``loop.resume`` is not ``auto`` and ``output_dir`` holds a checkpoint
-                other than the one named.
+                other than the one named, or one newer than it.
         """
         resume = self.loop.resume
         existing = latest_checkpoint(self.loop.output_dir)
         if resume == "auto" or existing is None:
             return
         if resume != "never" and Path(resume).resolve().parent == existing.parent.resolve():
-            return  # resuming from a checkpoint of this very run
+            newer = newer_checkpoints(Path(resume).resolve())
+            if newer:
+                raise ValueError(
+                    f"loop.resume names {Path(resume).name}, but {existing.parent} also holds "
+                    f"newer checkpoints ({', '.join(p.name for p in newer)}) of another "
+                    "continuation: move them out of that folder to train on from "
+                    f"{Path(resume).name}, or set loop.resume=auto to continue the newest"
+                )
+            return  # resuming from the newest checkpoint of this very run
         raise ValueError(
             f"loop.output_dir {self.loop.output_dir} already holds another run's checkpoints "
             f"(newest: {existing.name}); with loop.resume={resume!r} choose an empty "

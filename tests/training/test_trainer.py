@@ -122,3 +122,21 @@ def test_a_resume_after_a_crash_logs_and_records_each_step_once(tmp_path: Path) 
     record = (out / "samples-rank0.txt").read_text().splitlines()
     assert record == (tmp_path / "full" / "samples-rank0.txt").read_text().splitlines()
     assert len(record) == 6
+
+
+def test_resuming_from_an_older_checkpoint_beside_newer_ones_is_refused(tmp_path: Path) -> None:
+    """`loop.resume: .../step-00000002` beside step 4 and 6 trained a second continuation into
+    the same folder: pruning then kept the old continuation's step 6 over the new step 4, and
+    a later `resume: auto` continued the abandoned one."""
+    run(tmp_path, checkpoint_every=2, keep_checkpoints=0)
+    folder = tmp_path / "checkpoints"
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    with pytest.raises(ValueError, match=r"newer checkpoints \(step-00000004, step-00000006\)"):
+        run(tmp_path, checkpoint_every=2, keep_checkpoints=1, resume=str(folder / "step-00000002"))
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+    # the newest one may be named; once the newer ones are moved away, the older one too
+    assert run(tmp_path, resume=str(folder / "step-00000006"))[0].step == 6
+    for name in ("step-00000004", "step-00000006"):
+        shutil.move(folder / name, tmp_path / name)
+    resumed, _task = run(tmp_path, checkpoint_every=2, resume=str(folder / "step-00000002"))
+    assert resumed.step == 6 and len(resumed.losses) == 4
