@@ -281,6 +281,12 @@ class DitTrainConfig:
             _check(st.steps > 0, f"{key}.steps", "must be positive")
             _check(0 <= st.t_min < st.t_max <= 1, f"{key}.t_min", "need 0 <= t_min < t_max <= 1")
             _check(
+                st.t_min < 1 - ts.eps and st.t_max > ts.eps,
+                f"{key}.t_min",
+                f"the band [{st.t_min}, {st.t_max}] leaves no time inside [timesteps.eps, "
+                f"1 - timesteps.eps] = [{ts.eps}, {1 - ts.eps}], where t is kept",
+            )
+            _check(
                 st.select_top is None or 0 < st.select_top <= 1,
                 f"{key}.select_top",
                 "must be in (0, 1]",

@@ -55,6 +55,9 @@ def test_overrides_leave_the_callers_mapping_alone(tmp_path: Path) -> None:
         ("vae", "eval.every=-1", r"'eval.every' must be >= 0"),
         ("vae", "eval.max_images=0", r"'eval.max_images' must be at least 1"),
         ("vae", "data.mode=bucket", r"'data.mode' must be 'crop' for train-vae"),
+        # t was clamped into [eps, 1 - eps] after the band: every t fell outside the band
+        ("dit", "stages=[{steps: 2, t_min: 0.9995}]", r"'stages\[0\].t_min' the band"),
+        ("dit", "stages=[{steps: 2, t_max: 0.0005}]", r"'stages\[0\].t_min' the band"),
     ],
 )
 def test_settings_that_cannot_train_are_refused_up_front(
