@@ -140,3 +140,41 @@ def test_resuming_from_an_older_checkpoint_beside_newer_ones_is_refused(tmp_path
         shutil.move(folder / name, tmp_path / name)
     resumed, _task = run(tmp_path, checkpoint_every=2, resume=str(folder / "step-00000002"))
     assert resumed.step == 6 and len(resumed.losses) == 4
+
+
+class ReportOnly:
+    """A loader that only reports its buckets (what the DiT checks before building models)."""
+
+    def __init__(self, buckets: dict[str, dict]) -> None:
+        self.buckets = buckets
+
+    def report(self) -> dict:
+        return {"buckets": self.buckets}
+
+
+def test_a_bucket_the_dit_cannot_patchify_stops_the_run_before_any_model(
+    tmp_path: Path,
+) -> None:
+    """A manifest bucket of 1000x576 (not the contract's multiples of 64) failed only at its
+    first batch, after the models were built, possibly hours into the run."""
+    from training.config import DitTrainConfig, load_train_config
+    from training.dit_trainer import DitTask
+    from training.parallel import DistInfo
+    from training.tiny import TINY_DIT
+
+    cfg = load_train_config(DitTrainConfig, check_files=False, data={
+        "data": {"root": str(tmp_path)},
+        "model": {"architecture": TINY_DIT, "vae": str(tmp_path / "vae")},
+        "text": {"source": "encoders", "encoders": str(tmp_path / "te")},
+        "loop": {"max_steps": 1},
+    })  # fmt: skip
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+    def task(buckets: dict) -> DitTask:
+        return DitTask(cfg, loader_factory=lambda data, rank, world_size: ReportOnly(buckets))
+
+    fine = {"1024x576": {"dropped": None}, "1000x576": {"dropped": "weight 0"}}
+    assert isinstance(task(fine).make_loader(0, info), ReportOnly)
+    bad = {"1024x576": {"dropped": None}, "1000x576": {"dropped": None}}
+    with pytest.raises(ValueError, match=r"not a multiple of 32 px.*: 1000x576 \(1000x576 px\)"):
+        task(bad).make_loader(0, info)
