@@ -353,7 +353,9 @@ class BucketedLoader:
         self._draws_per_bucket = self._bucket_draw_counts()
         total = sum(math.ceil(n / cfg.batch_size) for n in self._draws_per_bucket.values())
         if total == 0:
-            raise ValueError(f"no samples left to train on in {cfg.root}: {self._report}")
+            left_out = ", ".join(f"{b}: {r['dropped']}" for b, r in self._report["buckets"].items())
+            raise ValueError(f"no samples left to train on in {cfg.root}: every bucket is left "
+                             f"out ({left_out})")
         self._batches_total = total
         self._len = math.ceil(total / world_size)
         self._report["epoch"] = {
