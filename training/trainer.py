@@ -540,6 +540,13 @@ def data_summary(report: dict[str, Any]) -> str:
     epoch = report.get("epoch", {})
     line = (f"{sum(r.get('selected', 0) for r in used.values())} samples in {len(used)} "
             f"buckets, {epoch.get('batches_per_rank', '?')} batches per rank per epoch")
+    sel = report.get("selection", {})
+    if sel.get("column"):
+        order = "lowest" if sel.get("ascending") else "top"
+        line += (f"; {order} {sel['top'] * 100:.4g}% by {sel['column']}: {sel['selected']} of the "
+                 f"{sel['candidates']} with a value")
+        if sel.get("without_value"):
+            line += f" ({sel['without_value']} without one left out)"
     small = report.get("small_buckets", {})
     if small.get("buckets"):
         line += (f"; small buckets ({small['policy']}, under {small['threshold']}): "

@@ -178,3 +178,21 @@ def test_a_bucket_the_dit_cannot_patchify_stops_the_run_before_any_model(
     bad = {"1024x576": {"dropped": None}, "1000x576": {"dropped": None}}
     with pytest.raises(ValueError, match=r"not a multiple of 32 px.*: 1000x576 \(1000x576 px\)"):
         task(bad).make_loader(0, info)
+
+
+def test_the_data_summary_says_how_many_rows_had_no_selection_value() -> None:
+    """A stage selecting the top share by `aesthetic` trains only on rows with a score; the
+    printed summary said nothing of the rows left out for having none."""
+    from training.trainer import data_summary
+
+    report = {
+        "buckets": {"1024x576": {"selected": 2}, "576x1024": {"selected": 1}},
+        "epoch": {"batches_per_rank": 3},
+        "selection": {"column": "aesthetic", "top": 0.05, "ascending": False,
+                      "candidates": 60, "without_value": 940, "selected": 3},
+    }  # fmt: skip
+    assert data_summary(report) == (
+        "3 samples in 2 buckets, 3 batches per rank per epoch; top 5% by aesthetic: 3 of the "
+        "60 with a value (940 without one left out)")
+    report["selection"] = {"column": None}
+    assert data_summary(report) == "3 samples in 2 buckets, 3 batches per rank per epoch"
