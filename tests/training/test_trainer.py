@@ -76,8 +76,8 @@ class ToyTask:
 
 def run(out: Path, steps: int = 6, stop_after: int | None = None, **loop) -> tuple:
     task = ToyTask(steps)
-    loop_cfg = LoopConfig(output_dir=str(out), mixed_precision="no", device="cpu",
-                          progress=False, log_every=1, **loop)  # fmt: skip
+    loop_cfg = LoopConfig(**{"output_dir": str(out), "mixed_precision": "no", "device": "cpu",
+                             "progress": False, "log_every": 1, **loop})  # fmt: skip
     trainer = Trainer(task, optim=OptimConfig(lr=1e-2), loop=loop_cfg, parallel=ParallelConfig())
     return trainer.run(stop_after=stop_after), task
 
@@ -196,3 +196,11 @@ def test_the_data_summary_says_how_many_rows_had_no_selection_value() -> None:
         "60 with a value (940 without one left out)")
     report["selection"] = {"column": None}
     assert data_summary(report) == "3 samples in 2 buckets, 3 batches per rank per epoch"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_loop_device_cuda_without_a_gpu_is_a_one_line_user_error(tmp_path: Path) -> None:
+    """It was a RuntimeError: the CLI, which prints ValueErrors as one line, showed a
+    traceback."""
+    with pytest.raises(ValueError, match=r"'loop.device' is 'cuda' but no CUDA device"):
+        run(tmp_path, device="cuda")
