@@ -59,6 +59,16 @@ def _step_of(folder: Path) -> int:
     return int(folder.name[len(_PREFIX) :])
 
 
+def newer_checkpoints(folder: str | Path) -> list[Path]:
+    """The complete checkpoints beside ``folder`` (a checkpoint) with a later step, oldest
+    first: another continuation of the run, when training resumes from ``folder``."""
+    folder = Path(folder)
+    if not folder.parent.is_dir() or not folder.name[len(_PREFIX) :].isdigit():
+        return []
+    step = _step_of(folder)
+    return sorted((p for p in _complete(folder.parent) if _step_of(p) > step), key=_step_of)
+
+
 def _complete(root: Path) -> list[Path]:
     """The complete checkpoint folders under ``root``: ``step-<digits>`` exactly (a copy named
     ``step-00000050.bak`` or a ``.partial`` one is not a checkpoint)."""
@@ -145,6 +155,8 @@ def load_checkpoint(
             rank).
     """
     folder = Path(folder)
+    if folder.name.endswith(".partial"):
+        raise FileNotFoundError(f"{folder} is a checkpoint whose save did not finish")
     meta = folder / f"rank{info.rank}.json"
     if not (folder / ".metadata").is_file() or not meta.is_file():
         raise FileNotFoundError(

@@ -9,6 +9,7 @@ any model is built; files the run needs (weights, caches) are checked here too.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -69,7 +70,8 @@ class LoopConfig:
     resume: str = _f(
         "auto",
         "'auto': continue from the newest checkpoint in output_dir if one exists; 'never'; or "
-        "the path of a checkpoint folder.",
+        "the path of a checkpoint folder (in output_dir, one with no newer checkpoint beside it: "
+        "those of another continuation are refused, not mixed in).",
     )
     device: Literal["auto", "cpu", "cuda"] = _f(
         "auto", "'auto' is CUDA when available (the local rank's GPU), else the CPU."
@@ -80,7 +82,8 @@ class LoopConfig:
     record_samples: bool = _f(
         False,
         "Append the keys of every trained batch to output_dir/samples-rank<R>.txt (one line per "
-        "batch): an audit of which samples each rank saw.",
+        "batch): an audit of which samples each rank saw. A resume keeps the lines of the "
+        "checkpoint's batches only (those trained past it are trained, and recorded, again).",
     )
 
 
@@ -266,10 +269,23 @@ class DitTrainConfig:
         )
         _check(self.loss.c_max >= self.loss.c_min > 0, "loss.c_min", "need 0 < c_min <= c_max")
         _check(self.loss.gamma > 0, "loss.gamma", "must be positive")
+        _check(self.loss.alpha >= 0, "loss.alpha", "must be >= 0")
+        _check(self.loss.beta >= 0, "loss.beta", "must be >= 0 (0: no SNR weighting)")
+        _check(
+            self.data.mode != "crop" or self.data.crop_size % 32 == 0,
+            "data.crop_size",
+            f"must be a multiple of 32 px (one DiT token) in crop mode, got {self.data.crop_size}",
+        )
         for i, st in enumerate(self.stages):
             key = f"stages[{i}]"
             _check(st.steps > 0, f"{key}.steps", "must be positive")
             _check(0 <= st.t_min < st.t_max <= 1, f"{key}.t_min", "need 0 <= t_min < t_max <= 1")
+            _check(
+                st.t_min < 1 - ts.eps and st.t_max > ts.eps,
+                f"{key}.t_min",
+                f"the band [{st.t_min}, {st.t_max}] leaves no time inside [timesteps.eps, "
+                f"1 - timesteps.eps] = [{ts.eps}, {1 - ts.eps}], where t is kept",
+            )
             _check(
                 st.select_top is None or 0 < st.select_top <= 1,
                 f"{key}.select_top",
@@ -290,6 +306,7 @@ class DitTrainConfig:
         else:
             _check(self.loop.max_steps > 0, "loop.max_steps", "must be positive (or give stages)")
         if check_files:
+            _require_resume_folder(self.loop.resume)
             if m.pretrained is not None:
                 _require_model_folder(m.pretrained, "model.pretrained", "Transformer")
             _require_model_folder(m.vae, "model.vae", "Autoencoder")
@@ -338,7 +355,8 @@ class VaeLossConfig:
 
 @dataclass(kw_only=True)
 class VaeEvalConfig:
-    """Held-out reconstruction metrics (PSNR, SSIM, and LPIPS-style distance with weights)."""
+    """Held-out reconstruction metrics (PSNR, SSIM, and LPIPS-style distance with weights) of
+    the weights the export saves: the EMA when `loop.ema_decay` > 0, else the trained ones."""
 
     images: list[str] = _f([], "Image files or folders held out from training.")
     every: int = _f(0, "Evaluate every this many steps (0: only at the end; no images: never).")
@@ -380,8 +398,17 @@ class VaeTrainConfig:
             "torchvision's vgg16-397923af.pth; or set loss.perceptual_weight: 0)",
         )
         _check(self.parallel.strategy != "fsdp", "parallel.strategy", "use 'ddp' for the VAE")
+        _check(
+            self.data.mode == "crop",
+            "data.mode",
+            "must be 'crop' for train-vae: the decoder post-trains on random data.crop_size² "
+            "crops of native pixels (UltraFlux: 512²); 'bucket' mode resizes whole images down",
+        )
         _check(self.eval.size > 0 and self.eval.size % 16 == 0, "eval.size", "multiple of 16")
+        _check(self.eval.every >= 0, "eval.every", "must be >= 0")
+        _check(self.eval.max_images >= 1, "eval.max_images", "must be at least 1")
         if check_files:
+            _require_resume_folder(self.loop.resume)
             if m.pretrained is not None:
                 _require_model_folder(m.pretrained, "model.pretrained", "Autoencoder")
             if lo.perceptual_weight > 0:
@@ -394,6 +421,8 @@ class VaeTrainConfig:
 
 def _validate_common(optim: OptimConfig, loop: LoopConfig, par: ParallelConfig) -> None:
     _check(optim.lr > 0, "optim.lr", "must be positive")
+    _check(optim.eps > 0, "optim.eps", "must be positive")
+    _check(optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
     _check(len(optim.betas) == 2, "optim.betas", "must hold two numbers")
     _check(all(0 <= b < 1 for b in optim.betas), "optim.betas", "must be in [0, 1)")
     _check(optim.grad_clip >= 0, "optim.grad_clip", "must be >= 0")
@@ -439,6 +468,23 @@ def _check_attention_backend(name: str) -> None:
 def _require_file(path: str | None, key: str, how: str) -> None:
     if path is None or not Path(path).is_file():
         raise TrainConfigError(f"config key '{key}': file {path} not found ({how})")
+
+
+def _require_resume_folder(resume: str) -> None:
+    """`loop.resume` naming a folder: a complete checkpoint (not one whose save was cut off)."""
+    if resume in ("auto", "never"):
+        return
+    path = Path(resume)
+    if path.name.endswith(".partial"):
+        raise TrainConfigError(
+            f"config key 'loop.resume': {path} is a checkpoint whose save did not finish; name "
+            "a complete one (step-<N>, without .partial) or use loop.resume=auto"
+        )
+    if not (path / ".metadata").is_file():
+        raise TrainConfigError(
+            f"config key 'loop.resume': {path} is not a checkpoint folder (expected "
+            "<output_dir>/checkpoints/step-<N> holding .metadata); or use 'auto' or 'never'"
+        )
 
 
 def _require_dir(path: Path, key: str) -> None:
@@ -607,7 +653,7 @@ def load_train_config(
     Raises:
         TrainConfigError: Unknown key, wrong type, missing file or contradictory settings.
     """
-    tree: dict[str, Any] = dict(data or {})
+    tree: dict[str, Any] = copy.deepcopy(dict(data or {}))  # overrides never touch `data`
     if path is not None:
         try:
             loaded = yaml.safe_load(Path(path).read_text())

@@ -290,7 +290,10 @@ def read_manifest(root: str, columns: tuple[str, ...]) -> pa.Table:
             f"{root} is not a finished curation output: _SUCCESS is missing "
             "(run `native4k curate ... --output` to completion first)"
         )
-    files = sorted(fs.glob(f"{path}/manifest/*.parquet"))
+    # Listed, not globbed: a folder name may hold glob characters ("run [v2]", "a*b").
+    manifest = f"{path}/manifest"
+    names = fs.ls(manifest, detail=False) if fs.isdir(manifest) else []
+    files = sorted(f for f in names if f.rstrip("/").rsplit("/", 1)[-1].endswith(".parquet"))
     if not files:
         raise ValueError(f"{root} has no manifest/*.parquet")
     tables = []
@@ -350,7 +353,9 @@ class BucketedLoader:
         self._draws_per_bucket = self._bucket_draw_counts()
         total = sum(math.ceil(n / cfg.batch_size) for n in self._draws_per_bucket.values())
         if total == 0:
-            raise ValueError(f"no samples left to train on in {cfg.root}: {self._report}")
+            left_out = ", ".join(f"{b}: {r['dropped']}" for b, r in self._report["buckets"].items())
+            raise ValueError(f"no samples left to train on in {cfg.root}: every bucket is left "
+                             f"out ({left_out})")
         self._batches_total = total
         self._len = math.ceil(total / world_size)
         self._report["epoch"] = {

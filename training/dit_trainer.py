@@ -137,6 +137,7 @@ class DitTask:
     """
 
     name = "train-dit"
+    evaluates = False  # no held-out metric (see `evaluate`)
 
     def __init__(self, cfg: DitTrainConfig, *, loader_factory: Any = None) -> None:
         self.cfg = cfg
@@ -241,9 +242,31 @@ class DitTask:
 
             factory = BucketedLoader
         loader = factory(data, rank=info.rank, world_size=info.world_size)
+        self._check_bucket_sizes(data, loader, stage)
         if self.cfg.text.source == "cache":
             self._check_text_cache(data, getattr(loader, "keys", None), stage)
         return loader
+
+    def _check_bucket_sizes(self, data: Any, loader: Any, stage: int) -> None:
+        """Before any model is built: every bucket the stage trains on patchifies (sides that
+        are multiples of 32 px), not only at its first batch, which may come hours in.
+
+        Raises:
+            ValueError: a bucket (of a manifest that breaks the data contract's multiples of 64)
+                whose training size is no multiple of 32 px.
+        """
+        if data.mode != "bucket" or not hasattr(loader, "report"):
+            return
+        buckets = loader.report().get("buckets", {})
+        bad = [f"{b} ({'x'.join(map(str, data.target_size(b)))} px)"
+               for b, r in sorted(buckets.items()) if not r.get("dropped")
+               and any(side % TOKEN_PX for side in data.target_size(b))]  # fmt: skip
+        if bad:
+            raise ValueError(
+                f"stage {self.stage_name(stage)!r} trains on buckets whose size is not a "
+                f"multiple of {TOKEN_PX} px on both sides, which the DiT cannot patchify: "
+                f"{', '.join(bad)}; give them weight 0 in data.bucket_weights"
+            )
 
     def _captions(self, root: str, language: str) -> dict[str, str]:
         """Key → caption of the data's kept samples, read from its manifest once per run (every

@@ -62,13 +62,20 @@ def init_distributed(device: str = "auto") -> DistInfo:
     Args:
         device: ``"auto"`` (the local rank's GPU when CUDA is available, else CPU), ``"cpu"``
             or ``"cuda"``.
+
+    Raises:
+        ValueError: ``"cuda"`` where no CUDA device is visible (a user's setting: the CLI
+            prints it as one line).
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("loop.device is 'cuda' but no CUDA device is visible")
+        raise ValueError(
+            "config key 'loop.device' is 'cuda' but no CUDA device is visible (use 'auto' or "
+            "'cpu')"
+        )
     dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)

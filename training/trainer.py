@@ -23,7 +23,12 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from training.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    newer_checkpoints,
+    save_checkpoint,
+)
 from training.config import LoopConfig, OptimConfig, ParallelConfig
 from training.parallel import (
     DistInfo,
@@ -46,7 +51,8 @@ class StepOutput:
 
 
 class TrainTask(Protocol):
-    """What a trainer needs from the DiT or VAE side."""
+    """What a trainer needs from the DiT or VAE side (optionally also ``evaluates``: false when
+    :meth:`evaluate` measures nothing, so the EMA weights need not be swapped in for it)."""
 
     name: str
 
@@ -185,11 +191,8 @@ class Trainer:
                     print(f"{self.task.name}: resuming with changed settings (the optimizer's "
                           "apply from the next step): " + "; ".join(changed), flush=True)
             saved.write_text(yaml.safe_dump(self.config_dict, sort_keys=False))
-        self.writer = None
-        if info.is_main and loop.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(Path(loop.output_dir) / "tensorboard"))
+        self.writer = None  # opened in `run`, once the step it continues from is known
+        self.micro_batches = 0  # batches trained on this rank (the sample record's lines)
 
     def _rng_state(self) -> dict[str, torch.Tensor]:
         state = {"trainer": self.generator.get_state(), "torch": torch.get_rng_state()}
@@ -209,21 +212,42 @@ class Trainer:
         Its checkpoints would outnumber the new run's: pruning would delete each new one as it
         is written, and a later ``resume: auto`` would continue the old run.
 
+        Nor over checkpoints newer than the one ``loop.resume`` names: they are another
+        continuation of the run, which pruning would keep instead of the new checkpoints and a
+        later ``resume: auto`` would continue.
+
         Raises:
             ValueError: ``loop.resume`` is not ``auto`` and ``output_dir`` holds a checkpoint
-                other than the one named.
+                other than the one named, or one newer than it.
         """
         resume = self.loop.resume
         existing = latest_checkpoint(self.loop.output_dir)
         if resume == "auto" or existing is None:
             return
         if resume != "never" and Path(resume).resolve().parent == existing.parent.resolve():
-            return  # resuming from a checkpoint of this very run
+            newer = newer_checkpoints(Path(resume).resolve())
+            if newer:
+                raise ValueError(
+                    f"loop.resume names {Path(resume).name}, but {existing.parent} also holds "
+                    f"newer checkpoints ({', '.join(p.name for p in newer)}) of another "
+                    "continuation: move them out of that folder to train on from "
+                    f"{Path(resume).name}, or set loop.resume=auto to continue the newest"
+                )
+            return  # resuming from the newest checkpoint of this very run
         raise ValueError(
             f"loop.output_dir {self.loop.output_dir} already holds another run's checkpoints "
             f"(newest: {existing.name}); with loop.resume={resume!r} choose an empty "
             f"output_dir, remove {existing.parent}, or set loop.resume=auto to continue that run"
         )
+
+    def _rewind_sample_record(self, num_batches: int) -> None:
+        """After a resume: the sample record keeps the checkpoint's ``num_batches`` lines only;
+        the batches an earlier process trained past it are trained again and recorded again."""
+        path = Path(self.loop.output_dir) / f"samples-rank{self.info.rank}.txt"
+        if not self.loop.record_samples or not path.is_file():
+            return
+        lines = path.read_text().splitlines(keepends=True)
+        path.write_text("".join(lines[:num_batches]))
 
     def _apply_optim_settings(self, step: int) -> None:
         """After a resume: the configured AdamW settings, not the checkpoint's.
@@ -276,6 +300,7 @@ class Trainer:
         step_loss, metrics, images, tokens = 0.0, {}, 0, 0
         for micro in range(accum):
             batch = next_batch()
+            self.micro_batches += 1
             if self.loop.record_samples:
                 path = Path(self.loop.output_dir) / f"samples-rank{self.info.rank}.txt"
                 with path.open("a") as f:
@@ -319,9 +344,18 @@ class Trainer:
             if state["stage"] == self._stage_of(step):
                 loader_state = state["loader"]
             self._set_rng_state(rng)
+            self.micro_batches = state.get("micro_batches", step * loop.grad_accum_steps)
+            self._rewind_sample_record(self.micro_batches)
             if info.is_main:
                 print(f"{self.task.name}: resumed from {resumed} at step {step} (stage "
                       f"{self.task.stage_name(self._stage_of(step))!r})", flush=True)
+        if info.is_main and loop.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # After a resume, TensorBoard hides what an earlier process logged past the
+            # checkpoint (those steps are trained again): one value per step, not two.
+            self.writer = SummaryWriter(str(Path(loop.output_dir) / "tensorboard"),
+                                        purge_step=step + 1 if resumed is not None else None)
         stage = self._stage_of(step)
         loader = self.loaders[stage]
         if loader_state is not None:
@@ -380,7 +414,7 @@ class Trainer:
                 progress.update(1)
             eval_every = getattr(self.task, "eval_every", 0)
             if eval_every and step % eval_every == 0 and step < self.total_steps:
-                scores = self.task.evaluate(self.model, step)
+                scores = self._evaluate(step)
                 self._log_scalars(step, {f"eval/{k}": v for k, v in scores.items()})
             if (loop.checkpoint_every and step % loop.checkpoint_every == 0) or step == end:
                 last_ckpt = save_checkpoint(
@@ -393,6 +427,7 @@ class Trainer:
                         "step": step,
                         "epoch": epoch,
                         "stage": stage,
+                        "micro_batches": self.micro_batches,
                         "scheduler": self.scheduler.state_dict(),
                         "loader": loader.state_dict(),
                     },
@@ -404,7 +439,7 @@ class Trainer:
             progress.close()
         result = TrainResult(step=step, losses=losses, checkpoint=last_ckpt, export=None)
         if step >= self.total_steps:
-            result.metrics = self.task.evaluate(self.model, step)
+            result.metrics = self._evaluate(step)
             if result.metrics:
                 self._log_scalars(step, {f"eval/{k}": v for k, v in result.metrics.items()})
             if loop.export:
@@ -414,6 +449,23 @@ class Trainer:
         return result
 
     # -- pieces ---------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _evaluate(self, step: int) -> dict[str, float]:
+        """The task's held-out metrics of the weights the export saves: the EMA, when enabled
+        (swapped in for the evaluation, then the trained weights are put back). A task whose
+        ``evaluates`` is false (the DiT) has nothing to measure: no copy of the weights is made."""
+        if self.ema is None or not getattr(self.task, "evaluates", True):
+            return self.task.evaluate(self.model, step)
+        params = list(self.params.values())
+        trained = [p.detach().clone() for p in params]
+        try:
+            for p, e in zip(params, self.ema.values(), strict=True):
+                p.copy_(e)
+            return self.task.evaluate(self.model, step)
+        finally:
+            for p, t in zip(params, trained, strict=True):
+                p.copy_(t)
 
     def _sync_context(self, last_micro: bool):
         """Skip the gradient all-reduce on all but the last micro-batch of a step."""
@@ -488,6 +540,13 @@ def data_summary(report: dict[str, Any]) -> str:
     epoch = report.get("epoch", {})
     line = (f"{sum(r.get('selected', 0) for r in used.values())} samples in {len(used)} "
             f"buckets, {epoch.get('batches_per_rank', '?')} batches per rank per epoch")
+    sel = report.get("selection", {})
+    if sel.get("column"):
+        order = "lowest" if sel.get("ascending") else "top"
+        line += (f"; {order} {sel['top'] * 100:.4g}% by {sel['column']}: {sel['selected']} of the "
+                 f"{sel['candidates']} with a value")
+        if sel.get("without_value"):
+            line += f" ({sel['without_value']} without one left out)"
     small = report.get("small_buckets", {})
     if small.get("buckets"):
         line += (f"; small buckets ({small['policy']}, under {small['threshold']}): "

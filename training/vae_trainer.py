@@ -62,6 +62,7 @@ class VaeTask:
         self.cfg = cfg
         self.loader_factory = loader_factory
         self.eval_every = cfg.eval.every if cfg.eval.images else 0
+        self.evaluates = bool(cfg.eval.images)  # held-out images to measure
 
     def build(self, info: DistInfo) -> nn.Module:
         """The VAE (decoder trainable), the loss and its perceptual network, the eval images."""

@@ -504,3 +504,40 @@ def test_the_loader_orients_as_curation_recorded(local_ray, tmp_path):
     want = np.asarray(Image.fromarray(box).resize((tw, th), Image.Resampling.LANCZOS))
     got = ((batch["pixels"][0].permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.int16)
     assert np.abs(got - want.astype(np.int16)).max() <= 1
+
+
+@pytest.mark.parametrize("name", ["run [v2]", "a*b?c", "with space"])
+def test_a_root_whose_name_holds_glob_characters_is_read(tmp_path, name):
+    """The manifest was found by globbing `<root>/manifest/*.parquet`, so a root named
+    `run [v2]` read as a pattern: "has no manifest/*.parquet" for a finished output."""
+    from training.data import read_manifest
+
+    root = tmp_path / name
+    (root / "manifest").mkdir(parents=True)
+    (root / "_SUCCESS").write_text("")
+    for i in range(2):
+        pq.write_table(pa.table({"key": [f"k{i}"], "status": ["kept"]}),
+                       root / "manifest" / f"part-{i}.parquet")
+    (root / "manifest" / "notes.txt").write_text("not a part")
+    table = read_manifest(str(root), ("key", "status", "bucket"))
+    assert table.column("key").to_pylist() == ["k0", "k1"]
+
+
+def test_no_sample_left_names_each_bucket_and_why(tmp_path):
+    """Every bucket left out (small and dropped, or weight 0): the error printed the loader's
+    whole report as a Python dict."""
+    (tmp_path / "manifest").mkdir()
+    (tmp_path / "_SUCCESS").write_text("")
+    row = {"status": "kept", "key": "a", "bucket": "1024x1024", "shard": "shards/x.tar",
+           "extension": "jpg", "crop_left": 0, "crop_top": 0, "crop_right": 1024,
+           "crop_bottom": 1024, "width": 1024, "height": 1024}  # fmt: skip
+    pq.write_table(pa.Table.from_pylist([row, {**row, "key": "b", "bucket": "1024x576",
+                                               "crop_bottom": 576, "height": 576}]),
+                   tmp_path / "manifest" / "part-0.parquet")  # fmt: skip
+    cfg = DataConfig(root=str(tmp_path), batch_size=2, small_buckets="drop",
+                     bucket_weights={"1024x576": 0})  # fmt: skip
+    with pytest.raises(ValueError) as err:
+        BucketedLoader(cfg)
+    assert str(err.value) == (
+        f"no samples left to train on in {tmp_path}: every bucket is left out "
+        "(1024x1024: small (1 < 2), 1024x576: weight 0)")

@@ -1,0 +1,90 @@
+"""Training configurations: every setting checked before any model is built (no data needed)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+
+from training.config import DitTrainConfig, TrainConfigError, VaeTrainConfig, load_train_config
+from training.tiny import TINY_DIT, TINY_VAE
+
+
+def dit_tree(tmp_path: Path) -> dict:
+    return {
+        "data": {"root": str(tmp_path / "curated")},
+        "model": {"architecture": dict(TINY_DIT), "vae": str(tmp_path / "vae")},
+        "text": {"cache": str(tmp_path / "cache")},
+        "loop": {"max_steps": 2, "output_dir": str(tmp_path / "out")},
+    }
+
+
+def vae_tree(tmp_path: Path) -> dict:
+    return {
+        "data": {"root": str(tmp_path / "curated"), "mode": "crop", "crop_size": 32},
+        "model": {"architecture": dict(TINY_VAE)},
+        "loss": {"perceptual_weight": 0.0},
+        "loop": {"max_steps": 2, "output_dir": str(tmp_path / "out")},
+    }
+
+
+def test_overrides_leave_the_callers_mapping_alone(tmp_path: Path) -> None:
+    """`--set`-style overrides were written into the nested sections of the `data=` mapping,
+    so a caller that loads one tree twice got the first call's overrides in the second."""
+    tree = dit_tree(tmp_path)
+    before = copy.deepcopy(tree)
+    cfg = load_train_config(
+        DitTrainConfig, data=tree, overrides=["loop.max_steps=5", "optim.lr=1e-4"],
+        check_files=False,
+    )  # fmt: skip
+    assert (cfg.loop.max_steps, cfg.optim.lr) == (5, 1e-4)
+    assert tree == before
+    assert load_train_config(DitTrainConfig, data=tree, check_files=False).loop.max_steps == 2
+
+
+@pytest.mark.parametrize(
+    ("which", "override", "message"),
+    [
+        ("dit", "optim.eps=0", r"'optim.eps' must be positive"),
+        ("dit", "optim.eps=-1e-8", r"'optim.eps' must be positive"),
+        ("vae", "optim.weight_decay=-0.01", r"'optim.weight_decay' must be >= 0"),
+        ("dit", "loss.alpha=-0.5", r"'loss.alpha' must be >= 0"),
+        ("dit", "loss.beta=-1", r"'loss.beta' must be >= 0"),
+        ("dit", "data.crop_size=48", r"'data.crop_size' must be a multiple of 32"),
+        ("vae", "eval.every=-1", r"'eval.every' must be >= 0"),
+        ("vae", "eval.max_images=0", r"'eval.max_images' must be at least 1"),
+        ("vae", "data.mode=bucket", r"'data.mode' must be 'crop' for train-vae"),
+        # t was clamped into [eps, 1 - eps] after the band: every t fell outside the band
+        ("dit", "stages=[{steps: 2, t_min: 0.9995}]", r"'stages\[0\].t_min' the band"),
+        ("dit", "stages=[{steps: 2, t_max: 0.0005}]", r"'stages\[0\].t_min' the band"),
+    ],
+)
+def test_settings_that_cannot_train_are_refused_up_front(
+    tmp_path: Path, which: str, override: str, message: str
+) -> None:
+    """Each of these was accepted, and failed (or trained nonsense) only once the run began."""
+    cls, tree = (DitTrainConfig, dit_tree(tmp_path)) if which == "dit" else (
+        VaeTrainConfig, vae_tree(tmp_path))  # fmt: skip
+    if override.startswith("data.crop_size"):
+        tree["data"]["mode"] = "crop"
+    load_train_config(cls, data=tree, check_files=False)  # the tree itself is fine
+    with pytest.raises(TrainConfigError, match=message):
+        load_train_config(cls, data=tree, overrides=[override], check_files=False)
+
+
+@pytest.mark.parametrize("which", ["dit", "vae"])
+def test_a_resume_folder_that_is_no_complete_checkpoint_is_refused(
+    tmp_path: Path, which: str
+) -> None:
+    """`loop.resume: <folder>` was first looked at after the data and models were built, and a
+    `.partial` folder (a save cut off) holding `.metadata` was loaded."""
+    cls, tree = (DitTrainConfig, dit_tree(tmp_path)) if which == "dit" else (
+        VaeTrainConfig, vae_tree(tmp_path))  # fmt: skip
+    partial = tmp_path / "out" / "checkpoints" / "step-00000004.partial"
+    partial.mkdir(parents=True)
+    (partial / ".metadata").write_bytes(b"")
+    for folder, why in ((tmp_path / "nowhere", "not a checkpoint folder"),
+                        (partial, "save did not finish")):  # fmt: skip
+        with pytest.raises(TrainConfigError, match=rf"'loop.resume': .*{why}"):
+            load_train_config(cls, data=tree, overrides=[f"loop.resume={folder}"])
