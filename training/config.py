@@ -675,6 +675,9 @@ def load_train_config(
             if not isinstance(node, dict):
                 raise TrainConfigError(f"config key '{dotted}' does not name a setting")
         node[parts[-1]] = yaml.safe_load(raw)
+    if cls is VaeTrainConfig and isinstance(tree.get("data"), dict):
+        # The VAE post-trains on random native-pixel crops: its data mode defaults to `crop`.
+        tree["data"].setdefault("mode", "crop")
     cfg = _build(cls, tree, "")
     cfg.validate(check_files=check_files)
     return cfg

@@ -102,7 +102,8 @@ class DataConfig:
     `pathlib.Path` is taken too, as its text)."""
     mode: str = "bucket"
     """`bucket`: crop each image to its recorded box and resize it down to its bucket's size;
-    `crop`: random `crop_size`² crops of the native (oriented) pixels, for VAE training."""
+    `crop`: random `crop_size`² crops of the native (oriented) pixels, for VAE training
+    (`train-vae`'s default and only mode)."""
     crop_size: int = 512
     """Side of the random crops in `crop` mode (a multiple of 16)."""
     batch_size: int = 1

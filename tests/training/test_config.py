@@ -73,6 +73,17 @@ def test_settings_that_cannot_train_are_refused_up_front(
         load_train_config(cls, data=tree, overrides=[override], check_files=False)
 
 
+def test_train_vae_defaults_to_native_pixel_crops(tmp_path: Path) -> None:
+    """A VAE config that names no `data.mode` trains on crops (the shared default, `bucket`, is
+    refused for the VAE); the DiT keeps `bucket`."""
+    tree = vae_tree(tmp_path)
+    del tree["data"]["mode"]
+    assert load_train_config(VaeTrainConfig, data=tree, check_files=False).data.mode == "crop"
+    assert "mode" not in tree["data"]
+    assert load_train_config(DitTrainConfig, data=dit_tree(tmp_path),
+                             check_files=False).data.mode == "bucket"
+
+
 @pytest.mark.parametrize("which", ["dit", "vae"])
 def test_a_resume_folder_that_is_no_complete_checkpoint_is_refused(
     tmp_path: Path, which: str
