@@ -31,6 +31,10 @@ EXTENSIONS = {
 
 ROTATING_ORIENTATIONS = (5, 6, 7, 8)
 EXIF_ORIENTATION_TAG = 0x0112
+SELF_ORIENTING_FORMATS = ("tiff",)
+"""Formats whose Pillow decoder applies the orientation tag itself: the header size Pillow
+reports is already oriented and the decoded pixels already turned, so `probe` records
+orientation 1 (nothing left to apply) for them."""
 
 
 def sniff_non_image(data: bytes) -> str | None:
@@ -105,7 +109,8 @@ def probe(data: bytes) -> dict[str, Any]:
     """Header facts of one image's bytes (no pixel decode).
 
     Returns a dict with `format`, `width`, `height` (after EXIF orientation), `mode`,
-    `num_frames`, `orientation`, or with `reason`/`detail` when the bytes are no usable image.
+    `num_frames`, `orientation` (the one still to apply to Pillow's decode: 1 for
+    `SELF_ORIENTING_FORMATS`), or with `reason`/`detail` when the bytes are no usable image.
     """
     if not data:
         return {"reason": "decode_error", "detail": "empty file (0 bytes)"}
@@ -131,7 +136,7 @@ def probe(data: bytes) -> dict[str, Any]:
             .encode("utf-8", "backslashreplace")
             .decode("utf-8"),
         }
-    if orientation not in range(1, 9):
+    if orientation not in range(1, 9) or fmt in SELF_ORIENTING_FORMATS:
         orientation = 1
     if orientation in ROTATING_ORIENTATIONS:
         width, height = height, width
