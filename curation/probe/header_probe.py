@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import pyarrow as pa
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, TiffImagePlugin, UnidentifiedImageError
 
 from curation import schema
 from curation.base import Stage, column, pending_mask, set_columns
@@ -105,6 +105,45 @@ def sniff_unread_format(data: bytes) -> str | None:
     return None
 
 
+TIFF_SAMPLE_FORMATS = {1: "unsigned integer", 2: "signed integer", 3: "floating point"}
+
+
+def sniff_tiff_layout(data: bytes) -> str | None:
+    """Words for a TIFF whose header reads but whose pixel layout Pillow does not decode.
+
+    Pillow opens only the layouts it has a mode for; a valid file in another (RGB of 32-bit
+    floats as OpenCV and scientific tools write, 12-bit samples, ...) is refused as an
+    unidentified image. None for anything else (not a TIFF, or a header that does not read).
+    """
+    if data[:4] not in (b"II*\x00", b"MM\x00*"):
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            TiffImagePlugin.TiffImageFile(io.BytesIO(data))
+        except SyntaxError as e:  # Pillow's words for a layout it has no mode for
+            if "unknown pixel mode" not in str(e):
+                return None
+        except Exception:
+            return None
+        else:
+            return None
+        try:
+            ifd = TiffImagePlugin.ImageFileDirectory_v2(data[:8])
+            fp = io.BytesIO(data)
+            fp.seek(ifd.next)
+            ifd.load(fp)
+            samples = int(ifd.get(277, 1))
+            bits = ifd.get(258, (1,))
+            kind = TIFF_SAMPLE_FORMATS.get(int(ifd.get(339, (1,))[0]), "undefined")
+        except Exception:
+            return "TIFF image in a pixel layout Pillow cannot decode"
+    return (
+        f"TIFF image with {samples} sample(s) of {bits[0]}-bit {kind} per pixel: a pixel "
+        "layout Pillow cannot decode"
+    )
+
+
 def probe(data: bytes) -> dict[str, Any]:
     """Header facts of one image's bytes (no pixel decode).
 
@@ -125,7 +164,7 @@ def probe(data: bytes) -> dict[str, Any]:
             frames = int(getattr(img, "n_frames", 1) or 1)
             orientation = _orientation(img)
     except UnidentifiedImageError:
-        what = sniff_unread_format(data) or sniff_non_image(data)
+        what = sniff_unread_format(data) or sniff_tiff_layout(data) or sniff_non_image(data)
         if what:
             return {"reason": "unsupported_format", "detail": what}
         return {"reason": "decode_error", "detail": "not a recognisable image format"}
@@ -165,7 +204,8 @@ class HeaderProbe(Stage):
 
     Reads: `data`. Writes: `format`, `width`, `height`, `mode`, `num_frames`, `orientation`.
     Rejects: `decode_error` (empty, unidentifiable, broken header), `unsupported_format`
-    (SVG, text, animations, formats outside `SUPPORTED_FORMATS`). Size thresholds are decided
+    (SVG, text, animations, formats outside `SUPPORTED_FORMATS`, TIFF pixel layouts Pillow
+    cannot decode). Size thresholds are decided
     by the `ThresholdFilter` after it. Resources: 1 CPU, header bytes only.
     """
 

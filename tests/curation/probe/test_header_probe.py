@@ -1,6 +1,8 @@
 import io
 
+import cv2
 import numpy as np
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
@@ -101,3 +103,25 @@ def test_an_avif_brand_is_not_taken_for_heif():
     assert probe(buf.getvalue())["format"] == "avif"  # Pillow reads it
     broken = probe(_ftyp(b"mif1", [b"mif1", b"avif"], b"\0" * 64))
     assert not broken.get("detail", "").startswith("HEIF")
+
+
+@pytest.mark.parametrize(
+    ("dtype", "channels", "words"),
+    [
+        (np.float32, 3, "3 sample(s) of 32-bit floating point"),
+        (np.float64, 1, "1 sample(s) of 64-bit floating point"),
+        (np.int16, 3, "3 sample(s) of 16-bit signed integer"),
+    ],
+)
+def test_a_valid_tiff_in_a_layout_pillow_cannot_decode_is_named_not_called_corrupt(
+    dtype, channels, words
+):
+    # OpenCV and scientific tools write these; they were "not a recognisable image format"
+    pixels = (np.random.default_rng(0).random((40, 60, channels)) * 100).astype(dtype)
+    ok, tif = cv2.imencode(".tif", pixels)
+    assert ok
+    row = probe(tif.tobytes())
+    assert row["reason"] == "unsupported_format"
+    assert row["detail"].startswith(f"TIFF image with {words}")
+    for cut in (20, 200):  # a TIFF whose header is cut short is still a broken file
+        assert probe(tif.tobytes()[:cut])["reason"] == "decode_error"
