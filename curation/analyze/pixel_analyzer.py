@@ -89,7 +89,8 @@ def decode_gray(data: bytes, orientation: int = 1) -> np.ndarray:
 
     JPEGs decode their luma plane only (no colour conversion); every other format and
     mode (8/16-bit, gray, palette, alpha, CMYK, float) is converted to 8-bit gray, 16-bit data
-    by its high byte. EXIF orientation is applied.
+    by its high byte; an image with transparency is seen over white, as the training loader
+    and a viewer show it (not its hidden colours). EXIF orientation is applied.
 
     Raises:
         Exception: whatever the decoder raises for truncated or corrupt data.
@@ -125,11 +126,13 @@ def decode(
                 thumb = _safe_thumbnail(data, orientation, thumbnail_size)
             img.draft("L", img.size)
         img.load()
+    alpha = _alpha(img)
     if thumbnail_size and thumb is None and img.mode not in _HIGH_BIT_MODES:
         factor = max(1, max(img.size) // (2 * thumbnail_size))
         try:
             small = img.reduce(factor) if img.mode in ("L", "RGB", "RGBA", "LA", "CMYK") else img
-            thumb = _thumbnail(small.convert("RGB"), orientation, thumbnail_size)
+            shown = _over_white(small) if alpha is not None else small.convert("RGB")
+            thumb = _thumbnail(shown, orientation, thumbnail_size)
         except (ValueError, OSError):  # a mode without an RGB conversion: from the luma below
             thumb = None
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
@@ -150,11 +153,44 @@ def decode(
         gray = cv2.cvtColor(rgb, code)
     else:
         gray = np.asarray(img.convert("L"))
+    if alpha is not None:
+        gray = _luma_over_white(gray, alpha)
     if thumbnail_size and thumb is None:  # high bit depth, odd modes: from the 8-bit luma
         thumb = _thumbnail(Image.fromarray(gray).convert("RGB"), orientation, thumbnail_size)
     if orientation in _TRANSPOSE:
         gray = np.asarray(Image.fromarray(gray).transpose(_TRANSPOSE[orientation]))
     return np.ascontiguousarray(gray), thumb
+
+
+def _alpha(img: Image.Image) -> np.ndarray | None:
+    """The alpha plane (h×w uint8) of an image with a pixel that is not opaque, else None."""
+    if img.mode in ("RGBA", "LA", "PA"):
+        plane = img.getchannel("A")
+    elif img.mode in ("P", "L", "RGB") and "transparency" in img.info:
+        with warnings.catch_warnings():  # Pillow's advice to store such palettes as RGBA
+            warnings.simplefilter("ignore")
+            plane = img.convert("RGBA").getchannel("A")
+    else:
+        return None
+    return None if plane.getextrema()[0] == 255 else np.asarray(plane)
+
+
+def _over_white(img: Image.Image) -> Image.Image:
+    """An image with transparency as RGB over white, as the training loader shows it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rgba = img.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
+
+
+def _luma_over_white(gray: np.ndarray, alpha: np.ndarray, rows: int = 512) -> np.ndarray:
+    """The luma of the image composited over white (luma is linear in RGB), in row stripes so
+    that an image's temporaries stay small."""
+    out = np.empty_like(gray)
+    for y in range(0, gray.shape[0], rows):
+        a = alpha[y : y + rows].astype(np.uint32)
+        out[y : y + rows] = (gray[y : y + rows] * a + 255 * (255 - a) + 127) // 255
+    return out
 
 
 def is_jpeg_thumbnail_deferred(data: bytes) -> bool:
