@@ -88,9 +88,9 @@ def decode_gray(data: bytes, orientation: int = 1) -> np.ndarray:
     """Decode to an oriented 8-bit grayscale array (the full-resolution luma).
 
     JPEGs decode their luma plane only (no colour conversion); every other format and
-    mode (8/16-bit, gray, palette, alpha, CMYK, float) is converted to 8-bit gray, 16-bit data
-    by its high byte; an image with transparency is seen over white, as the training loader
-    and a viewer show it (not its hidden colours). EXIF orientation is applied.
+    mode (8/16-bit, gray, palette, alpha, CMYK, CIELab, float) is converted to 8-bit gray,
+    16-bit data by its high byte; an image with transparency is seen over white, as the
+    training loader and a viewer show it (not its hidden colours). EXIF orientation is applied.
 
     Raises:
         Exception: whatever the decoder raises for truncated or corrupt data.
@@ -152,7 +152,10 @@ def decode(
         code = cv2.COLOR_RGBA2GRAY if rgb.shape[2] == 4 else cv2.COLOR_RGB2GRAY
         gray = cv2.cvtColor(rgb, code)
     else:
-        gray = np.asarray(img.convert("L"))
+        try:
+            gray = np.asarray(img.convert("L"))
+        except ValueError:  # no direct conversion to gray (CIELab TIFFs): through RGB
+            gray = np.asarray(img.convert("RGB").convert("L"))
     if alpha is not None:
         gray = _luma_over_white(gray, alpha)
     if thumbnail_size and thumb is None:  # high bit depth, odd modes: from the 8-bit luma

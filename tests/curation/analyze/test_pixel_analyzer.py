@@ -289,3 +289,20 @@ def test_transparency_is_judged_over_white_as_training_shows_it(opacity, mode, f
     if np.asarray(rgba)[..., 3].max() == 0:  # nothing visible: a blank white canvas
         assert gray.min() == 255 and gray_entropy(gray) == 0.0
         assert np.asarray(Image.open(io.BytesIO(thumb)).convert("L")).min() >= 250
+
+
+@pytest.mark.parametrize("mode", ["LAB", "CMYK", "YCbCr", "RGB"])
+def test_every_colour_space_pillow_opens_decodes_to_its_luma(mode):
+    """A CIELab TIFF (Photoshop writes them) was `decode_error` "pixels undecodable": Pillow has
+    no LAB -> L conversion, though it converts LAB to RGB."""
+    rng = np.random.default_rng(5)
+    rgb = Image.fromarray(rng.integers(0, 256, (480, 720, 3), dtype=np.uint8))
+    data = _enc(rgb.convert(mode), "TIFF")
+    assert Image.open(io.BytesIO(data)).mode == mode
+    want = np.asarray(Image.open(io.BytesIO(data)).convert("RGB").convert("L"), dtype=int)
+    (row,) = PixelAnalyzer(thumbnail_size=32)(
+        {schema.DATA: [data], schema.ORIENTATION: [1], schema.STATUS: [None]}
+    ).to_pylist()
+    assert row[schema.STATUS] is None, row[schema.DETAIL]
+    assert row[schema.ENTROPY] > 7.0 and row[schema.THUMBNAIL] is not None
+    assert np.abs(decode_gray(data).astype(int) - want).max() <= 1
