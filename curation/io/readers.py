@@ -8,13 +8,16 @@ sample. Both keep going on bad input: a file that cannot be read becomes a rejec
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import tarfile
+import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import fsspec
 import pyarrow as pa
+from PIL import Image
 
 from curation import schema
 from curation.base import Stage, column, set_columns
@@ -184,9 +187,10 @@ class TarReader(Stage):
     Reads: `source` (a tar URI). Writes one row per sample: `source` (`tar-uri#member`),
     `tar_offset`, `data`, `size_bytes`, `sha256`, `caption_en`/`caption_zh` from `.txt`/`.zh.txt`
     or `.json` members, `source_meta` (the `.json` member's text). Rejects: `unreadable` for a
-    tar that cannot be opened (one row for the tar) or a truncated member. Rows whose source is
-    in the tar's optional `done_members` list (analysed by an interrupted earlier run) are left
-    out. Resources: 1 CPU; one tar per batch.
+    tar that cannot be opened (one row for the tar) or a truncated member; a `.tar` whose
+    bytes are an image is that image's row (judged by its bytes, as any mislabelled file).
+    Rows whose source is in the tar's optional `done_members` list (analysed by an
+    interrupted earlier run) are left out. Resources: 1 CPU; one tar per batch.
     """
 
     name: ClassVar[str] = "read_tar"
@@ -257,6 +261,8 @@ class TarReader(Stage):
                     raise tarfile.ReadError(f"truncated: {fh.tell()} bytes is no whole tar")
         except Exception as e:
             error = safe_text(f"{type(e).__name__}: {e}")
+        if error is not None and not order and (image := self._image_named_tar(tar_uri)):
+            return [image]
         rows: list[dict[str, Any]] = []
         for key in order:
             rows.extend(_sample_rows(tar_uri, key, samples[key]))
@@ -279,6 +285,21 @@ class TarReader(Stage):
                 }
             )
         return rows
+
+
+    def _image_named_tar(self, uri: str) -> dict[str, Any] | None:
+        """The file row of a `.tar` that is no tar but an image (judged by its bytes, as a
+        mislabelled image is), else None."""
+        row = _read_one(uri, None, None, self.max_file_bytes)
+        if schema.DATA not in row:
+            return None
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                Image.open(io.BytesIO(row[schema.DATA])).close()
+        except Exception:  # not an image either: the tar's own verdict stands
+            return None
+        return {schema.SOURCE: uri, **row}
 
 
 def _sample_rows(tar_uri: str, key: str, sample: dict[str, Any]) -> list[dict[str, Any]]:

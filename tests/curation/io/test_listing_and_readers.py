@@ -264,3 +264,25 @@ def test_tar_json_members_become_source_meta(tmp_path):
     assert rows["k.jpg"][schema.SOURCE_META] == meta.decode()
     assert rows["k.jpg"][schema.CAPTION_EN] == "k cap"
     assert rows["m.jpg"][schema.SOURCE_META] is None
+
+
+def test_an_image_named_tar_is_judged_by_its_bytes(tmp_path):
+    """A JPEG saved as `photo.tar` was `unreadable` ("cannot read tar: invalid header"); a
+    file that is neither a tar nor an image keeps the tar's verdict."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), "teal").save(buf, "JPEG")
+    jpeg = tmp_path / "photo.tar"
+    jpeg.write_bytes(buf.getvalue())
+    junk = tmp_path / "junk.tar"
+    junk.write_bytes(b"\x07not a tar, not an image" * 40)
+    (row,) = TarReader()({schema.SOURCE: [str(jpeg)]}).to_pylist()
+    assert row[schema.SOURCE] == str(jpeg) and row[schema.STATUS] is None
+    assert row[schema.DATA] == buf.getvalue()
+    assert row[schema.SHA256] == hashlib.sha256(buf.getvalue()).hexdigest()
+    assert read_bytes(row[schema.SOURCE], row[schema.TAR_OFFSET], row[schema.SIZE_BYTES]) == (
+        buf.getvalue()
+    )
+    (row,) = TarReader()({schema.SOURCE: [str(junk)]}).to_pylist()
+    assert row[schema.REASON] == "unreadable" and row[schema.DETAIL].startswith("cannot read tar")
