@@ -15,6 +15,7 @@ path); a linked folder inside an input folder is not descended, so link loops ca
 
 from __future__ import annotations
 
+import io
 import os
 import re
 from collections.abc import Iterable, Iterator
@@ -290,9 +291,15 @@ def expand_input(
     elif spec.kind == "list":
         base = os.path.dirname(local_path(spec.uri)) if is_local(spec.uri) else (
             spec.uri.rsplit("/", 1)[0])
-        with fs.open(path, "rt", errors="surrogateescape") as fh:
-            for line in fh:
-                yield from parse_uri_line(line, base)
+        with fs.open(path, "rb") as raw:
+            bom = raw.read(2)
+            raw.seek(0)
+            # A byte-order mark is not part of the first name: Windows tools write lists in
+            # UTF-8 with one (Notepad) or in UTF-16 (PowerShell's `>`).
+            encoding = "utf-16" if bom in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
+            with io.TextIOWrapper(raw, encoding=encoding, errors="surrogateescape") as fh:
+                for line in fh:
+                    yield from parse_uri_line(line, base)
     elif spec.kind == "tar":
         yield InputItem(spec.uri, "tar")
     else:

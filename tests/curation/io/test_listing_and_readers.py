@@ -286,3 +286,21 @@ def test_an_image_named_tar_is_judged_by_its_bytes(tmp_path):
     )
     (row,) = TarReader()({schema.SOURCE: [str(junk)]}).to_pylist()
     assert row[schema.REASON] == "unreadable" and row[schema.DETAIL].startswith("cannot read tar")
+
+
+@given(encoding=st.sampled_from(["utf-8-sig", "utf-16", "utf-16-le", "utf-8"]),
+       newline=st.sampled_from(["\n", "\r\n"]))
+@settings(
+    max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+def test_a_list_written_by_windows_tools_names_its_files(tmp_path, encoding, newline):
+    """A list saved with a byte-order mark (Notepad's UTF-8, PowerShell's UTF-16) made its
+    first file '\\ufeffa.jpg': an `unreadable` row for a file that exists."""
+    lst = tmp_path / f"{encoding}.lst"
+    text = newline.join(["a.jpg", "sub/b.jpg", "# comment", ""])
+    if encoding == "utf-16-le":  # with its mark, as PowerShell writes it
+        lst.write_bytes(b"\xff\xfe" + text.encode("utf-16-le"))
+    else:
+        lst.write_bytes(text.encode(encoding))
+    listed = [i.uri for i in list_inputs([str(lst)])]
+    assert listed == [str(tmp_path / "a.jpg"), str(tmp_path / "sub" / "b.jpg")]
