@@ -264,14 +264,24 @@ JPEG_COARSEST_SCALE = 81.0
 JPEG is judged with the ``jpeg_coarsest`` model."""
 
 
+MAX_HEADER_STEPS = 65_536
+"""Marker segments (JPEG) or chunks (WebP) walked before the image data, at most: the walk
+hops from header to header, so metadata of any size in front of the image (a multi-MB ICC
+profile or Photoshop XMP) costs a few steps, and a file of nothing but markers a bounded
+few milliseconds."""
+
+
 def _jpeg_quant_scale(data: bytes) -> float | None:
     """The luma quantisation table's scale in percent of libjpeg's quality-50 table.
 
-    Walks the JPEG's marker segments up to the first scan; None when no table 0 is found.
-    A table's order (zigzag or natural) does not change its sum, which is what is compared.
+    Walks the JPEG's marker segments up to the first scan (at most `MAX_HEADER_STEPS`); None
+    when no table 0 is found. A table's order (zigzag or natural) does not change its sum,
+    which is what is compared.
     """
-    pos, n = 2, min(len(data), 1 << 20)
-    while pos + 4 <= n and data[pos] == 0xFF:
+    pos, n = 2, len(data)
+    for _ in range(MAX_HEADER_STEPS):
+        if not (pos + 4 <= n and data[pos] == 0xFF):
+            break
         marker = data[pos + 1]
         if marker == 0xFF:  # fill byte
             pos += 1
@@ -389,7 +399,9 @@ def _webp_lossy_frame(data: bytes) -> bytes | None:
     animation, whose frames are treated as lossy without reading their headers.
     """
     pos = 12
-    while pos + 8 <= min(len(data), 1 << 20):  # chunks: ALPH, ICCP, ... come first
+    for _ in range(MAX_HEADER_STEPS):  # chunks: ALPH, ICCP, ... come first
+        if pos + 8 > len(data):
+            break
         fourcc = bytes(data[pos : pos + 4])
         size = int.from_bytes(data[pos + 4 : pos + 8], "little")
         if fourcc == b"VP8 ":
