@@ -25,6 +25,7 @@ from urllib.parse import quote, unquote_to_bytes
 
 import braceexpand
 import fsspec
+from fsspec.implementations.local import LocalFileSystem, make_path_posix
 
 from curation.io.atomic import is_local
 
@@ -42,9 +43,15 @@ class InputItem:
     sidecar_zh: str | None = None  # `<stem>.zh.txt`: the Chinese caption, when txt is a sidecar
 
 
-def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The fsspec filesystem for a URI and the path inside it."""
-    fs, path = fsspec.core.url_to_fs(uri)
+def filesystem(uri: str, **storage_options: object) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem for a URI and the path inside it.
+
+    A local path (no `scheme://`) is taken as it is: fsspec reads `::` as URL chaining, so a
+    file named `a::b.jpg` would otherwise be looked for as `a`.
+    """
+    if "://" not in uri:
+        return LocalFileSystem(), make_path_posix(uri)
+    fs, path = fsspec.core.url_to_fs(uri, **storage_options)
     return fs, path
 
 
@@ -226,7 +233,7 @@ def plan_inputs(
     specs = []
     for raw in inputs:
         for inp in braceexpand.braceexpand(raw):
-            fs, path = fsspec.core.url_to_fs(inp, **(storage_options or {}))
+            fs, path = filesystem(inp, **(storage_options or {}))
             if fs.isdir(path):
                 specs.append(InputSpec(inp, "folder"))
             elif fs.exists(path):
@@ -277,7 +284,7 @@ def expand_input(
     so that an OUT inside an INPUT folder never feeds the job its own shards and manifest.
     """
     sidecar_exts = tuple(e.lower() for e in sidecar_extensions)
-    fs, path = fsspec.core.url_to_fs(spec.uri, **(storage_options or {}))
+    fs, path = filesystem(local_path(spec.uri), **(storage_options or {}))
     if spec.kind == "folder":
         if _is_local(fs):
             skip = local_path(exclude) if exclude is not None and is_local(exclude) else None

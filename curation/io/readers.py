@@ -15,13 +15,12 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import fsspec
 import pyarrow as pa
 from PIL import Image
 
 from curation import schema
 from curation.base import Stage, column, set_columns
-from curation.io.listing import escape_name, local_path, split_tar_source
+from curation.io.listing import escape_name, filesystem, local_path, split_tar_source
 
 SIDECAR = "sidecar"  # listing column: URI of a sidecar caption file
 META = "meta"  # listing column: URI of a `<stem>.json` metadata sidecar
@@ -36,6 +35,13 @@ META_MAX_BYTES = 64 * 1024
 """Largest metadata JSON kept verbatim in `source_meta` (img2dataset's are under 2 KB)."""
 
 
+def open_input(uri: str) -> Any:
+    """An input's (or sidecar's, or tar's) bytes as a binary file object; a local path is
+    opened as it is named (`filesystem`)."""
+    fs, path = filesystem(local_path(uri))
+    return fs.open(path, "rb")
+
+
 def read_bytes(source: str, tar_offset: int | None = None, size: int | None = None) -> bytes:
     """Read an input's bytes again: a whole file, or `size` bytes of a tar member.
 
@@ -45,10 +51,10 @@ def read_bytes(source: str, tar_offset: int | None = None, size: int | None = No
         size: the member's size (required with `tar_offset`).
     """
     if tar_offset is None:
-        with fsspec.open(local_path(source), "rb") as fh:
+        with open_input(source) as fh:
             return fh.read()
     tar_uri = split_tar_source(source)[0]
-    with fsspec.open(local_path(tar_uri), "rb") as fh:
+    with open_input(tar_uri) as fh:
         fh.seek(tar_offset)
         data = fh.read(size)
     if len(data) != size:
@@ -132,7 +138,7 @@ class FileReader(Stage):
 def _read_sidecar(uri: str) -> bytes:
     """A sidecar's bytes; empty when it cannot be read (a lost caption loses no image)."""
     try:
-        with fsspec.open(local_path(uri), "rb") as fh:
+        with open_input(uri) as fh:
             return fh.read()
     except Exception:
         return b""
@@ -142,7 +148,7 @@ def _read_one(
     src: str, sidecar: str | None, meta: str | None, max_bytes: int, sidecar_zh: str | None = None
 ) -> dict[str, Any]:
     try:
-        fs, path = fsspec.core.url_to_fs(local_path(src))
+        fs, path = filesystem(local_path(src))
         size = fs.size(path)
         if size is not None and size > max_bytes:
             return {
@@ -223,7 +229,7 @@ class TarReader(Stage):
         error: str | None = None
         try:
             with (
-                fsspec.open(local_path(tar_uri), "rb") as fh,
+                open_input(tar_uri) as fh,
                 tarfile.open(fileobj=fh, mode="r|*") as tf,
             ):
                 for member in tf:

@@ -2,6 +2,7 @@ import hashlib
 import io
 import json
 import tarfile
+from pathlib import Path
 
 import pyarrow as pa
 from hypothesis import HealthCheck, given, settings
@@ -304,3 +305,29 @@ def test_a_list_written_by_windows_tools_names_its_files(tmp_path, encoding, new
         lst.write_bytes(text.encode(encoding))
     listed = [i.uri for i in list_inputs([str(lst)])]
     assert listed == [str(tmp_path / "a.jpg"), str(tmp_path / "sub" / "b.jpg")]
+
+
+@given(name=st.sampled_from(["g::h", "a::b::c", "x#1", "q?", "s%20t"]))  # (braces: patterns)
+@settings(
+    max_examples=5, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+def test_local_names_with_url_syntax_are_read_as_named(tmp_path, name):
+    """fsspec reads `::` as URL chaining: `g::h.jpg` was an `unreadable` row ("No such
+    file") in a folder, a list or a tar's name, and as an INPUT it did not exist."""
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(dir=tmp_path))
+    image, tar = folder / f"{name}.jpg", folder / f"{name}.tar"
+    image.write_bytes(b"\xff\xd8 image bytes")
+    _tar(tar, [("m.jpg", b"member bytes")])
+    lst = folder / "list.lst"
+    lst.write_text(f"{image.name}\n")
+    for inputs in ([str(folder)], [str(image)], [str(lst)]):
+        listed = {i.uri: i.kind for i in list_inputs(inputs)}
+        assert listed.get(str(image)) == "file", (inputs, listed)
+    rows = FileReader()({schema.SOURCE: [str(image)], SIDECAR: [None]}).to_pylist()
+    assert rows[0][schema.STATUS] is None, rows[0][schema.DETAIL]
+    assert read_bytes(str(image)) == rows[0][schema.DATA] == image.read_bytes()
+    (member,) = TarReader()({schema.SOURCE: [str(tar)]}).to_pylist()
+    assert member[schema.DATA] == b"member bytes"
+    assert read_bytes(member[schema.SOURCE], member[schema.TAR_OFFSET], 12) == b"member bytes"
