@@ -50,12 +50,22 @@ def sniff_non_image(data: bytes) -> str | None:
         return "gzip-compressed file (a .tar.gz shard?): not read; give it uncompressed (.tar)"
     if data[:3] == b"BZh" or data[:6] == b"\xfd7zXZ\x00" or data[:4] == b"\x28\xb5\x2f\xfd":
         return "compressed file (bzip2, xz or zstd): not read; give it uncompressed"
-    try:
-        text = data[:4096].decode("utf-8")
-    except UnicodeDecodeError:
-        return None
+    text = _text_head(data[:4096])
     if text and all(ch.isprintable() or ch in "\r\n\t" for ch in text):
         return "text file, not an image"
+    return None
+
+
+def _text_head(head: bytes) -> str | None:
+    """The first bytes of a file as text: UTF-8 (a byte-order mark dropped, a character cut
+    at the end forgiven) or UTF-16 with its mark, as Windows tools write; else None."""
+    if head[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        return head[: len(head) // 2 * 2].decode("utf-16", "replace").rstrip("\ufffd")
+    for cut in range(4):  # a multi-byte character may straddle the end of the head
+        try:
+            return head[: len(head) - cut].decode("utf-8-sig")
+        except UnicodeDecodeError:
+            continue
     return None
 
 

@@ -125,3 +125,16 @@ def test_a_valid_tiff_in_a_layout_pillow_cannot_decode_is_named_not_called_corru
     assert row["detail"].startswith(f"TIFF image with {words}")
     for cut in (20, 200):  # a TIFF whose header is cut short is still a broken file
         assert probe(tif.tobytes()[:cut])["reason"] == "decode_error"
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-8-sig", "utf-16"])
+def test_a_text_file_is_named_whatever_its_encoding(encoding):
+    """A list or caption saved by Notepad (UTF-8 with a byte-order mark) or PowerShell (UTF-16)
+    inside an image folder was `decode_error` "not a recognisable image format"; so was UTF-8
+    text whose 4,096-byte head ended inside a character."""
+    text = "photo_1.jpg\r\nфото_2.jpg\r\n写真_3.jpg\r\n" * 200
+    row = probe(text.encode(encoding))
+    assert row == {"reason": "unsupported_format", "detail": "text file, not an image"}
+    for shift in range(4):  # the head cut at every byte of a 3-byte character
+        row = probe(("x" * shift + "写" * 3000).encode())
+        assert row["reason"] == "unsupported_format", shift
