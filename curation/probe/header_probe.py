@@ -38,7 +38,8 @@ orientation 1 (nothing left to apply) for them."""
 
 
 def sniff_non_image(data: bytes) -> str | None:
-    """Words for bytes that are plainly not a raster image (SVG, HTML, text), else None."""
+    """Words for bytes that are plainly not a raster image (SVG, HTML, text, archives,
+    video), else None."""
     head = data[:512].lstrip().lower()
     if head.startswith(b"<?xml") or b"<svg" in head:
         return "SVG vector image (not a raster format)"
@@ -50,6 +51,16 @@ def sniff_non_image(data: bytes) -> str | None:
         return "gzip-compressed file (a .tar.gz shard?): not read; give it uncompressed (.tar)"
     if data[:3] == b"BZh" or data[:6] == b"\xfd7zXZ\x00" or data[:4] == b"\x28\xb5\x2f\xfd":
         return "compressed file (bzip2, xz or zstd): not read; give it uncompressed"
+    if data[:4] in (b"PK\x03\x04", b"PK\x05\x06") or data[:6] in (
+        b"Rar!\x1a\x07",
+        b"7z\xbc\xaf\x27\x1c",
+    ):
+        return "archive (zip, rar or 7z): not read; unpack it"
+    if data[4:8] == b"ftyp":  # ISO media that is no HEIF/AVIF image (`sniff_unread_format`)
+        brand = data[8:12].decode("latin-1").strip()
+        return f"video or audio file (ISO media, brand {brand!r}), not an image"
+    if data[:4] == b"\x1a\x45\xdf\xa3" or (data[:4] == b"RIFF" and data[8:12] == b"AVI "):
+        return "video file (Matroska/WebM or AVI), not an image"
     text = _text_head(data[:4096])
     if text and all(ch.isprintable() or ch in "\r\n\t" for ch in text):
         return "text file, not an image"

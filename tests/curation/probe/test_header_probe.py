@@ -138,3 +138,28 @@ def test_a_text_file_is_named_whatever_its_encoding(encoding):
     for shift in range(4):  # the head cut at every byte of a 3-byte character
         row = probe(("x" * shift + "写" * 3000).encode())
         assert row["reason"] == "unsupported_format", shift
+
+
+def test_archives_and_videos_in_a_scraped_pool_are_named(tmp_path):
+    """A zip, an mp4 or a WebM among the images was decode_error "not a recognisable image
+    format", as if an image were broken."""
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("a.jpg", _png(8, 8))
+    words = {"zip": probe(buf.getvalue())["detail"]}
+    for ext, fourcc in (("mp4", "mp4v"), ("mkv", "MJPG"), ("avi", "MJPG")):
+        path = tmp_path / f"v.{ext}"
+        writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), 5, (64, 48))
+        for i in range(3):
+            writer.write(np.full((48, 64, 3), 40 * i, np.uint8))
+        writer.release()
+        row = probe(path.read_bytes())
+        assert row["reason"] == "unsupported_format", (ext, row)
+        words[ext] = row["detail"]
+    assert words["zip"].startswith("archive") and "unpack" in words["zip"]
+    assert "brand 'isom'" in words["mp4"] and "not an image" in words["mp4"]
+    assert words["mkv"].startswith("video file") and words["avi"].startswith("video file")
+    heic = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64)
+    assert probe(heic)["detail"].startswith("HEIF/HEIC")  # still named as the image it is
