@@ -108,11 +108,7 @@ class AnalyzeConfig:
 class DedupConfig:
     """Exact and near-duplicate removal across the whole job."""
 
-    enabled: bool = _f(
-        True,
-        "Drop exact (sha256) and near (perceptual hash) duplicates. Off, near duplicates are "
-        "kept, but byte-identical copies are still one sample (they share a content key).",
-    )
+    enabled: bool = _f(True, "Drop exact (sha256) and near (perceptual hash) duplicates.")
     max_hamming: int = _f(
         6,
         "Two images are near duplicates when their 64-bit pHashes differ in at most this many "

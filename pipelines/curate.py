@@ -52,7 +52,6 @@ from curation.dedup.near_dup import (
     PARENT,
     PARENT_SHA256,
     BandSplitter,
-    exact_copies,
     match_band,
     pick_parent,
 )
@@ -578,10 +577,6 @@ def _not_kept(t: pa.Table) -> pa.Table:
     return t.filter(pc.invert(pc.fill_null(pc.equal(t[schema.STATUS], schema.STATUS_KEPT), False)))
 
 
-def _pending_with_bytes(t: pa.Table) -> pa.Table:
-    return t.filter(pc.and_(pc.is_null(t[schema.STATUS]), pc.is_valid(t[schema.SHA256])))
-
-
 def _hashed_pending(t: pa.Table) -> pa.Table:
     return t.filter(pc.and_(pc.is_null(t[schema.STATUS]), pc.is_valid(t[schema.PHASH])))
 
@@ -589,22 +584,8 @@ def _hashed_pending(t: pa.Table) -> pa.Table:
 def dedup_decisions(rows: Any, cfg: JobConfig, partitions_for: Partitioning) -> Any | None:
     """Distributed duplicate resolution: (source → root source, root sha256) per duplicate.
 
-    With `dedup.enabled` false only byte-identical copies are resolved (`exact_copies`): they
-    share a content key, so they cannot be two samples. Returns None when the job has no
-    duplicate (nothing to join back).
+    Returns None when the job has no duplicate (nothing to join back).
     """
-    if not cfg.dedup.enabled:
-        pending, num_pending = nonempty(
-            rows.select_columns([schema.SOURCE, schema.SHA256, schema.STATUS]).map_batches(
-                _pending_with_bytes, batch_format="pyarrow"
-            )
-        )
-        if pending is None or num_pending < 2:
-            return None
-        copies, _ = nonempty(
-            group_map(pending, schema.SHA256, exact_copies, partitions_for(num_pending))
-        )
-        return copies
     k = cfg.dedup.max_hamming
     hashed, num_hashed = nonempty(
         rows.select_columns([*HASH_COLUMNS, schema.STATUS]).map_batches(
@@ -1228,7 +1209,7 @@ def _decide_and_write(
                 "holds (a worker of an interrupted run finished after the rerun listed its "
                 "work, or two runs shared this output): one row per source kept"
             )
-        decisions = dedup_decisions(rows, cfg, partitions_for)
+        decisions = dedup_decisions(rows, cfg, partitions_for) if cfg.dedup.enabled else None
         if decisions is not None:
             parts = partitions_for(num_rows)
             rows = grouping.join(rows, decisions, "left_outer", parts, on=(schema.SOURCE,))

@@ -165,30 +165,6 @@ def match_band(group: pa.Table, max_distance: int) -> pa.Table:
     return pa.table(out, schema=EDGE_SCHEMA)
 
 
-COPY_SCHEMA = pa.schema(
-    [(schema.SOURCE, pa.string()), ("root", pa.string()), ("root_sha256", pa.string())]
-)
-"""`exact_copies`' rows: a copy's source, the source it copies and their sha256."""
-
-
-def exact_copies(group: pa.Table) -> pa.Table:
-    """In one group of rows with the same sha256, every row but the smallest source copies it.
-
-    Byte-identical inputs are one sample whatever the dedup settings: their content key is
-    the same, and a shard holds one sample per key. Reads `source`, `sha256`.
-    """
-    sources = sorted(column(group, schema.SOURCE))
-    sha = column(group, schema.SHA256)[0] if group.num_rows else None
-    return pa.table(
-        {
-            schema.SOURCE: sources[1:],
-            "root": [sources[0]] * (len(sources) - 1),
-            "root_sha256": [sha] * (len(sources) - 1),
-        },
-        schema=COPY_SCHEMA,
-    )
-
-
 def pick_parent(edges: pa.Table) -> pa.Table:
     """Per source, keep only the edge to its best-ranked better neighbour."""
     best: dict[str, tuple[tuple, int]] = {}

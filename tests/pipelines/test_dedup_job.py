@@ -46,25 +46,6 @@ def test_chain_resolves_to_the_root_and_far_rows_stay(local_ray):
     assert out == {"b": ("a", "sa"), "c": ("a", "sa")}
 
 
-def test_with_dedup_off_byte_identical_copies_are_still_one_sample(local_ray):
-    # A file and a link to it, or one photo under two names, share a content key: kept twice,
-    # the shard held the key twice and verify failed. Near duplicates stay, as configured.
-    rows = pa.table(
-        {
-            schema.SOURCE: ["in/b.jpg", "in/link.jpg", "in/a.jpg", "in/near.jpg", "in/gone"],
-            schema.SHA256: ["s1", "s1", "s1", "s2", None],
-            schema.PHASH: pa.array([7, 7, 7, 7, None], pa.int64()),
-            schema.STATUS: [None, None, None, None, "rejected"],
-        }
-    )
-    cfg = load_config(None, ["dedup.enabled=false"])
-    decisions = dedup_decisions(local_ray.data.from_arrow(rows), cfg, Partitioning(2, 1))
-    out = {r["source"]: (r["root"], r["root_sha256"]) for r in decisions.take_all()}
-    assert out == {"in/b.jpg": ("in/a.jpg", "s1"), "in/link.jpg": ("in/a.jpg", "s1")}
-    unique = rows.take([2, 3])  # a.jpg, near.jpg: no copy, nothing to join back
-    assert dedup_decisions(local_ray.data.from_arrow(unique), cfg, Partitioning(2, 1)) is None
-
-
 def test_a_real_photograph_is_kept_over_its_re_encodes(local_ray, tmp_path):
     """A camera photograph and two web copies of it at full size (JPEG q85, WebP q80): the
     original is kept, though the q85 copy measures sharper (its block edges: 2.02 against
