@@ -40,7 +40,7 @@ WIDTH = "width"  # after EXIF orientation
 HEIGHT = "height"
 NUM_FRAMES = "num_frames"
 MODE = "mode"  # PIL mode as stored in the file (RGB, L, P, CMYK, I;16, ...)
-ORIENTATION = "orientation"  # EXIF orientation tag (1 when absent)
+ORIENTATION = "orientation"  # EXIF orientation to apply after Pillow's decode (1: none; TIFF: 1)
 
 # --- pixel analysis (scores) ----------------------------------------------------------------
 SHARPNESS = "sharpness"

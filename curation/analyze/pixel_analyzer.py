@@ -88,8 +88,9 @@ def decode_gray(data: bytes, orientation: int = 1) -> np.ndarray:
     """Decode to an oriented 8-bit grayscale array (the full-resolution luma).
 
     JPEGs decode their luma plane only (no colour conversion); every other format and
-    mode (8/16-bit, gray, palette, alpha, CMYK, float) is converted to 8-bit gray, 16-bit data
-    by its high byte. EXIF orientation is applied.
+    mode (8/16-bit, gray, palette, alpha, CMYK, CIELab, float) is converted to 8-bit gray,
+    16-bit data by its high byte; an image with transparency is seen over white, as the
+    training loader and a viewer show it (not its hidden colours). EXIF orientation is applied.
 
     Raises:
         Exception: whatever the decoder raises for truncated or corrupt data.
@@ -125,11 +126,13 @@ def decode(
                 thumb = _safe_thumbnail(data, orientation, thumbnail_size)
             img.draft("L", img.size)
         img.load()
+    alpha = _alpha(img)
     if thumbnail_size and thumb is None and img.mode not in _HIGH_BIT_MODES:
         factor = max(1, max(img.size) // (2 * thumbnail_size))
         try:
             small = img.reduce(factor) if img.mode in ("L", "RGB", "RGBA", "LA", "CMYK") else img
-            thumb = _thumbnail(small.convert("RGB"), orientation, thumbnail_size)
+            shown = _over_white(small) if alpha is not None else small.convert("RGB")
+            thumb = _thumbnail(shown, orientation, thumbnail_size)
         except (ValueError, OSError):  # a mode without an RGB conversion: from the luma below
             thumb = None
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
@@ -149,12 +152,48 @@ def decode(
         code = cv2.COLOR_RGBA2GRAY if rgb.shape[2] == 4 else cv2.COLOR_RGB2GRAY
         gray = cv2.cvtColor(rgb, code)
     else:
-        gray = np.asarray(img.convert("L"))
+        try:
+            gray = np.asarray(img.convert("L"))
+        except ValueError:  # no direct conversion to gray (CIELab TIFFs): through RGB
+            gray = np.asarray(img.convert("RGB").convert("L"))
+    if alpha is not None:
+        gray = _luma_over_white(gray, alpha)
     if thumbnail_size and thumb is None:  # high bit depth, odd modes: from the 8-bit luma
         thumb = _thumbnail(Image.fromarray(gray).convert("RGB"), orientation, thumbnail_size)
     if orientation in _TRANSPOSE:
         gray = np.asarray(Image.fromarray(gray).transpose(_TRANSPOSE[orientation]))
     return np.ascontiguousarray(gray), thumb
+
+
+def _alpha(img: Image.Image) -> np.ndarray | None:
+    """The alpha plane (h×w uint8) of an image with a pixel that is not opaque, else None."""
+    if img.mode in ("RGBA", "LA", "PA"):
+        plane = img.getchannel("A")
+    elif img.mode in ("P", "L", "RGB") and "transparency" in img.info:
+        with warnings.catch_warnings():  # Pillow's advice to store such palettes as RGBA
+            warnings.simplefilter("ignore")
+            plane = img.convert("RGBA").getchannel("A")
+    else:
+        return None
+    return None if plane.getextrema()[0] == 255 else np.asarray(plane)
+
+
+def _over_white(img: Image.Image) -> Image.Image:
+    """An image with transparency as RGB over white, as the training loader shows it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rgba = img.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
+
+
+def _luma_over_white(gray: np.ndarray, alpha: np.ndarray, rows: int = 512) -> np.ndarray:
+    """The luma of the image composited over white (luma is linear in RGB), in row stripes so
+    that an image's temporaries stay small."""
+    out = np.empty_like(gray)
+    for y in range(0, gray.shape[0], rows):
+        a = alpha[y : y + rows].astype(np.uint32)
+        out[y : y + rows] = (gray[y : y + rows] * a + 255 * (255 - a) + 127) // 255
+    return out
 
 
 def is_jpeg_thumbnail_deferred(data: bytes) -> bool:
@@ -225,14 +264,24 @@ JPEG_COARSEST_SCALE = 81.0
 JPEG is judged with the ``jpeg_coarsest`` model."""
 
 
+MAX_HEADER_STEPS = 65_536
+"""Marker segments (JPEG) or chunks (WebP) walked before the image data, at most: the walk
+hops from header to header, so metadata of any size in front of the image (a multi-MB ICC
+profile or Photoshop XMP) costs a few steps, and a file of nothing but markers a bounded
+few milliseconds."""
+
+
 def _jpeg_quant_scale(data: bytes) -> float | None:
     """The luma quantisation table's scale in percent of libjpeg's quality-50 table.
 
-    Walks the JPEG's marker segments up to the first scan; None when no table 0 is found.
-    A table's order (zigzag or natural) does not change its sum, which is what is compared.
+    Walks the JPEG's marker segments up to the first scan (at most `MAX_HEADER_STEPS`); None
+    when no table 0 is found. A table's order (zigzag or natural) does not change its sum,
+    which is what is compared.
     """
-    pos, n = 2, min(len(data), 1 << 20)
-    while pos + 4 <= n and data[pos] == 0xFF:
+    pos, n = 2, len(data)
+    for _ in range(MAX_HEADER_STEPS):
+        if not (pos + 4 <= n and data[pos] == 0xFF):
+            break
         marker = data[pos + 1]
         if marker == 0xFF:  # fill byte
             pos += 1
@@ -350,7 +399,9 @@ def _webp_lossy_frame(data: bytes) -> bytes | None:
     animation, whose frames are treated as lossy without reading their headers.
     """
     pos = 12
-    while pos + 8 <= min(len(data), 1 << 20):  # chunks: ALPH, ICCP, ... come first
+    for _ in range(MAX_HEADER_STEPS):  # chunks: ALPH, ICCP, ... come first
+        if pos + 8 > len(data):
+            break
         fourcc = bytes(data[pos : pos + 4])
         size = int.from_bytes(data[pos + 4 : pos + 8], "little")
         if fourcc == b"VP8 ":

@@ -15,6 +15,7 @@ path); a linked folder inside an input folder is not descended, so link loops ca
 
 from __future__ import annotations
 
+import io
 import os
 import re
 from collections.abc import Iterable, Iterator
@@ -24,6 +25,7 @@ from urllib.parse import quote, unquote_to_bytes
 
 import braceexpand
 import fsspec
+from fsspec.implementations.local import LocalFileSystem, make_path_posix
 
 from curation.io.atomic import is_local
 
@@ -41,9 +43,15 @@ class InputItem:
     sidecar_zh: str | None = None  # `<stem>.zh.txt`: the Chinese caption, when txt is a sidecar
 
 
-def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The fsspec filesystem for a URI and the path inside it."""
-    fs, path = fsspec.core.url_to_fs(uri)
+def filesystem(uri: str, **storage_options: object) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem for a URI and the path inside it.
+
+    A local path (no `scheme://`) is taken as it is: fsspec reads `::` as URL chaining, so a
+    file named `a::b.jpg` would otherwise be looked for as `a`.
+    """
+    if "://" not in uri:
+        return LocalFileSystem(), make_path_posix(uri)
+    fs, path = fsspec.core.url_to_fs(uri, **storage_options)
     return fs, path
 
 
@@ -225,7 +233,7 @@ def plan_inputs(
     specs = []
     for raw in inputs:
         for inp in braceexpand.braceexpand(raw):
-            fs, path = fsspec.core.url_to_fs(inp, **(storage_options or {}))
+            fs, path = filesystem(inp, **(storage_options or {}))
             if fs.isdir(path):
                 specs.append(InputSpec(inp, "folder"))
             elif fs.exists(path):
@@ -276,7 +284,7 @@ def expand_input(
     so that an OUT inside an INPUT folder never feeds the job its own shards and manifest.
     """
     sidecar_exts = tuple(e.lower() for e in sidecar_extensions)
-    fs, path = fsspec.core.url_to_fs(spec.uri, **(storage_options or {}))
+    fs, path = filesystem(local_path(spec.uri), **(storage_options or {}))
     if spec.kind == "folder":
         if _is_local(fs):
             skip = local_path(exclude) if exclude is not None and is_local(exclude) else None
@@ -290,9 +298,15 @@ def expand_input(
     elif spec.kind == "list":
         base = os.path.dirname(local_path(spec.uri)) if is_local(spec.uri) else (
             spec.uri.rsplit("/", 1)[0])
-        with fs.open(path, "rt", errors="surrogateescape") as fh:
-            for line in fh:
-                yield from parse_uri_line(line, base)
+        with fs.open(path, "rb") as raw:
+            bom = raw.read(2)
+            raw.seek(0)
+            # A byte-order mark is not part of the first name: Windows tools write lists in
+            # UTF-8 with one (Notepad) or in UTF-16 (PowerShell's `>`).
+            encoding = "utf-16" if bom in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
+            with io.TextIOWrapper(raw, encoding=encoding, errors="surrogateescape") as fh:
+                for line in fh:
+                    yield from parse_uri_line(line, base)
     elif spec.kind == "tar":
         yield InputItem(spec.uri, "tar")
     else:

@@ -8,17 +8,19 @@ sample. Both keep going on bad input: a file that cannot be read becomes a rejec
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import tarfile
+import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import fsspec
 import pyarrow as pa
+from PIL import Image
 
 from curation import schema
 from curation.base import Stage, column, set_columns
-from curation.io.listing import escape_name, local_path, split_tar_source
+from curation.io.listing import escape_name, filesystem, local_path, split_tar_source
 
 SIDECAR = "sidecar"  # listing column: URI of a sidecar caption file
 META = "meta"  # listing column: URI of a `<stem>.json` metadata sidecar
@@ -33,6 +35,13 @@ META_MAX_BYTES = 64 * 1024
 """Largest metadata JSON kept verbatim in `source_meta` (img2dataset's are under 2 KB)."""
 
 
+def open_input(uri: str) -> Any:
+    """An input's (or sidecar's, or tar's) bytes as a binary file object; a local path is
+    opened as it is named (`filesystem`)."""
+    fs, path = filesystem(local_path(uri))
+    return fs.open(path, "rb")
+
+
 def read_bytes(source: str, tar_offset: int | None = None, size: int | None = None) -> bytes:
     """Read an input's bytes again: a whole file, or `size` bytes of a tar member.
 
@@ -42,10 +51,10 @@ def read_bytes(source: str, tar_offset: int | None = None, size: int | None = No
         size: the member's size (required with `tar_offset`).
     """
     if tar_offset is None:
-        with fsspec.open(local_path(source), "rb") as fh:
+        with open_input(source) as fh:
             return fh.read()
     tar_uri = split_tar_source(source)[0]
-    with fsspec.open(local_path(tar_uri), "rb") as fh:
+    with open_input(tar_uri) as fh:
         fh.seek(tar_offset)
         data = fh.read(size)
     if len(data) != size:
@@ -129,7 +138,7 @@ class FileReader(Stage):
 def _read_sidecar(uri: str) -> bytes:
     """A sidecar's bytes; empty when it cannot be read (a lost caption loses no image)."""
     try:
-        with fsspec.open(local_path(uri), "rb") as fh:
+        with open_input(uri) as fh:
             return fh.read()
     except Exception:
         return b""
@@ -139,7 +148,7 @@ def _read_one(
     src: str, sidecar: str | None, meta: str | None, max_bytes: int, sidecar_zh: str | None = None
 ) -> dict[str, Any]:
     try:
-        fs, path = fsspec.core.url_to_fs(local_path(src))
+        fs, path = filesystem(local_path(src))
         size = fs.size(path)
         if size is not None and size > max_bytes:
             return {
@@ -184,9 +193,10 @@ class TarReader(Stage):
     Reads: `source` (a tar URI). Writes one row per sample: `source` (`tar-uri#member`),
     `tar_offset`, `data`, `size_bytes`, `sha256`, `caption_en`/`caption_zh` from `.txt`/`.zh.txt`
     or `.json` members, `source_meta` (the `.json` member's text). Rejects: `unreadable` for a
-    tar that cannot be opened (one row for the tar) or a truncated member. Rows whose source is
-    in the tar's optional `done_members` list (analysed by an interrupted earlier run) are left
-    out. Resources: 1 CPU; one tar per batch.
+    tar that cannot be opened (one row for the tar) or a truncated member; a `.tar` whose
+    bytes are an image is that image's row (judged by its bytes, as any mislabelled file).
+    Rows whose source is in the tar's optional `done_members` list (analysed by an
+    interrupted earlier run) are left out. Resources: 1 CPU; one tar per batch.
     """
 
     name: ClassVar[str] = "read_tar"
@@ -219,7 +229,7 @@ class TarReader(Stage):
         error: str | None = None
         try:
             with (
-                fsspec.open(local_path(tar_uri), "rb") as fh,
+                open_input(tar_uri) as fh,
                 tarfile.open(fileobj=fh, mode="r|*") as tf,
             ):
                 for member in tf:
@@ -257,6 +267,8 @@ class TarReader(Stage):
                     raise tarfile.ReadError(f"truncated: {fh.tell()} bytes is no whole tar")
         except Exception as e:
             error = safe_text(f"{type(e).__name__}: {e}")
+        if error is not None and not order and (image := self._image_named_tar(tar_uri)):
+            return [image]
         rows: list[dict[str, Any]] = []
         for key in order:
             rows.extend(_sample_rows(tar_uri, key, samples[key]))
@@ -279,6 +291,21 @@ class TarReader(Stage):
                 }
             )
         return rows
+
+
+    def _image_named_tar(self, uri: str) -> dict[str, Any] | None:
+        """The file row of a `.tar` that is no tar but an image (judged by its bytes, as a
+        mislabelled image is), else None."""
+        row = _read_one(uri, None, None, self.max_file_bytes)
+        if schema.DATA not in row:
+            return None
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                Image.open(io.BytesIO(row[schema.DATA])).close()
+        except Exception:  # not an image either: the tar's own verdict stands
+            return None
+        return {schema.SOURCE: uri, **row}
 
 
 def _sample_rows(tar_uri: str, key: str, sample: dict[str, Any]) -> list[dict[str, Any]]:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import pyarrow as pa
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, TiffImagePlugin, UnidentifiedImageError
 
 from curation import schema
 from curation.base import Stage, column, pending_mask, set_columns
@@ -31,10 +31,15 @@ EXTENSIONS = {
 
 ROTATING_ORIENTATIONS = (5, 6, 7, 8)
 EXIF_ORIENTATION_TAG = 0x0112
+SELF_ORIENTING_FORMATS = ("tiff",)
+"""Formats whose Pillow decoder applies the orientation tag itself: the header size Pillow
+reports is already oriented and the decoded pixels already turned, so `probe` records
+orientation 1 (nothing left to apply) for them."""
 
 
 def sniff_non_image(data: bytes) -> str | None:
-    """Words for bytes that are plainly not a raster image (SVG, HTML, text), else None."""
+    """Words for bytes that are plainly not a raster image (SVG, HTML, text, archives,
+    video), else None."""
     head = data[:512].lstrip().lower()
     if head.startswith(b"<?xml") or b"<svg" in head:
         return "SVG vector image (not a raster format)"
@@ -46,12 +51,32 @@ def sniff_non_image(data: bytes) -> str | None:
         return "gzip-compressed file (a .tar.gz shard?): not read; give it uncompressed (.tar)"
     if data[:3] == b"BZh" or data[:6] == b"\xfd7zXZ\x00" or data[:4] == b"\x28\xb5\x2f\xfd":
         return "compressed file (bzip2, xz or zstd): not read; give it uncompressed"
-    try:
-        text = data[:4096].decode("utf-8")
-    except UnicodeDecodeError:
-        return None
+    if data[:4] in (b"PK\x03\x04", b"PK\x05\x06") or data[:6] in (
+        b"Rar!\x1a\x07",
+        b"7z\xbc\xaf\x27\x1c",
+    ):
+        return "archive (zip, rar or 7z): not read; unpack it"
+    if data[4:8] == b"ftyp":  # ISO media that is no HEIF/AVIF image (`sniff_unread_format`)
+        brand = data[8:12].decode("latin-1").strip()
+        return f"video or audio file (ISO media, brand {brand!r}), not an image"
+    if data[:4] == b"\x1a\x45\xdf\xa3" or (data[:4] == b"RIFF" and data[8:12] == b"AVI "):
+        return "video file (Matroska/WebM or AVI), not an image"
+    text = _text_head(data[:4096])
     if text and all(ch.isprintable() or ch in "\r\n\t" for ch in text):
         return "text file, not an image"
+    return None
+
+
+def _text_head(head: bytes) -> str | None:
+    """The first bytes of a file as text: UTF-8 (a byte-order mark dropped, a character cut
+    at the end forgiven) or UTF-16 with its mark, as Windows tools write; else None."""
+    if head[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        return head[: len(head) // 2 * 2].decode("utf-16", "replace").rstrip("\ufffd")
+    for cut in range(4):  # a multi-byte character may straddle the end of the head
+        try:
+            return head[: len(head) - cut].decode("utf-8-sig")
+        except UnicodeDecodeError:
+            continue
     return None
 
 
@@ -101,11 +126,51 @@ def sniff_unread_format(data: bytes) -> str | None:
     return None
 
 
+TIFF_SAMPLE_FORMATS = {1: "unsigned integer", 2: "signed integer", 3: "floating point"}
+
+
+def sniff_tiff_layout(data: bytes) -> str | None:
+    """Words for a TIFF whose header reads but whose pixel layout Pillow does not decode.
+
+    Pillow opens only the layouts it has a mode for; a valid file in another (RGB of 32-bit
+    floats as OpenCV and scientific tools write, 12-bit samples, ...) is refused as an
+    unidentified image. None for anything else (not a TIFF, or a header that does not read).
+    """
+    if data[:4] not in (b"II*\x00", b"MM\x00*"):
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            TiffImagePlugin.TiffImageFile(io.BytesIO(data))
+        except SyntaxError as e:  # Pillow's words for a layout it has no mode for
+            if "unknown pixel mode" not in str(e):
+                return None
+        except Exception:
+            return None
+        else:
+            return None
+        try:
+            ifd = TiffImagePlugin.ImageFileDirectory_v2(data[:8])
+            fp = io.BytesIO(data)
+            fp.seek(ifd.next)
+            ifd.load(fp)
+            samples = int(ifd.get(277, 1))
+            bits = ifd.get(258, (1,))
+            kind = TIFF_SAMPLE_FORMATS.get(int(ifd.get(339, (1,))[0]), "undefined")
+        except Exception:
+            return "TIFF image in a pixel layout Pillow cannot decode"
+    return (
+        f"TIFF image with {samples} sample(s) of {bits[0]}-bit {kind} per pixel: a pixel "
+        "layout Pillow cannot decode"
+    )
+
+
 def probe(data: bytes) -> dict[str, Any]:
     """Header facts of one image's bytes (no pixel decode).
 
     Returns a dict with `format`, `width`, `height` (after EXIF orientation), `mode`,
-    `num_frames`, `orientation`, or with `reason`/`detail` when the bytes are no usable image.
+    `num_frames`, `orientation` (the one still to apply to Pillow's decode: 1 for
+    `SELF_ORIENTING_FORMATS`), or with `reason`/`detail` when the bytes are no usable image.
     """
     if not data:
         return {"reason": "decode_error", "detail": "empty file (0 bytes)"}
@@ -120,7 +185,7 @@ def probe(data: bytes) -> dict[str, Any]:
             frames = int(getattr(img, "n_frames", 1) or 1)
             orientation = _orientation(img)
     except UnidentifiedImageError:
-        what = sniff_unread_format(data) or sniff_non_image(data)
+        what = sniff_unread_format(data) or sniff_tiff_layout(data) or sniff_non_image(data)
         if what:
             return {"reason": "unsupported_format", "detail": what}
         return {"reason": "decode_error", "detail": "not a recognisable image format"}
@@ -131,7 +196,7 @@ def probe(data: bytes) -> dict[str, Any]:
             .encode("utf-8", "backslashreplace")
             .decode("utf-8"),
         }
-    if orientation not in range(1, 9):
+    if orientation not in range(1, 9) or fmt in SELF_ORIENTING_FORMATS:
         orientation = 1
     if orientation in ROTATING_ORIENTATIONS:
         width, height = height, width
@@ -160,7 +225,8 @@ class HeaderProbe(Stage):
 
     Reads: `data`. Writes: `format`, `width`, `height`, `mode`, `num_frames`, `orientation`.
     Rejects: `decode_error` (empty, unidentifiable, broken header), `unsupported_format`
-    (SVG, text, animations, formats outside `SUPPORTED_FORMATS`). Size thresholds are decided
+    (SVG, text, animations, formats outside `SUPPORTED_FORMATS`, TIFF pixel layouts Pillow
+    cannot decode). Size thresholds are decided
     by the `ThresholdFilter` after it. Resources: 1 CPU, header bytes only.
     """
 

@@ -282,3 +282,25 @@ def test_analyzer_writes_the_evidence_columns() -> None:
     assert fake[schema.NATIVE_TEST] in TESTS and fake[schema.NATIVE_PERIOD] > 1
     # the period is the trace's: 1.5 (or its alias 3 px) for a 1.5× enlargement
     assert min(abs(fake[schema.NATIVE_PERIOD] - p) for p in (1.5, 3.0)) < 0.1
+
+
+def test_block_codec_sees_past_megabytes_of_metadata() -> None:
+    """A q75 JPEG whose ICC profile or Photoshop XMP fills more than 1 MB in front of its
+    quantisation tables was judged with the q85-q100 ``jpeg`` model (the walk stopped at
+    1 MB); a lossy WebP with such an ICCP chunk was taken for ``lossless``."""
+    import time
+
+    from PIL import ImageCms
+
+    from curation.analyze.pixel_analyzer import _jpeg_quant_scale
+
+    g = _texture(48, 64)
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    for padding in (0, 1_500_000, 4_000_000):
+        icc = srgb + b"\0" * padding  # Pillow splits it over APP2 segments / one ICCP chunk
+        assert block_codec(_bytes(g, "JPEG", quality=75, icc_profile=icc)) == "jpeg_low"
+        assert block_codec(_bytes(g, "WEBP", quality=60, icc_profile=icc)) == "vp8"
+    start = time.perf_counter()
+    assert _jpeg_quant_scale(b"\xff\xd8" + b"\xff" * 20_000_000) is None  # fill bytes only
+    assert block_codec(b"RIFF\0\0\0\0WEBP" + b"JUNK\0\0\0\0" * 2_000_000) == "lossless"
+    assert time.perf_counter() - start < 1.0  # the walks are bounded in steps

@@ -258,3 +258,51 @@ def test_analysis_workers_reuse_freed_decode_memory():
     plain, tuned = faults("plain"), faults("setup")
     assert plain > 12 * 1000, plain  # 12 decodes
     assert tuned < plain / 5, (tuned, plain)
+
+
+@pytest.mark.filterwarnings("ignore:Palette images with Transparency")
+@settings(max_examples=25, deadline=None)
+@given(
+    opacity=st.integers(0, 255),
+    mode=st.sampled_from(["RGBA", "LA", "P+tRNS"]),
+    fmt=st.sampled_from(["PNG", "WEBP"]),
+)
+def test_transparency_is_judged_over_white_as_training_shows_it(opacity, mode, fmt):
+    """A cut-out or an all-transparent PNG was scored on the colours its alpha hides (a sharp
+    photo), while the training loader and any viewer show it over white (a blank canvas)."""
+    from curation.analyze.pixel_analyzer import decode
+    from curation.analyze.texture import gray_entropy
+
+    rng = np.random.default_rng(opacity)
+    rgb = Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8))
+    if mode == "P+tRNS":  # a palette PNG whose tRNS gives every entry the opacity
+        data = _enc(rgb.quantize(16), transparency=bytes([opacity] * 16))
+    else:
+        img = rgb.convert(mode)
+        img.putalpha(opacity)
+        data = _enc(img, fmt, **({"lossless": True} if fmt == "WEBP" else {}))
+    with Image.open(io.BytesIO(data)) as shown:
+        rgba = shown.convert("RGBA")
+        want = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("L")
+    gray, thumb = decode(data, 1, thumbnail_size=32)
+    assert np.abs(gray.astype(int) - np.asarray(want, dtype=int)).max() <= 1
+    if np.asarray(rgba)[..., 3].max() == 0:  # nothing visible: a blank white canvas
+        assert gray.min() == 255 and gray_entropy(gray) == 0.0
+        assert np.asarray(Image.open(io.BytesIO(thumb)).convert("L")).min() >= 250
+
+
+@pytest.mark.parametrize("mode", ["LAB", "CMYK", "YCbCr", "RGB"])
+def test_every_colour_space_pillow_opens_decodes_to_its_luma(mode):
+    """A CIELab TIFF (Photoshop writes them) was `decode_error` "pixels undecodable": Pillow has
+    no LAB -> L conversion, though it converts LAB to RGB."""
+    rng = np.random.default_rng(5)
+    rgb = Image.fromarray(rng.integers(0, 256, (480, 720, 3), dtype=np.uint8))
+    data = _enc(rgb.convert(mode), "TIFF")
+    assert Image.open(io.BytesIO(data)).mode == mode
+    want = np.asarray(Image.open(io.BytesIO(data)).convert("RGB").convert("L"), dtype=int)
+    (row,) = PixelAnalyzer(thumbnail_size=32)(
+        {schema.DATA: [data], schema.ORIENTATION: [1], schema.STATUS: [None]}
+    ).to_pylist()
+    assert row[schema.STATUS] is None, row[schema.DETAIL]
+    assert row[schema.ENTROPY] > 7.0 and row[schema.THUMBNAIL] is not None
+    assert np.abs(decode_gray(data).astype(int) - want).max() <= 1

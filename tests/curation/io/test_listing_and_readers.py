@@ -2,6 +2,7 @@ import hashlib
 import io
 import json
 import tarfile
+from pathlib import Path
 
 import pyarrow as pa
 from hypothesis import HealthCheck, given, settings
@@ -264,3 +265,69 @@ def test_tar_json_members_become_source_meta(tmp_path):
     assert rows["k.jpg"][schema.SOURCE_META] == meta.decode()
     assert rows["k.jpg"][schema.CAPTION_EN] == "k cap"
     assert rows["m.jpg"][schema.SOURCE_META] is None
+
+
+def test_an_image_named_tar_is_judged_by_its_bytes(tmp_path):
+    """A JPEG saved as `photo.tar` was `unreadable` ("cannot read tar: invalid header"); a
+    file that is neither a tar nor an image keeps the tar's verdict."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), "teal").save(buf, "JPEG")
+    jpeg = tmp_path / "photo.tar"
+    jpeg.write_bytes(buf.getvalue())
+    junk = tmp_path / "junk.tar"
+    junk.write_bytes(b"\x07not a tar, not an image" * 40)
+    (row,) = TarReader()({schema.SOURCE: [str(jpeg)]}).to_pylist()
+    assert row[schema.SOURCE] == str(jpeg) and row[schema.STATUS] is None
+    assert row[schema.DATA] == buf.getvalue()
+    assert row[schema.SHA256] == hashlib.sha256(buf.getvalue()).hexdigest()
+    assert read_bytes(row[schema.SOURCE], row[schema.TAR_OFFSET], row[schema.SIZE_BYTES]) == (
+        buf.getvalue()
+    )
+    (row,) = TarReader()({schema.SOURCE: [str(junk)]}).to_pylist()
+    assert row[schema.REASON] == "unreadable" and row[schema.DETAIL].startswith("cannot read tar")
+
+
+@given(encoding=st.sampled_from(["utf-8-sig", "utf-16", "utf-16-le", "utf-8"]),
+       newline=st.sampled_from(["\n", "\r\n"]))
+@settings(
+    max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+def test_a_list_written_by_windows_tools_names_its_files(tmp_path, encoding, newline):
+    """A list saved with a byte-order mark (Notepad's UTF-8, PowerShell's UTF-16) made its
+    first file '\\ufeffa.jpg': an `unreadable` row for a file that exists."""
+    lst = tmp_path / f"{encoding}.lst"
+    text = newline.join(["a.jpg", "sub/b.jpg", "# comment", ""])
+    if encoding == "utf-16-le":  # with its mark, as PowerShell writes it
+        lst.write_bytes(b"\xff\xfe" + text.encode("utf-16-le"))
+    else:
+        lst.write_bytes(text.encode(encoding))
+    listed = [i.uri for i in list_inputs([str(lst)])]
+    assert listed == [str(tmp_path / "a.jpg"), str(tmp_path / "sub" / "b.jpg")]
+
+
+@given(name=st.sampled_from(["g::h", "a::b::c", "x#1", "q?", "s%20t"]))  # (braces: patterns)
+@settings(
+    max_examples=5, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+def test_local_names_with_url_syntax_are_read_as_named(tmp_path, name):
+    """fsspec reads `::` as URL chaining: `g::h.jpg` was an `unreadable` row ("No such
+    file") in a folder, a list or a tar's name, and as an INPUT it did not exist."""
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(dir=tmp_path))
+    image, tar = folder / f"{name}.jpg", folder / f"{name}.tar"
+    image.write_bytes(b"\xff\xd8 image bytes")
+    _tar(tar, [("m.jpg", b"member bytes")])
+    lst = folder / "list.lst"
+    lst.write_text(f"{image.name}\n")
+    for inputs in ([str(folder)], [str(image)], [str(lst)]):
+        listed = {i.uri: i.kind for i in list_inputs(inputs)}
+        assert listed.get(str(image)) == "file", (inputs, listed)
+    rows = FileReader()({schema.SOURCE: [str(image)], SIDECAR: [None]}).to_pylist()
+    assert rows[0][schema.STATUS] is None, rows[0][schema.DETAIL]
+    assert read_bytes(str(image)) == rows[0][schema.DATA] == image.read_bytes()
+    (member,) = TarReader()({schema.SOURCE: [str(tar)]}).to_pylist()
+    assert member[schema.DATA] == b"member bytes"
+    assert read_bytes(member[schema.SOURCE], member[schema.TAR_OFFSET], 12) == b"member bytes"

@@ -1,6 +1,8 @@
 import io
 
+import cv2
 import numpy as np
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
@@ -101,3 +103,63 @@ def test_an_avif_brand_is_not_taken_for_heif():
     assert probe(buf.getvalue())["format"] == "avif"  # Pillow reads it
     broken = probe(_ftyp(b"mif1", [b"mif1", b"avif"], b"\0" * 64))
     assert not broken.get("detail", "").startswith("HEIF")
+
+
+@pytest.mark.parametrize(
+    ("dtype", "channels", "words"),
+    [
+        (np.float32, 3, "3 sample(s) of 32-bit floating point"),
+        (np.float64, 1, "1 sample(s) of 64-bit floating point"),
+        (np.int16, 3, "3 sample(s) of 16-bit signed integer"),
+    ],
+)
+def test_a_valid_tiff_in_a_layout_pillow_cannot_decode_is_named_not_called_corrupt(
+    dtype, channels, words
+):
+    # OpenCV and scientific tools write these; they were "not a recognisable image format"
+    pixels = (np.random.default_rng(0).random((40, 60, channels)) * 100).astype(dtype)
+    ok, tif = cv2.imencode(".tif", pixels)
+    assert ok
+    row = probe(tif.tobytes())
+    assert row["reason"] == "unsupported_format"
+    assert row["detail"].startswith(f"TIFF image with {words}")
+    for cut in (20, 200):  # a TIFF whose header is cut short is still a broken file
+        assert probe(tif.tobytes()[:cut])["reason"] == "decode_error"
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-8-sig", "utf-16"])
+def test_a_text_file_is_named_whatever_its_encoding(encoding):
+    """A list or caption saved by Notepad (UTF-8 with a byte-order mark) or PowerShell (UTF-16)
+    inside an image folder was `decode_error` "not a recognisable image format"; so was UTF-8
+    text whose 4,096-byte head ended inside a character."""
+    text = "photo_1.jpg\r\nфото_2.jpg\r\n写真_3.jpg\r\n" * 200
+    row = probe(text.encode(encoding))
+    assert row == {"reason": "unsupported_format", "detail": "text file, not an image"}
+    for shift in range(4):  # the head cut at every byte of a 3-byte character
+        row = probe(("x" * shift + "写" * 3000).encode())
+        assert row["reason"] == "unsupported_format", shift
+
+
+def test_archives_and_videos_in_a_scraped_pool_are_named(tmp_path):
+    """A zip, an mp4 or a WebM among the images was decode_error "not a recognisable image
+    format", as if an image were broken."""
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("a.jpg", _png(8, 8))
+    words = {"zip": probe(buf.getvalue())["detail"]}
+    for ext, fourcc in (("mp4", "mp4v"), ("mkv", "MJPG"), ("avi", "MJPG")):
+        path = tmp_path / f"v.{ext}"
+        writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), 5, (64, 48))
+        for i in range(3):
+            writer.write(np.full((48, 64, 3), 40 * i, np.uint8))
+        writer.release()
+        row = probe(path.read_bytes())
+        assert row["reason"] == "unsupported_format", (ext, row)
+        words[ext] = row["detail"]
+    assert words["zip"].startswith("archive") and "unpack" in words["zip"]
+    assert "brand 'isom'" in words["mp4"] and "not an image" in words["mp4"]
+    assert words["mkv"].startswith("video file") and words["avi"].startswith("video file")
+    heic = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64)
+    assert probe(heic)["detail"].startswith("HEIF/HEIC")  # still named as the image it is
