@@ -931,12 +931,13 @@ def _open(data: bytes, name: str, orientation: int | None = None) -> tuple[Image
 
     ``orientation`` is the one curation recorded in the manifest, which its crop box and sizes
     are in (curation reads a PNG's EXIF only from before the pixel data); without it, the
-    file's EXIF orientation.
+    file's EXIF orientation, except for a TIFF, whose decoder applies its orientation tag
+    itself (Pillow reports the oriented size and turns the pixels on load; curation records 1).
     """
     try:
         im = Image.open(io.BytesIO(data))
         if orientation is None:
-            orientation = int(im.getexif().get(0x0112, 1) or 1)
+            orientation = 1 if im.format == "TIFF" else int(im.getexif().get(0x0112, 1) or 1)
     except Exception as e:
         raise ValueError(f"{name}: cannot decode image: {e}") from e
     return im, orientation if orientation in range(1, 9) else 1

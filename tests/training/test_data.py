@@ -541,3 +541,24 @@ def test_no_sample_left_names_each_bucket_and_why(tmp_path):
     assert str(err.value) == (
         f"no samples left to train on in {tmp_path}: every bucket is left out "
         "(1024x1024: small (1 < 2), 1024x576: weight 0)")
+
+
+@pytest.mark.parametrize("orientation", [1, 3, 6, 8])
+def test_a_tiff_read_without_the_manifest_is_oriented_once(orientation: int) -> None:
+    """Pillow's TIFF decoder applies the orientation tag itself: read without a manifest
+    orientation, a TIFF was turned twice (and its 5-8 sizes swapped back)."""
+    from training.data import decode_crop
+
+    stored = np.random.default_rng(orientation).integers(0, 256, (24, 40, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    Image.fromarray(stored).save(buf, "TIFF", exif=exif)
+    turn = {1: None, 3: Image.Transpose.ROTATE_180, 6: Image.Transpose.ROTATE_270,
+            8: Image.Transpose.ROTATE_90}[orientation]  # fmt: skip
+    shown = np.asarray(Image.fromarray(stored).transpose(turn) if turn else Image.fromarray(stored))
+    rgb = decode_crop(buf.getvalue(), 24, np.random.default_rng(0), name="t.tif")
+    rng = np.random.default_rng(0)  # the window decode_crop draws: x, then y
+    x = int(rng.integers(0, shown.shape[1] - 24 + 1))
+    y = int(rng.integers(0, shown.shape[0] - 24 + 1))
+    np.testing.assert_array_equal(rgb, shown[y : y + 24, x : x + 24])
