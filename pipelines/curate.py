@@ -934,7 +934,8 @@ class JobFailed(RuntimeError):
         text = re.sub(r"\x1b\[[0-9;]*m", "", str(cause))  # Ray colours its task names
         first = (text.strip().splitlines() or [""])[0][:200]
         super().__init__(
-            f"the {step} pass failed on {num_inputs} inputs ({type(cause).__name__}: {first}); "
+            f"the {step} pass failed on {inputs_text(num_inputs)} "
+            f"({type(cause).__name__}: {first}); "
             f"full traceback in {log_path}; rerun the same command to resume"
         )
         self.step, self.num_inputs, self.log_path = step, num_inputs, log_path
@@ -1099,14 +1100,14 @@ def _run_passes(
                 analysed, num_done, num_stale = _analysed_sources(rd, analysis, cfg)
             skipped = num_done if skipped is None else skipped
             echo(
-                f"native4k: {listing.count} inputs listed; {num_done} rows already analysed by "
-                "an earlier run"
+                f"native4k: {inputs_text(listing.count)} listed; {num_done} "
+                f"{'row' if num_done == 1 else 'rows'} already analysed by an earlier run"
             )
 
             # Pass 1: analyse, streaming, resumable.
             with passes.run("analysis", listing.count), no_operator_reservation(rd):
                 analysed_now = _analyse(rd, listing, analysed, analysis, partitions_for, cfg)
-            echo(f"native4k: analysed {analysed_now} inputs in this run")
+            echo(f"native4k: analysed {inputs_text(analysed_now)} in this run")
 
             with quiet_ray_data(sys.stdout.isatty()):
                 stats = _decide_and_write(
@@ -1330,6 +1331,11 @@ def _write_manifest(rd: Any, final: Any, output: str) -> None:
     _remove(manifest_tmp)
 
 
+def inputs_text(n: int) -> str:
+    """`1 input`, `2 inputs`: a count of inputs for a sentence."""
+    return f"{n} input" if n == 1 else f"{n} inputs"
+
+
 DOMINANT_SHARE = 0.5
 """A rule that rejects more than this share of a job is named in the job's summary."""
 
@@ -1341,11 +1347,12 @@ def outcome_lines(stats: dict[str, Any]) -> list[str]:
     rules: dict[str, dict[str, Any]] = stats.get("rules", {})
     lines = []
     if total and not kept:
-        lines.append(f"nothing kept: all {total} inputs were rejected (no shards were written)")
+        everything = "the one input was" if total == 1 else f"all {total} inputs were"
+        lines.append(f"nothing kept: {everything} rejected (no shards were written)")
     if reasons:
         reason, count = max(reasons.items(), key=lambda kv: (kv[1], kv[0]))
         if count > DOMINANT_SHARE * total:
-            share = f"{count} of {total} inputs ({count / total:.0%})"
+            share = f"{count} of {inputs_text(total)} ({count / total:.0%})"
             rule = rules.get(reason)
             if rule:
                 lines.append(

@@ -80,4 +80,4 @@ def gray_entropy(gray: np.ndarray) -> float:
     """Shannon entropy (bits) of the 256-bin histogram of an 8-bit grayscale image."""
     hist = cv2.calcHist([gray], [0], None, [256], [0, 256]).ravel()
     p = hist[hist > 0] / hist.sum()
-    return float(-(p * np.log2(p)).sum())
+    return float(-(p * np.log2(p)).sum()) + 0.0  # + 0.0: one grey level is 0.0 bits, not -0.0

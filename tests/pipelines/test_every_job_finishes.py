@@ -382,3 +382,16 @@ def test_a_retune_analyses_again_the_files_and_tar_members_that_stopped_early(
     for n, r in want.items():
         assert {f: got[n][f] for f in fields} == {f: r[f] for f in fields}, n
     assert main(["verify", str(out)]) == 0
+
+
+def test_the_summary_counts_one_input_in_the_singular() -> None:
+    """A one-photo job, the first a new user runs, said "all 1 inputs were rejected"."""
+    from pipelines.curate import outcome_lines
+
+    rules = {"flat": {"rule": "flat share > 0.5", "setting": "analyze.max_flat_fraction"}}
+    one = outcome_lines({"total": 1, "kept": 0, "reasons": {"flat": 1}, "rules": rules})
+    assert one[0] == "nothing kept: the one input was rejected (no shards were written)"
+    assert one[1].startswith("'flat' rejected 1 of 1 input (100%)")
+    two = outcome_lines({"total": 2, "kept": 0, "reasons": {"flat": 2}, "rules": rules})
+    assert two[0] == "nothing kept: all 2 inputs were rejected (no shards were written)"
+    assert two[1].startswith("'flat' rejected 2 of 2 inputs (100%)")

@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 from curation import schema
+from pipelines.curate import inputs_text
 
 pytestmark = pytest.mark.ray
 
@@ -338,7 +339,7 @@ def test_jpeg_thumbnails_wait_for_the_thresholds_and_a_retune_makes_them(
 
     assert main(["curate", str(inputs), "--output", str(out), *RELAXED, *no_dedup]) == 0
     # Their analyses had stopped at the rule they failed: the rerun analyses them again.
-    assert f"analysed {len(pixel_rejected)} inputs in this run" in capsys.readouterr().out
+    assert f"analysed {inputs_text(len(pixel_rejected))} in this run" in capsys.readouterr().out
     assert main(["curate", str(inputs), "--output", str(fresh), *RELAXED, *no_dedup]) == 0
     retuned = {r[schema.SOURCE]: r for r in _manifest(out)}
     direct = {r[schema.SOURCE].replace(str(fresh), str(out)): r for r in _manifest(fresh)}

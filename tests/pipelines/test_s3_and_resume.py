@@ -20,7 +20,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pipelines.cli import main
-from pipelines.curate import AWS_ENV, Partitioning, one_row_per_source, worker_env
+from pipelines.curate import (
+    AWS_ENV,
+    Partitioning,
+    inputs_text,
+    one_row_per_source,
+    worker_env,
+)
 from pipelines.verify import read_manifest, verify
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -119,7 +125,7 @@ def test_partial_analysis_is_resumed_not_redone(samples, curated, tmp_path, caps
     (out / "shards" / "9999x64" / "9999x64-000000.tar").write_bytes(b"stale")
     capsys.readouterr()
     assert main(["curate", str(folder), "--output", str(out)]) == 0
-    assert f"analysed {missing} inputs in this run" in capsys.readouterr().out
+    assert f"analysed {inputs_text(missing)} in this run" in capsys.readouterr().out
     assert 0 < missing < len(expected)
     assert verify(str(out)) == []  # the stale shard is gone, the lost one rewritten
     assert _manifest(out) == _manifest(curated)
@@ -207,7 +213,7 @@ def test_a_file_replaced_between_runs_is_analysed_again(local_ray, tmp_path, cap
     assert "content changed since it was analysed; rerun" in a["detail"]
     capsys.readouterr()
     assert main(args) == 0
-    assert "analysed 1 inputs in this run" in capsys.readouterr().out
+    assert "analysed 1 input in this run" in capsys.readouterr().out
     final = rows()
     assert len(final) == 2 and final["a.jpg"]["status"] == "kept"
     assert final["a.jpg"]["sha256"] == hashlib.sha256(new).hexdigest()

@@ -57,3 +57,11 @@ def test_flat_fraction_equals_the_float64_definition_across_thresholds():
         var = np.sqrt(dx * dx + dy * dy)[:240, :240].var()
         for t in (var * (1 - 1e-6), var * (1 + 1e-6)):
             assert flat_fraction(gray, flat_variance=t) == _reference_flat_fraction(gray, 240, t)
+
+
+def test_one_grey_level_has_zero_entropy_not_minus_zero():
+    """A blank image's entropy was -0.0 (printed so in the manifest and stats)."""
+    import math
+
+    e = gray_entropy(np.full((64, 64), 7, np.uint8))
+    assert e == 0.0 and math.copysign(1.0, e) == 1.0 and str(e) == "0.0"
