@@ -622,6 +622,50 @@ def dedup_decisions(rows: Any, cfg: JobConfig, partitions_for: Partitioning) -> 
     return parents.rename_columns({PARENT: "root", PARENT_SHA256: "root_sha256"})
 
 
+_ROOT_SCHEMA = pa.schema(
+    [(schema.SOURCE, pa.string()), ("root", pa.string()), ("root_sha256", pa.string())]
+)
+
+
+def _pending_with_sha256(t: pa.Table) -> pa.Table:
+    t = t.filter(pc.and_(pc.is_null(t[schema.STATUS]), pc.is_valid(t[schema.SHA256])))
+    return t.select([schema.SOURCE, schema.SHA256])
+
+
+def _exact_copies(g: pa.Table) -> pa.Table:
+    """One sha256's rows: every source but the smallest points at the smallest."""
+    sources = column(g, schema.SOURCE)
+    root, sha = min(sources), column(g, schema.SHA256)[0]
+    others = [s for s in sources if s != root]
+    return pa.table(
+        {schema.SOURCE: others, "root": [root] * len(others), "root_sha256": [sha] * len(others)},
+        schema=_ROOT_SCHEMA,
+    )
+
+
+def exact_copy_decisions(rows: Any, partitions_for: Partitioning) -> Any | None:
+    """(source → root source, root sha256) for byte-identical copies only (`dedup.enabled`
+    false): a key names its content, so copies of the same bytes are one sample, the one of
+    the smallest source kept (as the near-duplicate ranking orders identical copies).
+
+    Returns None when no two candidates share their bytes.
+    """
+    pending, num_pending = nonempty(
+        rows.select_columns([schema.SOURCE, schema.SHA256, schema.STATUS]).map_batches(
+            _pending_with_sha256, batch_format="pyarrow"
+        )
+    )
+    if pending is None or num_pending < 2:
+        return None
+    parts = partitions_for(num_pending)
+    repeated, _ = nonempty(grouping.repeated_keys(pending, schema.SHA256, parts))
+    if repeated is None:
+        return None
+    copies = grouping.join(pending, repeated, "left_semi", parts, on=(schema.SHA256,))
+    decisions, _ = nonempty(group_map(copies, schema.SHA256, _exact_copies, parts))
+    return decisions
+
+
 # --- the job -------------------------------------------------------------------------------
 
 
@@ -1209,7 +1253,11 @@ def _decide_and_write(
                 "holds (a worker of an interrupted run finished after the rerun listed its "
                 "work, or two runs shared this output): one row per source kept"
             )
-        decisions = dedup_decisions(rows, cfg, partitions_for) if cfg.dedup.enabled else None
+        decisions = (
+            dedup_decisions(rows, cfg, partitions_for)
+            if cfg.dedup.enabled
+            else exact_copy_decisions(rows, partitions_for)
+        )
         if decisions is not None:
             parts = partitions_for(num_rows)
             rows = grouping.join(rows, decisions, "left_outer", parts, on=(schema.SOURCE,))
