@@ -1069,6 +1069,26 @@ def _check_output_apart(specs: Sequence[InputSpec], output: str) -> None:
             )
 
 
+def _check_output_folder(output: str) -> None:
+    """A local OUT must be a folder this job can create and write, checked before Ray starts.
+
+    Raises:
+        ValueError: OUT, or a folder above it, is a file; or the nearest existing folder
+            is not writable.
+    """
+    if not is_local(output):
+        return
+    path = local_path(output)
+    existing = path
+    while not os.path.lexists(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    if os.path.exists(existing) and not os.path.isdir(existing):
+        where = "it is a file" if existing == path else f"{existing} is a file"
+        raise ValueError(f"the output {output} is not a folder ({where}); give OUT a folder")
+    if os.path.isdir(existing) and not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"the output {output} cannot be written ({existing} is read-only)")
+
+
 def run_curate(
     inputs: Sequence[str],
     output: str,
@@ -1090,6 +1110,7 @@ def run_curate(
     with passes.run("listing", len(inputs), user_errors=(ValueError, OSError)):
         specs = plan_inputs(inputs, list_extensions=cfg.input.list_extensions)
         _check_output_apart(specs, output)
+        _check_output_folder(output)
 
     with passes.run("start-up", len(specs)):
         ray = init_ray(cfg, ray_address)
