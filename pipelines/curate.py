@@ -971,14 +971,33 @@ def _member_tar(t: pa.Table) -> pa.Table:
     return t.append_column(TAR, pa.array(tars, pa.string()))
 
 
+_RAISED = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception)): \S")
+
+
+def _task_error(text: str) -> str | None:
+    """The first `Type: message` line of a Ray task error's text that is not Ray's own.
+
+    A task's exception reaches the driver as text inside Ray's wrapper (its type is lost).
+    """
+    for line in text.splitlines():
+        m = _RAISED.match(line)
+        if m and not m.group(1).startswith("ray."):
+            return line.strip()
+    return None
+
+
 class JobFailed(RuntimeError):
     """A pass of the job failed unexpectedly; the full traceback is in `log_path`."""
 
     def __init__(self, step: str, num_inputs: int, log_path: str, cause: BaseException) -> None:
         text = re.sub(r"\x1b\[[0-9;]*m", "", str(cause))  # Ray colours its task names
         first = (text.strip().splitlines() or [""])[0][:200]
+        what = f"{type(cause).__name__}: {first}"
+        raised = _task_error(text) if first.startswith("ray::") else None
+        if raised:  # the error raised in the task (a full disk), not Ray's wrapper
+            what = f"{raised[:200]}, in {first.split(' (pid=')[0]}"
         super().__init__(
-            f"the {step} pass failed on {num_inputs} inputs ({type(cause).__name__}: {first}); "
+            f"the {step} pass failed on {num_inputs} inputs ({what}); "
             f"full traceback in {log_path}; rerun the same command to resume"
         )
         self.step, self.num_inputs, self.log_path = step, num_inputs, log_path

@@ -412,3 +412,24 @@ def test_a_failed_pass_is_one_plain_line_even_from_ray(tmp_path):
     msg = str(JobFailed("listing", 20, str(tmp_path / "log.txt"), cause))
     assert "\x1b" not in msg
     assert "(RuntimeError: ray::MapBatches(_not_stale)() (pid=1) failed)" in msg
+
+
+def test_a_failed_ray_task_names_its_error_in_the_one_line(tmp_path):
+    """A full disk while shards are written: the one line said only `RayTaskError(
+    UserCodeException): ray::MapBatches(each_group)()`; the error raised in the task (here
+    ENOSPC, as Ray 2.60 words it) is what the user needs to read."""
+    from pipelines.curate import JobFailed
+
+    text = (
+        "\x1b[36mray::MapBatches(each_group)()\x1b[39m (pid=1518, ip=192.0.2.2)\n"
+        '  File "/x/curation/io/atomic.py", line 68, in atomic_write\n'
+        "    fh.write(data)\n"
+        "OSError: [Errno 28] No space left on device\n\n"
+        "The above exception was the direct cause of the following exception:\n\n"
+        "\x1b[36mray::MapBatches(each_group)()\x1b[39m (pid=1518, ip=192.0.2.2)\n"
+        "ray.exceptions.UserCodeException: UDF failed to process a data block.\n"
+    )
+    cause = type("RayTaskError(UserCodeException)", (RuntimeError,), {})(text)
+    msg = str(JobFailed("shards", 15, str(tmp_path / "log.txt"), cause))
+    assert "(OSError: [Errno 28] No space left on device, in ray::MapBatches(each_group)())" in msg
+    assert "\n" not in msg and "\x1b" not in msg
