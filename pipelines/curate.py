@@ -1108,6 +1108,56 @@ def _check_output_folder(output: str) -> None:
         raise ValueError(f"the output {output} cannot be written ({existing} is read-only)")
 
 
+LOCK = "lock"
+"""Under a local OUT's `_work`: the file a running job holds an exclusive `flock` on."""
+
+
+def _lock_output(output: str) -> Any | None:
+    """Hold an exclusive lock on a local OUT while this job runs (None for object stores).
+
+    Two jobs writing one output remove each other's shards and temporaries, and the last
+    manifest may name shards that are gone. The lock is a `flock` on `_work/lock`: the
+    system drops it when the process ends however it ends (a SIGKILL too), so a rerun after
+    a killed job is never refused.
+
+    Raises:
+        ValueError: another process holds the lock (its pid and host are named).
+    """
+    if not is_local(output):
+        return None
+    import fcntl
+    import socket
+
+    folder = os.path.join(local_path(output), "_work")
+    os.makedirs(folder, exist_ok=True)
+    fh = open(os.path.join(folder, LOCK), "a+")  # noqa: SIM115 (held for the whole job)
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip()[:200] or "a process that holds its lock"
+        fh.close()
+        raise ValueError(
+            f"another curate job is writing {output} ({holder}); wait for it to finish or "
+            "stop it, then rerun"
+        ) from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"pid {os.getpid()} on {socket.gethostname()}")
+    fh.flush()
+    return fh
+
+
+def _clear_work(work: str) -> None:
+    """Remove an earlier run's `_work`, all but the lock this job holds in it."""
+    fs, path = fsspec.core.url_to_fs(work)
+    if not fs.exists(path):
+        return
+    for entry in fs.ls(path, detail=False):
+        if str(entry).rstrip("/").rsplit("/", 1)[-1] != LOCK:
+            fs.rm(entry, recursive=True)
+
+
 def run_curate(
     inputs: Sequence[str],
     output: str,
@@ -1130,22 +1180,26 @@ def run_curate(
         specs = plan_inputs(inputs, list_extensions=cfg.input.list_extensions)
         _check_output_apart(specs, output)
         _check_output_folder(output)
-
-    with passes.run("start-up", len(specs)):
-        ray = init_ray(cfg, ray_address)
-        rd = ray.data
-        configure_progress(rd, sys.stdout.isatty())
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-        partitions_for = Partitioning(cpus, cfg.ray.rows_per_partition)
-        # A small job's actor starts now: its imports overlap the listing and the analysis.
-        warm = WarmWorker.start(cfg) if few_local_files(specs, WARM_MAX_INPUTS) else None
+        lock = _lock_output(output)
     try:
-        return _run_passes(
-            rd, inputs, output, cfg, table, passes, partitions_for, specs, warm, start, echo
-        )
+        with passes.run("start-up", len(specs)):
+            ray = init_ray(cfg, ray_address)
+            rd = ray.data
+            configure_progress(rd, sys.stdout.isatty())
+            cpus = int(ray.cluster_resources().get("CPU", 1))
+            partitions_for = Partitioning(cpus, cfg.ray.rows_per_partition)
+            # A small job's actor starts now: its imports overlap the listing and the analysis.
+            warm = WarmWorker.start(cfg) if few_local_files(specs, WARM_MAX_INPUTS) else None
+        try:
+            return _run_passes(
+                rd, inputs, output, cfg, table, passes, partitions_for, specs, warm, start, echo
+            )
+        finally:
+            if warm is not None:
+                warm.stop()
     finally:
-        if warm is not None:
-            warm.stop()
+        if lock is not None:
+            lock.close()  # releases the flock
 
 
 def _run_passes(
@@ -1478,7 +1532,7 @@ def _reset_if_changed(work: str, inputs: Sequence[str], cfg: JobConfig) -> list[
     if fs.exists(path):
         with fs.open(path, "r") as fh:
             if fh.read() != job:
-                _remove(work)
+                _clear_work(work)
                 notes.append("inputs or configuration changed since the last run: analysing afresh")
     _write_text(marker, job)
     return notes
