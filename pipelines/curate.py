@@ -67,7 +67,13 @@ from curation.io.listing import (
 )
 from curation.io.readers import DONE_MEMBERS, META, SIDECAR, SIDECAR_ZH, FileReader, TarReader
 from curation.probe.header_probe import EXTENSIONS, HeaderProbe
-from curation.shard.shard_writer import CHANGED_FOLDER, ShardWriter, plan_bucket, sample_key
+from curation.shard.shard_writer import (
+    CHANGED_FOLDER,
+    REREAD_FAILED,
+    ShardWriter,
+    plan_bucket,
+    sample_key,
+)
 from curation.threshold_filter import ASPECT, PIXELS, Rule, ThresholdFilter
 from pipelines import grouping
 from pipelines.config import ConfigError, JobConfig, dump_yaml, to_dict
@@ -1231,7 +1237,8 @@ def _run_passes(
     if _remove(join(output, "report.html")):  # it described the earlier run
         notes.append(f"removed the earlier run's report.html (native4k report {output})")
     skipped = None
-    for attempt in range(1, CLUSTER_ATTEMPTS + 1):
+    attempt, retry_changed = 1, True
+    while True:
         try:
             with passes.run("listing", listing.count), quiet_ray_data(sys.stdout.isatty()):
                 analysed, num_done, num_stale = _analysed_sources(rd, analysis, cfg)
@@ -1259,8 +1266,12 @@ def _run_passes(
                     start,
                     warm,
                     superseded=num_stale,
+                    retry_changed=retry_changed,
                 )
             break
+        except InputsChanged as e:
+            retry_changed = False  # once: an input that keeps changing keeps its verdict
+            echo(f"native4k: {e}")
         except JobFailed as e:
             if attempt == CLUSTER_ATTEMPTS or not lost_to_the_cluster(e.__cause__):
                 raise
@@ -1269,6 +1280,7 @@ def _run_passes(
                 f"({type(e.__cause__).__name__}); resuming from the stored analysis "
                 f"(attempt {attempt + 1} of {CLUSTER_ATTEMPTS})"
             )
+            attempt += 1
             if warm is not None:
                 warm.stop()  # it may be what was lost: the next attempt uses Ray Data's pools
     return JobResult(
@@ -1320,11 +1332,14 @@ def _decide_and_write(
     warm: WarmWorker | None = None,
     *,
     superseded: int = 0,
+    retry_changed: bool = False,
 ) -> dict[str, Any]:
     """Passes 2-4 over the stored analysis: dedup, shards, manifest; returns the stats.
 
     `superseded`: stored rows the analysis pass of this run analysed again (`stale_mask`).
-    `_SUCCESS` is written last.
+    `retry_changed`: raise `InputsChanged` before the manifest when a kept input could not be
+    read again as analysed and duplicates of it would be kept nowhere. `_SUCCESS` is written
+    last.
     """
 
     # Pass 2: dedup across the whole job.
@@ -1402,6 +1417,11 @@ def _decide_and_write(
         )
     if warm is not None:
         warm.stop()  # its work is done; stopped now, it has exited by Ray's shutdown
+    if retry_changed:
+        with passes.run("shards", num_rows):
+            lost = _copies_of_unwritten(final, partitions_for)
+        if lost is not None:
+            raise InputsChanged(*lost)
 
     # Manifest, stats and the small files; `_SUCCESS` last.
     with passes.run("manifest", num_rows):
@@ -1433,6 +1453,50 @@ def _decide_and_write(
         )
     stats["pass_seconds"] = passes.seconds
     return stats
+
+
+class InputsChanged(Exception):
+    """Kept inputs changed or vanished after their analysis, and copies of them were
+    rejected as their duplicates: the passes run again, analysing those inputs afresh."""
+
+    def __init__(self, changed: int, copies: int) -> None:
+        it = "it" if changed == 1 else "them"
+        super().__init__(
+            f"{changed} kept input{'s' if changed > 1 else ''} changed or vanished after "
+            f"{'its' if changed == 1 else 'their'} analysis, and {copies} duplicate"
+            f"{'s' if copies > 1 else ''} of {it} would be kept nowhere: analysing {it} again"
+        )
+
+
+def _unwritten_keys(t: pa.Table) -> pa.Table:
+    """The keys the rows the shard writer could not read again were planned under."""
+    detail = pc.fill_null(t[schema.DETAIL], "")
+    mask = pc.and_(
+        pc.fill_null(pc.equal(t[schema.REASON], "unreadable"), False),
+        pc.starts_with(detail, REREAD_FAILED),
+    )
+    shas = column(t.filter(mask), schema.SHA256)
+    return pa.table({schema.DUPLICATE_OF: pa.array([sample_key(h) for h in shas], pa.string())})
+
+
+def _duplicate_refs(t: pa.Table) -> pa.Table:
+    t = t.filter(pc.fill_null(pc.equal(t[schema.REASON], "duplicate"), False))
+    return t.select([schema.DUPLICATE_OF])
+
+
+def _copies_of_unwritten(final: Any, partitions_for: Partitioning) -> tuple[int, int] | None:
+    """(kept inputs the shard writer could not read again, their duplicates), or None when
+    no duplicate points at such an input."""
+    unwritten, num_unwritten = nonempty(final.map_batches(_unwritten_keys, batch_format="pyarrow"))
+    if unwritten is None:
+        return None
+    refs, num_refs = nonempty(final.map_batches(_duplicate_refs, batch_format="pyarrow"))
+    if refs is None:
+        return None
+    on = (schema.DUPLICATE_OF,)
+    orphans = grouping.join(refs, unwritten, "left_semi", partitions_for(num_refs), on=on)
+    num_orphans = orphans.count()
+    return (num_unwritten, num_orphans) if num_orphans else None
 
 
 def _remove_leftover_temporaries(output: str) -> None:
