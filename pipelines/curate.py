@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -1500,15 +1501,25 @@ def _copies_of_unwritten(final: Any, partitions_for: Partitioning) -> tuple[int,
 
 
 def _remove_leftover_temporaries(output: str) -> None:
-    """Delete the temporary files left in a local output's `_work/tmp` (`atomic_write`).
+    """Delete the temporary files left in a local output's `_work/tmp` (`atomic_write`),
+    and the manifests staged in `_work/manifest-*` by runs killed while moving them.
 
     Every write of this job has been renamed into place by now, so what is left there was
     left by a writer that was killed midway, or is being written by a worker of a killed run
-    that has not noticed yet (its late write is then discarded: its rename fails).
+    that has not noticed yet (its late write is then discarded: its rename fails); no other
+    job writes this output meanwhile (`_lock_output`).
     """
-    staging = os.path.join(output, "_work", "tmp")
-    if not is_local(output) or not os.path.isdir(staging):
+    if not is_local(output):
         return  # object stores publish whole objects: no temporaries
+    work = os.path.join(output, "_work")
+    if os.path.isdir(work):  # manifests staged by killed runs (`_write_manifest`)
+        with os.scandir(work) as it:
+            for entry in it:
+                if entry.name.startswith("manifest-") and entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path, ignore_errors=True)
+    staging = os.path.join(work, "tmp")
+    if not os.path.isdir(staging):
+        return
     with os.scandir(staging) as it:
         for entry in it:
             with contextlib.suppress(FileNotFoundError):
@@ -1611,6 +1622,8 @@ class _PartNames(FilenameProvider):
 
 
 def _remove_stale_shards(output: str, keep: set[str]) -> None:
+    """Remove the shards an earlier run wrote that this run's manifest does not name, and
+    the bucket folders that leaves empty (a local OUT; object stores have no folders)."""
     fs, root = fsspec.core.url_to_fs(output)
     base = root.rstrip("/") + "/shards"
     if not fs.exists(base):
@@ -1619,6 +1632,11 @@ def _remove_stale_shards(output: str, keep: set[str]) -> None:
         rel = f[len(root.rstrip("/")) + 1 :]
         if rel not in keep:
             fs.rm(f)
+    if is_local(output):
+        with os.scandir(base) as it:
+            for entry in it:
+                if entry.is_dir(follow_symlinks=False) and not os.listdir(entry.path):
+                    os.rmdir(entry.path)
 
 
 def _summary(values: list[float]) -> dict[str, float] | None:
