@@ -108,7 +108,11 @@ class AnalyzeConfig:
 class DedupConfig:
     """Exact and near-duplicate removal across the whole job."""
 
-    enabled: bool = _f(True, "Drop exact (sha256) and near (perceptual hash) duplicates.")
+    enabled: bool = _f(
+        True,
+        "Drop exact (sha256) and near (perceptual hash) duplicates. Off: near duplicates are "
+        "kept, but byte-identical copies stay one sample (a key names its content).",
+    )
     max_hamming: int = _f(
         6,
         "Two images are near duplicates when their 64-bit pHashes differ in at most this many "

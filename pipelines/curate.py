@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -67,7 +68,13 @@ from curation.io.listing import (
 )
 from curation.io.readers import DONE_MEMBERS, META, SIDECAR, SIDECAR_ZH, FileReader, TarReader
 from curation.probe.header_probe import EXTENSIONS, HeaderProbe
-from curation.shard.shard_writer import CHANGED_FOLDER, ShardWriter, plan_bucket, sample_key
+from curation.shard.shard_writer import (
+    CHANGED_FOLDER,
+    REREAD_FAILED,
+    ShardWriter,
+    plan_bucket,
+    sample_key,
+)
 from curation.threshold_filter import ASPECT, PIXELS, Rule, ThresholdFilter
 from pipelines import grouping
 from pipelines.config import ConfigError, JobConfig, dump_yaml, to_dict
@@ -622,6 +629,50 @@ def dedup_decisions(rows: Any, cfg: JobConfig, partitions_for: Partitioning) -> 
     return parents.rename_columns({PARENT: "root", PARENT_SHA256: "root_sha256"})
 
 
+_ROOT_SCHEMA = pa.schema(
+    [(schema.SOURCE, pa.string()), ("root", pa.string()), ("root_sha256", pa.string())]
+)
+
+
+def _pending_with_sha256(t: pa.Table) -> pa.Table:
+    t = t.filter(pc.and_(pc.is_null(t[schema.STATUS]), pc.is_valid(t[schema.SHA256])))
+    return t.select([schema.SOURCE, schema.SHA256])
+
+
+def _exact_copies(g: pa.Table) -> pa.Table:
+    """One sha256's rows: every source but the smallest points at the smallest."""
+    sources = column(g, schema.SOURCE)
+    root, sha = min(sources), column(g, schema.SHA256)[0]
+    others = [s for s in sources if s != root]
+    return pa.table(
+        {schema.SOURCE: others, "root": [root] * len(others), "root_sha256": [sha] * len(others)},
+        schema=_ROOT_SCHEMA,
+    )
+
+
+def exact_copy_decisions(rows: Any, partitions_for: Partitioning) -> Any | None:
+    """(source → root source, root sha256) for byte-identical copies only (`dedup.enabled`
+    false): a key names its content, so copies of the same bytes are one sample, the one of
+    the smallest source kept (as the near-duplicate ranking orders identical copies).
+
+    Returns None when no two candidates share their bytes.
+    """
+    pending, num_pending = nonempty(
+        rows.select_columns([schema.SOURCE, schema.SHA256, schema.STATUS]).map_batches(
+            _pending_with_sha256, batch_format="pyarrow"
+        )
+    )
+    if pending is None or num_pending < 2:
+        return None
+    parts = partitions_for(num_pending)
+    repeated, _ = nonempty(grouping.repeated_keys(pending, schema.SHA256, parts))
+    if repeated is None:
+        return None
+    copies = grouping.join(pending, repeated, "left_semi", parts, on=(schema.SHA256,))
+    decisions, _ = nonempty(group_map(copies, schema.SHA256, _exact_copies, parts))
+    return decisions
+
+
 # --- the job -------------------------------------------------------------------------------
 
 
@@ -927,15 +978,33 @@ def _member_tar(t: pa.Table) -> pa.Table:
     return t.append_column(TAR, pa.array(tars, pa.string()))
 
 
+_RAISED = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception)): \S")
+
+
+def _task_error(text: str) -> str | None:
+    """The first `Type: message` line of a Ray task error's text that is not Ray's own.
+
+    A task's exception reaches the driver as text inside Ray's wrapper (its type is lost).
+    """
+    for line in text.splitlines():
+        m = _RAISED.match(line)
+        if m and not m.group(1).startswith("ray."):
+            return line.strip()
+    return None
+
+
 class JobFailed(RuntimeError):
     """A pass of the job failed unexpectedly; the full traceback is in `log_path`."""
 
     def __init__(self, step: str, num_inputs: int, log_path: str, cause: BaseException) -> None:
         text = re.sub(r"\x1b\[[0-9;]*m", "", str(cause))  # Ray colours its task names
         first = (text.strip().splitlines() or [""])[0][:200]
+        what = f"{type(cause).__name__}: {first}"
+        raised = _task_error(text) if first.startswith("ray::") else None
+        if raised:  # the error raised in the task (a full disk), not Ray's wrapper
+            what = f"{raised[:200]}, in {first.split(' (pid=')[0]}"
         super().__init__(
-            f"the {step} pass failed on {inputs_text(num_inputs)} "
-            f"({type(cause).__name__}: {first}); "
+            f"the {step} pass failed on {inputs_text(num_inputs)} ({what}); "
             f"full traceback in {log_path}; rerun the same command to resume"
         )
         self.step, self.num_inputs, self.log_path = step, num_inputs, log_path
@@ -1026,6 +1095,76 @@ def _check_output_apart(specs: Sequence[InputSpec], output: str) -> None:
             )
 
 
+def _check_output_folder(output: str) -> None:
+    """A local OUT must be a folder this job can create and write, checked before Ray starts.
+
+    Raises:
+        ValueError: OUT, or a folder above it, is a file; or the nearest existing folder
+            is not writable.
+    """
+    if not is_local(output):
+        return
+    path = local_path(output)
+    existing = path
+    while not os.path.lexists(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    if os.path.exists(existing) and not os.path.isdir(existing):
+        where = "it is a file" if existing == path else f"{existing} is a file"
+        raise ValueError(f"the output {output} is not a folder ({where}); give OUT a folder")
+    if os.path.isdir(existing) and not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"the output {output} cannot be written ({existing} is read-only)")
+
+
+LOCK = "lock"
+"""Under a local OUT's `_work`: the file a running job holds an exclusive `flock` on."""
+
+
+def _lock_output(output: str) -> Any | None:
+    """Hold an exclusive lock on a local OUT while this job runs (None for object stores).
+
+    Two jobs writing one output remove each other's shards and temporaries, and the last
+    manifest may name shards that are gone. The lock is a `flock` on `_work/lock`: the
+    system drops it when the process ends however it ends (a SIGKILL too), so a rerun after
+    a killed job is never refused.
+
+    Raises:
+        ValueError: another process holds the lock (its pid and host are named).
+    """
+    if not is_local(output):
+        return None
+    import fcntl
+    import socket
+
+    folder = os.path.join(local_path(output), "_work")
+    os.makedirs(folder, exist_ok=True)
+    fh = open(os.path.join(folder, LOCK), "a+")  # noqa: SIM115 (held for the whole job)
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip()[:200] or "a process that holds its lock"
+        fh.close()
+        raise ValueError(
+            f"another curate job is writing {output} ({holder}); wait for it to finish or "
+            "stop it, then rerun"
+        ) from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"pid {os.getpid()} on {socket.gethostname()}")
+    fh.flush()
+    return fh
+
+
+def _clear_work(work: str) -> None:
+    """Remove an earlier run's `_work`, all but the lock this job holds in it."""
+    fs, path = fsspec.core.url_to_fs(work)
+    if not fs.exists(path):
+        return
+    for entry in fs.ls(path, detail=False):
+        if str(entry).rstrip("/").rsplit("/", 1)[-1] != LOCK:
+            fs.rm(entry, recursive=True)
+
+
 def run_curate(
     inputs: Sequence[str],
     output: str,
@@ -1047,22 +1186,27 @@ def run_curate(
     with passes.run("listing", len(inputs), user_errors=(ValueError, OSError)):
         specs = plan_inputs(inputs, list_extensions=cfg.input.list_extensions)
         _check_output_apart(specs, output)
-
-    with passes.run("start-up", len(specs)):
-        ray = init_ray(cfg, ray_address)
-        rd = ray.data
-        configure_progress(rd, sys.stdout.isatty())
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-        partitions_for = Partitioning(cpus, cfg.ray.rows_per_partition)
-        # A small job's actor starts now: its imports overlap the listing and the analysis.
-        warm = WarmWorker.start(cfg) if few_local_files(specs, WARM_MAX_INPUTS) else None
+        _check_output_folder(output)
+        lock = _lock_output(output)
     try:
-        return _run_passes(
-            rd, inputs, output, cfg, table, passes, partitions_for, specs, warm, start, echo
-        )
+        with passes.run("start-up", len(specs)):
+            ray = init_ray(cfg, ray_address)
+            rd = ray.data
+            configure_progress(rd, sys.stdout.isatty())
+            cpus = int(ray.cluster_resources().get("CPU", 1))
+            partitions_for = Partitioning(cpus, cfg.ray.rows_per_partition)
+            # A small job's actor starts now: its imports overlap the listing and the analysis.
+            warm = WarmWorker.start(cfg) if few_local_files(specs, WARM_MAX_INPUTS) else None
+        try:
+            return _run_passes(
+                rd, inputs, output, cfg, table, passes, partitions_for, specs, warm, start, echo
+            )
+        finally:
+            if warm is not None:
+                warm.stop()
     finally:
-        if warm is not None:
-            warm.stop()
+        if lock is not None:
+            lock.close()  # releases the flock
 
 
 def _run_passes(
@@ -1094,7 +1238,8 @@ def _run_passes(
     if _remove(join(output, "report.html")):  # it described the earlier run
         notes.append(f"removed the earlier run's report.html (native4k report {output})")
     skipped = None
-    for attempt in range(1, CLUSTER_ATTEMPTS + 1):
+    attempt, retry_changed = 1, True
+    while True:
         try:
             with passes.run("listing", listing.count), quiet_ray_data(sys.stdout.isatty()):
                 analysed, num_done, num_stale = _analysed_sources(rd, analysis, cfg)
@@ -1122,8 +1267,12 @@ def _run_passes(
                     start,
                     warm,
                     superseded=num_stale,
+                    retry_changed=retry_changed,
                 )
             break
+        except InputsChanged as e:
+            retry_changed = False  # once: an input that keeps changing keeps its verdict
+            echo(f"native4k: {e}")
         except JobFailed as e:
             if attempt == CLUSTER_ATTEMPTS or not lost_to_the_cluster(e.__cause__):
                 raise
@@ -1132,6 +1281,7 @@ def _run_passes(
                 f"({type(e.__cause__).__name__}); resuming from the stored analysis "
                 f"(attempt {attempt + 1} of {CLUSTER_ATTEMPTS})"
             )
+            attempt += 1
             if warm is not None:
                 warm.stop()  # it may be what was lost: the next attempt uses Ray Data's pools
     return JobResult(
@@ -1183,11 +1333,14 @@ def _decide_and_write(
     warm: WarmWorker | None = None,
     *,
     superseded: int = 0,
+    retry_changed: bool = False,
 ) -> dict[str, Any]:
     """Passes 2-4 over the stored analysis: dedup, shards, manifest; returns the stats.
 
     `superseded`: stored rows the analysis pass of this run analysed again (`stale_mask`).
-    `_SUCCESS` is written last.
+    `retry_changed`: raise `InputsChanged` before the manifest when a kept input could not be
+    read again as analysed and duplicates of it would be kept nowhere. `_SUCCESS` is written
+    last.
     """
 
     # Pass 2: dedup across the whole job.
@@ -1210,7 +1363,11 @@ def _decide_and_write(
                 "holds (a worker of an interrupted run finished after the rerun listed its "
                 "work, or two runs shared this output): one row per source kept"
             )
-        decisions = dedup_decisions(rows, cfg, partitions_for) if cfg.dedup.enabled else None
+        decisions = (
+            dedup_decisions(rows, cfg, partitions_for)
+            if cfg.dedup.enabled
+            else exact_copy_decisions(rows, partitions_for)
+        )
         if decisions is not None:
             parts = partitions_for(num_rows)
             rows = grouping.join(rows, decisions, "left_outer", parts, on=(schema.SOURCE,))
@@ -1261,6 +1418,11 @@ def _decide_and_write(
         )
     if warm is not None:
         warm.stop()  # its work is done; stopped now, it has exited by Ray's shutdown
+    if retry_changed:
+        with passes.run("shards", num_rows):
+            lost = _copies_of_unwritten(final, partitions_for)
+        if lost is not None:
+            raise InputsChanged(*lost)
 
     # Manifest, stats and the small files; `_SUCCESS` last.
     with passes.run("manifest", num_rows):
@@ -1294,16 +1456,70 @@ def _decide_and_write(
     return stats
 
 
+class InputsChanged(Exception):
+    """Kept inputs changed or vanished after their analysis, and copies of them were
+    rejected as their duplicates: the passes run again, analysing those inputs afresh."""
+
+    def __init__(self, changed: int, copies: int) -> None:
+        it = "it" if changed == 1 else "them"
+        super().__init__(
+            f"{changed} kept input{'s' if changed > 1 else ''} changed or vanished after "
+            f"{'its' if changed == 1 else 'their'} analysis, and {copies} duplicate"
+            f"{'s' if copies > 1 else ''} of {it} would be kept nowhere: analysing {it} again"
+        )
+
+
+def _unwritten_keys(t: pa.Table) -> pa.Table:
+    """The keys the rows the shard writer could not read again were planned under."""
+    detail = pc.fill_null(t[schema.DETAIL], "")
+    mask = pc.and_(
+        pc.fill_null(pc.equal(t[schema.REASON], "unreadable"), False),
+        pc.starts_with(detail, REREAD_FAILED),
+    )
+    shas = column(t.filter(mask), schema.SHA256)
+    return pa.table({schema.DUPLICATE_OF: pa.array([sample_key(h) for h in shas], pa.string())})
+
+
+def _duplicate_refs(t: pa.Table) -> pa.Table:
+    t = t.filter(pc.fill_null(pc.equal(t[schema.REASON], "duplicate"), False))
+    return t.select([schema.DUPLICATE_OF])
+
+
+def _copies_of_unwritten(final: Any, partitions_for: Partitioning) -> tuple[int, int] | None:
+    """(kept inputs the shard writer could not read again, their duplicates), or None when
+    no duplicate points at such an input."""
+    unwritten, num_unwritten = nonempty(final.map_batches(_unwritten_keys, batch_format="pyarrow"))
+    if unwritten is None:
+        return None
+    refs, num_refs = nonempty(final.map_batches(_duplicate_refs, batch_format="pyarrow"))
+    if refs is None:
+        return None
+    on = (schema.DUPLICATE_OF,)
+    orphans = grouping.join(refs, unwritten, "left_semi", partitions_for(num_refs), on=on)
+    num_orphans = orphans.count()
+    return (num_unwritten, num_orphans) if num_orphans else None
+
+
 def _remove_leftover_temporaries(output: str) -> None:
-    """Delete the temporary files left in a local output's `_work/tmp` (`atomic_write`).
+    """Delete the temporary files left in a local output's `_work/tmp` (`atomic_write`),
+    and the manifests staged in `_work/manifest-*` by runs killed while moving them.
 
     Every write of this job has been renamed into place by now, so what is left there was
     left by a writer that was killed midway, or is being written by a worker of a killed run
-    that has not noticed yet (its late write is then discarded: its rename fails).
+    that has not noticed yet (its late write is then discarded: its rename fails); no other
+    job writes this output meanwhile (`_lock_output`).
     """
-    staging = os.path.join(output, "_work", "tmp")
-    if not is_local(output) or not os.path.isdir(staging):
+    if not is_local(output):
         return  # object stores publish whole objects: no temporaries
+    work = os.path.join(output, "_work")
+    if os.path.isdir(work):  # manifests staged by killed runs (`_write_manifest`)
+        with os.scandir(work) as it:
+            for entry in it:
+                if entry.name.startswith("manifest-") and entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path, ignore_errors=True)
+    staging = os.path.join(work, "tmp")
+    if not os.path.isdir(staging):
+        return
     with os.scandir(staging) as it:
         for entry in it:
             with contextlib.suppress(FileNotFoundError):
@@ -1397,7 +1613,7 @@ def _reset_if_changed(work: str, inputs: Sequence[str], cfg: JobConfig) -> list[
     if fs.exists(path):
         with fs.open(path, "r") as fh:
             if fh.read() != job:
-                _remove(work)
+                _clear_work(work)
                 notes.append("inputs or configuration changed since the last run: analysing afresh")
     _write_text(marker, job)
     return notes
@@ -1412,6 +1628,8 @@ class _PartNames(FilenameProvider):
 
 
 def _remove_stale_shards(output: str, keep: set[str]) -> None:
+    """Remove the shards an earlier run wrote that this run's manifest does not name, and
+    the bucket folders that leaves empty (a local OUT; object stores have no folders)."""
     fs, root = fsspec.core.url_to_fs(output)
     base = root.rstrip("/") + "/shards"
     if not fs.exists(base):
@@ -1420,6 +1638,11 @@ def _remove_stale_shards(output: str, keep: set[str]) -> None:
         rel = f[len(root.rstrip("/")) + 1 :]
         if rel not in keep:
             fs.rm(f)
+    if is_local(output):
+        with os.scandir(base) as it:
+            for entry in it:
+                if entry.is_dir(follow_symlinks=False) and not os.listdir(entry.path):
+                    os.rmdir(entry.path)
 
 
 def _summary(values: list[float]) -> dict[str, float] | None:

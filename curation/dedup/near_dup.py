@@ -82,12 +82,17 @@ def bands(num_bits: int, max_distance: int) -> list[tuple[int, int]]:
 
 
 def band_keys(phash: int, max_distance: int) -> list[int]:
-    """One int key per band: band index in the high bits, the band's hash bits below."""
+    """One int64 key per band: band index in the high bits, the band's hash bits below.
+
+    With `max_distance` 0 the one band is the whole 64-bit hash: its key is the hash itself,
+    as a signed int64 (the band column's type).
+    """
     u = phash & ((1 << 64) - 1)
-    return [
+    keys = [
         (i << 40) | ((u >> shift) & ((1 << width) - 1))
         for i, (shift, width) in enumerate(bands(64, max_distance))
     ]
+    return [k - (1 << 64) if k >= (1 << 63) else k for k in keys]
 
 
 def colour(mode: Any) -> int:

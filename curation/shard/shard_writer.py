@@ -19,6 +19,9 @@ CHANGED_FOLDER = "_work/changed"
 """Under OUT: Parquet files of (`source`, `sha256`) pairs whose bytes changed after their
 analysis; a rerun analyses those sources again (`pipelines.curate`)."""
 
+REREAD_FAILED = "cannot re-read for writing"
+"""How the `detail` of a row the writer could not read again as analysed begins."""
+
 KEY_HEX = 32
 """Hex digits of sha256 in a sample key (128 bits: unique within any real job)."""
 
@@ -112,7 +115,7 @@ class ShardWriter(Stage):
                             schema.STATUS: schema.STATUS_REJECTED,
                             schema.REASON: "unreadable",
                             schema.DETAIL: (
-                                f"cannot re-read for writing: {e}"[:260]
+                                f"{REREAD_FAILED}: {e}"[:260]
                                 + "; rerun to analyse it again"
                             ),
                             schema.SHARD: None,

@@ -73,3 +73,38 @@ def test_a_real_photograph_is_kept_over_its_re_encodes(local_ray, tmp_path):
         assert rows[name]["duplicate_of"] == rows["kleiber.jpg"]["key"], name
     assert rows["kleiber_q85.jpg"]["sharpness"] > rows["kleiber.jpg"]["sharpness"]
     assert verify(str(out)) == []
+
+
+def test_without_dedup_byte_identical_copies_are_still_one_sample(local_ray, tmp_path):
+    """`dedup.enabled=false` keeps near duplicates, but a key names content: byte-identical
+    copies (another folder, a tar) gave several kept rows one key, two members of one name
+    in a shard, and a failed verify. They are one sample, the smallest source kept."""
+    import tarfile
+
+    from pipelines.samples import encode, render
+
+    folder = tmp_path / "in"
+    (folder / "b").mkdir(parents=True)
+    photo = encode(render(512, 320, 1), "JPEG", quality=93)
+    (folder / "photo.jpg").write_bytes(photo)
+    (folder / "b" / "copy.jpg").write_bytes(photo)
+    (folder / "photo_q80.jpg").write_bytes(encode(render(512, 320, 1), "JPEG", quality=80))
+    with tarfile.open(folder / "pack.tar", "w") as tf:
+        info = tarfile.TarInfo("member.jpg")
+        info.size = len(photo)
+        tf.addfile(info, io.BytesIO(photo))
+    out = tmp_path / "out"
+    args = ["--set", "probe.min_pixels=65536", "--set", "dedup.enabled=false",
+            "--set", "bucket.tier_scales=[1.0,0.5,0.25,0.125,0.0625,0.05]",
+            "--set", "score.enabled=false"]  # fmt: skip
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["curate", str(folder), "--output", str(out), *args]) == 0
+    rows = {r["source"].removeprefix(str(folder) + "/"): r
+            for r in pq.read_table(out / "manifest").to_pylist()}  # fmt: skip
+    assert rows["photo_q80.jpg"]["status"] == "kept"  # a near duplicate: kept without dedup
+    kept = rows["b/copy.jpg"]  # the smallest source of the three copies
+    assert kept["status"] == "kept"
+    for name in ("photo.jpg", "pack.tar#member.jpg"):
+        assert rows[name]["reason"] == "duplicate", name
+        assert rows[name]["duplicate_of"] == kept["key"], name
+    assert verify(str(out)) == []

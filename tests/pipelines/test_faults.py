@@ -412,3 +412,53 @@ def test_a_failed_pass_is_one_plain_line_even_from_ray(tmp_path):
     msg = str(JobFailed("listing", 20, str(tmp_path / "log.txt"), cause))
     assert "\x1b" not in msg
     assert "(RuntimeError: ray::MapBatches(_not_stale)() (pid=1) failed)" in msg
+
+
+def test_a_failed_ray_task_names_its_error_in_the_one_line(tmp_path):
+    """A full disk while shards are written: the one line said only `RayTaskError(
+    UserCodeException): ray::MapBatches(each_group)()`; the error raised in the task (here
+    ENOSPC, as Ray 2.60 words it) is what the user needs to read."""
+    from pipelines.curate import JobFailed
+
+    text = (
+        "\x1b[36mray::MapBatches(each_group)()\x1b[39m (pid=1518, ip=192.0.2.2)\n"
+        '  File "/x/curation/io/atomic.py", line 68, in atomic_write\n'
+        "    fh.write(data)\n"
+        "OSError: [Errno 28] No space left on device\n\n"
+        "The above exception was the direct cause of the following exception:\n\n"
+        "\x1b[36mray::MapBatches(each_group)()\x1b[39m (pid=1518, ip=192.0.2.2)\n"
+        "ray.exceptions.UserCodeException: UDF failed to process a data block.\n"
+    )
+    cause = type("RayTaskError(UserCodeException)", (RuntimeError,), {})(text)
+    msg = str(JobFailed("shards", 15, str(tmp_path / "log.txt"), cause))
+    assert "(OSError: [Errno 28] No space left on device, in ray::MapBatches(each_group)())" in msg
+    assert "\n" not in msg and "\x1b" not in msg
+
+
+def test_a_rerun_leaves_no_empty_bucket_folder(tmp_path):
+    """A rerun whose kept images left a bucket removed that bucket's shards, but not its
+    folder: `shards/<bucket>/` stayed, empty, for a bucket the job no longer has."""
+    from pipelines.curate import _remove_stale_shards
+
+    for name in ("shards/4096x2304/4096x2304-000000.tar", "shards/2304x4096/2304x4096-000000.tar",
+                 "shards/2304x4096/2304x4096-000001.tar"):  # fmt: skip
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"tar")
+    _remove_stale_shards(str(tmp_path), {"shards/4096x2304/4096x2304-000000.tar"})
+    left = sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "shards").rglob("*"))
+    assert left == ["shards/4096x2304", "shards/4096x2304/4096x2304-000000.tar"]
+
+
+def test_a_manifest_staged_by_a_killed_run_is_removed(tmp_path):
+    """A driver killed while moving the manifest into place left its staged copy
+    (`_work/manifest-<pid>-<time>/`, a whole manifest) for good; the next run removes it."""
+    from pipelines.curate import _remove_leftover_temporaries
+
+    staged = tmp_path / "_work" / "manifest-4242-1765000000"
+    staged.mkdir(parents=True)
+    (staged / "part-00000.parquet").write_bytes(b"PAR1")
+    (tmp_path / "_work" / "tmp").mkdir()
+    (tmp_path / "_work" / "tmp" / ".x.tar.tmp-0123").write_bytes(b"partial")
+    _remove_leftover_temporaries(str(tmp_path))
+    assert sorted(p.name for p in (tmp_path / "_work").iterdir()) == ["tmp"]
+    assert not list((tmp_path / "_work" / "tmp").iterdir())

@@ -78,3 +78,47 @@ def test_an_output_inside_an_input_folder_is_not_listed(local_ray, tmp_path):
     assert main(["curate", str(folder), "--output", str(folder)]) == 2
     # The same folder listed for another job (OUT elsewhere) does see those files.
     assert len(list_job(local_ray.data, specs, load_config()).rows.take_all()) > len(sources)
+
+
+def test_an_output_that_cannot_be_a_folder_is_one_line_before_any_work(tmp_path, capsys):
+    """OUT a file (or a path under one): a usage error (exit 2) in one line, before Ray
+    starts, not a traceback after the listing."""
+    from pipelines.cli import main
+    from pipelines.samples import encode, render
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(encode(render(512, 320, 1), "JPEG", quality=90))
+    afile = tmp_path / "out.txt"
+    afile.write_text("not a folder")
+    for out in (afile, afile / "out"):
+        assert main(["curate", str(folder), "--output", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        assert err.startswith(f"native4k: the output {out} ") and "not a folder" in err, err
+    assert afile.read_text() == "not a folder"
+
+
+def test_a_second_job_on_an_output_in_use_is_refused(tmp_path, capsys):
+    """Two jobs on one OUT with different settings both exited 0 and left `_SUCCESS` over a
+    manifest naming shards the other job had removed (verify failed). A job now holds a
+    lock on a local OUT while it runs (the system drops it when the process ends, however):
+    a second one stops at once, exit 2, naming the holder."""
+    import fcntl
+
+    from pipelines.cli import main
+    from pipelines.samples import encode, render
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(encode(render(512, 320, 1), "JPEG", quality=90))
+    out = tmp_path / "out"
+    (out / "_work").mkdir(parents=True)
+    with open(out / "_work" / "lock", "a+") as held:  # another job's lock
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("pid 4242 on elsewhere")
+        held.flush()
+        assert main(["curate", str(folder), "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"native4k: another curate job is writing {out} (pid 4242 on elsewhere)")
+    assert len(err.strip().splitlines()) == 1, err

@@ -228,6 +228,36 @@ def test_a_file_replaced_between_runs_is_analysed_again(local_ray, tmp_path, cap
     assert final["a.jpg"]["sha256"] == hashlib.sha256(old).hexdigest()
 
 
+def test_copies_of_a_file_changed_before_its_shard_are_not_lost(
+    local_ray, tmp_path, capsys, monkeypatch
+):
+    """The kept copy of a byte-identical pair changed after its analysis: its re-read for
+    the shard rejected it, and its unchanged copy stayed a `duplicate` of a key no shard held
+    (the photograph vanished from a job that exited 0). The job analyses the changed input
+    again before its manifest, and the copy is kept."""
+    from pipelines.samples import encode, render
+
+    folder, out = tmp_path / "in", tmp_path / "out"
+    (folder / "b").mkdir(parents=True)
+    photo = encode(render(1280, 720, 7800), "JPEG", quality=95)
+    (folder / "a.jpg").write_bytes(photo)
+    (folder / "b" / "copy.jpg").write_bytes(photo)
+    args = ["curate", str(folder), "--output", str(out), "--set", "probe.min_pixels=921600",
+            "--set", "bucket.tier_scales=[0.25,0.1875]"]  # fmt: skip
+    monkeypatch.setenv("NATIVE4K_FAULT", "shards")  # the analysis is stored, then it fails
+    assert main(args) == 1
+    monkeypatch.delenv("NATIVE4K_FAULT")
+    (folder / "a.jpg").write_bytes(encode(render(1280, 720, 7801), "JPEG", quality=95))
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "analysing it again" in capsys.readouterr().out
+    rows = {r["source"].removeprefix(str(folder) + "/"): r
+            for r in pq.read_table(out / "manifest").to_pylist()}  # fmt: skip
+    assert rows["b/copy.jpg"]["status"] == "kept"
+    assert rows["a.jpg"]["status"] == "kept"  # its new bytes, another image
+    assert verify(str(out)) == []
+
+
 def test_a_rewritten_tar_is_analysed_again(local_ray, tmp_path):
     """A tar rewritten with one member changed (and shorter) moves every later member: each
     row that cannot be re-read as analysed is re-analysed by the next rerun, not stuck

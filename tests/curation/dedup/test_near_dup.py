@@ -141,3 +141,15 @@ def test_splitter_emits_one_row_per_band():
         key=lambda x: x[0],
     ):
         assert len({k for _, k in keys}) == 4, src
+
+
+def test_max_hamming_zero_splits_hashes_with_the_top_bit_set():
+    """`dedup.max_hamming=0` (allowed: 0..31) is one 64-bit band; a pHash with its top bit
+    set made a band key beyond int64, and the job's dedup pass failed on it."""
+    a, b = (1 << 63) | 0xABC, (1 << 62) | 0xABC
+    t = _rows([("a", "s", a, 1, 1, 0.0), ("a2", "s", a, 1, 1, 0.0), ("b", "t", b, 1, 1, 0.0)])
+    out = BandSplitter(max_distance=0)(t)
+    keys = out.column(BAND).to_pylist()
+    assert out.num_rows == 3 and keys[0] == keys[1] != keys[2]
+    for k in (0, 1, 6, 31):  # every key fits the band column's int64
+        assert all(-(1 << 63) <= x < (1 << 63) for x in band_keys(_signed(a), k))
