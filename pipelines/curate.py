@@ -87,6 +87,7 @@ from pipelines.model_pass import (
     thumbnail_folder,
     thumbnail_size,
 )
+from pipelines.stats import inputs_text
 
 log = logging.getLogger("native4k")
 
@@ -1545,11 +1546,6 @@ def _write_manifest(rd: Any, final: Any, output: str) -> None:
     for f in sorted(fs.find(tmp_dir)):  # file by file: a rename locally, copy+delete on S3
         fs.mv(f, f"{dest}/{f.rsplit('/', 1)[-1]}")
     _remove(manifest_tmp)
-
-
-def inputs_text(n: int) -> str:
-    """`1 input`, `2 inputs`: a count of inputs for a sentence."""
-    return f"{n} input" if n == 1 else f"{n} inputs"
 
 
 DOMINANT_SHARE = 0.5

@@ -39,7 +39,7 @@ from curation import schema
 from curation.analyze.native import CODECS, TESTS
 from curation.io.atomic import atomic_write, is_local, join
 from curation.io.listing import local_path, split_tar_source
-from pipelines.stats import finished_fs, job_stats, read_manifest, score_columns
+from pipelines.stats import finished_fs, inputs_text, job_stats, read_manifest, score_columns
 
 THUMB_SIDE = 240
 """Longest side of a contact-sheet thumbnail, in pixels."""
@@ -159,7 +159,7 @@ def format_table(header: list[str], rows: list[list[str]]) -> str:
 def summary_text(stats: dict[str, Any]) -> str:
     """The end-of-job summary: per-bucket and per-reason tables."""
     parts = [
-        f"{stats['total']} inputs: {stats['kept']} kept, {stats['rejected']} rejected "
+        f"{inputs_text(stats['total'])}: {stats['kept']} kept, {stats['rejected']} rejected "
         f"({stats.get('wall_seconds', 0):.1f} s)",
         "",
         format_table(BUCKET_HEADER, bucket_rows(stats)) if stats["buckets"] else "(no kept images)",
@@ -846,7 +846,8 @@ def write_report(output: str, *, samples: int = DEFAULT_SAMPLES, workers: int | 
 <link rel="icon" href="data:,">
 <title>native4k report: {_e(output)}</title><style>{CSS}</style></head><body>
 <h1>native4k curation report</h1>
-<p><b>{_e(output)}</b>: {s["total"]} inputs ({s["bytes"] / 1e6:.1f} MB), <b>{s["kept"]} kept</b>
+<p><b>{_e(output)}</b>: {inputs_text(s["total"])} ({s["bytes"] / 1e6:.1f} MB),
+<b>{s["kept"]} kept</b>
 ({s["kept_bytes"] / 1e6:.1f} MB) in {len(s["groups"])} buckets, {s["rejected"]} rejected.
 Manifest version {_e(job.get("manifest_version", "?"))}; wall time
 {_e(job.get("wall_seconds", "?"))} s.</p>

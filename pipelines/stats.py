@@ -286,6 +286,11 @@ def _score_cell(entry: dict[str, Any], score: str) -> str:
     return f"{s['mean']:.3g}/{s['median']:.3g}" if s else "-"
 
 
+def inputs_text(n: int) -> str:
+    """`1 input`, `2 inputs`: a count of inputs for a sentence."""
+    return f"{n} input" if n == 1 else f"{n} inputs"
+
+
 _UNPRINTABLE = ("Cc", "Zl", "Zp")  # control characters and line/paragraph separators
 
 
@@ -320,7 +325,7 @@ def stats_text(stats: dict[str, Any]) -> str:
         dict.fromkeys(s for e in (*stats["groups"], *stats["reasons"]) for s in e["scores"])
     )
     lines = [
-        f"{stats['total']} inputs ({_mb(stats['bytes'])} MB): {stats['kept']} kept "
+        f"{inputs_text(stats['total'])} ({_mb(stats['bytes'])} MB): {stats['kept']} kept "
         f"({_mb(stats['kept_bytes'])} MB), {stats['rejected']} rejected",
         "",
     ]

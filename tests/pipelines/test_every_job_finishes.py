@@ -203,7 +203,7 @@ def test_one_real_photograph(local_ray, tmp_path):
     rc, stdout, stderr = run_job([folder], tmp_path / "out")
     assert rc == 0, stderr
     check_output(tmp_path / "out", {photo.name: ("rejected", "flat")}, stdout)
-    assert "'flat' rejected 1 of 1 inputs" in stdout
+    assert "'flat' rejected 1 of 1 input (" in stdout
     assert "flat_fraction > 0.5" in stdout and "--set analyze.max_flat_fraction=" in stdout
 
 
@@ -229,7 +229,7 @@ def test_one_kept_photograph_through_the_console_script(tmp_path):
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr[-3000:]
     assert stdout.rstrip().splitlines()[-1].startswith("stats:    ")
-    assert "1 inputs: 1 kept, 0 rejected" in stdout
+    assert "1 input: 1 kept, 0 rejected" in stdout
     (row,) = pq.read_table(out / "manifest").to_pylist()
     assert row["status"] == "kept" and 0 <= row["quality"] <= 100  # piqe, on the early actor
     assert (out / "_SUCCESS").exists() and main(["verify", str(out)]) == 0

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from curation import schema
-from pipelines.curate import inputs_text
+from pipelines.stats import inputs_text
 
 pytestmark = pytest.mark.ray
 

@@ -20,13 +20,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pipelines.cli import main
-from pipelines.curate import (
-    AWS_ENV,
-    Partitioning,
-    inputs_text,
-    one_row_per_source,
-    worker_env,
-)
+from pipelines.curate import AWS_ENV, Partitioning, one_row_per_source, worker_env
+from pipelines.stats import inputs_text
 from pipelines.verify import read_manifest, verify
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
