@@ -1149,6 +1149,10 @@ def _lock_output(output: str) -> Any | None:
             f"another curate job is writing {output} ({holder}); wait for it to finish or "
             "stop it, then rerun"
         ) from None
+    except OSError as e:  # a filesystem without locks (some network mounts): run unlocked
+        fh.close()
+        log.warning("cannot lock %s (%s): make sure no other job writes it", output, e)
+        return None
     fh.seek(0)
     fh.truncate()
     fh.write(f"pid {os.getpid()} on {socket.gethostname()}")

@@ -122,3 +122,20 @@ def test_a_second_job_on_an_output_in_use_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith(f"native4k: another curate job is writing {out} (pid 4242 on elsewhere)")
     assert len(err.strip().splitlines()) == 1, err
+
+
+def test_an_output_on_a_filesystem_without_locks_runs_unlocked(tmp_path, monkeypatch, caplog):
+    """Some network mounts refuse `flock` (ENOLCK, EOPNOTSUPP): the job runs without the lock
+    and says so, instead of failing on the lock that guards it."""
+    import errno
+    import fcntl
+
+    from pipelines.curate import _lock_output
+
+    def refuse(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", refuse)
+    with caplog.at_level("WARNING", logger="native4k"):
+        assert _lock_output(str(tmp_path / "out")) is None
+    assert "cannot lock" in caplog.text and "No locks available" in caplog.text
