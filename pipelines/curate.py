@@ -49,12 +49,14 @@ from curation.base import Stage, column, pending_mask, reject, set_columns
 from curation.bucket.bucketer import Bucket, Bucketer, coverage_gaps, default_table
 from curation.dedup.near_dup import (
     BAND,
+    CAPTIONED,
     HASH_COLUMNS,
     PARENT,
     PARENT_SHA256,
     BandSplitter,
     match_band,
     pick_parent,
+    with_captioned,
 )
 from curation.io.atomic import atomic_write, is_local, join
 from curation.io.listing import (
@@ -585,8 +587,13 @@ def _not_kept(t: pa.Table) -> pa.Table:
     return t.filter(pc.invert(pc.fill_null(pc.equal(t[schema.STATUS], schema.STATUS_KEPT), False)))
 
 
+CAPTION_COLUMNS = (schema.CAPTION_EN, schema.CAPTION_ZH)
+
+
 def _hashed_pending(t: pa.Table) -> pa.Table:
-    return t.filter(pc.and_(pc.is_null(t[schema.STATUS]), pc.is_valid(t[schema.PHASH])))
+    return with_captioned(
+        t.filter(pc.and_(pc.is_null(t[schema.STATUS]), pc.is_valid(t[schema.PHASH])))
+    )
 
 
 def dedup_decisions(rows: Any, cfg: JobConfig, partitions_for: Partitioning) -> Any | None:
@@ -596,7 +603,7 @@ def dedup_decisions(rows: Any, cfg: JobConfig, partitions_for: Partitioning) -> 
     """
     k = cfg.dedup.max_hamming
     hashed, num_hashed = nonempty(
-        rows.select_columns([*HASH_COLUMNS, schema.STATUS]).map_batches(
+        rows.select_columns([*HASH_COLUMNS, *CAPTION_COLUMNS, schema.STATUS]).map_batches(
             _hashed_pending, batch_format="pyarrow"
         )
     )
@@ -637,13 +644,15 @@ _ROOT_SCHEMA = pa.schema(
 
 def _pending_with_sha256(t: pa.Table) -> pa.Table:
     t = t.filter(pc.and_(pc.is_null(t[schema.STATUS]), pc.is_valid(t[schema.SHA256])))
-    return t.select([schema.SOURCE, schema.SHA256])
+    return with_captioned(t).select([schema.SOURCE, schema.SHA256, CAPTIONED])
 
 
 def _exact_copies(g: pa.Table) -> pa.Table:
-    """One sha256's rows: every source but the smallest points at the smallest."""
+    """One sha256's rows: every source but the kept one points at it (a copy with a caption
+    first, then the smallest source, as the near-duplicate ranking orders identical copies)."""
     sources = column(g, schema.SOURCE)
-    root, sha = min(sources), column(g, schema.SHA256)[0]
+    ranked = zip(column(g, CAPTIONED), sources, strict=True)
+    root, sha = min(ranked, key=lambda r: (-r[0], r[1]))[1], column(g, schema.SHA256)[0]
     others = [s for s in sources if s != root]
     return pa.table(
         {schema.SOURCE: others, "root": [root] * len(others), "root_sha256": [sha] * len(others)},
@@ -653,13 +662,14 @@ def _exact_copies(g: pa.Table) -> pa.Table:
 
 def exact_copy_decisions(rows: Any, partitions_for: Partitioning) -> Any | None:
     """(source → root source, root sha256) for byte-identical copies only (`dedup.enabled`
-    false): a key names its content, so copies of the same bytes are one sample, the one of
-    the smallest source kept (as the near-duplicate ranking orders identical copies).
+    false): a key names its content, so copies of the same bytes are one sample: one with a
+    caption kept, then the smallest source (as the near-duplicate ranking orders identical
+    copies).
 
     Returns None when no two candidates share their bytes.
     """
     pending, num_pending = nonempty(
-        rows.select_columns([schema.SOURCE, schema.SHA256, schema.STATUS]).map_batches(
+        rows.select_columns([*HASH_COLUMNS, *CAPTION_COLUMNS, schema.STATUS]).map_batches(
             _pending_with_sha256, batch_format="pyarrow"
         )
     )

@@ -46,7 +46,7 @@ from curation.analyze.thumbnail_maker import ThumbnailMaker
 from curation.base import Stage, column, pending_mask, set_columns
 from curation.caption.captioner import VlmCaptioner, input_caption_source
 from curation.caption.translator import CaptionTranslator
-from curation.dedup.near_dup import colour
+from curation.dedup.near_dup import captioned, colour
 from curation.dedup.semantic_dedup import SemanticDedup
 from curation.io.atomic import atomic_write, join
 from curation.score.chain import ModelChain, WarmActor
@@ -773,6 +773,8 @@ def _semantic_duplicates(scored: Any, s: Any) -> tuple[dict[str, tuple[str, str,
         schema.SHARPNESS,
         schema.NATIVE_SCORE,
         schema.MODE,
+        schema.CAPTION_EN,
+        schema.CAPTION_ZH,
         schema.EMBEDDING,
     ]
     parts = []
@@ -797,6 +799,7 @@ def _semantic_duplicates(scored: Any, s: Any) -> tuple[dict[str, tuple[str, str,
         column(table, schema.NATIVE_SCORE),
         sources,
         [colour(m) for m in column(table, schema.MODE)],
+        captioned(table),
     )
     out = {sources[mt.index]: (sources[mt.root], shas[mt.root], mt.similarity) for mt in matches}
     return out, dedup.index_kind(table.num_rows)

@@ -15,11 +15,12 @@ Rank ("the copy kept is the best one"): larger pixel count, then colour over gre
 copy of a colour photograph hashes alike, and a PNG one is often the larger file), then the
 larger file (at equal
 pixel counts, more bytes per pixel: the least lossy encoding), then sharper, then more native,
-then the smaller source URI (a deterministic tie-break). The file size comes before the
-focus measure because re-encoding moves the focus measure either way: on 12 real photographs
-a JPEG q85 re-encode measured up to 0.43 sharper (its block edges; 8 of the 12 sharper), a
-lossy WebP one up to 0.03, while a Gaussian blur of 0.6 px measured 0.14 to 1.4 less, so by
-sharpness a web copy often outranked its original (docs/dedup.md).
+then one with a caption (of byte-identical copies, a sidecar's or tar member's caption is kept
+over a bare copy), then the smaller source URI (a deterministic tie-break). The file size comes
+before the focus measure because re-encoding moves the focus measure either way: on 12 real
+photographs a JPEG q85 re-encode measured up to 0.43 sharper (its block edges; 8 of the 12
+sharper), a lossy WebP one up to 0.03, while a Gaussian blur of 0.6 px measured 0.14 to 1.4
+less, so by sharpness a web copy often outranked its original (docs/dedup.md).
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ PARENT_SIZE = "parent_size_bytes"
 PARENT_SHARPNESS = "parent_sharpness"
 PARENT_NATIVE = "parent_native"
 PARENT_COLOUR = "parent_colour"
+PARENT_CAPTIONED = "parent_captioned"
+CAPTIONED = "captioned"
+"""Dedup-internal column: 1 for a row with a caption (English or Chinese), else 0."""
 GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 """PIL modes without colour (the rest, palette included, rank as colour)."""
 
@@ -58,6 +62,9 @@ HASH_COLUMNS = (
 )
 """The slim columns the dedup step reads (no bytes travel through its shuffles)."""
 
+DEDUP_COLUMNS = (*HASH_COLUMNS, CAPTIONED)
+"""What travels through the dedup step's shuffles: `HASH_COLUMNS` and `CAPTIONED`."""
+
 EDGE_SCHEMA = pa.schema(
     [
         (schema.SOURCE, pa.string()),
@@ -70,8 +77,22 @@ EDGE_SCHEMA = pa.schema(
         (PARENT_SHARPNESS, pa.float64()),
         (PARENT_NATIVE, pa.float64()),
         (PARENT_COLOUR, pa.int64()),
+        (PARENT_CAPTIONED, pa.int64()),
     ]
 )
+
+
+def captioned(t: pa.Table) -> list[int]:
+    """1 for each row with a caption (`caption_en` or `caption_zh` not empty), else 0."""
+    pairs = zip(column(t, schema.CAPTION_EN), column(t, schema.CAPTION_ZH), strict=True)
+    return [int(bool(en) or bool(zh)) for en, zh in pairs]
+
+
+def with_captioned(t: pa.Table) -> pa.Table:
+    """`DEDUP_COLUMNS` of rows that hold `HASH_COLUMNS` and the two caption columns: whether
+    each row has a caption replaces the captions' text."""
+    has = pa.array(captioned(t), pa.int64())
+    return t.select(list(HASH_COLUMNS)).append_column(CAPTIONED, has)
 
 
 def bands(num_bits: int, max_distance: int) -> list[tuple[int, int]]:
@@ -101,12 +122,19 @@ def colour(mode: Any) -> int:
 
 
 def rank_key(
-    pixels: Any, size_bytes: Any, sharpness: Any, native: Any, source: str, colour: int = 1
+    pixels: Any,
+    size_bytes: Any,
+    sharpness: Any,
+    native: Any,
+    source: str,
+    colour: int = 1,
+    captioned: int = 0,
 ) -> tuple:
     """Sort key of a copy: smaller is better (more pixels, colour over grey, more bytes,
-    sharper, more native, smaller URI; a null counts as 0)."""
+    sharper, more native, with a caption, smaller URI; a null counts as 0). Byte-identical
+    copies differ only in the last two: the one with a caption is kept, so its text stays."""
     return (-(pixels or 0), -colour, -(size_bytes or 0), -(sharpness or 0.0), -(native or 0.0),
-            source)
+            -(captioned or 0), source)
 
 
 @dataclass(kw_only=True)
@@ -118,7 +146,7 @@ class BandSplitter(Stage):
 
     name: ClassVar[str] = "dedup_bands"
     batch_size: ClassVar[int | None] = None
-    reads: ClassVar[tuple[str, ...]] = HASH_COLUMNS
+    reads: ClassVar[tuple[str, ...]] = DEDUP_COLUMNS
     writes: ClassVar[tuple[str, ...]] = (BAND,)
     max_distance: int = 6
 
@@ -128,6 +156,7 @@ class BandSplitter(Stage):
         return pa.schema(
             [
                 *((c, schema.arrow_type(c)) for c in HASH_COLUMNS),
+                (CAPTIONED, pa.int64()),
                 (BAND, pa.int64()),
                 (schema.STAGE_SECONDS, schema.arrow_type(schema.STAGE_SECONDS)),
             ]
@@ -136,7 +165,7 @@ class BandSplitter(Stage):
     def process(self, t: pa.Table) -> pa.Table:
         keys = [band_keys(h, self.max_distance) for h in column(t, schema.PHASH)]
         idx = [i for i, ks in enumerate(keys) for _ in ks]
-        out = t.select(list(HASH_COLUMNS)).take(pa.array(idx, type=pa.int64()))
+        out = t.select(list(DEDUP_COLUMNS)).take(pa.array(idx, type=pa.int64()))
         return out.append_column(BAND, pa.array([k for ks in keys for k in ks], type=pa.int64()))
 
 
@@ -152,7 +181,11 @@ def match_band(group: pa.Table, max_distance: int) -> pa.Table:
         size = column(group, schema.SIZE_BYTES)
         pixels = [(a or 0) * (b or 0) for a, b in zip(w, h, strict=True)]
         colours = [colour(m) for m in column(group, schema.MODE)]
-        keys = [rank_key(*r) for r in zip(pixels, size, sharp, native, src, colours, strict=True)]
+        capt = column(group, CAPTIONED)
+        keys = [
+            rank_key(*r)
+            for r in zip(pixels, size, sharp, native, src, colours, capt, strict=True)
+        ]
         for i in range(n):
             dist = np.bitwise_count(hashes ^ hashes[i])
             for j in np.nonzero(dist <= max_distance)[0]:
@@ -167,13 +200,15 @@ def match_band(group: pa.Table, max_distance: int) -> pa.Table:
                     out[PARENT_SHARPNESS].append(sharp[j])
                     out[PARENT_NATIVE].append(native[j])
                     out[PARENT_COLOUR].append(colours[j])
+                    out[PARENT_CAPTIONED].append(capt[j])
     return pa.table(out, schema=EDGE_SCHEMA)
 
 
 def pick_parent(edges: pa.Table) -> pa.Table:
     """Per source, keep only the edge to its best-ranked better neighbour."""
     best: dict[str, tuple[tuple, int]] = {}
-    names = (PARENT_PIXELS, PARENT_SIZE, PARENT_SHARPNESS, PARENT_NATIVE, PARENT, PARENT_COLOUR)
+    names = (PARENT_PIXELS, PARENT_SIZE, PARENT_SHARPNESS, PARENT_NATIVE, PARENT, PARENT_COLOUR,
+             PARENT_CAPTIONED)
     cols = [column(edges, c, 1) for c in names]
     for i, src in enumerate(column(edges, schema.SOURCE)):
         k = rank_key(*(c[i] for c in cols))

@@ -4,8 +4,8 @@ A global step: every candidate's L2-normalised embedding goes into one faiss ind
 inner product up to `exact_max` vectors, an IVF index above it), a range search finds every
 pair at or above `threshold` cosine similarity, and each image points to its best-ranked
 better neighbour; following those pointers gives the kept copy. The rank is the one pHash
-de-duplication uses (`near_dup.rank_key`: more pixels, larger file, sharper, more native,
-smaller URI).
+de-duplication uses (`near_dup.rank_key`: more pixels, colour over grey, larger file, sharper,
+more native, with a caption, smaller URI).
 """
 
 from __future__ import annotations
@@ -83,11 +83,15 @@ class SemanticDedup:
         native: Sequence[Any],
         sources: Sequence[str],
         colours: Sequence[int] | None = None,
+        captioned: Sequence[int] | None = None,
     ) -> list[SemanticMatch]:
         """Every row that has a better-ranked semantic duplicate, with its kept copy
-        (`colours`: `near_dup.colour` of each row's mode; all colour when None)."""
+        (`colours`: `near_dup.colour` of each row's mode, all colour when None; `captioned`:
+        1 for a row with a caption, none when None)."""
         colours = [1] * len(sources) if colours is None else colours
-        ranked = zip(pixels, size_bytes, sharpness, native, sources, colours, strict=True)
+        captioned = [0] * len(sources) if captioned is None else captioned
+        ranked = zip(pixels, size_bytes, sharpness, native, sources, colours, captioned,
+                     strict=True)  # fmt: skip
         keys = [rank_key(*r) for r in ranked]
         rows, cols, sims = self.pairs(emb)
         parent: dict[int, tuple[int, float]] = {}

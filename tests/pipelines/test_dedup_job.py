@@ -36,6 +36,8 @@ def test_chain_resolves_to_the_root_and_far_rows_stay(local_ray):
             schema.SHARPNESS: [1.0, 1.0, 1.0, 1.0],
             schema.NATIVE_SCORE: [1.0, 1.0, 1.0, 1.0],
             schema.MODE: ["RGB", "RGB", "L", "RGB"],
+            schema.CAPTION_EN: pa.nulls(4, pa.string()),
+            schema.CAPTION_ZH: pa.nulls(4, pa.string()),
             schema.STATUS: pa.nulls(4, pa.string()),
         }
     )
@@ -105,6 +107,42 @@ def test_without_dedup_byte_identical_copies_are_still_one_sample(local_ray, tmp
     kept = rows["b/copy.jpg"]  # the smallest source of the three copies
     assert kept["status"] == "kept"
     for name in ("photo.jpg", "pack.tar#member.jpg"):
+        assert rows[name]["reason"] == "duplicate", name
+        assert rows[name]["duplicate_of"] == kept["key"], name
+    assert verify(str(out)) == []
+
+
+@pytest.mark.parametrize("dedup", ["true", "false"])
+def test_of_byte_identical_copies_the_captioned_one_is_kept(local_ray, tmp_path, dedup):
+    """Of byte-identical copies the smallest source was kept: a bare folder copy won over a
+    tar member with a caption, and the sample lost its text. With dedup on or off the copy
+    with a caption is kept now, caption and all."""
+    import tarfile
+
+    from pipelines.samples import encode, render
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    photo = encode(render(512, 320, 2), "JPEG", quality=93)
+    (folder / "a_bare.jpg").write_bytes(photo)
+    (folder / "b_bare.jpg").write_bytes(photo)
+    caption = b"a red barn under a winter sky"
+    with tarfile.open(folder / "pool.tar", "w") as tf:
+        for name, data in (("x.jpg", photo), ("x.txt", caption)):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    out = tmp_path / "out"
+    args = ["--set", "probe.min_pixels=65536", "--set", f"dedup.enabled={dedup}",
+            "--set", "bucket.tier_scales=[1.0,0.5,0.25,0.125,0.0625,0.05]",
+            "--set", "score.enabled=false"]  # fmt: skip
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["curate", str(folder), "--output", str(out), *args]) == 0
+    rows = {r["source"].removeprefix(str(folder) + "/"): r
+            for r in pq.read_table(out / "manifest").to_pylist()}  # fmt: skip
+    kept = rows["pool.tar#x.jpg"]
+    assert (kept["status"], kept["caption_en"]) == ("kept", "a red barn under a winter sky")
+    for name in ("a_bare.jpg", "b_bare.jpg"):
         assert rows[name]["reason"] == "duplicate", name
         assert rows[name]["duplicate_of"] == kept["key"], name
     assert verify(str(out)) == []

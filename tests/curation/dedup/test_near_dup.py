@@ -6,6 +6,7 @@ import pyarrow as pa
 from curation import schema
 from curation.dedup.near_dup import (
     BAND,
+    CAPTIONED,
     PARENT,
     BandSplitter,
     band_keys,
@@ -50,6 +51,7 @@ def _rows(specs):
             schema.SHARPNESS: [s[5] for s in specs],
             schema.NATIVE_SCORE: [1.0] * len(specs),
             schema.MODE: [s[7] if len(s) > 7 else "RGB" for s in specs],
+            CAPTIONED: [s[8] if len(s) > 8 else 0 for s in specs],
         }
     )
 
@@ -153,3 +155,23 @@ def test_max_hamming_zero_splits_hashes_with_the_top_bit_set():
     assert out.num_rows == 3 and keys[0] == keys[1] != keys[2]
     for k in (0, 1, 6, 31):  # every key fits the band column's int64
         assert all(-(1 << 63) <= x < (1 << 63) for x in band_keys(_signed(a), k))
+
+
+def test_of_identical_copies_the_one_with_a_caption_is_kept():
+    """Byte-identical copies tie on every measure but the URI: a folder copy without a caption
+    (the smaller URI) was kept over a tar member with one, and the caption was lost."""
+    t = _rows(
+        [
+            ("/a/bare.jpg", "s1", 0b1111, 5000, 3000, 1.0, 9_000_000, "RGB", 0),
+            ("/b/pool.tar#x.jpg", "s1", 0b1111, 5000, 3000, 1.0, 9_000_000, "RGB", 1),
+            ("/c/bare_too.jpg", "s1", 0b1111, 5000, 3000, 1.0, 9_000_000, "RGB", 0),
+            ("/0/better.jpg", "s2", 0b1110, 5000, 3000, 1.0, 9_500_000, "RGB", 0),
+        ]
+    )
+    parents = dict(zip(*(pick_parent(match_band(t.slice(0, 3), max_distance=2)).column(c)
+                         .to_pylist() for c in (schema.SOURCE, PARENT)), strict=True))  # fmt: skip
+    assert parents == dict.fromkeys(("/a/bare.jpg", "/c/bare_too.jpg"), "/b/pool.tar#x.jpg")
+    # a caption only breaks ties: the larger file still wins without one
+    parents = dict(zip(*(pick_parent(match_band(t, max_distance=2)).column(c).to_pylist()
+                         for c in (schema.SOURCE, PARENT)), strict=True))  # fmt: skip
+    assert set(parents.values()) == {"/0/better.jpg"} and len(parents) == 3

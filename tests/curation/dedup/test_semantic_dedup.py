@@ -47,3 +47,14 @@ def test_ivf_index_finds_the_tight_duplicates_the_exact_one_finds(exact_max):
     n = len(x)
     found = dedup.find(x, list(range(n)), [0] * n, [0] * n, [0] * n, [str(i) for i in range(n)])
     assert len(found) == 80
+
+
+def test_of_equally_ranked_copies_the_captioned_one_is_kept():
+    """Ranked as pHash de-duplication ranks: a caption breaks a tie before the URI."""
+    x = _clusters(1, 3)
+    same = [5] * 3
+    found = SemanticDedup(threshold=0.9).find(x, same, same, same, same, ["a", "b", "c"],
+                                              [1] * 3, [0, 1, 0])  # fmt: skip
+    assert sorted((m.index, m.root) for m in found) == [(0, 1), (2, 1)]
+    found = SemanticDedup(threshold=0.9).find(x, same, same, same, same, ["a", "b", "c"])
+    assert sorted((m.index, m.root) for m in found) == [(1, 0), (2, 0)]
