@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.cli import main
+from pipelines.stats import inputs_text
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -160,7 +161,7 @@ def test_retuning_a_pixel_threshold_analyses_again_only_what_stopped_early(
     shutil.copytree(curated, copy)
     capsys.readouterr()
     assert main(["curate", str(folder), "--output", str(copy), *relax]) == 0
-    assert f"analysed {len(stopped)} inputs in this run" in capsys.readouterr().out
+    assert f"analysed {inputs_text(len(stopped))} in this run" in capsys.readouterr().out
     rows = {_rel(folder, s): r for s, r in _rows(copy).items()}
     assert rows["reject/low_entropy.png"]["status"] == "kept"
     assert rows["reject/flat_gradient.png"]["reason"] == "flat"
@@ -189,7 +190,7 @@ def test_a_rerun_with_score_all_completes_every_stored_analysis(samples, curated
     capsys.readouterr()
     assert main(["curate", str(folder), "--output", str(copy),
                  "--set", "analyze.score_all=true"]) == 0
-    assert f"analysed {len(partial)} inputs in this run" in capsys.readouterr().out
+    assert f"analysed {inputs_text(len(partial))} in this run" in capsys.readouterr().out
     rows = _rows(copy)
     assert rows.keys() == first.keys()
     for source, r in rows.items():
