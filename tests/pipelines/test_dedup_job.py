@@ -77,12 +77,31 @@ def test_a_real_photograph_is_kept_over_its_re_encodes(local_ray, tmp_path):
     assert verify(str(out)) == []
 
 
+def _tar(path: Path, members: dict[str, bytes]) -> None:
+    import tarfile
+
+    with tarfile.open(path, "w") as tf:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+
+
+def _curate_small(folder: Path, out: Path, dedup: str) -> dict[str, dict]:
+    """Curate small renders (sizes and buckets relaxed, no models); rows by relative source."""
+    args = ["--set", "probe.min_pixels=65536", "--set", f"dedup.enabled={dedup}",
+            "--set", "bucket.tier_scales=[1.0,0.5,0.25,0.125,0.0625,0.05]",
+            "--set", "score.enabled=false"]  # fmt: skip
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["curate", str(folder), "--output", str(out), *args]) == 0
+    return {r["source"].removeprefix(str(folder) + "/"): r
+            for r in pq.read_table(out / "manifest").to_pylist()}  # fmt: skip
+
+
 def test_without_dedup_byte_identical_copies_are_still_one_sample(local_ray, tmp_path):
     """`dedup.enabled=false` keeps near duplicates, but a key names content: byte-identical
     copies (another folder, a tar) gave several kept rows one key, two members of one name
     in a shard, and a failed verify. They are one sample, the smallest source kept."""
-    import tarfile
-
     from pipelines.samples import encode, render
 
     folder = tmp_path / "in"
@@ -91,18 +110,9 @@ def test_without_dedup_byte_identical_copies_are_still_one_sample(local_ray, tmp
     (folder / "photo.jpg").write_bytes(photo)
     (folder / "b" / "copy.jpg").write_bytes(photo)
     (folder / "photo_q80.jpg").write_bytes(encode(render(512, 320, 1), "JPEG", quality=80))
-    with tarfile.open(folder / "pack.tar", "w") as tf:
-        info = tarfile.TarInfo("member.jpg")
-        info.size = len(photo)
-        tf.addfile(info, io.BytesIO(photo))
+    _tar(folder / "pack.tar", {"member.jpg": photo})
     out = tmp_path / "out"
-    args = ["--set", "probe.min_pixels=65536", "--set", "dedup.enabled=false",
-            "--set", "bucket.tier_scales=[1.0,0.5,0.25,0.125,0.0625,0.05]",
-            "--set", "score.enabled=false"]  # fmt: skip
-    with contextlib.redirect_stdout(io.StringIO()):
-        assert main(["curate", str(folder), "--output", str(out), *args]) == 0
-    rows = {r["source"].removeprefix(str(folder) + "/"): r
-            for r in pq.read_table(out / "manifest").to_pylist()}  # fmt: skip
+    rows = _curate_small(folder, out, "false")
     assert rows["photo_q80.jpg"]["status"] == "kept"  # a near duplicate: kept without dedup
     kept = rows["b/copy.jpg"]  # the smallest source of the three copies
     assert kept["status"] == "kept"
@@ -117,8 +127,6 @@ def test_of_byte_identical_copies_the_captioned_one_is_kept(local_ray, tmp_path,
     """Of byte-identical copies the smallest source was kept: a bare folder copy won over a
     tar member with a caption, and the sample lost its text. With dedup on or off the copy
     with a caption is kept now, caption and all."""
-    import tarfile
-
     from pipelines.samples import encode, render
 
     folder = tmp_path / "in"
@@ -126,20 +134,9 @@ def test_of_byte_identical_copies_the_captioned_one_is_kept(local_ray, tmp_path,
     photo = encode(render(512, 320, 2), "JPEG", quality=93)
     (folder / "a_bare.jpg").write_bytes(photo)
     (folder / "b_bare.jpg").write_bytes(photo)
-    caption = b"a red barn under a winter sky"
-    with tarfile.open(folder / "pool.tar", "w") as tf:
-        for name, data in (("x.jpg", photo), ("x.txt", caption)):
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
+    _tar(folder / "pool.tar", {"x.jpg": photo, "x.txt": b"a red barn under a winter sky"})
     out = tmp_path / "out"
-    args = ["--set", "probe.min_pixels=65536", "--set", f"dedup.enabled={dedup}",
-            "--set", "bucket.tier_scales=[1.0,0.5,0.25,0.125,0.0625,0.05]",
-            "--set", "score.enabled=false"]  # fmt: skip
-    with contextlib.redirect_stdout(io.StringIO()):
-        assert main(["curate", str(folder), "--output", str(out), *args]) == 0
-    rows = {r["source"].removeprefix(str(folder) + "/"): r
-            for r in pq.read_table(out / "manifest").to_pylist()}  # fmt: skip
+    rows = _curate_small(folder, out, dedup)
     kept = rows["pool.tar#x.jpg"]
     assert (kept["status"], kept["caption_en"]) == ("kept", "a red barn under a winter sky")
     for name in ("a_bare.jpg", "b_bare.jpg"):
