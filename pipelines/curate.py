@@ -838,6 +838,14 @@ def _mtimes(fs: Any, folder: str) -> dict[str, float]:
     return out
 
 
+def _changed_records(output: str) -> dict[str, float]:
+    """The shard writer's change records in OUT (name -> time; one listing): a pass that adds
+    or rewrites one found a kept input whose bytes changed since its analysis."""
+    fs, path = fsspec.core.url_to_fs(join(output, CHANGED_FOLDER))
+    fs.invalidate_cache(path)  # written by Ray workers, not through this process's listing
+    return _mtimes(fs, path) if fs.exists(path) else {}
+
+
 def _changed_at(analysis: str) -> dict[str, float]:
     """Source -> the latest time its re-read bytes were found to differ from its analysis.
 
@@ -1405,6 +1413,7 @@ def _decide_and_write(
             passes.echo(f"native4k: {note}")
 
     # Pass 3: buckets, shard plan, shards.
+    records = _changed_records(output) if retry_changed else {}
     with passes.run("shards", num_rows):
         rows = rows.map_batches(_finalize, batch_format="pyarrow")
         rows = _apply(rows, Bucketer(table=table)).materialize()
@@ -1433,7 +1442,7 @@ def _decide_and_write(
         )
     if warm is not None:
         warm.stop()  # its work is done; stopped now, it has exited by Ray's shutdown
-    if retry_changed:
+    if retry_changed and _changed_records(output) != records:  # the writer found a change
         with passes.run("shards", num_rows):
             lost = _copies_of_unwritten(final, partitions_for)
         if lost is not None:
