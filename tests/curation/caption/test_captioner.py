@@ -92,3 +92,15 @@ def test_input_caption_source():
     """A row read from a tar carries its member's offset; a `#` in a file's name is no tar."""
     assert input_caption_source(512) == "tar"
     assert input_caption_source(None) == "sidecar"
+
+
+def test_a_caption_longer_than_the_translator_reads_is_cut_not_a_crash(translator):
+    """A long sidecar caption (thousands of tokens) stopped the whole job with an IndexError
+    in the translator's position embeddings when its tokenizer names no length limit."""
+    stage = CaptionTranslator(model_path=translator, max_new_tokens=4)
+    long = "a very long caption about a lake at dusk " * 200  # ~1800 tokens, 256 positions
+    out = stage({schema.CAPTION_EN: [long, "a street"], schema.CAPTION_ZH: [None, None]})
+    zh = out[schema.CAPTION_ZH].to_pylist()
+    assert all(isinstance(z, str) for z in zh)
+    alone = stage({schema.CAPTION_EN: ["a street"], schema.CAPTION_ZH: [None]})
+    assert alone[schema.CAPTION_ZH].to_pylist() == zh[1:]  # the short one is unchanged
