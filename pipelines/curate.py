@@ -45,7 +45,7 @@ from ray.data.datasource.filename_provider import FilenameProvider
 from curation import schema
 from curation.analyze.pixel_analyzer import COMPLETE_MARKS, DECODED_MARK, PixelAnalyzer
 from curation.analyze.thumbnail_maker import ThumbnailMaker
-from curation.base import Stage, column, pending_mask, reject, set_columns
+from curation.base import ModelFileError, Stage, column, pending_mask, reject, set_columns
 from curation.bucket.bucketer import Bucket, Bucketer, coverage_gaps, default_table
 from curation.dedup.near_dup import (
     BAND,
@@ -1004,6 +1004,13 @@ def _task_error(text: str) -> str | None:
     return None
 
 
+def _model_file_error(text: str) -> str | None:
+    """The message of a `ModelFileError` (a configured model that does not load) in a task's
+    error text (`curation.base.ModelFileError: ...`, after the error that caused it)."""
+    m = re.search(r"^(?:[\w.]*\.)?ModelFileError: (.*)$", text, re.MULTILINE)
+    return m.group(1).strip()[:600] if m else None
+
+
 class JobFailed(RuntimeError):
     """A pass of the job failed unexpectedly; the full traceback is in `log_path`."""
 
@@ -1014,10 +1021,21 @@ class JobFailed(RuntimeError):
         raised = _task_error(text) if first.startswith("ray::") else None
         if raised:  # the error raised in the task (a full disk), not Ray's wrapper
             what = f"{raised[:200]}, in {first.split(' (pid=')[0]}"
-        super().__init__(
-            f"the {step} pass failed on {inputs_text(num_inputs)} ({what}); "
-            f"full traceback in {log_path}; rerun the same command to resume"
-        )
+        model = _model_file_error(text) if raised else None
+        if isinstance(cause, ModelFileError):
+            model = str(cause)
+        if model:  # the same command would fail the same way: the setting must change
+            message = (
+                f"the {step} pass could not load a model: {model}; correct that setting "
+                f"(`native4k models` lists them) and rerun: the work done so far is kept; "
+                f"full traceback in {log_path}"
+            )
+        else:
+            message = (
+                f"the {step} pass failed on {inputs_text(num_inputs)} ({what}); "
+                f"full traceback in {log_path}; rerun the same command to resume"
+            )
+        super().__init__(message)
         self.step, self.num_inputs, self.log_path = step, num_inputs, log_path
 
 

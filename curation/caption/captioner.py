@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 import pyarrow as pa
 
 from curation import schema
-from curation.base import Stage, column, set_columns
+from curation.base import ModelFileError, Stage, column, set_columns
 
 SOURCE_SIDECAR = "sidecar"
 SOURCE_TAR = "tar"
@@ -64,15 +64,20 @@ class VlmCaptioner(Stage):
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
-        self._processor = AutoProcessor.from_pretrained(self.model_path, local_files_only=True)
-        self._processor.tokenizer.padding_side = "left"
-        self._model = (
-            AutoModelForImageTextToText.from_pretrained(
+        try:
+            self._processor = AutoProcessor.from_pretrained(self.model_path, local_files_only=True)
+            self._processor.tokenizer.padding_side = "left"
+            model = AutoModelForImageTextToText.from_pretrained(
                 self.model_path, local_files_only=True, dtype=dtype
             )
-            .to(self.device)
-            .eval()
-        )
+        except Exception as e:  # another kind of model, a folder without its processor, ...
+            raise ModelFileError.of(
+                "models.caption_model",
+                self.model_path,
+                "a transformers image-text-to-text model with its processor",
+                e,
+            ) from e
+        self._model = model.to(self.device).eval()
         self._name = model_name(self.model_path)
 
     def instruction(self, hint: str | None) -> str:

@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 import pyarrow as pa
 
 from curation import schema
-from curation.base import Stage, column, set_columns
+from curation.base import ModelFileError, Stage, column, set_columns
 
 UNLIMITED = 10**9
 """A tokenizer's `model_max_length` above this means it names no limit (transformers puts 1e30)."""
@@ -54,14 +54,19 @@ class CaptionTranslator(Stage):
         from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
         dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
-        self._tokenizer = AutoTokenizer.from_pretrained(self.model_path, local_files_only=True)
-        self._model = (
-            AutoModelForSeq2SeqLM.from_pretrained(
+        try:
+            self._tokenizer = AutoTokenizer.from_pretrained(self.model_path, local_files_only=True)
+            model = AutoModelForSeq2SeqLM.from_pretrained(
                 self.model_path, local_files_only=True, dtype=dtype
             )
-            .to(self.device)
-            .eval()
-        )
+        except Exception as e:  # another kind of model, a folder without its tokenizer, ...
+            raise ModelFileError.of(
+                "models.translation_model",
+                self.model_path,
+                "a transformers sequence-to-sequence model with its tokenizer",
+                e,
+            ) from e
+        self._model = model.to(self.device).eval()
         self._max_length = input_limit(self._tokenizer, self._model.config)
 
     def translate(self, texts: list[str]) -> list[str]:

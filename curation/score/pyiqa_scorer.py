@@ -14,7 +14,7 @@ import pyarrow as pa
 from PIL import Image
 
 from curation import schema
-from curation.base import Stage, column, set_columns
+from curation.base import ModelFileError, Stage, column, set_columns
 
 WEIGHTLESS_METRICS = frozenset({"piqe", "entropy"})
 """pyiqa metrics that need no weight file (everything else loads one)."""
@@ -78,7 +78,14 @@ class PyiqaScorer(Stage):
         kwargs: dict[str, Any] = {}
         if self.weights:
             kwargs["pretrained_model_path"] = self.weights
-        self._metric = pyiqa.create_metric(self.metric, device=self.device, **kwargs)
+        try:
+            self._metric = pyiqa.create_metric(self.metric, device=self.device, **kwargs)
+        except Exception as e:
+            if not self.weights:
+                raise
+            raise ModelFileError.of(
+                "models.pyiqa_weights", self.weights, f"pyiqa {self.metric} weights", e
+            ) from e
 
     def process(self, table: pa.Table) -> pa.Table:
         import torch

@@ -1,4 +1,5 @@
 import io
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -104,3 +105,18 @@ def test_a_caption_longer_than_the_translator_reads_is_cut_not_a_crash(translato
     assert all(isinstance(z, str) for z in zh)
     alone = stage({schema.CAPTION_EN: ["a street"], schema.CAPTION_ZH: [None]})
     assert alone[schema.CAPTION_ZH].to_pylist() == zh[1:]  # the short one is unchanged
+
+
+def test_a_model_folder_of_another_kind_is_named_with_its_setting(vlm, translator, tmp_path):
+    """A translator's folder given as the caption model (or the reverse, or a folder holding
+    only config.json) failed inside transformers without naming the setting."""
+    from curation.base import ModelFileError
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_text((Path(vlm) / "config.json").read_text())
+    for path in (translator, str(bare)):
+        with pytest.raises(ModelFileError, match=rf"^models\.caption_model: {path} "):
+            VlmCaptioner(model_path=path).setup()
+    with pytest.raises(ModelFileError, match=rf"^models\.translation_model: {vlm} "):
+        CaptionTranslator(model_path=vlm).setup()

@@ -1,4 +1,5 @@
 import io
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -171,3 +172,30 @@ def test_the_drivers_metric_table_is_pyiqas_without_importing_torch():
     assert _pyiqa_configs().keys() == DEFAULT_CONFIGS.keys()
     for name, config in DEFAULT_CONFIGS.items():
         assert lower_better(name) == bool(config.get("lower_better", False))
+
+
+def test_a_model_file_that_does_not_load_is_named_with_its_setting(tmp_path, tiny_clip):
+    """A garbage, truncated or other-architecture clip_weights file failed deep inside
+    open_clip (torch's unpickling text even suggests `weights_only=False`), and a head of the
+    wrong width named its file but not the setting: the error names both."""
+    from curation.base import ModelFileError
+    from curation.score.random_models import TINY_CLIP, build_aesthetic, build_open_clip
+
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(Path(tiny_clip["weights"]).read_bytes()[:4096])
+    wider = build_open_clip(tmp_path, "tiny-clip-wider", {**TINY_CLIP, "embed_dim": 48})
+    for weights in (garbage, truncated, wider["weights"]):
+        stage = ClipEmbedder(model=tiny_clip["config"], weights=str(weights))
+        with pytest.raises(ModelFileError, match=rf"^models\.clip_weights: {weights} ") as e:
+            stage.setup()
+        assert "weights_only=False" not in str(e.value)
+    wrong = build_aesthetic(tmp_path / "aes48.pth", 48)
+    for setting, kw in (
+        ("models.aesthetic_weights", {"aesthetic_weights": wrong}),
+        ("models.safety_weights", {"safety_weights": str(garbage)}),
+    ):
+        stage = ClipEmbedder(model=tiny_clip["config"], weights=tiny_clip["weights"], **kw)
+        with pytest.raises(ModelFileError, match=rf"^{setting}: {next(iter(kw.values()))} "):
+            stage.setup()
