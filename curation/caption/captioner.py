@@ -132,6 +132,8 @@ class VlmCaptioner(Stage):
             hints = [captions[i] if self.sidecar_hint else None for i in todo]
             new, _ = self.generate(images, [self.instruction(h) for h in hints])
             for i, h, text in zip(todo, hints, new, strict=True):
+                if not text:  # nothing generated: an existing caption stays, else none
+                    continue
                 captions[i] = text
                 sources[i] = f"{self._name}+hint" if h and self.sidecar_hint else self._name
         return set_columns(table, {schema.CAPTION_EN: captions, schema.CAPTION_SOURCE: sources})

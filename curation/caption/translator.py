@@ -92,5 +92,5 @@ class CaptionTranslator(Stage):
         todo = [i for i, (e, z) in enumerate(zip(en, zh, strict=True)) if e and not z]
         if todo:
             for i, text in zip(todo, self.translate([en[i] for i in todo]), strict=True):
-                zh[i] = text
+                zh[i] = text or None  # nothing generated: no caption, not an empty one
         return set_columns(table, {schema.CAPTION_ZH: zh})

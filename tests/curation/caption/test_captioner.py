@@ -120,3 +120,20 @@ def test_a_model_folder_of_another_kind_is_named_with_its_setting(vlm, translato
             VlmCaptioner(model_path=path).setup()
     with pytest.raises(ModelFileError, match=rf"^models\.translation_model: {vlm} "):
         CaptionTranslator(model_path=vlm).setup()
+
+
+def test_an_empty_model_caption_never_replaces_a_caption_or_names_the_model(
+    vlm, translator, monkeypatch
+):
+    """A model that generates only special tokens or spaces gave `caption_en` '' credited to
+    the model; with `sidecar_hint` it replaced the sidecar caption, which was lost."""
+    stage = VlmCaptioner(model_path=vlm, max_new_tokens=4, sidecar_hint=True)
+    stage.setup()
+    monkeypatch.setattr(stage, "generate", lambda images, prompts: ([""] * len(images), 0))
+    out = stage(_batch())
+    assert out[schema.CAPTION_EN].to_pylist() == [None, "a sidecar caption", "a tar caption", None]
+    assert out[schema.CAPTION_SOURCE].to_pylist() == [None, "sidecar", "tar", None]
+    stage = CaptionTranslator(model_path=translator)
+    monkeypatch.setattr(stage, "translate", lambda texts: [""] * len(texts))
+    out = stage({schema.CAPTION_EN: ["a lake"], schema.CAPTION_ZH: [None]})
+    assert out[schema.CAPTION_ZH].to_pylist() == [None]
