@@ -199,3 +199,5 @@ def test_a_model_file_that_does_not_load_is_named_with_its_setting(tmp_path, tin
         stage = ClipEmbedder(model=tiny_clip["config"], weights=tiny_clip["weights"], **kw)
         with pytest.raises(ModelFileError, match=rf"^{setting}: {next(iter(kw.values()))} "):
             stage.setup()
+    with pytest.raises(ModelFileError, match=rf"^models\.pyiqa_weights: {garbage} "):
+        PyiqaScorer(metric="brisque", weights=str(garbage)).setup()
