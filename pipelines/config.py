@@ -204,7 +204,7 @@ class ModelsConfig:
     )
 
     _PATHS: typing.ClassVar[tuple[str, ...]] = (
-        "clip_weights", "aesthetic_weights", "safety_weights", "nudenet_weights",
+        "clip_model", "clip_weights", "aesthetic_weights", "safety_weights", "nudenet_weights",
         "pyiqa_weights", "caption_model", "translation_model",
     )  # fmt: skip
 

@@ -314,6 +314,22 @@ def test_home_relative_model_paths_mean_the_same_file_everywhere(tmp_path, monke
     assert entry.present and entry.path == str(tmp_path / "clip.pt")
 
 
+def test_a_home_relative_clip_model_config_is_found(tmp_path, monkeypatch):
+    """`models.clip_model=~/arch.json` was reported missing (and handed to open_clip as a
+    model name) while the same `~` worked for every other model path."""
+    from pipelines.config import load_config
+    from pipelines.model_pass import configured_models
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "arch.json").write_text("{}")
+    (tmp_path / "clip.pt").write_bytes(b"x")
+    cfg = load_config(overrides=["models.clip_model=~/arch.json", "models.clip_weights=~/clip.pt"])
+    assert cfg.models.clip_model == str(tmp_path / "arch.json")
+    entry = next(e for e in configured_models(cfg) if e.setting == "models.clip_model")
+    assert entry.present
+    assert load_config(overrides=["models.clip_model=ViT-B-32"]).models.clip_model == "ViT-B-32"
+
+
 def test_jpeg_thumbnails_wait_for_the_thresholds_and_a_retune_makes_them(
     local_ray, inputs, tmp_path, capsys
 ):
