@@ -72,7 +72,17 @@ class ClipEmbedder(Stage):
         from curation.score.heads import load_aesthetic, load_safety
 
         assert self.weights, "ClipEmbedder needs a local weight file (never random weights)"
-        name = resolve_clip_model(self.model)
+        try:
+            name = resolve_clip_model(self.model)
+        except Exception as e:  # a JSON file that is not an open_clip config
+            raise ModelFileError.of(
+                "models.clip_model", self.model, "an open_clip model config", e
+            ) from e
+        if name not in open_clip.list_models():
+            raise ModelFileError(
+                f"models.clip_model: {self.model} is neither an open_clip architecture nor a "
+                "model config JSON file (`open_clip.list_models()` names the architectures)"
+            )
         try:
             model, _, preprocess = open_clip.create_model_and_transforms(
                 name, pretrained=self.weights, device=self.device

@@ -199,5 +199,10 @@ def test_a_model_file_that_does_not_load_is_named_with_its_setting(tmp_path, tin
         stage = ClipEmbedder(model=tiny_clip["config"], weights=tiny_clip["weights"], **kw)
         with pytest.raises(ModelFileError, match=rf"^{setting}: {next(iter(kw.values()))} "):
             stage.setup()
+    for arch in ("ViT-Q-99", str(garbage.with_suffix(".json"))):
+        garbage.with_suffix(".json").write_text("{not json")
+        stage = ClipEmbedder(model=arch, weights=tiny_clip["weights"])
+        with pytest.raises(ModelFileError, match=rf"^models\.clip_model: {arch} "):
+            stage.setup()
     with pytest.raises(ModelFileError, match=rf"^models\.pyiqa_weights: {garbage} "):
         PyiqaScorer(metric="brisque", weights=str(garbage)).setup()
