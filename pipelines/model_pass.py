@@ -121,6 +121,8 @@ class ModelEntry:
     present: bool
     how: str
     """How to provide the file when it is missing."""
+    optional: bool = False
+    """The job runs without it (nudenet 'auto' when not installed): no error, a note."""
 
 
 def _exists(path: str, folder: bool = False) -> bool:
@@ -203,6 +205,7 @@ def configured_models(cfg: JobConfig) -> list[ModelEntry]:
                 path=m.nudenet_weights or wheel,
                 purpose="nudenet faces/body parts (character, nsfw)",
                 present=installed and (not m.nudenet_weights or _exists(m.nudenet_weights)),
+                optional=m.nudenet == "auto" and not installed,
                 how=(
                     "install the opt-in extra: pip install -e '.[nsfw]' (nudenet's licence file "
                     "is AGPL-3.0, see README)"
@@ -249,11 +252,7 @@ def check_models(cfg: JobConfig) -> None:
         ConfigError: one message naming every missing file and how to provide it.
     """
     check_metric(cfg)
-    missing = [
-        e
-        for e in configured_models(cfg)
-        if not e.present and not (e.setting == "models.nudenet" and cfg.models.nudenet == "auto")
-    ]
+    missing = [e for e in configured_models(cfg) if not (e.present or e.optional)]
     if missing:
         lines = [
             f"{e.setting}: {e.path or '(not set)'} not found ({e.purpose}); {e.how}, "

@@ -300,6 +300,21 @@ def test_models_command_lists_files_and_their_presence(tmp_path, capsys):
     assert f"MISSING  models.translation_model   {lacking}" in capsys.readouterr().out
 
 
+def test_models_command_says_the_defaults_need_nothing_without_nudenet(capsys, monkeypatch):
+    """Without the opt-in nudenet extra (the default install) `native4k models` exited 1 with
+    'MISSING models.nudenet', while curate runs the same configuration (a note, no error)."""
+    from pipelines import model_pass
+    from pipelines.cli import main
+
+    monkeypatch.setattr(model_pass, "nudenet_available", lambda: False)
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "absent   models.nudenet" in out and "optional; to provide it: install" in out
+    assert "MISSING" not in out
+    assert main(["models", "--set", "models.nudenet=always"]) == 1
+    assert "MISSING  models.nudenet" in capsys.readouterr().out
+
+
 def test_home_relative_model_paths_mean_the_same_file_everywhere(tmp_path, monkeypatch):
     """`models` said a `~/` file was present while the loader looked for a literal `~`."""
     from pipelines.config import load_config
