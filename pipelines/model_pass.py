@@ -233,6 +233,11 @@ def configured_models(cfg: JobConfig) -> list[ModelEntry]:
     return out
 
 
+def _absence(path: str) -> str:
+    """Why a model file is missing, in words: a folder named where a file belongs says so."""
+    return "is a folder, not a file" if path and Path(path).is_dir() else "not found"
+
+
 def check_metric(cfg: JobConfig) -> None:
     """Raise `ConfigError` when `score.quality_metric` is not a pyiqa metric."""
     if cfg.score.enabled and cfg.score.quality_metric:
@@ -255,7 +260,7 @@ def check_models(cfg: JobConfig) -> None:
     missing = [e for e in configured_models(cfg) if not (e.present or e.optional)]
     if missing:
         lines = [
-            f"{e.setting}: {e.path or '(not set)'} not found ({e.purpose}); {e.how}, "
+            f"{e.setting}: {e.path or '(not set)'} {_absence(e.path)} ({e.purpose}); {e.how}, "
             f"or unset {e.setting}"
             for e in missing
         ]

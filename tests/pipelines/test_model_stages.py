@@ -315,6 +315,17 @@ def test_models_command_says_the_defaults_need_nothing_without_nudenet(capsys, m
     assert "MISSING  models.nudenet" in capsys.readouterr().out
 
 
+def test_a_folder_named_for_a_weight_file_is_called_a_folder(tmp_path):
+    """`models.clip_weights` naming the downloaded model's folder was reported 'not found',
+    though the user can see it there."""
+    from pipelines.config import ConfigError, load_config
+    from pipelines.model_pass import check_models
+
+    cfg = load_config(overrides=[f"models.clip_weights={tmp_path}", "models.nudenet=never"])
+    with pytest.raises(ConfigError, match=rf"models\.clip_weights: {tmp_path} is a folder, not a"):
+        check_models(cfg)
+
+
 def test_home_relative_model_paths_mean_the_same_file_everywhere(tmp_path, monkeypatch):
     """`models` said a `~/` file was present while the loader looked for a literal `~`."""
     from pipelines.config import load_config
