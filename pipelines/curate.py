@@ -1466,6 +1466,11 @@ def _decide_and_write(
         _write_manifest(rd, final, output)
         _remove_leftover_temporaries(output)
         stats["rules"] = {**rule_summary(cfg), **models.rules}
+        semantic = models.counts.get("semantic_duplicates", 0)
+        if semantic:
+            stats["rules"]["duplicate"] = duplicate_rule(
+                cfg, semantic, stats["reasons"].get("duplicate", semantic)
+            )
         stats["pass_seconds"] = passes.seconds
         stats["wall_seconds"] = round(time.perf_counter() - started, 2)
         _write_text(
@@ -1620,6 +1625,17 @@ def rule_summary(cfg: JobConfig) -> dict[str, dict[str, Any]]:
         "setting": "dedup.max_hamming / dedup.enabled",
     }
     return out
+
+
+def duplicate_rule(cfg: JobConfig, semantic: int, duplicates: int) -> dict[str, Any]:
+    """The `duplicate` rule when the model pass found `semantic` of the job's `duplicates`:
+    both tests in words, and the setting that moves most of them first."""
+    base = rule_summary(cfg)["duplicate"]
+    threshold = cfg.score.semantic_threshold
+    rule = f"{base['rule']}, or image embeddings within cosine {threshold} of a better copy"
+    if 2 * semantic >= duplicates:
+        return {"rule": rule, "setting": f"score.semantic_threshold / {base['setting']}"}
+    return {"rule": rule, "setting": f"{base['setting']} / score.semantic_threshold"}
 
 
 def _reset_if_changed(work: str, inputs: Sequence[str], cfg: JobConfig) -> list[str]:

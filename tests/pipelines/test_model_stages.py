@@ -187,6 +187,7 @@ def test_every_model_stage_through_the_cli(local_ray, inputs, models, tmp_path, 
     assert {k for k in emb.column("key").to_pylist() if k} == {r[schema.KEY] for r in kept}
     stats = json.loads((out / "stats.json").read_text())
     assert "low_aesthetic" in stats["rules"] and stats["manifest_version"] == 4
+    assert "embeddings within cosine" in stats["rules"]["duplicate"]["rule"]  # the semantic one
 
 
 def test_missing_weights_stop_the_job_before_any_work(local_ray, inputs, tmp_path, capsys):
@@ -324,6 +325,24 @@ def test_a_folder_named_for_a_weight_file_is_called_a_folder(tmp_path):
     cfg = load_config(overrides=[f"models.clip_weights={tmp_path}", "models.nudenet=never"])
     with pytest.raises(ConfigError, match=rf"models\.clip_weights: {tmp_path} is a folder, not a"):
         check_models(cfg)
+
+
+def test_semantic_duplicates_name_their_own_setting_in_the_summary():
+    """A job whose duplicates were mostly semantic ones ended with "'duplicate' rejected ...:
+    the rule is pHash within 6 bits ...; change it with --set dedup.max_hamming", a setting
+    that moves none of them."""
+    from pipelines.config import load_config
+    from pipelines.curate import duplicate_rule, outcome_lines
+
+    cfg = load_config(overrides=["score.semantic_threshold=0.9"])
+    rule = duplicate_rule(cfg, semantic=8, duplicates=9)
+    lines = outcome_lines(
+        {"total": 10, "kept": 1, "reasons": {"duplicate": 9}, "rules": {"duplicate": rule}}
+    )
+    assert "within cosine 0.9 of a better copy" in lines[-1]
+    assert lines[-1].endswith("change it with --set score.semantic_threshold=VALUE")
+    mostly_phash = duplicate_rule(cfg, semantic=1, duplicates=9)
+    assert mostly_phash["setting"].startswith("dedup.max_hamming")
 
 
 def test_home_relative_model_paths_mean_the_same_file_everywhere(tmp_path, monkeypatch):
