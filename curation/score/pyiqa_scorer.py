@@ -46,10 +46,16 @@ def lower_better(metric: str) -> bool:
     return bool(configs[metric].get("lower_better", False))
 
 
-def resize_longest(img: Image.Image, size: int) -> Image.Image:
-    """`img` resized (up or down, bicubic) so that its longest side is `size`."""
+MIN_SIDE = 32
+"""The shortest side a metric is given (piqe's 16-px blocks fail on less): a panorama far
+wider than 3:1, let through by `probe.max_aspect`, is scored a little larger than `size`."""
+
+
+def resize_longest(img: Image.Image, size: int, min_side: int = 1) -> Image.Image:
+    """`img` resized (up or down, bicubic) so that its longest side is `size`, or larger where
+    its shortest side would be under `min_side`."""
     w, h = img.size
-    scale = size / max(w, h)
+    scale = max(size / max(w, h), min_side / min(w, h))
     new = (max(1, round(w * scale)), max(1, round(h * scale)))
     return img if new == img.size else img.resize(new, Image.Resampling.BICUBIC)
 
@@ -95,7 +101,8 @@ class PyiqaScorer(Stage):
         for i, t in enumerate(thumbs):
             if t is None:
                 continue
-            img = resize_longest(Image.open(io.BytesIO(t)).convert("RGB"), self.input_size)
+            img = Image.open(io.BytesIO(t)).convert("RGB")
+            img = resize_longest(img, self.input_size, MIN_SIDE)
             by_shape.setdefault(img.size, []).append((i, np.asarray(img)))
         scores: list[float | None] = [None] * table.num_rows
         for items in by_shape.values():

@@ -206,3 +206,14 @@ def test_a_model_file_that_does_not_load_is_named_with_its_setting(tmp_path, tin
             stage.setup()
     with pytest.raises(ModelFileError, match=rf"^models\.pyiqa_weights: {garbage} "):
         PyiqaScorer(metric="brisque", weights=str(garbage)).setup()
+
+
+def test_a_panorama_far_wider_than_3_to_1_gets_a_quality_score():
+    """With `probe.max_aspect` raised for panoramas, a 100:1 image's 512-px thumbnail is 5
+    px high and piqe failed on it ('maximum size for tensor at dimension 2 is 10'), failing
+    the whole job's model pass."""
+    buf = io.BytesIO()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (5, 512, 3), dtype=np.uint8)).save(buf, "JPEG")
+    out = PyiqaScorer(metric="piqe", input_size=512)({schema.THUMBNAIL: [buf.getvalue()]})
+    assert 0 <= out[schema.QUALITY][0].as_py() <= 100
