@@ -1632,7 +1632,7 @@ def duplicate_rule(cfg: JobConfig, semantic: int, duplicates: int) -> dict[str, 
     both tests in words, and the setting that moves most of them first."""
     base = rule_summary(cfg)["duplicate"]
     threshold = cfg.score.semantic_threshold
-    rule = f"{base['rule']}, or image embeddings within cosine {threshold} of a better copy"
+    rule = f"{base['rule']}, or an image embedding at cosine >= {threshold} to a better copy's"
     if 2 * semantic >= duplicates:
         return {"rule": rule, "setting": f"score.semantic_threshold / {base['setting']}"}
     return {"rule": rule, "setting": f"{base['setting']} / score.semantic_threshold"}

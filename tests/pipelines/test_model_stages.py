@@ -187,7 +187,7 @@ def test_every_model_stage_through_the_cli(local_ray, inputs, models, tmp_path, 
     assert {k for k in emb.column("key").to_pylist() if k} == {r[schema.KEY] for r in kept}
     stats = json.loads((out / "stats.json").read_text())
     assert "low_aesthetic" in stats["rules"] and stats["manifest_version"] == 4
-    assert "embeddings within cosine" in stats["rules"]["duplicate"]["rule"]  # the semantic one
+    assert "embedding at cosine >=" in stats["rules"]["duplicate"]["rule"]  # the semantic one
 
 
 def test_missing_weights_stop_the_job_before_any_work(local_ray, inputs, tmp_path, capsys):
@@ -339,7 +339,7 @@ def test_semantic_duplicates_name_their_own_setting_in_the_summary():
     lines = outcome_lines(
         {"total": 10, "kept": 1, "reasons": {"duplicate": 9}, "rules": {"duplicate": rule}}
     )
-    assert "within cosine 0.9 of a better copy" in lines[-1]
+    assert "embedding at cosine >= 0.9 to a better copy" in lines[-1]
     assert lines[-1].endswith("change it with --set score.semantic_threshold=VALUE")
     mostly_phash = duplicate_rule(cfg, semantic=1, duplicates=9)
     assert mostly_phash["setting"].startswith("dedup.max_hamming")
