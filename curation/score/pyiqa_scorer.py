@@ -82,7 +82,7 @@ class PyiqaScorer(Stage):
         import pyiqa
 
         kwargs: dict[str, Any] = {}
-        if self.weights:
+        if self.weights and self.metric not in WEIGHTLESS_METRICS:  # piqe takes no file
             kwargs["pretrained_model_path"] = self.weights
         try:
             self._metric = pyiqa.create_metric(self.metric, device=self.device, **kwargs)

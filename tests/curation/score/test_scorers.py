@@ -217,3 +217,12 @@ def test_a_panorama_far_wider_than_3_to_1_gets_a_quality_score():
     Image.fromarray(rng.integers(0, 255, (5, 512, 3), dtype=np.uint8)).save(buf, "JPEG")
     out = PyiqaScorer(metric="piqe", input_size=512)({schema.THUMBNAIL: [buf.getvalue()]})
     assert 0 <= out[schema.QUALITY][0].as_py() <= 100
+
+
+def test_a_pyiqa_weight_file_left_set_does_not_stop_a_weightless_metric(tmp_path):
+    """`models.pyiqa_weights` left set after switching back to piqe: `native4k models` said
+    all was well, then the model pass failed (PIQE got 'pretrained_model_path')."""
+    left = tmp_path / "musiq.pth"
+    left.write_bytes(b"weights of another metric")
+    stage = PyiqaScorer(metric="piqe", weights=str(left))
+    stage.setup()
