@@ -209,11 +209,16 @@ class ModelsConfig:
     )  # fmt: skip
 
     def __post_init__(self) -> None:
-        """`~/w.pt` means the home folder's file, for the checks and the loaders alike."""
+        """`~/w.pt` means the home folder's file and `w.pt` the one in the folder `curate`
+        started in, for the checks and the loaders alike (a Ray worker on another node, or in
+        another folder, gets the same absolute path; config.yaml records it)."""
         for name in self._PATHS:
             value = getattr(self, name)
-            if isinstance(value, str) and value.startswith("~"):
-                setattr(self, name, os.path.expanduser(value))
+            if not isinstance(value, str) or not value:
+                continue
+            if name == "clip_model" and not value.endswith(".json"):
+                continue  # an open_clip architecture's name
+            setattr(self, name, os.path.abspath(os.path.expanduser(value)))
 
 
 @dataclass(kw_only=True)

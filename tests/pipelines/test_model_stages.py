@@ -359,6 +359,26 @@ def test_home_relative_model_paths_mean_the_same_file_everywhere(tmp_path, monke
     assert entry.present and entry.path == str(tmp_path / "clip.pt")
 
 
+def test_relative_model_paths_are_made_absolute_where_the_job_starts(tmp_path, monkeypatch):
+    """A relative model path was checked in the driver's folder but opened in each Ray
+    worker's own (another node's, with --ray-address); config.yaml did not say where."""
+    from pipelines.config import load_config
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(
+        overrides=[
+            "models.clip_weights=w/clip.pt",
+            "models.caption_model=cap",
+            "models.clip_model=arch.json",
+        ]
+    )
+    assert cfg.models.clip_weights == str(tmp_path / "w" / "clip.pt")
+    assert cfg.models.caption_model == str(tmp_path / "cap")
+    assert cfg.models.clip_model == str(tmp_path / "arch.json")
+    assert load_config(overrides=["models.clip_model=ViT-B-32"]).models.clip_model == "ViT-B-32"
+    assert load_config().models.clip_weights == ""  # unset stays unset
+
+
 def test_a_home_relative_clip_model_config_is_found(tmp_path, monkeypatch):
     """`models.clip_model=~/arch.json` was reported missing (and handed to open_clip as a
     model name) while the same `~` worked for every other model path."""
