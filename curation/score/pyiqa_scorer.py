@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import io
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -110,5 +111,7 @@ class PyiqaScorer(Stage):
             with torch.no_grad():
                 values = self._metric(x.float().div(255).to(self.device))
             for (i, _), v in zip(items, values.reshape(-1).tolist(), strict=True):
-                scores[i] = float(v)
+                # NaN (piqe of an all-black image) is no score: it would pass every threshold,
+                # and the manifest would hold a NaN where the shard's `.json` holds null
+                scores[i] = float(v) if math.isfinite(v) else None
         return set_columns(table, {schema.QUALITY: scores})

@@ -226,3 +226,16 @@ def test_a_pyiqa_weight_file_left_set_does_not_stop_a_weightless_metric(tmp_path
     left.write_bytes(b"weights of another metric")
     stage = PyiqaScorer(metric="piqe", weights=str(left))
     stage.setup()
+
+
+def test_a_metric_without_a_value_for_an_image_gives_null_not_nan():
+    """piqe of an all-black image is NaN: it passed every quality threshold and reached the
+    manifest as NaN (null in the shard's `.json`), neither a score nor 'not scored'."""
+    thumbs = []
+    for value in (0, 128):
+        buf = io.BytesIO()
+        Image.fromarray(np.full((288, 512, 3), value, np.uint8)).save(buf, "JPEG")
+        thumbs.append(buf.getvalue())
+    out = PyiqaScorer(metric="piqe", input_size=512)({schema.THUMBNAIL: thumbs})
+    black, grey = out[schema.QUALITY].to_pylist()
+    assert black is None and grey is not None and 0 <= grey <= 100
