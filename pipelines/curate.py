@@ -1021,8 +1021,8 @@ class JobFailed(RuntimeError):
         raised = _task_error(text) if first.startswith("ray::") else None
         if raised:  # the error raised in the task (a full disk), not Ray's wrapper
             what = f"{raised[:200]}, in {first.split(' (pid=')[0]}"
-        model = _model_file_error(text) if raised else None
-        if isinstance(cause, ModelFileError):
+        model = _model_file_error(text)  # in a task's error text (a Ray error may also be
+        if model is None and isinstance(cause, ModelFileError):  # an instance of it)
             model = str(cause)
         if model:  # the same command would fail the same way: the setting must change
             message = (

@@ -472,6 +472,8 @@ class WarmWorker:
     actor: Any
     stages: list[tuple[type[Stage], dict[str, Any]]]
     holds_gpu: bool
+    loading: Any = None
+    """The reference of the actor's model loading (`WarmActor.warm`), until it is read."""
 
     @classmethod
     def start(cls, cfg: JobConfig) -> WarmWorker:
@@ -488,8 +490,18 @@ class WarmWorker:
             .options(**opts)
             .remote(stages=stages, device="cuda" if gpus else "cpu")
         )
-        actor.warm.remote()
-        return cls(actor=actor, stages=stages, holds_gpu=bool(gpus))
+        loading = actor.warm.remote()
+        return cls(actor=actor, stages=stages, holds_gpu=bool(gpus), loading=loading)
+
+    def loaded(self) -> None:
+        """Wait until the actor's models are loaded; a model that does not load raises here,
+        as one error (a load error left unread was printed by Ray as an 'Unhandled error'
+        with its whole traceback, besides the job's one line)."""
+        import ray
+
+        loading, self.loading = self.loading, None
+        if loading is not None:
+            ray.get(loading)
 
     def scores(self) -> bool:
         """Whether this actor, still running, holds the job's scorers (`model_chain`)."""
@@ -518,6 +530,11 @@ class WarmWorker:
         import ray
 
         actor, self.actor = self.actor, None
+        loading, self.loading = self.loading, None
+        if loading is not None:  # read, so that a load error is not printed as unhandled
+            with contextlib.suppress(Exception):
+                if ray.wait([loading], timeout=0)[0]:
+                    ray.get(loading)
         if actor is not None:
             # The cluster may be gone already (a failed job): that must not hide its error.
             with contextlib.suppress(Exception):
@@ -693,6 +710,7 @@ def run_model_pass(
     chain = model_chain(cfg, plan)
     if warm is not None and warm.scores():
         # A small job's actor, started with the job: its models are loaded by now.
+        warm.loaded()
         scored = scored.map_batches(
             warm.runs(), batch_format="pyarrow", batch_size=s.batch_size, num_cpus=0
         ).materialize()

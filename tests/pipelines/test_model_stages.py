@@ -215,6 +215,34 @@ def test_missing_weights_stop_the_job_before_any_work(local_ray, inputs, tmp_pat
     assert not out.exists()
 
 
+def test_a_model_the_early_actor_cannot_load_is_one_error_line(local_ray, models, tmp_path):
+    """A small job's early actor failing to load its model left the error of its loading
+    unread: Ray printed it as an 'Unhandled error' with the whole traceback (torch's advice
+    to load with weights_only=False included), besides the job's line."""
+    from pipelines.config import load_config
+    from pipelines.curate import JobFailed
+    from pipelines.model_pass import WarmWorker
+
+    garbage = tmp_path / "clip.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    cfg = load_config(
+        overrides=[
+            f"models.clip_model={models['config']}",
+            f"models.clip_weights={garbage}",
+            "models.nudenet=never",
+        ]
+    )
+    warm = WarmWorker.start(cfg)
+    try:
+        with pytest.raises(Exception, match="ModelFileError") as e:
+            warm.loaded()
+    finally:
+        warm.stop()
+    msg = str(JobFailed("models", 7, str(tmp_path / "log"), e.value))
+    assert f"could not load a model: models.clip_weights: {garbage} does not load" in msg
+    assert "\n" not in msg and "weights_only" not in msg
+
+
 def test_offline_defaults_score_real_photographs(local_ray, inputs, tmp_path, capsys, monkeypatch):
     """A small job scores and writes its shards on the actor it started with the job
     (`WarmWorker`); a job too large for that scores on a Ray Data actor pool and writes in a
