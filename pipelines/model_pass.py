@@ -52,7 +52,12 @@ from curation.io.atomic import atomic_write, join
 from curation.score.chain import ModelChain, WarmActor
 from curation.score.clip_embedder import ClipEmbedder
 from curation.score.nudenet_detector import NudeNetDetector, nudenet_available
-from curation.score.pyiqa_scorer import WEIGHTLESS_METRICS, PyiqaScorer, lower_better
+from curation.score.pyiqa_scorer import (
+    WEIGHTLESS_METRICS,
+    PyiqaScorer,
+    check_no_reference,
+    lower_better,
+)
 from curation.score.quantiles import share_cut, sketch
 from curation.shard.shard_writer import sample_key
 from curation.threshold_filter import Rule, ThresholdFilter
@@ -242,7 +247,7 @@ def check_metric(cfg: JobConfig) -> None:
     """Raise `ConfigError` when `score.quality_metric` is not a pyiqa metric."""
     if cfg.score.enabled and cfg.score.quality_metric:
         try:
-            lower_better(cfg.score.quality_metric)
+            check_no_reference(cfg.score.quality_metric)
         except ValueError as e:
             raise ConfigError(f"config key 'score.quality_metric': {e}") from e
 

@@ -52,6 +52,28 @@ MIN_SIDE = 32
 wider than 3:1, let through by `probe.max_aspect`, is scored a little larger than `size`."""
 
 
+NOT_PER_IMAGE = frozenset({"FID", "InceptionScore", "CLIPScore"})
+"""pyiqa metric types that pyiqa lists as no-reference but that score no single image by
+itself (a folder's statistics; an image with a caption)."""
+
+
+def check_no_reference(metric: str) -> None:
+    """Raise `ValueError` unless `metric` scores one image by itself (a known metric).
+
+    A full-reference metric (psnr, ssim, lpips, ...) compares an image with a reference the
+    job does not have; asking for its 'weights' sent users after files that do not exist.
+    """
+    lower_better(metric)  # unknown: its own error
+    cfg = _pyiqa_configs()[metric]
+    kind = cfg.get("metric_opts", {}).get("type")
+    if cfg.get("metric_mode") == "FR" or kind in NOT_PER_IMAGE:
+        what = "full-reference" if cfg.get("metric_mode") == "FR" else "dataset-level"
+        raise ValueError(
+            f"pyiqa metric {metric!r} is {what}: it does not score one image by itself; "
+            "name a no-reference metric (piqe, musiq, topiq_nr, qalign, ...)"
+        )
+
+
 def resize_longest(img: Image.Image, size: int, min_side: int = 1) -> Image.Image:
     """`img` resized (up or down, bicubic) so that its longest side is `size`, or larger where
     its shortest side would be under `min_side`."""

@@ -239,3 +239,20 @@ def test_a_metric_without_a_value_for_an_image_gives_null_not_nan():
     out = PyiqaScorer(metric="piqe", input_size=512)({schema.THUMBNAIL: thumbs})
     black, grey = out[schema.QUALITY].to_pylist()
     assert black is None and grey is not None and 0 <= grey <= 100
+
+
+@pytest.mark.parametrize(
+    ("metric", "words"),
+    [("psnr", "full-reference"), ("lpips", "full-reference"), ("fid", "dataset")],
+)
+def test_a_metric_that_needs_a_reference_is_a_configuration_error(metric, words):
+    """`score.quality_metric=psnr` (or ssim, lpips, fid) was taken for a metric that needs
+    weights: `native4k models` asked the user to download pyiqa's 'psnr' weights, which do
+    not exist; a job with any file there failed in the model pass."""
+    from pipelines.config import ConfigError, load_config
+    from pipelines.model_pass import check_metric
+
+    want = f"'score.quality_metric': pyiqa metric '{metric}' is {words}"
+    with pytest.raises(ConfigError, match=want):
+        check_metric(load_config(overrides=[f"score.quality_metric={metric}"]))
+    check_metric(load_config(overrides=["score.quality_metric=musiq"]))  # no-reference: fine
