@@ -386,6 +386,11 @@ class JobConfig:
             ),
             (m.nudenet in NUDENET_MODES, "models.nudenet", f"must be one of {NUDENET_MODES}"),
             (
+                _formats(c.hint_template, "prompt", "hint"),
+                "caption.hint_template",
+                "may name only {prompt} and {hint} (a literal brace is written {{ or }})",
+            ),
+            (
                 s.person_model in PERSON_MODELS,
                 "score.person_model",
                 f"must be one of {PERSON_MODELS}",
@@ -482,6 +487,15 @@ class JobConfig:
                     f"config key 'bucket.buckets' has {b!r}: "
                     "expected 'WxH' with sides multiples of 64"
                 )
+
+
+def _formats(template: str, *names: str) -> bool:
+    """Whether `str.format` fills `template` from these keyword names alone."""
+    try:
+        template.format(**dict.fromkeys(names, ""))
+    except (KeyError, IndexError, ValueError):
+        return False
+    return True
 
 
 _EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
@@ -584,7 +598,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"config key '{dotted}' does not name a setting")
-        node[parts[-1]] = yaml.safe_load(raw)
+        try:
+            node[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError:  # not YAML (a template with braces): the text itself
+            node[parts[-1]] = raw
     cfg = _build(JobConfig, data, "")
     cfg.validate()
     return cfg
