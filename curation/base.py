@@ -21,6 +21,24 @@ from curation import schema
 Batch = pa.Table | Mapping[str, Sequence[Any]]
 
 
+class ModelFileError(ValueError):
+    """A configured model file or folder is there but does not load as that model.
+
+    The message starts with the setting and the path, so the job's one-line failure names
+    both (a rerun with the same file fails the same way: the setting must change).
+    """
+
+    @classmethod
+    def of(cls, setting: str, path: str, what: str, cause: BaseException) -> ModelFileError:
+        """The error for `setting` = `path`, which should hold `what`, given why it failed."""
+        if type(cause).__name__ == "UnpicklingError":
+            why = "not a torch checkpoint: unpickling failed"  # torch's text suggests unsafe loads
+        else:
+            lines = str(cause).strip().splitlines() or [""]
+            why = f"{type(cause).__name__}: {lines[0][:160]}"
+        return cls(f"{setting}: {path} does not load as {what} ({why})")
+
+
 def to_table(batch: Batch) -> pa.Table:
     """Turn a dict of columns into a table, typing known columns from `schema.py`."""
     if isinstance(batch, pa.Table):

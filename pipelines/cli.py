@@ -174,15 +174,15 @@ def _models(args: argparse.Namespace) -> int:
         return 2
     entries = configured_models(cfg)
     for e in entries:
-        state = "present" if e.present else "MISSING"
+        state = "present" if e.present else ("absent" if e.optional else "MISSING")
         print(f"{state:8} {e.setting:26} {e.path}\n{'':8} {e.purpose}")
         if not e.present:
-            print(f"{'':8} to provide it: {e.how}")
+            print(f"{'':8} {'optional' if e.optional else 'needed'}; to provide it: {e.how}")
     if not entries:
         print("no model is configured (see `native4k config`, sections models/score/caption)")
     for note in plan_models(cfg).notes:
         print(f"note: {note}")
-    return 0 if all(e.present for e in entries) else 1
+    return 0 if all(e.present or e.optional for e in entries) else 1
 
 
 def build_parser() -> argparse.ArgumentParser:

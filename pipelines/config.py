@@ -204,16 +204,21 @@ class ModelsConfig:
     )
 
     _PATHS: typing.ClassVar[tuple[str, ...]] = (
-        "clip_weights", "aesthetic_weights", "safety_weights", "nudenet_weights",
+        "clip_model", "clip_weights", "aesthetic_weights", "safety_weights", "nudenet_weights",
         "pyiqa_weights", "caption_model", "translation_model",
     )  # fmt: skip
 
     def __post_init__(self) -> None:
-        """`~/w.pt` means the home folder's file, for the checks and the loaders alike."""
+        """`~/w.pt` means the home folder's file and `w.pt` the one in the folder `curate`
+        started in, for the checks and the loaders alike (a Ray worker on another node, or in
+        another folder, gets the same absolute path; config.yaml records it)."""
         for name in self._PATHS:
             value = getattr(self, name)
-            if isinstance(value, str) and value.startswith("~"):
-                setattr(self, name, os.path.expanduser(value))
+            if not isinstance(value, str) or not value:
+                continue
+            if name == "clip_model" and not value.endswith(".json"):
+                continue  # an open_clip architecture's name
+            setattr(self, name, os.path.abspath(os.path.expanduser(value)))
 
 
 @dataclass(kw_only=True)
@@ -381,6 +386,11 @@ class JobConfig:
             ),
             (m.nudenet in NUDENET_MODES, "models.nudenet", f"must be one of {NUDENET_MODES}"),
             (
+                _formats(c.hint_template, "prompt", "hint"),
+                "caption.hint_template",
+                "may name only {prompt} and {hint} (a literal brace is written {{ or }})",
+            ),
+            (
                 s.person_model in PERSON_MODELS,
                 "score.person_model",
                 f"must be one of {PERSON_MODELS}",
@@ -477,6 +487,15 @@ class JobConfig:
                     f"config key 'bucket.buckets' has {b!r}: "
                     "expected 'WxH' with sides multiples of 64"
                 )
+
+
+def _formats(template: str, *names: str) -> bool:
+    """Whether `str.format` fills `template` from these keyword names alone."""
+    try:
+        template.format(**dict.fromkeys(names, ""))
+    except (KeyError, IndexError, ValueError):
+        return False
+    return True
 
 
 _EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
@@ -579,7 +598,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"config key '{dotted}' does not name a setting")
-        node[parts[-1]] = yaml.safe_load(raw)
+        try:
+            node[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError:  # not YAML (a template with braces): the text itself
+            node[parts[-1]] = raw
     cfg = _build(JobConfig, data, "")
     cfg.validate()
     return cfg

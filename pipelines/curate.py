@@ -45,7 +45,7 @@ from ray.data.datasource.filename_provider import FilenameProvider
 from curation import schema
 from curation.analyze.pixel_analyzer import COMPLETE_MARKS, DECODED_MARK, PixelAnalyzer
 from curation.analyze.thumbnail_maker import ThumbnailMaker
-from curation.base import Stage, column, pending_mask, reject, set_columns
+from curation.base import ModelFileError, Stage, column, pending_mask, reject, set_columns
 from curation.bucket.bucketer import Bucket, Bucketer, coverage_gaps, default_table
 from curation.dedup.near_dup import (
     BAND,
@@ -1012,6 +1012,13 @@ def _task_error(text: str) -> str | None:
     return None
 
 
+def _model_file_error(text: str) -> str | None:
+    """The message of a `ModelFileError` (a configured model that does not load) in a task's
+    error text (`curation.base.ModelFileError: ...`, after the error that caused it)."""
+    m = re.search(r"^(?:[\w.]*\.)?ModelFileError: (.*)$", text, re.MULTILINE)
+    return m.group(1).strip()[:600] if m else None
+
+
 class JobFailed(RuntimeError):
     """A pass of the job failed unexpectedly; the full traceback is in `log_path`."""
 
@@ -1022,10 +1029,21 @@ class JobFailed(RuntimeError):
         raised = _task_error(text) if first.startswith("ray::") else None
         if raised:  # the error raised in the task (a full disk), not Ray's wrapper
             what = f"{raised[:200]}, in {first.split(' (pid=')[0]}"
-        super().__init__(
-            f"the {step} pass failed on {inputs_text(num_inputs)} ({what}); "
-            f"full traceback in {log_path}; rerun the same command to resume"
-        )
+        model = _model_file_error(text)  # in a task's error text (a Ray error may also be
+        if model is None and isinstance(cause, ModelFileError):  # an instance of it)
+            model = str(cause)
+        if model:  # the same command would fail the same way: the setting must change
+            message = (
+                f"the {step} pass could not load a model: {model}; correct that setting "
+                f"(`native4k models` lists them) and rerun: the work done so far is kept; "
+                f"full traceback in {log_path}"
+            )
+        else:
+            message = (
+                f"the {step} pass failed on {inputs_text(num_inputs)} ({what}); "
+                f"full traceback in {log_path}; rerun the same command to resume"
+            )
+        super().__init__(message)
         self.step, self.num_inputs, self.log_path = step, num_inputs, log_path
 
 
@@ -1457,6 +1475,11 @@ def _decide_and_write(
         _write_manifest(rd, final, output)
         _remove_leftover_temporaries(output)
         stats["rules"] = {**rule_summary(cfg), **models.rules}
+        semantic = models.counts.get("semantic_duplicates", 0)
+        if semantic:
+            stats["rules"]["duplicate"] = duplicate_rule(
+                cfg, semantic, stats["reasons"].get("duplicate", semantic)
+            )
         stats["pass_seconds"] = passes.seconds
         stats["wall_seconds"] = round(time.perf_counter() - started, 2)
         _write_text(
@@ -1611,6 +1634,17 @@ def rule_summary(cfg: JobConfig) -> dict[str, dict[str, Any]]:
         "setting": "dedup.max_hamming / dedup.enabled",
     }
     return out
+
+
+def duplicate_rule(cfg: JobConfig, semantic: int, duplicates: int) -> dict[str, Any]:
+    """The `duplicate` rule when the model pass found `semantic` of the job's `duplicates`:
+    both tests in words, and the setting that moves most of them first."""
+    base = rule_summary(cfg)["duplicate"]
+    threshold = cfg.score.semantic_threshold
+    rule = f"{base['rule']}, or an image embedding at cosine >= {threshold} to a better copy's"
+    if 2 * semantic >= duplicates:
+        return {"rule": rule, "setting": f"score.semantic_threshold / {base['setting']}"}
+    return {"rule": rule, "setting": f"{base['setting']} / score.semantic_threshold"}
 
 
 def _reset_if_changed(work: str, inputs: Sequence[str], cfg: JobConfig) -> list[str]:

@@ -52,7 +52,12 @@ from curation.io.atomic import atomic_write, join
 from curation.score.chain import ModelChain, WarmActor
 from curation.score.clip_embedder import ClipEmbedder
 from curation.score.nudenet_detector import NudeNetDetector, nudenet_available
-from curation.score.pyiqa_scorer import WEIGHTLESS_METRICS, PyiqaScorer, lower_better
+from curation.score.pyiqa_scorer import (
+    WEIGHTLESS_METRICS,
+    PyiqaScorer,
+    check_no_reference,
+    lower_better,
+)
 from curation.score.quantiles import share_cut, sketch
 from curation.shard.shard_writer import sample_key
 from curation.threshold_filter import Rule, ThresholdFilter
@@ -121,6 +126,8 @@ class ModelEntry:
     present: bool
     how: str
     """How to provide the file when it is missing."""
+    optional: bool = False
+    """The job runs without it (nudenet 'auto' when not installed): no error, a note."""
 
 
 def _exists(path: str, folder: bool = False) -> bool:
@@ -203,6 +210,7 @@ def configured_models(cfg: JobConfig) -> list[ModelEntry]:
                 path=m.nudenet_weights or wheel,
                 purpose="nudenet faces/body parts (character, nsfw)",
                 present=installed and (not m.nudenet_weights or _exists(m.nudenet_weights)),
+                optional=m.nudenet == "auto" and not installed,
                 how=(
                     "install the opt-in extra: pip install -e '.[nsfw]' (nudenet's licence file "
                     "is AGPL-3.0, see README)"
@@ -230,11 +238,16 @@ def configured_models(cfg: JobConfig) -> list[ModelEntry]:
     return out
 
 
+def _absence(path: str) -> str:
+    """Why a model file is missing, in words: a folder named where a file belongs says so."""
+    return "is a folder, not a file" if path and Path(path).is_dir() else "not found"
+
+
 def check_metric(cfg: JobConfig) -> None:
     """Raise `ConfigError` when `score.quality_metric` is not a pyiqa metric."""
     if cfg.score.enabled and cfg.score.quality_metric:
         try:
-            lower_better(cfg.score.quality_metric)
+            check_no_reference(cfg.score.quality_metric)
         except ValueError as e:
             raise ConfigError(f"config key 'score.quality_metric': {e}") from e
 
@@ -249,14 +262,10 @@ def check_models(cfg: JobConfig) -> None:
         ConfigError: one message naming every missing file and how to provide it.
     """
     check_metric(cfg)
-    missing = [
-        e
-        for e in configured_models(cfg)
-        if not e.present and not (e.setting == "models.nudenet" and cfg.models.nudenet == "auto")
-    ]
+    missing = [e for e in configured_models(cfg) if not (e.present or e.optional)]
     if missing:
         lines = [
-            f"{e.setting}: {e.path or '(not set)'} not found ({e.purpose}); {e.how}, "
+            f"{e.setting}: {e.path or '(not set)'} {_absence(e.path)} ({e.purpose}); {e.how}, "
             f"or unset {e.setting}"
             for e in missing
         ]
@@ -468,6 +477,8 @@ class WarmWorker:
     actor: Any
     stages: list[tuple[type[Stage], dict[str, Any]]]
     holds_gpu: bool
+    loading: Any = None
+    """The reference of the actor's model loading (`WarmActor.warm`), until it is read."""
 
     @classmethod
     def start(cls, cfg: JobConfig) -> WarmWorker:
@@ -484,8 +495,18 @@ class WarmWorker:
             .options(**opts)
             .remote(stages=stages, device="cuda" if gpus else "cpu")
         )
-        actor.warm.remote()
-        return cls(actor=actor, stages=stages, holds_gpu=bool(gpus))
+        loading = actor.warm.remote()
+        return cls(actor=actor, stages=stages, holds_gpu=bool(gpus), loading=loading)
+
+    def loaded(self) -> None:
+        """Wait until the actor's models are loaded; a model that does not load raises here,
+        as one error (a load error left unread was printed by Ray as an 'Unhandled error'
+        with its whole traceback, besides the job's one line)."""
+        import ray
+
+        loading, self.loading = self.loading, None
+        if loading is not None:
+            ray.get(loading)
 
     def scores(self) -> bool:
         """Whether this actor, still running, holds the job's scorers (`model_chain`)."""
@@ -514,6 +535,11 @@ class WarmWorker:
         import ray
 
         actor, self.actor = self.actor, None
+        loading, self.loading = self.loading, None
+        if loading is not None:  # read, so that a load error is not printed as unhandled
+            with contextlib.suppress(Exception):
+                if ray.wait([loading], timeout=0)[0]:
+                    ray.get(loading)
         if actor is not None:
             # The cluster may be gone already (a failed job): that must not hide its error.
             with contextlib.suppress(Exception):
@@ -689,6 +715,7 @@ def run_model_pass(
     chain = model_chain(cfg, plan)
     if warm is not None and warm.scores():
         # A small job's actor, started with the job: its models are loaded by now.
+        warm.loaded()
         scored = scored.map_batches(
             warm.runs(), batch_format="pyarrow", batch_size=s.batch_size, num_cpus=0
         ).materialize()

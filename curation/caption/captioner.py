@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 import pyarrow as pa
 
 from curation import schema
-from curation.base import Stage, column, set_columns
+from curation.base import ModelFileError, Stage, column, set_columns
 
 SOURCE_SIDECAR = "sidecar"
 SOURCE_TAR = "tar"
@@ -64,15 +64,20 @@ class VlmCaptioner(Stage):
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
-        self._processor = AutoProcessor.from_pretrained(self.model_path, local_files_only=True)
-        self._processor.tokenizer.padding_side = "left"
-        self._model = (
-            AutoModelForImageTextToText.from_pretrained(
+        try:
+            self._processor = AutoProcessor.from_pretrained(self.model_path, local_files_only=True)
+            self._processor.tokenizer.padding_side = "left"
+            model = AutoModelForImageTextToText.from_pretrained(
                 self.model_path, local_files_only=True, dtype=dtype
             )
-            .to(self.device)
-            .eval()
-        )
+        except Exception as e:  # another kind of model, a folder without its processor, ...
+            raise ModelFileError.of(
+                "models.caption_model",
+                self.model_path,
+                "a transformers image-text-to-text model with its processor",
+                e,
+            ) from e
+        self._model = model.to(self.device).eval()
         self._name = model_name(self.model_path)
 
     def instruction(self, hint: str | None) -> str:
@@ -127,6 +132,8 @@ class VlmCaptioner(Stage):
             hints = [captions[i] if self.sidecar_hint else None for i in todo]
             new, _ = self.generate(images, [self.instruction(h) for h in hints])
             for i, h, text in zip(todo, hints, new, strict=True):
+                if not text:  # nothing generated: an existing caption stays, else none
+                    continue
                 captions[i] = text
                 sources[i] = f"{self._name}+hint" if h and self.sidecar_hint else self._name
         return set_columns(table, {schema.CAPTION_EN: captions, schema.CAPTION_SOURCE: sources})

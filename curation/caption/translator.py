@@ -3,12 +3,31 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import pyarrow as pa
 
 from curation import schema
-from curation.base import Stage, column, set_columns
+from curation.base import ModelFileError, Stage, column, set_columns
+
+UNLIMITED = 10**9
+"""A tokenizer's `model_max_length` above this means it names no limit (transformers puts 1e30)."""
+
+
+def input_limit(tokenizer: Any, config: Any) -> int | None:
+    """The most input tokens the model reads: its tokenizer's limit, or its position table's.
+
+    A tokenizer saved without `model_max_length` truncates nothing, and a caption longer than
+    the encoder's learned positions fails inside the model (an IndexError), so the smaller of
+    the two known limits applies; None when neither is known (relative positions: T5).
+    """
+    limits = [int(tokenizer.model_max_length)] if tokenizer.model_max_length < UNLIMITED else []
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            limits.append(value)
+            break
+    return min(limits) if limits else None
 
 
 @dataclass(kw_only=True)
@@ -35,21 +54,31 @@ class CaptionTranslator(Stage):
         from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
         dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
-        self._tokenizer = AutoTokenizer.from_pretrained(self.model_path, local_files_only=True)
-        self._model = (
-            AutoModelForSeq2SeqLM.from_pretrained(
+        try:
+            self._tokenizer = AutoTokenizer.from_pretrained(self.model_path, local_files_only=True)
+            model = AutoModelForSeq2SeqLM.from_pretrained(
                 self.model_path, local_files_only=True, dtype=dtype
             )
-            .to(self.device)
-            .eval()
-        )
+        except Exception as e:  # another kind of model, a folder without its tokenizer, ...
+            raise ModelFileError.of(
+                "models.translation_model",
+                self.model_path,
+                "a transformers sequence-to-sequence model with its tokenizer",
+                e,
+            ) from e
+        self._model = model.to(self.device).eval()
+        self._max_length = input_limit(self._tokenizer, self._model.config)
 
     def translate(self, texts: list[str]) -> list[str]:
         """Translations of `texts`, greedy, in one batch."""
         import torch
 
         inputs = self._tokenizer(
-            [self.prefix + t for t in texts], return_tensors="pt", padding=True, truncation=True
+            [self.prefix + t for t in texts],
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+            max_length=self._max_length,
         ).to(self.device)
         with torch.no_grad():
             out = self._model.generate(
@@ -63,5 +92,5 @@ class CaptionTranslator(Stage):
         todo = [i for i, (e, z) in enumerate(zip(en, zh, strict=True)) if e and not z]
         if todo:
             for i, text in zip(todo, self.translate([en[i] for i in todo]), strict=True):
-                zh[i] = text
+                zh[i] = text or None  # nothing generated: no caption, not an empty one
         return set_columns(table, {schema.CAPTION_ZH: zh})

@@ -79,8 +79,8 @@ def json_sidecar(raw: bytes) -> tuple[str | None, str | None, str | None]:
     en = meta.get("caption_en", meta.get("caption"))
     zh = meta.get("caption_zh")
     return (
-        en if isinstance(en, str) else None,
-        zh if isinstance(zh, str) else None,
+        (en.strip() or None) if isinstance(en, str) else None,  # as a .txt caption is read
+        (zh.strip() or None) if isinstance(zh, str) else None,
         text if len(raw) <= META_MAX_BYTES else None,
     )
 

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from curation import schema
-from curation.base import Stage, column, set_columns
+from curation.base import ModelFileError, Stage, column, set_columns
 
 
 def resolve_clip_model(model: str) -> str:
@@ -72,21 +72,34 @@ class ClipEmbedder(Stage):
         from curation.score.heads import load_aesthetic, load_safety
 
         assert self.weights, "ClipEmbedder needs a local weight file (never random weights)"
-        name = resolve_clip_model(self.model)
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            name, pretrained=self.weights, device=self.device
-        )
+        try:
+            name = resolve_clip_model(self.model)
+        except Exception as e:  # a JSON file that is not an open_clip config
+            raise ModelFileError.of(
+                "models.clip_model", self.model, "an open_clip model config", e
+            ) from e
+        if name not in open_clip.list_models():
+            raise ModelFileError(
+                f"models.clip_model: {self.model} is neither an open_clip architecture nor a "
+                "model config JSON file (`open_clip.list_models()` names the architectures)"
+            )
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                name, pretrained=self.weights, device=self.device
+            )
+        except Exception as e:  # a truncated file, another architecture's weights, ...
+            raise ModelFileError.of(
+                "models.clip_weights", self.weights, f"open_clip {name} weights", e
+            ) from e
         self._model = model.eval()
         self._preprocess = preprocess
         self._dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
         dim = int(model.visual.output_dim)
-        self._aesthetic = (
-            load_aesthetic(self.aesthetic_weights, dim).to(self.device)
-            if self.aesthetic_weights
-            else None
+        self._aesthetic = self._head(
+            "models.aesthetic_weights", self.aesthetic_weights, load_aesthetic, name, dim
         )
-        self._safety = (
-            load_safety(self.safety_weights, dim).to(self.device) if self.safety_weights else None
+        self._safety = self._head(
+            "models.safety_weights", self.safety_weights, load_safety, name, dim
         )
         self._text = None
         if self.person_prompts:
@@ -102,6 +115,16 @@ class ClipEmbedder(Stage):
             *([schema.NSFW] if self._safety is not None else []),
             *([schema.PERSON_SCORE, schema.CHARACTER] if self._text is not None else []),
         ]
+
+    def _head(self, setting: str, path: str, load: Any, name: str, dim: int) -> Any:
+        """A head over the embedding from `path` (None when unset), moved to the device."""
+        if not path:
+            return None
+        what = "a LAION aesthetic MLP" if setting == "models.aesthetic_weights" else "a safety head"
+        try:
+            return load(path, dim).to(self.device)
+        except Exception as e:
+            raise ModelFileError.of(setting, path, f"{what} for {name} ({dim}-wide)", e) from e
 
     def embed_pixels(self, pixels_B3HW: Any) -> dict[str, Any]:
         """Embedding and head outputs of a batch of preprocessed pixels (a torch tensor)."""

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from curation import schema
-from curation.base import Stage, column, set_columns
+from curation.base import ModelFileError, Stage, column, set_columns
 
 UNSAFE_CLASSES = frozenset(
     {
@@ -78,16 +78,23 @@ class NudeNetDetector(Stage):
         from nudenet import NudeDetector
 
         path = self.weights or str(Path(nudenet.__file__).parent / BUNDLED_MODEL)
-        detector = NudeDetector(model_path=path)
         providers = ["CPUExecutionProvider"]
         if self.device.startswith("cuda"):
             providers.insert(0, "CUDAExecutionProvider")
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = 1
         options.inter_op_num_threads = 1
-        detector.onnx_session = onnxruntime.InferenceSession(
-            path, sess_options=options, providers=providers
-        )
+        try:
+            detector = NudeDetector(model_path=path)
+            detector.onnx_session = onnxruntime.InferenceSession(
+                path, sess_options=options, providers=providers
+            )
+        except Exception as e:
+            if not self.weights:
+                raise
+            raise ModelFileError.of(
+                "models.nudenet_weights", self.weights, "a nudenet ONNX detector", e
+            ) from e
         self._detector = detector
 
     def process(self, table: pa.Table) -> pa.Table:

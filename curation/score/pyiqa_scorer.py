@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import io
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -14,7 +15,7 @@ import pyarrow as pa
 from PIL import Image
 
 from curation import schema
-from curation.base import Stage, column, set_columns
+from curation.base import ModelFileError, Stage, column, set_columns
 
 WEIGHTLESS_METRICS = frozenset({"piqe", "entropy"})
 """pyiqa metrics that need no weight file (everything else loads one)."""
@@ -46,10 +47,38 @@ def lower_better(metric: str) -> bool:
     return bool(configs[metric].get("lower_better", False))
 
 
-def resize_longest(img: Image.Image, size: int) -> Image.Image:
-    """`img` resized (up or down, bicubic) so that its longest side is `size`."""
+MIN_SIDE = 32
+"""The shortest side a metric is given (piqe's 16-px blocks fail on less): a panorama far
+wider than 3:1, let through by `probe.max_aspect`, is scored a little larger than `size`."""
+
+
+NOT_PER_IMAGE = frozenset({"FID", "InceptionScore", "CLIPScore"})
+"""pyiqa metric types that pyiqa lists as no-reference but that score no single image by
+itself (a folder's statistics; an image with a caption)."""
+
+
+def check_no_reference(metric: str) -> None:
+    """Raise `ValueError` unless `metric` scores one image by itself (a known metric).
+
+    A full-reference metric (psnr, ssim, lpips, ...) compares an image with a reference the
+    job does not have; asking for its 'weights' sent users after files that do not exist.
+    """
+    lower_better(metric)  # unknown: its own error
+    cfg = _pyiqa_configs()[metric]
+    kind = cfg.get("metric_opts", {}).get("type")
+    if cfg.get("metric_mode") == "FR" or kind in NOT_PER_IMAGE:
+        what = "full-reference" if cfg.get("metric_mode") == "FR" else "dataset-level"
+        raise ValueError(
+            f"pyiqa metric {metric!r} is {what}: it does not score one image by itself; "
+            "name a no-reference metric (piqe, musiq, topiq_nr, qalign, ...)"
+        )
+
+
+def resize_longest(img: Image.Image, size: int, min_side: int = 1) -> Image.Image:
+    """`img` resized (up or down, bicubic) so that its longest side is `size`, or larger where
+    its shortest side would be under `min_side`."""
     w, h = img.size
-    scale = size / max(w, h)
+    scale = max(size / max(w, h), min_side / min(w, h))
     new = (max(1, round(w * scale)), max(1, round(h * scale)))
     return img if new == img.size else img.resize(new, Image.Resampling.BICUBIC)
 
@@ -76,9 +105,16 @@ class PyiqaScorer(Stage):
         import pyiqa
 
         kwargs: dict[str, Any] = {}
-        if self.weights:
+        if self.weights and self.metric not in WEIGHTLESS_METRICS:  # piqe takes no file
             kwargs["pretrained_model_path"] = self.weights
-        self._metric = pyiqa.create_metric(self.metric, device=self.device, **kwargs)
+        try:
+            self._metric = pyiqa.create_metric(self.metric, device=self.device, **kwargs)
+        except Exception as e:
+            if not self.weights:
+                raise
+            raise ModelFileError.of(
+                "models.pyiqa_weights", self.weights, f"pyiqa {self.metric} weights", e
+            ) from e
 
     def process(self, table: pa.Table) -> pa.Table:
         import torch
@@ -88,7 +124,8 @@ class PyiqaScorer(Stage):
         for i, t in enumerate(thumbs):
             if t is None:
                 continue
-            img = resize_longest(Image.open(io.BytesIO(t)).convert("RGB"), self.input_size)
+            img = Image.open(io.BytesIO(t)).convert("RGB")
+            img = resize_longest(img, self.input_size, MIN_SIDE)
             by_shape.setdefault(img.size, []).append((i, np.asarray(img)))
         scores: list[float | None] = [None] * table.num_rows
         for items in by_shape.values():
@@ -96,5 +133,7 @@ class PyiqaScorer(Stage):
             with torch.no_grad():
                 values = self._metric(x.float().div(255).to(self.device))
             for (i, _), v in zip(items, values.reshape(-1).tolist(), strict=True):
-                scores[i] = float(v)
+                # NaN (piqe of an all-black image) is no score: it would pass every threshold,
+                # and the manifest would hold a NaN where the shard's `.json` holds null
+                scores[i] = float(v) if math.isfinite(v) else None
         return set_columns(table, {schema.QUALITY: scores})

@@ -37,6 +37,9 @@ def test_yaml_and_overrides_apply(tmp_path):
         ("dedup:\n  enabled: 1\n", "dedup.enabled"),
         ("probe:\n  min_aspect: 4\n", "probe.min_aspect"),
         ("bucket:\n  buckets: ['4000x3000']\n", "bucket.buckets"),
+        # a placeholder the captioner cannot fill failed the job in its last model stage
+        ("caption:\n  hint_template: '{prompt} Caption: {caption}'\n", "caption.hint_template"),
+        ("caption:\n  hint_template: '{prompt} {0}'\n", "caption.hint_template"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path, text, key):
@@ -86,3 +89,13 @@ def test_a_config_file_that_is_not_utf8_is_one_error(tmp_path):
     f.write_bytes(b"\xff\xfe\x00bad")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(f)
+
+
+def test_an_override_that_is_not_yaml_is_its_text():
+    """`--set caption.hint_template={prompt} with {{braces}}: {hint}` ended in a YAML parser
+    traceback (exit 1) instead of setting the text or naming the key."""
+    template = "{prompt} with {{braces}}: {hint}"
+    cfg = load_config(overrides=[f"caption.hint_template={template}"])
+    assert cfg.caption.hint_template == template
+    with pytest.raises(ConfigError, match=r"'score\.batch_size' must be an integer"):
+        load_config(overrides=["score.batch_size={oops"])

@@ -462,3 +462,21 @@ def test_a_manifest_staged_by_a_killed_run_is_removed(tmp_path):
     _remove_leftover_temporaries(str(tmp_path))
     assert sorted(p.name for p in (tmp_path / "_work").iterdir()) == ["tmp"]
     assert not list((tmp_path / "_work" / "tmp").iterdir())
+
+
+def test_a_model_that_does_not_load_says_which_setting_to_correct(tmp_path):
+    """A model file that does not load failed the job with 'rerun the same command to
+    resume', which fails the same way; the line names the setting and the file instead."""
+    from pipelines.curate import JobFailed
+
+    text = (
+        "\x1b[36mray::MapBatches(on_actor)()\x1b[39m (pid=1, ip=192.0.2.2)\n"
+        "_pickle.UnpicklingError: Weights only load failed. Re-running `torch.load` ...\n\n"
+        "The above exception was the direct cause of the following exception:\n\n"
+        "curation.base.ModelFileError: models.clip_weights: /m/clip.pt does not load as "
+        "open_clip ViT-L-14 weights (not a torch checkpoint: unpickling failed)\n"
+    )
+    cause = type("RayTaskError(ModelFileError)", (RuntimeError,), {})(text)
+    msg = str(JobFailed("models", 7, str(tmp_path / "log.txt"), cause))
+    assert "could not load a model: models.clip_weights: /m/clip.pt does not load" in msg
+    assert "rerun the same command" not in msg and "correct that setting" in msg

@@ -187,6 +187,7 @@ def test_every_model_stage_through_the_cli(local_ray, inputs, models, tmp_path, 
     assert {k for k in emb.column("key").to_pylist() if k} == {r[schema.KEY] for r in kept}
     stats = json.loads((out / "stats.json").read_text())
     assert "low_aesthetic" in stats["rules"] and stats["manifest_version"] == 4
+    assert "embedding at cosine >=" in stats["rules"]["duplicate"]["rule"]  # the semantic one
 
 
 def test_missing_weights_stop_the_job_before_any_work(local_ray, inputs, tmp_path, capsys):
@@ -212,6 +213,34 @@ def test_missing_weights_stop_the_job_before_any_work(local_ray, inputs, tmp_pat
     assert "improved-aesthetic-predictor" in err and "nothing was processed" in err
     assert "models.clip_weights" in err
     assert not out.exists()
+
+
+def test_a_model_the_early_actor_cannot_load_is_one_error_line(local_ray, models, tmp_path):
+    """A small job's early actor failing to load its model left the error of its loading
+    unread: Ray printed it as an 'Unhandled error' with the whole traceback (torch's advice
+    to load with weights_only=False included), besides the job's line."""
+    from pipelines.config import load_config
+    from pipelines.curate import JobFailed
+    from pipelines.model_pass import WarmWorker
+
+    garbage = tmp_path / "clip.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    cfg = load_config(
+        overrides=[
+            f"models.clip_model={models['config']}",
+            f"models.clip_weights={garbage}",
+            "models.nudenet=never",
+        ]
+    )
+    warm = WarmWorker.start(cfg)
+    try:
+        with pytest.raises(Exception, match="ModelFileError") as e:
+            warm.loaded()
+    finally:
+        warm.stop()
+    msg = str(JobFailed("models", 7, str(tmp_path / "log"), e.value))
+    assert f"could not load a model: models.clip_weights: {garbage} does not load" in msg
+    assert "\n" not in msg and "weights_only" not in msg
 
 
 def test_offline_defaults_score_real_photographs(local_ray, inputs, tmp_path, capsys, monkeypatch):
@@ -300,6 +329,50 @@ def test_models_command_lists_files_and_their_presence(tmp_path, capsys):
     assert f"MISSING  models.translation_model   {lacking}" in capsys.readouterr().out
 
 
+def test_models_command_says_the_defaults_need_nothing_without_nudenet(capsys, monkeypatch):
+    """Without the opt-in nudenet extra (the default install) `native4k models` exited 1 with
+    'MISSING models.nudenet', while curate runs the same configuration (a note, no error)."""
+    from pipelines import model_pass
+    from pipelines.cli import main
+
+    monkeypatch.setattr(model_pass, "nudenet_available", lambda: False)
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "absent   models.nudenet" in out and "optional; to provide it: install" in out
+    assert "MISSING" not in out
+    assert main(["models", "--set", "models.nudenet=always"]) == 1
+    assert "MISSING  models.nudenet" in capsys.readouterr().out
+
+
+def test_a_folder_named_for_a_weight_file_is_called_a_folder(tmp_path):
+    """`models.clip_weights` naming the downloaded model's folder was reported 'not found',
+    though the user can see it there."""
+    from pipelines.config import ConfigError, load_config
+    from pipelines.model_pass import check_models
+
+    cfg = load_config(overrides=[f"models.clip_weights={tmp_path}", "models.nudenet=never"])
+    with pytest.raises(ConfigError, match=rf"models\.clip_weights: {tmp_path} is a folder, not a"):
+        check_models(cfg)
+
+
+def test_semantic_duplicates_name_their_own_setting_in_the_summary():
+    """A job whose duplicates were mostly semantic ones ended with "'duplicate' rejected ...:
+    the rule is pHash within 6 bits ...; change it with --set dedup.max_hamming", a setting
+    that moves none of them."""
+    from pipelines.config import load_config
+    from pipelines.curate import duplicate_rule, outcome_lines
+
+    cfg = load_config(overrides=["score.semantic_threshold=0.9"])
+    rule = duplicate_rule(cfg, semantic=8, duplicates=9)
+    lines = outcome_lines(
+        {"total": 10, "kept": 1, "reasons": {"duplicate": 9}, "rules": {"duplicate": rule}}
+    )
+    assert "embedding at cosine >= 0.9 to a better copy" in lines[-1]
+    assert lines[-1].endswith("change it with --set score.semantic_threshold=VALUE")
+    mostly_phash = duplicate_rule(cfg, semantic=1, duplicates=9)
+    assert mostly_phash["setting"].startswith("dedup.max_hamming")
+
+
 def test_home_relative_model_paths_mean_the_same_file_everywhere(tmp_path, monkeypatch):
     """`models` said a `~/` file was present while the loader looked for a literal `~`."""
     from pipelines.config import load_config
@@ -312,6 +385,42 @@ def test_home_relative_model_paths_mean_the_same_file_everywhere(tmp_path, monke
     assert cfg.models.caption_model == str(tmp_path / "cap")
     entry = next(e for e in configured_models(cfg) if e.setting == "models.clip_weights")
     assert entry.present and entry.path == str(tmp_path / "clip.pt")
+
+
+def test_relative_model_paths_are_made_absolute_where_the_job_starts(tmp_path, monkeypatch):
+    """A relative model path was checked in the driver's folder but opened in each Ray
+    worker's own (another node's, with --ray-address); config.yaml did not say where."""
+    from pipelines.config import load_config
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(
+        overrides=[
+            "models.clip_weights=w/clip.pt",
+            "models.caption_model=cap",
+            "models.clip_model=arch.json",
+        ]
+    )
+    assert cfg.models.clip_weights == str(tmp_path / "w" / "clip.pt")
+    assert cfg.models.caption_model == str(tmp_path / "cap")
+    assert cfg.models.clip_model == str(tmp_path / "arch.json")
+    assert load_config(overrides=["models.clip_model=ViT-B-32"]).models.clip_model == "ViT-B-32"
+    assert load_config().models.clip_weights == ""  # unset stays unset
+
+
+def test_a_home_relative_clip_model_config_is_found(tmp_path, monkeypatch):
+    """`models.clip_model=~/arch.json` was reported missing (and handed to open_clip as a
+    model name) while the same `~` worked for every other model path."""
+    from pipelines.config import load_config
+    from pipelines.model_pass import configured_models
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "arch.json").write_text("{}")
+    (tmp_path / "clip.pt").write_bytes(b"x")
+    cfg = load_config(overrides=["models.clip_model=~/arch.json", "models.clip_weights=~/clip.pt"])
+    assert cfg.models.clip_model == str(tmp_path / "arch.json")
+    entry = next(e for e in configured_models(cfg) if e.setting == "models.clip_model")
+    assert entry.present
+    assert load_config(overrides=["models.clip_model=ViT-B-32"]).models.clip_model == "ViT-B-32"
 
 
 def test_jpeg_thumbnails_wait_for_the_thresholds_and_a_retune_makes_them(

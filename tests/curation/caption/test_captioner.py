@@ -1,4 +1,5 @@
 import io
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -92,3 +93,47 @@ def test_input_caption_source():
     """A row read from a tar carries its member's offset; a `#` in a file's name is no tar."""
     assert input_caption_source(512) == "tar"
     assert input_caption_source(None) == "sidecar"
+
+
+def test_a_caption_longer_than_the_translator_reads_is_cut_not_a_crash(translator):
+    """A long sidecar caption (thousands of tokens) stopped the whole job with an IndexError
+    in the translator's position embeddings when its tokenizer names no length limit."""
+    stage = CaptionTranslator(model_path=translator, max_new_tokens=4)
+    long = "a very long caption about a lake at dusk " * 200  # ~1800 tokens, 256 positions
+    out = stage({schema.CAPTION_EN: [long, "a street"], schema.CAPTION_ZH: [None, None]})
+    zh = out[schema.CAPTION_ZH].to_pylist()
+    assert all(isinstance(z, str) for z in zh)
+    alone = stage({schema.CAPTION_EN: ["a street"], schema.CAPTION_ZH: [None]})
+    assert alone[schema.CAPTION_ZH].to_pylist() == zh[1:]  # the short one is unchanged
+
+
+def test_a_model_folder_of_another_kind_is_named_with_its_setting(vlm, translator, tmp_path):
+    """A translator's folder given as the caption model (or the reverse, or a folder holding
+    only config.json) failed inside transformers without naming the setting."""
+    from curation.base import ModelFileError
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_text((Path(vlm) / "config.json").read_text())
+    for path in (translator, str(bare)):
+        with pytest.raises(ModelFileError, match=rf"^models\.caption_model: {path} "):
+            VlmCaptioner(model_path=path).setup()
+    with pytest.raises(ModelFileError, match=rf"^models\.translation_model: {vlm} "):
+        CaptionTranslator(model_path=vlm).setup()
+
+
+def test_an_empty_model_caption_never_replaces_a_caption_or_names_the_model(
+    vlm, translator, monkeypatch
+):
+    """A model that generates only special tokens or spaces gave `caption_en` '' credited to
+    the model; with `sidecar_hint` it replaced the sidecar caption, which was lost."""
+    stage = VlmCaptioner(model_path=vlm, max_new_tokens=4, sidecar_hint=True)
+    stage.setup()
+    monkeypatch.setattr(stage, "generate", lambda images, prompts: ([""] * len(images), 0))
+    out = stage(_batch())
+    assert out[schema.CAPTION_EN].to_pylist() == [None, "a sidecar caption", "a tar caption", None]
+    assert out[schema.CAPTION_SOURCE].to_pylist() == [None, "sidecar", "tar", None]
+    stage = CaptionTranslator(model_path=translator)
+    monkeypatch.setattr(stage, "translate", lambda texts: [""] * len(texts))
+    out = stage({schema.CAPTION_EN: ["a lake"], schema.CAPTION_ZH: [None]})
+    assert out[schema.CAPTION_ZH].to_pylist() == [None]

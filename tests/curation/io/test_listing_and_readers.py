@@ -257,6 +257,16 @@ def test_source_meta_keeps_json_objects_and_nothing_else(meta, raw):
     assert got is None or isinstance(json.loads(got), dict)
 
 
+def test_a_blank_json_caption_is_no_caption():
+    """A JSON sidecar's caption of spaces was kept as the sample's caption: no model caption,
+    a `.txt` of spaces in the shard; a `.txt` sidecar's text was already stripped."""
+    from curation.io.readers import json_sidecar
+
+    raw = '{"caption": "  ", "caption_zh": " 湖 \\n"}'.encode()
+    assert json_sidecar(raw)[:2] == (None, "湖")
+    assert json_sidecar(b'{"caption_en": "\\ta lake\\n"}')[0] == "a lake"
+
+
 def test_tar_json_members_become_source_meta(tmp_path):
     meta = b'{"url": "https://example.com/k.jpg", "caption": "k cap"}'
     _tar(tmp_path / "s.tar", [("k.jpg", b"k"), ("k.json", meta), ("m.jpg", b"m"), ("m.json", b"{")])

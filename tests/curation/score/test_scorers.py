@@ -1,4 +1,5 @@
 import io
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -171,3 +172,87 @@ def test_the_drivers_metric_table_is_pyiqas_without_importing_torch():
     assert _pyiqa_configs().keys() == DEFAULT_CONFIGS.keys()
     for name, config in DEFAULT_CONFIGS.items():
         assert lower_better(name) == bool(config.get("lower_better", False))
+
+
+def test_a_model_file_that_does_not_load_is_named_with_its_setting(tmp_path, tiny_clip):
+    """A garbage, truncated or other-architecture clip_weights file failed deep inside
+    open_clip (torch's unpickling text even suggests `weights_only=False`), and a head of the
+    wrong width named its file but not the setting: the error names both."""
+    from curation.base import ModelFileError
+    from curation.score.random_models import TINY_CLIP, build_aesthetic, build_open_clip
+
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(Path(tiny_clip["weights"]).read_bytes()[:4096])
+    wider = build_open_clip(tmp_path, "tiny-clip-wider", {**TINY_CLIP, "embed_dim": 48})
+    for weights in (garbage, truncated, wider["weights"]):
+        stage = ClipEmbedder(model=tiny_clip["config"], weights=str(weights))
+        with pytest.raises(ModelFileError, match=rf"^models\.clip_weights: {weights} ") as e:
+            stage.setup()
+        assert "weights_only=False" not in str(e.value)
+    wrong = build_aesthetic(tmp_path / "aes48.pth", 48)
+    for setting, kw in (
+        ("models.aesthetic_weights", {"aesthetic_weights": wrong}),
+        ("models.safety_weights", {"safety_weights": str(garbage)}),
+    ):
+        stage = ClipEmbedder(model=tiny_clip["config"], weights=tiny_clip["weights"], **kw)
+        with pytest.raises(ModelFileError, match=rf"^{setting}: {next(iter(kw.values()))} "):
+            stage.setup()
+    for arch in ("ViT-Q-99", str(garbage.with_suffix(".json"))):
+        garbage.with_suffix(".json").write_text("{not json")
+        stage = ClipEmbedder(model=arch, weights=tiny_clip["weights"])
+        with pytest.raises(ModelFileError, match=rf"^models\.clip_model: {arch} "):
+            stage.setup()
+    with pytest.raises(ModelFileError, match=rf"^models\.pyiqa_weights: {garbage} "):
+        PyiqaScorer(metric="brisque", weights=str(garbage)).setup()
+
+
+def test_a_panorama_far_wider_than_3_to_1_gets_a_quality_score():
+    """With `probe.max_aspect` raised for panoramas, a 100:1 image's 512-px thumbnail is 5
+    px high and piqe failed on it ('maximum size for tensor at dimension 2 is 10'), failing
+    the whole job's model pass."""
+    buf = io.BytesIO()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (5, 512, 3), dtype=np.uint8)).save(buf, "JPEG")
+    out = PyiqaScorer(metric="piqe", input_size=512)({schema.THUMBNAIL: [buf.getvalue()]})
+    assert 0 <= out[schema.QUALITY][0].as_py() <= 100
+
+
+def test_a_pyiqa_weight_file_left_set_does_not_stop_a_weightless_metric(tmp_path):
+    """`models.pyiqa_weights` left set after switching back to piqe: `native4k models` said
+    all was well, then the model pass failed (PIQE got 'pretrained_model_path')."""
+    left = tmp_path / "musiq.pth"
+    left.write_bytes(b"weights of another metric")
+    stage = PyiqaScorer(metric="piqe", weights=str(left))
+    stage.setup()
+
+
+def test_a_metric_without_a_value_for_an_image_gives_null_not_nan():
+    """piqe of an all-black image is NaN: it passed every quality threshold and reached the
+    manifest as NaN (null in the shard's `.json`), neither a score nor 'not scored'."""
+    thumbs = []
+    for value in (0, 128):
+        buf = io.BytesIO()
+        Image.fromarray(np.full((288, 512, 3), value, np.uint8)).save(buf, "JPEG")
+        thumbs.append(buf.getvalue())
+    out = PyiqaScorer(metric="piqe", input_size=512)({schema.THUMBNAIL: thumbs})
+    black, grey = out[schema.QUALITY].to_pylist()
+    assert black is None and grey is not None and 0 <= grey <= 100
+
+
+@pytest.mark.parametrize(
+    ("metric", "words"),
+    [("psnr", "full-reference"), ("lpips", "full-reference"), ("fid", "dataset")],
+)
+def test_a_metric_that_needs_a_reference_is_a_configuration_error(metric, words):
+    """`score.quality_metric=psnr` (or ssim, lpips, fid) was taken for a metric that needs
+    weights: `native4k models` asked the user to download pyiqa's 'psnr' weights, which do
+    not exist; a job with any file there failed in the model pass."""
+    from pipelines.config import ConfigError, load_config
+    from pipelines.model_pass import check_metric
+
+    want = f"'score.quality_metric': pyiqa metric '{metric}' is {words}"
+    with pytest.raises(ConfigError, match=want):
+        check_metric(load_config(overrides=[f"score.quality_metric={metric}"]))
+    check_metric(load_config(overrides=["score.quality_metric=musiq"]))  # no-reference: fine
