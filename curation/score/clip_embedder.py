@@ -8,6 +8,7 @@ training loader's selection (`OUT/embeddings`).
 from __future__ import annotations
 
 import io
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -30,6 +31,13 @@ def resolve_clip_model(model: str) -> str:
 
     path = Path(model)
     if model.endswith(".json") and path.is_file():
+        # Checked before open_clip sees it: a registered file that is no JSON stays in
+        # open_clip's list and fails every later registration in this process.
+        config = json.loads(path.read_text())
+        missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg")
+                   if not isinstance(config, dict) or k not in config]  # fmt: skip
+        if missing:
+            raise ValueError(f"not an open_clip model config (no {', '.join(missing)})")
         open_clip.add_model_config(path)
         return path.stem
     return model

@@ -204,6 +204,11 @@ def test_a_model_file_that_does_not_load_is_named_with_its_setting(tmp_path, tin
         stage = ClipEmbedder(model=arch, weights=tiny_clip["weights"])
         with pytest.raises(ModelFileError, match=rf"^models\.clip_model: {arch} "):
             stage.setup()
+    # ... and the bad JSON was not registered: open_clip rescans every registered config
+    # on each registration, so it failed every later model config in this process
+    from curation.score.random_models import build_open_clip
+
+    build_open_clip(tmp_path / "after", "tiny-clip-after-garbage")
     with pytest.raises(ModelFileError, match=rf"^models\.pyiqa_weights: {garbage} "):
         PyiqaScorer(metric="brisque", weights=str(garbage)).setup()
 
