@@ -2,9 +2,10 @@
 
 Each block of scores is summarised by at most `k` weighted points (its exact values when it
 holds `k` or fewer); the driver merges the sketches and reads the cut. A block of `n` values
-summarised by `k` evenly spaced quantiles places any cut within `n / k` ranks of the exact one,
-so a job's cut is off by at most `N / k` ranks of its `N` scores (0.1 % of the job at k=1024)
-and is exact when every block is small.
+summarised by `k` evenly spaced quantiles places any rank within `n / k` of the exact one, and
+the cut, taken at a sketch point, gives up at most one point's weight more: a job's cut is off
+by at most `2 N / k` ranks of its `N` scores (0.2 % of the job at k=1024), and is exact when
+every block is small.
 """
 
 from __future__ import annotations

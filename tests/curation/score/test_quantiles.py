@@ -1,11 +1,12 @@
 import numpy as np
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from curation.score.quantiles import share_cut, sketch
 
 
 @settings(max_examples=60, deadline=None)
+@example([0.0] * 8 + [1.0] * 3, [11], 2, 0.96875)
 @given(
     st.lists(st.floats(-1e3, 1e3, allow_nan=False), min_size=1, max_size=400),
     st.lists(st.integers(1, 60), min_size=1, max_size=12),
@@ -13,7 +14,9 @@ from curation.score.quantiles import share_cut, sketch
     st.floats(0.05, 1.0),
 )
 def test_share_cut_is_within_n_over_k_ranks(values, sizes, k, share):
-    """Split into blocks, sketch each, merge: the kept count is off by at most N/k (+1)."""
+    """Split into blocks, sketch each, merge: the kept count is off by at most 2N/k (+1): N/k
+    from the sketches' ranks, and up to one sketch point's weight where the cut is taken (eight
+    0s and three 1s, k=2, share 0.97: the cut falls at 0.5 and keeps 3, not 10)."""
     blocks, i = [], 0
     for s in sizes * 50:
         if i >= len(values):
@@ -26,7 +29,7 @@ def test_share_cut_is_within_n_over_k_ranks(values, sizes, k, share):
     kept = int((arr >= cut).sum())
     exact = share * n
     small = all(len(b) <= k for b in blocks)
-    slack = 1 if small else n / k + len(blocks) + 1
+    slack = 1 if small else 2 * n / k + len(blocks) + 1
     assert abs(kept - exact) <= slack + int((arr == cut).sum()), (kept, exact, slack)
 
 
