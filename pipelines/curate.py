@@ -54,6 +54,7 @@ from curation.dedup.near_dup import (
     PARENT,
     PARENT_SHA256,
     BandSplitter,
+    captioned,
     match_band,
     pick_parent,
     with_captioned,
@@ -644,7 +645,8 @@ _ROOT_SCHEMA = pa.schema(
 
 def _pending_with_sha256(t: pa.Table) -> pa.Table:
     t = t.filter(pc.and_(pc.is_null(t[schema.STATUS]), pc.is_valid(t[schema.SHA256])))
-    return with_captioned(t).select([schema.SOURCE, schema.SHA256, CAPTIONED])
+    has = pa.array(captioned(t), pa.int64())
+    return t.select([schema.SOURCE, schema.SHA256]).append_column(CAPTIONED, has)
 
 
 def _exact_copies(g: pa.Table) -> pa.Table:
@@ -669,9 +671,9 @@ def exact_copy_decisions(rows: Any, partitions_for: Partitioning) -> Any | None:
     Returns None when no two candidates share their bytes.
     """
     pending, num_pending = nonempty(
-        rows.select_columns([*HASH_COLUMNS, *CAPTION_COLUMNS, schema.STATUS]).map_batches(
-            _pending_with_sha256, batch_format="pyarrow"
-        )
+        rows.select_columns(
+            [schema.SOURCE, schema.SHA256, *CAPTION_COLUMNS, schema.STATUS]
+        ).map_batches(_pending_with_sha256, batch_format="pyarrow")
     )
     if pending is None or num_pending < 2:
         return None
