@@ -43,7 +43,7 @@ import pyarrow.parquet as pq
 from curation import schema
 from curation.analyze.pixel_analyzer import DECODED_MARK
 from curation.analyze.thumbnail_maker import ThumbnailMaker
-from curation.base import Stage, column, pending_mask, set_columns
+from curation.base import Stage, column, pending_mask, set_columns, to_table
 from curation.caption.captioner import VlmCaptioner, input_caption_source
 from curation.caption.translator import CaptionTranslator
 from curation.dedup.near_dup import captioned, colour
@@ -111,6 +111,14 @@ PREFIX = "model__"
 SCORED = "model__scored"
 THUMBNAILS = "thumbnails"
 """Folder under `_work` of the thumbnail side files."""
+SCORES = "scores"
+"""Folder under `_work` of the score side files, one sub-folder per scorer fingerprint."""
+SCORED_SHA = "scored_sha256"
+"""The sha256 of the bytes a side file's scores were computed from."""
+CACHED = "model__cached"
+SCORE_CACHE_VERSION = 1
+"""Part of every scorer fingerprint: raise it when a scorer's code changes its scores."""
+_SCORER_PACKAGES = ("torch", "open_clip_torch", "pyiqa", "nudenet", "onnxruntime")
 
 
 # --- which models, and whether their files are here -----------------------------------------
@@ -439,6 +447,127 @@ class ThumbnailSink(Stage):
         return t.drop_columns([schema.THUMBNAIL])
 
 
+# --- scores kept for reruns -----------------------------------------------------------------
+
+
+def _file_state(path: str) -> list[Any]:
+    """(relative name, size, mtime) of a model file, or of every file under a model folder."""
+    if os.path.isfile(path):
+        st = os.stat(path)
+        return [["", st.st_size, st.st_mtime_ns]]
+    state = []
+    for folder, _, names in sorted(os.walk(path)):
+        for name in sorted(names):
+            st = os.stat(os.path.join(folder, name))
+            rel = os.path.relpath(os.path.join(folder, name), path)
+            state.append([rel, st.st_size, st.st_mtime_ns])
+    return state
+
+
+def score_fingerprint(cfg: JobConfig, chain: list[tuple[type[Stage], dict[str, Any]]]) -> str:
+    """A digest of everything the scores of `chain` depend on.
+
+    Each scorer's class and arguments (model paths, prompts, input size), the size and
+    modification time of every model file they name, the thumbnail side the scorers see, the
+    versions of the scoring packages and `SCORE_CACHE_VERSION`: scores kept under one
+    fingerprint are the scores a fresh job would compute (up to the device's rounding).
+    """
+    from importlib import metadata
+
+    files: dict[str, list[Any]] = {}
+    for _, kwargs in chain:
+        for value in kwargs.values():
+            if isinstance(value, str) and value and os.path.exists(value):
+                files[value] = _file_state(value)
+    versions = {}
+    for package in _SCORER_PACKAGES:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[package] = metadata.version(package)
+    payload = {
+        "chain": [[f"{cls.__module__}.{cls.__qualname__}", kwargs] for cls, kwargs in chain],
+        "files": files,
+        "thumbnail_size": cfg.analyze.thumbnail_size,
+        "packages": versions,
+        "version": SCORE_CACHE_VERSION,
+    }
+    text = json.dumps(payload, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+CACHE_COLUMNS = (schema.EMBEDDING, *MODEL_COLUMNS)
+"""What the score side files keep of a scored row (null where the job's scorers add nothing)."""
+
+
+@dataclass(kw_only=True)
+class ScoreSink(Stage):
+    """Keep each scored batch's scores in one atomic side file; the rows travel on unchanged.
+
+    `part-<digest>.parquet` (source, the sha256 they were computed from, the score columns)
+    under the folder of the scorers' fingerprint, named like `ThumbnailSink`'s files, so a
+    retried batch rewrites its file. A rerun whose scorers have the same fingerprint takes
+    these instead of scoring again (`split_cached`): a changed threshold, share or caption
+    setting costs no model, and an interrupted model pass resumes where it stopped.
+    """
+
+    name: ClassVar[str] = "score_sink"
+    batch_size: ClassVar[int | None] = None
+    reads: ClassVar[tuple[str, ...]] = (schema.SOURCE, schema.SHA256, *CACHE_COLUMNS)
+    folder: str = ""
+
+    def output_schema(self, input_schema: pa.Schema) -> pa.Schema:
+        """The input's schema (the batch passes unchanged)."""
+        return input_schema
+
+    def process(self, t: pa.Table) -> pa.Table:
+        sources = sorted(column(t, schema.SOURCE))
+        digest = hashlib.sha1("\n".join(sources).encode()).hexdigest()[:20]
+        kept = schema.conform(t, (schema.SOURCE, schema.SHA256, *CACHE_COLUMNS))
+        kept = kept.rename_columns([schema.SOURCE, SCORED_SHA, *CACHE_COLUMNS])
+        with atomic_write(join(self.folder, f"part-{digest}.parquet")) as fh:
+            pq.write_table(kept, fh)
+        return t
+
+    def __call__(self, batch: Any) -> pa.Table:
+        """`process` without the timing column (a sink adds nothing to the rows)."""
+        t = to_table(batch)
+        return self.process(t) if t.num_rows else t
+
+
+def split_cached(t: pa.Table) -> pa.Table:
+    """One row per source of a candidates ⟕ side-file join, marked `model__cached`.
+
+    A source's kept scores count only when they were computed from its present bytes (its
+    `sha256`); the source keeps them, and the first such row. A source without them keeps its
+    first row, with the score columns null, to be scored. All rows of a source are in the block
+    (the join is partitioned by source).
+    """
+    sources = column(t, schema.SOURCE)
+    hit = [a is not None and a == b
+           for a, b in zip(column(t, SCORED_SHA), column(t, schema.SHA256), strict=True)]
+    first: dict[str, int] = {}
+    for i, src in enumerate(sources):
+        j = first.get(src)
+        if j is None or (hit[i] and not hit[j]):
+            first[src] = i
+    take = sorted(first.values())
+    out = t.take(pa.array(take, pa.int64())).drop_columns([SCORED_SHA])
+    cached = [hit[i] for i in take]
+    mask = pa.array(cached, pa.bool_())
+    out = set_columns(out, {
+        c: pc.if_else(mask, out[c], pa.nulls(out.num_rows, schema.arrow_type(c)))
+        for c in CACHE_COLUMNS
+    })
+    return out.append_column(CACHED, pa.array(cached, pa.bool_()))
+
+
+def _cache_rows(cached: bool, names: tuple[str, ...]) -> Callable[[pa.Table], pa.Table]:
+    def select(t: pa.Table) -> pa.Table:
+        t = t.filter(t[CACHED] if cached else pc.invert(t[CACHED]))
+        return t.select([c for c in names if c in t.column_names])
+
+    return select
+
+
 # --- the pass -------------------------------------------------------------------------------
 
 
@@ -547,21 +676,78 @@ class WarmWorker:
 
 
 def _pool(
-    ds: Any, cls: type[Stage], kwargs: dict[str, Any], *, gpus: float, n: int, bs: int
+    ds: Any,
+    cls: type[Stage],
+    kwargs: dict[str, Any],
+    *,
+    gpus: float,
+    n: int,
+    bs: int,
+    then: Stage | None = None,
 ) -> Any:
-    """One actor pool of `cls` over `ds`, materialised (one model load per actor)."""
+    """One actor pool of `cls` over `ds`, materialised (one model load per actor); `then`
+    runs on each batch the pool returns, as it returns it (a sink)."""
     from ray.data import ActorPoolStrategy
 
     opts: dict[str, Any] = {"num_cpus": 1, "compute": ActorPoolStrategy(size=n), "batch_size": bs}
     if gpus:
         opts["num_gpus"] = gpus
-    return ds.map_batches(
+    out = ds.map_batches(
         cls,
         fn_constructor_kwargs={**kwargs, "device": "cuda" if gpus else "cpu"},
         batch_format="pyarrow",
         zero_copy_batch=True,
         **opts,
-    ).materialize()
+    )
+    if then is not None:
+        out = out.map_batches(then, batch_format="pyarrow", batch_size=None)
+    return out.materialize()
+
+
+def _reuse_scores(
+    rd: Any, scored: Any, cache: str, num: int, partitions: Callable[[int], int]
+) -> tuple[Any | None, Any | None, int, int]:
+    """Split the candidates into those to score and those whose scores `cache` kept.
+
+    Returns:
+        (to score, with kept scores, how many of each); a part without rows is None.
+    """
+    fs, path = fsspec.core.url_to_fs(cache)
+    if not (fs.exists(path) and fs.glob(path.rstrip("/") + "/part-*.parquet")):
+        return scored, None, num, 0
+    from pipelines.curate import _read_parquet
+
+    names = tuple(scored.columns())
+    joined = grouping.join(
+        scored, _read_parquet(rd, cache), "left_outer", partitions(num), on=(schema.SOURCE,)
+    )
+    marked = joined.map_batches(split_cached, batch_format="pyarrow", batch_size=None)
+    marked = marked.materialize()
+    with_all = tuple(dict.fromkeys((*names, *CACHE_COLUMNS)))
+    hits, num_hits = _nonempty(
+        marked.map_batches(_cache_rows(True, with_all), batch_format="pyarrow", batch_size=None)
+    )
+    misses, num_misses = _nonempty(
+        marked.map_batches(_cache_rows(False, names), batch_format="pyarrow", batch_size=None)
+    )
+    return misses, hits, num_misses, num_hits
+
+
+def _remove_other_caches(cache: str) -> None:
+    """Remove the score side files of other scorer fingerprints (one set is kept)."""
+    fs, path = fsspec.core.url_to_fs(cache)
+    parent = path.rstrip("/").rsplit("/", 1)[0]
+    if fs.exists(parent):
+        for other in fs.ls(parent, detail=False):
+            if other.rstrip("/") != path.rstrip("/"):
+                fs.rm(other, recursive=True)
+
+
+def _conformed(names: tuple[str, ...]) -> Callable[[pa.Table], pa.Table]:
+    def run(t: pa.Table) -> pa.Table:
+        return schema.conform(t, names)
+
+    return run
 
 
 def _to_score(score_all: bool) -> Any:
@@ -707,22 +893,52 @@ def run_model_pass(
     if scored is None:
         result.rows = rows.map_batches(_caption_sources, batch_format="pyarrow", batch_size=None)
         return result
-    # Blocks of one model batch each (up to 16 per CPU): an actor pool hands out whole
-    # blocks, so one big block would keep every actor but one idle.
-    per_block = min(s.batch_size, cfg.caption.batch_size)
-    scored = scored.repartition(min(-(-num_scored // per_block), 16 * max(cpus, 1))).materialize()
-    pool = {"gpus": s.num_gpus, "n": s.concurrency, "bs": s.batch_size}
     chain = model_chain(cfg, plan)
-    if warm is not None and warm.scores():
-        # A small job's actor, started with the job: its models are loaded by now.
-        warm.loaded()
-        scored = scored.map_batches(
-            warm.runs(), batch_format="pyarrow", batch_size=s.batch_size, num_cpus=0
+    cache, hits = "", None
+    if chain:
+        # Scores an earlier run of the same scorers kept (`ScoreSink`) are taken, not redone.
+        cache = join(work, SCORES, score_fingerprint(cfg, chain))
+        scored, hits, num_scored, num_hits = _reuse_scores(rd, scored, cache, num_scored,
+                                                           partitions)
+        if num_hits:
+            result.notes.append(
+                f"scores of {num_hits} of {num_hits + num_scored} candidates taken from an "
+                "earlier run with the same models and settings (_work/scores)"
+            )
+    if scored is not None:
+        # Blocks of one model batch each (up to 16 per CPU): an actor pool hands out whole
+        # blocks, so one big block would keep every actor but one idle.
+        per_block = min(s.batch_size, cfg.caption.batch_size)
+        scored = scored.repartition(
+            min(-(-num_scored // per_block), 16 * max(cpus, 1))
         ).materialize()
-    elif chain:  # one pool for every scorer: one actor start, one pass over the rows
-        scored = _pool(scored, ModelChain, {"stages": chain}, **pool)
+        pool = {"gpus": s.num_gpus, "n": s.concurrency, "bs": s.batch_size}
+        sink = ScoreSink(folder=cache) if chain else None
+        if warm is not None and warm.scores():
+            # A small job's actor, started with the job: its models are loaded by now.
+            warm.loaded()
+            scored = scored.map_batches(
+                warm.runs(), batch_format="pyarrow", batch_size=s.batch_size, num_cpus=0
+            )
+            if sink is not None:
+                scored = scored.map_batches(sink, batch_format="pyarrow", batch_size=None)
+            scored = scored.materialize()
+        elif chain:  # one pool for every scorer: one actor start, one pass over the rows
+            scored = _pool(scored, ModelChain, {"stages": chain}, then=sink, **pool)
     if warm is not None and warm.holds_gpu:
         warm.stop()  # a GPU captioner pool may need its GPU
+    if chain:
+        _remove_other_caches(cache)
+    if hits is not None:
+        both = tuple(dict.fromkeys(
+            (*SLIM_COLUMNS, schema.THUMBNAIL, *CACHE_COLUMNS, schema.STAGE_SECONDS)
+        ))
+        hits = hits.map_batches(_conformed(both), batch_format="pyarrow", batch_size=None)
+        if scored is None:
+            scored = hits
+        else:
+            scored = scored.map_batches(_conformed(both), batch_format="pyarrow", batch_size=None)
+            scored = scored.union(hits)
     scored = scored.map_batches(
         ThresholdFilter(rules=model_rules(cfg)), batch_format="pyarrow", batch_size=None
     )

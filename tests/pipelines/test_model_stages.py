@@ -14,6 +14,7 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -456,3 +457,102 @@ def test_jpeg_thumbnails_wait_for_the_thresholds_and_a_retune_makes_them(
         assert retuned[source][schema.STATUS] == "kept"
         assert retuned[source][schema.QUALITY] == direct[source][schema.QUALITY] is not None
     assert main(["verify", str(out)]) == 0
+
+
+def test_a_rerun_with_the_same_scorers_takes_their_kept_scores(
+    local_ray, inputs, models, tmp_path, capsys, monkeypatch
+):
+    """A rerun that changes only a threshold scores nothing again: the scores of the first run
+    (kept under `_work/scores`, here by an actor pool) decide, as they would have; a changed
+    model file is scored again (here on the job's early actor)."""
+    import pipelines.curate
+    from curation.score.random_models import build_aesthetic
+    from pipelines.cli import main
+
+    head = tmp_path / "aesthetic.pth"
+    head.write_bytes(Path(models["aesthetic"]).read_bytes())
+    out = tmp_path / "out"
+    args = [
+        "curate", str(inputs), "--output", str(out), *RELAXED,
+        "--set", "dedup.enabled=false",
+        "--set", f"models.clip_model={models['config']}",
+        "--set", f"models.clip_weights={models['weights']}",
+        "--set", f"models.aesthetic_weights={head}",
+        "--set", "score.semantic_dedup=false",
+        "--set", "score.quality_size=64",
+    ]  # fmt: skip
+    with monkeypatch.context() as m:
+        m.setattr(pipelines.curate, "WARM_MAX_INPUTS", 0)  # no early actor: a pool scores
+        assert main(args) == 0
+    first = {r[schema.SOURCE]: r for r in _manifest(out)}
+    scored = {s: r for s, r in first.items() if r[schema.AESTHETIC] is not None}
+    assert len(scored) == len(PHOTOS) + 1
+    assert all("embed" in json.loads(r[schema.STAGE_SECONDS]) for r in scored.values())
+    assert "taken from an earlier run" not in capsys.readouterr().out
+
+    cut = float(np.median([r[schema.AESTHETIC] for r in scored.values()]))
+    assert main([*args, "--set", f"score.min_aesthetic={cut}"]) == 0
+    assert (
+        f"scores of {len(scored)} of {len(scored)} candidates taken from an earlier run"
+        in capsys.readouterr().out
+    )
+    second = {r[schema.SOURCE]: r for r in _manifest(out)}
+    cols = (schema.AESTHETIC, schema.QUALITY, schema.NSFW, schema.CHARACTER)
+    for source, row in scored.items():
+        again = second[source]
+        assert [again[c] for c in cols] == [row[c] for c in cols]
+        assert "embed" not in json.loads(again[schema.STAGE_SECONDS])  # no model ran
+        low = row[schema.AESTHETIC] < cut
+        assert (again[schema.REASON] == "low_aesthetic") == low
+    emb = pq.read_table(out / "embeddings")
+    assert emb.num_rows == len(scored)  # the kept embeddings still reach OUT/embeddings
+    assert main(["verify", str(out)]) == 0
+
+    build_aesthetic(head, models["dim"], seed=7)  # another aesthetic head, same path
+    assert main(args) == 0
+    assert "taken from an earlier run" not in capsys.readouterr().out
+    third = {r[schema.SOURCE]: r for r in _manifest(out)}
+    assert [third[s][schema.AESTHETIC] for s in scored] != [
+        r[schema.AESTHETIC] for r in scored.values()
+    ]
+    assert len(list((out / "_work" / "scores").iterdir())) == 1  # the old scores are gone
+
+
+def test_kept_scores_count_only_for_the_bytes_they_were_computed_from():
+    """`split_cached`: one row per source; kept scores only where their sha256 is the row's."""
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    from pipelines.model_pass import CACHE_COLUMNS, CACHED, SCORED_SHA, split_cached
+
+    rows = st.lists(
+        st.tuples(st.sampled_from("abc"), st.sampled_from(["h1", "h2"]),
+                  st.sampled_from([None, "h1", "h2"]), st.floats(0, 10)),
+        min_size=1, max_size=8,
+    )  # fmt: skip
+
+    @given(rows)
+    def check(rs):
+        # a source has one sha256 in a job; the side files may hold several for it
+        sha = {src: h for src, h, _, _ in rs}
+        t = pa.table({
+            schema.SOURCE: [r[0] for r in rs],
+            schema.SHA256: [sha[r[0]] for r in rs],
+            SCORED_SHA: pa.array([r[2] for r in rs], pa.string()),
+            schema.AESTHETIC: pa.array([r[3] if r[2] else None for r in rs], pa.float32()),
+        })
+        for c in CACHE_COLUMNS:
+            if c not in t.column_names:
+                t = t.append_column(c, pa.nulls(t.num_rows, schema.arrow_type(c)))
+        out = split_cached(t).to_pylist()
+        assert sorted(r[schema.SOURCE] for r in out) == sorted(sha)
+        for r in out:
+            src = r[schema.SOURCE]
+            matches = [a for s, _, h, a in rs if s == src and h == sha[src]]
+            assert r[CACHED] == bool(matches)
+            if matches:
+                assert r[schema.AESTHETIC] == pytest.approx(matches[0], rel=1e-6)
+            else:
+                assert r[schema.AESTHETIC] is None
+
+    check()
