@@ -113,12 +113,17 @@ THUMBNAILS = "thumbnails"
 """Folder under `_work` of the thumbnail side files."""
 SCORES = "scores"
 """Folder under `_work` of the score side files, one sub-folder per scorer fingerprint."""
-SCORED_SHA = "scored_sha256"
-"""The sha256 of the bytes a side file's scores were computed from."""
+CAPTIONS = "captions"
+"""Folder under `_work` of the caption side files, one sub-folder per captioner fingerprint."""
+MATCH = "match__"
+"""Prefix, in a side file, of what a row must still be to take its results (`Kept`)."""
+KEPT = "kept__"
+"""Prefix, in a side file, of the results it kept."""
 CACHED = "model__cached"
 SCORE_CACHE_VERSION = 1
-"""Part of every scorer fingerprint: raise it when a scorer's code changes its scores."""
-_SCORER_PACKAGES = ("torch", "open_clip_torch", "pyiqa", "nudenet", "onnxruntime")
+"""Part of every fingerprint (`fingerprint`): raise it when a model step's code changes its
+results."""
+_MODEL_PACKAGES = ("torch", "open_clip_torch", "pyiqa", "nudenet", "onnxruntime", "transformers")
 
 
 # --- which models, and whether their files are here -----------------------------------------
@@ -464,27 +469,27 @@ def _file_state(path: str) -> list[Any]:
     return state
 
 
-def score_fingerprint(cfg: JobConfig, chain: list[tuple[type[Stage], dict[str, Any]]]) -> str:
-    """A digest of everything the scores of `chain` depend on.
+def fingerprint(cfg: JobConfig, steps: list[tuple[type[Stage], dict[str, Any]]]) -> str:
+    """A digest of everything the results of model `steps` depend on.
 
-    Each scorer's class and arguments (model paths, prompts, input size), the size and
-    modification time of every model file they name, the thumbnail side the scorers see, the
-    versions of the scoring packages and `SCORE_CACHE_VERSION`: scores kept under one
-    fingerprint are the scores a fresh job would compute (up to the device's rounding).
+    Each step's class and arguments (model paths, prompts, sizes), the size and modification
+    time of every model file or folder they name, the thumbnail side the models see, the
+    versions of the model packages and `SCORE_CACHE_VERSION`: results kept under one
+    fingerprint are what a fresh job would compute (up to the device's rounding).
     """
     from importlib import metadata
 
     files: dict[str, list[Any]] = {}
-    for _, kwargs in chain:
+    for _, kwargs in steps:
         for value in kwargs.values():
             if isinstance(value, str) and value and os.path.exists(value):
                 files[value] = _file_state(value)
     versions = {}
-    for package in _SCORER_PACKAGES:
+    for package in _MODEL_PACKAGES:
         with contextlib.suppress(metadata.PackageNotFoundError):
             versions[package] = metadata.version(package)
     payload = {
-        "chain": [[f"{cls.__module__}.{cls.__qualname__}", kwargs] for cls, kwargs in chain],
+        "steps": [[f"{cls.__module__}.{cls.__qualname__}", kwargs] for cls, kwargs in steps],
         "files": files,
         "thumbnail_size": cfg.analyze.thumbnail_size,
         "packages": versions,
@@ -494,70 +499,102 @@ def score_fingerprint(cfg: JobConfig, chain: list[tuple[type[Stage], dict[str, A
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-CACHE_COLUMNS = (schema.EMBEDDING, *MODEL_COLUMNS)
+SCORE_COLUMNS = (schema.EMBEDDING, *MODEL_COLUMNS)
 """What the score side files keep of a scored row (null where the job's scorers add nothing)."""
+CAPTION_COLUMNS = (schema.CAPTION_EN, schema.CAPTION_ZH, schema.CAPTION_SOURCE)
+
+
+@dataclass(frozen=True)
+class Kept:
+    """Results of a model step kept for reruns, in `folder` (one per `fingerprint` of the
+    step's models and settings): `columns` per source, valid for a row whose `match` columns
+    (its sha256; for captions also the captions it came with) are what they were."""
+
+    folder: str
+    columns: tuple[str, ...]
+    match: tuple[str, ...] = (schema.SHA256,)
+
+
+def stamp(kept: Kept) -> Callable[[pa.Table], pa.Table]:
+    """Copies of a batch's `match` columns as they are before the step (for `ResultSink`)."""
+
+    def run(t: pa.Table) -> pa.Table:
+        for c in kept.match:
+            if c not in t.column_names:
+                t = t.append_column(c, pa.nulls(t.num_rows, schema.arrow_type(c)))
+            t = t.append_column(MATCH + c, t[c])
+        return t
+
+    return run
 
 
 @dataclass(kw_only=True)
-class ScoreSink(Stage):
-    """Keep each scored batch's scores in one atomic side file; the rows travel on unchanged.
+class ResultSink(Stage):
+    """Keep each batch's results of a model step in one atomic side file; the rows travel on
+    without the `stamp` columns.
 
-    `part-<digest>.parquet` (source, the sha256 they were computed from, the score columns)
-    under the folder of the scorers' fingerprint, named like `ThumbnailSink`'s files, so a
-    retried batch rewrites its file. A rerun whose scorers have the same fingerprint takes
-    these instead of scoring again (`split_cached`): a changed threshold, share or caption
-    setting costs no model, and an interrupted model pass resumes where it stopped.
+    `part-<digest>.parquet` (source, the stamped `match` columns, the result `columns`) in
+    the step's `Kept.folder`, named like `ThumbnailSink`'s files, so a retried batch rewrites
+    its file. A rerun whose step has the same fingerprint takes these instead of running the
+    models again (`split_cached`): a changed threshold, share or dedup setting costs no
+    model, and a model pass that was interrupted keeps the batches it finished.
     """
 
-    name: ClassVar[str] = "score_sink"
+    name: ClassVar[str] = "kept_results"
     batch_size: ClassVar[int | None] = None
-    reads: ClassVar[tuple[str, ...]] = (schema.SOURCE, schema.SHA256, *CACHE_COLUMNS)
-    folder: str = ""
+    reads: ClassVar[tuple[str, ...]] = (schema.SOURCE,)
+    kept: Kept
 
     def output_schema(self, input_schema: pa.Schema) -> pa.Schema:
-        """The input's schema (the batch passes unchanged)."""
-        return input_schema
+        """The input's schema without the `stamp` columns."""
+        return pa.schema([f for f in input_schema if not f.name.startswith(MATCH)])
 
     def process(self, t: pa.Table) -> pa.Table:
         sources = sorted(column(t, schema.SOURCE))
         digest = hashlib.sha1("\n".join(sources).encode()).hexdigest()[:20]
-        kept = schema.conform(t, (schema.SOURCE, schema.SHA256, *CACHE_COLUMNS))
-        kept = kept.rename_columns([schema.SOURCE, SCORED_SHA, *CACHE_COLUMNS])
-        with atomic_write(join(self.folder, f"part-{digest}.parquet")) as fh:
-            pq.write_table(kept, fh)
-        return t
+        k = self.kept
+        results = schema.conform(t, k.columns)
+        side = pa.table(
+            [t[schema.SOURCE], *(t[MATCH + c] for c in k.match), *results.columns],
+            names=[schema.SOURCE, *(MATCH + c for c in k.match), *(KEPT + c for c in k.columns)],
+        )
+        with atomic_write(join(k.folder, f"part-{digest}.parquet")) as fh:
+            pq.write_table(side, fh)
+        return t.drop_columns([c for c in t.column_names if c.startswith(MATCH)])
 
     def __call__(self, batch: Any) -> pa.Table:
         """`process` without the timing column (a sink adds nothing to the rows)."""
         t = to_table(batch)
-        return self.process(t) if t.num_rows else t
+        return self.process(t) if t.num_rows else self.output_schema(t.schema).empty_table()
 
 
-def split_cached(t: pa.Table) -> pa.Table:
-    """One row per source of a candidates ⟕ side-file join, marked `model__cached`.
+def split_cached(t: pa.Table, kept: Kept) -> pa.Table:
+    """One row per source of a rows ⟕ side-file join, marked `model__cached`.
 
-    A source's kept scores count only when they were computed from its present bytes (its
-    `sha256`); the source keeps them, and the first such row. A source without them keeps its
-    first row, with the score columns null, to be scored. All rows of a source are in the block
-    (the join is partitioned by source).
+    A source takes kept results only when its `match` columns are what they were when they
+    were kept (the first such row); it then carries them in place of its own. A source
+    without them keeps its first row as it was, to run the step on. All rows of a source are
+    in the block (the join is partitioned by source).
     """
     sources = column(t, schema.SOURCE)
-    hit = [a is not None and a == b
-           for a, b in zip(column(t, SCORED_SHA), column(t, schema.SHA256), strict=True)]
+    found = column(t, MATCH + kept.match[0])
+    same = [True] * t.num_rows
+    for c in kept.match:
+        same = [s and a == b for s, a, b in zip(same, column(t, MATCH + c), column(t, c),
+                                                 strict=True)]
+    hit = [f is not None and s for f, s in zip(found, same, strict=True)]
     first: dict[str, int] = {}
     for i, src in enumerate(sources):
         j = first.get(src)
         if j is None or (hit[i] and not hit[j]):
             first[src] = i
     take = sorted(first.values())
-    out = t.take(pa.array(take, pa.int64())).drop_columns([SCORED_SHA])
-    cached = [hit[i] for i in take]
-    mask = pa.array(cached, pa.bool_())
-    out = set_columns(out, {
-        c: pc.if_else(mask, out[c], pa.nulls(out.num_rows, schema.arrow_type(c)))
-        for c in CACHE_COLUMNS
-    })
-    return out.append_column(CACHED, pa.array(cached, pa.bool_()))
+    out = t.take(pa.array(take, pa.int64()))
+    cached = pa.array([hit[i] for i in take], pa.bool_())
+    mine = schema.conform(out, kept.columns)  # the row's own values (null when it has none)
+    out = set_columns(out, {c: pc.if_else(cached, out[KEPT + c], mine[c]) for c in kept.columns})
+    out = out.drop_columns([c for c in out.column_names if c.startswith((MATCH, KEPT))])
+    return out.append_column(CACHED, cached)
 
 
 def _cache_rows(cached: bool, names: tuple[str, ...]) -> Callable[[pa.Table], pa.Table]:
@@ -704,26 +741,28 @@ def _pool(
     return out.materialize()
 
 
-def _reuse_scores(
-    rd: Any, scored: Any, cache: str, num: int, partitions: Callable[[int], int]
+def _reuse(
+    rd: Any, ds: Any, kept: Kept, num: int, partitions: Callable[[int], int]
 ) -> tuple[Any | None, Any | None, int, int]:
-    """Split the candidates into those to score and those whose scores `cache` kept.
+    """Split the rows of `ds` into those to run a model step on and those that take the
+    results `kept` holds (`split_cached`).
 
     Returns:
-        (to score, with kept scores, how many of each); a part without rows is None.
+        (to run, with kept results, how many of each); a part without rows is None.
     """
-    fs, path = fsspec.core.url_to_fs(cache)
+    fs, path = fsspec.core.url_to_fs(kept.folder)
     if not (fs.exists(path) and fs.glob(path.rstrip("/") + "/part-*.parquet")):
-        return scored, None, num, 0
+        return ds, None, num, 0
     from pipelines.curate import _read_parquet
 
-    names = tuple(scored.columns())
+    names = tuple(ds.columns())
     joined = grouping.join(
-        scored, _read_parquet(rd, cache), "left_outer", partitions(num), on=(schema.SOURCE,)
+        ds, _read_parquet(rd, kept.folder), "left_outer", partitions(num), on=(schema.SOURCE,)
     )
-    marked = joined.map_batches(split_cached, batch_format="pyarrow", batch_size=None)
-    marked = marked.materialize()
-    with_all = tuple(dict.fromkeys((*names, *CACHE_COLUMNS)))
+    marked = joined.map_batches(
+        split_cached, fn_kwargs={"kept": kept}, batch_format="pyarrow", batch_size=None
+    ).materialize()
+    with_all = tuple(dict.fromkeys((*names, *kept.columns)))
     hits, num_hits = _nonempty(
         marked.map_batches(_cache_rows(True, with_all), batch_format="pyarrow", batch_size=None)
     )
@@ -894,12 +933,11 @@ def run_model_pass(
         result.rows = rows.map_batches(_caption_sources, batch_format="pyarrow", batch_size=None)
         return result
     chain = model_chain(cfg, plan)
-    cache, hits = "", None
+    kept, hits = None, None
     if chain:
-        # Scores an earlier run of the same scorers kept (`ScoreSink`) are taken, not redone.
-        cache = join(work, SCORES, score_fingerprint(cfg, chain))
-        scored, hits, num_scored, num_hits = _reuse_scores(rd, scored, cache, num_scored,
-                                                           partitions)
+        # Scores an earlier run of the same scorers kept (`ResultSink`) are taken, not redone.
+        kept = Kept(join(work, SCORES, fingerprint(cfg, chain)), SCORE_COLUMNS)
+        scored, hits, num_scored, num_hits = _reuse(rd, scored, kept, num_scored, partitions)
         if num_hits:
             result.notes.append(
                 f"scores of {num_hits} of {num_hits + num_scored} candidates taken from an "
@@ -913,7 +951,10 @@ def run_model_pass(
             min(-(-num_scored // per_block), 16 * max(cpus, 1))
         ).materialize()
         pool = {"gpus": s.num_gpus, "n": s.concurrency, "bs": s.batch_size}
-        sink = ScoreSink(folder=cache) if chain else None
+        sink = None
+        if kept is not None:
+            scored = scored.map_batches(stamp(kept), batch_format="pyarrow", batch_size=None)
+            sink = ResultSink(kept=kept)
         if warm is not None and warm.scores():
             # A small job's actor, started with the job: its models are loaded by now.
             warm.loaded()
@@ -927,11 +968,11 @@ def run_model_pass(
             scored = _pool(scored, ModelChain, {"stages": chain}, then=sink, **pool)
     if warm is not None and warm.holds_gpu:
         warm.stop()  # a GPU captioner pool may need its GPU
-    if chain:
-        _remove_other_caches(cache)
+    if kept is not None:
+        _remove_other_caches(kept.folder)
     if hits is not None:
         both = tuple(dict.fromkeys(
-            (*SLIM_COLUMNS, schema.THUMBNAIL, *CACHE_COLUMNS, schema.STAGE_SECONDS)
+            (*SLIM_COLUMNS, schema.THUMBNAIL, *SCORE_COLUMNS, schema.STAGE_SECONDS)
         ))
         hits = hits.map_batches(_conformed(both), batch_format="pyarrow", batch_size=None)
         if scored is None:
@@ -986,7 +1027,7 @@ def run_model_pass(
         )
         scored = scored.materialize()
     if plan.caption or plan.translate:
-        scored = _caption(scored, cfg, plan)
+        scored = _caption(rd, scored, cfg, plan, work, partitions, result.notes)
     if plan.clip:
         _write_embeddings(rd, scored, output, work, Path(m.clip_model).stem)
     result.rows = _merge(rows, scored, partitions)
@@ -1071,10 +1112,22 @@ def _mark_semantic(dups: dict[str, tuple[str, str, float]]) -> Any:
     return run
 
 
-def _caption(scored: Any, cfg: JobConfig, plan: ModelPlan) -> Any:
-    """Captions (and translations) of the rows still kept; the others pass unchanged."""
+def _caption(
+    rd: Any,
+    scored: Any,
+    cfg: JobConfig,
+    plan: ModelPlan,
+    work: str,
+    partitions: Callable[[int], int],
+    notes: list[str],
+) -> Any:
+    """Captions (and translations) of the rows still kept; the others pass unchanged.
+
+    Captions an earlier run of the same captioner and translator kept (`ResultSink`) are
+    taken for rows with the same bytes and the same input captions; a note says how many.
+    """
     c, m = cfg.caption, cfg.models
-    kept, _ = _nonempty(
+    kept, num_kept = _nonempty(
         scored.map_batches(_candidates_only, batch_format="pyarrow", batch_size=None)
     )
     others, _ = _nonempty(
@@ -1084,33 +1137,42 @@ def _caption(scored: Any, cfg: JobConfig, plan: ModelPlan) -> Any:
     )
     if kept is None:
         return scored
-    pool = {"gpus": c.num_gpus, "n": c.concurrency, "bs": c.batch_size}
+    steps: list[tuple[type[Stage], dict[str, Any]]] = []
     if plan.caption:
-        kept = _pool(
-            kept,
-            VlmCaptioner,
-            {
-                "model_path": m.caption_model,
-                "prompt": c.prompt,
-                "max_new_tokens": c.max_new_tokens,
-                "keep_sidecar": c.keep_sidecar,
-                "sidecar_hint": c.sidecar_hint,
-                "hint_template": c.hint_template,
-            },
-            **pool,
-        )
+        steps.append((VlmCaptioner, {
+            "model_path": m.caption_model,
+            "prompt": c.prompt,
+            "max_new_tokens": c.max_new_tokens,
+            "keep_sidecar": c.keep_sidecar,
+            "sidecar_hint": c.sidecar_hint,
+            "hint_template": c.hint_template,
+        }))
     if plan.translate:
-        kept = _pool(
-            kept,
-            CaptionTranslator,
-            {
-                "model_path": m.translation_model,
-                "prefix": c.translation_prefix,
-                "max_new_tokens": c.translation_max_new_tokens,
-            },
-            **pool,
-        )
-    return kept if others is None else kept.union(others)
+        steps.append((CaptionTranslator, {
+            "model_path": m.translation_model,
+            "prefix": c.translation_prefix,
+            "max_new_tokens": c.translation_max_new_tokens,
+        }))
+    spec = Kept(join(work, CAPTIONS, fingerprint(cfg, steps)), CAPTION_COLUMNS,
+                (schema.SHA256, schema.CAPTION_EN, schema.CAPTION_ZH))
+    names = tuple(dict.fromkeys((*kept.columns(), *CAPTION_COLUMNS, schema.STAGE_SECONDS)))
+    todo, hits, _, num_hits = _reuse(rd, kept, spec, num_kept, partitions)
+    if num_hits:
+        notes.append(f"captions of {num_hits} of {num_kept} kept images taken from an earlier "
+                     "run with the same models and settings (_work/captions)")
+    if todo is not None:
+        pool = {"gpus": c.num_gpus, "n": c.concurrency, "bs": c.batch_size}
+        todo = todo.map_batches(stamp(spec), batch_format="pyarrow", batch_size=None)
+        for i, (cls, kwargs) in enumerate(steps):
+            last = i == len(steps) - 1
+            todo = _pool(todo, cls, kwargs, then=ResultSink(kept=spec) if last else None, **pool)
+    _remove_other_caches(spec.folder)
+    parts = [p for p in (todo, hits) if p is not None]
+    if len(parts) == 2:
+        parts = [p.map_batches(_conformed(names), batch_format="pyarrow", batch_size=None)
+                 for p in parts]
+    done = parts[0] if len(parts) == 1 else parts[0].union(parts[1])
+    return done if others is None else done.union(others)
 
 
 def _merge(rows: Any, scored: Any, partitions: Callable[[int], int]) -> Any:

@@ -459,7 +459,7 @@ def test_jpeg_thumbnails_wait_for_the_thresholds_and_a_retune_makes_them(
     assert main(["verify", str(out)]) == 0
 
 
-def test_a_rerun_with_the_same_scorers_takes_their_kept_scores(
+def test_a_rerun_with_the_same_models_takes_their_kept_scores_and_captions(
     local_ray, inputs, models, tmp_path, capsys, monkeypatch
 ):
     """A rerun that changes only a threshold scores nothing again: the scores of the first run
@@ -480,6 +480,10 @@ def test_a_rerun_with_the_same_scorers_takes_their_kept_scores(
         "--set", f"models.aesthetic_weights={head}",
         "--set", "score.semantic_dedup=false",
         "--set", "score.quality_size=64",
+        "--set", f"models.caption_model={models['vlm']}",
+        "--set", f"models.translation_model={models['mt']}",
+        "--set", "caption.max_new_tokens=5",
+        "--set", "caption.translation_max_new_tokens=5",
     ]  # fmt: skip
     with monkeypatch.context() as m:
         m.setattr(pipelines.curate, "WARM_MAX_INPUTS", 0)  # no early actor: a pool scores
@@ -489,70 +493,88 @@ def test_a_rerun_with_the_same_scorers_takes_their_kept_scores(
     assert len(scored) == len(PHOTOS) + 1
     assert all("embed" in json.loads(r[schema.STAGE_SECONDS]) for r in scored.values())
     assert "taken from an earlier run" not in capsys.readouterr().out
+    captions = (schema.CAPTION_EN, schema.CAPTION_ZH, schema.CAPTION_SOURCE)
+    kept = {s: [r[c] for c in captions] for s, r in scored.items() if r[schema.STATUS] == "kept"}
+    assert kept and all(c[0] and c[1] for c in kept.values())
 
     cut = float(np.median([r[schema.AESTHETIC] for r in scored.values()]))
     assert main([*args, "--set", f"score.min_aesthetic={cut}"]) == 0
-    assert (
-        f"scores of {len(scored)} of {len(scored)} candidates taken from an earlier run"
-        in capsys.readouterr().out
+    stdout = capsys.readouterr().out
+    assert f"scores of {len(scored)} of {len(scored)} candidates taken from an earlier run" in (
+        stdout
     )
     second = {r[schema.SOURCE]: r for r in _manifest(out)}
+    still = [s for s in kept if second[s][schema.STATUS] == "kept"]
+    assert still and f"captions of {len(still)} of {len(still)} kept images taken" in stdout
     cols = (schema.AESTHETIC, schema.QUALITY, schema.NSFW, schema.CHARACTER)
     for source, row in scored.items():
         again = second[source]
         assert [again[c] for c in cols] == [row[c] for c in cols]
-        assert "embed" not in json.loads(again[schema.STAGE_SECONDS])  # no model ran
+        ran = json.loads(again[schema.STAGE_SECONDS])
+        assert "embed" not in ran and "caption" not in ran  # no model ran
         low = row[schema.AESTHETIC] < cut
         assert (again[schema.REASON] == "low_aesthetic") == low
+        if not low:
+            assert [again[c] for c in captions] == kept[source]
     emb = pq.read_table(out / "embeddings")
     assert emb.num_rows == len(scored)  # the kept embeddings still reach OUT/embeddings
     assert main(["verify", str(out)]) == 0
 
     build_aesthetic(head, models["dim"], seed=7)  # another aesthetic head, same path
     assert main(args) == 0
-    assert "taken from an earlier run" not in capsys.readouterr().out
+    stdout = capsys.readouterr().out
+    assert "candidates taken from an earlier run" not in stdout  # scored again...
+    assert f"captions of {len(kept)} of {len(kept)} kept images taken" in stdout  # ...not these
     third = {r[schema.SOURCE]: r for r in _manifest(out)}
     assert [third[s][schema.AESTHETIC] for s in scored] != [
         r[schema.AESTHETIC] for r in scored.values()
     ]
     assert len(list((out / "_work" / "scores").iterdir())) == 1  # the old scores are gone
+    assert len(list((out / "_work" / "captions").iterdir())) == 1
 
 
-def test_kept_scores_count_only_for_the_bytes_they_were_computed_from():
-    """`split_cached`: one row per source; kept scores only where their sha256 is the row's."""
+def test_kept_results_count_only_for_the_rows_they_were_computed_from():
+    """`split_cached`: one row per source; kept results only where the row's match columns
+    (sha256, and here a caption it came with) are what they were; otherwise its own values."""
     from hypothesis import given
     from hypothesis import strategies as st
 
-    from pipelines.model_pass import CACHE_COLUMNS, CACHED, SCORED_SHA, split_cached
+    from pipelines.model_pass import CACHED, KEPT, MATCH, Kept, split_cached
 
-    rows = st.lists(
-        st.tuples(st.sampled_from("abc"), st.sampled_from(["h1", "h2"]),
-                  st.sampled_from([None, "h1", "h2"]), st.floats(0, 10)),
-        min_size=1, max_size=8,
-    )  # fmt: skip
+    spec = Kept("unused", (schema.AESTHETIC, schema.CAPTION_ZH), (schema.SHA256, schema.CAPTION_EN))
+    side = st.tuples(st.sampled_from([None, "h1", "h2"]), st.sampled_from([None, "a", "b"]),
+                     st.floats(0, 10))  # fmt: skip
+    rows = st.lists(st.tuples(st.sampled_from("abc"), side), min_size=1, max_size=8)
+    own = st.fixed_dictionaries({src: st.tuples(st.sampled_from(["h1", "h2"]),
+                                                st.sampled_from([None, "a", "b"]))
+                                 for src in "abc"})  # fmt: skip
 
-    @given(rows)
-    def check(rs):
-        # a source has one sha256 in a job; the side files may hold several for it
-        sha = {src: h for src, h, _, _ in rs}
+    @given(rows, own)
+    def check(rs, mine):
+        # a source has one sha256 and input caption in a job; side files may hold several
         t = pa.table({
-            schema.SOURCE: [r[0] for r in rs],
-            schema.SHA256: [sha[r[0]] for r in rs],
-            SCORED_SHA: pa.array([r[2] for r in rs], pa.string()),
-            schema.AESTHETIC: pa.array([r[3] if r[2] else None for r in rs], pa.float32()),
-        })
-        for c in CACHE_COLUMNS:
-            if c not in t.column_names:
-                t = t.append_column(c, pa.nulls(t.num_rows, schema.arrow_type(c)))
-        out = split_cached(t).to_pylist()
-        assert sorted(r[schema.SOURCE] for r in out) == sorted(sha)
+            schema.SOURCE: [src for src, _ in rs],
+            schema.SHA256: [mine[src][0] for src, _ in rs],
+            schema.CAPTION_EN: pa.array([mine[src][1] for src, _ in rs], pa.string()),
+            schema.CAPTION_ZH: pa.array(["own"] * len(rs), pa.string()),
+            MATCH + schema.SHA256: pa.array([k[0] for _, k in rs], pa.string()),
+            MATCH + schema.CAPTION_EN: pa.array([k[1] for _, k in rs], pa.string()),
+            KEPT + schema.AESTHETIC: pa.array([k[2] for _, k in rs], pa.float32()),
+            KEPT + schema.CAPTION_ZH: pa.array([f"kept {k[2]}" for _, k in rs], pa.string()),
+        })  # fmt: skip
+        out = split_cached(t, spec).to_pylist()
+        assert sorted(r[schema.SOURCE] for r in out) == sorted({src for src, _ in rs})
         for r in out:
             src = r[schema.SOURCE]
-            matches = [a for s, _, h, a in rs if s == src and h == sha[src]]
+            matches = [k for s, k in rs if s == src and k[0] == mine[src][0]
+                       and k[1] == mine[src][1]]  # fmt: skip
             assert r[CACHED] == bool(matches)
+            assert r[schema.CAPTION_EN] == mine[src][1]  # a match column is never replaced
             if matches:
-                assert r[schema.AESTHETIC] == pytest.approx(matches[0], rel=1e-6)
+                assert r[schema.AESTHETIC] == pytest.approx(matches[0][2], rel=1e-6)
+                assert r[schema.CAPTION_ZH] == f"kept {matches[0][2]}"
             else:
-                assert r[schema.AESTHETIC] is None
+                assert r[schema.AESTHETIC] is None and r[schema.CAPTION_ZH] == "own"
+            assert not [c for c in r if c.startswith((MATCH, KEPT))]
 
     check()
