@@ -219,6 +219,10 @@ def test_resolution_dependent_shift(model_dir: Path) -> None:
     assert small[1] < timesteps[1]  # fewer tokens, less shift
     fixed = pipe.timesteps_for(10, num_tokens, 4.0, torch.device("cpu"))
     assert fixed[1].item() == pytest.approx(1000 * 4 * sigma / (1 + 3 * sigma), rel=1e-5)
+    # A fixed shift is for that run only: the next run without one shifts by resolution again,
+    # and the scheduler config the pipeline saves keeps its dynamic shifting.
+    assert torch.equal(pipe.timesteps_for(10, num_tokens, None, torch.device("cpu")), timesteps)
+    assert pipe.scheduler.config.use_dynamic_shifting
 
 
 def test_pack_unpack_round_trip() -> None:
