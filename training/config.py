@@ -40,7 +40,9 @@ def _f(default: Any, help: str) -> Any:
 class OptimConfig:
     """AdamW and the learning-rate schedule."""
 
-    lr: float = _f(1e-5, "Peak learning rate (paper: DiT 1e-6, VAE decoder 1e-5 to 1e-4).")
+    lr: float = _f(
+        1e-5, "Peak learning rate (paper, VAE decoder: 1e-5 in its text, 1e-4 in its table)."
+    )
     betas: list[float] = _f([0.9, 0.999], "AdamW betas.")
     weight_decay: float = _f(1e-2, "AdamW decoupled weight decay.")
     eps: float = _f(1e-8, "AdamW epsilon.")
@@ -50,6 +52,13 @@ class OptimConfig:
         "constant", "Decay after warm-up: constant, cosine or linear down to min_lr_ratio."
     )
     min_lr_ratio: float = _f(0.0, "Final learning rate as a fraction of lr (cosine/linear).")
+
+
+@dataclass(kw_only=True)
+class DitOptimConfig(OptimConfig):
+    """AdamW and the learning-rate schedule of `train-dit` (the paper's DiT learning rate)."""
+
+    lr: float = _f(1e-6, "Peak learning rate (paper, DiT: 1e-6).")
 
 
 @dataclass(kw_only=True)
@@ -239,7 +248,7 @@ class DitTrainConfig:
     loss: DitLossConfig = field(default_factory=DitLossConfig)
     timesteps: TimestepConfig = field(default_factory=TimestepConfig)
     stages: list[StageConfig] = field(default_factory=list)
-    optim: OptimConfig = field(default_factory=OptimConfig)
+    optim: DitOptimConfig = field(default_factory=DitOptimConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 

@@ -43,6 +43,19 @@ def test_overrides_leave_the_callers_mapping_alone(tmp_path: Path) -> None:
     assert load_train_config(DitTrainConfig, data=tree, check_files=False).loop.max_steps == 2
 
 
+def test_learning_rate_defaults_are_the_papers(tmp_path: Path) -> None:
+    """UltraFlux fine-tunes the DiT at 1e-6 and post-trains the VAE decoder at 1e-5; train-dit
+    defaulted to the VAE's 1e-5, ten times the paper's DiT rate, also when `optim:` is given
+    without `lr`."""
+    dit = load_train_config(DitTrainConfig, data=dit_tree(tmp_path), check_files=False)
+    assert dit.optim.lr == 1e-6
+    tree = {**dit_tree(tmp_path), "optim": {"warmup_steps": 3}}
+    dit = load_train_config(DitTrainConfig, data=tree, check_files=False)
+    assert (dit.optim.lr, dit.optim.warmup_steps) == (1e-6, 3)
+    assert load_train_config(VaeTrainConfig, data=vae_tree(tmp_path), check_files=False
+                             ).optim.lr == 1e-5  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("which", "override", "message"),
     [
