@@ -219,7 +219,11 @@ class StageConfig:
         None, "Manifest column that filters the data in this stage (None: data's own setting)."
     )
     select_top: float | None = _f(None, "Keep this top fraction by select_column (e.g. 0.05).")
-    select_ascending: bool | None = _f(None, "Rank ascending instead of descending.")
+    select_ascending: bool | None = _f(
+        None,
+        "Rank ascending instead of descending (None: descending when this stage names its own "
+        "select_column, else the data's setting).",
+    )
     t_min: float = _f(0.0, "Lowest t of this stage (after the shift).")
     t_max: float = _f(
         1.0,
@@ -229,11 +233,16 @@ class StageConfig:
     )
 
     def data_overrides(self) -> dict[str, Any]:
-        """The DataConfig fields this stage replaces."""
+        """The DataConfig fields this stage replaces. A stage that names its own column ranks it
+        descending unless it says otherwise: the data's direction belongs to the data's column
+        (the least flat first, say), not to this one."""
+        ascending = self.select_ascending
+        if ascending is None and self.select_column is not None:
+            ascending = False
         pairs = {
             "select_column": self.select_column,
             "select_top": self.select_top,
-            "select_ascending": self.select_ascending,
+            "select_ascending": ascending,
         }
         return {k: v for k, v in pairs.items() if v is not None}
 
