@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -233,6 +234,8 @@ class UltraFluxPipeline(DiffusionPipeline):
         """The pipeline's scheduler with its timesteps set, or, for a fixed ``shift``, a copy of
         it with that shift: the pipeline's own scheduler (and the config it saves) is left as it
         is, so a later call without ``shift`` shifts by resolution again."""
+        if shift is not None and not (math.isfinite(shift) and shift > 0):
+            raise ValueError(f"shift must be a positive number, got {shift}")
         sigmas = np.linspace(1.0, 1.0 / num_steps, num_steps).tolist()
         scheduler = self.scheduler
         if shift is not None:
