@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -224,19 +225,30 @@ class UltraFluxPipeline(DiffusionPipeline):
     def timesteps_for(
         self, num_steps: int, num_tokens: int, shift: float | None, device: torch.device
     ) -> torch.Tensor:
-        """Set the scheduler's timesteps: Flux sigmas, shifted by resolution or by ``shift``."""
+        """The timesteps of one sampling run: Flux sigmas, shifted by resolution or by ``shift``."""
+        return self._sampling_scheduler(num_steps, num_tokens, shift, device).timesteps
+
+    def _sampling_scheduler(
+        self, num_steps: int, num_tokens: int, shift: float | None, device: torch.device
+    ) -> FlowMatchEulerDiscreteScheduler:
+        """The pipeline's scheduler with its timesteps set, or, for a fixed ``shift``, a copy of
+        it with that shift: the pipeline's own scheduler (and the config it saves) is left as it
+        is, so a later call without ``shift`` shifts by resolution again."""
+        if shift is not None and not (math.isfinite(shift) and shift > 0):
+            raise ValueError(f"shift must be a positive number, got {shift}")
         sigmas = np.linspace(1.0, 1.0 / num_steps, num_steps).tolist()
+        scheduler = self.scheduler
         if shift is not None:
-            self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(
-                self.scheduler.config, shift=shift, use_dynamic_shifting=False
+            scheduler = FlowMatchEulerDiscreteScheduler.from_config(
+                scheduler.config, shift=shift, use_dynamic_shifting=False
             )
-            self.scheduler.set_timesteps(sigmas=sigmas, device=device)
-        elif self.scheduler.config.get("use_dynamic_shifting", False):
-            mu = resolution_shift(num_tokens, self.scheduler.config)
-            self.scheduler.set_timesteps(sigmas=sigmas, mu=mu, device=device)
+            scheduler.set_timesteps(sigmas=sigmas, device=device)
+        elif scheduler.config.get("use_dynamic_shifting", False):
+            mu = resolution_shift(num_tokens, scheduler.config)
+            scheduler.set_timesteps(sigmas=sigmas, mu=mu, device=device)
         else:
-            self.scheduler.set_timesteps(sigmas=sigmas, device=device)
-        return self.scheduler.timesteps
+            scheduler.set_timesteps(sigmas=sigmas, device=device)
+        return scheduler
 
     @torch.no_grad()
     def __call__(
@@ -309,9 +321,11 @@ class UltraFluxPipeline(DiffusionPipeline):
         if self.transformer.config.guidance_embeds:
             guidance = torch.full((batch,), guidance_scale, device=device, dtype=torch.float32)
 
-        timesteps = self.timesteps_for(num_inference_steps, num_rows * num_cols, shift, device)
-        with self.progress_bar(total=len(timesteps)) as progress:
-            for t in timesteps:
+        scheduler = self._sampling_scheduler(
+            num_inference_steps, num_rows * num_cols, shift, device
+        )
+        with self.progress_bar(total=len(scheduler.timesteps)) as progress:
+            for t in scheduler.timesteps:
                 velocity = self.transformer(
                     hidden_states=tokens_BLD,
                     timestep=(t / 1000).expand(batch).to(dtype),
@@ -322,7 +336,7 @@ class UltraFluxPipeline(DiffusionPipeline):
                     img_ids=img_ids,
                     return_dict=False,
                 )[0]
-                tokens_BLD = self.scheduler.step(velocity, t, tokens_BLD, return_dict=False)[0]
+                tokens_BLD = scheduler.step(velocity, t, tokens_BLD, return_dict=False)[0]
                 progress.update()
 
         latents = unpack_latents(tokens_BLD, num_rows, num_cols)

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipelines.arguments import at_least
+from pipelines.arguments import at_least, positive_float
 
 _DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -61,7 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="output image file (.png, .jpg, .webp, ...; replaced if it exists, atomically)",
     )
     parser.add_argument(
-        "--shift", type=float, help="fixed timestep shift (default: resolution-dependent)"
+        "--shift", type=positive_float,
+        help="fixed timestep shift (default: resolution-dependent)",
     )
     parser.add_argument(
         "--max-sequence-length", type=at_least(1), default=512, help="T5 tokens (default 512)"

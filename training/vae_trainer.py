@@ -9,9 +9,9 @@ the loss is ``1.0·L2 + 0.2·wavelet + 0.1·perceptual`` (:class:`training.losse
 adversarial term.
 
 Held-out images (``eval.images``) are centre-cropped to ``eval.size`` and reconstructed every
-``eval.every`` steps and at the end: PSNR and SSIM (pyiqa's, on [0, 1] RGB), and the LPIPS-style
-distance when the perceptual weights are configured (LPIPS-vgg proper only with ImageNet VGG16
-weights and the LPIPS heads).
+``eval.every`` steps and at the end: PSNR over the RGB channels, SSIM (pyiqa's, which measures
+the luma channel Y of YCbCr only), and the LPIPS-style distance when the perceptual weights are
+configured (LPIPS-vgg proper only with ImageNet VGG16 weights and the LPIPS heads).
 """
 
 from __future__ import annotations

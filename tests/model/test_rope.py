@@ -133,3 +133,21 @@ def test_position_embedding_of_a_5440x3072_image(method: str) -> None:
 def test_rejects_unknown_method() -> None:
     with pytest.raises(ValueError, match="unknown RoPE method"):
         axis_frequencies(56, 128, method="ntk")
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"alpha": 0.75, "beta": 1.25}, "alpha > beta"),
+        ({"train_len": 0}, "train_len must be positive"),
+        ({"max_scale": 0.5}, "max_scale"),
+    ],
+)
+def test_unusable_yarn_settings_are_refused_when_built(setting: dict, message: str) -> None:
+    """They were accepted (and saved with a model) and failed only at the first forward with an
+    axis longer than the window, hours into a run; a cap under 1 never failed but raised the
+    slow bands' frequencies (positions compressed instead of interpolated)."""
+    with pytest.raises(ValueError, match=message):
+        ResonancePosEmbed(10000.0, (16, 56, 56), **setting)
+    with pytest.raises(ValueError, match=message):
+        axis_frequencies(56, 128, method="resonance_yarn", **setting)

@@ -219,6 +219,14 @@ def test_resolution_dependent_shift(model_dir: Path) -> None:
     assert small[1] < timesteps[1]  # fewer tokens, less shift
     fixed = pipe.timesteps_for(10, num_tokens, 4.0, torch.device("cpu"))
     assert fixed[1].item() == pytest.approx(1000 * 4 * sigma / (1 + 3 * sigma), rel=1e-5)
+    # A fixed shift is for that run only: the next run without one shifts by resolution again,
+    # and the scheduler config the pipeline saves keeps its dynamic shifting.
+    assert torch.equal(pipe.timesteps_for(10, num_tokens, None, torch.device("cpu")), timesteps)
+    assert pipe.scheduler.config.use_dynamic_shifting
+    # A shift of 0 or below gave NaN or negative timesteps, and the run saved a NaN image.
+    for bad in (0.0, -1.0, math.nan):
+        with pytest.raises(ValueError, match="shift must be a positive number"):
+            pipe.timesteps_for(10, num_tokens, bad, torch.device("cpu"))
 
 
 def test_pack_unpack_round_trip() -> None:
@@ -270,6 +278,10 @@ def test_size_argument_is_validated() -> None:
     with pytest.raises(SystemExit):
         cli(["--model", "m", "--out", "o.png", "--size", "5440x3000"])
     assert generate.parse_size("6336x2624") == (6336, 2624)
+    for bad in ("0", "-2", "nan", "fast"):
+        with pytest.raises(SystemExit):
+            cli(["--model", "m", "--out", "o.png", "--shift", bad])
+    assert cli(["--model", "m", "--out", "o.png", "--shift", "3"]).shift == 3.0
 
 
 def test_a_bad_output_or_count_is_refused_before_the_models_load(

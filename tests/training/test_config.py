@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 
 import pytest
 
-from training.config import DitTrainConfig, TrainConfigError, VaeTrainConfig, load_train_config
+from training.config import (
+    DitTrainConfig,
+    StageConfig,
+    TrainConfigError,
+    VaeTrainConfig,
+    load_train_config,
+)
 from training.tiny import TINY_DIT, TINY_VAE
 
 
@@ -41,6 +48,43 @@ def test_overrides_leave_the_callers_mapping_alone(tmp_path: Path) -> None:
     assert (cfg.loop.max_steps, cfg.optim.lr) == (5, 1e-4)
     assert tree == before
     assert load_train_config(DitTrainConfig, data=tree, check_files=False).loop.max_steps == 2
+
+
+def test_a_stage_ranks_its_own_column_descending_unless_told(tmp_path: Path) -> None:
+    """The stage-2 filter (top 5% by aesthetic) took the data's direction, meant for the data's
+    own column: with the data ranked ascending (the least flat), the stage trained on the 5%
+    *least* aesthetic images."""
+    tree = dit_tree(tmp_path)
+    tree["data"].update(select_column="flat_fraction", select_top=0.5, select_ascending=True)
+    tree["stages"] = [
+        {"name": "all", "steps": 1},
+        {"name": "top", "steps": 1, "select_column": "aesthetic", "select_top": 0.05},
+        {"name": "low", "steps": 1, "select_column": "aesthetic", "select_top": 0.05,
+         "select_ascending": True},
+    ]  # fmt: skip
+    tree["loop"]["max_steps"] = 3
+    cfg = load_train_config(DitTrainConfig, data=tree, check_files=False)
+    data = [dataclasses.replace(cfg.data, **st.data_overrides()) for st in cfg.stages]
+    got = [(d.select_column, d.select_top, d.select_ascending) for d in data]
+    assert got == [
+        ("flat_fraction", 0.5, True),  # no filter of its own: the data's
+        ("aesthetic", 0.05, False),
+        ("aesthetic", 0.05, True),
+    ]
+    assert StageConfig(select_ascending=True).data_overrides() == {"select_ascending": True}
+
+
+def test_learning_rate_defaults_are_the_papers(tmp_path: Path) -> None:
+    """UltraFlux fine-tunes the DiT at 1e-6 and post-trains the VAE decoder at 1e-5; train-dit
+    defaulted to the VAE's 1e-5, ten times the paper's DiT rate, also when `optim:` is given
+    without `lr`."""
+    dit = load_train_config(DitTrainConfig, data=dit_tree(tmp_path), check_files=False)
+    assert dit.optim.lr == 1e-6
+    tree = {**dit_tree(tmp_path), "optim": {"warmup_steps": 3}}
+    dit = load_train_config(DitTrainConfig, data=tree, check_files=False)
+    assert (dit.optim.lr, dit.optim.warmup_steps) == (1e-6, 3)
+    assert load_train_config(VaeTrainConfig, data=vae_tree(tmp_path), check_files=False
+                             ).optim.lr == 1e-5  # fmt: skip
 
 
 @pytest.mark.parametrize(
