@@ -138,6 +138,14 @@ class DitModelConfig:
         "pretrained folder is given), e.g. a tiny model for tests or a reduced-depth benchmark.",
     )
     vae: str = _f("", "F16 (or F8, converted) VAE folder in diffusers layout; frozen.")
+    rope_method: str | None = _f(
+        None,
+        "The DiT's position method (model.rope.ROPE_METHODS). None: the folder's (or the "
+        "architecture's) own; a transformer folder without RoPE keys (plain Flux, or UltraFlux "
+        "as released) gets the paper's 'resonance_yarn'. 'ultraflux_released' fine-tunes "
+        "UltraFlux's released weights with the RoPE their inference code applies (what "
+        "`native4k generate` runs for such a folder).",
+    )
     guidance_scale: float = _f(
         1.0, "Embedded guidance value fed during training (models with guidance_embeds)."
     )
@@ -272,6 +280,11 @@ class DitTrainConfig:
         )
         _check(bool(m.vae), "model.vae", "is required: the F16 VAE folder that encodes pixels")
         _check_attention_backend(m.attention_backend)
+        if m.rope_method is not None:
+            from model.rope import ROPE_METHODS
+
+            _check(m.rope_method in ROPE_METHODS, "model.rope_method",
+                   f"must be one of {', '.join(ROPE_METHODS)}")
         _check(tx.max_sequence_length > 0, "text.max_sequence_length", "must be positive")
         _check(0 <= tx.caption_dropout < 1, "text.caption_dropout", "must be in [0, 1)")
         if tx.source == "cache":

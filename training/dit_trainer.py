@@ -31,7 +31,7 @@ from torch import nn
 from model.pipeline import image_ids, pack_latents, resolution_shift, unpack_latents
 from model.transformer import UltraFluxTransformer2DModel
 from model.vae import AutoencoderKLF16
-from training.config import DitTrainConfig, TimestepConfig
+from training.config import DitModelConfig, DitTrainConfig, TimestepConfig
 from training.losses import flow_matching_loss, snr_huber_wavelet_loss
 from training.parallel import DistInfo, transformer_blocks
 from training.trainer import StepOutput, Trainer
@@ -130,6 +130,21 @@ def contiguous_attention_grads(transformer: nn.Module) -> int:
     return len(blocks)
 
 
+def dit_transformer(m: DitModelConfig, device: torch.device) -> UltraFluxTransformer2DModel:
+    """The DiT to train: `m.pretrained`'s, or a random one of `m.architecture` made on
+    `device`, switched to `m.rope_method` when that is set."""
+    if m.pretrained is not None:
+        transformer = UltraFluxTransformer2DModel.from_pretrained(m.pretrained)
+    else:
+        # Initialised where it trains: on the host, a 12 B model's fp32 init would take
+        # 48 GB on every rank before FSDP shards it, and ~2 minutes on 2 cores (1.3 B: 13 s).
+        with torch.device(device):
+            transformer = UltraFluxTransformer2DModel(**m.architecture)
+    if m.rope_method is not None:
+        transformer.set_rope_method(m.rope_method)
+    return transformer
+
+
 class DitTask:
     """The DiT side of the shared trainer (see the module docstring).
 
@@ -164,13 +179,7 @@ class DitTask:
         cfg, dev = self.cfg, info.device
         self.device = dev
         compute_dtype = torch.bfloat16 if cfg.loop.mixed_precision == "bf16" else torch.float32
-        if cfg.model.pretrained is not None:
-            self.transformer = UltraFluxTransformer2DModel.from_pretrained(cfg.model.pretrained)
-        else:
-            # Initialised where it trains: on the host, a 12 B model's fp32 init would take
-            # 48 GB on every rank before FSDP shards it, and ~2 minutes on 2 cores (1.3 B: 13 s).
-            with torch.device(dev):
-                self.transformer = UltraFluxTransformer2DModel(**cfg.model.architecture)
+        self.transformer = dit_transformer(cfg.model, dev)
         self.transformer.to(dev).train()
         if dev.type == "cuda":
             # SDPA picks cuDNN's kernel by itself at 4K shapes (torch 2.11), and that kernel

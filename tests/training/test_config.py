@@ -143,3 +143,41 @@ def test_a_resume_folder_that_is_no_complete_checkpoint_is_refused(
                         (partial, "save did not finish")):  # fmt: skip
         with pytest.raises(TrainConfigError, match=rf"'loop.resume': .*{why}"):
             load_train_config(cls, data=tree, overrides=[f"loop.resume={folder}"])
+
+
+def test_the_rope_method_of_a_fine_tune_is_one_setting(tmp_path) -> None:
+    """A transformer folder without RoPE keys (as UltraFlux and Flux are released) trains with
+    the paper's method unless `model.rope_method` names another, which its export keeps; an
+    unknown name is refused up front."""
+    import json
+
+    import torch
+
+    from model.transformer import UltraFluxTransformer2DModel
+    from training.config import DitModelConfig, DitTrainConfig, TrainConfigError, load_train_config
+    from training.dit_trainer import dit_transformer
+    from training.tiny import TINY_DIT
+
+    folder = tmp_path / "released"
+    UltraFluxTransformer2DModel(**TINY_DIT).save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    released = {k: v for k, v in config.items() if not k.startswith("rope_")}
+    (folder / "config.json").write_text(json.dumps(released))
+    cpu = torch.device("cpu")
+    as_paper = dit_transformer(DitModelConfig(pretrained=str(folder)), cpu)
+    assert as_paper.pos_embed.method == "resonance_yarn"
+    chosen = dit_transformer(
+        DitModelConfig(pretrained=str(folder), rope_method="ultraflux_released"), cpu
+    )
+    assert chosen.pos_embed.method == "ultraflux_released"
+    chosen.save_pretrained(tmp_path / "export")
+    again = UltraFluxTransformer2DModel.from_pretrained(tmp_path / "export")
+    assert again.pos_embed.method == "ultraflux_released"
+    random = dit_transformer(DitModelConfig(architecture=TINY_DIT, rope_method="base"), cpu)
+    assert random.pos_embed.method == "base"
+    with pytest.raises(TrainConfigError, match=r"model\.rope_method"):
+        load_train_config(DitTrainConfig, check_files=False, data={
+            "data": {"root": str(tmp_path)},
+            "model": {"pretrained": str(folder), "vae": str(tmp_path), "rope_method": "ntk"},
+            "text": {"source": "encoders", "encoders": str(tmp_path)},
+        })  # fmt: skip
