@@ -68,6 +68,17 @@ def _run_training(args: argparse.Namespace, which: str) -> int:
         return 130
     import torch.distributed as dist
 
+    if result.stopped_by:
+        import signal
+
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"native4k train-{which}: stopped by {result.stopped_by} after step "
+                  f"{result.step}; rerun the same command to resume from {result.checkpoint}",
+                  file=sys.stderr)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        name = result.stopped_by if result.stopped_by in signal.Signals.__members__ else "SIGTERM"
+        return 128 + signal.Signals[name].value  # as if the signal had ended the process
     if not dist.is_initialized() or dist.get_rank() == 0:
         last = f"{result.losses[-1]:.5g}" if result.losses else "n/a"
         print(f"native4k train-{which}: {result.step} steps, last loss {last}")

@@ -5,6 +5,8 @@ A :class:`TrainTask` knows its models, its loader per curriculum stage and its l
 parallelisation order (:mod:`training.parallel`), AdamW with warm-up and decay, bf16 autocast,
 gradient accumulation and clipping, an fp32 EMA of the trained weights, TensorBoard scalars, a
 progress bar with images/s and tokens/s, and resumable checkpoints (:mod:`training.checkpoint`).
+A stop signal (`STOP_SIGNALS`: a cluster's preemption or time limit) ends the run after the
+step in progress, with a checkpoint of that step, on every rank at the same step.
 
 Random numbers drawn by a task (noise, timesteps, caption dropout, latent samples) come from the
 trainer's own generator (one per rank, seeded from ``loop.seed`` and the rank) and the loader's
@@ -15,7 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -38,6 +43,35 @@ from training.parallel import (
     parallelize,
     unwrap,
 )
+
+STOP_SIGNALS: tuple[str, ...] = ("SIGTERM", "SIGUSR1")
+"""Signals after which a run checkpoints the step in progress and stops: what Kubernetes, torchrun
+and Slurm send on preemption or at the end of a job's time (Slurm: `--signal=USR1@120`)."""
+
+
+@contextlib.contextmanager
+def stop_requests() -> Iterator[list[str]]:
+    """While open, `STOP_SIGNALS` are recorded (by name, in the list it yields) instead of
+    ending the process; the earlier handlers come back when it closes. Off the main thread,
+    where Python cannot handle signals, nothing is recorded."""
+    got: list[str] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield got
+        return
+    previous: dict[int, Any] = {}
+
+    def record(signum: int, frame: Any) -> None:
+        got.append(signal.Signals(signum).name)
+
+    for name in STOP_SIGNALS:
+        sig = getattr(signal, name, None)
+        if sig is not None:
+            previous[sig] = signal.signal(sig, record)
+    try:
+        yield got
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 @dataclass
@@ -108,6 +142,8 @@ class TrainResult:
     checkpoint: Path | None
     export: Path | None
     metrics: dict[str, float] = field(default_factory=dict)
+    stopped_by: str = ""
+    """The stop signal (`STOP_SIGNALS`) that ended the run early, checkpointed; "" if none."""
 
 
 class Trainer:
@@ -383,61 +419,78 @@ class Trainer:
         losses: list[float] = []
         last_ckpt: Path | None = None
         window_t0, window_images, window_tokens = time.perf_counter(), 0, 0
-        while step < end:
-            new_stage = self._stage_of(step)
-            if new_stage != stage:
-                stage = new_stage
-                loader = self.loaders[stage]
-                batches = iter(loader)
-                if info.is_main:
-                    print(f"{self.task.name}: stage {self.task.stage_name(stage)}", flush=True)
-            step_loss, grad_norm, metrics, images, tokens = self.train_step(next_batch, stage)
-            step += 1
-            mean_loss = all_reduce_mean(step_loss, info.device)
-            losses.append(mean_loss)
-            window_images += images * info.world_size
-            window_tokens += tokens * info.world_size
-            if not math.isfinite(mean_loss):
-                raise FloatingPointError(f"{self.task.name}: loss is {mean_loss} at step {step}")
-            if step % loop.log_every == 0 or step == end:
-                dt = time.perf_counter() - window_t0
-                rates = {"images_per_s": window_images / dt, "tokens_per_s": window_tokens / dt}
-                self._log(step, mean_loss, grad_norm, {**metrics, **rates}, stage)
-                if progress is not None:
-                    progress.set_postfix(
-                        loss=f"{mean_loss:.4g}",
-                        img_s=f"{rates['images_per_s']:.2f}",
-                        tok_s=f"{rates['tokens_per_s']:.3g}",
+        stopped_by = ""
+        with stop_requests() as stops:
+            while step < end:
+                new_stage = self._stage_of(step)
+                if new_stage != stage:
+                    stage = new_stage
+                    loader = self.loaders[stage]
+                    batches = iter(loader)
+                    if info.is_main:
+                        print(f"{self.task.name}: stage {self.task.stage_name(stage)}", flush=True)
+                step_loss, grad_norm, metrics, images, tokens = self.train_step(next_batch, stage)
+                step += 1
+                mean_loss = all_reduce_mean(step_loss, info.device)
+                losses.append(mean_loss)
+                window_images += images * info.world_size
+                window_tokens += tokens * info.world_size
+                if not math.isfinite(mean_loss):
+                    raise FloatingPointError(
+                        f"{self.task.name}: loss is {mean_loss} at step {step}"
                     )
-                window_t0, window_images, window_tokens = time.perf_counter(), 0, 0
-            if progress is not None:
-                progress.update(1)
-            eval_every = getattr(self.task, "eval_every", 0)
-            if eval_every and step % eval_every == 0 and step < self.total_steps:
-                scores = self._evaluate(step)
-                self._log_scalars(step, {f"eval/{k}": v for k, v in scores.items()})
-            if (loop.checkpoint_every and step % loop.checkpoint_every == 0) or step == end:
-                last_ckpt = save_checkpoint(
-                    loop.output_dir,
-                    step,
-                    model=self.model,
-                    optimizer=self.optimizer,
-                    ema=self.ema,
-                    rank_state={
-                        "step": step,
-                        "epoch": epoch,
-                        "stage": stage,
-                        "micro_batches": self.micro_batches,
-                        "scheduler": self.scheduler.state_dict(),
-                        "loader": loader.state_dict(),
-                    },
-                    rng_state=self._rng_state(),
-                    info=info,
-                    keep=loop.keep_checkpoints,
-                )
+                if step % loop.log_every == 0 or step == end:
+                    dt = time.perf_counter() - window_t0
+                    rates = {"images_per_s": window_images / dt, "tokens_per_s": window_tokens / dt}
+                    self._log(step, mean_loss, grad_norm, {**metrics, **rates}, stage)
+                    if progress is not None:
+                        progress.set_postfix(
+                            loss=f"{mean_loss:.4g}",
+                            img_s=f"{rates['images_per_s']:.2f}",
+                            tok_s=f"{rates['tokens_per_s']:.3g}",
+                        )
+                    window_t0, window_images, window_tokens = time.perf_counter(), 0, 0
+                if progress is not None:
+                    progress.update(1)
+                eval_every = getattr(self.task, "eval_every", 0)
+                if eval_every and step % eval_every == 0 and step < self.total_steps:
+                    scores = self._evaluate(step)
+                    self._log_scalars(step, {f"eval/{k}": v for k, v in scores.items()})
+                # Every rank must stop at the same step: one of them was signalled, all stop.
+                stop = step < end and all_reduce_mean(float(bool(stops)), info.device) > 0
+                if (
+                    (loop.checkpoint_every and step % loop.checkpoint_every == 0)
+                    or step == end
+                    or stop
+                ):
+                    last_ckpt = save_checkpoint(
+                        loop.output_dir,
+                        step,
+                        model=self.model,
+                        optimizer=self.optimizer,
+                        ema=self.ema,
+                        rank_state={
+                            "step": step,
+                            "epoch": epoch,
+                            "stage": stage,
+                            "micro_batches": self.micro_batches,
+                            "scheduler": self.scheduler.state_dict(),
+                            "loader": loader.state_dict(),
+                        },
+                        rng_state=self._rng_state(),
+                        info=info,
+                        keep=loop.keep_checkpoints,
+                    )
+                if stop:
+                    stopped_by = stops[0] if stops else "a stop signal to another rank"
+                    if info.is_main:
+                        print(f"{self.task.name}: {stopped_by}: stopped after step {step}, "
+                              f"checkpoint {last_ckpt}", flush=True)
+                    break
         if progress is not None:
             progress.close()
-        result = TrainResult(step=step, losses=losses, checkpoint=last_ckpt, export=None)
+        result = TrainResult(step=step, losses=losses, checkpoint=last_ckpt, export=None,
+                             stopped_by=stopped_by)
         if step >= self.total_steps:
             result.metrics = self._evaluate(step)
             if result.metrics:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -204,3 +206,39 @@ def test_loop_device_cuda_without_a_gpu_is_a_one_line_user_error(tmp_path: Path)
     traceback."""
     with pytest.raises(ValueError, match=r"'loop.device' is 'cuda' but no CUDA device"):
         run(tmp_path, device="cuda")
+
+
+class SignalAt(Batches):
+    """`Batches` that sends this process `signum` as it hands out batch `at` (a preemption)."""
+
+    def __init__(self, at: int, signum: int) -> None:
+        super().__init__()
+        self.at, self.signum = at, signum
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            if self.pos == self.at:
+                os.kill(os.getpid(), self.signum)
+            yield batch
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGUSR1"])
+def test_a_stop_signal_checkpoints_the_step_in_progress_and_a_rerun_resumes(
+    tmp_path: Path, monkeypatch, name: str
+) -> None:
+    """A cluster's preemption (SIGTERM) or time limit (Slurm's SIGUSR1) killed the process,
+    losing every step since the last checkpoint; now the run finishes the step in progress,
+    checkpoints it and stops, and a rerun trains on exactly as an uninterrupted run does."""
+    signum = getattr(signal, name)
+    before = signal.getsignal(signum)
+    full, _task = run(tmp_path / "full", checkpoint_every=100)
+    monkeypatch.setattr(ToyTask, "make_loader", lambda self, stage, info: SignalAt(3, signum))
+    stopped, _task = run(tmp_path / "out", checkpoint_every=100)
+    assert stopped.stopped_by == name and stopped.step == 3
+    assert stopped.checkpoint == tmp_path / "out" / "checkpoints" / "step-00000003"
+    assert stopped.export is None and stopped.losses == full.losses[:3]
+    assert signal.getsignal(signum) == before  # the handler is the process's again
+    monkeypatch.undo()
+    resumed, task = run(tmp_path / "out", checkpoint_every=100)
+    assert resumed.stopped_by == "" and resumed.losses == full.losses[3:]
+    assert task.exported

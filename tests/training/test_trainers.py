@@ -739,3 +739,52 @@ def test_train_demo_runs_again(curated_shards: Path, tmp_path: Path, capsys) -> 
     for _ in range(2):
         assert train_demo.main(argv) == 0
         assert "native4k train-dit: 8 steps" in capsys.readouterr().out
+
+
+def test_sigterm_to_torchrun_checkpoints_both_ranks_at_one_step(
+    curated_shards: Path, parts: dict, tmp_path: Path
+) -> None:
+    """A preempted `torchrun` job (SIGTERM to the launcher, which passes it to every rank)
+    lost every step since its last checkpoint; now both ranks stop after the same step, save
+    it, and exit 143; a rerun resumes from it."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "run"
+    tree = dit_config(curated_shards, parts, out, loop={
+        "max_steps": 10_000, "tensorboard": False, "checkpoint_every": 0, "record_samples": True,
+    }, parallel={"strategy": "fsdp"})  # fmt: skip
+    tree["data"]["small_buckets"] = "pad"
+    config = tmp_path / "dit.yaml"
+    config.write_text(yaml.safe_dump(tree))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-port", str(port), "-m", "pipelines.cli", "train-dit", "--config",
+           str(config)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)  # fmt: skip
+    record = out / "samples-rank0.txt"
+    deadline = time.monotonic() + 300
+    while not (record.is_file() and len(record.read_text().splitlines()) >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    saved = sorted((out / "checkpoints").iterdir())
+    assert len(saved) == 1, (saved, stderr[-3000:])
+    step = json.loads((saved[0] / "rank0.json").read_text())["step"]
+    states = [json.loads((saved[0] / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [s["step"] for s in states] == [step, step] and 2 <= step < 10_000
+    assert f"stopped by SIGTERM after step {step}" in stderr
+    # The rerun resumes there (and is told to stop one step later).
+    done = subprocess.run([*cmd, "--set", f"loop.max_steps={step + 1}"], capture_output=True,
+                          text=True, env=env, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"at step {step}" in done.stdout and f"train-dit: {step + 1} steps" in done.stdout
