@@ -187,6 +187,11 @@ class ModelsConfig:
     nudenet_weights: str = _f(
         "", "Another nudenet ONNX file (e.g. 640m.onnx); empty: the 320n model in the wheel."
     )
+    nudenet_resolution: int = _f(
+        320,
+        "Side (px) nudenet's detector runs at: 320 for the wheel's 320n model, 640 for its 640m "
+        "model (which then needs analyze.thumbnail_size >= 640: it sees the thumbnail).",
+    )
     pyiqa_weights: str = _f(
         "",
         "Local weight file for score.quality_metric (every pyiqa metric but piqe and entropy "
@@ -408,9 +413,16 @@ class JobConfig:
             (c.batch_size >= 1, "caption.batch_size", "must be at least 1"),
             (c.max_new_tokens >= 1, "caption.max_new_tokens", "must be at least 1"),
             (
-                8 <= s.quality_size <= max(thumbs, 8),
+                s.quality_size >= 8 and (s.quality_size <= thumbs or not uses_thumbs),
                 "score.quality_size",
                 "must be in [8, analyze.thumbnail_size] (the metric sees the thumbnail)",
+            ),
+            (
+                m.nudenet_resolution % 32 == 0 and m.nudenet_resolution >= 32
+                and (m.nudenet_resolution <= thumbs or not uses_thumbs),
+                "models.nudenet_resolution",
+                "must be a multiple of 32 in [32, analyze.thumbnail_size] (the detector sees the "
+                "thumbnail)",
             ),
             (0 < s.quality_top_share <= 1, "score.quality_top_share", "must be in (0, 1]"),
             (0 < s.aesthetic_top_share <= 1, "score.aesthetic_top_share", "must be in (0, 1]"),

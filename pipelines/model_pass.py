@@ -853,6 +853,7 @@ def model_chain(cfg: JobConfig, plan: ModelPlan) -> list[tuple[type[Stage], dict
                 NudeNetDetector,
                 {
                     "weights": m.nudenet_weights,
+                    "resolution": m.nudenet_resolution,
                     "person": plan.nudenet_person,
                     "safety": plan.nudenet_safety,
                     "character_threshold": s.character_threshold,

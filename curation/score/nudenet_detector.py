@@ -67,6 +67,9 @@ class NudeNetDetector(Stage):
     reads: ClassVar[tuple[str, ...]] = (schema.THUMBNAIL,)
     writes: ClassVar[tuple[str, ...]] = (schema.PERSON_SCORE, schema.CHARACTER, schema.NSFW)
     weights: str = ""
+    resolution: int = 320
+    """Side the detector runs at (nudenet's `inference_resolution`: 320 for 320n, 640 for
+    640m)."""
     person: bool = True
     safety: bool = True
     character_threshold: float = 0.5
@@ -85,7 +88,7 @@ class NudeNetDetector(Stage):
         options.intra_op_num_threads = 1
         options.inter_op_num_threads = 1
         try:
-            detector = NudeDetector(model_path=path)
+            detector = NudeDetector(model_path=path, inference_resolution=self.resolution)
             detector.onnx_session = onnxruntime.InferenceSession(
                 path, sess_options=options, providers=providers
             )

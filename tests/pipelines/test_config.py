@@ -40,6 +40,9 @@ def test_yaml_and_overrides_apply(tmp_path):
         # a placeholder the captioner cannot fill failed the job in its last model stage
         ("caption:\n  hint_template: '{prompt} Caption: {caption}'\n", "caption.hint_template"),
         ("caption:\n  hint_template: '{prompt} {0}'\n", "caption.hint_template"),
+        # nudenet's 640m model at 640 px needs thumbnails that large; its side is on the grid
+        ("models:\n  nudenet_resolution: 640\n", "models.nudenet_resolution"),
+        ("models:\n  nudenet_resolution: 300\n", "models.nudenet_resolution"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path, text, key):
@@ -99,3 +102,12 @@ def test_an_override_that_is_not_yaml_is_its_text():
     assert cfg.caption.hint_template == template
     with pytest.raises(ConfigError, match=r"'score\.batch_size' must be an integer"):
         load_config(overrides=["score.batch_size={oops"])
+
+
+def test_a_job_without_models_needs_no_thumbnail_sizes():
+    """`score.enabled=false` with `analyze.thumbnail_size=0` (no model, no thumbnail) was
+    refused because the unused score.quality_size was larger than the thumbnails."""
+    cfg = load_config(None, ["score.enabled=false", "analyze.thumbnail_size=0"])
+    assert cfg.analyze.thumbnail_size == 0
+    big = load_config(None, ["analyze.thumbnail_size=640", "models.nudenet_resolution=640"])
+    assert big.models.nudenet_resolution == 640

@@ -27,6 +27,16 @@ def test_a_face_makes_a_character_and_landscapes_do_not(real_thumbnails):
     assert out[schema.NSFW].to_pylist()[:-1] == [0.0] * (len(thumbs) - 1)
 
 
+def test_the_detector_runs_at_the_resolution_asked(real_thumbnails):
+    """nudenet's 640m model runs at 640 px (`models.nudenet_resolution`); every model ran at
+    320, nudenet's default, whatever weights were given."""
+    thumb = decode(_astronaut(), 1, 640)[1]
+    stage = NudeNetDetector(resolution=640)
+    out = stage({schema.SOURCE: ["a"], schema.THUMBNAIL: [thumb]})
+    assert stage._detector.input_width == stage._detector.input_height == 640
+    assert out[schema.CHARACTER][0].as_py() is True  # the face is still found
+
+
 def test_only_the_asked_columns_are_written(real_thumbnails):
     out = NudeNetDetector(person=False)({schema.THUMBNAIL: real_thumbnails[:1]})
     assert schema.NSFW in out.column_names and schema.PERSON_SCORE not in out.column_names
