@@ -39,6 +39,7 @@ from curation import schema
 from curation.analyze.native import CODECS, TESTS
 from curation.io.atomic import atomic_write, is_local, join
 from curation.io.listing import local_path, split_tar_source
+from curation.probe.header_probe import allow_png_text
 from pipelines.stats import finished_fs, inputs_text, job_stats, read_manifest, score_columns
 
 THUMB_SIDE = 240
@@ -190,6 +191,7 @@ def open_reduced(data: bytes, side: int, max_pixels: int | None = None) -> Any:
     """
     from PIL import Image
 
+    allow_png_text()
     im = Image.open(io.BytesIO(data))
     if max_pixels is not None and im.size[0] * im.size[1] > max_pixels:
         raise ValueError(f"{im.size[0]}x{im.size[1]} is over the decode cap")

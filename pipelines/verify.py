@@ -38,6 +38,7 @@ import pyarrow.compute as pc
 
 from curation import schema
 from curation.io.atomic import join
+from curation.probe.header_probe import allow_png_text
 from pipelines.stats import manifest_files
 
 KEY_RE = re.compile(r"^[0-9a-z_-]+$")
@@ -116,6 +117,7 @@ def _same(a: Any, b: Any) -> bool:
 def _decoded_size(data: bytes) -> tuple[int, int]:
     from PIL import Image
 
+    allow_png_text()
     with Image.open(io.BytesIO(data)) as im:
         im.load()
         return im.size

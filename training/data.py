@@ -59,7 +59,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 log = logging.getLogger(__name__)
 
@@ -924,6 +924,12 @@ _ORIENT = {
     7: _T.TRANSVERSE,
     8: _T.ROTATE_90,
 }
+
+
+# PNG text chunks (XMP, a generator's metadata) are read up to 64 MB each, as curation reads
+# them: Pillow's own 1 MB cap made a kept PNG with a larger chunk undecodable here.
+PNG_TEXT_BYTES = 64 * 2**20
+PngImagePlugin.MAX_TEXT_CHUNK = max(PngImagePlugin.MAX_TEXT_CHUNK, PNG_TEXT_BYTES)
 
 
 def _open(data: bytes, name: str, orientation: int | None = None) -> tuple[Image.Image, int]:

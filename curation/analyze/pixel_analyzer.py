@@ -20,6 +20,7 @@ from curation.analyze.native import native_score
 from curation.analyze.sharpness import sharpness_score
 from curation.analyze.texture import flat_fraction, gray_entropy
 from curation.base import Stage, column, pending_mask, set_columns
+from curation.probe.header_probe import allow_png_text
 from curation.threshold_filter import Rule
 
 _TRANSPOSE = {
@@ -552,6 +553,7 @@ class PixelAnalyzer(Stage):
 
     def setup(self) -> None:
         Image.MAX_IMAGE_PIXELS = None  # the header filter already capped the size
+        allow_png_text()  # as the probe read it
         Image.core.set_block_size(PILLOW_BLOCK_BYTES)  # one block per image: no-copy export
         reuse_freed_memory()
         cv2.setNumThreads(1)  # one CPU per task, as declared

@@ -29,6 +29,21 @@ EXTENSIONS = {
 }
 """Shard member extension for each format (the bytes are stored unchanged)."""
 
+PNG_TEXT_BYTES = 64 * 2**20
+"""Largest decompressed PNG text chunk (XMP, ICC-like or a generator's metadata) read. Pillow's
+own cap is 1 MB, which made such PNGs undecodable; its 64 MB cap on all of a file's text
+stays (a compressed chunk cannot expand without bound)."""
+
+
+def allow_png_text() -> None:
+    """Let Pillow read PNG text chunks up to `PNG_TEXT_BYTES` (process-wide; idempotent)."""
+    from PIL import PngImagePlugin
+
+    PngImagePlugin.MAX_TEXT_CHUNK = max(PngImagePlugin.MAX_TEXT_CHUNK, PNG_TEXT_BYTES)
+
+
+allow_png_text()
+
 ROTATING_ORIENTATIONS = (5, 6, 7, 8)
 EXIF_ORIENTATION_TAG = 0x0112
 SELF_ORIENTING_FORMATS = ("tiff",)

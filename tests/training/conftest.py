@@ -20,7 +20,8 @@ CAPTION = "A small procedural scene, landscape."
 
 
 def write_inputs(folder: Path) -> None:
-    """Eleven keepable images over four buckets, with a caption, CMYK, 16-bit and EXIF cases."""
+    """Eleven keepable images over four buckets, with a caption, CMYK, 16-bit (with a large
+    text chunk) and EXIF cases."""
     from pipelines.samples import _gray16_png, encode, render
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -33,12 +34,26 @@ def write_inputs(folder: Path) -> None:
         (folder / f"port_{i}.jpg").write_bytes(
             encode(render(720, 1280, 7100 + i), "JPEG", quality=95)
         )
-    (folder / "square_gray16.png").write_bytes(_gray16_png(render(1024, 1024, 7200)))
+    # ...whose metadata is a 2 MB compressed text chunk (over Pillow's 1 MB default cap)
+    png = _with_text_chunk(_gray16_png(render(1024, 1024, 7200)), 2_000_000)
+    (folder / "square_gray16.png").write_bytes(png)
     exif = Image.Exif()
     exif[0x0112] = 6  # stored 1280x854, displayed 854x1280
     (folder / "rotated.jpg").write_bytes(
         encode(render(1280, 854, 7300), "JPEG", quality=95, exif=exif)
     )
+
+
+def _with_text_chunk(png: bytes, size: int) -> bytes:
+    """`png` with a zTXt chunk of `size` bytes of text (compressed) after its header."""
+    import struct
+    import zlib
+
+    body = b"XML:com.adobe.xmp\0\0" + zlib.compress(b"<x:xmpmeta/> " * (size // 13))
+    chunk = struct.pack(">I", len(body)) + b"zTXt" + body
+    chunk += struct.pack(">I", zlib.crc32(b"zTXt" + body))
+    end_of_ihdr = 8 + 4 + 4 + 13 + 4
+    return png[:end_of_ihdr] + chunk + png[end_of_ihdr:]
 
 
 def _cmyk(rgb) -> bytes:
