@@ -57,6 +57,23 @@ def timestep_shift(num_tokens: int, cfg: TimestepConfig) -> float:
     return math.exp(mu)
 
 
+def sampling_schedule(cfg: TimestepConfig) -> dict[str, Any]:
+    """`FlowMatchEulerDiscreteScheduler` settings whose sampling sigmas are shifted as training
+    shifted ``t`` (`timestep_shift`): Flux's dynamic shifting through the same points for
+    ``resolution``, else its fixed ``shift`` (1: none). FLUX.1-dev's other settings."""
+    points = {
+        "num_train_timesteps": 1000,
+        "base_image_seq_len": cfg.base_image_seq_len,
+        "max_image_seq_len": cfg.max_image_seq_len,
+        "base_shift": cfg.base_shift,
+        "max_shift": cfg.max_shift,
+    }
+    if cfg.shift == "resolution":
+        return {**points, "use_dynamic_shifting": True, "shift": 3.0}
+    return {**points, "use_dynamic_shifting": False,
+            "shift": cfg.fixed_shift if cfg.shift == "fixed" else 1.0}
+
+
 def sample_timesteps(
     num: int,
     num_tokens: int,
@@ -420,8 +437,13 @@ class DitTask:
         return {}
 
     def export(self, state_dict: dict[str, torch.Tensor], folder: Path) -> None:
-        """Save the transformer in diffusers layout (``folder/transformer``)."""
+        """Save the transformer in diffusers layout (``folder/transformer``) and the scheduler
+        that samples with the timestep shift it trained with (``folder/scheduler``)."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
         save_diffusers(self.transformer, state_dict, folder / "transformer")
+        scheduler = FlowMatchEulerDiscreteScheduler(**sampling_schedule(self.cfg.timesteps))
+        scheduler.save_pretrained(folder / "scheduler")
 
 
 def save_diffusers(model: Any, state_dict: dict[str, torch.Tensor], folder: Path) -> None:

@@ -137,6 +137,7 @@ def test_dit_curriculum_run_and_bit_identical_resume(
 
     exported = UltraFluxTransformer2DModel.from_pretrained(full.export / "transformer")
     assert exported.config.num_layers == TINY_DIT["num_layers"]
+    assert (full.export / "scheduler" / "scheduler_config.json").is_file()
 
     # Interrupted after step 4 (a checkpoint in the middle of stage 2), then resumed.
     tree_b = {**tree_a, "loop": {**tree_a["loop"], "output_dir": str(tmp_path / "b")}}
@@ -654,6 +655,35 @@ def test_timesteps_stay_in_band(tokens, band, dist, seed) -> None:
                          device=torch.device("cpu"))  # fmt: skip
     assert t.shape == (256,) and t.dtype == torch.float32
     assert (t >= max(band[0], cfg.eps)).all() and (t <= min(band[1], 1 - cfg.eps)).all()
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    shift=st.sampled_from(["resolution", "fixed", "none"]),
+    fixed=st.floats(0.5, 8.0),
+    points=st.tuples(st.floats(0.0, 1.0), st.floats(1.0, 2.0)),
+    tokens=st.sampled_from([256, 1024, 4096, 16384, 21_000]),
+)
+def test_the_exported_scheduler_samples_with_the_training_shift(shift, fixed, points, tokens):
+    """`native4k generate` on an export's scheduler/ shifts its sigmas as training shifted t
+    (the export held no scheduler: sampling used whatever folder the user copied)."""
+    import types
+
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from model.pipeline import UltraFluxPipeline
+    from training.dit_trainer import sampling_schedule
+
+    cfg = TimestepConfig(shift=shift, fixed_shift=fixed, base_shift=points[0],
+                         max_shift=points[1])  # fmt: skip
+    scheduler = FlowMatchEulerDiscreteScheduler(**sampling_schedule(cfg))
+    pipe = types.SimpleNamespace(scheduler=scheduler)  # what the pipeline's sampling reads
+    steps = 8
+    ran = UltraFluxPipeline._sampling_scheduler(pipe, steps, tokens, None, torch.device("cpu"))
+    s = timestep_shift(tokens, cfg)
+    base = torch.linspace(1.0, 1.0 / steps, steps, dtype=torch.float64)
+    expected = s * base / (1 + (s - 1) * base)
+    assert torch.allclose(ran.sigmas[:steps].double(), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_resolution_shift_moves_timesteps_to_noise() -> None:
