@@ -39,6 +39,7 @@ import pyarrow.compute as pc
 from curation import schema
 from curation.io.atomic import join
 from curation.probe.header_probe import allow_png_text
+from curation.shard.shard_writer import sample_key
 from pipelines.stats import manifest_files
 
 KEY_RE = re.compile(r"^[0-9a-z_-]+$")
@@ -289,6 +290,25 @@ def _manifest_findings(t: pa.Table) -> Iterable[str]:
         yield f"manifest: rejected row {r[schema.SOURCE]} has no reason"
     for r in rj.filter(pc.is_valid(rj.column(schema.SHARD))).to_pylist()[:MAX_PER_SHARD]:
         yield f"manifest: rejected row {r[schema.SOURCE]} names shard {r[schema.SHARD]}"
+    yield from _duplicate_findings(t)
+
+
+def _duplicate_findings(t: pa.Table) -> Iterable[str]:
+    """Every `duplicate` row names, in `duplicate_of`, the key of another row of the manifest
+    (the copy kept, or one a later rule rejected: its key is still its content's)."""
+    if schema.DUPLICATE_OF not in t.column_names:
+        return
+    reason = t.column(schema.REASON)
+    dups = t.filter(pc.fill_null(pc.equal(reason, "duplicate"), False))
+    if dups.num_rows == 0:
+        return
+    hashes = t.column(schema.SHA256).drop_null()
+    keys = pc.utf8_slice_codeunits(hashes, 0, len(sample_key("0" * 64))).unique()
+    cols = [schema.SOURCE, schema.SHA256, schema.DUPLICATE_OF]
+    named = pc.fill_null(pc.is_in(dups.column(schema.DUPLICATE_OF), value_set=keys), False)
+    for r in dups.filter(pc.invert(named)).select(cols).to_pylist()[:MAX_PER_SHARD]:
+        yield (f"manifest: duplicate row {r[schema.SOURCE]} names duplicate_of "
+               f"{r[schema.DUPLICATE_OF]!r}, the key of no row of the manifest")
 
 
 _JOB_ENTRIES = ("_SUCCESS", "stats.json", "manifest", "shards", "_work")
@@ -476,6 +496,7 @@ SLIM_COLUMNS = (
     schema.SHA256,
     schema.SHARD,
     schema.BUCKET,
+    schema.DUPLICATE_OF,
 )
 
 

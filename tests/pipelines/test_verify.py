@@ -221,6 +221,26 @@ def test_manifest_row_level_problems(job):
     _one(findings, "stats.json says total=8", "9")
 
 
+def test_a_duplicate_must_name_a_row_of_the_manifest(job):
+    """`duplicate_of` was never checked: a duplicate pointing at a key no row has (a manifest
+    merged from two jobs, an edit) passed verify."""
+    out, _written = job
+    kept_key = next(r["key"] for r in pq.read_table(out / "manifest").to_pylist() if r["key"])
+
+    def as_duplicate_of(key: str) -> Callable[[pa.Table], pa.Table]:
+        def edit(t: pa.Table) -> pa.Table:
+            mask = pc.equal(t["source"], "/in/x.jpg")
+            t = _set(t, "reason", mask, "duplicate")
+            return _set(t, "duplicate_of", mask, key)
+
+        return edit
+
+    _edit_manifest(out, as_duplicate_of(kept_key))
+    assert not [f for f in verify(str(out)) if "duplicate_of" in f]
+    _edit_manifest(out, as_duplicate_of("0" * 32))
+    _one(verify(str(out)), "duplicate row /in/x.jpg", "0" * 32, "no row of the manifest")
+
+
 def test_json_member_edits_and_captions_are_caught(job):
     out, written = job
     captioned = next(r for r in written["rows"] if r["caption_en"])
