@@ -10,12 +10,15 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+import stat
 import tarfile
 import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import pyarrow as pa
+from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 
 from curation import schema
@@ -35,11 +38,39 @@ META_MAX_BYTES = 64 * 1024
 """Largest metadata JSON kept verbatim in `source_meta` (img2dataset's are under 2 KB)."""
 
 
+_NOT_REGULAR = (
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISFIFO, "a named pipe"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
+
+
 def open_input(uri: str) -> Any:
     """An input's (or sidecar's, or tar's) bytes as a binary file object; a local path is
-    opened as it is named (`filesystem`)."""
+    opened as it is named (`filesystem`).
+
+    Raises:
+        OSError: a local path (through its links) that is no regular file: a named pipe or a
+            device is never read (a pipe without a writer blocks for ever, `/dev/zero` never
+            ends).
+    """
     fs, path = filesystem(local_path(uri))
-    return fs.open(path, "rb")
+    if not isinstance(fs, LocalFileSystem):
+        return fs.open(path, "rb")
+    # Non-blocking, so that opening a pipe returns at once; its type is read from the open
+    # file, so the path cannot be swapped between the check and the read.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            what = next((w for test, w in _NOT_REGULAR if test(mode)), "a special file")
+            raise OSError(f"not a regular file but {what}")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "rb")
 
 
 def read_bytes(source: str, tar_offset: int | None = None, size: int | None = None) -> bytes:
@@ -113,7 +144,8 @@ class FileReader(Stage):
     Reads: `source`, `sidecar`, `meta` (optional). Writes: `data`, `size_bytes`, `sha256`,
     `caption_en`, `caption_zh` (from the `.txt` sidecar, else the JSON's `caption`),
     `source_meta` (the `.json` sidecar's text). Rejects: `unreadable` (missing, permission, I/O
-    error), `too_large` (file over `max_file_bytes`, never read). Resources: 1 CPU (I/O bound).
+    error, not a regular file: a named pipe or device is never read), `too_large` (file over
+    `max_file_bytes`, never read; or grown over it while read). Resources: 1 CPU (I/O bound).
     """
 
     name: ClassVar[str] = "read"
@@ -157,8 +189,15 @@ def _read_one(
                 schema.REASON: "too_large",
                 schema.DETAIL: f"file is {size} bytes, over the {max_bytes}-byte cap; not read",
             }
-        with fs.open(path, "rb") as fh:
-            data = fh.read()
+        with open_input(src) as fh:
+            data = fh.read(max_bytes + 1)  # a file that grows while read stops at the cap
+        if len(data) > max_bytes:
+            return {
+                schema.SIZE_BYTES: len(data),
+                schema.STATUS: schema.STATUS_REJECTED,
+                schema.REASON: "too_large",
+                schema.DETAIL: f"file grew over the {max_bytes}-byte cap while read; not kept",
+            }
     except Exception as e:  # any I/O failure is this input's verdict, not the job's
         return {
             schema.STATUS: schema.STATUS_REJECTED,

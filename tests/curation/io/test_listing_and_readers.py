@@ -1,7 +1,9 @@
 import hashlib
 import io
 import json
+import os
 import tarfile
+import threading
 from pathlib import Path
 
 import pyarrow as pa
@@ -341,3 +343,54 @@ def test_local_names_with_url_syntax_are_read_as_named(tmp_path, name):
     (member,) = TarReader()({schema.SOURCE: [str(tar)]}).to_pylist()
     assert member[schema.DATA] == b"member bytes"
     assert read_bytes(member[schema.SOURCE], member[schema.TAR_OFFSET], 12) == b"member bytes"
+
+
+def _read_in_thread(reader: FileReader, batch: dict) -> list[dict]:
+    """The reader's rows, or a failure when it is still reading after 10 s (the blocked
+    thread is a daemon, left waiting on its pipe)."""
+    out: list = []
+    worker = threading.Thread(target=lambda: out.append(reader(batch).to_pylist()), daemon=True)
+    worker.start()
+    worker.join(10)
+    assert not worker.is_alive(), "the reader blocked on a named pipe"
+    return out[0]
+
+
+def test_pipes_and_devices_are_unreadable_rows_never_read(tmp_path):
+    """A named pipe (a read waits for ever for a writer) and a link to `/dev/zero` (a read
+    never ends; its size is 0, so the byte cap did not stop it) are rows, not a hung job."""
+    os.mkfifo(tmp_path / "pipe.jpg")
+    os.mkfifo(tmp_path / "photo.txt")  # a sidecar that is a pipe
+    (tmp_path / "photo.jpg").write_bytes(b"pixels")
+    (tmp_path / "zero.jpg").symlink_to("/dev/zero")
+    items = list(list_inputs([str(tmp_path)]))
+    batch = {
+        schema.SOURCE: [i.uri for i in items],
+        SIDECAR: [i.sidecar for i in items],
+    }
+    rows = _read_in_thread(FileReader(max_file_bytes=1 << 20), batch)
+    by = {Path(r[schema.SOURCE]).name: r for r in rows}
+    assert set(by) == {"pipe.jpg", "photo.jpg", "zero.jpg"}
+    assert by["pipe.jpg"][schema.REASON] == "unreadable"
+    assert "named pipe" in by["pipe.jpg"][schema.DETAIL]
+    assert by["zero.jpg"][schema.REASON] == "unreadable"
+    assert "character device" in by["zero.jpg"][schema.DETAIL]
+    assert by["photo.jpg"][schema.DATA] == b"pixels"  # its pipe of a caption is no caption
+    assert by["photo.jpg"][schema.CAPTION_EN] is None
+
+
+def test_a_file_that_grows_while_read_stops_at_the_byte_cap(tmp_path, monkeypatch):
+    """The cap holds for the bytes read, not only for the size looked up before the read."""
+    import curation.io.readers as readers
+
+    path = tmp_path / "growing.jpg"
+    path.write_bytes(b"x" * 10)
+    real_open = readers.open_input
+
+    def open_after_growth(uri: str):
+        path.write_bytes(b"x" * 1000)  # rewritten between the size check and the read
+        return real_open(uri)
+
+    monkeypatch.setattr(readers, "open_input", open_after_growth)
+    row = FileReader(max_file_bytes=100)({schema.SOURCE: [str(path)]}).to_pylist()[0]
+    assert row[schema.REASON] == "too_large" and row[schema.DATA] is None
