@@ -10,7 +10,8 @@ then appears as a `file://` URI (`local_path` turns it back into the path). Symb
 a linked file inside an input folder is read through its link (the source is the link's
 path); a linked folder inside an input folder is not descended, so link loops cannot occur
 (an INPUT argument that is itself a link to a folder is listed); a dangling link becomes an
-`unreadable` row.
+`unreadable` row. A folder that cannot be listed (no permission) is one input row of its own,
+which the reader rejects as `unreadable`.
 """
 
 from __future__ import annotations
@@ -111,16 +112,22 @@ def _uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return f"{protocol}://{path}"
 
 
-def _walk_local(folder: str, exclude: str | None = None) -> list[str]:
-    """Every file under a local folder; linked folders are not descended (no loops), nor the
-    folder ``exclude`` (compared by real path: a link to either side is seen through)."""
-    out = []
+def _walk_local(folder: str, exclude: str | None = None) -> tuple[list[str], list[str]]:
+    """(every file under a local folder, the folders that could not be listed); linked
+    folders are not descended (no loops), nor the folder ``exclude`` (compared by real path:
+    a link to either side is seen through)."""
+    out: list[str] = []
+    unlisted: list[str] = []
     exclude = os.path.realpath(exclude) if exclude is not None else None
-    for root, dirs, files in os.walk(folder, followlinks=False):
+
+    def failed(e: OSError) -> None:
+        unlisted.append(e.filename if isinstance(e.filename, str) else folder)
+
+    for root, dirs, files in os.walk(folder, onerror=failed, followlinks=False):
         if exclude is not None:
             dirs[:] = [d for d in dirs if os.path.realpath(os.path.join(root, d)) != exclude]
         out.extend(os.path.join(root, f) for f in files)
-    return out
+    return out, unlisted
 
 
 def _group_folder(
@@ -286,15 +293,19 @@ def expand_input(
     sidecar_exts = tuple(e.lower() for e in sidecar_extensions)
     fs, path = filesystem(local_path(spec.uri), **(storage_options or {}))
     if spec.kind == "folder":
+        unlisted: list[str] = []
         if _is_local(fs):
             skip = local_path(exclude) if exclude is not None and is_local(exclude) else None
-            files = _walk_local(path, skip)
+            files, unlisted = _walk_local(path, skip)
         else:
             files = [p for p in fs.find(path) if not fs.isdir(p)]
             if exclude is not None and not is_local(exclude):
                 skip = fsspec.core.url_to_fs(exclude, **(storage_options or {}))[1].rstrip("/")
                 files = [p for p in files if p != skip and not p.startswith(skip + "/")]
         yield from _group_folder(fs, files, sidecar_exts)
+        # A folder that cannot be listed (no permission) is an input of its own, so that the
+        # files it hides are not lost without a word: the reader rejects it as `unreadable`.
+        yield from (InputItem(_uri(fs, d), "file") for d in unlisted)
     elif spec.kind == "list":
         base = os.path.dirname(local_path(spec.uri)) if is_local(spec.uri) else (
             spec.uri.rsplit("/", 1)[0])

@@ -2,11 +2,16 @@ import hashlib
 import io
 import json
 import os
+import shutil
+import subprocess
+import sys
 import tarfile
+import tempfile
 import threading
 from pathlib import Path
 
 import pyarrow as pa
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -394,3 +399,53 @@ def test_a_file_that_grows_while_read_stops_at_the_byte_cap(tmp_path, monkeypatc
     monkeypatch.setattr(readers, "open_input", open_after_growth)
     row = FileReader(max_file_bytes=100)({schema.SOURCE: [str(path)]}).to_pylist()[0]
     assert row[schema.REASON] == "too_large" and row[schema.DATA] is None
+
+
+def _as_a_user(code: str, *args: str) -> subprocess.CompletedProcess:
+    """Run Python `code` as a user that file permissions apply to: as root, in a new user
+    namespace (where it is `nobody`); skipped where none can be made."""
+    cmd = [sys.executable, "-c", code, *args]
+    if os.geteuid() == 0:
+        if shutil.which("unshare") is None or subprocess.run(
+            ["unshare", "-U", "true"], capture_output=True
+        ).returncode:
+            pytest.skip("root, and no user namespace to drop its permission override")
+        cmd = ["unshare", "-U", *cmd]
+    root = Path(__file__).resolve().parents[3]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_a_folder_that_cannot_be_listed_is_an_unreadable_row():
+    """A folder without read permission hides its files: it is one `unreadable` row, not
+    nothing (os.walk skipped it without a word, and its files vanished from the job)."""
+    code = (
+        "import json, sys\n"
+        "from curation.io.listing import list_inputs\n"
+        "from curation.io.readers import FileReader\n"
+        "items = list(list_inputs(sys.argv[1:]))\n"
+        "rows = FileReader()({'source': [i.uri for i in items]}).to_pylist()\n"
+        "print(json.dumps([[r['source'], r['status'], r['reason'], r['detail']] for r in rows]))"
+    )
+    with tempfile.TemporaryDirectory() as tmp:  # not pytest's tmp_path: 0700, closed to others
+        top = Path(tmp) / "in"
+        (top / "locked" / "inner").mkdir(parents=True)
+        (top / "locked" / "inner" / "a.jpg").write_bytes(b"a")
+        (top / "ok.jpg").write_bytes(b"ok")
+        (top / "shut").mkdir()
+        (top / "shut" / "b.jpg").write_bytes(b"b")
+        os.chmod(tmp, 0o755)
+        os.chmod(top / "locked", 0)
+        os.chmod(top / "shut", 0)
+        try:
+            run = _as_a_user(code, str(top), str(top / "shut"))  # a folder INPUT of its own too
+        finally:
+            os.chmod(top / "locked", 0o755)
+            os.chmod(top / "shut", 0o755)
+    assert run.returncode == 0, run.stderr
+    rows = {Path(s).name: (st, r, d) for s, st, r, d in json.loads(run.stdout)}
+    assert rows["ok.jpg"][1] is None  # read
+    for name in ("locked", "shut"):
+        status, reason, detail = rows.pop(name)
+        assert (status, reason) == ("rejected", "unreadable") and "Permission" in detail
+    assert set(rows) == {"ok.jpg"}
