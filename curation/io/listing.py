@@ -148,6 +148,12 @@ def _group_folder(
         by_stem.setdefault(str(pp.with_suffix("")), {})[pp.suffix.lower().lstrip(".")] = p
     zh_files = {p for p in paths if "txt" in sidecar_exts and p.lower().endswith(".zh.txt")}
     zh_of = {p[: -len(".zh.txt")]: p for p in zh_files}  # image stem -> its Chinese caption
+
+    def has_image(exts: Iterable[str]) -> bool:
+        """Whether a stem's extensions name an image: a sidecar or a tar (whose samples carry
+        their own captions) takes no sidecar, so one beside it is an input of its own."""
+        return any(e not in sidecar_exts and f".{e}" not in TAR_EXTENSIONS for e in exts)
+
     for p in paths:
         pp = PurePosixPath(p)
         name = pp.name
@@ -156,11 +162,9 @@ def _group_folder(
         ext = pp.suffix.lower().lstrip(".")
         stem = str(pp.with_suffix(""))
         siblings = by_stem[stem]
-        if ext in sidecar_exts and any(e not in sidecar_exts for e in siblings):
+        if ext in sidecar_exts and has_image(siblings):
             continue  # a sidecar of an image with the same stem
-        if not named and p in zh_files and any(
-            e not in sidecar_exts for e in by_stem.get(p[: -len(".zh.txt")], {})
-        ):
+        if not named and p in zh_files and has_image(by_stem.get(p[: -len(".zh.txt")], {})):
             continue  # `<stem>.zh.txt`: the Chinese caption of an image `<stem>.<ext>`
         if ext in sidecar_exts and ext == "json":
             continue  # stray metadata, not an image

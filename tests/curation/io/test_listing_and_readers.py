@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from curation import schema
@@ -449,3 +449,39 @@ def test_a_folder_that_cannot_be_listed_is_an_unreadable_row():
         status, reason, detail = rows.pop(name)
         assert (status, reason) == ("rejected", "unreadable") and "Permission" in detail
     assert set(rows) == {"ok.jpg"}
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    names=st.sets(
+        st.tuples(
+            st.sampled_from(["a", "A", "b", "a.zh", "x y"]),
+            st.sampled_from(
+                ["jpg", "JPG", "png", "txt", "TXT", "zh.txt", "json", "tar", "TAR", ""]
+            ),
+        ),
+        min_size=1,
+        max_size=6,
+    )
+)
+@example(names={("a", "tar"), ("a", "txt"), ("a", "zh.txt")})
+def test_every_file_of_a_folder_is_an_input_or_an_inputs_sidecar(tmp_path_factory, names):
+    """No file is lost by the pairing: each is listed, or is the caption, Chinese caption or
+    metadata of a listed image (only stray `.json` metadata is not an input, as documented).
+    A `.txt` beside a tar of its stem was taken for a sidecar that no tar reads: no row."""
+    folder = tmp_path_factory.mktemp("pairs")
+    files: set[str] = set()
+    for stem, ext in names:
+        name = f"{stem}.{ext}" if ext else stem
+        if name.lower() not in {f.lower() for f in files}:  # one case-insensitive spelling
+            (folder / name).write_bytes(b"x")
+            files.add(name)
+    covered = set()
+    for item in list_inputs([str(folder)]):
+        covered.add(Path(item.uri).name)
+        if item.kind == "file":
+            covered |= {Path(s).name for s in (item.sidecar, item.meta, item.sidecar_zh) if s}
+    lost = {f for f in files - covered if not f.lower().endswith(".json")}
+    assert not lost, sorted(files)
