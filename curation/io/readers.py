@@ -232,7 +232,9 @@ class TarReader(Stage):
     Reads: `source` (a tar URI). Writes one row per sample: `source` (`tar-uri#member`),
     `tar_offset`, `data`, `size_bytes`, `sha256`, `caption_en`/`caption_zh` from `.txt`/`.zh.txt`
     or `.json` members, `source_meta` (the `.json` member's text). Rejects: `unreadable` for a
-    tar that cannot be opened (one row for the tar) or a truncated member; a `.tar` whose
+    tar that cannot be opened (one row for the tar) or a truncated member;
+    `unsupported_format` for a member that holds no file (a symbolic link, never followed; a
+    pipe; a device); a hard link is the bytes of the earlier member it names. A `.tar` whose
     bytes are an image is that image's row (judged by its bytes, as any mislabelled file).
     Rows whose source is in the tar's optional `done_members` list (analysed by an
     interrupted earlier run) are left out. Resources: 1 CPU; one tar per batch.
@@ -266,14 +268,18 @@ class TarReader(Stage):
         samples: dict[str, dict[str, Any]] = {}
         order: list[str] = []
         error: str | None = None
+        read: dict[str, tuple[int, bytes]] = {}  # member name -> (data offset, bytes) so far
         try:
             with (
                 open_input(tar_uri) as fh,
                 tarfile.open(fileobj=fh, mode="r|*") as tf,
             ):
                 for member in tf:
-                    if not member.isfile():
+                    if member.isdir():
                         continue
+                    # A hard link is the bytes of a member stored before it (`tar` writes a
+                    # hard-linked file's second name so): the same image, under its name.
+                    target = read.get(member.linkname) if member.islnk() else None
                     name = escape_name(member.name)
                     key, ext = base_plus_ext(name)
                     if key is None:  # no extension, or a hidden name: a sample of its own
@@ -281,6 +287,16 @@ class TarReader(Stage):
                     if key not in samples:
                         samples[key] = {"members": {}}
                         order.append(key)
+                    if not member.isfile() and target is None:
+                        samples[key].setdefault("not_files", []).append(
+                            (name, safe_text(f"{_member_kind(member)}, not a file; not read"))
+                        )
+                        continue
+                    if target is not None:
+                        members = samples[key]["members"]
+                        slot = next(e for e in (ext.lower(), ext, name) if e not in members)
+                        members[slot] = (name, *target)
+                        continue
                     if member.size > self.max_file_bytes:
                         samples[key]["error"] = (
                             f"{name}: {member.size} bytes, over the "
@@ -300,6 +316,7 @@ class TarReader(Stage):
                     # `x.jpg` and `x.JPG` in one tar are two images, not one
                     slot = next(e for e in (ext.lower(), ext, name) if e not in members)
                     members[slot] = (name, member.offset_data, data)
+                    read[member.name] = (member.offset_data, data)
                 end = fh.tell()
                 fh.seek(0, 2)
                 if fh.tell() % 512 or fh.tell() < end:
@@ -347,6 +364,19 @@ class TarReader(Stage):
         return {schema.SOURCE: uri, **row}
 
 
+def _member_kind(member: tarfile.TarInfo) -> str:
+    """What a tar member that holds no file data is, in words."""
+    if member.issym():
+        return f"a symbolic link to {escape_name(member.linkname)!r} (links are not followed)"
+    if member.islnk():
+        return f"a hard link to {escape_name(member.linkname)!r}, which no earlier member is"
+    if member.isfifo():
+        return "a named pipe"
+    if member.ischr() or member.isblk():
+        return "a device"
+    return "a special member"
+
+
 def _sample_rows(tar_uri: str, key: str, sample: dict[str, Any]) -> list[dict[str, Any]]:
     members = sample["members"]
     en = zh = meta = None
@@ -374,7 +404,17 @@ def _sample_rows(tar_uri: str, key: str, sample: dict[str, Any]) -> list[dict[st
                 schema.SOURCE_META: meta,
             }
         )
-    if not images and "error" not in sample:  # captions or metadata without an image
+    for name, detail in sample.get("not_files", ()):
+        rows.append(
+            {
+                schema.SOURCE: f"{tar_uri}#{name}",
+                schema.STATUS: schema.STATUS_REJECTED,
+                schema.REASON: "unsupported_format",
+                schema.DETAIL: detail,
+            }
+        )
+    if not images and "error" not in sample and "not_files" not in sample:
+        # captions or metadata without an image
         rows.append(
             {
                 schema.SOURCE: f"{tar_uri}#{key}",

@@ -485,3 +485,38 @@ def test_every_file_of_a_folder_is_an_input_or_an_inputs_sidecar(tmp_path_factor
             covered |= {Path(s).name for s in (item.sidecar, item.meta, item.sidecar_zh) if s}
     lost = {f for f in files - covered if not f.lower().endswith(".json")}
     assert not lost, sorted(files)
+
+
+def test_every_tar_member_but_folders_is_a_row_links_included(tmp_path):
+    """Links, pipes and devices in a tar were skipped without a row. A hard link (how `tar`
+    stores a hard-linked file's second name) is the earlier member's bytes, which the shard
+    writer can read again at that member's offset; a symbolic link is never followed."""
+    tar = tmp_path / "links.tar"
+    with tarfile.open(tar, "w") as tf:
+        for name, data in (("a.jpg", b"AAAA"), ("a.txt", b"cap a")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+        for name, kind, target in (
+            ("dir", tarfile.DIRTYPE, ""),
+            ("hard.jpg", tarfile.LNKTYPE, "a.jpg"),
+            ("lost.jpg", tarfile.LNKTYPE, "not-in-the-tar.jpg"),
+            ("sym.jpg", tarfile.SYMTYPE, "/etc/passwd"),
+            ("pipe.png", tarfile.FIFOTYPE, ""),
+            ("dev", tarfile.CHRTYPE, ""),
+        ):
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = kind, target
+            tf.addfile(info)
+    rows = {r[schema.SOURCE].split("#")[1]: r for r in TarReader()({schema.SOURCE: [str(tar)]})
+            .to_pylist()}  # fmt: skip
+    assert set(rows) == {"a.jpg", "hard.jpg", "lost.jpg", "sym.jpg", "pipe.png", "dev"}
+    hard = rows.pop("hard.jpg")
+    assert hard[schema.DATA] == b"AAAA" and hard[schema.REASON] is None
+    assert read_bytes(f"{tar}#hard.jpg", hard[schema.TAR_OFFSET], hard[schema.SIZE_BYTES]) == (
+        b"AAAA")  # fmt: skip
+    assert rows.pop("a.jpg")[schema.CAPTION_EN] == "cap a"
+    for name, words in (("lost.jpg", "hard link"), ("sym.jpg", "symbolic link"),
+                        ("pipe.png", "named pipe"), ("dev", "device")):  # fmt: skip
+        assert rows[name][schema.REASON] == "unsupported_format", name
+        assert words in rows[name][schema.DETAIL] and rows[name][schema.DATA] is None
