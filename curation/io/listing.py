@@ -200,7 +200,8 @@ def few_local_files(specs: Iterable[InputSpec], limit: int) -> bool:
 
     A bounded look for planning (e.g. whether to start a small job's model actor early): the
     walk stops at the `limit + 1`-th file, so a huge folder costs no more than a small one.
-    Lists, tars and remote inputs count as many.
+    Linked folders are not descended, as in the listing. Lists, tars and remote inputs count
+    as many.
     """
     count = 0
     stack: list[str] = []
@@ -216,9 +217,9 @@ def few_local_files(specs: Iterable[InputSpec], limit: int) -> bool:
             try:
                 with os.scandir(stack.pop()) as entries:
                     for entry in entries:
-                        if entry.is_dir(follow_symlinks=True):
+                        if entry.is_dir(follow_symlinks=False):
                             stack.append(entry.path)
-                        else:
+                        elif not entry.is_dir():  # a linked folder is not listed
                             count += 1
                             if count > limit:
                                 break

@@ -520,3 +520,27 @@ def test_every_tar_member_but_folders_is_a_row_links_included(tmp_path):
                         ("pipe.png", "named pipe"), ("dev", "device")):  # fmt: skip
         assert rows[name][schema.REASON] == "unsupported_format", name
         assert words in rows[name][schema.DETAIL] and rows[name][schema.DATA] is None
+
+
+def test_few_local_files_does_not_follow_linked_folders(tmp_path):
+    """Two links to a folder inside it: the look followed them, branching twice per level
+    down to the kernel's link limit (2^40 folders; with no file to stop it, the job never
+    started), and counted files that the listing does not list."""
+    folders = [tmp_path / "empty", tmp_path / "one"]
+    for folder in folders:
+        folder.mkdir()
+        (folder / "a").symlink_to(folder, target_is_directory=True)
+        (folder / "b").symlink_to(folder, target_is_directory=True)
+    (tmp_path / "one" / "x.jpg").write_bytes(b"x")
+    code = (
+        "import sys\n"
+        "from curation.io.listing import few_local_files, plan_inputs\n"
+        "for f in sys.argv[1:]: print(few_local_files(plan_inputs([f]), 1))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[3])}
+    try:
+        run = subprocess.run([sys.executable, "-c", code, *map(str, folders)],
+                             capture_output=True, text=True, env=env, timeout=20)  # fmt: skip
+    except subprocess.TimeoutExpired:
+        pytest.fail("few_local_files followed the folder's links to itself")
+    assert run.stdout.split() == ["True", "True"], run.stderr  # 0 and 1 files, as listed
