@@ -115,18 +115,32 @@ def _uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
 def _walk_local(folder: str, exclude: str | None = None) -> tuple[list[str], list[str]]:
     """(every file under a local folder, the folders that could not be listed); linked
     folders are not descended (no loops), nor the folder ``exclude`` (compared by real path:
-    a link to either side is seen through)."""
+    a link to either side is seen through).
+
+    A walk with its own stack, not `os.walk`, which recurses once per level in this Python
+    and failed the listing of a folder nested about a thousand levels deep.
+    """
     out: list[str] = []
     unlisted: list[str] = []
     exclude = os.path.realpath(exclude) if exclude is not None else None
-
-    def failed(e: OSError) -> None:
-        unlisted.append(e.filename if isinstance(e.filename, str) else folder)
-
-    for root, dirs, files in os.walk(folder, onerror=failed, followlinks=False):
-        if exclude is not None:
-            dirs[:] = [d for d in dirs if os.path.realpath(os.path.join(root, d)) != exclude]
-        out.extend(os.path.join(root, f) for f in files)
+    stack = [folder]
+    while stack:
+        top = stack.pop()
+        try:
+            with os.scandir(top) as it:
+                entries = list(it)
+        except OSError as e:
+            unlisted.append(e.filename if isinstance(e.filename, str) else top)
+            continue
+        for entry in entries:
+            try:
+                is_dir, is_link = entry.is_dir(), entry.is_symlink()
+            except OSError:  # as `os.walk`: what cannot be looked at is a file
+                is_dir, is_link = False, False
+            if not is_dir:
+                out.append(entry.path)
+            elif not is_link and (exclude is None or os.path.realpath(entry.path) != exclude):
+                stack.append(entry.path)
     return out, unlisted
 
 

@@ -544,3 +544,18 @@ def test_few_local_files_does_not_follow_linked_folders(tmp_path):
     except subprocess.TimeoutExpired:
         pytest.fail("few_local_files followed the folder's links to itself")
     assert run.stdout.split() == ["True", "True"], run.stderr  # 0 and 1 files, as listed
+
+
+def test_a_folder_nested_a_thousand_levels_deep_is_listed(tmp_path):
+    """A legal path (under 4096 bytes) 1,200 folders deep: `os.walk` recursed once per level
+    and the listing failed the job with a RecursionError."""
+    folder = tmp_path / "deep"
+    path = str(folder)
+    os.mkdir(path)
+    for _ in range(1200):
+        path += "/a"
+        os.mkdir(path)
+    Path(path, "x.jpg").write_bytes(b"x")
+    Path(folder, "top.jpg").write_bytes(b"t")
+    listed = sorted(i.uri for i in list_inputs([str(folder)]))
+    assert listed == sorted([f"{path}/x.jpg", f"{folder}/top.jpg"])
