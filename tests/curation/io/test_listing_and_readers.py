@@ -557,5 +557,11 @@ def test_a_folder_nested_a_thousand_levels_deep_is_listed(tmp_path):
         os.mkdir(path)
     Path(path, "x.jpg").write_bytes(b"x")
     Path(folder, "top.jpg").write_bytes(b"t")
-    listed = sorted(i.uri for i in list_inputs([str(folder)]))
-    assert listed == sorted([f"{path}/x.jpg", f"{folder}/top.jpg"])
+    try:
+        listed = sorted(i.uri for i in list_inputs([str(folder)]))
+    finally:  # removed here, bottom up: pytest's recursive clean-up of old tmp folders fails
+        os.unlink(f"{path}/x.jpg")
+        while path != str(folder):
+            os.rmdir(path)
+            path = os.path.dirname(path)
+    assert listed == sorted([f"{path}/a{'/a' * 1199}/x.jpg", f"{folder}/top.jpg"])
