@@ -36,6 +36,9 @@ CAPTION_ZH_EXTS = ("zh.txt",)
 META_EXTS = ("json",)
 META_MAX_BYTES = 64 * 1024
 """Largest metadata JSON kept verbatim in `source_meta` (img2dataset's are under 2 KB)."""
+SIDECAR_MAX_BYTES = 16 * 1024 * 1024
+"""Largest caption or metadata sidecar file read; a larger one is no caption (a caption is
+kilobytes; a dump of gigabytes beside an image would take a worker's memory)."""
 
 
 _NOT_REGULAR = (
@@ -168,12 +171,14 @@ class FileReader(Stage):
 
 
 def _read_sidecar(uri: str) -> bytes:
-    """A sidecar's bytes; empty when it cannot be read (a lost caption loses no image)."""
+    """A sidecar's bytes; empty when it cannot be read or is over `SIDECAR_MAX_BYTES` (a lost
+    caption loses no image)."""
     try:
         with open_input(uri) as fh:
-            return fh.read()
+            raw = fh.read(SIDECAR_MAX_BYTES + 1)
     except Exception:
         return b""
+    return raw if len(raw) <= SIDECAR_MAX_BYTES else b""
 
 
 def _read_one(

@@ -565,3 +565,25 @@ def test_a_folder_nested_a_thousand_levels_deep_is_listed(tmp_path):
             os.rmdir(path)
             path = os.path.dirname(path)
     assert listed == sorted([f"{path}/a{'/a' * 1199}/x.jpg", f"{folder}/top.jpg"])
+
+
+def test_a_sidecar_over_the_cap_is_no_caption_and_is_not_read_whole(tmp_path):
+    """A caption or metadata file of more than `SIDECAR_MAX_BYTES` beside an image (a dump,
+    not a caption) was read whole into the worker; it is no caption, and the image is read."""
+    from curation.io.readers import SIDECAR_MAX_BYTES
+
+    (tmp_path / "x.jpg").write_bytes(b"pixels")
+    (tmp_path / "x.txt").write_bytes(b"a" * (SIDECAR_MAX_BYTES + 1))
+    (tmp_path / "x.json").write_bytes(b'{"caption": "' + b"b" * SIDECAR_MAX_BYTES + b'"}')
+    (tmp_path / "y.jpg").write_bytes(b"more")
+    (tmp_path / "y.txt").write_bytes(b"c" * SIDECAR_MAX_BYTES)  # at the cap: a caption
+    items = list(list_inputs([str(tmp_path)]))
+    rows = FileReader()({
+        schema.SOURCE: [i.uri for i in items],
+        SIDECAR: [i.sidecar for i in items],
+        META: [i.meta for i in items],
+    }).to_pylist()  # fmt: skip
+    by = {Path(r[schema.SOURCE]).name: r for r in rows}
+    assert by["x.jpg"][schema.DATA] == b"pixels" and by["x.jpg"][schema.CAPTION_EN] is None
+    assert by["x.jpg"][schema.SOURCE_META] is None
+    assert len(by["y.jpg"][schema.CAPTION_EN]) == SIDECAR_MAX_BYTES
