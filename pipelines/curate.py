@@ -351,6 +351,21 @@ def one_row_per_source(
     return out, num_out, num_rows - num_out
 
 
+def _repeat_cause(listing: Listing, partitions_for: Partitioning) -> str:
+    """Why analysis rows repeat a source: inputs listed more than once by this run, else
+    work stored twice (looked for only when rows repeat)."""
+    assert listing.rows is not None
+    parts = partitions_for(listing.count)
+    _, relisted = nonempty(grouping.repeated_keys(listing.rows, schema.SOURCE, parts))
+    if relisted:
+        inputs = "1 input was" if relisted == 1 else f"{relisted} inputs were"
+        return f"{inputs} listed more than once: INPUTs that overlap, or a list naming a file twice"
+    return (
+        "a worker of an interrupted run finished after the rerun listed its work, or two runs "
+        "shared this output"
+    )
+
+
 def _fullest_row(t: pa.Table) -> pa.Table:
     """The row of one source's group with the most values set (a complete analysis wins)."""
     filled = np.zeros(t.num_rows, dtype=np.int64)
@@ -1403,8 +1418,7 @@ def _decide_and_write(
         if num_repeats:
             passes.echo(
                 f"native4k: {num_repeats} stored analysis rows repeated a source another row "
-                "holds (a worker of an interrupted run finished after the rerun listed its "
-                "work, or two runs shared this output): one row per source kept"
+                f"holds ({_repeat_cause(listing, partitions_for)}): one row per source kept"
             )
         decisions = (
             dedup_decisions(rows, cfg, partitions_for)

@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from multiprocessing import get_context
 from typing import Any
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -39,6 +38,7 @@ from curation import schema
 from curation.analyze.native import CODECS, TESTS
 from curation.io.atomic import atomic_write, is_local, join
 from curation.io.listing import local_path, split_tar_source
+from curation.io.readers import open_input
 from curation.probe.header_probe import allow_png_text
 from pipelines.stats import finished_fs, inputs_text, job_stats, read_manifest, score_columns
 
@@ -254,7 +254,7 @@ def make_thumbnails(
     """Thumbnails of jobs that share one `uri` (the file opened once): (data URI, error)."""
     out: list[tuple[str | None, str | None]] = []
     try:
-        fh = fsspec.open(jobs[0].uri, "rb").open()
+        fh = open_input(jobs[0].uri)  # never a named pipe or device (it would block)
     except Exception as e:
         return [(None, f"cannot open: {type(e).__name__}: {e}")] * len(jobs)
     tar = None

@@ -436,8 +436,14 @@ def run_verify(
     t = _read_rows(fs, files, findings, SLIM_COLUMNS)
     findings.extend(_manifest_findings(t))
 
+    # Hidden files are no shards (nothing reads them): a `.DS_Store` that Finder leaves in a
+    # folder it showed was a stray shard that could not be read as a tar.
     on_disk = (
-        {f[len(root) + 1 :] for f in fs.find(f"{root}/shards")}
+        {
+            f[len(root) + 1 :]
+            for f in fs.find(f"{root}/shards")
+            if not f.rsplit("/", 1)[-1].startswith(".")
+        }
         if fs.exists(f"{root}/shards")
         else set()
     )

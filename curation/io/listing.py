@@ -10,7 +10,8 @@ then appears as a `file://` URI (`local_path` turns it back into the path). Symb
 a linked file inside an input folder is read through its link (the source is the link's
 path); a linked folder inside an input folder is not descended, so link loops cannot occur
 (an INPUT argument that is itself a link to a folder is listed); a dangling link becomes an
-`unreadable` row.
+`unreadable` row. A folder that cannot be listed (no permission) is one input row of its own,
+which the reader rejects as `unreadable`.
 """
 
 from __future__ import annotations
@@ -111,16 +112,36 @@ def _uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return f"{protocol}://{path}"
 
 
-def _walk_local(folder: str, exclude: str | None = None) -> list[str]:
-    """Every file under a local folder; linked folders are not descended (no loops), nor the
-    folder ``exclude`` (compared by real path: a link to either side is seen through)."""
-    out = []
+def _walk_local(folder: str, exclude: str | None = None) -> tuple[list[str], list[str]]:
+    """(every file under a local folder, the folders that could not be listed); linked
+    folders are not descended (no loops), nor the folder ``exclude`` (compared by real path:
+    a link to either side is seen through).
+
+    A walk with its own stack, not `os.walk`, which recurses once per level in this Python
+    and failed the listing of a folder nested about a thousand levels deep.
+    """
+    out: list[str] = []
+    unlisted: list[str] = []
     exclude = os.path.realpath(exclude) if exclude is not None else None
-    for root, dirs, files in os.walk(folder, followlinks=False):
-        if exclude is not None:
-            dirs[:] = [d for d in dirs if os.path.realpath(os.path.join(root, d)) != exclude]
-        out.extend(os.path.join(root, f) for f in files)
-    return out
+    stack = [folder]
+    while stack:
+        top = stack.pop()
+        try:
+            with os.scandir(top) as it:
+                entries = list(it)
+        except OSError as e:
+            unlisted.append(e.filename if isinstance(e.filename, str) else top)
+            continue
+        for entry in entries:
+            try:
+                is_dir, is_link = entry.is_dir(), entry.is_symlink()
+            except OSError:  # as `os.walk`: what cannot be looked at is a file
+                is_dir, is_link = False, False
+            if not is_dir:
+                out.append(entry.path)
+            elif not is_link and (exclude is None or os.path.realpath(entry.path) != exclude):
+                stack.append(entry.path)
+    return out, unlisted
 
 
 def _group_folder(
@@ -141,6 +162,12 @@ def _group_folder(
         by_stem.setdefault(str(pp.with_suffix("")), {})[pp.suffix.lower().lstrip(".")] = p
     zh_files = {p for p in paths if "txt" in sidecar_exts and p.lower().endswith(".zh.txt")}
     zh_of = {p[: -len(".zh.txt")]: p for p in zh_files}  # image stem -> its Chinese caption
+
+    def has_image(exts: Iterable[str]) -> bool:
+        """Whether a stem's extensions name an image: a sidecar or a tar (whose samples carry
+        their own captions) takes no sidecar, so one beside it is an input of its own."""
+        return any(e not in sidecar_exts and f".{e}" not in TAR_EXTENSIONS for e in exts)
+
     for p in paths:
         pp = PurePosixPath(p)
         name = pp.name
@@ -149,11 +176,9 @@ def _group_folder(
         ext = pp.suffix.lower().lstrip(".")
         stem = str(pp.with_suffix(""))
         siblings = by_stem[stem]
-        if ext in sidecar_exts and any(e not in sidecar_exts for e in siblings):
+        if ext in sidecar_exts and has_image(siblings):
             continue  # a sidecar of an image with the same stem
-        if not named and p in zh_files and any(
-            e not in sidecar_exts for e in by_stem.get(p[: -len(".zh.txt")], {})
-        ):
+        if not named and p in zh_files and has_image(by_stem.get(p[: -len(".zh.txt")], {})):
             continue  # `<stem>.zh.txt`: the Chinese caption of an image `<stem>.<ext>`
         if ext in sidecar_exts and ext == "json":
             continue  # stray metadata, not an image
@@ -189,7 +214,8 @@ def few_local_files(specs: Iterable[InputSpec], limit: int) -> bool:
 
     A bounded look for planning (e.g. whether to start a small job's model actor early): the
     walk stops at the `limit + 1`-th file, so a huge folder costs no more than a small one.
-    Lists, tars and remote inputs count as many.
+    Linked folders are not descended, as in the listing. Lists, tars and remote inputs count
+    as many.
     """
     count = 0
     stack: list[str] = []
@@ -205,9 +231,9 @@ def few_local_files(specs: Iterable[InputSpec], limit: int) -> bool:
             try:
                 with os.scandir(stack.pop()) as entries:
                     for entry in entries:
-                        if entry.is_dir(follow_symlinks=True):
+                        if entry.is_dir(follow_symlinks=False):
                             stack.append(entry.path)
-                        else:
+                        elif not entry.is_dir():  # a linked folder is not listed
                             count += 1
                             if count > limit:
                                 break
@@ -286,15 +312,19 @@ def expand_input(
     sidecar_exts = tuple(e.lower() for e in sidecar_extensions)
     fs, path = filesystem(local_path(spec.uri), **(storage_options or {}))
     if spec.kind == "folder":
+        unlisted: list[str] = []
         if _is_local(fs):
             skip = local_path(exclude) if exclude is not None and is_local(exclude) else None
-            files = _walk_local(path, skip)
+            files, unlisted = _walk_local(path, skip)
         else:
             files = [p for p in fs.find(path) if not fs.isdir(p)]
             if exclude is not None and not is_local(exclude):
                 skip = fsspec.core.url_to_fs(exclude, **(storage_options or {}))[1].rstrip("/")
                 files = [p for p in files if p != skip and not p.startswith(skip + "/")]
         yield from _group_folder(fs, files, sidecar_exts)
+        # A folder that cannot be listed (no permission) is an input of its own, so that the
+        # files it hides are not lost without a word: the reader rejects it as `unreadable`.
+        yield from (InputItem(_uri(fs, d), "file") for d in unlisted)
     elif spec.kind == "list":
         base = os.path.dirname(local_path(spec.uri)) if is_local(spec.uri) else (
             spec.uri.rsplit("/", 1)[0])

@@ -10,12 +10,15 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+import stat
 import tarfile
 import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import pyarrow as pa
+from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 
 from curation import schema
@@ -33,13 +36,44 @@ CAPTION_ZH_EXTS = ("zh.txt",)
 META_EXTS = ("json",)
 META_MAX_BYTES = 64 * 1024
 """Largest metadata JSON kept verbatim in `source_meta` (img2dataset's are under 2 KB)."""
+SIDECAR_MAX_BYTES = 16 * 1024 * 1024
+"""Largest caption or metadata sidecar file read; a larger one is no caption (a caption is
+kilobytes; a dump of gigabytes beside an image would take a worker's memory)."""
+
+
+_NOT_REGULAR = (
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISFIFO, "a named pipe"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
 
 
 def open_input(uri: str) -> Any:
     """An input's (or sidecar's, or tar's) bytes as a binary file object; a local path is
-    opened as it is named (`filesystem`)."""
+    opened as it is named (`filesystem`).
+
+    Raises:
+        OSError: a local path (through its links) that is no regular file: a named pipe or a
+            device is never read (a pipe without a writer blocks for ever, `/dev/zero` never
+            ends).
+    """
     fs, path = filesystem(local_path(uri))
-    return fs.open(path, "rb")
+    if not isinstance(fs, LocalFileSystem):
+        return fs.open(path, "rb")
+    # Non-blocking, so that opening a pipe returns at once; its type is read from the open
+    # file, so the path cannot be swapped between the check and the read.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            what = next((w for test, w in _NOT_REGULAR if test(mode)), "a special file")
+            raise OSError(f"not a regular file but {what}")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "rb")
 
 
 def read_bytes(source: str, tar_offset: int | None = None, size: int | None = None) -> bytes:
@@ -113,7 +147,8 @@ class FileReader(Stage):
     Reads: `source`, `sidecar`, `meta` (optional). Writes: `data`, `size_bytes`, `sha256`,
     `caption_en`, `caption_zh` (from the `.txt` sidecar, else the JSON's `caption`),
     `source_meta` (the `.json` sidecar's text). Rejects: `unreadable` (missing, permission, I/O
-    error), `too_large` (file over `max_file_bytes`, never read). Resources: 1 CPU (I/O bound).
+    error, not a regular file: a named pipe or device is never read), `too_large` (file over
+    `max_file_bytes`, never read; or grown over it while read). Resources: 1 CPU (I/O bound).
     """
 
     name: ClassVar[str] = "read"
@@ -136,12 +171,14 @@ class FileReader(Stage):
 
 
 def _read_sidecar(uri: str) -> bytes:
-    """A sidecar's bytes; empty when it cannot be read (a lost caption loses no image)."""
+    """A sidecar's bytes; empty when it cannot be read or is over `SIDECAR_MAX_BYTES` (a lost
+    caption loses no image)."""
     try:
         with open_input(uri) as fh:
-            return fh.read()
+            raw = fh.read(SIDECAR_MAX_BYTES + 1)
     except Exception:
         return b""
+    return raw if len(raw) <= SIDECAR_MAX_BYTES else b""
 
 
 def _read_one(
@@ -157,8 +194,15 @@ def _read_one(
                 schema.REASON: "too_large",
                 schema.DETAIL: f"file is {size} bytes, over the {max_bytes}-byte cap; not read",
             }
-        with fs.open(path, "rb") as fh:
-            data = fh.read()
+        with open_input(src) as fh:
+            data = fh.read(max_bytes + 1)  # a file that grows while read stops at the cap
+        if len(data) > max_bytes:
+            return {
+                schema.SIZE_BYTES: len(data),
+                schema.STATUS: schema.STATUS_REJECTED,
+                schema.REASON: "too_large",
+                schema.DETAIL: f"file grew over the {max_bytes}-byte cap while read; not kept",
+            }
     except Exception as e:  # any I/O failure is this input's verdict, not the job's
         return {
             schema.STATUS: schema.STATUS_REJECTED,
@@ -193,7 +237,9 @@ class TarReader(Stage):
     Reads: `source` (a tar URI). Writes one row per sample: `source` (`tar-uri#member`),
     `tar_offset`, `data`, `size_bytes`, `sha256`, `caption_en`/`caption_zh` from `.txt`/`.zh.txt`
     or `.json` members, `source_meta` (the `.json` member's text). Rejects: `unreadable` for a
-    tar that cannot be opened (one row for the tar) or a truncated member; a `.tar` whose
+    tar that cannot be opened (one row for the tar) or a truncated member;
+    `unsupported_format` for a member that holds no file (a symbolic link, never followed; a
+    pipe; a device); a hard link is the bytes of the earlier member it names. A `.tar` whose
     bytes are an image is that image's row (judged by its bytes, as any mislabelled file).
     Rows whose source is in the tar's optional `done_members` list (analysed by an
     interrupted earlier run) are left out. Resources: 1 CPU; one tar per batch.
@@ -227,14 +273,18 @@ class TarReader(Stage):
         samples: dict[str, dict[str, Any]] = {}
         order: list[str] = []
         error: str | None = None
+        read: dict[str, tuple[int, bytes]] = {}  # member name -> (data offset, bytes) so far
         try:
             with (
                 open_input(tar_uri) as fh,
                 tarfile.open(fileobj=fh, mode="r|*") as tf,
             ):
                 for member in tf:
-                    if not member.isfile():
+                    if member.isdir():
                         continue
+                    # A hard link is the bytes of a member stored before it (`tar` writes a
+                    # hard-linked file's second name so): the same image, under its name.
+                    target = read.get(member.linkname) if member.islnk() else None
                     name = escape_name(member.name)
                     key, ext = base_plus_ext(name)
                     if key is None:  # no extension, or a hidden name: a sample of its own
@@ -242,6 +292,16 @@ class TarReader(Stage):
                     if key not in samples:
                         samples[key] = {"members": {}}
                         order.append(key)
+                    if not member.isfile() and target is None:
+                        samples[key].setdefault("not_files", []).append(
+                            (name, safe_text(f"{_member_kind(member)}, not a file; not read"))
+                        )
+                        continue
+                    if target is not None:
+                        members = samples[key]["members"]
+                        slot = next(e for e in (ext.lower(), ext, name) if e not in members)
+                        members[slot] = (name, *target)
+                        continue
                     if member.size > self.max_file_bytes:
                         samples[key]["error"] = (
                             f"{name}: {member.size} bytes, over the "
@@ -261,6 +321,7 @@ class TarReader(Stage):
                     # `x.jpg` and `x.JPG` in one tar are two images, not one
                     slot = next(e for e in (ext.lower(), ext, name) if e not in members)
                     members[slot] = (name, member.offset_data, data)
+                    read[member.name] = (member.offset_data, data)
                 end = fh.tell()
                 fh.seek(0, 2)
                 if fh.tell() % 512 or fh.tell() < end:
@@ -308,6 +369,19 @@ class TarReader(Stage):
         return {schema.SOURCE: uri, **row}
 
 
+def _member_kind(member: tarfile.TarInfo) -> str:
+    """What a tar member that holds no file data is, in words."""
+    if member.issym():
+        return f"a symbolic link to {escape_name(member.linkname)!r} (links are not followed)"
+    if member.islnk():
+        return f"a hard link to {escape_name(member.linkname)!r}, which no earlier member is"
+    if member.isfifo():
+        return "a named pipe"
+    if member.ischr() or member.isblk():
+        return "a device"
+    return "a special member"
+
+
 def _sample_rows(tar_uri: str, key: str, sample: dict[str, Any]) -> list[dict[str, Any]]:
     members = sample["members"]
     en = zh = meta = None
@@ -335,7 +409,17 @@ def _sample_rows(tar_uri: str, key: str, sample: dict[str, Any]) -> list[dict[st
                 schema.SOURCE_META: meta,
             }
         )
-    if not images and "error" not in sample:  # captions or metadata without an image
+    for name, detail in sample.get("not_files", ()):
+        rows.append(
+            {
+                schema.SOURCE: f"{tar_uri}#{name}",
+                schema.STATUS: schema.STATUS_REJECTED,
+                schema.REASON: "unsupported_format",
+                schema.DETAIL: detail,
+            }
+        )
+    if not images and "error" not in sample and "not_files" not in sample:
+        # captions or metadata without an image
         rows.append(
             {
                 schema.SOURCE: f"{tar_uri}#{key}",

@@ -156,7 +156,7 @@ def test_hostile_names_and_links(local_ray, tmp_path):
     """`../`, absolute paths, newlines, `#` and invalid UTF-8 in file and member names stay
     inside OUT and give content keys; links follow the README's rule: a linked file is read
     through its link, a linked folder is not descended (so a loop cannot hang the listing),
-    a dangling link is an `unreadable` row."""
+    a dangling link, a named pipe and a link to a device are `unreadable` rows."""
     inputs = tmp_path / "in"
     inputs.mkdir()
     bad_utf8 = os.fsdecode(b"caf\xe9-\xff\xfe.jpg")  # Latin-1 bytes: not UTF-8
@@ -186,7 +186,9 @@ def test_hostile_names_and_links(local_ray, tmp_path):
     (inputs / "dir_link").symlink_to(elsewhere, target_is_directory=True)
     (inputs / "sub" / "loop").symlink_to(inputs, target_is_directory=True)  # a cycle
     (inputs / "dangling.jpg").symlink_to(tmp_path / "missing.jpg")
-    links = ("file_link.jpg", "dangling.jpg")
+    (inputs / "zero.jpg").symlink_to("/dev/zero")  # a read of it never ends
+    os.mkfifo(inputs / "pipe.jpg")  # a read of it waits for ever for a writer
+    links = ("file_link.jpg", "dangling.jpg", "zero.jpg", "pipe.jpg")
 
     out = tmp_path / "out"
     before = _snapshot(tmp_path, out)
@@ -196,7 +198,8 @@ def test_hostile_names_and_links(local_ray, tmp_path):
     assert not list(tmp_path.rglob("escaped.jpg")) and not Path("/etc/absolute.jpg").exists()
     rows = {r["source"]: r for r in pq.read_table(out / "manifest").to_pylist()}
     assert len(rows) == len(local) + len(members) + len(links)  # nothing via dir_link, loop
-    assert rows.pop(f"{inputs}/dangling.jpg")["reason"] == "unreadable"
+    for name in ("dangling.jpg", "zero.jpg", "pipe.jpg"):
+        assert rows.pop(f"{inputs}/{name}")["reason"] == "unreadable", name
     assert all(r["status"] == "kept" for r in rows.values()), [
         (k, r["detail"]) for k, r in rows.items()
     ]

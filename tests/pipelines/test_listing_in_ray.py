@@ -80,6 +80,34 @@ def test_an_output_inside_an_input_folder_is_not_listed(local_ray, tmp_path):
     assert len(list_job(local_ray.data, specs, load_config()).rows.take_all()) > len(sources)
 
 
+def test_inputs_listed_twice_are_one_row_each_and_the_summary_says_why(
+    local_ray, tmp_path, capsys
+):
+    """Overlapping INPUTs (a folder and its subfolder, a list naming a file twice) give one
+    row per file, and the line about repeated rows names that cause (it blamed an interrupted
+    run or a second job on the output, which the user never had)."""
+    import pyarrow.parquet as pq
+
+    from pipelines.cli import main
+    from pipelines.samples import encode, render
+
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    for i, name in enumerate(("a.jpg", "sub/b.jpg")):
+        (folder / name).write_bytes(encode(render(384, 256, 7600 + i), "JPEG", quality=92))
+    lst = tmp_path / "again.lst"
+    lst.write_text(f"{folder}/a.jpg\n{folder}/./a.jpg\n")
+    out = tmp_path / "out"
+    assert main(["curate", str(folder), str(folder / "sub"), str(lst), "--output", str(out),
+                 "--set", "score.enabled=false", "--set", "probe.min_pixels=65536",
+                 "--set", "bucket.tier_scales=[1.0,0.5,0.25,0.125,0.0625,0.05]"]) == 0
+    said = capsys.readouterr().out
+    sources = sorted(r["source"] for r in pq.read_table(out / "manifest").to_pylist())
+    assert sources == [str(folder / "a.jpg"), str(folder / "sub" / "b.jpg")]
+    line = next(x for x in said.splitlines() if "repeated a source" in x)
+    assert "2 inputs were listed more than once" in line and "interrupted" not in line
+
+
 def test_an_output_that_cannot_be_a_folder_is_one_line_before_any_work(tmp_path, capsys):
     """OUT a file (or a path under one): a usage error (exit 2) in one line, before Ray
     starts, not a traceback after the listing."""

@@ -581,3 +581,31 @@ def test_a_damaged_summary_file_is_named(audit_output, audit_jpeg, capsys, name,
     with pytest.raises(SystemExit) as exit_:
         main(["report", str(out), "--samples", "-1"])
     assert exit_.value.code == 2
+
+
+def test_contact_sheets_never_read_a_pipe_and_open_sources_as_the_manifest_names_them(
+    tmp_path, audit_jpeg
+):
+    """A rejected input that is a named pipe gets a placeholder (opening it waited for ever
+    for a writer, so `report` never finished); a source recorded as a `file://` URI (a name
+    that is not UTF-8) is opened as the file it names."""
+    import threading
+
+    from curation.io.listing import local_source
+    from pipelines.report import ThumbJob, make_thumbnails
+
+    os.mkfifo(tmp_path / "pipe.jpg")
+    odd = tmp_path / os.fsdecode(b"caf\xe9.jpg")
+    odd.write_bytes(audit_jpeg(64, 48, 1))
+    jobs = [ThumbJob(str(tmp_path / "pipe.jpg")), ThumbJob(local_source(str(odd)))]
+    assert jobs[1].uri.startswith("file://")
+    out: list = []
+    worker = threading.Thread(
+        target=lambda: out.append([make_thumbnails([j]) for j in jobs]), daemon=True
+    )
+    worker.start()
+    worker.join(10)
+    assert not worker.is_alive(), "the report blocked on a named pipe"
+    (pipe,), (named,) = out[0]
+    assert pipe[0] is None and "named pipe" in pipe[1]
+    assert named[0] is not None and named[0].startswith("data:image/jpeg"), named

@@ -417,3 +417,17 @@ def test_findings_print_names_with_control_characters_escaped(job, capsys):
     assert main(["verify", str(out)]) == 1
     printed = capsys.readouterr().out
     assert "\x1b" not in printed and "\\x1b[31mred\\nline.jpg has no reason" in printed
+
+
+def test_hidden_files_under_shards_are_no_shards(job):
+    """Finder leaves a `.DS_Store` in every folder it shows (an output on a shared drive):
+    verify called each a stray shard that could not be read as a tar, and exited 1. A
+    stray shard with a plain name is still one."""
+    out, _ = job
+    shard = _shards(out)[0]
+    for folder in (out / "shards", shard.parent):
+        (folder / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (shard.parent / f"._{shard.name}").write_bytes(b"AppleDouble")
+    assert verify(str(out)) == []
+    (shard.parent / "notes.txt").write_text("a stray file")
+    _one(verify(str(out)), "notes.txt", "names no sample in it")

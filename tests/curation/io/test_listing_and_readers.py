@@ -1,11 +1,18 @@
 import hashlib
 import io
 import json
+import os
+import shutil
+import subprocess
+import sys
 import tarfile
+import tempfile
+import threading
 from pathlib import Path
 
 import pyarrow as pa
-from hypothesis import HealthCheck, given, settings
+import pytest
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from curation import schema
@@ -341,3 +348,242 @@ def test_local_names_with_url_syntax_are_read_as_named(tmp_path, name):
     (member,) = TarReader()({schema.SOURCE: [str(tar)]}).to_pylist()
     assert member[schema.DATA] == b"member bytes"
     assert read_bytes(member[schema.SOURCE], member[schema.TAR_OFFSET], 12) == b"member bytes"
+
+
+def _read_in_thread(reader: FileReader, batch: dict) -> list[dict]:
+    """The reader's rows, or a failure when it is still reading after 10 s (the blocked
+    thread is a daemon, left waiting on its pipe)."""
+    out: list = []
+    worker = threading.Thread(target=lambda: out.append(reader(batch).to_pylist()), daemon=True)
+    worker.start()
+    worker.join(10)
+    assert not worker.is_alive(), "the reader blocked on a named pipe"
+    return out[0]
+
+
+def test_pipes_and_devices_are_unreadable_rows_never_read(tmp_path):
+    """A named pipe (a read waits for ever for a writer) and a link to `/dev/zero` (a read
+    never ends; its size is 0, so the byte cap did not stop it) are rows, not a hung job."""
+    os.mkfifo(tmp_path / "pipe.jpg")
+    os.mkfifo(tmp_path / "photo.txt")  # a sidecar that is a pipe
+    (tmp_path / "photo.jpg").write_bytes(b"pixels")
+    (tmp_path / "zero.jpg").symlink_to("/dev/zero")
+    items = list(list_inputs([str(tmp_path)]))
+    batch = {
+        schema.SOURCE: [i.uri for i in items],
+        SIDECAR: [i.sidecar for i in items],
+    }
+    rows = _read_in_thread(FileReader(max_file_bytes=1 << 20), batch)
+    by = {Path(r[schema.SOURCE]).name: r for r in rows}
+    assert set(by) == {"pipe.jpg", "photo.jpg", "zero.jpg"}
+    assert by["pipe.jpg"][schema.REASON] == "unreadable"
+    assert "named pipe" in by["pipe.jpg"][schema.DETAIL]
+    assert by["zero.jpg"][schema.REASON] == "unreadable"
+    assert "character device" in by["zero.jpg"][schema.DETAIL]
+    assert by["photo.jpg"][schema.DATA] == b"pixels"  # its pipe of a caption is no caption
+    assert by["photo.jpg"][schema.CAPTION_EN] is None
+
+
+def test_a_file_that_grows_while_read_stops_at_the_byte_cap(tmp_path, monkeypatch):
+    """The cap holds for the bytes read, not only for the size looked up before the read."""
+    import curation.io.readers as readers
+
+    path = tmp_path / "growing.jpg"
+    path.write_bytes(b"x" * 10)
+    real_open = readers.open_input
+
+    def open_after_growth(uri: str):
+        path.write_bytes(b"x" * 1000)  # rewritten between the size check and the read
+        return real_open(uri)
+
+    monkeypatch.setattr(readers, "open_input", open_after_growth)
+    row = FileReader(max_file_bytes=100)({schema.SOURCE: [str(path)]}).to_pylist()[0]
+    assert row[schema.REASON] == "too_large" and row[schema.DATA] is None
+
+
+def _as_a_user(code: str, *args: str) -> subprocess.CompletedProcess:
+    """Run Python `code` as a user that file permissions apply to: as root, in a new user
+    namespace (where it is `nobody`); skipped where none can be made."""
+    cmd = [sys.executable, "-c", code, *args]
+    if os.geteuid() == 0:
+        if shutil.which("unshare") is None or subprocess.run(
+            ["unshare", "-U", "true"], capture_output=True
+        ).returncode:
+            pytest.skip("root, and no user namespace to drop its permission override")
+        cmd = ["unshare", "-U", *cmd]
+    root = Path(__file__).resolve().parents[3]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_a_folder_that_cannot_be_listed_is_an_unreadable_row():
+    """A folder without read permission hides its files: it is one `unreadable` row, not
+    nothing (os.walk skipped it without a word, and its files vanished from the job)."""
+    code = (
+        "import json, sys\n"
+        "from curation.io.listing import list_inputs\n"
+        "from curation.io.readers import FileReader\n"
+        "items = list(list_inputs(sys.argv[1:]))\n"
+        "rows = FileReader()({'source': [i.uri for i in items]}).to_pylist()\n"
+        "print(json.dumps([[r['source'], r['status'], r['reason'], r['detail']] for r in rows]))"
+    )
+    with tempfile.TemporaryDirectory() as tmp:  # not pytest's tmp_path: 0700, closed to others
+        top = Path(tmp) / "in"
+        (top / "locked" / "inner").mkdir(parents=True)
+        (top / "locked" / "inner" / "a.jpg").write_bytes(b"a")
+        (top / "ok.jpg").write_bytes(b"ok")
+        (top / "shut").mkdir()
+        (top / "shut" / "b.jpg").write_bytes(b"b")
+        os.chmod(tmp, 0o755)
+        os.chmod(top / "locked", 0)
+        os.chmod(top / "shut", 0)
+        try:
+            run = _as_a_user(code, str(top), str(top / "shut"))  # a folder INPUT of its own too
+        finally:
+            os.chmod(top / "locked", 0o755)
+            os.chmod(top / "shut", 0o755)
+    assert run.returncode == 0, run.stderr
+    rows = {Path(s).name: (st, r, d) for s, st, r, d in json.loads(run.stdout)}
+    assert rows["ok.jpg"][1] is None  # read
+    for name in ("locked", "shut"):
+        status, reason, detail = rows.pop(name)
+        assert (status, reason) == ("rejected", "unreadable") and "Permission" in detail
+    assert set(rows) == {"ok.jpg"}
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    names=st.sets(
+        st.tuples(
+            st.sampled_from(["a", "A", "b", "a.zh", "x y"]),
+            st.sampled_from(
+                ["jpg", "JPG", "png", "txt", "TXT", "zh.txt", "json", "tar", "TAR", ""]
+            ),
+        ),
+        min_size=1,
+        max_size=6,
+    )
+)
+@example(names={("a", "tar"), ("a", "txt"), ("a", "zh.txt")})
+def test_every_file_of_a_folder_is_an_input_or_an_inputs_sidecar(tmp_path_factory, names):
+    """No file is lost by the pairing: each is listed, or is the caption, Chinese caption or
+    metadata of a listed image (only stray `.json` metadata is not an input, as documented).
+    A `.txt` beside a tar of its stem was taken for a sidecar that no tar reads: no row."""
+    folder = tmp_path_factory.mktemp("pairs")
+    files: set[str] = set()
+    for stem, ext in names:
+        name = f"{stem}.{ext}" if ext else stem
+        if name.lower() not in {f.lower() for f in files}:  # one case-insensitive spelling
+            (folder / name).write_bytes(b"x")
+            files.add(name)
+    covered = set()
+    for item in list_inputs([str(folder)]):
+        covered.add(Path(item.uri).name)
+        if item.kind == "file":
+            covered |= {Path(s).name for s in (item.sidecar, item.meta, item.sidecar_zh) if s}
+    lost = {f for f in files - covered if not f.lower().endswith(".json")}
+    assert not lost, sorted(files)
+
+
+def test_every_tar_member_but_folders_is_a_row_links_included(tmp_path):
+    """Links, pipes and devices in a tar were skipped without a row. A hard link (how `tar`
+    stores a hard-linked file's second name) is the earlier member's bytes, which the shard
+    writer can read again at that member's offset; a symbolic link is never followed."""
+    tar = tmp_path / "links.tar"
+    with tarfile.open(tar, "w") as tf:
+        for name, data in (("a.jpg", b"AAAA"), ("a.txt", b"cap a")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+        for name, kind, target in (
+            ("dir", tarfile.DIRTYPE, ""),
+            ("hard.jpg", tarfile.LNKTYPE, "a.jpg"),
+            ("lost.jpg", tarfile.LNKTYPE, "not-in-the-tar.jpg"),
+            ("sym.jpg", tarfile.SYMTYPE, "/etc/passwd"),
+            ("pipe.png", tarfile.FIFOTYPE, ""),
+            ("dev", tarfile.CHRTYPE, ""),
+        ):
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = kind, target
+            tf.addfile(info)
+    rows = {r[schema.SOURCE].split("#")[1]: r for r in TarReader()({schema.SOURCE: [str(tar)]})
+            .to_pylist()}  # fmt: skip
+    assert set(rows) == {"a.jpg", "hard.jpg", "lost.jpg", "sym.jpg", "pipe.png", "dev"}
+    hard = rows.pop("hard.jpg")
+    assert hard[schema.DATA] == b"AAAA" and hard[schema.REASON] is None
+    assert read_bytes(f"{tar}#hard.jpg", hard[schema.TAR_OFFSET], hard[schema.SIZE_BYTES]) == (
+        b"AAAA")  # fmt: skip
+    assert rows.pop("a.jpg")[schema.CAPTION_EN] == "cap a"
+    for name, words in (("lost.jpg", "hard link"), ("sym.jpg", "symbolic link"),
+                        ("pipe.png", "named pipe"), ("dev", "device")):  # fmt: skip
+        assert rows[name][schema.REASON] == "unsupported_format", name
+        assert words in rows[name][schema.DETAIL] and rows[name][schema.DATA] is None
+
+
+def test_few_local_files_does_not_follow_linked_folders(tmp_path):
+    """Two links to a folder inside it: the look followed them, branching twice per level
+    down to the kernel's link limit (2^40 folders; with no file to stop it, the job never
+    started), and counted files that the listing does not list."""
+    folders = [tmp_path / "empty", tmp_path / "one"]
+    for folder in folders:
+        folder.mkdir()
+        (folder / "a").symlink_to(folder, target_is_directory=True)
+        (folder / "b").symlink_to(folder, target_is_directory=True)
+    (tmp_path / "one" / "x.jpg").write_bytes(b"x")
+    code = (
+        "import sys\n"
+        "from curation.io.listing import few_local_files, plan_inputs\n"
+        "for f in sys.argv[1:]: print(few_local_files(plan_inputs([f]), 1))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[3])}
+    try:
+        run = subprocess.run([sys.executable, "-c", code, *map(str, folders)],
+                             capture_output=True, text=True, env=env, timeout=20)  # fmt: skip
+    except subprocess.TimeoutExpired:
+        pytest.fail("few_local_files followed the folder's links to itself")
+    assert run.stdout.split() == ["True", "True"], run.stderr  # 0 and 1 files, as listed
+
+
+def test_a_folder_nested_a_thousand_levels_deep_is_listed(tmp_path):
+    """A legal path (under 4096 bytes) 1,200 folders deep: `os.walk` recursed once per level
+    and the listing failed the job with a RecursionError."""
+    folder = tmp_path / "deep"
+    path = str(folder)
+    os.mkdir(path)
+    for _ in range(1200):
+        path += "/a"
+        os.mkdir(path)
+    Path(path, "x.jpg").write_bytes(b"x")
+    Path(folder, "top.jpg").write_bytes(b"t")
+    try:
+        listed = sorted(i.uri for i in list_inputs([str(folder)]))
+    finally:  # removed here, bottom up: pytest's recursive clean-up of old tmp folders fails
+        os.unlink(f"{path}/x.jpg")
+        while path != str(folder):
+            os.rmdir(path)
+            path = os.path.dirname(path)
+    assert listed == sorted([f"{path}/a{'/a' * 1199}/x.jpg", f"{folder}/top.jpg"])
+
+
+def test_a_sidecar_over_the_cap_is_no_caption_and_is_not_read_whole(tmp_path):
+    """A caption or metadata file of more than `SIDECAR_MAX_BYTES` beside an image (a dump,
+    not a caption) was read whole into the worker; it is no caption, and the image is read."""
+    from curation.io.readers import SIDECAR_MAX_BYTES
+
+    (tmp_path / "x.jpg").write_bytes(b"pixels")
+    (tmp_path / "x.txt").write_bytes(b"a" * (SIDECAR_MAX_BYTES + 1))
+    (tmp_path / "x.json").write_bytes(b'{"caption": "' + b"b" * SIDECAR_MAX_BYTES + b'"}')
+    (tmp_path / "y.jpg").write_bytes(b"more")
+    (tmp_path / "y.txt").write_bytes(b"c" * SIDECAR_MAX_BYTES)  # at the cap: a caption
+    items = list(list_inputs([str(tmp_path)]))
+    rows = FileReader()({
+        schema.SOURCE: [i.uri for i in items],
+        SIDECAR: [i.sidecar for i in items],
+        META: [i.meta for i in items],
+    }).to_pylist()  # fmt: skip
+    by = {Path(r[schema.SOURCE]).name: r for r in rows}
+    assert by["x.jpg"][schema.DATA] == b"pixels" and by["x.jpg"][schema.CAPTION_EN] is None
+    assert by["x.jpg"][schema.SOURCE_META] is None
+    assert len(by["y.jpg"][schema.CAPTION_EN]) == SIDECAR_MAX_BYTES
