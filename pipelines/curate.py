@@ -709,16 +709,48 @@ def worker_env(environ: Mapping[str, str]) -> dict[str, str]:
     return {k: environ[k] for k in AWS_ENV if k in environ}
 
 
+class ClusterUnreachable(ValueError):
+    """`--ray-address` names no Ray cluster that answers (a user's error: exit 2)."""
+
+
+CLUSTER_PROBE_SECONDS = 10.0
+"""How long `--ray-address HOST:PORT` may take to accept a connection before the job stops."""
+
+
+def check_ray_address(address: str, timeout: float = CLUSTER_PROBE_SECONDS) -> None:
+    """Raise `ClusterUnreachable` when `HOST:PORT` accepts no connection: Ray itself retries
+    an unreachable address for about 13 minutes, printing a warning every few seconds.
+    Other forms (`auto`, `ray://…`) are left to Ray."""
+    import socket
+
+    match = re.fullmatch(r"([^:/\s]+):(\d+)", address.strip())
+    if match is None:
+        return
+    try:
+        socket.create_connection((match[1], int(match[2])), timeout=timeout).close()
+    except OSError as e:
+        raise ClusterUnreachable(
+            f"no Ray cluster answers at --ray-address {address} ({e.strerror or e}); give the "
+            "head node's address (ray start --head prints it), or leave --ray-address out for "
+            "a local Ray instance"
+        ) from None
+
+
 def init_ray(cfg: JobConfig, address: str | None) -> Any:
     """Connect to a cluster (`address`) or start a local Ray instance."""
     import ray
 
+    if address:
+        check_ray_address(address)
     if ray.is_initialized():
         return ray
     env = worker_env(os.environ)
     runtime_env = {"env_vars": env} if env and address else None
     if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
+        try:
+            ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
+        except ConnectionError as e:  # `auto` on a machine that runs no Ray
+            raise ClusterUnreachable(f"--ray-address {address}: {e}") from None
     else:
         kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
         if cfg.ray.num_cpus:
@@ -1232,7 +1264,7 @@ def run_curate(
         _check_output_folder(output)
         lock = _lock_output(output)
     try:
-        with passes.run("start-up", len(specs)):
+        with passes.run("start-up", len(specs), user_errors=(ClusterUnreachable,)):
             ray = init_ray(cfg, ray_address)
             rd = ray.data
             configure_progress(rd, sys.stdout.isatty())
