@@ -719,7 +719,7 @@ CLUSTER_PROBE_SECONDS = 10.0
 
 def check_ray_address(address: str, timeout: float = CLUSTER_PROBE_SECONDS) -> None:
     """Raise `ClusterUnreachable` when `HOST:PORT` accepts no connection: Ray itself retries
-    an unreachable address for about 13 minutes, printing a warning every few seconds.
+    an unreachable address for more than 10 minutes (Ray 2.60), a warning every few seconds.
     Other forms (`auto`, `ray://…`) are left to Ray."""
     import socket
 

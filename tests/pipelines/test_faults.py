@@ -436,9 +436,9 @@ def test_a_failed_ray_task_names_its_error_in_the_one_line(tmp_path):
 
 
 def test_a_ray_address_that_nothing_answers_is_one_line_at_once(tmp_path):
-    """`--ray-address` with a mistyped port: Ray retried it for about 13 minutes, printing a
-    warning every few seconds, before the job failed with "rerun the same command to resume"
-    (which could not help). Now one line, exit 2, before Ray is asked."""
+    """`--ray-address` with a mistyped port: Ray retried it for more than 10 minutes (killed
+    then), a warning every few seconds; `auto` with no Ray running failed the start-up pass
+    with "rerun the same command to resume". Now one line, exit 2, before Ray is asked."""
     from pipelines.curate import check_ray_address
 
     with socket.socket() as listening:  # an address that answers passes the check
