@@ -1435,8 +1435,9 @@ def _decide_and_write(
         if num_repeats:
             passes.echo(
                 f"native4k: {num_repeats} stored analysis rows repeated a source another row "
-                "holds (a worker of an interrupted run finished after the rerun listed its "
-                "work, or two runs shared this output): one row per source kept"
+                "holds (INPUTs that name a file twice, such as a folder and a file inside it; "
+                "a worker of an interrupted run that finished after the rerun listed its work; "
+                "or two runs that shared this output): one row per source kept"
             )
         decisions = (
             dedup_decisions(rows, cfg, partitions_for)

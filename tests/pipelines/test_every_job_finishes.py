@@ -420,3 +420,17 @@ def test_the_summary_names_the_bound_that_rejected(local_ray, tmp_path):
     assert rules["aspect_ratio"]["setting"] == "probe.max_aspect / probe.min_aspect"
     assert rules["too_large"]["setting"] == "probe.max_file_bytes / probe.max_pixels"
     assert rules["too_large"]["rule"] == "pixels > 120,000,000 or file bytes > 40,000"
+
+
+def test_inputs_that_name_a_file_twice_give_one_row_and_say_why(local_ray, tmp_path):
+    """`curate in in/a.jpg`: one row per source, but the note blamed only an interrupted run's
+    late worker or two runs sharing the output, neither of which had happened."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(2):
+        (folder / f"s{i}.jpg").write_bytes(encode(render(512, 320, i), "JPEG"))
+    rc, stdout, stderr = run_job([folder, folder / "s0.jpg"], tmp_path / "out", *NO_MODELS)
+    assert rc == 0, stderr
+    assert len(pq.read_table(tmp_path / "out" / "manifest")) == 2
+    assert "1 stored analysis rows repeated a source another row holds (INPUTs that name a " \
+        "file twice" in stdout
