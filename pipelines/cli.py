@@ -216,7 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", metavar="OUT", help="a finished job's folder or s3:// prefix")
     p.add_argument("--json", action="store_true", help="print the tables as JSON")
     p.add_argument(
-        "--by", metavar="COLUMN", help="cut every row by this manifest column (default: bucket)"
+        "--by",
+        metavar="COLUMN",
+        help="cut every row, rejected ones included, by this manifest column (default: the "
+        "kept rows by bucket, then the rejected ones by reason)",
     )
     p.set_defaults(func=_stats)
 

@@ -599,6 +599,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"cannot read config file {path}: {e.strerror}") from e
         except (yaml.YAMLError, UnicodeDecodeError) as e:  # not YAML, or not UTF-8 text
             raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping (section: settings)")
         data = loaded or {}
     for item in overrides or []:
         if "=" not in item:

@@ -724,16 +724,48 @@ def worker_env(environ: Mapping[str, str]) -> dict[str, str]:
     return {k: environ[k] for k in AWS_ENV if k in environ}
 
 
+class ClusterUnreachable(ValueError):
+    """`--ray-address` names no Ray cluster that answers (a user's error: exit 2)."""
+
+
+CLUSTER_PROBE_SECONDS = 10.0
+"""How long `--ray-address HOST:PORT` may take to accept a connection before the job stops."""
+
+
+def check_ray_address(address: str, timeout: float = CLUSTER_PROBE_SECONDS) -> None:
+    """Raise `ClusterUnreachable` when `HOST:PORT` accepts no connection: Ray itself retries
+    an unreachable address for more than 10 minutes (Ray 2.60), a warning every few seconds.
+    Other forms (`auto`, `ray://…`) are left to Ray."""
+    import socket
+
+    match = re.fullmatch(r"([^:/\s]+):(\d+)", address.strip())
+    if match is None:
+        return
+    try:
+        socket.create_connection((match[1], int(match[2])), timeout=timeout).close()
+    except OSError as e:
+        raise ClusterUnreachable(
+            f"no Ray cluster answers at --ray-address {address} ({e.strerror or e}); give the "
+            "head node's address (ray start --head prints it), or leave --ray-address out for "
+            "a local Ray instance"
+        ) from None
+
+
 def init_ray(cfg: JobConfig, address: str | None) -> Any:
     """Connect to a cluster (`address`) or start a local Ray instance."""
     import ray
 
+    if address:
+        check_ray_address(address)
     if ray.is_initialized():
         return ray
     env = worker_env(os.environ)
     runtime_env = {"env_vars": env} if env and address else None
     if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
+        try:
+            ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
+        except ConnectionError as e:  # `auto` on a machine that runs no Ray
+            raise ClusterUnreachable(f"--ray-address {address}: {e}") from None
     else:
         kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
         if cfg.ray.num_cpus:
@@ -1247,7 +1279,7 @@ def run_curate(
         _check_output_folder(output)
         lock = _lock_output(output)
     try:
-        with passes.run("start-up", len(specs)):
+        with passes.run("start-up", len(specs), user_errors=(ClusterUnreachable,)):
             ray = init_ray(cfg, ray_address)
             rd = ray.data
             configure_progress(rd, sys.stdout.isatty())
@@ -1484,13 +1516,13 @@ def _decide_and_write(
 
     # Manifest, stats and the small files; `_SUCCESS` last.
     with passes.run("manifest", num_rows):
-        stats = compute_stats(final, table, partitions_for)
+        stats = compute_stats(final, table, partitions_for, cfg.probe.min_aspect)
         _remove_stale_shards(
             output, {n for b in stats["buckets"].values() for n in b.pop("shard_names")}
         )
         _write_manifest(rd, final, output)
         _remove_leftover_temporaries(output)
-        stats["rules"] = {**rule_summary(cfg), **models.rules}
+        stats["rules"] = {**rule_summary(cfg, stats.pop("bound_counts")), **models.rules}
         semantic = models.counts.get("semantic_duplicates", 0)
         if semantic:
             stats["rules"]["duplicate"] = duplicate_rule(
@@ -1638,18 +1670,40 @@ def outcome_lines(stats: dict[str, Any]) -> list[str]:
     return lines
 
 
-def rule_summary(cfg: JobConfig) -> dict[str, dict[str, Any]]:
-    """Per rejection reason that a threshold decides: the rule and the setting that moves it."""
+def rule_summary(
+    cfg: JobConfig, bound_counts: Mapping[str, Mapping[str, int]] | None = None
+) -> dict[str, dict[str, Any]]:
+    """Per rejection reason that a threshold decides: the rule and the settings that move it,
+    for a reason with several the one that rejected most of the job's rows first
+    (`bound_counts`: per reason, rows per setting, from `compute_stats`)."""
     out: dict[str, dict[str, Any]] = {}
     for r in (*header_rules(cfg), *pixel_rules(cfg)):
         entry = out.setdefault(r.reason, {"rule": r.bound_text(), "setting": r.setting})
         if entry["rule"] != r.bound_text():  # a reason with two bounds (aspect ratio)
             entry["rule"] = f"{entry['rule']} or {r.bound_text()}"
+    big = out["too_large"]  # the reader's byte cap rejects unread files with the same reason
+    big["rule"] += f" or file bytes > {cfg.probe.max_file_bytes:,}"
+    big["setting"] += " / probe.max_file_bytes"
+    for reason, counts in (bound_counts or {}).items():  # the setting that moves most first
+        if reason in out:
+            names = out[reason]["setting"].split(" / ")
+            names.sort(key=lambda n: -counts.get(n, 0))  # stable: ties keep their order
+            out[reason]["setting"] = " / ".join(names)
     out["duplicate"] = {
         "rule": f"pHash within {cfg.dedup.max_hamming} bits of a better copy, or the same bytes",
         "setting": "dedup.max_hamming / dedup.enabled",
     }
     return out
+
+
+def bound_setting(reason: str | None, width: Any, height: Any, min_aspect: float) -> str | None:
+    """The setting whose bound rejected a row of a reason with two (`rule_summary` names it
+    first in a job's summary); None for the other reasons."""
+    if reason == "too_large":  # the byte cap rejects a file unread: no size
+        return "probe.max_file_bytes" if width is None else "probe.max_pixels"
+    if reason == "aspect_ratio" and width and height:
+        return "probe.min_aspect" if width / height < min_aspect else "probe.max_aspect"
+    return None
 
 
 def duplicate_rule(cfg: JobConfig, semantic: int, duplicates: int) -> dict[str, Any]:
@@ -1743,31 +1797,48 @@ def _bucket_summary(g: pa.Table) -> pa.Table:
     return pa.Table.from_pylist([row])
 
 
-def _partials(t: pa.Table) -> pa.Table:
-    """One row per batch: outcome counts and CPU seconds per stage (summed on the driver)."""
+def _partials(t: pa.Table, min_aspect: float) -> pa.Table:
+    """One row per batch: outcome counts, rows per setting of a two-bound reason
+    (`bound_setting`) and CPU seconds per stage (summed on the driver)."""
     reasons: dict[str, int] = {}
-    for status, reason in zip(column(t, schema.STATUS), column(t, schema.REASON), strict=True):
+    bounds: dict[str, int] = {}
+    rows = zip(column(t, schema.STATUS), column(t, schema.REASON), column(t, schema.WIDTH),
+               column(t, schema.HEIGHT), strict=True)  # fmt: skip
+    for status, reason, width, height in rows:
         k = "kept" if status == schema.STATUS_KEPT else (reason or "unknown")
         reasons[k] = reasons.get(k, 0) + 1
+        setting = None if status == schema.STATUS_KEPT else (
+            bound_setting(reason, width, height, min_aspect))  # fmt: skip
+        if setting is not None:
+            bounds[f"{k}:{setting}"] = bounds.get(f"{k}:{setting}", 0) + 1
     stages: dict[str, float] = {}
     for text in column(t, schema.STAGE_SECONDS):
         for k, v in json.loads(text or "{}").items():
             stages[k] = stages.get(k, 0.0) + v
-    return pa.table({"partial": [json.dumps({"reasons": reasons, "stages": stages})]})
+    counts = {"reasons": reasons, "bounds": bounds, "stages": stages}
+    return pa.table({"partial": [json.dumps(counts)]})
 
 
-def compute_stats(final: Any, table: list[Bucket], partitions_for: Partitioning) -> dict[str, Any]:
+def compute_stats(
+    final: Any, table: list[Bucket], partitions_for: Partitioning, min_aspect: float
+) -> dict[str, Any]:
     """Counts and score summaries per bucket and per reason, from the final manifest.
 
     Two distributed passes: per-batch partial counts, and one group-by bucket for the score
-    quantiles. Only per-batch and per-bucket summaries reach the driver.
+    quantiles. Only per-batch and per-bucket summaries reach the driver. `bound_counts` (for
+    `rule_summary`, not stats.json): per two-bound reason, rows per setting.
     """
     by_reason: dict[str, int] = {}
+    bounds: dict[str, dict[str, int]] = {}
     per_stage: dict[str, float] = {}
-    for r in final.map_batches(_partials, batch_format="pyarrow").take_all():
+    partials = partial(_partials, min_aspect=min_aspect)
+    for r in final.map_batches(partials, batch_format="pyarrow").take_all():
         part = json.loads(r["partial"])
         for k, v in part["reasons"].items():
             by_reason[k] = by_reason.get(k, 0) + v
+        for k, v in part["bounds"].items():
+            reason, setting = k.split(":", 1)
+            bounds.setdefault(reason, {})[setting] = bounds.get(reason, {}).get(setting, 0) + v
         for k, v in part["stages"].items():
             per_stage[k] = per_stage.get(k, 0.0) + v
     total = sum(by_reason.values())
@@ -1791,6 +1862,7 @@ def compute_stats(final: Any, table: list[Bucket], partitions_for: Partitioning)
         "buckets": dict(sorted(buckets.items())),
         "empty_buckets": len(empty),
         "stage_seconds": {k: round(v, 3) for k, v in sorted(per_stage.items())},
+        "bound_counts": bounds,
     }
 
 

@@ -52,6 +52,15 @@ LINEAGE_ROWS = 100_000
 """At most this many rows in the searchable lineage table (the manifest has them all)."""
 NOT_DECODED = {"too_large": "not decoded: over the decompression-bomb cap"}
 """Reasons whose inputs are never decoded for a thumbnail, and why."""
+NOT_READ = "not read: over the file-size cap (probe.max_file_bytes)"
+"""Why a `too_large` row with no size has no thumbnail: the reader's byte cap rejected it."""
+
+
+def _not_decoded(row: dict[str, Any]) -> str:
+    """Why `row` (of a `NOT_DECODED` reason) has no thumbnail."""
+    if row.get(schema.WIDTH) is None and row[schema.REASON] == "too_large":
+        return NOT_READ
+    return NOT_DECODED[row[schema.REASON]]
 
 # --- the end-of-job tables (from stats.json, used by `native4k curate`) ----------------------
 
@@ -767,7 +776,7 @@ def write_report(output: str, *, samples: int = DEFAULT_SAMPLES, workers: int | 
         for row in rows:
             slot = slots[i]
             i += 1
-            thumb = made[slot] if slot is not None else (None, NOT_DECODED[row[schema.REASON]])
+            thumb = made[slot] if slot is not None else (None, _not_decoded(row))
             cards.append(_card(row, thumb, scores))
         total = next(
             (e["samples"] for e in (s["groups"] if title == "bucket" else s["reasons"])

@@ -710,7 +710,10 @@ def load_train_config(
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise TrainConfigError(f"config key '{dotted}' does not name a setting")
-        node[parts[-1]] = yaml.safe_load(raw)
+        try:
+            node[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError:  # not YAML (a path or name with braces): the text itself
+            node[parts[-1]] = raw
     if cls is VaeTrainConfig and isinstance(tree.get("data"), dict):
         # The VAE post-trains on random native-pixel crops: its data mode defaults to `crop`.
         tree["data"].setdefault("mode", "crop")

@@ -340,7 +340,26 @@ def expand_input(
     elif spec.kind == "tar":
         yield InputItem(spec.uri, "tar")
     else:
-        yield from _group_folder(fs, [path], sidecar_exts, named=True)
+        named = _uri(fs, path)
+        for item in _group_folder(fs, [path, *_sidecars_beside(fs, path, sidecar_exts)],
+                                  sidecar_exts, named=True):  # fmt: skip
+            if item.uri == named:  # its sidecars travel with it, as in a folder
+                yield item
+
+
+def _sidecars_beside(
+    fs: fsspec.AbstractFileSystem, path: str, sidecar_exts: tuple[str, ...]
+) -> list[str]:
+    """The sidecar files of an image named as an INPUT (`<stem>.txt`, `.json`, `.zh.txt`):
+    a few look-ups, as a named INPUT is one file, not a folder to list."""
+    pp = PurePosixPath(path)
+    if pp.suffix.lower().lstrip(".") in sidecar_exts:
+        return []  # a caption file named as an INPUT is an input of its own
+    stem = str(pp.with_suffix(""))
+    names = [f"{stem}.{e}" for e in sidecar_exts]
+    if "txt" in sidecar_exts:
+        names.append(f"{stem}.zh.txt")
+    return [n for n in names if fs.isfile(n)]
 
 
 def list_inputs(

@@ -94,6 +94,16 @@ def test_a_config_file_that_is_not_utf8_is_one_error(tmp_path):
         load_config(f)
 
 
+@pytest.mark.parametrize("text", ["- a\n- b\n", "42\n", "just text\n"])
+def test_a_config_file_that_is_no_mapping_is_one_error(tmp_path, text):
+    """A YAML list as --config, with a --set, ended in an AttributeError traceback (exit 1)."""
+    f = tmp_path / "c.yaml"
+    f.write_text(text)
+    for overrides in ([], ["dedup.max_hamming=3"]):
+        with pytest.raises(ConfigError, match=r"c\.yaml must hold a mapping"):
+            load_config(f, overrides)
+
+
 def test_an_override_that_is_not_yaml_is_its_text():
     """`--set caption.hint_template={prompt} with {{braces}}: {hint}` ended in a YAML parser
     traceback (exit 1) instead of setting the text or naming the key."""

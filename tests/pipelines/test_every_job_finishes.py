@@ -395,3 +395,41 @@ def test_the_summary_counts_one_input_in_the_singular() -> None:
     two = outcome_lines({"total": 2, "kept": 0, "reasons": {"flat": 2}, "rules": rules})
     assert two[0] == "nothing kept: all 2 inputs were rejected (no shards were written)"
     assert two[1].startswith("'flat' rejected 2 of 2 inputs (100%)")
+
+
+def test_the_summary_names_the_bound_that_rejected(local_ray, tmp_path):
+    """A job of panoramas wider than 3:1 ended "'aspect_ratio' rejected ...; change it with
+    --set probe.min_aspect", and files over the byte cap were "pixels > 120,000,000; change it
+    with --set probe.max_pixels": settings that move none of them."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    ramp = np.tile(np.linspace(0, 255, 1600, dtype=np.uint8), (400, 1))
+    for i in range(3):  # 4:1, a few kB each
+        (folder / f"pano{i}.jpg").write_bytes(encode(np.stack([ramp + i] * 3, -1), "JPEG"))
+    (folder / "tall.jpg").write_bytes(encode(np.ascontiguousarray(ramp.T), "JPEG"))
+    noise = np.random.default_rng(0).integers(0, 256, (200, 200, 3), dtype=np.uint8)
+    for i in range(2):  # over the byte cap: not read, no size
+        (folder / f"big{i}.png").write_bytes(encode(noise ^ i, "PNG"))
+    small = ["--set", "probe.min_pixels=65536", "--set", "probe.max_file_bytes=40000",
+             "--set", "bucket.tier_scales=[1.0,0.5,0.25,0.125,0.0625,0.05]"]  # fmt: skip
+    rc, stdout, stderr = run_job([folder], tmp_path / "out", *NO_MODELS, *small)
+    assert rc == 0, stderr
+    assert "'aspect_ratio' rejected 4 of 6 inputs (67%)" in stdout
+    assert "change it with --set probe.max_aspect=VALUE" in stdout
+    rules = json.loads((tmp_path / "out" / "stats.json").read_text())["rules"]
+    assert rules["aspect_ratio"]["setting"] == "probe.max_aspect / probe.min_aspect"
+    assert rules["too_large"]["setting"] == "probe.max_file_bytes / probe.max_pixels"
+    assert rules["too_large"]["rule"] == "pixels > 120,000,000 or file bytes > 40,000"
+
+
+def test_inputs_that_name_a_file_twice_give_one_row_and_say_why(local_ray, tmp_path):
+    """`curate in in/a.jpg`: one row per source, but the note blamed only an interrupted run's
+    late worker or two runs sharing the output, neither of which had happened."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(2):
+        (folder / f"s{i}.jpg").write_bytes(encode(render(512, 320, i), "JPEG"))
+    rc, stdout, stderr = run_job([folder, folder / "s0.jpg"], tmp_path / "out", *NO_MODELS)
+    assert rc == 0, stderr
+    assert len(pq.read_table(tmp_path / "out" / "manifest")) == 2
+    assert "1 input was listed more than once: INPUTs that overlap" in stdout

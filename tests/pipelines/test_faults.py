@@ -435,6 +435,32 @@ def test_a_failed_ray_task_names_its_error_in_the_one_line(tmp_path):
     assert "\n" not in msg and "\x1b" not in msg
 
 
+def test_a_ray_address_that_nothing_answers_is_one_line_at_once(tmp_path):
+    """`--ray-address` with a mistyped port: Ray retried it for more than 10 minutes (killed
+    then), a warning every few seconds; `auto` with no Ray running failed the start-up pass
+    with "rerun the same command to resume". Now one line, exit 2, before Ray is asked."""
+    from pipelines.curate import check_ray_address
+
+    with socket.socket() as listening:  # an address that answers passes the check
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        check_ray_address(f"127.0.0.1:{listening.getsockname()[1]}")
+        closed = listening.getsockname()[1]
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jpg").write_bytes(b"any input")
+    err = io.StringIO()
+    started = time.monotonic()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        rc = main(["curate", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
+                   "--ray-address", f"127.0.0.1:{closed}"])  # fmt: skip
+    assert rc == 2 and time.monotonic() - started < 10
+    assert err.getvalue().splitlines() == [
+        f"native4k: no Ray cluster answers at --ray-address 127.0.0.1:{closed} (Connection "
+        "refused); give the head node's address (ray start --head prints it), or leave "
+        "--ray-address out for a local Ray instance"
+    ]
+
+
 def test_a_rerun_leaves_no_empty_bucket_folder(tmp_path):
     """A rerun whose kept images left a bucket removed that bucket's shards, but not its
     folder: `shards/<bucket>/` stayed, empty, for a bucket the job no longer has."""

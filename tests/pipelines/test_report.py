@@ -544,6 +544,18 @@ def test_report_without_native_evidence_says_so(audit_output):
     assert "No manifest row carries native evidence" in text
 
 
+def test_a_file_over_the_byte_cap_is_not_called_a_bomb(audit_output):
+    """A file rejected unread by `probe.max_file_bytes` (no size) had the placeholder "not
+    decoded: over the decompression-bomb cap" on the report's contact sheet."""
+    out, _ = audit_output([], [
+        {"source": "/in/huge.tif", "reason": "too_large", "detail": "file is 9 bytes, over..."},
+        {"source": "/in/bomb.png", "reason": "too_large", "width": 40000, "height": 40000},
+    ])  # fmt: skip
+    text = Path(write_report(str(out), workers=1)).read_text()
+    assert text.count("not read: over the file-size cap (probe.max_file_bytes)") == 1
+    assert text.count("not decoded: over the decompression-bomb cap") == 1
+
+
 def test_thumbnails_find_files_whose_names_hold_a_hash(tmp_path):
     """Only a row read from a tar (it has `tar_offset`) is a tar member; a file named
     `bad#one.jpg` is opened whole (the report showed a placeholder for it before)."""

@@ -87,6 +87,20 @@ def test_learning_rate_defaults_are_the_papers(tmp_path: Path) -> None:
                              ).optim.lr == 1e-5  # fmt: skip
 
 
+def test_an_override_that_is_not_yaml_is_its_text(tmp_path: Path) -> None:
+    """`--set loop.output_dir={a}-run` ended in a YAML parser traceback (exit 1) instead of
+    setting the text or naming the key, as curate's `--set` does."""
+    tree = dit_tree(tmp_path)
+    cfg = load_train_config(
+        DitTrainConfig, data=tree, overrides=["loop.output_dir={a}-run"], check_files=False
+    )
+    assert cfg.loop.output_dir == "{a}-run"
+    with pytest.raises(TrainConfigError, match=r"'loop\.max_steps' must be an integer"):
+        load_train_config(
+            DitTrainConfig, data=tree, overrides=["loop.max_steps={oops"], check_files=False
+        )
+
+
 @pytest.mark.parametrize(
     ("which", "override", "message"),
     [

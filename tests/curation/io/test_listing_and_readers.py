@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from curation import schema
-from curation.io.listing import InputSpec, few_local_files, list_inputs
+from curation.io.listing import InputItem, InputSpec, few_local_files, list_inputs
 from curation.io.readers import (
     META,
     SIDECAR,
@@ -66,6 +66,27 @@ def test_listing_walks_folders_pairs_sidecars_and_reads_lists(tmp_path):
     listed = [i.uri for i in list_inputs([str(lst)])]
     assert listed == [f"{tmp_path}/a/x.jpg", f"{tmp_path}/missing.jpg",
                       f"{tmp_path}/a/b/y.png", f"{tmp_path}/rel.jpg"]
+
+
+def test_an_image_named_as_an_input_brings_its_sidecars(tmp_path):
+    """`native4k curate photo.jpg` dropped `photo.txt` beside it: the caption, the metadata
+    and the Chinese caption travelled only with images found inside a folder INPUT."""
+    (tmp_path / "x.jpg").write_bytes(b"x")
+    (tmp_path / "x.txt").write_text("cap x")
+    (tmp_path / "x.json").write_text(json.dumps({"url": "u"}))
+    (tmp_path / "x.zh.txt").write_text("中文")
+    (tmp_path / ".h.png").write_bytes(b"h")
+    (tmp_path / ".h.json").write_text(json.dumps({"caption": "cap h"}))
+    (tmp_path / "bare.jpg").write_bytes(b"b")
+    items = list(list_inputs([str(tmp_path / n) for n in ("x.jpg", ".h.png", "bare.jpg")]))
+    assert items == [
+        InputItem(f"{tmp_path}/x.jpg", "file", f"{tmp_path}/x.txt", f"{tmp_path}/x.json",
+                  f"{tmp_path}/x.zh.txt"),
+        InputItem(f"{tmp_path}/.h.png", "file", f"{tmp_path}/.h.json", f"{tmp_path}/.h.json"),
+        InputItem(f"{tmp_path}/bare.jpg", "file"),
+    ]  # fmt: skip
+    # A caption file named as an INPUT is an input of its own, as before.
+    assert list(list_inputs([str(tmp_path / "x.txt")])) == [InputItem(f"{tmp_path}/x.txt", "file")]
 
 
 def test_listing_brace_patterns(tmp_path):
