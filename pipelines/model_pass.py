@@ -592,7 +592,11 @@ def split_cached(t: pa.Table, kept: Kept) -> pa.Table:
     out = t.take(pa.array(take, pa.int64()))
     cached = pa.array([hit[i] for i in take], pa.bool_())
     mine = schema.conform(out, kept.columns)  # the row's own values (null when it has none)
-    out = set_columns(out, {c: pc.if_else(cached, out[KEPT + c], mine[c]) for c in kept.columns})
+    # (a join may give the side file's columns large types: each is cast to its schema type)
+    out = set_columns(out, {
+        c: pc.if_else(cached, out[KEPT + c].cast(schema.arrow_type(c)), mine[c])
+        for c in kept.columns
+    })
     out = out.drop_columns([c for c in out.column_names if c.startswith((MATCH, KEPT))])
     return out.append_column(CACHED, cached)
 

@@ -541,7 +541,8 @@ def test_kept_results_count_only_for_the_rows_they_were_computed_from():
 
     from pipelines.model_pass import CACHED, KEPT, MATCH, Kept, split_cached
 
-    spec = Kept("unused", (schema.AESTHETIC, schema.CAPTION_ZH), (schema.SHA256, schema.CAPTION_EN))
+    spec = Kept("unused", (schema.AESTHETIC, schema.CAPTION_ZH, schema.EMBEDDING),
+                (schema.SHA256, schema.CAPTION_EN))
     side = st.tuples(st.sampled_from([None, "h1", "h2"]), st.sampled_from([None, "a", "b"]),
                      st.floats(0, 10))  # fmt: skip
     rows = st.lists(st.tuples(st.sampled_from("abc"), side), min_size=1, max_size=8)
@@ -560,7 +561,9 @@ def test_kept_results_count_only_for_the_rows_they_were_computed_from():
             MATCH + schema.SHA256: pa.array([k[0] for _, k in rs], pa.string()),
             MATCH + schema.CAPTION_EN: pa.array([k[1] for _, k in rs], pa.string()),
             KEPT + schema.AESTHETIC: pa.array([k[2] for _, k in rs], pa.float32()),
-            KEPT + schema.CAPTION_ZH: pa.array([f"kept {k[2]}" for _, k in rs], pa.string()),
+            # as a multi-partition join of Ray Data gives them: large types
+            KEPT + schema.CAPTION_ZH: pa.array([f"kept {k[2]}" for _, k in rs], pa.large_string()),
+            KEPT + schema.EMBEDDING: pa.array([[k[2]] for _, k in rs], pa.large_list(pa.float32())),
         })  # fmt: skip
         out = split_cached(t, spec).to_pylist()
         assert sorted(r[schema.SOURCE] for r in out) == sorted({src for src, _ in rs})
@@ -573,8 +576,10 @@ def test_kept_results_count_only_for_the_rows_they_were_computed_from():
             if matches:
                 assert r[schema.AESTHETIC] == pytest.approx(matches[0][2], rel=1e-6)
                 assert r[schema.CAPTION_ZH] == f"kept {matches[0][2]}"
+                assert r[schema.EMBEDDING] == [pytest.approx(matches[0][2], rel=1e-6)]
             else:
                 assert r[schema.AESTHETIC] is None and r[schema.CAPTION_ZH] == "own"
+                assert r[schema.EMBEDDING] is None
             assert not [c for c in r if c.startswith((MATCH, KEPT))]
 
     check()
