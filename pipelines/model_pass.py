@@ -601,6 +601,20 @@ def split_cached(t: pa.Table, kept: Kept) -> pa.Table:
     return out.append_column(CACHED, cached)
 
 
+def _kept_around(
+    step: Callable[[pa.Table], pa.Table], kept: Kept | None
+) -> Callable[[pa.Table], pa.Table]:
+    """`step`, its batches stamped before and their results kept after (`ResultSink`)."""
+    if kept is None:
+        return step
+    before, sink = stamp(kept), ResultSink(kept=kept)
+
+    def run(t: pa.Table) -> pa.Table:
+        return sink(step(before(t)))
+
+    return run
+
+
 def _cache_rows(cached: bool, names: tuple[str, ...]) -> Callable[[pa.Table], pa.Table]:
     def select(t: pa.Table) -> pa.Table:
         t = t.filter(t[CACHED] if cached else pc.invert(t[CACHED]))
@@ -956,21 +970,19 @@ def run_model_pass(
             min(-(-num_scored // per_block), 16 * max(cpus, 1))
         ).materialize()
         pool = {"gpus": s.num_gpus, "n": s.concurrency, "bs": s.batch_size}
-        sink = None
-        if kept is not None:
-            scored = scored.map_batches(stamp(kept), batch_format="pyarrow", batch_size=None)
-            sink = ResultSink(kept=kept)
         if warm is not None and warm.scores():
-            # A small job's actor, started with the job: its models are loaded by now.
+            # A small job's actor, started with the job: its models are loaded by now. The
+            # side file is written by the same task (one Ray operator: a small job's time).
             warm.loaded()
             scored = scored.map_batches(
-                warm.runs(), batch_format="pyarrow", batch_size=s.batch_size, num_cpus=0
-            )
-            if sink is not None:
-                scored = scored.map_batches(sink, batch_format="pyarrow", batch_size=None)
-            scored = scored.materialize()
+                _kept_around(warm.runs(), kept), batch_format="pyarrow",
+                batch_size=s.batch_size, num_cpus=0,
+            ).materialize()
         elif chain:  # one pool for every scorer: one actor start, one pass over the rows
-            scored = _pool(scored, ModelChain, {"stages": chain}, then=sink, **pool)
+            assert kept is not None
+            scored = scored.map_batches(stamp(kept), batch_format="pyarrow", batch_size=None)
+            scored = _pool(scored, ModelChain, {"stages": chain}, then=ResultSink(kept=kept),
+                           **pool)
     if warm is not None and warm.holds_gpu:
         warm.stop()  # a GPU captioner pool may need its GPU
     if kept is not None:
