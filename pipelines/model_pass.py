@@ -20,6 +20,11 @@ Steps, each a barrier (materialised) so that one actor pool holds the cluster at
 5. embeddings to `OUT/embeddings/part-*.parquet` (atomic files, moved into place), and the
    results joined back onto every row, so scores reach the manifest also for rows that a
    model rule rejected.
+
+Steps 2 and 4 keep each batch's results in side files (`ResultSink`: `_work/scores/` and
+`_work/captions/`, one folder per `fingerprint` of the models and settings); a rerun with the
+same fingerprint takes them for rows whose bytes (and input captions) are unchanged
+(`split_cached`), and runs the models on the others only.
 """
 
 from __future__ import annotations
@@ -791,7 +796,7 @@ def _reuse(
 
 
 def _remove_other_caches(cache: str) -> None:
-    """Remove the score side files of other scorer fingerprints (one set is kept)."""
+    """Remove the side files of the step's other fingerprints (one set is kept per step)."""
     fs, path = fsspec.core.url_to_fs(cache)
     parent = path.rstrip("/").rsplit("/", 1)[0]
     if fs.exists(parent):
