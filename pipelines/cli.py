@@ -120,7 +120,7 @@ def _stats(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from pipelines.stats import printable
+    from pipelines.stats import count_text, printable
     from pipelines.verify import run_verify
 
     try:
@@ -129,7 +129,8 @@ def _verify(args: argparse.Namespace) -> int:
         return _audit_error(args.output, e)
     for p in res.findings:
         print(f"MISMATCH {printable(p)}")  # a finding quotes names, which may hold escapes
-    checked = f"{res.rows} manifest rows, {res.shards} shards, {res.samples} samples"
+    checked = ", ".join(count_text(n, noun) for n, noun in (
+        (res.rows, "manifest row"), (res.shards, "shard"), (res.samples, "sample")))
     if res.findings:
         print(
             f"native4k verify: {len(res.findings)} problem(s) in {args.output} ({checked})",

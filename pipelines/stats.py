@@ -286,9 +286,14 @@ def _score_cell(entry: dict[str, Any], score: str) -> str:
     return f"{s['mean']:.3g}/{s['median']:.3g}" if s else "-"
 
 
+def count_text(n: int, noun: str) -> str:
+    """`1 shard`, `2 shards`: a count and its noun (plural by an `s`) for a sentence."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def inputs_text(n: int) -> str:
     """`1 input`, `2 inputs`: a count of inputs for a sentence."""
-    return f"{n} input" if n == 1 else f"{n} inputs"
+    return count_text(n, "input")
 
 
 _UNPRINTABLE = ("Cc", "Zl", "Zp")  # control characters and line/paragraph separators

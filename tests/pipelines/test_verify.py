@@ -337,12 +337,16 @@ def test_deep_decodes_what_sha256_cannot_see(audit_output, audit_jpeg):
 
 
 @pytest.mark.parametrize("n_kept", [0, 1])
-def test_zero_and_one_kept(audit_output, audit_jpeg, n_kept):
+def test_zero_and_one_kept(audit_output, audit_jpeg, n_kept, capsys):
     one = {"data": audit_jpeg(40, 30, 0), "ext": "jpg", "bucket": BUCKETS[0], "width": 40}
     kept = [{**one, "height": 30}][:n_kept]
     out, _ = audit_output(kept, [{"source": "/in/z.jpg", "reason": "blurry"}])
     assert verify(str(out), deep=True) == []
+    capsys.readouterr()
     assert main(["verify", str(out)]) == 0
+    said = capsys.readouterr().out  # counts in the singular where they are one
+    want = "2 manifest rows, 1 shard, 1 sample" if n_kept else "1 manifest row, 0 shards, 0 samples"
+    assert want in said, said
     if n_kept:
         _shards(out)[0].unlink()
         _one(verify(str(out)), "missing on disk")
