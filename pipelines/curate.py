@@ -22,7 +22,6 @@ This module is the only place that knows Ray.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -59,7 +58,7 @@ from curation.dedup.near_dup import (
     pick_parent,
     with_captioned,
 )
-from curation.io.atomic import atomic_write, is_local, join
+from curation.io.atomic import atomic_write, is_local, join, part_name
 from curation.io.listing import (
     TAR_EXTENSIONS,
     InputSpec,
@@ -240,10 +239,8 @@ class ParquetSink(Stage):
     folder: str = ""
 
     def process(self, t: pa.Table) -> pa.Table:
-        sources = sorted(column(t, schema.SOURCE))
-        digest = hashlib.sha1("\n".join(sources).encode()).hexdigest()[:20]
         out = schema.conform(t, ANALYSIS_COLUMNS)
-        with atomic_write(join(self.folder, f"part-{digest}.parquet")) as fh:
+        with atomic_write(join(self.folder, part_name(column(t, schema.SOURCE)))) as fh:
             pq.write_table(out, fh)
         return pa.table({"rows": [t.num_rows]})
 

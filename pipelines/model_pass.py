@@ -53,7 +53,7 @@ from curation.caption.captioner import VlmCaptioner, input_caption_source
 from curation.caption.translator import CaptionTranslator
 from curation.dedup.near_dup import captioned, colour
 from curation.dedup.semantic_dedup import SemanticDedup
-from curation.io.atomic import atomic_write, join
+from curation.io.atomic import atomic_write, join, part_name
 from curation.score.chain import ModelChain, WarmActor
 from curation.score.clip_embedder import ClipEmbedder
 from curation.score.nudenet_detector import NudeNetDetector, nudenet_available
@@ -450,9 +450,7 @@ class ThumbnailSink(Stage):
             pc.is_valid(t[schema.THUMBNAIL])
         )
         if thumbs.num_rows:
-            sources = sorted(column(t, schema.SOURCE))
-            digest = hashlib.sha1("\n".join(sources).encode()).hexdigest()[:20]
-            with atomic_write(join(self.folder, f"part-{digest}.parquet")) as fh:
+            with atomic_write(join(self.folder, part_name(column(t, schema.SOURCE)))) as fh:
                 pq.write_table(thumbs, fh)
         return t.drop_columns([schema.THUMBNAIL])
 
@@ -555,15 +553,13 @@ class ResultSink(Stage):
         return pa.schema([f for f in input_schema if not f.name.startswith(MATCH)])
 
     def process(self, t: pa.Table) -> pa.Table:
-        sources = sorted(column(t, schema.SOURCE))
-        digest = hashlib.sha1("\n".join(sources).encode()).hexdigest()[:20]
         k = self.kept
         results = schema.conform(t, k.columns)
         side = pa.table(
             [t[schema.SOURCE], *(t[MATCH + c] for c in k.match), *results.columns],
             names=[schema.SOURCE, *(MATCH + c for c in k.match), *(KEPT + c for c in k.columns)],
         )
-        with atomic_write(join(k.folder, f"part-{digest}.parquet")) as fh:
+        with atomic_write(join(k.folder, part_name(column(t, schema.SOURCE)))) as fh:
             pq.write_table(side, fh)
         return t.drop_columns([c for c in t.column_names if c.startswith(MATCH)])
 

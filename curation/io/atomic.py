@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import os
 import uuid
@@ -47,6 +48,13 @@ def staging_folder(path: str) -> str:
             break
         probe = parent
     return folder
+
+
+def part_name(sources: list[str]) -> str:
+    """`part-<digest>.parquet` for a batch's side file, the digest of its sorted sources: a
+    retried batch rewrites its own file instead of adding a second one."""
+    digest = hashlib.sha1("\n".join(sorted(sources)).encode()).hexdigest()[:20]
+    return f"part-{digest}.parquet"
 
 
 @contextlib.contextmanager

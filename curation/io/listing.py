@@ -17,6 +17,7 @@ which the reader rejects as `unreadable`.
 from __future__ import annotations
 
 import io
+import itertools
 import os
 import re
 from collections.abc import Iterable, Iterator
@@ -112,16 +113,16 @@ def _uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return f"{protocol}://{path}"
 
 
-def _walk_local(folder: str, exclude: str | None = None) -> tuple[list[str], list[str]]:
-    """(every file under a local folder, the folders that could not be listed); linked
-    folders are not descended (no loops), nor the folder ``exclude`` (compared by real path:
-    a link to either side is seen through).
+def _iter_local(
+    folder: str, exclude: str | None = None, unlisted: list[str] | None = None
+) -> Iterator[str]:
+    """Every file under a local folder, lazily; linked folders are not descended (no loops),
+    nor the folder ``exclude`` (compared by real path: a link to either side is seen through);
+    folders that cannot be listed go to ``unlisted``.
 
     A walk with its own stack, not `os.walk`, which recurses once per level in this Python
     and failed the listing of a folder nested about a thousand levels deep.
     """
-    out: list[str] = []
-    unlisted: list[str] = []
     exclude = os.path.realpath(exclude) if exclude is not None else None
     stack = [folder]
     while stack:
@@ -130,7 +131,8 @@ def _walk_local(folder: str, exclude: str | None = None) -> tuple[list[str], lis
             with os.scandir(top) as it:
                 entries = list(it)
         except OSError as e:
-            unlisted.append(e.filename if isinstance(e.filename, str) else top)
+            if unlisted is not None:
+                unlisted.append(e.filename if isinstance(e.filename, str) else top)
             continue
         for entry in entries:
             try:
@@ -138,10 +140,16 @@ def _walk_local(folder: str, exclude: str | None = None) -> tuple[list[str], lis
             except OSError:  # as `os.walk`: what cannot be looked at is a file
                 is_dir, is_link = False, False
             if not is_dir:
-                out.append(entry.path)
+                yield entry.path
             elif not is_link and (exclude is None or os.path.realpath(entry.path) != exclude):
                 stack.append(entry.path)
-    return out, unlisted
+
+
+def _walk_local(folder: str, exclude: str | None = None) -> tuple[list[str], list[str]]:
+    """(every file under a local folder, the folders that could not be listed): see
+    `_iter_local`."""
+    unlisted: list[str] = []
+    return list(_iter_local(folder, exclude, unlisted)), unlisted
 
 
 def _group_folder(
@@ -218,27 +226,14 @@ def few_local_files(specs: Iterable[InputSpec], limit: int) -> bool:
     as many.
     """
     count = 0
-    stack: list[str] = []
     for spec in specs:
         if not is_local(spec.uri) or spec.kind not in ("file", "folder"):
             return False
-        path = spec.uri.removeprefix("file://")
         if spec.kind == "file":
             count += 1
         else:
-            stack.append(path)
-        while stack and count <= limit:
-            try:
-                with os.scandir(stack.pop()) as entries:
-                    for entry in entries:
-                        if entry.is_dir(follow_symlinks=False):
-                            stack.append(entry.path)
-                        elif not entry.is_dir():  # a linked folder is not listed
-                            count += 1
-                            if count > limit:
-                                break
-            except OSError:
-                continue
+            path = spec.uri.removeprefix("file://")
+            count += sum(1 for _ in itertools.islice(_iter_local(path), limit + 1 - count))
         if count > limit:
             return False
     return True
