@@ -151,7 +151,7 @@ class Stage:
         self.ready()
         start = time.perf_counter()
         out = self.process(table)
-        return _record_time(out, self.name, time.perf_counter() - start)
+        return record_time(out, self.name, time.perf_counter() - start)
 
     def ray_options(self) -> dict[str, Any]:
         """Resources for `Dataset.map_batches`, as declared by the stage."""
@@ -163,7 +163,7 @@ class Stage:
         return opts
 
 
-def _record_time(table: pa.Table, stage: str, seconds: float) -> pa.Table:
+def record_time(table: pa.Table, stage: str, seconds: float) -> pa.Table:
     """Spread the batch's time evenly over its rows in the `stage_seconds` JSON column."""
     n = table.num_rows
     if n == 0:

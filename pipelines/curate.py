@@ -1000,7 +1000,12 @@ def _analyse(
             tars = grouping.join(
                 tars, done, "left_outer", parts, on=(schema.SOURCE,), right_on=(TAR,)
             )
-        streams.append(_apply(tars.repartition(num_tars), TarReader(max_file_bytes=reader_cap)))
+        reader = TarReader(max_file_bytes=reader_cap)
+        streams.append(  # a tar's rows leave in blocks as it is read (`TarReader.blocks`)
+            tars.repartition(num_tars).map_batches(
+                reader.blocks, batch_format="pyarrow", zero_copy_batch=True, **reader.ray_options()
+            )
+        )
     analysed_now = 0
     if streams:
         sunk = []

@@ -13,7 +13,9 @@ import json
 import os
 import stat
 import tarfile
+import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -22,7 +24,7 @@ from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 
 from curation import schema
-from curation.base import Stage, column, set_columns
+from curation.base import Stage, column, record_time, set_columns, to_table
 from curation.io.listing import escape_name, filesystem, local_path, split_tar_source
 
 SIDECAR = "sidecar"  # listing column: URI of a sidecar caption file
@@ -239,10 +241,17 @@ class TarReader(Stage):
     or `.json` members, `source_meta` (the `.json` member's text). Rejects: `unreadable` for a
     tar that cannot be opened (one row for the tar) or a truncated member;
     `unsupported_format` for a member that holds no file (a symbolic link, never followed; a
-    pipe; a device); a hard link is the bytes of the earlier member it names. A `.tar` whose
+    pipe; a device) and for a compressed tar (its members are read again by offset, which
+    needs a plain tar); a hard link is the bytes of the member it names. A `.tar` whose
     bytes are an image is that image's row (judged by its bytes, as any mislabelled file).
     Rows whose source is in the tar's optional `done_members` list (analysed by an
-    interrupted earlier run) are left out. Resources: 1 CPU; one tar per batch.
+    interrupted earlier run) are left out.
+
+    A tar is read as a stream and its rows leave in blocks of about `max_block_bytes` of
+    member bytes (`blocks`, which the job maps), so a worker holds one block and one member,
+    not the whole tar. The members of a sample lie next to each other, as WebDataset writes
+    them; a caption stored more than a block after its image is a row of its own. Resources:
+    1 CPU; one tar per batch.
     """
 
     name: ClassVar[str] = "read_tar"
@@ -250,9 +259,31 @@ class TarReader(Stage):
     reads: ClassVar[tuple[str, ...]] = (schema.SOURCE,)
     writes: ClassVar[tuple[str, ...]] = (schema.SOURCE, schema.TAR_OFFSET, *schema.READ_COLUMNS)
     max_file_bytes: int = 512 * 1024 * 1024
+    max_block_bytes: int = 128 * 1024 * 1024
+    """Member bytes per output block (Ray Data's own block target); a larger member is a
+    block of its own."""
+
+    def __post_init__(self) -> None:
+        if self.max_block_bytes < 1:
+            raise ValueError(f"max_block_bytes must be at least 1, not {self.max_block_bytes}")
 
     def process(self, table: pa.Table) -> pa.Table:
-        rows: list[dict[str, Any]] = []
+        blocks = list(self._blocks(table))
+        return pa.concat_tables(blocks) if blocks else self._table([])
+
+    def blocks(self, batch: Any) -> Iterator[pa.Table]:
+        """`process` as a stream of blocks, each with its stage time: what the job maps."""
+        table = to_table(batch)
+        if table.num_rows == 0:
+            yield self.output_schema(table.schema).empty_table()
+            return
+        self.ready()
+        start = time.perf_counter()
+        for block in self._blocks(table):
+            yield record_time(block, self.name, time.perf_counter() - start)
+            start = time.perf_counter()
+
+    def _blocks(self, table: pa.Table) -> Iterator[pa.Table]:
         done_lists = (
             column(table, DONE_MEMBERS)
             if DONE_MEMBERS in table.column_names
@@ -260,80 +291,106 @@ class TarReader(Stage):
         )
         for tar_uri, done in zip(column(table, schema.SOURCE), done_lists, strict=True):
             skip = frozenset(done or ())
-            rows.extend(r for r in self._expand(tar_uri) if r[schema.SOURCE] not in skip)
+            for rows in self._expand(tar_uri):
+                kept = [r for r in rows if r[schema.SOURCE] not in skip]
+                if kept:
+                    yield self._table(kept)
+
+    def _table(self, rows: list[dict[str, Any]]) -> pa.Table:
         cols = (*self.writes, *schema.DECISION_COLUMNS)
         return pa.table(
             {c: pa.array([r.get(c) for r in rows], type=schema.arrow_type(c)) for c in cols}
         )
 
-    def _expand(self, tar_uri: str) -> list[dict[str, Any]]:
+    def _expand(self, tar_uri: str) -> Iterator[list[dict[str, Any]]]:
+        """The tar's rows, in lists of about `max_block_bytes` of member bytes."""
         # Imported here: webdataset pulls in torch (~0.7 GB per worker); only tar readers pay.
         from webdataset.tariterators import base_plus_ext
 
-        samples: dict[str, dict[str, Any]] = {}
-        order: list[str] = []
+        samples: dict[str, dict[str, Any]] = {}  # samples not yet emitted, in tar order
+        emitted = 0
+        held = 0  # member bytes in `samples`
         error: str | None = None
-        read: dict[str, tuple[int, bytes]] = {}  # member name -> (data offset, bytes) so far
+        # member name -> (data offset, size): what a later hard link names
+        stored: dict[str, tuple[int, int]] = {}
+        compressed: str | None = None
         try:
-            with (
-                open_input(tar_uri) as fh,
-                tarfile.open(fileobj=fh, mode="r|*") as tf,
-            ):
-                for member in tf:
-                    if member.isdir():
-                        continue
-                    # A hard link is the bytes of a member stored before it (`tar` writes a
-                    # hard-linked file's second name so): the same image, under its name.
-                    target = read.get(member.linkname) if member.islnk() else None
-                    name = escape_name(member.name)
-                    key, ext = base_plus_ext(name)
-                    if key is None:  # no extension, or a hidden name: a sample of its own
-                        key, ext = name, ""
-                    if key not in samples:
-                        samples[key] = {"members": {}}
-                        order.append(key)
-                    if not member.isfile() and target is None:
-                        samples[key].setdefault("not_files", []).append(
-                            (name, safe_text(f"{_member_kind(member)}, not a file; not read"))
+            with open_input(tar_uri) as fh:
+                compressed = _compression(fh.read(6))
+                fh.seek(0)
+                if compressed is not None:
+                    raise tarfile.ReadError(f"{compressed}-compressed")
+                with tarfile.open(fileobj=fh, mode="r|") as tf:
+                    for member in tf:
+                        if member.isdir():
+                            continue
+                        name = escape_name(member.name)
+                        key, ext = base_plus_ext(name)
+                        if key is None:  # no extension, or a hidden name: a sample of its own
+                            key, ext = name, ""
+                        if key not in samples and held >= self.max_block_bytes:
+                            rows = _rows_of(tar_uri, samples)
+                            emitted += len(samples)
+                            samples, held = {}, 0
+                            yield rows
+                        sample = samples.setdefault(key, {"members": {}})
+                        members = sample["members"]
+                        # A hard link is the bytes of a member stored before it (`tar` writes
+                        # a hard-linked file's second name so): the same image, under its name.
+                        target = stored.get(member.linkname) if member.islnk() else None
+                        if not member.isfile() and target is None:
+                            sample.setdefault("not_files", []).append(
+                                (name, safe_text(f"{_member_kind(member)}, not a file; not read"))
+                            )
+                            continue
+                        offset, size = target if target is not None else (
+                            member.offset_data, member.size
                         )
-                        continue
-                    if target is not None:
-                        members = samples[key]["members"]
+                        if size > self.max_file_bytes:
+                            sample["error"] = (
+                                f"{name}: {size} bytes, over the "
+                                f"{self.max_file_bytes}-byte cap; not read"
+                            )
+                            sample["too_large"] = True
+                            continue
+                        try:
+                            data = (
+                                read_bytes(f"{tar_uri}#{name}", offset, size)
+                                if target is not None
+                                else tf.extractfile(member).read()
+                            )
+                        except Exception as e:
+                            sample["error"] = safe_text(f"{name}: {type(e).__name__}: {e}")
+                            continue
+                        if len(data) != size:
+                            sample["error"] = f"{name}: truncated tar member"
+                            continue
+                        # `x.jpg` and `x.JPG` in one tar are two images, not one
                         slot = next(e for e in (ext.lower(), ext, name) if e not in members)
-                        members[slot] = (name, *target)
-                        continue
-                    if member.size > self.max_file_bytes:
-                        samples[key]["error"] = (
-                            f"{name}: {member.size} bytes, over the "
-                            f"{self.max_file_bytes}-byte cap; not read"
-                        )
-                        samples[key]["too_large"] = True
-                        continue
-                    try:
-                        data = tf.extractfile(member).read()
-                    except Exception as e:
-                        samples[key]["error"] = safe_text(f"{name}: {type(e).__name__}: {e}")
-                        continue
-                    if len(data) != member.size:
-                        samples[key]["error"] = f"{name}: truncated tar member"
-                        continue
-                    members = samples[key]["members"]
-                    # `x.jpg` and `x.JPG` in one tar are two images, not one
-                    slot = next(e for e in (ext.lower(), ext, name) if e not in members)
-                    members[slot] = (name, member.offset_data, data)
-                    read[member.name] = (member.offset_data, data)
-                end = fh.tell()
-                fh.seek(0, 2)
-                if fh.tell() % 512 or fh.tell() < end:
-                    raise tarfile.ReadError(f"truncated: {fh.tell()} bytes is no whole tar")
+                        members[slot] = (name, offset, data)
+                        held += len(data)
+                        if target is None:
+                            stored[member.name] = (offset, size)
+                    end = fh.tell()
+                    fh.seek(0, 2)
+                    if fh.tell() % 512 or fh.tell() < end:
+                        raise tarfile.ReadError(f"truncated: {fh.tell()} bytes is no whole tar")
         except Exception as e:
             error = safe_text(f"{type(e).__name__}: {e}")
-        if error is not None and not order and (image := self._image_named_tar(tar_uri)):
-            return [image]
-        rows: list[dict[str, Any]] = []
-        for key in order:
-            rows.extend(_sample_rows(tar_uri, key, samples[key]))
-        if not rows:  # a tar with no sample still gets its row: no input vanishes
+        if compressed is not None:
+            yield [_compressed_row(tar_uri, compressed)]
+            return
+        if (
+            error is not None
+            and not emitted
+            and not samples
+            and (image := self._image_named_tar(tar_uri))
+        ):
+            yield [image]
+            return
+        rows = _rows_of(tar_uri, samples)
+        emitted += len(samples)
+        if not emitted:  # a tar with no sample still gets its row: no input vanishes
             rows.append(
                 {
                     schema.SOURCE: tar_uri,
@@ -348,11 +405,10 @@ class TarReader(Stage):
                     schema.SOURCE: f"{tar_uri}#<rest>",
                     schema.STATUS: schema.STATUS_REJECTED,
                     schema.REASON: "unreadable",
-                    schema.DETAIL: f"tar ends in error after {len(order)} samples: {error}",
+                    schema.DETAIL: f"tar ends in error after {emitted} samples: {error}",
                 }
             )
-        return rows
-
+        yield rows
 
     def _image_named_tar(self, uri: str) -> dict[str, Any] | None:
         """The file row of a `.tar` that is no tar but an image (judged by its bytes, as a
@@ -367,6 +423,38 @@ class TarReader(Stage):
         except Exception:  # not an image either: the tar's own verdict stands
             return None
         return {schema.SOURCE: uri, **row}
+
+
+_COMPRESSIONS = (
+    (b"\x1f\x8b", "gzip"),
+    (b"BZh", "bzip2"),
+    (b"\xfd7zXZ", "xz"),
+    (b"\x28\xb5\x2f\xfd", "zstd"),
+)
+
+
+def _compression(head: bytes) -> str | None:
+    """The compression a tar's first bytes name, or None for a plain tar."""
+    return next((name for magic, name in _COMPRESSIONS if head.startswith(magic)), None)
+
+
+def _compressed_row(tar_uri: str, compression: str) -> dict[str, Any]:
+    """The one row of a compressed tar: refused, with what to do."""
+    return {
+        schema.SOURCE: tar_uri,
+        schema.STATUS: schema.STATUS_REJECTED,
+        schema.REASON: "unsupported_format",
+        schema.DETAIL: (
+            f"a {compression}-compressed tar: its members are read again by offset when "
+            "their shards are written, which needs a plain tar; decompress it and list the "
+            ".tar"
+        ),
+    }
+
+
+def _rows_of(tar_uri: str, samples: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of `samples` (key -> sample), in tar order."""
+    return [row for key, sample in samples.items() for row in _sample_rows(tar_uri, key, sample)]
 
 
 def _member_kind(member: tarfile.TarInfo) -> str:

@@ -167,3 +167,40 @@ def test_an_output_on_a_filesystem_without_locks_runs_unlocked(tmp_path, monkeyp
     with caplog.at_level("WARNING", logger="native4k"):
         assert _lock_output(str(tmp_path / "out")) is None
     assert "cannot lock" in caplog.text and "No locks available" in caplog.text
+
+
+def test_a_tar_leaves_its_ray_task_in_several_blocks(local_ray, tmp_path):
+    """`TarReader.blocks` is a generator; mapped through Ray Data as the job maps it, its
+    blocks (10 KB samples, 50 KB blocks: the reader's and Ray's target) leave one task as
+    several blocks holding every sample once, with its caption."""
+    import io
+
+    import ray.data as rd
+
+    from curation import schema
+    from curation.io.readers import TarReader
+
+    tar = tmp_path / "big.tar"
+    with tarfile.open(tar, "w") as tf:
+        for i in range(40):
+            for name, data in ((f"{i:02d}.jpg", bytes([i]) * 10_000), (f"{i:02d}.txt", b"c")):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    reader = TarReader(max_block_bytes=50_000)
+    ctx = rd.DataContext.get_current()
+    target = ctx.target_max_block_size
+    ctx.target_max_block_size = 50_000
+    try:
+        ds = rd.from_items([{schema.SOURCE: str(tar)}]).map_batches(
+            reader.blocks, batch_format="pyarrow", zero_copy_batch=True, **reader.ray_options()
+        )
+        done = ds.materialize()
+        rows = done.take_all()
+    finally:
+        ctx.target_max_block_size = target
+    assert done.num_blocks() >= 6
+    assert sorted(r[schema.SOURCE].rsplit("#", 1)[1] for r in rows) == [
+        f"{i:02d}.jpg" for i in range(40)
+    ]
+    assert all(r[schema.CAPTION_EN] == "c" for r in rows)

@@ -608,3 +608,84 @@ def test_a_sidecar_over_the_cap_is_no_caption_and_is_not_read_whole(tmp_path):
     assert by["x.jpg"][schema.DATA] == b"pixels" and by["x.jpg"][schema.CAPTION_EN] is None
     assert by["x.jpg"][schema.SOURCE_META] is None
     assert len(by["y.jpg"][schema.CAPTION_EN]) == SIDECAR_MAX_BYTES
+
+
+def _write_layout(path: Path, samples: list[tuple[int, bool, bool]]) -> int:
+    """A tar of `samples` (image size, with a caption, plus a hard link to it); its bytes."""
+    total = 0
+    with tarfile.open(path, "w") as tf:
+        for i, (size, caption, link) in enumerate(samples):
+            members = [(f"s{i:03d}.jpg", bytes([i % 251]) * size)]
+            if caption:
+                members.append((f"s{i:03d}.txt", f"caption {i}".encode()))
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+                total += len(data)
+            if link:  # another sample's name for the same bytes, stored later
+                info = tarfile.TarInfo(f"l{i:03d}.jpg")
+                info.type, info.linkname = tarfile.LNKTYPE, f"s{i:03d}.jpg"
+                tf.addfile(info)
+                total += size
+    return total
+
+
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    samples=st.lists(
+        st.tuples(st.integers(0, 3000), st.booleans(), st.booleans()), min_size=0, max_size=12
+    ),
+    block=st.integers(1, 20_000),
+    done=st.sets(st.integers(0, 11), max_size=4),
+)
+def test_tar_rows_leave_in_bounded_blocks_and_are_the_same_rows(tmp_path, samples, block, done):
+    """A tar was read whole into one block, so a worker held the whole tar (WebDataset shards
+    are often GBs). Its rows now leave in blocks of about `max_block_bytes` of member bytes:
+    the same rows, captions and offsets as one block, each block bounded by the limit plus
+    one sample, and `done_members` left out whichever block they fall in."""
+    tar = Path(tempfile.mkdtemp(dir=tmp_path)) / "s.tar"
+    _write_layout(tar, samples)
+    skip = [f"{tar}#s{i:03d}.jpg" for i in sorted(done)]
+    batch = {schema.SOURCE: [str(tar)], "done_members": [skip]}
+    whole = TarReader(max_block_bytes=10**9)(batch).to_pylist()
+    reader = TarReader(max_block_bytes=block)
+    blocks = [b.to_pylist() for b in reader.blocks(batch)]
+    streamed = [r for b in blocks for r in b]
+    ignore = {schema.STAGE_SECONDS}
+    assert [{k: v for k, v in r.items() if k not in ignore} for r in streamed] == [
+        {k: v for k, v in r.items() if k not in ignore} for r in whole
+    ]
+    assert not {r[schema.SOURCE] for r in streamed} & set(skip)
+    largest = max([s * (2 if link else 1) + 20 for s, _, link in samples], default=0)
+    for b in blocks:
+        assert sum(r[schema.SIZE_BYTES] or 0 for r in b) < block + largest
+    for r in streamed:  # every offset reads its bytes again, hard links included
+        if r[schema.DATA] is not None:
+            assert read_bytes(r[schema.SOURCE], r[schema.TAR_OFFSET], r[schema.SIZE_BYTES]) == (
+                r[schema.DATA])  # fmt: skip
+            name = r[schema.SOURCE].rsplit("#", 1)[1]
+            captioned = name.startswith("s") and samples[int(name[1:4])][1]
+            assert r[schema.CAPTION_EN] == (f"caption {int(name[1:4])}" if captioned else None)
+    expected = sum(1 + link for _, _, link in samples) - len(
+        [i for i in done if i < len(samples)]
+    )
+    assert len(streamed) == max(expected, 0 if samples else 1)
+    if sum(s for s, _, _ in samples) > 3 * block and len(samples) > 3 and not done:
+        assert len(blocks) > 1
+
+
+@pytest.mark.parametrize("mode,words", [("w:gz", "gzip"), ("w:bz2", "bzip2"), ("w:xz", "xz")])
+def test_a_compressed_tar_is_one_row_that_says_to_decompress_it(tmp_path, mode, words):
+    """`r|*` read a compressed `.tar`, but its offsets were into the decompressed stream, so
+    the shard writer's re-read by offset found other bytes and the kept samples were lost."""
+    tar = tmp_path / "c.tar"
+    with tarfile.open(tar, mode) as tf:
+        info = tarfile.TarInfo("a.jpg")
+        info.size = 4
+        tf.addfile(info, io.BytesIO(b"AAAA"))
+    (row,) = TarReader()({schema.SOURCE: [str(tar)]}).to_pylist()
+    assert row[schema.SOURCE] == str(tar) and row[schema.REASON] == "unsupported_format"
+    assert f"{words}-compressed" in row[schema.DETAIL] and "decompress" in row[schema.DETAIL]
