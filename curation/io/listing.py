@@ -152,6 +152,12 @@ def _walk_local(folder: str, exclude: str | None = None) -> tuple[list[str], lis
     return list(_iter_local(folder, exclude, unlisted)), unlisted
 
 
+def _stem(path: str) -> str:
+    """`path` without its extension, as written: pathlib's `with_suffix` also drops `./` parts
+    and doubled slashes, and then no longer matched `<stem>.zh.txt` cut from the text."""
+    return path[: len(path) - len(PurePosixPath(path).suffix)]
+
+
 def _group_folder(
     fs: fsspec.AbstractFileSystem,
     paths: Iterable[str],
@@ -167,7 +173,7 @@ def _group_folder(
     by_stem: dict[str, dict[str, str]] = {}
     for p in paths:
         pp = PurePosixPath(p)
-        by_stem.setdefault(str(pp.with_suffix("")), {})[pp.suffix.lower().lstrip(".")] = p
+        by_stem.setdefault(_stem(p), {})[pp.suffix.lower().lstrip(".")] = p
     zh_files = {p for p in paths if "txt" in sidecar_exts and p.lower().endswith(".zh.txt")}
     zh_of = {p[: -len(".zh.txt")]: p for p in zh_files}  # image stem -> its Chinese caption
 
@@ -182,7 +188,7 @@ def _group_folder(
         if not named and (name.startswith(".") or name == "_SUCCESS"):
             continue
         ext = pp.suffix.lower().lstrip(".")
-        stem = str(pp.with_suffix(""))
+        stem = _stem(p)
         siblings = by_stem[stem]
         if ext in sidecar_exts and has_image(siblings):
             continue  # a sidecar of an image with the same stem
@@ -350,7 +356,7 @@ def _sidecars_beside(
     pp = PurePosixPath(path)
     if pp.suffix.lower().lstrip(".") in sidecar_exts:
         return []  # a caption file named as an INPUT is an input of its own
-    stem = str(pp.with_suffix(""))
+    stem = _stem(path)
     names = [f"{stem}.{e}" for e in sidecar_exts]
     if "txt" in sidecar_exts:
         names.append(f"{stem}.zh.txt")

@@ -608,3 +608,23 @@ def test_a_sidecar_over_the_cap_is_no_caption_and_is_not_read_whole(tmp_path):
     assert by["x.jpg"][schema.DATA] == b"pixels" and by["x.jpg"][schema.CAPTION_EN] is None
     assert by["x.jpg"][schema.SOURCE_META] is None
     assert len(by["y.jpg"][schema.CAPTION_EN]) == SIDECAR_MAX_BYTES
+
+
+@pytest.mark.parametrize("spelling", ["{}/./in", "{}/in/", "{}//in", "{}/in/../in"])
+def test_a_folder_spelled_with_dots_pairs_its_sidecars_as_written_plainly(tmp_path, spelling):
+    """`curate ./photos` from above, or `DIR/./in`: pathlib dropped the `./` from each image's
+    stem but not from its `<stem>.zh.txt`, so the Chinese caption became an input of its own
+    (a text-file row) and the image lost it."""
+    (tmp_path / "in").mkdir()
+    for name in ("a.jpg", "a.txt", "a.zh.txt", "b.png", "b.json"):
+        (tmp_path / "in" / name).write_bytes(b"x")
+
+    def listed(inputs: list[str]) -> list[InputItem]:
+        return sorted(list_inputs(inputs), key=lambda i: i.uri)  # sources are normalised
+
+    plain = listed([str(tmp_path / "in")])
+    assert [Path(i.uri).name for i in plain] == ["a.jpg", "b.png"]
+    assert plain[0].sidecar_zh == f"{tmp_path}/in/a.zh.txt"
+    assert listed([spelling.format(tmp_path)]) == plain
+    named = spelling.format(tmp_path).rstrip("/") + "/a.jpg"
+    assert listed([named]) == plain[:1]
