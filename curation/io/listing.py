@@ -20,7 +20,7 @@ import io
 import itertools
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from urllib.parse import quote, unquote_to_bytes
@@ -275,6 +275,127 @@ def plan_inputs(
     return specs
 
 
+def _location(spec: InputSpec) -> tuple[str, tuple[str, ...]]:
+    """Where an INPUT lies, as (scheme, path parts), for `drop_covered_inputs`.
+
+    A local folder by its real path (`./`, `..`, trailing slashes and links resolved); a local
+    file by its folder's real path and its own name (a linked file is listed under its link's
+    name, so the link itself is not resolved); a remote prefix or object by its path, trailing
+    slashes dropped (an S3 key holding `./` is a key of its own).
+    """
+    if is_local(spec.uri):
+        path = os.path.abspath(local_path(spec.uri))
+        if spec.kind == "folder":
+            path = os.path.realpath(path)
+        else:
+            path = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+        return "", tuple(p for p in path.split(os.sep) if p)
+    scheme, _, rest = spec.uri.partition("://")
+    return scheme.lower(), tuple(p for p in rest.split("/") if p)
+
+
+def _path_of(scheme: str, parts: tuple[str, ...]) -> str:
+    return f"{scheme}://{'/'.join(parts)}" if scheme else os.sep + os.sep.join(parts)
+
+
+def _walk_lists(
+    scheme: str, parts: tuple[str, ...], sidecar_exts: tuple[str, ...], **storage_options: object
+) -> bool:
+    """Whether a folder walk lists this file as an input of its own (`_group_folder`'s rules:
+    not hidden, not `_SUCCESS`, not the sidecar of an image beside it, not stray metadata).
+
+    Only a file with a sidecar extension needs a look at its folder: the names that share its
+    stem."""
+    name = parts[-1]
+    if name.startswith(".") or name == "_SUCCESS":
+        return False
+    if PurePosixPath(name).suffix.lower().lstrip(".") not in sidecar_exts:
+        return True
+    fs, path = filesystem(_path_of(scheme, parts), **storage_options)
+    folder = path.rsplit("/", 1)[0]
+    stem = name[: -len(".zh.txt")] if name.lower().endswith(".zh.txt") else name.rsplit(".", 1)[0]
+    try:
+        if _is_local(fs):
+            with os.scandir(folder) as it:
+                names = [e.name for e in it]
+        else:
+            names = [p.rsplit("/", 1)[-1] for p in fs.ls(folder, detail=False)]
+    except OSError:
+        return False  # the walk cannot list that folder either: the file stays an INPUT
+    beside = [f"{folder}/{n}" for n in names if n.startswith(stem + ".") and n != name]
+    named = _uri(fs, path)
+    return any(i.uri == named for i in _group_folder(fs, [path, *beside], sidecar_exts))
+
+
+def _reached(scheme: str, folder: tuple[str, ...], inner: tuple[str, ...]) -> bool:
+    """Whether a local folder walk from `folder` can list every folder down to `inner` (the
+    ones between must be readable; one that is not becomes an `unreadable` row instead)."""
+    if scheme:
+        return True
+    return all(
+        os.access(_path_of(scheme, inner[:n]), os.R_OK | os.X_OK)
+        for n in range(len(folder) + 1, len(inner) + 1)
+    )
+
+
+def drop_covered_inputs(
+    specs: Sequence[InputSpec],
+    *,
+    sidecar_extensions: Iterable[str] = ("txt", "json"),
+    exclude: str | None = None,
+    storage_options: dict | None = None,
+) -> tuple[list[InputSpec], str | None]:
+    """The INPUTs that no other INPUT lists already, in order, and a note naming the others.
+
+    A folder (or prefix) covers the folders, files and tars inside it, and an INPUT given
+    twice (`DIR`, `./DIR/`, a link to it) covers its repeat. A file that the folder walk
+    would not list (hidden, a sidecar of an image beside it) stays, since naming it makes it
+    an input; so do list files (their lines are inputs of their own), and anything under
+    ``exclude`` (the job's OUT, which a folder walk skips). The decision costs no listing,
+    but a look at the names beside a named file with a sidecar extension.
+    """
+    sidecar_exts = tuple(e.lower() for e in sidecar_extensions)
+    out = _location(InputSpec(exclude, "folder")) if exclude is not None else None
+    located = [(_location(s), s) for s in specs]
+    folders: dict[tuple[str, tuple[str, ...]], InputSpec] = {}
+    for loc, spec in located:
+        if spec.kind == "folder":
+            folders.setdefault(loc, spec)
+    seen: dict[tuple[str, tuple[str, ...]], int] = {}
+    kept: list[InputSpec] = []
+    said: list[str] = []
+    for i, ((scheme, parts), spec) in enumerate(located):
+        first = specs[seen.setdefault((scheme, parts), i)]
+        if seen[(scheme, parts)] != i:
+            said.append(f"{spec.uri} is given twice" if spec.uri == first.uri
+                        else f"{spec.uri} is the same as {first.uri}")  # fmt: skip
+            continue
+        outer = None
+        if spec.kind != "list":
+            for n in range(1, len(parts)):  # the outermost folder INPUT above it
+                above = folders.get((scheme, parts[:n]))
+                if above is None:
+                    continue
+                # A folder walk skips OUT when OUT lies inside the folder.
+                skipped = (out is not None and out[0] == scheme and len(out[1]) > n
+                           and parts[: len(out[1])] == out[1])  # fmt: skip
+                inner = parts if spec.kind == "folder" else parts[:-1]
+                if not skipped and _reached(scheme, parts[:n], inner) and (
+                    spec.kind == "folder"
+                    or _walk_lists(scheme, parts, sidecar_exts, **(storage_options or {}))
+                ):
+                    outer = above
+                    break
+        if outer is None:
+            kept.append(spec)
+        else:
+            said.append(f"{spec.uri} is inside {outer.uri}")
+    if not said:
+        return kept, None
+    return kept, f"{'; '.join(said)}, listed once" if len(said) == 1 else (
+        f"{'; '.join(said)}: each listed once")
+
+
 def parse_uri_line(line: str, base: str | None = None) -> Iterator[InputItem]:
     """The inputs one line of a URI list file names (none for blanks and `#` comments).
 
@@ -335,9 +456,15 @@ def expand_input(
             # A byte-order mark is not part of the first name: Windows tools write lists in
             # UTF-8 with one (Notepad) or in UTF-16 (PowerShell's `>`).
             encoding = "utf-16" if bom in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
+            # A URI the list names again is not listed again (the URIs seen are held: a set
+            # of the list's names, less than a folder walk of as many files holds).
+            seen: set[str] = set()
             with io.TextIOWrapper(raw, encoding=encoding, errors="surrogateescape") as fh:
                 for line in fh:
-                    yield from parse_uri_line(line, base)
+                    for item in parse_uri_line(line, base):
+                        if item.uri not in seen:
+                            seen.add(item.uri)
+                            yield item
     elif spec.kind == "tar":
         yield InputItem(spec.uri, "tar")
     else:
@@ -370,7 +497,7 @@ def list_inputs(
     list_extensions: Iterable[str] = ("lst", "list", "uris"),
     storage_options: dict | None = None,
 ) -> Iterator[InputItem]:
-    """Yield every input item of the given INPUT arguments, in a deterministic order.
+    """Yield every input item of the given INPUT arguments once, in a deterministic order.
 
     The job expands the planned INPUTs in Ray tasks instead (`plan_inputs`, `expand_input`).
 
@@ -383,9 +510,12 @@ def list_inputs(
     Raises:
         ValueError: an INPUT that does not exist.
     """
-    for spec in plan_inputs(
-        inputs, list_extensions=list_extensions, storage_options=storage_options
-    ):
+    specs, _ = drop_covered_inputs(
+        plan_inputs(inputs, list_extensions=list_extensions, storage_options=storage_options),
+        sidecar_extensions=sidecar_extensions,
+        storage_options=storage_options,
+    )
+    for spec in specs:
         yield from expand_input(
             spec, sidecar_extensions=sidecar_extensions, storage_options=storage_options
         )
