@@ -298,6 +298,7 @@ class DitTrainConfig:
         _check(0 < ts.eps < 0.5, "timesteps.eps", "must be in (0, 0.5)")
         _check(ts.logit_std > 0, "timesteps.logit_std", "must be positive")
         _check(ts.fixed_shift > 0, "timesteps.fixed_shift", "must be positive")
+        _check(ts.base_image_seq_len >= 1, "timesteps.base_image_seq_len", "must be at least 1")
         _check(
             ts.max_image_seq_len > ts.base_image_seq_len,
             "timesteps.max_image_seq_len",
