@@ -16,11 +16,12 @@ which the reader rejects as `unreadable`.
 
 from __future__ import annotations
 
+import functools
 import io
 import itertools
 import os
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from urllib.parse import quote, unquote_to_bytes
@@ -275,20 +276,21 @@ def plan_inputs(
     return specs
 
 
-def _location(spec: InputSpec) -> tuple[str, tuple[str, ...]]:
+def _location(spec: InputSpec, real: Callable[[str], str]) -> tuple[str, tuple[str, ...]]:
     """Where an INPUT lies, as (scheme, path parts), for `drop_covered_inputs`.
 
     A local folder by its real path (`./`, `..`, trailing slashes and links resolved); a local
     file by its folder's real path and its own name (a linked file is listed under its link's
     name, so the link itself is not resolved); a remote prefix or object by its path, trailing
-    slashes dropped (an S3 key holding `./` is a key of its own).
+    slashes dropped (an S3 key holding `./` is a key of its own). `real`: `os.path.realpath`,
+    cached over the INPUTs (brace patterns name thousands of files in a few folders).
     """
     if is_local(spec.uri):
         path = os.path.abspath(local_path(spec.uri))
         if spec.kind == "folder":
-            path = os.path.realpath(path)
+            path = real(path)
         else:
-            path = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+            path = os.path.join(real(os.path.dirname(path)), os.path.basename(path))
         return "", tuple(p for p in path.split(os.sep) if p)
     scheme, _, rest = spec.uri.partition("://")
     return scheme.lower(), tuple(p for p in rest.split("/") if p)
@@ -327,15 +329,15 @@ def _walk_lists(
     return any(i.uri == named for i in _group_folder(fs, [path, *beside], sidecar_exts))
 
 
-def _reached(scheme: str, folder: tuple[str, ...], inner: tuple[str, ...]) -> bool:
+def _reached(
+    scheme: str, folder: tuple[str, ...], inner: tuple[str, ...], readable: Callable[[str], bool]
+) -> bool:
     """Whether a local folder walk from `folder` can list every folder down to `inner` (the
-    ones between must be readable; one that is not becomes an `unreadable` row instead)."""
+    ones between must be `readable`; one that is not becomes an `unreadable` row instead)."""
     if scheme:
         return True
-    return all(
-        os.access(_path_of(scheme, inner[:n]), os.R_OK | os.X_OK)
-        for n in range(len(folder) + 1, len(inner) + 1)
-    )
+    below = range(len(folder) + 1, len(inner) + 1)
+    return all(readable(_path_of(scheme, inner[:n])) for n in below)
 
 
 def drop_covered_inputs(
@@ -355,8 +357,10 @@ def drop_covered_inputs(
     but a look at the names beside a named file with a sidecar extension.
     """
     sidecar_exts = tuple(e.lower() for e in sidecar_extensions)
-    out = _location(InputSpec(exclude, "folder")) if exclude is not None else None
-    located = [(_location(s), s) for s in specs]
+    real = functools.cache(os.path.realpath)
+    readable = functools.cache(lambda path: os.access(path, os.R_OK | os.X_OK))
+    out = _location(InputSpec(exclude, "folder"), real) if exclude is not None else None
+    located = [(_location(s, real), s) for s in specs]
     folders: dict[tuple[str, tuple[str, ...]], InputSpec] = {}
     for loc, spec in located:
         if spec.kind == "folder":
@@ -380,7 +384,7 @@ def drop_covered_inputs(
                 skipped = (out is not None and out[0] == scheme and len(out[1]) > n
                            and parts[: len(out[1])] == out[1])  # fmt: skip
                 inner = parts if spec.kind == "folder" else parts[:-1]
-                if not skipped and _reached(scheme, parts[:n], inner) and (
+                if not skipped and _reached(scheme, parts[:n], inner, readable) and (
                     spec.kind == "folder"
                     or _walk_lists(scheme, parts, sidecar_exts, **(storage_options or {}))
                 ):
@@ -392,8 +396,10 @@ def drop_covered_inputs(
             said.append(f"{spec.uri} is inside {outer.uri}")
     if not said:
         return kept, None
-    return kept, f"{'; '.join(said)}, listed once" if len(said) == 1 else (
-        f"{'; '.join(said)}: each listed once")
+    if len(said) == 1:
+        return kept, f"{said[0]}, listed once"
+    more = f" (and {len(said) - 3:,} more INPUTs that others cover)" if len(said) > 3 else ""
+    return kept, f"{'; '.join(said[:3])}{more}: each listed once"
 
 
 def parse_uri_line(line: str, base: str | None = None) -> Iterator[InputItem]:

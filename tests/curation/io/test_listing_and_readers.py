@@ -689,6 +689,11 @@ def test_the_covered_inputs_are_named_in_one_note(tmp_path):
     shards = inp / "out" / "shards"
     assert drop(inp, shards, out=inp / "out") == ([str(inp), str(shards)], None)
     assert drop(inp, shards)[0] == [str(inp)]
+    # Many covered INPUTs (a brace pattern): three are named, the others counted.
+    many = [inp / n for n in ("a.jpg", "s.tar", "stray.txt", "sub/b.png", "sub/deeper/d.jpg")]
+    kept, note = drop(inp, *many)
+    assert kept == [str(inp)] and note.count(" is inside ") == 3
+    assert note.endswith(" (and 2 more INPUTs that others cover): each listed once")
     # Nothing in common: no note.
     assert drop(sub, tmp_path / "other") == ([str(sub), str(tmp_path / "other")], None)
 
