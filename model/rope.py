@@ -37,7 +37,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-ROPE_METHODS = ("base", "yarn", "resonance", "resonance_yarn", "ultraflux_released")
+from model import ROPE_METHODS
 
 # Rotation counts that bound the released code's NTK-by-parts ramps.
 _RELEASED_NTK_FAST, _RELEASED_NTK_SLOW = 1.25, 0.75

@@ -581,12 +581,44 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     return cls(**kwargs)
 
 
+def _setting_type(cls: Any, parts: list[str]) -> Any:
+    """The annotated type of the setting `parts` names under `cls` (None: no such setting)."""
+    for name in parts:
+        if not dataclasses.is_dataclass(cls):
+            return None
+        cls = typing.get_type_hints(cls).get(name)
+    return cls
+
+
+_VALUE_WORDS = {int: "an integer", float: "a number", bool: "true or false"}
+
+
+def _empty_value(typ: Any, key: str) -> Any:
+    """What `--set KEY=` with nothing after `=` means: the empty string for text (empty text
+    turns a model or a prefix off), None for an optional setting (None is its "off"); any
+    other setting needs a value.
+
+    Raises:
+        ConfigError: the setting is a number, a switch or a list.
+    """
+    if typ is None or dataclasses.is_dataclass(typ):
+        return None  # no such setting (`_build` names it), or a section: its defaults, as in YAML
+    if type(None) in typing.get_args(typ):
+        return None
+    if typ is str:
+        return ""
+    is_list = typing.get_origin(typ) is list
+    words = _VALUE_WORDS.get(typ, "a list, [] for none" if is_list else "a value")
+    raise ConfigError(f"config key '{key}' needs a value after '=' ({words})")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> JobConfig:
     """Load and validate a job configuration.
 
     Args:
         path: YAML file overriding any part of the defaults (None: defaults only).
-        overrides: `section.key=value` strings (values parsed as YAML), applied last.
+        overrides: `section.key=value` strings (values parsed as YAML), applied last;
+            `section.key=` is the empty string for text and None for an optional setting.
 
     Raises:
         ConfigError: an unknown key, a wrong type or contradictory settings.
@@ -612,6 +644,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"config key '{dotted}' does not name a setting")
+        if not raw.strip():
+            node[parts[-1]] = _empty_value(_setting_type(JobConfig, parts), dotted.strip())
+            continue
         try:
             node[parts[-1]] = yaml.safe_load(raw)
         except yaml.YAMLError:  # not YAML (a template with braces): the text itself

@@ -1,6 +1,7 @@
 """The curation job: stages composed on Ray Data, in three passes with barriers between.
 
-0. list (in Ray): the driver only classifies its INPUT arguments; one Ray task per INPUT
+0. list (in Ray): the driver only classifies its INPUT arguments and drops those another
+   INPUT covers (`drop_covered_inputs`: a subfolder, a file in a folder); one Ray task per INPUT
    expands it (folder walk, URI list file) into listing blocks, and what an earlier run
    analysed is subtracted by joins in Ray, so the driver holds no per-input state;
 1. analyse (streaming): read → header probe → header thresholds → one decode with the pixel
@@ -62,6 +63,7 @@ from curation.io.atomic import atomic_write, is_local, join, part_name
 from curation.io.listing import (
     TAR_EXTENSIONS,
     InputSpec,
+    drop_covered_inputs,
     expand_input,
     few_local_files,
     local_path,
@@ -356,7 +358,7 @@ def _repeat_cause(listing: Listing, partitions_for: Partitioning) -> str:
     _, relisted = nonempty(grouping.repeated_keys(listing.rows, schema.SOURCE, parts))
     if relisted:
         inputs = "1 input was" if relisted == 1 else f"{relisted} inputs were"
-        return f"{inputs} listed more than once: INPUTs that overlap, or a list naming a file twice"
+        return f"{inputs} listed more than once: a URI list names files another INPUT lists too"
     return (
         "a worker of an interrupted run finished after the rerun listed its work, or two runs "
         "shared this output"
@@ -1278,6 +1280,11 @@ def run_curate(
     with passes.run("listing", len(inputs), user_errors=(ValueError, OSError)):
         specs = plan_inputs(inputs, list_extensions=cfg.input.list_extensions)
         _check_output_apart(specs, output)
+        specs, covered = drop_covered_inputs(
+            specs, sidecar_extensions=cfg.input.sidecar_extensions, exclude=output
+        )
+        if covered:
+            echo(f"native4k: {covered}")
         _check_output_folder(output)
         lock = _lock_output(output)
     try:

@@ -18,7 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-from pipelines.arguments import at_least, positive_float
+from model import ROPE_METHODS
+from pipelines.arguments import at_least, finite_float, positive_float, seed
 
 _DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -54,8 +55,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="WIDTHxHEIGHT in px (default 4096x4096)",
     )
     parser.add_argument("--steps", type=at_least(1), default=50, help="sampling steps (default 50)")
-    parser.add_argument("--guidance", type=float, default=4.0, help="embedded guidance (default 4)")
-    parser.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    parser.add_argument(
+        "--guidance", type=finite_float, default=4.0, help="embedded guidance (default 4)"
+    )
+    parser.add_argument("--seed", type=seed, default=0, help="noise seed (default 0)")
     parser.add_argument(
         "--out", required=True, type=Path,
         help="output image file (.png, .jpg, .webp, ...; replaced if it exists, atomically)",
@@ -68,9 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-sequence-length", type=at_least(1), default=512, help="T5 tokens (default 512)"
     )
     parser.add_argument(
-        "--rope-method",
-        help="override the model's RoPE method: base, yarn, resonance, resonance_yarn, "
-        "ultraflux_released",
+        "--rope-method", choices=ROPE_METHODS, help="override the model's RoPE method"
     )
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16")
     parser.add_argument("--device", help="torch device (default: cuda if present, else cpu)")

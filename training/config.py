@@ -298,6 +298,7 @@ class DitTrainConfig:
         _check(0 < ts.eps < 0.5, "timesteps.eps", "must be in (0, 0.5)")
         _check(ts.logit_std > 0, "timesteps.logit_std", "must be positive")
         _check(ts.fixed_shift > 0, "timesteps.fixed_shift", "must be positive")
+        _check(ts.base_image_seq_len >= 1, "timesteps.base_image_seq_len", "must be at least 1")
         _check(
             ts.max_image_seq_len > ts.base_image_seq_len,
             "timesteps.max_image_seq_len",
@@ -669,6 +670,41 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
 ConfigT = typing.TypeVar("ConfigT", DitTrainConfig, VaeTrainConfig)
 
 
+def _setting_type(cls: Any, parts: list[str]) -> Any:
+    """The annotated type of the setting `parts` names under `cls` (None: no such setting)."""
+    for name in parts:
+        if not dataclasses.is_dataclass(cls):
+            return None
+        cls = typing.get_type_hints(cls).get(name)
+    return cls
+
+
+_VALUE_WORDS = {int: "an integer", float: "a number", bool: "true or false"}
+
+
+def _empty_value(typ: Any, key: str) -> Any:
+    """What `--set KEY=` with nothing after `=` means: the empty string for text, None for an
+    optional setting (None is its default or "off"); any other setting needs a value.
+
+    Raises:
+        TrainConfigError: the setting is a number, a switch, a choice, a list or a mapping.
+    """
+    if typ is None or typ is Any or dataclasses.is_dataclass(typ):
+        return None  # no such setting (`_build` names it), or a section: as in YAML
+    if type(None) in typing.get_args(typ):
+        return None
+    if typ is str:
+        return ""
+    origin = typing.get_origin(typ)
+    if origin is Literal:
+        words = "one of " + ", ".join(map(repr, typing.get_args(typ)))
+    elif origin in (list, tuple, dict):
+        words = "a mapping, {} for none" if origin is dict else "a list, [] for none"
+    else:
+        words = _VALUE_WORDS.get(typ, "a value")
+    raise TrainConfigError(f"config key '{key}' needs a value after '=' ({words})")
+
+
 def load_train_config(
     cls: type[ConfigT],
     path: str | Path | None = None,
@@ -682,7 +718,8 @@ def load_train_config(
     Args:
         cls: :class:`DitTrainConfig` or :class:`VaeTrainConfig`.
         path: YAML file.
-        overrides: ``section.key=value`` strings (values parsed as YAML), applied last.
+        overrides: ``section.key=value`` strings (values parsed as YAML), applied last;
+            ``section.key=`` is the empty string for text and None for an optional setting.
         data: A mapping used instead of (or under) the file, for programmatic use.
         check_files: Check that the named weight files and folders exist.
 
@@ -710,6 +747,9 @@ def load_train_config(
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise TrainConfigError(f"config key '{dotted}' does not name a setting")
+        if not raw.strip():
+            node[parts[-1]] = _empty_value(_setting_type(cls, parts), dotted.strip())
+            continue
         try:
             node[parts[-1]] = yaml.safe_load(raw)
         except yaml.YAMLError:  # not YAML (a path or name with braces): the text itself

@@ -16,11 +16,12 @@ which the reader rejects as `unreadable`.
 
 from __future__ import annotations
 
+import functools
 import io
 import itertools
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from urllib.parse import quote, unquote_to_bytes
@@ -152,6 +153,12 @@ def _walk_local(folder: str, exclude: str | None = None) -> tuple[list[str], lis
     return list(_iter_local(folder, exclude, unlisted)), unlisted
 
 
+def _stem(path: str) -> str:
+    """`path` without its extension, as written: pathlib's `with_suffix` also drops `./` parts
+    and doubled slashes, and then no longer matched `<stem>.zh.txt` cut from the text."""
+    return path[: len(path) - len(PurePosixPath(path).suffix)]
+
+
 def _group_folder(
     fs: fsspec.AbstractFileSystem,
     paths: Iterable[str],
@@ -167,7 +174,7 @@ def _group_folder(
     by_stem: dict[str, dict[str, str]] = {}
     for p in paths:
         pp = PurePosixPath(p)
-        by_stem.setdefault(str(pp.with_suffix("")), {})[pp.suffix.lower().lstrip(".")] = p
+        by_stem.setdefault(_stem(p), {})[pp.suffix.lower().lstrip(".")] = p
     zh_files = {p for p in paths if "txt" in sidecar_exts and p.lower().endswith(".zh.txt")}
     zh_of = {p[: -len(".zh.txt")]: p for p in zh_files}  # image stem -> its Chinese caption
 
@@ -182,7 +189,7 @@ def _group_folder(
         if not named and (name.startswith(".") or name == "_SUCCESS"):
             continue
         ext = pp.suffix.lower().lstrip(".")
-        stem = str(pp.with_suffix(""))
+        stem = _stem(p)
         siblings = by_stem[stem]
         if ext in sidecar_exts and has_image(siblings):
             continue  # a sidecar of an image with the same stem
@@ -269,6 +276,132 @@ def plan_inputs(
     return specs
 
 
+def _location(spec: InputSpec, real: Callable[[str], str]) -> tuple[str, tuple[str, ...]]:
+    """Where an INPUT lies, as (scheme, path parts), for `drop_covered_inputs`.
+
+    A local folder by its real path (`./`, `..`, trailing slashes and links resolved); a local
+    file by its folder's real path and its own name (a linked file is listed under its link's
+    name, so the link itself is not resolved); a remote prefix or object by its path, trailing
+    slashes dropped (an S3 key holding `./` is a key of its own). `real`: `os.path.realpath`,
+    cached over the INPUTs (brace patterns name thousands of files in a few folders).
+    """
+    if is_local(spec.uri):
+        path = os.path.abspath(local_path(spec.uri))
+        if spec.kind == "folder":
+            path = real(path)
+        else:
+            path = os.path.join(real(os.path.dirname(path)), os.path.basename(path))
+        return "", tuple(p for p in path.split(os.sep) if p)
+    scheme, _, rest = spec.uri.partition("://")
+    return scheme.lower(), tuple(p for p in rest.split("/") if p)
+
+
+def _path_of(scheme: str, parts: tuple[str, ...]) -> str:
+    return f"{scheme}://{'/'.join(parts)}" if scheme else os.sep + os.sep.join(parts)
+
+
+def _walk_lists(
+    scheme: str, parts: tuple[str, ...], sidecar_exts: tuple[str, ...], **storage_options: object
+) -> bool:
+    """Whether a folder walk lists this file as an input of its own (`_group_folder`'s rules:
+    not hidden, not `_SUCCESS`, not the sidecar of an image beside it, not stray metadata).
+
+    Only a file with a sidecar extension needs a look at its folder: the names that share its
+    stem."""
+    name = parts[-1]
+    if name.startswith(".") or name == "_SUCCESS":
+        return False
+    if PurePosixPath(name).suffix.lower().lstrip(".") not in sidecar_exts:
+        return True
+    fs, path = filesystem(_path_of(scheme, parts), **storage_options)
+    folder = path.rsplit("/", 1)[0]
+    stem = name[: -len(".zh.txt")] if name.lower().endswith(".zh.txt") else name.rsplit(".", 1)[0]
+    try:
+        if _is_local(fs):
+            with os.scandir(folder) as it:
+                names = [e.name for e in it]
+        else:
+            names = [p.rsplit("/", 1)[-1] for p in fs.ls(folder, detail=False)]
+    except OSError:
+        return False  # the walk cannot list that folder either: the file stays an INPUT
+    beside = [f"{folder}/{n}" for n in names if n.startswith(stem + ".") and n != name]
+    named = _uri(fs, path)
+    return any(i.uri == named for i in _group_folder(fs, [path, *beside], sidecar_exts))
+
+
+def _reached(
+    scheme: str, folder: tuple[str, ...], inner: tuple[str, ...], readable: Callable[[str], bool]
+) -> bool:
+    """Whether a local folder walk from `folder` can list every folder down to `inner` (the
+    ones between must be `readable`; one that is not becomes an `unreadable` row instead)."""
+    if scheme:
+        return True
+    below = range(len(folder) + 1, len(inner) + 1)
+    return all(readable(_path_of(scheme, inner[:n])) for n in below)
+
+
+def drop_covered_inputs(
+    specs: Sequence[InputSpec],
+    *,
+    sidecar_extensions: Iterable[str] = ("txt", "json"),
+    exclude: str | None = None,
+    storage_options: dict | None = None,
+) -> tuple[list[InputSpec], str | None]:
+    """The INPUTs that no other INPUT lists already, in order, and a note naming the others.
+
+    A folder (or prefix) covers the folders, files and tars inside it, and an INPUT given
+    twice (`DIR`, `./DIR/`, a link to it) covers its repeat. A file that the folder walk
+    would not list (hidden, a sidecar of an image beside it) stays, since naming it makes it
+    an input; so do list files (their lines are inputs of their own), and anything under
+    ``exclude`` (the job's OUT, which a folder walk skips). The decision costs no listing,
+    but a look at the names beside a named file with a sidecar extension.
+    """
+    sidecar_exts = tuple(e.lower() for e in sidecar_extensions)
+    real = functools.cache(os.path.realpath)
+    readable = functools.cache(lambda path: os.access(path, os.R_OK | os.X_OK))
+    out = _location(InputSpec(exclude, "folder"), real) if exclude is not None else None
+    located = [(_location(s, real), s) for s in specs]
+    folders: dict[tuple[str, tuple[str, ...]], InputSpec] = {}
+    for loc, spec in located:
+        if spec.kind == "folder":
+            folders.setdefault(loc, spec)
+    seen: dict[tuple[str, tuple[str, ...]], int] = {}
+    kept: list[InputSpec] = []
+    said: list[str] = []
+    for i, ((scheme, parts), spec) in enumerate(located):
+        first = specs[seen.setdefault((scheme, parts), i)]
+        if seen[(scheme, parts)] != i:
+            said.append(f"{spec.uri} is given twice" if spec.uri == first.uri
+                        else f"{spec.uri} is the same as {first.uri}")  # fmt: skip
+            continue
+        outer = None
+        if spec.kind != "list":
+            for n in range(1, len(parts)):  # the outermost folder INPUT above it
+                above = folders.get((scheme, parts[:n]))
+                if above is None:
+                    continue
+                # A folder walk skips OUT when OUT lies inside the folder.
+                skipped = (out is not None and out[0] == scheme and len(out[1]) > n
+                           and parts[: len(out[1])] == out[1])  # fmt: skip
+                inner = parts if spec.kind == "folder" else parts[:-1]
+                if not skipped and _reached(scheme, parts[:n], inner, readable) and (
+                    spec.kind == "folder"
+                    or _walk_lists(scheme, parts, sidecar_exts, **(storage_options or {}))
+                ):
+                    outer = above
+                    break
+        if outer is None:
+            kept.append(spec)
+        else:
+            said.append(f"{spec.uri} is inside {outer.uri}")
+    if not said:
+        return kept, None
+    if len(said) == 1:
+        return kept, f"{said[0]}, listed once"
+    more = f" (and {len(said) - 3:,} more INPUTs that others cover)" if len(said) > 3 else ""
+    return kept, f"{'; '.join(said[:3])}{more}: each listed once"
+
+
 def parse_uri_line(line: str, base: str | None = None) -> Iterator[InputItem]:
     """The inputs one line of a URI list file names (none for blanks and `#` comments).
 
@@ -329,9 +462,15 @@ def expand_input(
             # A byte-order mark is not part of the first name: Windows tools write lists in
             # UTF-8 with one (Notepad) or in UTF-16 (PowerShell's `>`).
             encoding = "utf-16" if bom in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
+            # A URI the list names again is not listed again (the URIs seen are held: a set
+            # of the list's names, less than a folder walk of as many files holds).
+            seen: set[str] = set()
             with io.TextIOWrapper(raw, encoding=encoding, errors="surrogateescape") as fh:
                 for line in fh:
-                    yield from parse_uri_line(line, base)
+                    for item in parse_uri_line(line, base):
+                        if item.uri not in seen:
+                            seen.add(item.uri)
+                            yield item
     elif spec.kind == "tar":
         yield InputItem(spec.uri, "tar")
     else:
@@ -350,7 +489,7 @@ def _sidecars_beside(
     pp = PurePosixPath(path)
     if pp.suffix.lower().lstrip(".") in sidecar_exts:
         return []  # a caption file named as an INPUT is an input of its own
-    stem = str(pp.with_suffix(""))
+    stem = _stem(path)
     names = [f"{stem}.{e}" for e in sidecar_exts]
     if "txt" in sidecar_exts:
         names.append(f"{stem}.zh.txt")
@@ -364,7 +503,7 @@ def list_inputs(
     list_extensions: Iterable[str] = ("lst", "list", "uris"),
     storage_options: dict | None = None,
 ) -> Iterator[InputItem]:
-    """Yield every input item of the given INPUT arguments, in a deterministic order.
+    """Yield every input item of the given INPUT arguments once, in a deterministic order.
 
     The job expands the planned INPUTs in Ray tasks instead (`plan_inputs`, `expand_input`).
 
@@ -377,9 +516,12 @@ def list_inputs(
     Raises:
         ValueError: an INPUT that does not exist.
     """
-    for spec in plan_inputs(
-        inputs, list_extensions=list_extensions, storage_options=storage_options
-    ):
+    specs, _ = drop_covered_inputs(
+        plan_inputs(inputs, list_extensions=list_extensions, storage_options=storage_options),
+        sidecar_extensions=sidecar_extensions,
+        storage_options=storage_options,
+    )
+    for spec in specs:
         yield from expand_input(
             spec, sidecar_extensions=sidecar_extensions, storage_options=storage_options
         )

@@ -121,3 +121,58 @@ def test_a_job_without_models_needs_no_thumbnail_sizes():
     assert cfg.analyze.thumbnail_size == 0
     big = load_config(None, ["analyze.thumbnail_size=640", "models.nudenet_resolution=640"])
     assert big.models.nudenet_resolution == 640
+
+
+def _settings(cls=JobConfig, prefix=""):
+    """(dotted key, annotated type) of every setting of the job's configuration."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from _settings(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", hints[f.name]
+
+
+@pytest.mark.parametrize(("key", "typ"), list(_settings()), ids=lambda v: str(v))
+def test_an_empty_override_is_the_empty_text_or_off_or_a_clear_error(key, typ):
+    """`--set score.quality_metric=` (nothing after `=`) failed "must be a string, got None"
+    while `--set score.quality_metric=""` worked: an empty value is the empty string for
+    text, None ("off") for an optional setting, and one clear error for any other type."""
+    import typing
+
+    section, name = key.split(".")
+    if type(None) in typing.get_args(typ):
+        assert getattr(getattr(load_config(None, [f"{key}="]), section), name) is None
+    elif typ is str:
+
+        def outcome(text: str) -> object:
+            try:
+                return load_config(None, [f"{key}={text}"])
+            except ConfigError as e:  # text that must not be empty: its own rule says why
+                return str(e)
+
+        empty = outcome("")
+        assert empty == outcome('""')
+        if isinstance(empty, str):
+            assert f"'{key}'" in empty and "must be a string" not in empty, empty
+        else:
+            assert getattr(getattr(empty, section), name) == ""
+    else:
+        with pytest.raises(ConfigError, match=rf"config key '{key}' needs a value after '='"):
+            load_config(None, [f"{key}= "])
+
+
+def test_an_empty_override_on_the_command_line(capsys):
+    from pipelines.cli import main
+
+    assert main(["config", "--set", "score.quality_metric=", "--set", "score.min_quality=",
+                 "--set", "models.clip_weights="]) == 0  # fmt: skip
+    dumped = yaml.safe_load(capsys.readouterr().out)
+    assert dumped["score"]["quality_metric"] == "" and dumped["score"]["min_quality"] is None
+    assert main(["config", "--set", "probe.min_pixels="]) == 2
+    err = capsys.readouterr().err
+    assert err == ("native4k: configuration error: config key 'probe.min_pixels' needs a value "
+                   "after '=' (an integer)\n")  # fmt: skip

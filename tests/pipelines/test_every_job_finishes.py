@@ -424,7 +424,8 @@ def test_the_summary_names_the_bound_that_rejected(local_ray, tmp_path):
 
 def test_inputs_that_name_a_file_twice_give_one_row_and_say_why(local_ray, tmp_path):
     """`curate in in/a.jpg`: one row per source, but the note blamed only an interrupted run's
-    late worker or two runs sharing the output, neither of which had happened."""
+    late worker or two runs sharing the output, neither of which had happened. The file is
+    now listed once, and a note says so before the analysis."""
     folder = tmp_path / "in"
     folder.mkdir()
     for i in range(2):
@@ -432,4 +433,5 @@ def test_inputs_that_name_a_file_twice_give_one_row_and_say_why(local_ray, tmp_p
     rc, stdout, stderr = run_job([folder, folder / "s0.jpg"], tmp_path / "out", *NO_MODELS)
     assert rc == 0, stderr
     assert len(pq.read_table(tmp_path / "out" / "manifest")) == 2
-    assert "1 input was listed more than once: INPUTs that overlap" in stdout
+    assert f"native4k: {folder / 's0.jpg'} is inside {folder}, listed once" in stdout
+    assert "analysed 2 inputs in this run" in stdout and "repeated a source" not in stdout

@@ -343,3 +343,53 @@ def test_the_image_replaces_an_existing_file_atomically(
     with Image.open(out) as image:
         assert image.format == "WEBP" and image.size == (64, 64)
     assert [p.name for p in tmp_path.iterdir()] == ["img.webp"]  # no temporary file left
+
+
+@pytest.mark.parametrize(
+    "flag,value,words",
+    [
+        ("--rope-method", "bogus", "invalid choice: 'bogus' (choose from"),
+        ("--rope-method", "", "invalid choice: ''"),
+        ("--guidance", "nan", "must be a finite number"),
+        ("--guidance", "inf", "must be a finite number"),
+        ("--seed", str(2**64), "must be an integer in"),
+        ("--seed", "-1" + "0" * 20, "must be an integer in"),
+        ("--steps", "-3", "must be at least 1"),
+        ("--dtype", "fp8", "invalid choice: 'fp8'"),
+    ],
+)
+def test_a_bad_option_is_a_usage_error_before_any_model_loads(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture, flag: str, value: str, words: str,
+) -> None:
+    """`native4k generate --rope-method bogus` loaded the whole model, then failed with exit 1
+    (a bad --seed or a NaN --guidance got as far, or sampled a NaN image): every bad option
+    value is argparse's usage error, exit 2, before anything loads."""
+    from pipelines.cli import main
+
+    def no_load(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(UltraFluxPipeline, "from_folder", no_load)
+    argv = ["generate", "--model", str(model_dir), "--prompt", "a lake",
+            "--out", str(tmp_path / "x.png"), f"{flag}={value}"]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and words in err, err
+    assert err.strip().splitlines()[-1].startswith("native4k generate: error: argument "), err
+    if flag == "--rope-method":
+        from model.rope import ROPE_METHODS
+
+        assert all(repr(m) in err for m in ROPE_METHODS), err
+
+
+def test_every_rope_method_is_an_allowed_value() -> None:
+    from model.rope import ROPE_METHODS
+
+    base = ["--model", "m", "--out", "o.png"]
+    for method in ROPE_METHODS:
+        assert cli([*base, "--rope-method", method]).rope_method == method
+    assert cli(base).rope_method is None
+    assert cli([*base, "--seed", "-5"]).seed == -5  # torch takes it

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tarfile
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -80,32 +81,81 @@ def test_an_output_inside_an_input_folder_is_not_listed(local_ray, tmp_path):
     assert len(list_job(local_ray.data, specs, load_config()).rows.take_all()) > len(sources)
 
 
-def test_inputs_listed_twice_are_one_row_each_and_the_summary_says_why(
-    local_ray, tmp_path, capsys
-):
-    """Overlapping INPUTs (a folder and its subfolder, a list naming a file twice) give one
-    row per file, and the line about repeated rows names that cause (it blamed an interrupted
-    run or a second job on the output, which the user never had)."""
-    import pyarrow.parquet as pq
-
-    from pipelines.cli import main
+def _photos(tmp_path):
     from pipelines.samples import encode, render
 
     folder = tmp_path / "photos"
     (folder / "sub").mkdir(parents=True)
-    for i, name in enumerate(("a.jpg", "sub/b.jpg")):
+    for i, name in enumerate(("a.jpg", "sub/b.jpg", "sub/c.jpg")):
         (folder / name).write_bytes(encode(render(384, 256, 7600 + i), "JPEG", quality=92))
+    return folder
+
+
+_SMALL = ["--set", "score.enabled=false", "--set", "probe.min_pixels=65536",
+          "--set", "bucket.tier_scales=[1.0,0.5,0.25,0.125,0.0625,0.05]"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "args,note",
+    [
+        (["{f}", "{f}/sub"], "{f}/sub is inside {f}, listed once"),
+        (["{f}/sub/b.jpg", "{f}"], "{f}/sub/b.jpg is inside {f}, listed once"),
+        (["{f}", "{f}/"], "{f}/ is the same as {f}, listed once"),
+        (["{f}/sub", "{f}/a.jpg", "{f}/../photos/"],
+         "{f}/sub is inside {f}/../photos/; {f}/a.jpg is inside {f}/../photos/: each listed once"),
+        (["{f}/a.jpg", "{f}/../again.lst"], None),
+    ],
+)  # fmt: skip
+def test_overlapping_inputs_are_analysed_once_and_one_row_each(
+    local_ray, tmp_path, capsys, args, note
+):
+    """`curate DIR DIR/sub OUT` (a file named beside its folder, a folder given twice, a list
+    naming a file twice) listed the inner files twice: each was analysed twice, and only a
+    note after the analysis said so. Each INPUT is now listed once, before any work, and one
+    note names the INPUTs another one covers."""
+    import pyarrow.parquet as pq
+
+    from pipelines.cli import main
+
+    folder = _photos(tmp_path)
+    lines = ("photos/sub/b.jpg", "./photos/sub/b.jpg", "photos/sub/c.jpg", f"{folder}/sub/b.jpg")
+    (tmp_path / "again.lst").write_text("\n".join(lines))
+    out = tmp_path / "out"
+    inputs = [a.format(f=folder) for a in args]
+    assert main(["curate", *inputs, "--output", str(out), *_SMALL]) == 0
+    said = capsys.readouterr().out
+    sources = sorted(r["source"] for r in pq.read_table(out / "manifest").to_pylist())
+    want = [str(folder / n) for n in ("a.jpg", "sub/b.jpg", "sub/c.jpg")]
+    assert sources == want
+    notes = [x for x in said.splitlines() if "listed once" in x]
+    assert notes == ([f"native4k: {note.format(f=folder)}"] if note else []), said
+    assert f"native4k: analysed {len(want)} inputs in this run" in said
+    assert "repeated a source" not in said
+
+
+def test_a_list_naming_a_file_of_a_folder_input_gives_one_row_and_says_why(
+    local_ray, tmp_path, capsys
+):
+    """A list naming a file that a folder INPUT lists too: still one row per file, and the
+    line about repeated rows names that cause (it blamed an interrupted run or a second job
+    on the output, which the user never had)."""
+    import pyarrow.parquet as pq
+
+    from pipelines.cli import main
+
+    folder = _photos(tmp_path)
     lst = tmp_path / "again.lst"
     lst.write_text(f"{folder}/a.jpg\n{folder}/./a.jpg\n")
     out = tmp_path / "out"
     assert main(["curate", str(folder), str(folder / "sub"), str(lst), "--output", str(out),
-                 "--set", "score.enabled=false", "--set", "probe.min_pixels=65536",
-                 "--set", "bucket.tier_scales=[1.0,0.5,0.25,0.125,0.0625,0.05]"]) == 0
+                 *_SMALL]) == 0  # fmt: skip
     said = capsys.readouterr().out
     sources = sorted(r["source"] for r in pq.read_table(out / "manifest").to_pylist())
-    assert sources == [str(folder / "a.jpg"), str(folder / "sub" / "b.jpg")]
+    assert sources == [str(folder / n) for n in ("a.jpg", "sub/b.jpg", "sub/c.jpg")]
+    assert f"native4k: {folder}/sub is inside {folder}, listed once" in said
     line = next(x for x in said.splitlines() if "repeated a source" in x)
-    assert "2 inputs were listed more than once" in line and "interrupted" not in line
+    assert "1 input was listed more than once: a URI list names files another INPUT" in line
+    assert "interrupted" not in line
 
 
 def test_an_output_that_cannot_be_a_folder_is_one_line_before_any_work(tmp_path, capsys):

@@ -116,6 +116,8 @@ def test_an_override_that_is_not_yaml_is_its_text(tmp_path: Path) -> None:
         # t was clamped into [eps, 1 - eps] after the band: every t fell outside the band
         ("dit", "stages=[{steps: 2, t_min: 0.9995}]", r"'stages\[0\].t_min' the band"),
         ("dit", "stages=[{steps: 2, t_max: 0.0005}]", r"'stages\[0\].t_min' the band"),
+        # a token count below one: the resolution shift's line ran through a negative count
+        ("dit", "timesteps.base_image_seq_len=-1", r"'timesteps.base_image_seq_len' must be at"),
     ],
 )
 def test_settings_that_cannot_train_are_refused_up_front(
@@ -195,3 +197,81 @@ def test_the_rope_method_of_a_fine_tune_is_one_setting(tmp_path) -> None:
             "model": {"pretrained": str(folder), "vae": str(tmp_path), "rope_method": "ntk"},
             "text": {"source": "encoders", "encoders": str(tmp_path)},
         })  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("which", "override", "words"),
+    [
+        ("dit", "parallel.strategy=bogus", "'parallel.strategy' must be one of 'none', 'ddp'"),
+        ("vae", "optim.schedule=bogus", "'optim.schedule' must be one of 'constant', 'cosine'"),
+        ("dit", "model.rope_method=bogus", "'model.rope_method' must be one of base, yarn"),
+        ("dit", "loop.grad_accum_steps=-1", "'loop.grad_accum_steps' must be >= 1"),
+        ("vae", "loop.keep_checkpoints=-2", "'loop.keep_checkpoints' must be >= 0"),
+        ("dit", "data.batch_size=-2", "'batch_size' must be at least 1"),
+        ("dit", "timesteps.base_image_seq_len=-1", "'timesteps.base_image_seq_len' must be"),
+        ("dit", "loop.max_steps=", "'loop.max_steps' needs a value after '=' (an integer)"),
+        ("vae", "parallel.strategy=", "'parallel.strategy' needs a value after '=' (one of 'none'"),
+    ],
+)
+def test_a_bad_setting_on_the_command_line_is_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture, which: str, override: str, words: str
+) -> None:
+    """`native4k train-dit --set ...` with an unknown choice or a negative count: exit 2 and
+    one line naming the key, before any model or data is touched."""
+    import yaml
+
+    from pipelines.cli import main
+
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(dit_tree(tmp_path) if which == "dit" else vae_tree(tmp_path)))
+    assert main([f"train-{which}", "--config", str(path), "--set", override]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("native4k: configuration error: config ") and words in err, err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def _settings(cls: type, prefix: str = "") -> list[tuple[str, object]]:
+    """(dotted key, annotated type) of every setting of a training configuration."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out += _settings(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            out.append((f"{prefix}{f.name}", hints[f.name]))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("which", "key", "typ"),
+    [("dit", k, t) for k, t in _settings(DitTrainConfig)]
+    + [("vae", k, t) for k, t in _settings(VaeTrainConfig)],
+    ids=str,
+)
+def test_an_empty_override_means_the_empty_text_or_none_or_is_one_clear_error(
+    tmp_path: Path, which: str, key: str, typ: object
+) -> None:
+    """`--set model.vae=` (nothing after `=`) failed "must be a string, got None" while
+    `model.vae=""` was read: an empty value is `""` for text, None for an optional setting,
+    and for any other type an error saying a value is needed."""
+    import typing
+
+    cls, tree = (DitTrainConfig, dit_tree(tmp_path)) if which == "dit" else (
+        VaeTrainConfig, vae_tree(tmp_path))  # fmt: skip
+
+    def outcome(text: str) -> object:
+        try:
+            return load_train_config(cls, data=tree, overrides=[f"{key}={text}"],
+                                     check_files=False)  # fmt: skip
+        except TrainConfigError as e:
+            return str(e)
+
+    if type(None) in typing.get_args(typ):
+        assert outcome("") == outcome("null")
+    elif typ is str:
+        assert outcome("") == outcome('""')
+        assert "got None" not in str(outcome(""))
+    else:
+        assert str(outcome(" ")).startswith(f"config key '{key}' needs a value after '=' (")

@@ -689,3 +689,156 @@ def test_a_compressed_tar_is_one_row_that_says_to_decompress_it(tmp_path, mode, 
     (row,) = TarReader()({schema.SOURCE: [str(tar)]}).to_pylist()
     assert row[schema.SOURCE] == str(tar) and row[schema.REASON] == "unsupported_format"
     assert f"{words}-compressed" in row[schema.DETAIL] and "decompress" in row[schema.DETAIL]
+
+
+_TREE = (
+    "in/a.jpg", "in/a.txt", "in/a.zh.txt", "in/.h.jpg", "in/stray.txt", "in/stray.json",
+    "in/_SUCCESS", "in/s.tar", "in/sub/b.png", "in/sub/b.json", "in/sub/.c.jpg",
+    "in/sub/e.txt", "in/sub/e.zh.txt", "in/sub/deeper/d.jpg", "in/out/shards/x.tar",
+    "other/o.jpg",
+)  # fmt: skip
+_FOLDERS = ("in", "in/sub", "in/sub/deeper", "in/out", "other")
+
+
+def _overlap_tree(root: Path) -> None:
+    """Images, sidecars, hidden and stray files, a tar, an OUT and a list, under `root`."""
+    for name in _TREE:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        if name.endswith(".tar"):
+            _tar(root / name, [("k.jpg", b"k")])
+        else:
+            (root / name).write_bytes(name.encode())
+    (root / "in" / "more.lst").write_text("../other/o.jpg\n../other/o.jpg\n./../other/o.jpg\n")
+
+
+@given(
+    picks=st.lists(
+        st.tuples(st.sampled_from([n for n in (*_FOLDERS, *_TREE, "in/more.lst")
+                                   if not n.startswith("other")]),  # what the list names
+                  st.sampled_from(["{}", "{}/", "./{}", "in/../{}", "{}/."])),
+        min_size=1, max_size=5,
+    )
+)  # fmt: skip
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+def test_overlapping_inputs_list_each_input_once(tmp_path, picks):
+    """`curate DIR DIR/sub`, `DIR DIR/x.jpg`, `DIR ./DIR/`: the files of the inner INPUT were
+    listed twice (analysed twice). Each is now listed once, and nothing is lost: what the
+    INPUTs list together is what each lists alone, a named file that the folder walk skips
+    (hidden, a sidecar) included."""
+    root = tmp_path / "tree"
+    if not root.exists():
+        _overlap_tree(root)
+    args = []
+    for name, spelling in picks:
+        if spelling.startswith("{}/") and name not in _FOLDERS:
+            spelling = "{}"  # a file has no trailing slash
+        args.append(f"{root}/{spelling.format(name)}")
+    listed = [i.uri for i in list_inputs(args)]
+    assert len(listed) == len(set(listed)), args
+    alone = set().union(*({i.uri for i in list_inputs([a])} for a in args))
+    assert set(listed) == alone, args
+
+
+def test_the_covered_inputs_are_named_in_one_note(tmp_path):
+    from curation.io.listing import drop_covered_inputs, plan_inputs
+
+    _overlap_tree(tmp_path)
+    inp, sub = tmp_path / "in", tmp_path / "in" / "sub"
+    (tmp_path / "link").symlink_to(inp, target_is_directory=True)
+
+    def drop(*args: Path | str, out: Path | None = None) -> tuple[list[str], str | None]:
+        specs = plan_inputs([str(a) for a in args])
+        kept, note = drop_covered_inputs(specs, exclude=str(out) if out else None)
+        return [s.uri for s in kept], note
+
+    assert drop(inp, sub) == ([str(inp)], f"{sub} is inside {inp}, listed once")
+    assert drop(sub, inp) == ([str(inp)], f"{sub} is inside {inp}, listed once")
+    assert drop(inp, inp) == ([str(inp)], f"{inp} is given twice, listed once")
+    assert drop(inp, f"{inp}/", tmp_path / "link") == ([str(inp)], (
+        f"{inp}/ is the same as {inp}; {tmp_path}/link is the same as {inp}: each listed once"))
+    kept, note = drop(inp, sub / "deeper" / "d.jpg", inp / "s.tar", sub / "b.png")
+    assert kept == [str(inp)] and note.endswith(": each listed once")
+    assert f"{sub}/deeper/d.jpg is inside {inp}; " in note
+    # Named files that the walk skips stay INPUTs: hidden, a sidecar, a list, `_SUCCESS`.
+    keep = [inp / ".h.jpg", inp / "a.txt", inp / "a.zh.txt", inp / "more.lst", inp / "_SUCCESS"]
+    assert drop(inp, *keep) == ([str(inp), *map(str, keep)], None)
+    # A stray caption is listed by the walk: covered.
+    assert drop(inp, inp / "stray.txt")[0] == [str(inp)]
+    # Under OUT, which the folder walk skips, an INPUT is its own.
+    shards = inp / "out" / "shards"
+    assert drop(inp, shards, out=inp / "out") == ([str(inp), str(shards)], None)
+    assert drop(inp, shards)[0] == [str(inp)]
+    # Many covered INPUTs (a brace pattern): three are named, the others counted.
+    many = [inp / n for n in ("a.jpg", "s.tar", "stray.txt", "sub/b.png", "sub/deeper/d.jpg")]
+    kept, note = drop(inp, *many)
+    assert kept == [str(inp)] and note.count(" is inside ") == 3
+    assert note.endswith(" (and 2 more INPUTs that others cover): each listed once")
+    # Nothing in common: no note.
+    assert drop(sub, tmp_path / "other") == ([str(sub), str(tmp_path / "other")], None)
+
+
+def test_an_input_under_an_unreadable_folder_stays_its_own(tmp_path, monkeypatch):
+    """A folder the walk cannot list becomes one `unreadable` row: a file named below it
+    (readable through the folder's search permission) must not be dropped with it."""
+    from curation.io import listing
+
+    locked = tmp_path / "in" / "locked"
+    locked.mkdir(parents=True)
+    (locked / "x.jpg").write_bytes(b"x")
+    specs = listing.plan_inputs([str(tmp_path / "in"), str(locked / "x.jpg")])
+    assert len(listing.drop_covered_inputs(specs)[0]) == 1
+    access = os.access  # as for a user without read permission on it (the tests run as root)
+    monkeypatch.setattr(listing.os, "access", lambda p, m: p != str(locked) and access(p, m))
+    assert listing.drop_covered_inputs(specs) == (specs, None)
+
+
+def test_a_list_naming_a_file_twice_lists_it_once(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(b"a")
+    lst = tmp_path / "again.lst"
+    lst.write_text(f"a.jpg\n{tmp_path}/a.jpg\n./a.jpg\nb-{{1..2}}.jpg\nb-2.jpg\n\n# a.jpg\n")
+    listed = [i.uri for i in list_inputs([str(lst)])]
+    assert listed == [str(tmp_path / n) for n in ("a.jpg", "b-1.jpg", "b-2.jpg")]
+
+
+def test_overlapping_s3_prefixes_are_listed_once(s3_server):
+    import boto3
+    import fsspec
+
+    from curation.io.listing import drop_covered_inputs, plan_inputs
+
+    s3 = boto3.client("s3")
+    where = {"LocationConstraint": "us-west-2"}
+    s3.create_bucket(Bucket="overlap", CreateBucketConfiguration=where)
+    for name in ("in/a.jpg", "in/sub/b.jpg", "in/sub/.c.jpg", "other/o.jpg"):
+        s3.put_object(Bucket="overlap", Key=name, Body=b"x")
+    fsspec.filesystem("s3").invalidate_cache()
+    args = ["s3://overlap/in", "s3://overlap/in/sub/", "s3://overlap/in/sub/b.jpg",
+            "s3://overlap/in/", "s3://overlap/in/sub/.c.jpg", "s3://overlap/other"]
+    kept, note = drop_covered_inputs(plan_inputs(args))
+    assert [s.uri for s in kept] == [args[0], args[4], args[5]]
+    assert note.startswith("s3://overlap/in/sub/ is inside s3://overlap/in; ")
+    listed = [i.uri for i in list_inputs(args)]
+    assert sorted(listed) == [f"s3://overlap/{n}" for n in
+                              ("in/a.jpg", "in/sub/.c.jpg", "in/sub/b.jpg", "other/o.jpg")]
+
+
+@pytest.mark.parametrize("spelling", ["{}/./in", "{}/in/", "{}//in", "{}/in/../in"])
+def test_a_folder_spelled_with_dots_pairs_its_sidecars_as_written_plainly(tmp_path, spelling):
+    """`curate ./photos` from above, or `DIR/./in`: pathlib dropped the `./` from each image's
+    stem but not from its `<stem>.zh.txt`, so the Chinese caption became an input of its own
+    (a text-file row) and the image lost it."""
+    (tmp_path / "in").mkdir()
+    for name in ("a.jpg", "a.txt", "a.zh.txt", "b.png", "b.json"):
+        (tmp_path / "in" / name).write_bytes(b"x")
+
+    def listed(inputs: list[str]) -> list[InputItem]:
+        return sorted(list_inputs(inputs), key=lambda i: i.uri)  # sources are normalised
+
+    plain = listed([str(tmp_path / "in")])
+    assert [Path(i.uri).name for i in plain] == ["a.jpg", "b.png"]
+    assert plain[0].sidecar_zh == f"{tmp_path}/in/a.zh.txt"
+    assert listed([spelling.format(tmp_path)]) == plain
+    named = spelling.format(tmp_path).rstrip("/") + "/a.jpg"
+    assert listed([named]) == plain[:1]
