@@ -10,7 +10,13 @@ throughput, the peak RSS per worker and of all Ray processes together, object-st
 (Ray's memory summary), and whether Ray's memory monitor killed anything (its log lines).
 The yardstick in the same run: a plain two-process Pillow decode of the same files.
 
-Usage: `python -m bench.memory_scale [--images 2000] [--cpus 2] [--scratch DIR]`
+`--tars N` packs the same images into N WebDataset tars (`<key>.jpg` / `.webp` with a
+`<key>.txt` caption) and curates those instead: the memory a worker needs for a large shard.
+`--code DIR` runs the `native4k` of another checkout (its Ray workers too), for a
+before/after comparison in the same run.
+
+Usage: `python -m bench.memory_scale [--images 2000] [--cpus 2] [--scratch DIR] [--tars N]
+[--code DIR]`
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import io
 import json
 import os
 import platform
@@ -117,6 +124,30 @@ def build_set(scratch: Path, n: int) -> list[str]:
     return paths
 
 
+def build_tars(scratch: Path, paths: list[str], n: int) -> Path:
+    """The images of `paths` packed into `n` WebDataset tars with captions (cached)."""
+    import tarfile
+
+    folder = scratch / f"tars-{len(paths)}-{n}"
+    marker = scratch / f"tars-{len(paths)}-{n}.done"
+    if marker.exists():
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    per = -(-len(paths) // n)
+    for t in range(n):
+        with tarfile.open(folder / f"shard-{t:05d}.tar", "w") as tf:
+            for p in paths[t * per : (t + 1) * per]:
+                key = Path(p).stem
+                tf.add(p, arcname=f"{key}{Path(p).suffix}")
+                caption = f"a 4K photograph, cut {key}".encode()
+                info = tarfile.TarInfo(f"{key}.txt")
+                info.size = len(caption)
+                tf.addfile(info, io.BytesIO(caption))
+    marker.write_text("")
+    return folder
+
+
 def _decode(path: str) -> None:
     from PIL import Image
 
@@ -176,6 +207,10 @@ def main() -> None:
     ap.add_argument("--scratch", type=Path, default=Path("/tmp/native4k-memory"))
     ap.add_argument("--set", dest="overrides", action="append", default=[],
                     help="extra --set for the job (e.g. score.enabled=false)")
+    ap.add_argument("--tars", type=int, default=0,
+                    help="curate the images packed into this many WebDataset tars")
+    ap.add_argument("--code", type=Path, default=None,
+                    help="a checkout whose native4k (and Ray workers) run the job")
     args = ap.parse_args()
     t0 = time.perf_counter()
     paths = build_set(args.scratch, args.images)
@@ -183,6 +218,13 @@ def main() -> None:
     decode = plain_decode_rate(paths, args.cpus)
     tmp = Path(tempfile.mkdtemp(prefix="n4k-", dir="/tmp"))
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    native4k = [NATIVE4K]
+    if args.code is not None:
+        env["PYTHONPATH"] = str(args.code.resolve())
+        native4k = [sys.executable, "-m", "pipelines.cli"]
+    inputs = str(paths[0].rsplit("/", 1)[0])
+    if args.tars:
+        inputs = str(build_tars(args.scratch, paths, args.tars))
     started = subprocess.run(
         [RAY, "start", "--head", "--num-cpus", str(args.cpus), "--temp-dir", str(tmp),
          "--include-dashboard", "false", "--port", str(_free_port())],
@@ -193,9 +235,10 @@ def main() -> None:
     shutil.rmtree(out, ignore_errors=True)
     extra = [a for o in args.overrides for a in ("--set", o)]
     start = time.perf_counter()
-    proc = subprocess.Popen([NATIVE4K, "curate", str(paths[0].rsplit("/", 1)[0]), "--output",
+    proc = subprocess.Popen([*native4k, "curate", inputs, "--output",
                              str(out), "--ray-address", address, *extra],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=args.code)
     sampler = Sampler(psutil.Process(proc.pid))
     sampler.start()
     log, _ = proc.communicate()
@@ -206,7 +249,7 @@ def main() -> None:
     from ray._private.internal_api import memory_summary
 
     ray.init(address=address, log_to_driver=False)
-    summary = memory_summary(stats_only=True)
+    summary = memory_summary(address=address, stats_only=True)
     ray.shutdown()
     killed = subprocess.run(
         ["grep", "-rlE", "OutOfMemoryError|Killing worker.*memory|killed due to memory", str(tmp)],
@@ -217,7 +260,9 @@ def main() -> None:
     workers = sorted((v for v in sampler.peak.values() if "raylet" not in v[0]),
                      key=lambda v: -v[1])
     spill = [ln.strip() for ln in summary.splitlines() if "pill" in ln or "estore" in ln]
-    print(f"\n{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, {platform.machine()}, "
+    what = f"{args.tars} tars" if args.tars else "files"
+    code = f", code {args.code}" if args.code else ""
+    print(f"\n{what}{code}: {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, {platform.machine()}, "
           f"{os.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB, "
           f"load {os.getloadavg()[0]:.1f}\n")
     print(f"- job: exit {proc.returncode}, {wall:.0f} s wall, {len(paths) / wall:.1f} images/s "
