@@ -406,6 +406,12 @@ def expand_listing(
         yield pa.table(out, schema=LISTING_SCHEMA)
 
 
+def tar_notes_folder(analysis: str) -> str:
+    """`_work/tars`, next to pass 1's `_work/analysis`: notes of tars read to their end
+    (`TarReader.done_folder`)."""
+    return join(analysis.rstrip("/").rsplit("/", 1)[0], "tars")
+
+
 def _with_tar(t: pa.Table) -> pa.Table:
     """Analysis rows of tar members (and of unreadable tars), with their tar's URI."""
     tars = []
@@ -1002,7 +1008,7 @@ def _analyse(
             tars = grouping.join(
                 tars, done, "left_outer", parts, on=(schema.SOURCE,), right_on=(TAR,)
             )
-        reader = TarReader(max_file_bytes=reader_cap)
+        reader = TarReader(max_file_bytes=reader_cap, done_folder=tar_notes_folder(analysis))
         streams.append(  # a tar's rows leave in blocks as it is read (`TarReader.blocks`)
             tars.repartition(num_tars).map_batches(
                 reader.blocks, batch_format="pyarrow", zero_copy_batch=True, **reader.ray_options()

@@ -7,6 +7,7 @@ sample. Both keep going on bad input: a file that cannot be read becomes a rejec
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -25,6 +26,7 @@ from PIL import Image
 
 from curation import schema
 from curation.base import Stage, column, record_time, set_columns, to_table
+from curation.io.atomic import atomic_write, join, part_name
 from curation.io.listing import escape_name, filesystem, local_path, split_tar_source
 
 SIDECAR = "sidecar"  # listing column: URI of a sidecar caption file
@@ -245,7 +247,11 @@ class TarReader(Stage):
     needs a plain tar); a hard link is the bytes of the member it names. A `.tar` whose
     bytes are an image is that image's row (judged by its bytes, as any mislabelled file).
     Rows whose source is in the tar's optional `done_members` list (analysed by an
-    interrupted earlier run) are left out.
+    interrupted earlier run) are left out. With `done_folder`, a tar read to its end without
+    error leaves a note there (its size, ETag or mtime, and row count); a rerun whose
+    `done_members` hold that many rows of that tar, unchanged, does not open it again (an
+    interrupted job over many GB of S3 tars would otherwise read every finished tar again to
+    skip its members).
 
     A tar is read as a stream and its rows leave in blocks of about `max_block_bytes` of
     member bytes (`blocks`, which the job maps), so a worker holds one block and one member,
@@ -263,6 +269,9 @@ class TarReader(Stage):
     """Member bytes per output block; a larger member is a block of its own. A worker's peak
     grows by about 7× this (the bytes as read, their Arrow copy, allocator slack): 32 MiB
     keeps a tar's reader near a folder's (`docs/benchmarks.md`)."""
+
+    done_folder: str | None = None
+    """Where notes of completely read tars go (the job's `_work/tars`); None: none."""
 
     def __post_init__(self) -> None:
         if self.max_block_bytes < 1:
@@ -292,10 +301,39 @@ class TarReader(Stage):
         )
         for tar_uri, done in zip(column(table, schema.SOURCE), done_lists, strict=True):
             skip = frozenset(done or ())
+            if skip and self._finished(tar_uri, len(skip)):
+                continue
             for rows in self._expand(tar_uri):
                 kept = [r for r in rows if r[schema.SOURCE] not in skip]
                 if kept:
                     yield self._table(kept)
+
+    def _note(self, tar_uri: str) -> str:
+        assert self.done_folder is not None
+        return join(self.done_folder, part_name([tar_uri]).replace(".parquet", ".json"))
+
+    def _finished(self, tar_uri: str, num_done: int) -> bool:
+        """Whether an earlier run read this tar (of its present size) to its end, and every
+        row it found is among the `num_done` analysed ones."""
+        if self.done_folder is None:
+            return False
+        try:
+            with open_input(self._note(tar_uri)) as fh:
+                note = json.loads(fh.read())
+            return (
+                note["source"] == tar_uri
+                and note["version"] == _version(tar_uri)
+                and 0 < note["rows"] <= num_done
+            )
+        except Exception:  # no note (or an unreadable one): read the tar
+            return False
+
+    def _finish(self, tar_uri: str, rows: int, version: list[Any] | None) -> None:
+        """Note that the tar was read to its end (best effort: without it, a rerun reads it)."""
+        if self.done_folder is None or version is None:
+            return
+        with contextlib.suppress(Exception), atomic_write(self._note(tar_uri), "w") as fh:
+            json.dump({"source": tar_uri, "version": version, "rows": rows}, fh)
 
     def _table(self, rows: list[dict[str, Any]]) -> pa.Table:
         cols = (*self.writes, *schema.DECISION_COLUMNS)
@@ -309,13 +347,16 @@ class TarReader(Stage):
         from webdataset.tariterators import base_plus_ext
 
         samples: dict[str, dict[str, Any]] = {}  # samples not yet emitted, in tar order
-        emitted = 0
+        emitted = num_rows = 0
         held = 0  # member bytes in `samples`
         error: str | None = None
         # member name -> (data offset, size): what a later hard link names
         stored: dict[str, tuple[int, int]] = {}
         compressed: str | None = None
+        version = None
         try:
+            if self.done_folder is not None:
+                version = _version(tar_uri)  # before the read: a tar replaced since is read again
             with open_input(tar_uri) as fh:
                 compressed = _compression(fh.read(6))
                 fh.seek(0)
@@ -332,6 +373,7 @@ class TarReader(Stage):
                         if key not in samples and held >= self.max_block_bytes:
                             rows = _rows_of(tar_uri, samples)
                             emitted += len(samples)
+                            num_rows += len(rows)
                             samples, held = {}, 0
                             yield rows
                         sample = samples.setdefault(key, {"members": {}})
@@ -391,6 +433,8 @@ class TarReader(Stage):
             return
         rows = _rows_of(tar_uri, samples)
         emitted += len(samples)
+        if error is None and emitted:
+            self._finish(tar_uri, num_rows + len(rows), version)
         if not emitted:  # a tar with no sample still gets its row: no input vanishes
             rows.append(
                 {
@@ -432,6 +476,15 @@ _COMPRESSIONS = (
     (b"\xfd7zXZ", "xz"),
     (b"\x28\xb5\x2f\xfd", "zstd"),
 )
+
+
+def _version(uri: str) -> list[Any]:
+    """What tells this file from a replaced one: its size and its ETag (object stores) or
+    modification time."""
+    fs, path = filesystem(local_path(uri))
+    info = fs.info(path)
+    stamp = info.get("ETag") or info.get("mtime") or info.get("LastModified") or ""
+    return [info.get("size"), str(stamp)]
 
 
 def _compression(head: bytes) -> str | None:

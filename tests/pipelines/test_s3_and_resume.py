@@ -64,6 +64,13 @@ def test_curate_from_s3_to_s3(samples, local_ray, s3_server):
     assert fs.exists("curated/run1/_SUCCESS") and fs.exists("curated/run1/stats.json")
     shard = rows["native/render_0_3840x2160.jpg"]["shard"]
     assert fs.exists(f"curated/run1/{shard}")
+    # The tar, read to its end, is noted with its ETag, so a rerun need not download it again.
+    (note,) = fs.ls("curated/run1/_work/tars")
+    noted = json.loads(fs.cat_file(note))
+    assert noted["source"] == "s3://raw/in/shard-input-000.tar"
+    assert noted["version"] == [fs.size("raw/in/shard-input-000.tar"),
+                                fs.info("raw/in/shard-input-000.tar")["ETag"]]  # fmt: skip
+    assert noted["rows"] == sum(k.startswith("shard-input-000.tar#") for k in rows)
 
 
 def e_caption(expected: dict) -> str:

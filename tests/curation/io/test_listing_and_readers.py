@@ -842,3 +842,47 @@ def test_a_folder_spelled_with_dots_pairs_its_sidecars_as_written_plainly(tmp_pa
     assert listed([spelling.format(tmp_path)]) == plain
     named = spelling.format(tmp_path).rstrip("/") + "/a.jpg"
     assert listed([named]) == plain[:1]
+
+
+def test_a_tar_read_to_its_end_is_not_opened_again_once_all_its_rows_are_done(
+    tmp_path, monkeypatch
+):
+    """A rerun read every tar again to skip the members an earlier run analysed: an
+    interrupted job over many GB of S3 tars downloaded all the finished ones again. A tar read
+    to its end leaves a note (size, mtime or ETag, rows); a rerun that has analysed that many
+    of its rows does not open it. One row missing, a replaced tar, or a tar that ended in
+    error: read."""
+    tar = tmp_path / "s.tar"
+    _tar(tar, [("a.jpg", b"AAAA"), ("a.txt", b"cap"), ("b.png", b"BB"), ("c", b"C")])
+    notes = str(tmp_path / "_work" / "tars")
+    reader = TarReader(done_folder=notes)
+    rows = reader({schema.SOURCE: [str(tar)]}).to_pylist()
+    sources = [r[schema.SOURCE] for r in rows]
+    assert len(sources) == 3 and len(os.listdir(notes)) == 1
+
+    def read(done: list[str]) -> list[str]:
+        out = reader({schema.SOURCE: [str(tar)], "done_members": [done]}).to_pylist()
+        return [r[schema.SOURCE] for r in out]
+
+    assert read(sources[:2]) == sources[2:]  # one row missing: the tar is read
+    real_open = tarfile.open
+
+    def no_open(*args, **kwargs):
+        raise AssertionError("a finished tar was opened again")
+
+    monkeypatch.setattr(tarfile, "open", no_open)
+    assert read(sources) == []
+    assert read([*sources, f"{tar}#old.jpg"]) == []  # rows of an earlier version: still done
+    monkeypatch.setattr(tarfile, "open", real_open)
+
+    _tar(tar, [("a.jpg", b"AAAA"), ("b.png", b"BB"), ("c", b"C"), ("d.jpg", b"D" * 600)])
+    os.utime(tar, ns=(1, 1))  # the same size (tar pads to 10 KB) but another mtime
+    assert read(sources) == [f"{tar}#d.jpg"]  # replaced: read again
+
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(tar.read_bytes()[:1100])
+    done = [r[schema.SOURCE] for r in reader({schema.SOURCE: [str(cut)]}).to_pylist()]
+    assert f"{cut}#<rest>" in done  # ended in error: no note, so it is opened again
+    monkeypatch.setattr(tarfile, "open", no_open)
+    (again,) = reader({schema.SOURCE: [str(cut)], "done_members": [done]}).to_pylist()
+    assert "opened again" in again[schema.DETAIL]
