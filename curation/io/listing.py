@@ -118,8 +118,9 @@ def _iter_local(
     folder: str, exclude: str | None = None, unlisted: list[str] | None = None
 ) -> Iterator[str]:
     """Every file under a local folder, lazily; linked folders are not descended (no loops),
-    nor the folder ``exclude`` (compared by real path: a link to either side is seen through);
-    folders that cannot be listed go to ``unlisted``.
+    nor hidden ones (`.git/`, `.Trash-1000/`: `in_hidden_folder`), nor the folder ``exclude``
+    (compared by real path: a link to either side is seen through); folders that cannot be
+    listed go to ``unlisted``.
 
     A walk with its own stack, not `os.walk`, which recurses once per level in this Python
     and failed the listing of a folder nested about a thousand levels deep.
@@ -142,8 +143,23 @@ def _iter_local(
                 is_dir, is_link = False, False
             if not is_dir:
                 yield entry.path
-            elif not is_link and (exclude is None or os.path.realpath(entry.path) != exclude):
+            elif (
+                not is_link
+                and not entry.name.startswith(".")
+                and (exclude is None or os.path.realpath(entry.path) != exclude)
+            ):
                 stack.append(entry.path)
+
+
+def in_hidden_folder(path: str, root: str) -> bool:
+    """Whether `path` lies in a hidden folder (a name starting with `.`) below `root`.
+
+    A folder walk lists no file there, as it lists no hidden file: a version-control store,
+    a desktop's trash of deleted pictures (`.Trash-1000/files/`), thumbnail caches. Naming
+    such a folder as an INPUT lists it.
+    """
+    inner = path[len(root) :].strip("/").split("/")[:-1]
+    return any(part.startswith(".") for part in inner)
 
 
 def _walk_local(folder: str, exclude: str | None = None) -> tuple[list[str], list[str]]:
@@ -332,8 +348,11 @@ def _walk_lists(
 def _reached(
     scheme: str, folder: tuple[str, ...], inner: tuple[str, ...], readable: Callable[[str], bool]
 ) -> bool:
-    """Whether a local folder walk from `folder` can list every folder down to `inner` (the
-    ones between must be `readable`; one that is not becomes an `unreadable` row instead)."""
+    """Whether a folder walk from `folder` reaches every folder down to `inner`: none of the
+    ones between is hidden (`in_hidden_folder`), and locally each is `readable` (one that is
+    not becomes an `unreadable` row instead)."""
+    if any(part.startswith(".") for part in inner[len(folder) :]):
+        return False
     if scheme:
         return True
     below = range(len(folder) + 1, len(inner) + 1)
@@ -445,7 +464,10 @@ def expand_input(
             skip = local_path(exclude) if exclude is not None and is_local(exclude) else None
             files, unlisted = _walk_local(path, skip)
         else:
-            files = [p for p in fs.find(path) if not fs.isdir(p)]
+            root = path.rstrip("/")
+            files = [
+                p for p in fs.find(path) if not in_hidden_folder(p, root) and not fs.isdir(p)
+            ]
             if exclude is not None and not is_local(exclude):
                 skip = fsspec.core.url_to_fs(exclude, **(storage_options or {}))[1].rstrip("/")
                 files = [p for p in files if p != skip and not p.startswith(skip + "/")]

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from curation import schema
-from curation.io.listing import InputItem, InputSpec, few_local_files, list_inputs
+from curation.io.listing import InputItem, InputSpec, few_local_files, list_inputs, plan_inputs
 from curation.io.readers import (
     META,
     SIDECAR,
@@ -886,3 +886,44 @@ def test_a_tar_read_to_its_end_is_not_opened_again_once_all_its_rows_are_done(
     monkeypatch.setattr(tarfile, "open", no_open)
     (again,) = reader({schema.SOURCE: [str(cut)], "done_members": [done]}).to_pylist()
     assert "opened again" in again[schema.DETAIL]
+
+
+def test_files_in_hidden_folders_are_not_inputs_unless_named(tmp_path, s3_server):
+    """A folder walk skipped hidden files but listed everything in hidden folders: the
+    pictures a desktop's trash keeps (`.Trash-1000/files/`), a `.git` store, thumbnail caches
+    (`.thumbnails/`) became inputs. Naming such a folder or file still lists it, also when
+    the folder above it is an INPUT too; the small-job count and S3 prefixes agree."""
+    import fsspec
+
+    tree = ("in/a.jpg", "in/.Trash-1000/files/deleted.jpg", "in/sub/.thumbnails/t.png",
+            "in/sub/b.png", "in/.git/objects/x.jpg", "in/v.1/c.jpg")  # fmt: skip
+    for rel in tree:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    folder = tmp_path / "in"
+
+    def names(inputs: list[str]) -> list[str]:
+        return sorted(i.uri.rsplit("/in/", 1)[-1] for i in list_inputs(inputs))
+
+    assert names([str(folder)]) == ["a.jpg", "sub/b.png", "v.1/c.jpg"]
+    trash = folder / ".Trash-1000"
+    assert names([str(trash)]) == [".Trash-1000/files/deleted.jpg"]
+    assert names([str(folder), str(trash)]) == [
+        ".Trash-1000/files/deleted.jpg", "a.jpg", "sub/b.png", "v.1/c.jpg"]
+    thumb = folder / "sub" / ".thumbnails" / "t.png"
+    assert names([str(folder), str(thumb)]) == ["a.jpg", "sub/.thumbnails/t.png", "sub/b.png",
+                                                 "v.1/c.jpg"]  # fmt: skip
+    assert few_local_files(plan_inputs([str(folder)]), 3)
+    assert not few_local_files(plan_inputs([str(folder)]), 2)
+
+    import boto3
+
+    boto3.client("s3").create_bucket(
+        Bucket="hidden-walk", CreateBucketConfiguration={"LocationConstraint": "us-west-2"}
+    )
+    fs = fsspec.filesystem("s3")
+    for rel in tree:
+        fs.pipe(f"hidden-walk/{rel}", b"x")
+    assert names(["s3://hidden-walk/in"]) == ["a.jpg", "sub/b.png", "v.1/c.jpg"]
+    assert names(["s3://hidden-walk/in", "s3://hidden-walk/in/.git"]) == [
+        ".git/objects/x.jpg", "a.jpg", "sub/b.png", "v.1/c.jpg"]
