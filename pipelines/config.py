@@ -21,6 +21,7 @@ import yaml
 
 from curation.analyze.native import DEFAULT_NATIVE_THRESHOLD
 from curation.analyze.sharpness import DEFAULT_SHARPNESS_THRESHOLD
+from training.settings import empty_value, setting_type
 
 
 def _f(default: Any, help: str) -> Any:
@@ -581,37 +582,6 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     return cls(**kwargs)
 
 
-def _setting_type(cls: Any, parts: list[str]) -> Any:
-    """The annotated type of the setting `parts` names under `cls` (None: no such setting)."""
-    for name in parts:
-        if not dataclasses.is_dataclass(cls):
-            return None
-        cls = typing.get_type_hints(cls).get(name)
-    return cls
-
-
-_VALUE_WORDS = {int: "an integer", float: "a number", bool: "true or false"}
-
-
-def _empty_value(typ: Any, key: str) -> Any:
-    """What `--set KEY=` with nothing after `=` means: the empty string for text (empty text
-    turns a model or a prefix off), None for an optional setting (None is its "off"); any
-    other setting needs a value.
-
-    Raises:
-        ConfigError: the setting is a number, a switch or a list.
-    """
-    if typ is None or dataclasses.is_dataclass(typ):
-        return None  # no such setting (`_build` names it), or a section: its defaults, as in YAML
-    if type(None) in typing.get_args(typ):
-        return None
-    if typ is str:
-        return ""
-    is_list = typing.get_origin(typ) is list
-    words = _VALUE_WORDS.get(typ, "a list, [] for none" if is_list else "a value")
-    raise ConfigError(f"config key '{key}' needs a value after '=' ({words})")
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> JobConfig:
     """Load and validate a job configuration.
 
@@ -645,7 +615,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             if not isinstance(node, dict):
                 raise ConfigError(f"config key '{dotted}' does not name a setting")
         if not raw.strip():
-            node[parts[-1]] = _empty_value(_setting_type(JobConfig, parts), dotted.strip())
+            typ = setting_type(JobConfig, parts)
+            node[parts[-1]] = empty_value(typ, dotted.strip(), ConfigError)
             continue
         try:
             node[parts[-1]] = yaml.safe_load(raw)

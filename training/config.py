@@ -23,6 +23,7 @@ from typing import Any, Literal
 import yaml
 
 from training.data import DataConfig
+from training.settings import empty_value, setting_type
 
 
 class TrainConfigError(ValueError):
@@ -670,41 +671,6 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
 ConfigT = typing.TypeVar("ConfigT", DitTrainConfig, VaeTrainConfig)
 
 
-def _setting_type(cls: Any, parts: list[str]) -> Any:
-    """The annotated type of the setting `parts` names under `cls` (None: no such setting)."""
-    for name in parts:
-        if not dataclasses.is_dataclass(cls):
-            return None
-        cls = typing.get_type_hints(cls).get(name)
-    return cls
-
-
-_VALUE_WORDS = {int: "an integer", float: "a number", bool: "true or false"}
-
-
-def _empty_value(typ: Any, key: str) -> Any:
-    """What `--set KEY=` with nothing after `=` means: the empty string for text, None for an
-    optional setting (None is its default or "off"); any other setting needs a value.
-
-    Raises:
-        TrainConfigError: the setting is a number, a switch, a choice, a list or a mapping.
-    """
-    if typ is None or typ is Any or dataclasses.is_dataclass(typ):
-        return None  # no such setting (`_build` names it), or a section: as in YAML
-    if type(None) in typing.get_args(typ):
-        return None
-    if typ is str:
-        return ""
-    origin = typing.get_origin(typ)
-    if origin is Literal:
-        words = "one of " + ", ".join(map(repr, typing.get_args(typ)))
-    elif origin in (list, tuple, dict):
-        words = "a mapping, {} for none" if origin is dict else "a list, [] for none"
-    else:
-        words = _VALUE_WORDS.get(typ, "a value")
-    raise TrainConfigError(f"config key '{key}' needs a value after '=' ({words})")
-
-
 def load_train_config(
     cls: type[ConfigT],
     path: str | Path | None = None,
@@ -748,7 +714,8 @@ def load_train_config(
             if not isinstance(node, dict):
                 raise TrainConfigError(f"config key '{dotted}' does not name a setting")
         if not raw.strip():
-            node[parts[-1]] = _empty_value(_setting_type(cls, parts), dotted.strip())
+            typ = setting_type(cls, parts)
+            node[parts[-1]] = empty_value(typ, dotted.strip(), TrainConfigError)
             continue
         try:
             node[parts[-1]] = yaml.safe_load(raw)
