@@ -45,7 +45,11 @@ SIDECAR_MAX_BYTES = 16 * 1024 * 1024
 kilobytes; a dump of gigabytes beside an image would take a worker's memory)."""
 
 
-_NOT_REGULAR = (
+NOT_REGULAR = "not a regular file"
+"""How `open_input`'s refusal of a folder, a named pipe or a device begins: what such an
+input is, not a read that failed (a rerun does not read it again)."""
+
+_SPECIAL_FILES = (
     (stat.S_ISDIR, "a folder"),
     (stat.S_ISFIFO, "a named pipe"),
     (stat.S_ISCHR, "a character device"),
@@ -71,8 +75,8 @@ def open_input(uri: str) -> Any:
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
-            what = next((w for test, w in _NOT_REGULAR if test(mode)), "a special file")
-            raise OSError(f"not a regular file but {what}")
+            what = next((w for test, w in _SPECIAL_FILES if test(mode)), "a special file")
+            raise OSError(f"{NOT_REGULAR} but {what}")
         os.set_blocking(fd, True)
     except BaseException:
         os.close(fd)
