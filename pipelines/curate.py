@@ -801,6 +801,8 @@ def _read_parquet(rd: Any, uri: str, **kwargs: Any) -> Any:
     samples a few files when called, under a progress bar of its own: silenced (a job's
     output in a log keeps one line per event).
     """
+    fs, fs_path = fsspec.core.url_to_fs(uri)
+    fs.invalidate_cache(fs_path)  # written by Ray workers: this process's listing may be stale
     filesystem, path = _arrow_fs(uri)
     ctx = rd.DataContext.get_current()
     saved = ctx.use_datasource_v2, ctx.enable_progress_bars
