@@ -3,7 +3,8 @@
 0. list (in Ray): the driver only classifies its INPUT arguments and drops those another
    INPUT covers (`drop_covered_inputs`: a subfolder, a file in a folder); one Ray task per INPUT
    expands it (folder walk, URI list file) into listing blocks, and what an earlier run
-   analysed is subtracted by joins in Ray, so the driver holds no per-input state;
+   analysed is subtracted by joins in Ray, so the driver holds no per-input state; what it
+   could not read (`unreadable`: `read_failed_mask`) is not, and is read again;
 1. analyse (streaming): read → header probe → header thresholds → one decode with the pixel
    analyses, cheapest first, up to the first rule an image fails → pixel thresholds →
    `_work/analysis/part-*.parquet` (no bytes), one atomic file per batch named by its inputs,
