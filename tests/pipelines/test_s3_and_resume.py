@@ -350,6 +350,25 @@ def _kept_once(out: Path) -> None:
     assert verify(str(out)) == []
 
 
+def test_failed_reads_are_read_again_but_not_what_is_no_file():
+    from pipelines.curate import read_again_text, read_failed_mask
+
+    rows = [
+        ("unreadable", "cannot read: PermissionError: [Errno 13] Permission denied: '/in/a'"),
+        ("unreadable", "cannot read: ClientError: An error occurred (SlowDown) ... (503)"),
+        ("unreadable", "tar ends in error after 2 samples: ReadError: unexpected end of data"),
+        ("unreadable", None),
+        ("unreadable", "cannot read: OSError: not a regular file but a named pipe"),
+        ("unreadable", "cannot read tar: OSError: not a regular file but a character device"),
+        ("too_large", "file is 9 bytes, over the 8-byte cap; not read"),
+        (None, None),
+    ]
+    t = pa.table({"reason": [r for r, _ in rows], "detail": [d for _, d in rows]})
+    assert read_failed_mask(t).to_pylist() == [True] * 4 + [False] * 4
+    assert read_again_text(1) == "1 input that could not be read before was read again"
+    assert read_again_text(3) == "3 inputs that could not be read before were read again"
+
+
 def test_an_input_that_could_not_be_read_is_read_again_by_a_rerun(local_ray, tmp_path, capsys):
     """An input whose read failed is read again by every rerun: it keeps one row, the newest
     (`unreadable` again, or its real verdict once it reads). Links stand for any failed read
