@@ -3,7 +3,8 @@
 0. list (in Ray): the driver only classifies its INPUT arguments and drops those another
    INPUT covers (`drop_covered_inputs`: a subfolder, a file in a folder); one Ray task per INPUT
    expands it (folder walk, URI list file) into listing blocks, and what an earlier run
-   analysed is subtracted by joins in Ray, so the driver holds no per-input state;
+   analysed is subtracted by joins in Ray, so the driver holds no per-input state; what it
+   could not read (`unreadable`: `read_failed_mask`) is not, and is read again;
 1. analyse (streaming): read → header probe → header thresholds → one decode with the pixel
    analyses, cheapest first, up to the first rule an image fails → pixel thresholds →
    `_work/analysis/part-*.parquet` (no bytes), one atomic file per batch named by its inputs,
@@ -70,7 +71,15 @@ from curation.io.listing import (
     plan_inputs,
     split_tar_source,
 )
-from curation.io.readers import DONE_MEMBERS, META, SIDECAR, SIDECAR_ZH, FileReader, TarReader
+from curation.io.readers import (
+    DONE_MEMBERS,
+    META,
+    NOT_REGULAR,
+    SIDECAR,
+    SIDECAR_ZH,
+    FileReader,
+    TarReader,
+)
 from curation.probe.header_probe import EXTENSIONS, HeaderProbe
 from curation.shard.shard_writer import (
     CHANGED_FOLDER,
@@ -289,8 +298,26 @@ def stale_mask(t: pa.Table, score_all: bool) -> pa.ChunkedArray | pa.Array:
     return pc.and_(stale, pc.is_null(t[schema.STATUS]))
 
 
+def read_failed_mask(t: pa.Table) -> pa.ChunkedArray | pa.Array:
+    """Rows of inputs that could not be read (`unreadable`), which a rerun reads again.
+
+    A permission, I/O or network error (S3's 503 SlowDown, a connection reset), a missing
+    file or a dangling link, a folder that could not be listed, a tar that could not be
+    opened or that ends in error (its `#<rest>` row), a truncated tar member. Not an input
+    that is no regular file (a named pipe, a device: `NOT_REGULAR`): that is what it is, and
+    a rerun does not open it again. The shard writer's failed re-reads (`REREAD_FAILED`)
+    are manifest rows, never analysis rows: its change records bring those inputs back
+    (`_read_analysis`).
+    """
+    unreadable = pc.fill_null(pc.equal(t[schema.REASON], "unreadable"), False)
+    special = pc.match_substring(pc.fill_null(t[schema.DETAIL], ""), f"OSError: {NOT_REGULAR}")
+    return pc.and_(unreadable, pc.invert(special))
+
+
 def _not_stale(t: pa.Table, rules: list[Rule], score_all: bool) -> pa.Table:
-    """The stored rows whose analysis stands under the current rules (sources of `t`)."""
+    """The stored rows whose analysis stands under the current rules (sources of `t`): not
+    stale (`stale_mask`), and not a read that failed (`read_failed_mask`)."""
+    t = t.filter(pc.invert(read_failed_mask(t)))
     return _only(Retune(rules=rules).process(t), score_all, stale=False).select([schema.SOURCE])
 
 
@@ -801,6 +828,8 @@ def _read_parquet(rd: Any, uri: str, **kwargs: Any) -> Any:
     samples a few files when called, under a progress bar of its own: silenced (a job's
     output in a log keeps one line per event).
     """
+    fs, fs_path = fsspec.core.url_to_fs(uri)
+    fs.invalidate_cache(fs_path)  # written by Ray workers: this process's listing may be stale
     filesystem, path = _arrow_fs(uri)
     ctx = rd.DataContext.get_current()
     saved = ctx.use_datasource_v2, ctx.enable_progress_bars
@@ -880,16 +909,35 @@ _STALE_COLUMNS = (
 )
 
 
-def _mtimes(fs: Any, folder: str) -> dict[str, float]:
-    """File name -> modification time (s) of the Parquet files in `folder` (one listing)."""
+def _parquet_files(fs: Any, folder: str) -> dict[str, dict[str, Any]]:
+    """File name -> fsspec details of the Parquet files in `folder` (one fresh listing)."""
+    fs.invalidate_cache(folder)  # written by Ray workers, not through this process's listing
     out = {}
     for info in fs.ls(folder, detail=True):
         name = str(info["name"]).rsplit("/", 1)[-1]
-        if not name.endswith(".parquet"):
-            continue
-        t = info.get("mtime", info.get("LastModified"))
-        out[name] = t.timestamp() if hasattr(t, "timestamp") else float(t or 0.0)
+        if name.endswith(".parquet"):
+            out[name] = info
     return out
+
+
+def _mtime(info: Mapping[str, Any]) -> float:
+    """A file's modification time (s) from its fsspec details."""
+    t = info.get("mtime", info.get("LastModified"))
+    return t.timestamp() if hasattr(t, "timestamp") else float(t or 0.0)
+
+
+def _mtimes(fs: Any, folder: str) -> dict[str, float]:
+    """File name -> modification time (s) of the Parquet files in `folder` (one listing)."""
+    return {name: _mtime(info) for name, info in _parquet_files(fs, folder).items()}
+
+
+def _versions(fs: Any, folder: str) -> dict[str, str]:
+    """File name -> version of the Parquet files in `folder` (one listing): its time, size
+    and inode (ETag in an object store), which an atomic rewrite changes."""
+    return {
+        name: f"{_mtime(info)!r}:{info.get('size')}:{info.get('ino', info.get('ETag'))}"
+        for name, info in _parquet_files(fs, folder).items()
+    }
 
 
 def _changed_records(output: str) -> dict[str, float]:
@@ -919,45 +967,134 @@ def _changed_at(analysis: str) -> dict[str, float]:
 
 
 _PATH = "path"  # Ray Data's column of the file a row was read from (`include_paths`)
+PART = "part"  # the name of the analysis part a stored row is in
+
+READ_AGAIN = "read_again.json"
+"""Under OUT's `_work`: the analysis parts (name -> version, `_versions`) whose failed reads
+(`read_failed_mask`) a rerun read again; those rows of those versions are left out
+(`_read_analysis`), so the newer row of each input stands alone."""
 
 
-def _drop_changed(t: pa.Table, changed: dict[str, float], parts: dict[str, float]) -> pa.Table:
-    """Rows not analysed before their source's bytes were found changed."""
+def _read_again_uri(analysis: str) -> str:
+    """`_work/read_again.json`, next to `_work/analysis`."""
+    return join(analysis.rstrip("/").rsplit("/", 1)[0], READ_AGAIN)
+
+
+def _read_again_record(analysis: str) -> dict[str, str]:
+    """The recorded part versions whose failed reads were read again (`READ_AGAIN`)."""
+    fs, path = fsspec.core.url_to_fs(_read_again_uri(analysis))
+    fs.invalidate_cache(path)
+    if not fs.exists(path):
+        return {}
+    with fs.open(path, "r") as fh:
+        return dict(json.load(fh))
+
+
+def _record_read_again(analysis: str, parts: set[str]) -> None:
+    """Record the current versions of `parts` as read again, before they are (`READ_AGAIN`).
+
+    Versions since rewritten or removed hold no row any more: their entries are dropped.
+    A part rewritten by this run's analysis (a batch of the same inputs) is a new version,
+    whose rows stand.
+    """
+    fs, path = fsspec.core.url_to_fs(analysis)
+    current = _versions(fs, path)
+    record = {n: v for n, v in _read_again_record(analysis).items() if current.get(n) == v}
+    record.update({n: current[n] for n in parts if n in current})
+    _write_text(_read_again_uri(analysis), json.dumps(record, indent=0, sort_keys=True))
+
+
+def _read_again_parts(analysis: str) -> frozenset[str]:
+    """The analysis parts whose failed reads a rerun read again, as they are now."""
+    record = _read_again_record(analysis)
+    if not record:
+        return frozenset()
+    fs, path = fsspec.core.url_to_fs(analysis)
+    current = _versions(fs, path)
+    return frozenset(n for n, v in record.items() if current.get(n) == v)
+
+
+def _drop_older(
+    t: pa.Table,
+    *,
+    changed: dict[str, float],
+    parts: dict[str, float],
+    read_again: frozenset[str],
+    keep_part: bool,
+) -> pa.Table:
+    """Rows not analysed before their source's bytes were found changed, and not failed
+    reads of a part a rerun read again. `keep_part`: a failed read names its part (`PART`;
+    null on the other rows)."""
+    names = [path.rsplit("/", 1)[-1] for path in column(t, _PATH)]
     keep = [
-        source not in changed or parts.get(path.rsplit("/", 1)[-1], 0.0) > changed[source]
-        for source, path in zip(column(t, schema.SOURCE), column(t, _PATH), strict=True)
+        source not in changed or parts.get(name, 0.0) > changed[source]
+        for source, name in zip(column(t, schema.SOURCE), names, strict=True)
     ]
-    return t.filter(pa.array(keep, pa.bool_())).drop_columns([_PATH])
+    failed = read_failed_mask(t)
+    again = pa.array([name in read_again for name in names], pa.bool_())
+    mask = pc.and_(pa.array(keep, pa.bool_()), pc.invert(pc.and_(again, failed)))
+    t = t.drop_columns([_PATH])
+    if keep_part:
+        part = pc.if_else(failed, pa.array(names, pa.string()), pa.scalar(None, pa.string()))
+        t = t.append_column(PART, part)
+    return t.filter(mask)
 
 
-def _read_analysis(rd: Any, analysis: str, **kwargs: Any) -> Any:
-    """The stored analysis rows, less those analysed before their input's bytes changed.
+def _read_analysis(rd: Any, analysis: str, *, keep_part: bool = False, **kwargs: Any) -> Any:
+    """The stored analysis rows, less those analysed before their input's bytes changed, and
+    less the failed reads a rerun read again (`READ_AGAIN`): the newer row stands.
 
     The shard writer re-reads each kept input and records those whose bytes no longer match
     their analysis; their older rows are left out here, so a rerun analyses the new bytes and
     keeps that row alone (a file replaced, even by its earlier self, is analysed again).
+    `keep_part`: each failed read also names its part (`PART`). The columns read must
+    include `reason` and `detail`.
     """
     changed = _changed_at(analysis)
-    if not changed:
+    read_again = _read_again_parts(analysis)
+    if not changed and not read_again and not keep_part:
         return _read_parquet(rd, analysis, **kwargs)
     fs, path = fsspec.core.url_to_fs(analysis)
-    parts = _mtimes(fs, path)
+    parts = _mtimes(fs, path) if changed else {}
     stored = _read_parquet(rd, analysis, include_paths=True, **kwargs)
-    return stored.map_batches(
-        partial(_drop_changed, changed=changed, parts=parts), batch_format="pyarrow"
+    drop = partial(
+        _drop_older, changed=changed, parts=parts, read_again=read_again, keep_part=keep_part
     )
+    return stored.map_batches(drop, batch_format="pyarrow")
 
 
-def _analysed_sources(rd: Any, analysis: str, cfg: JobConfig) -> tuple[Any | None, int, int]:
+@dataclass
+class StoredWork:
+    """What earlier runs of this job analysed (`_analysed_sources`)."""
+
+    done: Any | None  # the sources whose analysis stands (`source`), or None
+    num_done: int
+    num_stale: int  # stored rows to analyse again under the current thresholds
+    failed: Any | None  # the stored failed reads (`source`, `part`), read again; or None
+
+
+def _failed_reads(t: pa.Table) -> pa.Table:
+    """The failed reads of stored rows read with their part (`keep_part`)."""
+    return t.filter(read_failed_mask(t)).select([schema.SOURCE, PART])
+
+
+def _parts_of(t: pa.Table) -> pa.Table:
+    """The parts the rows of `t` are in, once each."""
+    return pa.table({PART: pc.unique(t[PART])})
+
+
+def _analysed_sources(rd: Any, analysis: str, cfg: JobConfig) -> StoredWork:
     """The sources an earlier run of this job analysed (its Parquet parts), as a dataset.
 
-    Returns the dataset, its row count and the number of stored rows that are stale under
-    the current thresholds (`stale_mask`): those are left out, to be analysed again.
+    Left out, to be analysed again: the stored rows that are stale under the current
+    thresholds (`stale_mask`), and the inputs that could not be read (`read_failed_mask`),
+    whose parts are recorded as read again (`READ_AGAIN`) before this run reads them.
     """
     fs, path = fsspec.core.url_to_fs(analysis)
     if not fs.exists(path) or not fs.glob(path.rstrip("/") + "/part-*.parquet"):
-        return None, 0, 0
-    stored = _read_analysis(rd, analysis, columns=list(_STALE_COLUMNS))
+        return StoredWork(None, 0, 0, None)
+    stored = _read_analysis(rd, analysis, keep_part=True, columns=list(_STALE_COLUMNS))
+    stored = stored.materialize()  # read three times below
     num_stored = stored.count()
     done, num_done = nonempty(
         stored.map_batches(
@@ -965,26 +1102,34 @@ def _analysed_sources(rd: Any, analysis: str, cfg: JobConfig) -> tuple[Any | Non
             batch_format="pyarrow",
         )
     )
-    return done, num_done, num_stored - num_done
+    failed, num_failed = nonempty(stored.map_batches(_failed_reads, batch_format="pyarrow"))
+    if failed is not None:
+        parts = failed.map_batches(_parts_of, batch_format="pyarrow")
+        _record_read_again(analysis, {r[PART] for r in parts.take_all()})
+    return StoredWork(done, num_done, num_stored - num_done - num_failed, failed)
 
 
 def _analyse(
     rd: Any,
     listing: Listing,
-    analysed: Any | None,
+    stored: StoredWork,
     analysis: str,
     partitions_for: Partitioning,
     cfg: JobConfig,
-) -> int:
+) -> tuple[int, int]:
     """Pass 1: read, probe and analyse every input not analysed yet; rows go to `analysis`.
 
     What an earlier run analysed is subtracted in Ray (an anti-join for files, per-tar lists
-    of done members for tars). Returns the number of inputs analysed in this run.
+    of done members for tars); inputs it could not read are not, and are read again (a tar
+    from the members it could not read). Returns the number of inputs analysed in this run,
+    and of inputs read again (a tar counts once).
     """
     assert listing.rows is not None
+    analysed = stored.done
     reader_cap = cfg.probe.max_file_bytes
     parts = partitions_for(listing.count)
     streams = []
+    read_again = 0
     files, num_files = nonempty(
         listing.rows.map_batches(partial(_only_kind, kind="file"), batch_format="pyarrow")
     )
@@ -992,6 +1137,9 @@ def _analyse(
         files, num_files = nonempty(
             grouping.join(files, analysed, "left_anti", parts, on=(schema.SOURCE,))
         )
+    if files is not None and stored.failed is not None:
+        on = (schema.SOURCE,)
+        read_again += nonempty(grouping.join(files, stored.failed, "left_semi", parts, on=on))[1]
     if files is not None:
         ds = files.repartition(input_blocks(num_files, partitions_for.cpus))
         streams.append(_apply(ds, FileReader(max_file_bytes=reader_cap)))
@@ -1003,6 +1151,13 @@ def _analyse(
         members = None
         if analysed is not None:
             members, _ = nonempty(analysed.map_batches(_with_tar, batch_format="pyarrow"))
+        if stored.failed is not None:
+            failed, _ = nonempty(stored.failed.map_batches(_with_tar, batch_format="pyarrow"))
+            if failed is not None:
+                again = grouping.join(
+                    tars, failed, "left_semi", parts, on=(schema.SOURCE,), right_on=(TAR,)
+                )
+                read_again += nonempty(again)[1]
         if members is not None:
             done = group_map(members, TAR, _done_members, parts)
             tars = grouping.join(
@@ -1024,7 +1179,7 @@ def _analyse(
             sunk.append(_apply(ds, ParquetSink(folder=analysis)))
         counts = sunk[0] if len(sunk) == 1 else sunk[0].union(*sunk[1:])
         analysed_now = column_sum(counts, "rows")
-    return analysed_now
+    return analysed_now, read_again
 
 
 def keep_listed(rows: Any, listing: Listing, num_partitions: int) -> Any:
@@ -1342,21 +1497,23 @@ def _run_passes(
     notes = _reset_if_changed(work, inputs, cfg)
     if _remove(join(output, "report.html")):  # it described the earlier run
         notes.append(f"removed the earlier run's report.html (native4k report {output})")
-    skipped = None
+    skipped = read_again = None
     attempt, retry_changed = 1, True
     while True:
         try:
             with passes.run("listing", listing.count), quiet_ray_data(sys.stdout.isatty()):
-                analysed, num_done, num_stale = _analysed_sources(rd, analysis, cfg)
+                stored = _analysed_sources(rd, analysis, cfg)
+            num_done = stored.num_done
             skipped = num_done if skipped is None else skipped
             echo(
                 f"native4k: {inputs_text(listing.count)} listed; {num_done} "
                 f"{'row' if num_done == 1 else 'rows'} already analysed by an earlier run"
             )
 
-            # Pass 1: analyse, streaming, resumable.
+            # Pass 1: analyse, streaming, resumable; what could not be read is read again.
             with passes.run("analysis", listing.count), no_operator_reservation(rd):
-                analysed_now = _analyse(rd, listing, analysed, analysis, partitions_for, cfg)
+                analysed_now, again = _analyse(rd, listing, stored, analysis, partitions_for, cfg)
+            read_again = again if read_again is None else read_again
             echo(f"native4k: analysed {inputs_text(analysed_now)} in this run")
 
             with quiet_ray_data(sys.stdout.isatty()):
@@ -1371,7 +1528,7 @@ def _run_passes(
                     partitions_for,
                     start,
                     warm,
-                    superseded=num_stale,
+                    superseded=stored.num_stale,
                     retry_changed=retry_changed,
                 )
             break
@@ -1389,9 +1546,17 @@ def _run_passes(
             attempt += 1
             if warm is not None:
                 warm.stop()  # it may be what was lost: the next attempt uses Ray Data's pools
+    if read_again:
+        notes.append(read_again_text(read_again))
     return JobResult(
         output, stats, time.perf_counter() - start, skipped_inputs=skipped or 0, notes=notes
     )
+
+
+def read_again_text(n: int) -> str:
+    """The note that `n` inputs whose read had failed were read again by this run."""
+    were = "was" if n == 1 else "were"
+    return f"{inputs_text(n)} that could not be read before {were} read again"
 
 
 _CLUSTER_ERRORS = (

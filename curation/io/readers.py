@@ -2,7 +2,9 @@
 
 `FileReader` reads one file per row; `TarReader` expands WebDataset tars into one row per
 sample. Both keep going on bad input: a file that cannot be read becomes a rejected row
-(`unreadable`, or `too_large` when it exceeds the byte cap), never a crash.
+(`unreadable`, or `too_large` when it exceeds the byte cap), never a crash. A rerun of the
+job into the same output reads an `unreadable` input again (not one that is no regular file,
+`NOT_REGULAR`), a tar from the members it could not read.
 """
 
 from __future__ import annotations
@@ -45,7 +47,11 @@ SIDECAR_MAX_BYTES = 16 * 1024 * 1024
 kilobytes; a dump of gigabytes beside an image would take a worker's memory)."""
 
 
-_NOT_REGULAR = (
+NOT_REGULAR = "not a regular file"
+"""How `open_input`'s refusal of a folder, a named pipe or a device begins: what such an
+input is, not a read that failed (a rerun does not read it again)."""
+
+_SPECIAL_FILES = (
     (stat.S_ISDIR, "a folder"),
     (stat.S_ISFIFO, "a named pipe"),
     (stat.S_ISCHR, "a character device"),
@@ -71,8 +77,8 @@ def open_input(uri: str) -> Any:
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
-            what = next((w for test, w in _NOT_REGULAR if test(mode)), "a special file")
-            raise OSError(f"not a regular file but {what}")
+            what = next((w for test, w in _SPECIAL_FILES if test(mode)), "a special file")
+            raise OSError(f"{NOT_REGULAR} but {what}")
         os.set_blocking(fd, True)
     except BaseException:
         os.close(fd)
@@ -247,11 +253,12 @@ class TarReader(Stage):
     needs a plain tar); a hard link is the bytes of the member it names. A `.tar` whose
     bytes are an image is that image's row (judged by its bytes, as any mislabelled file).
     Rows whose source is in the tar's optional `done_members` list (analysed by an
-    interrupted earlier run) are left out. With `done_folder`, a tar read to its end without
-    error leaves a note there (its size, ETag or mtime, and row count); a rerun whose
-    `done_members` hold that many rows of that tar, unchanged, does not open it again (an
-    interrupted job over many GB of S3 tars would otherwise read every finished tar again to
-    skip its members).
+    interrupted earlier run) are left out; a rerun lists there only the rows that were read,
+    so a tar that ended in error is read again from the members it could not read. With
+    `done_folder`, a tar read to its end without error leaves a note there (its size, ETag or
+    mtime, and row count); a rerun whose `done_members` hold that many rows of that tar,
+    unchanged, does not open it again (an interrupted job over many GB of S3 tars would
+    otherwise read every finished tar again to skip its members).
 
     A tar is read as a stream and its rows leave in blocks of about `max_block_bytes` of
     member bytes (`blocks`, which the job maps), so a worker holds one block and one member,

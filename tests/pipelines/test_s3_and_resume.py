@@ -311,3 +311,231 @@ def test_a_clusters_workers_get_the_endpoint_and_region_never_keys(environ):
     assert env == {k: v for k, v in environ.items() if k in AWS_ENV}
     assert {"AWS_ENDPOINT_URL_S3", "AWS_REGION"} <= set(AWS_ENV)
     assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"} & set(env)
+
+
+SMALL = ["--set", "probe.min_pixels=921600", "--set", "bucket.tier_scales=[0.25,0.1875]"]
+"""Settings that keep a 1280x720 photograph (`_photo`): small inputs, quick jobs."""
+
+
+def _photo(seed: int) -> bytes:
+    from pipelines.samples import encode, render
+
+    return encode(render(1280, 720, seed), "JPEG", quality=95)
+
+
+def _rows_by_name(out: Path, sep: str = "/") -> dict[str, dict]:
+    """The manifest's rows by the last part of their source; asserts one row per source."""
+    rows = pq.read_table(out / "manifest").to_pylist()
+    by_name = {r["source"].rsplit(sep, 1)[-1]: r for r in rows}
+    assert len(by_name) == len(rows) == len({r["source"] for r in rows})
+    return by_name
+
+
+def _shard_samples(out: Path) -> list[str]:
+    """The key of every image member in OUT's shards (a key twice is a duplicate sample)."""
+    import tarfile
+
+    keys = []
+    for shard in (out / "shards").rglob("*.tar"):
+        with tarfile.open(shard) as tf:
+            keys += [m.name.split(".", 1)[0] for m in tf if m.name.endswith(".jpg")]
+    return keys
+
+
+def _kept_once(out: Path) -> None:
+    """Every kept row's sample is in the shards once, and nothing else is."""
+    keys = _shard_samples(out)
+    kept = [r["key"] for r in pq.read_table(out / "manifest").to_pylist() if r["status"] == "kept"]
+    assert sorted(keys) == sorted(kept) and len(set(keys)) == len(keys)
+    assert verify(str(out)) == []
+
+
+def test_failed_reads_are_read_again_but_not_what_is_no_file():
+    from pipelines.curate import read_again_text, read_failed_mask
+
+    rows = [
+        ("unreadable", "cannot read: PermissionError: [Errno 13] Permission denied: '/in/a'"),
+        ("unreadable", "cannot read: ClientError: An error occurred (SlowDown) ... (503)"),
+        ("unreadable", "tar ends in error after 2 samples: ReadError: unexpected end of data"),
+        ("unreadable", None),
+        ("unreadable", "cannot read: OSError: not a regular file but a named pipe"),
+        ("unreadable", "cannot read tar: OSError: not a regular file but a character device"),
+        ("too_large", "file is 9 bytes, over the 8-byte cap; not read"),
+        (None, None),
+    ]
+    t = pa.table({"reason": [r for r, _ in rows], "detail": [d for _, d in rows]})
+    assert read_failed_mask(t).to_pylist() == [True] * 4 + [False] * 4
+    assert read_again_text(1) == "1 input that could not be read before was read again"
+    assert read_again_text(3) == "3 inputs that could not be read before were read again"
+
+
+def test_an_input_that_could_not_be_read_is_read_again_by_a_rerun(local_ray, tmp_path, capsys):
+    """An input whose read failed is read again by every rerun: it keeps one row, the newest
+    (`unreadable` again, or its real verdict once it reads). Links stand for any failed read
+    here (root reads a file whatever its mode): a dangling one, then a loop, then one to a
+    photograph. A named pipe is no file to read again: its verdict stands."""
+    folder, out = tmp_path / "in", tmp_path / "out"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(_photo(7900))
+    late = folder / "late.jpg"
+    late.symlink_to(tmp_path / "not-yet.jpg")
+    os.mkfifo(folder / "pipe.jpg")
+    args = ["curate", str(folder), "--output", str(out), *SMALL]
+    assert main(args) == 0
+    first = _rows_by_name(out)
+    assert first["late.jpg"]["reason"] == "unreadable"
+    assert "FileNotFoundError" in first["late.jpg"]["detail"]
+    assert first["pipe.jpg"]["reason"] == "unreadable"
+
+    late.unlink()
+    late.symlink_to(late.name)  # a loop: its read fails again, otherwise
+    capsys.readouterr()
+    assert main(args) == 0
+    said = capsys.readouterr().out
+    assert "1 input that could not be read before was read again" in said
+    assert "analysed 1 input in this run" in said  # not the pipe
+    again = _rows_by_name(out)
+    assert set(again) == {"a.jpg", "late.jpg", "pipe.jpg"}
+    assert again["late.jpg"]["reason"] == "unreadable"
+    assert "Too many levels of symbolic links" in again["late.jpg"]["detail"]  # the newest
+    verdict = ("status", "reason", "detail")
+    assert [again["pipe.jpg"][c] for c in verdict] == [first["pipe.jpg"][c] for c in verdict]
+
+    (tmp_path / "not-yet.jpg").write_bytes(_photo(7901))
+    late.unlink()
+    late.symlink_to(tmp_path / "not-yet.jpg")
+    assert main(args) == 0
+    final = _rows_by_name(out)
+    assert set(final) == {"a.jpg", "late.jpg", "pipe.jpg"}
+    assert final["late.jpg"]["status"] == "kept" and final["a.jpg"]["status"] == "kept"
+    _kept_once(out)
+    capsys.readouterr()
+    assert main(args) == 0  # read, it is done: not read once more
+    said = capsys.readouterr().out
+    assert "analysed 0 inputs in this run" in said and "read again" not in said
+    verdict = ("status", "reason", "detail", "key", "shard")
+    assert {n: [r[c] for c in verdict] for n, r in _rows_by_name(out).items()} == {
+        n: [r[c] for c in verdict] for n, r in final.items()
+    }
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a file whatever its mode")
+def test_a_file_that_could_not_be_read_gets_its_verdict_once_readable(
+    local_ray, tmp_path, capsys
+):
+    """A file without read permission is `unreadable`, on every rerun while it stays so (one
+    row); once readable, the rerun reads it and judges it: here a copy of another input, a
+    `duplicate`, with one sample in the shards. A folder that could not be listed is one
+    `unreadable` row while it stays so; listed, its files are inputs and its row is gone."""
+    folder, out = tmp_path / "in", tmp_path / "out"
+    (folder / "shut").mkdir(parents=True)
+    photo = _photo(7910)
+    (folder / "a.jpg").write_bytes(photo)
+    (folder / "b.jpg").write_bytes(_photo(7911))
+    (folder / "shut" / "c.jpg").write_bytes(_photo(7912))
+    locked = folder / "locked.jpg"
+    locked.write_bytes(photo)
+    locked.chmod(0)
+    (folder / "shut").chmod(0)
+    args = ["curate", str(folder), "--output", str(out), *SMALL]
+    try:
+        assert main(args) == 0
+        rows = _rows_by_name(out)
+        assert set(rows) == {"a.jpg", "b.jpg", "locked.jpg", "shut"}
+        for name in ("locked.jpg", "shut"):
+            assert rows[name]["reason"] == "unreadable", name
+            assert "PermissionError" in rows[name]["detail"], name
+        capsys.readouterr()
+        assert main(args) == 0
+        assert "2 inputs that could not be read before were read again" in capsys.readouterr().out
+        rows = _rows_by_name(out)
+        assert set(rows) == {"a.jpg", "b.jpg", "locked.jpg", "shut"}
+        assert rows["locked.jpg"]["reason"] == rows["shut"]["reason"] == "unreadable"
+    finally:
+        locked.chmod(0o644)
+        (folder / "shut").chmod(0o755)
+    capsys.readouterr()
+    assert main(args) == 0
+    said = capsys.readouterr().out
+    assert "analysed 2 inputs in this run" in said  # locked.jpg and shut/c.jpg
+    assert "1 input that could not be read before was read again" in said
+    rows = _rows_by_name(out)
+    assert set(rows) == {"a.jpg", "b.jpg", "locked.jpg", "c.jpg"}
+    assert [rows[n]["status"] for n in ("a.jpg", "b.jpg", "c.jpg")] == ["kept"] * 3
+    assert rows["locked.jpg"]["reason"] == "duplicate"
+    assert rows["locked.jpg"]["duplicate_of"] == rows["a.jpg"]["key"]
+    _kept_once(out)
+    assert main(["verify", str(out)]) == 0
+
+
+def test_a_tar_that_ended_in_error_is_read_again_from_its_failed_member(
+    local_ray, tmp_path, capsys
+):
+    """A tar cut short in a member: its samples before the cut are analysed, the cut member
+    and the rest are `unreadable`. Once the tar is whole, the rerun reads the members it
+    could not (the ones analysed are not analysed twice), and no `unreadable` row stays."""
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for i in range(4):
+            data = _photo(7920 + i)
+            info = tarfile.TarInfo(f"k{i}.jpg")
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    whole = buf.getvalue()
+    with tarfile.open(fileobj=io.BytesIO(whole)) as tf:
+        cut = tf.getmember("k2.jpg")
+    tar = tmp_path / "data.tar"
+    tar.write_bytes(whole[: cut.offset_data + cut.size // 2])
+    out = tmp_path / "out"
+    args = ["curate", str(tar), "--output", str(out), *SMALL]
+    assert main(args) == 0
+    rows = _rows_by_name(out, "#")
+    assert {n: r["status"] if r["status"] == "kept" else r["reason"] for n, r in rows.items()} == {
+        "k0.jpg": "kept", "k1.jpg": "kept", "k2": "unreadable", "<rest>": "unreadable"
+    }  # fmt: skip
+    tar.write_bytes(whole)
+    capsys.readouterr()
+    assert main(args) == 0
+    said = capsys.readouterr().out
+    rows = _rows_by_name(out, "#")
+    assert set(rows) == {f"k{i}.jpg" for i in range(4)}
+    assert {r["status"] for r in rows.values()} == {"kept"}
+    _kept_once(out)
+    assert "analysed 2 inputs in this run" in said  # k2 and k3: not k0 and k1 again
+    assert "1 input that could not be read before was read again" in said
+
+
+def test_an_s3_object_that_could_not_be_read_is_read_by_the_rerun(local_ray, s3_server, tmp_path):
+    """A listed S3 object that could not be read (here: not there yet) is read again by the
+    rerun, with the job's OUT on S3 too (its analysis parts dated by the store)."""
+    import boto3
+
+    client = boto3.client("s3")
+    for bucket in ("retry-in", "retry-out"):
+        client.create_bucket(
+            Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": "us-west-2"}
+        )
+    client.put_object(Bucket="retry-in", Key="a.jpg", Body=_photo(7930))
+    uris = tmp_path / "inputs.lst"
+    uris.write_text("s3://retry-in/a.jpg\ns3://retry-in/late.jpg\n")
+    out = "s3://retry-out/run"
+    args = ["curate", str(uris), "--output", out, *SMALL]
+
+    def rows() -> dict[str, dict]:
+        got = read_manifest(out)
+        assert len(got) == len({r["source"] for r in got})
+        return {r["source"].rsplit("/", 1)[-1]: r for r in got}
+
+    assert main(args) == 0
+    assert rows()["late.jpg"]["reason"] == "unreadable"
+    assert main(args) == 0  # still missing: one row
+    assert set(rows()) == {"a.jpg", "late.jpg"} and rows()["late.jpg"]["reason"] == "unreadable"
+    client.put_object(Bucket="retry-in", Key="late.jpg", Body=_photo(7931))
+    assert main(args) == 0
+    final = rows()
+    assert set(final) == {"a.jpg", "late.jpg"}
+    assert {r["status"] for r in final.values()} == {"kept"}
+    fsspec.filesystem("s3").invalidate_cache()  # shards rewritten since this process listed them
+    assert verify(out) == []
