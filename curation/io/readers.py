@@ -273,9 +273,9 @@ class TarReader(Stage):
     writes: ClassVar[tuple[str, ...]] = (schema.SOURCE, schema.TAR_OFFSET, *schema.READ_COLUMNS)
     max_file_bytes: int = 512 * 1024 * 1024
     max_block_bytes: int = 32 * 1024 * 1024
-    """Member bytes per output block; a larger member is a block of its own. A worker's peak
-    grows by about 7× this (the bytes as read, their Arrow copy, allocator slack): 32 MiB
-    keeps a tar's reader near a folder's (`docs/benchmarks.md`)."""
+    """Member bytes per output block; a larger member is a block of its own. The reader's
+    peak is about 7× this (the bytes as read, their Arrow copy, allocator slack), whatever
+    the tar's size: about 370 MiB at 32 MiB (`docs/benchmarks.md`)."""
 
     done_folder: str | None = None
     """Where notes of completely read tars go (the job's `_work/tars`); None: none."""
