@@ -21,7 +21,7 @@ import yaml
 
 from curation.analyze.native import DEFAULT_NATIVE_THRESHOLD
 from curation.analyze.sharpness import DEFAULT_SHARPNESS_THRESHOLD
-from training.settings import empty_value, setting_type
+from training.settings import apply_overrides
 
 
 def _f(default: Any, help: str) -> Any:
@@ -604,24 +604,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping (section: settings)")
         data = loaded or {}
-    for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like section.key=value")
-        dotted, raw = item.split("=", 1)
-        node = data
-        parts = dotted.strip().split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"config key '{dotted}' does not name a setting")
-        if not raw.strip():
-            typ = setting_type(JobConfig, parts)
-            node[parts[-1]] = empty_value(typ, dotted.strip(), ConfigError)
-            continue
-        try:
-            node[parts[-1]] = yaml.safe_load(raw)
-        except yaml.YAMLError:  # not YAML (a template with braces): the text itself
-            node[parts[-1]] = raw
+    apply_overrides(data, overrides, JobConfig, ConfigError)
     cfg = _build(JobConfig, data, "")
     cfg.validate()
     return cfg

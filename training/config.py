@@ -23,7 +23,7 @@ from typing import Any, Literal
 import yaml
 
 from training.data import DataConfig
-from training.settings import empty_value, setting_type
+from training.settings import apply_overrides
 
 
 class TrainConfigError(ValueError):
@@ -703,24 +703,7 @@ def load_train_config(
         if loaded is not None and not isinstance(loaded, dict):
             raise TrainConfigError(f"config file {path} must hold a mapping")
         tree.update(loaded or {})
-    for item in overrides or []:
-        if "=" not in item:
-            raise TrainConfigError(f"override {item!r} must look like section.key=value")
-        dotted, raw = item.split("=", 1)
-        node = tree
-        parts = dotted.strip().split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise TrainConfigError(f"config key '{dotted}' does not name a setting")
-        if not raw.strip():
-            typ = setting_type(cls, parts)
-            node[parts[-1]] = empty_value(typ, dotted.strip(), TrainConfigError)
-            continue
-        try:
-            node[parts[-1]] = yaml.safe_load(raw)
-        except yaml.YAMLError:  # not YAML (a path or name with braces): the text itself
-            node[parts[-1]] = raw
+    apply_overrides(tree, overrides, cls, TrainConfigError)
     if cls is VaeTrainConfig and isinstance(tree.get("data"), dict):
         # The VAE post-trains on random native-pixel crops: its data mode defaults to `crop`.
         tree["data"].setdefault("mode", "crop")

@@ -1,4 +1,4 @@
-"""Typed `--set KEY=VALUE` helpers shared by the job and training configurations.
+"""`--set KEY=VALUE` overrides, typed, shared by the job and training configurations.
 
 Torch-free, so that the curation driver (`pipelines/config.py`) imports it without loading
 torch; `training/config.py` uses it too.
@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import typing
 from typing import Any, Literal
+
+import yaml
 
 _VALUE_WORDS = {int: "an integer", float: "a number", bool: "true or false"}
 
@@ -44,3 +46,33 @@ def empty_value(typ: Any, key: str, error: type[Exception]) -> Any:
     else:
         words = _VALUE_WORDS.get(typ, "a value")
     raise error(f"config key '{key}' needs a value after '=' ({words})")
+
+
+def apply_overrides(
+    tree: dict[str, Any], overrides: list[str] | None, root: type, error: type[Exception]
+) -> None:
+    """Apply `section.key=value` overrides to a configuration's raw mapping, in place.
+
+    A value is read as YAML (text that is not YAML, such as a template with braces, is the
+    text itself); nothing after `=` is `empty_value` of the setting's type under `root`.
+
+    Raises:
+        error: an override without `=`, or a key through a setting that is no section.
+    """
+    for item in overrides or []:
+        if "=" not in item:
+            raise error(f"override {item!r} must look like section.key=value")
+        dotted, raw = item.split("=", 1)
+        node = tree
+        parts = dotted.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise error(f"config key '{dotted}' does not name a setting")
+        if not raw.strip():
+            node[parts[-1]] = empty_value(setting_type(root, parts), dotted.strip(), error)
+            continue
+        try:
+            node[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            node[parts[-1]] = raw
