@@ -316,12 +316,13 @@ class TarReader(Stage):
                     yield self._table(kept)
 
     def _note(self, tar_uri: str) -> str:
+        """The note of a tar read to its end: `done_folder/part-<digest of its URI>.json`."""
         assert self.done_folder is not None
         return join(self.done_folder, part_name([tar_uri]).replace(".parquet", ".json"))
 
     def _finished(self, tar_uri: str, num_done: int) -> bool:
-        """Whether an earlier run read this tar (of its present size) to its end, and every
-        row it found is among the `num_done` analysed ones."""
+        """Whether an earlier run read this tar, unchanged since (`_version`), to its end, and
+        every row it found is among the `num_done` analysed ones."""
         if self.done_folder is None:
             return False
         try:
