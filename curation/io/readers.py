@@ -360,6 +360,7 @@ class TarReader(Stage):
         error: str | None = None
         # member name -> (data offset, size): what a later hard link names
         stored: dict[str, tuple[int, int]] = {}
+        in_block: dict[str, bytes] = {}  # member name -> bytes, for the block being built
         compressed: str | None = None
         version = None
         try:
@@ -382,7 +383,7 @@ class TarReader(Stage):
                             rows = _rows_of(tar_uri, samples)
                             emitted += len(samples)
                             num_rows += len(rows)
-                            samples, held = {}, 0
+                            samples, held, in_block = {}, 0, {}
                             yield rows
                         sample = samples.setdefault(key, {"members": {}})
                         members = sample["members"]
@@ -405,11 +406,12 @@ class TarReader(Stage):
                             sample["too_large"] = True
                             continue
                         try:
-                            data = (
-                                read_bytes(f"{tar_uri}#{name}", offset, size)
-                                if target is not None
-                                else tf.extractfile(member).read()
-                            )
+                            if target is None:
+                                data = tf.extractfile(member).read()
+                            elif member.linkname in in_block:  # still held: no second read
+                                data = in_block[member.linkname]
+                            else:  # in a block already gone: read again at its offset
+                                data = read_bytes(f"{tar_uri}#{name}", offset, size)
                         except Exception as e:
                             sample["error"] = safe_text(f"{name}: {type(e).__name__}: {e}")
                             continue
@@ -422,6 +424,7 @@ class TarReader(Stage):
                         held += len(data)
                         if target is None:
                             stored[member.name] = (offset, size)
+                            in_block[member.name] = data
                     end = fh.tell()
                     fh.seek(0, 2)
                     if fh.tell() % 512 or fh.tell() < end:
