@@ -211,7 +211,7 @@ def open_reduced(data: bytes, side: int, max_pixels: int | None = None) -> Any:
 
 
 def reduced_image(data: bytes, side: int = THUMB_SIDE, max_pixels: int | None = None) -> Any:
-    """Decode `data` at reduced size: at most `side` px on the longest side, RGB, upright.
+    """Decode `data` at reduced size: at most `side` px on the longest side, RGB, upright, sRGB.
 
     JPEGs decode in draft mode (DCT scaling to the smallest of 1/1…1/8 that still covers
     `side`); other formats decode once and shrink by `reduce` then `thumbnail`.
@@ -222,16 +222,21 @@ def reduced_image(data: bytes, side: int = THUMB_SIDE, max_pixels: int | None = 
     """
     from PIL import Image, ImageOps
 
+    from training.colour import to_srgb
+
     im = open_reduced(data, side, max_pixels)
+    icc = im.info.get("icc_profile")
     im.thumbnail((side, side), reducing_gap=2.0)
     im = ImageOps.exif_transpose(im)
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
         im = im.convert("RGBA")
         bg = Image.new("RGBA", im.size, (128, 128, 128, 255))
-        im = Image.alpha_composite(bg, im)
+        im = Image.alpha_composite(bg, im).convert("RGB")
     if im.mode in ("I;16", "I;16B", "I;16L", "I"):
         im = im.point(lambda v: v / 256).convert("L")
-    return im.convert("RGB")
+    elif im.mode not in ("RGB", "CMYK", "L"):
+        im = im.convert("RGB")
+    return to_srgb(im, icc).convert("RGB")
 
 
 def thumbnail_bytes(data: bytes, side: int = THUMB_SIDE, max_pixels: int | None = None) -> bytes:

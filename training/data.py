@@ -61,6 +61,8 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image, PngImagePlugin
 
+from training.colour import as_shown, converts, to_srgb
+
 log = logging.getLogger(__name__)
 
 MODES = ("bucket", "crop")
@@ -978,10 +980,11 @@ def _load(im: Image.Image, name: str) -> None:
 
 
 def to_rgb8(im: Image.Image) -> np.ndarray:
-    """Any PIL mode -> uint8 RGB `[H, W, 3]`.
+    """Any PIL mode -> uint8 RGB `[H, W, 3]`, in sRGB.
 
-    16-bit grayscale keeps its high byte (PIL's own convert clips it); CMYK and palette images
-    go through PIL's conversions; transparency is composited over white.
+    16-bit grayscale keeps its high byte (PIL's own convert clips it); every other mode is
+    shown as a viewer shows it (`training.colour.as_shown`): transparency over white, and an
+    embedded ICC profile (Adobe RGB, Display P3, a CMYK press profile) converted to sRGB.
     """
     mode = im.mode
     if mode.startswith("I;16") or mode in ("I", "F"):
@@ -992,16 +995,7 @@ def to_rgb8(im: Image.Image) -> np.ndarray:
             a = np.floor(a / 256.0)
         g = np.clip(a, 0, 255).astype(np.uint8)
         return np.repeat(g[..., None], 3, axis=2)
-    has_alpha = mode in ("RGBA", "LA", "La", "RGBa", "PA") or (
-        mode in ("P", "L", "RGB") and "transparency" in im.info
-    )
-    if has_alpha:
-        rgba = im.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
-    if mode != "RGB":
-        im = im.convert("RGB")
-    return np.asarray(im)
+    return np.asarray(as_shown(im))
 
 
 def _orient(rgb: np.ndarray, orientation: int) -> np.ndarray:
@@ -1052,11 +1046,11 @@ def decode_bucket(
         fl, ft, fr, fb = sl / scale, st / scale, sr / scale, sb / scale
         il, it = math.floor(fl), math.floor(ft)
         ir, ib = min(math.ceil(fr), im.size[0]), min(math.ceil(fb), im.size[1])
-        rgb = to_rgb8(im.crop((il, it, ir, ib)))
+        rgb, icc = _rgb_and_late_profile(im.crop((il, it, ir, ib)), stw * sth)
         sub = (fl - il, ft - it, min(fr, ir) - il, min(fb, ib) - it)
         out = Image.fromarray(rgb).resize((stw, sth), Image.Resampling.LANCZOS, box=sub)
-        return _orient(np.asarray(out), orientation)
-    rgb = to_rgb8(im.crop((sl, st, sr, sb)))
+        return _orient(np.asarray(to_srgb(out, icc)), orientation)
+    rgb, icc = _rgb_and_late_profile(im.crop((sl, st, sr, sb)), stw * sth)
     if (rgb.shape[1], rgb.shape[0]) != (stw, sth):
         if resample == "area":
             import cv2
@@ -1064,7 +1058,27 @@ def decode_bucket(
             rgb = cv2.resize(rgb, (stw, sth), interpolation=cv2.INTER_AREA)
         else:
             rgb = np.asarray(Image.fromarray(rgb).resize((stw, sth), Image.Resampling.LANCZOS))
+    if icc is not None:
+        rgb = np.asarray(to_srgb(Image.fromarray(rgb), icc))
     return _orient(rgb, orientation)
+
+
+def _rgb_and_late_profile(crop: Image.Image, target: int) -> tuple[np.ndarray, bytes | None]:
+    """`to_rgb8` of a crop, and the RGB profile it leaves for after the resize to `target`
+    pixels (or None).
+
+    Resizing and an RGB profile's conversion nearly commute (1 level, at most a few at
+    high-contrast edges), so a crop much larger than its target converts the fewer resized
+    pixels: a 24 MP camera crop into a 4K bucket converts 8 MP, not 24. CMYK and grey profiles
+    convert here, on the inks and grey levels they describe, as does a crop about the target's
+    size (converting later would only add copies).
+    """
+    icc = crop.info.get("icc_profile")
+    if (crop.mode in ("CMYK", "L") or crop.width * crop.height < 1.25 * target
+            or not converts(icc)):
+        return to_rgb8(crop), None
+    crop.info.pop("icc_profile")
+    return to_rgb8(crop), icc
 
 
 def decode_crop(

@@ -22,6 +22,7 @@ from curation.analyze.texture import flat_fraction, gray_entropy
 from curation.base import Stage, column, pending_mask, set_columns
 from curation.probe.header_probe import allow_png_text
 from curation.threshold_filter import Rule
+from training.colour import as_shown
 
 _TRANSPOSE = {
     2: Image.Transpose.FLIP_LEFT_RIGHT,
@@ -132,8 +133,7 @@ def decode(
         factor = max(1, max(img.size) // (2 * thumbnail_size))
         try:
             small = img.reduce(factor) if img.mode in ("L", "RGB", "RGBA", "LA", "CMYK") else img
-            shown = _over_white(small) if alpha is not None else small.convert("RGB")
-            thumb = _thumbnail(shown, orientation, thumbnail_size)
+            thumb = _thumbnail(as_shown(small), orientation, thumbnail_size)
         except (ValueError, OSError):  # a mode without an RGB conversion: from the luma below
             thumb = None
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
@@ -179,14 +179,6 @@ def _alpha(img: Image.Image) -> np.ndarray | None:
     return None if plane.getextrema()[0] == 255 else np.asarray(plane)
 
 
-def _over_white(img: Image.Image) -> Image.Image:
-    """An image with transparency as RGB over white, as the training loader shows it."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        rgba = img.convert("RGBA")
-    return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
-
-
 def _luma_over_white(gray: np.ndarray, alpha: np.ndarray, rows: int = 512) -> np.ndarray:
     """The luma of the image composited over white (luma is linear in RGB), in row stripes so
     that an image's temporaries stay small."""
@@ -221,7 +213,7 @@ def _safe_thumbnail(data: bytes, orientation: int, size: int) -> bytes | None:
     try:
         small = Image.open(io.BytesIO(data))
         small.draft("RGB", thumbnail_box(small.size, size))
-        return _thumbnail(small.convert("RGB"), orientation, size)
+        return _thumbnail(as_shown(small), orientation, size)
     except (ValueError, OSError):  # the full decode below decides the image's verdict
         return None
 

@@ -1,0 +1,140 @@
+"""Embedded colour profiles: pixels as sRGB, the way a browser or photo viewer shows them.
+
+A camera or editor often stores pixels in another colour space and says so in an ICC profile
+inside the file: Adobe RGB (1998) and ProPhoto/ROMM RGB from cameras and raw converters, Display
+P3 from phones, a press profile (SWOP, FOGRA) for a CMYK JPEG. Read as if they were sRGB, such
+pixels look washed out (wide-gamut RGB) or wrong altogether (CMYK through PIL's naive
+conversion). A model is trained and scored on what people see, so every decode that feeds a
+model (the training loader, curation's thumbnails for the model stages, the auditors' report)
+converts through the profile with littlecms (`PIL.ImageCms`). The shards keep the original
+bytes, profile included.
+
+A profile that is sRGB in all but name (any of the many "sRGB IEC61966-2.1" copies, Facebook's
+"c2", a camera's "sRGB built-in") converts to the same pixels give or take one level; such
+profiles are found once, by converting a colour lattice, and skipped. A profile littlecms cannot
+read, or one whose colour space is not the image's (an RGB profile on a grey image), is ignored:
+the pixels are then used as they are, as before this module existed. The forensic analyses
+(native resolution, focus, flatness) never convert: they judge the stored signal.
+
+Pillow only; importing this module loads no torch.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import logging
+import warnings
+
+import numpy as np
+from PIL import Image, ImageCms
+
+logger = logging.getLogger(__name__)
+
+_SPACES: dict[str, tuple[str, str]] = {
+    # image mode -> (the profile's colour space it needs, the transform's input mode)
+    "RGB": ("RGB ", "RGB"),
+    "CMYK": ("CMYK", "CMYK"),
+    "L": ("GRAY", "L"),
+}
+SAME_AS_SRGB = 1
+"""A profile whose conversion of the test lattice moves no channel by more than this many
+levels (of 255) is taken as sRGB and not applied."""
+_LATTICE_STEPS = 9  # test colours per channel (RGB: 729 colours; grey: 256 levels)
+
+
+def _srgb() -> ImageCms.ImageCmsProfile:
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+
+
+def _lattice(mode: str) -> Image.Image:
+    if mode == "L":
+        return Image.fromarray(np.arange(256, dtype=np.uint8).reshape(16, 16))
+    v = np.linspace(0, 255, _LATTICE_STEPS).round().astype(np.uint8)
+    rgb = np.stack(np.meshgrid(v, v, v, indexing="ij"), axis=-1).reshape(-1, 1, 3)
+    return Image.fromarray(rgb)
+
+
+@functools.lru_cache(maxsize=32)
+def _transform(icc: bytes, mode: str) -> ImageCms.ImageCmsTransform | None:
+    """The transform from `icc` to sRGB for an image of `mode`, or None when it is not to be
+    applied (sRGB already, unreadable, or the wrong colour space for the mode)."""
+    space, in_mode = _SPACES[mode]
+    try:
+        source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        if source.profile.xcolor_space != space:
+            return None
+        transform = ImageCms.buildTransform(source, _srgb(), in_mode, "RGB")
+        if mode != "CMYK":  # CMYK is always converted: PIL's own conversion ignores the inks
+            probe = _lattice(mode)
+            shown = np.asarray(ImageCms.applyTransform(probe, transform), dtype=np.int16)
+            plain = np.asarray(probe.convert("RGB"), dtype=np.int16)
+            if np.abs(shown - plain).max() <= SAME_AS_SRGB:
+                return None
+        return transform
+    except (ImageCms.PyCMSError, OSError, ValueError, TypeError) as e:
+        logger.debug("ignoring an embedded colour profile littlecms cannot use: %s", e)
+        return None
+
+
+def profile_name(icc: bytes | None) -> str | None:
+    """The description an ICC profile gives itself ("Adobe RGB (1998)"), or None if unreadable."""
+    if not icc:
+        return None
+    try:
+        name = ImageCms.ImageCmsProfile(io.BytesIO(icc)).profile.profile_description
+    except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
+        return None
+    return (name or "").strip() or None
+
+
+def converts(icc: bytes | None, mode: str = "RGB") -> bool:
+    """Whether `to_srgb` would convert an image of `mode` carrying the profile `icc`."""
+    return (isinstance(icc, bytes) and bool(icc) and mode in _SPACES
+            and _transform(icc, mode) is not None)
+
+
+def to_srgb(im: Image.Image, icc: bytes | None = None) -> Image.Image:
+    """`im` converted from an ICC profile to sRGB, when the profile differs from sRGB.
+
+    ``icc`` is the profile, by default the one embedded in ``im`` (``im.info``); pass it
+    explicitly for an image made from the decoded one (PIL drops ``info`` on most conversions,
+    e.g. after compositing transparency over white, which callers do first). An RGB, CMYK or
+    grey (``L``) image with such a profile comes back as RGB; any other image, and any image
+    without a profile to apply, comes back unchanged (the same object) for the caller's own
+    conversion. Never raises for a bad profile.
+    """
+    if icc is None:
+        icc = im.info.get("icc_profile")
+    if not converts(icc, im.mode):
+        return im
+    transform = _transform(icc, im.mode)
+    try:
+        return ImageCms.applyTransform(im, transform)
+    except (ImageCms.PyCMSError, OSError, ValueError) as e:
+        logger.debug("colour profile not applied: %s", e)
+        return im
+
+
+_ALPHA_MODES = ("RGBA", "LA", "La", "RGBa", "PA")
+
+
+def as_shown(im: Image.Image) -> Image.Image:
+    """An 8-bit image as a viewer shows it: RGB in sRGB, transparency composited over white.
+
+    The compositing comes first, in the file's own colour space (its white is sRGB's white),
+    then `to_srgb` with the file's profile; without a profile to apply, CMYK, grey and palette
+    images go through PIL's conversions. High-bit modes (``I;16``, ``I``, ``F``) are the
+    caller's to reduce first.
+    """
+    icc = im.info.get("icc_profile")
+    if im.mode in _ALPHA_MODES or (im.mode in ("P", "L", "RGB") and "transparency" in im.info):
+        with warnings.catch_warnings():  # Pillow's advice to store such palettes as RGBA
+            warnings.simplefilter("ignore")
+            rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(white, rgba).convert("RGB")
+    elif im.mode not in _SPACES:
+        im = im.convert("RGB")
+    im = to_srgb(im, icc)
+    return im if im.mode == "RGB" else im.convert("RGB")
