@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-MANIFEST_VERSION = 4
+MANIFEST_VERSION = 5
 """2: model columns `character`, `person_score`, `nsfw`, `caption_source` (issue 12).
 3: the native evidence columns `native_period`, `native_strength`, `native_test`,
 `native_codec` (issue 11) and the reason `analysis_error`.
 4: `source_meta`, the input's own JSON metadata (URL, license, ... of a web crawl), verbatim.
+5: `color_profile`, the description of the file's embedded ICC profile.
 
 Readers of an earlier version find every earlier column unchanged; the new ones are
 nullable."""
@@ -41,6 +42,10 @@ HEIGHT = "height"
 NUM_FRAMES = "num_frames"
 MODE = "mode"  # PIL mode as stored in the file (RGB, L, P, CMYK, I;16, ...)
 ORIENTATION = "orientation"  # EXIF orientation to apply after Pillow's decode (1: none; TIFF: 1)
+# The embedded ICC profile's own description ("Adobe RGB (1998)", "sRGB IEC61966-2.1", a CMYK
+# press profile), null without one; "(unreadable)" when littlecms cannot read it. The training
+# loader converts the pixels of any profile but sRGB's to sRGB (training/colour.py).
+COLOR_PROFILE = "color_profile"
 
 # --- pixel analysis (scores) ----------------------------------------------------------------
 SHARPNESS = "sharpness"
@@ -114,6 +119,7 @@ FIELDS: dict[str, pa.DataType] = {
     NUM_FRAMES: pa.int64(),
     MODE: pa.string(),
     ORIENTATION: pa.int64(),
+    COLOR_PROFILE: pa.string(),
     KEY: pa.string(),
     BUCKET: pa.string(),
     SHARD: pa.string(),

@@ -21,10 +21,14 @@ Pillow only; importing this module loads no torch.
 
 from __future__ import annotations
 
-import functools
+import hashlib
 import io
 import logging
+import threading
 import warnings
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageCms
@@ -55,16 +59,53 @@ def _lattice(mode: str) -> Image.Image:
     return Image.fromarray(rgb)
 
 
-@functools.lru_cache(maxsize=32)
+MAX_PROFILE_BYTES = 4 * 2**20
+"""Profiles larger than this are ignored (real ones, CMYK press profiles included, stay under
+2 MB; a PNG's compressed iCCP chunk could otherwise unpack to tens of MB per image)."""
+_CACHED = 32  # profiles remembered per process, by digest: the caches hold no profile bytes
+_transforms: OrderedDict[tuple[bytes, str], ImageCms.ImageCmsTransform | None] = OrderedDict()
+_names: OrderedDict[bytes, str | None] = OrderedDict()
+
+
+_lock = threading.Lock()
+
+
+def _remember(cache: OrderedDict, key: Any, make: Callable[[], Any]) -> Any:
+    """`cache[key]`, made by `make()` on a miss; the least recently used entry goes first."""
+    with _lock:
+        if key in cache:
+            cache.move_to_end(key)
+            return cache[key]
+    value = make()
+    with _lock:
+        cache[key] = value
+        if len(cache) > _CACHED:
+            cache.popitem(last=False)
+    return value
+
+
+def _digest(icc: bytes) -> bytes:
+    return hashlib.blake2b(icc, digest_size=16).digest()
+
+
 def _transform(icc: bytes, mode: str) -> ImageCms.ImageCmsTransform | None:
     """The transform from `icc` to sRGB for an image of `mode`, or None when it is not to be
-    applied (sRGB already, unreadable, or the wrong colour space for the mode)."""
+    applied (sRGB already, unreadable, too large, or the wrong colour space for the mode)."""
+    if len(icc) > MAX_PROFILE_BYTES:
+        return None
+    return _remember(_transforms, (_digest(icc), mode), lambda: _build(icc, mode))
+
+
+def _build(icc: bytes, mode: str) -> ImageCms.ImageCmsTransform | None:
     space, in_mode = _SPACES[mode]
     try:
         source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
         if source.profile.xcolor_space != space:
             return None
-        transform = ImageCms.buildTransform(source, _srgb(), in_mode, "RGB")
+        # NOCACHE: littlecms's one-pixel cache makes a transform unsafe to share between
+        # threads; without it the speed is the same (121 ms for 8 MP either way).
+        transform = ImageCms.buildTransform(source, _srgb(), in_mode, "RGB",
+                                            flags=ImageCms.Flags.NOCACHE)
         if mode != "CMYK":  # CMYK is always converted: PIL's own conversion ignores the inks
             probe = _lattice(mode)
             shown = np.asarray(ImageCms.applyTransform(probe, transform), dtype=np.int16)
@@ -78,9 +119,14 @@ def _transform(icc: bytes, mode: str) -> ImageCms.ImageCmsTransform | None:
 
 
 def profile_name(icc: bytes | None) -> str | None:
-    """The description an ICC profile gives itself ("Adobe RGB (1998)"), or None if unreadable."""
-    if not icc:
+    """The description an ICC profile gives itself ("Adobe RGB (1998)"), or None if unreadable
+    or larger than `MAX_PROFILE_BYTES`."""
+    if not icc or not isinstance(icc, bytes) or len(icc) > MAX_PROFILE_BYTES:
         return None
+    return _remember(_names, _digest(icc), lambda: _name(icc))
+
+
+def _name(icc: bytes) -> str | None:
     try:
         name = ImageCms.ImageCmsProfile(io.BytesIO(icc)).profile.profile_description
     except (ImageCms.PyCMSError, OSError, ValueError, TypeError):

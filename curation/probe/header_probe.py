@@ -12,6 +12,7 @@ from PIL import Image, TiffImagePlugin, UnidentifiedImageError
 
 from curation import schema
 from curation.base import Stage, column, pending_mask, set_columns
+from training.colour import profile_name
 
 SUPPORTED_FORMATS = ("jpeg", "mpo", "png", "webp", "tiff", "bmp", "gif", "avif", "jpeg2000")
 """PIL formats the job decodes; anything else is `unsupported_format`."""
@@ -180,12 +181,25 @@ def sniff_tiff_layout(data: bytes) -> str | None:
     )
 
 
+PROFILE_NAME_CHARS = 120
+"""Longest ICC profile description kept in the manifest (a hostile file may hold any text)."""
+
+
+def _profile(icc: Any) -> str | None:
+    """The manifest's `color_profile`: the profile's description, or None without one."""
+    if not icc or not isinstance(icc, bytes):
+        return None
+    name = profile_name(icc)
+    return "(unreadable)" if name is None else name[:PROFILE_NAME_CHARS]
+
+
 def probe(data: bytes) -> dict[str, Any]:
     """Header facts of one image's bytes (no pixel decode).
 
     Returns a dict with `format`, `width`, `height` (after EXIF orientation), `mode`,
     `num_frames`, `orientation` (the one still to apply to Pillow's decode: 1 for
-    `SELF_ORIENTING_FORMATS`), or with `reason`/`detail` when the bytes are no usable image.
+    `SELF_ORIENTING_FORMATS`), `color_profile` (`schema.COLOR_PROFILE`), or with
+    `reason`/`detail` when the bytes are no usable image.
     """
     if not data:
         return {"reason": "decode_error", "detail": "empty file (0 bytes)"}
@@ -199,6 +213,7 @@ def probe(data: bytes) -> dict[str, Any]:
             mode = img.mode
             frames = int(getattr(img, "n_frames", 1) or 1)
             orientation = _orientation(img)
+            icc = img.info.get("icc_profile")
     except UnidentifiedImageError:
         what = sniff_unread_format(data) or sniff_tiff_layout(data) or sniff_non_image(data)
         if what:
@@ -222,6 +237,7 @@ def probe(data: bytes) -> dict[str, Any]:
         "mode": mode,
         "num_frames": frames,
         "orientation": orientation,
+        "color_profile": _profile(icc),
     }
     if fmt not in SUPPORTED_FORMATS:
         row.update(
@@ -236,9 +252,11 @@ def probe(data: bytes) -> dict[str, Any]:
 
 @dataclass(kw_only=True)
 class HeaderProbe(Stage):
-    """Read each pending image's header: format, size after EXIF orientation, mode, frames.
+    """Read each pending image's header: format, size after EXIF orientation, mode, frames and
+    colour profile.
 
-    Reads: `data`. Writes: `format`, `width`, `height`, `mode`, `num_frames`, `orientation`.
+    Reads: `data`. Writes: `format`, `width`, `height`, `mode`, `num_frames`, `orientation`,
+    `color_profile`.
     Rejects: `decode_error` (empty, unidentifiable, broken header), `unsupported_format`
     (SVG, text, animations, formats outside `SUPPORTED_FORMATS`, TIFF pixel layouts Pillow
     cannot decode). Size thresholds are decided
@@ -255,10 +273,11 @@ class HeaderProbe(Stage):
         schema.MODE,
         schema.NUM_FRAMES,
         schema.ORIENTATION,
+        schema.COLOR_PROFILE,
     )
 
     def process(self, table: pa.Table) -> pa.Table:
-        keys = ("format", "width", "height", "mode", "num_frames", "orientation")
+        keys = ("format", "width", "height", "mode", "num_frames", "orientation", "color_profile")
         cols: dict[str, list[Any]] = {k: [] for k in keys}
         status = column(table, schema.STATUS)
         reason = column(table, schema.REASON)

@@ -187,7 +187,7 @@ def test_every_model_stage_through_the_cli(local_ray, inputs, models, tmp_path, 
     assert emb.schema.field("embedding").type.list_size == models["dim"]
     assert {k for k in emb.column("key").to_pylist() if k} == {r[schema.KEY] for r in kept}
     stats = json.loads((out / "stats.json").read_text())
-    assert "low_aesthetic" in stats["rules"] and stats["manifest_version"] == 4
+    assert "low_aesthetic" in stats["rules"] and stats["manifest_version"] == 5
     assert "embedding at cosine >=" in stats["rules"]["duplicate"]["rule"]  # the semantic one
 
 

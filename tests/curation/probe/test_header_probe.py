@@ -1,4 +1,5 @@
 import io
+import os
 
 import cv2
 import numpy as np
@@ -10,6 +11,7 @@ from PIL import Image
 from curation import schema
 from curation.probe.header_probe import HEIF_BRANDS, HeaderProbe, probe
 from pipelines.samples import png_bomb
+from training.colour import MAX_PROFILE_BYTES
 
 
 def _png(w, h, mode="RGB"):
@@ -163,3 +165,33 @@ def test_archives_and_videos_in_a_scraped_pool_are_named(tmp_path):
     assert words["mkv"].startswith("video file") and words["avi"].startswith("video file")
     heic = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64)
     assert probe(heic)["detail"].startswith("HEIF/HEIC")  # still named as the image it is
+
+
+GS_PROFILES = "/usr/share/color/icc/ghostscript"
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "TIFF"])
+def test_color_profile_is_the_embedded_profiles_description(fmt):
+    """Every format that carries an ICC profile gives its description; none gives null."""
+    path = os.path.join(GS_PROFILES, "a98.icc")
+    if not os.path.exists(path):
+        pytest.skip(f"{path} missing: apt-get install libgs-common")
+    with open(path, "rb") as f:
+        a98 = f.read()
+    img = Image.new("RGB", (64, 48), (90, 140, 90))
+    tagged, plain = io.BytesIO(), io.BytesIO()
+    img.save(tagged, fmt, icc_profile=a98)
+    img.save(plain, fmt)
+    assert probe(tagged.getvalue())["color_profile"] == "Artifex Software A98 ICC Profile"
+    assert probe(plain.getvalue())["color_profile"] is None
+
+
+def test_color_profile_of_a_broken_or_huge_profile():
+    """A profile littlecms cannot read, or one over the size cap, is named as unreadable and
+    costs the image nothing."""
+    img = Image.new("RGB", (64, 48))
+    for icc in (b"not a profile at all" * 10, b"\0" * (MAX_PROFILE_BYTES + 1)):
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", icc_profile=icc)
+        row = probe(buf.getvalue())
+        assert row["color_profile"] == "(unreadable)" and "reason" not in row
