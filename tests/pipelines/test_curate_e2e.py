@@ -47,6 +47,8 @@ def test_every_input_gets_exactly_its_expected_outcome(samples, curated):
             assert r["caption_en"] == e["caption"]
         if e.get("meta"):
             assert json.loads(r["source_meta"]) == e["meta"], rel
+        if e.get("color_profile"):
+            assert r["color_profile"] == e["color_profile"], rel
         if e["duplicate_of"]:
             assert r["duplicate_of"] == by_rel[e["duplicate_of"]]["key"], rel
 

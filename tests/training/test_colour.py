@@ -17,6 +17,7 @@ from PIL import Image, ImageCms
 
 from curation.analyze.pixel_analyzer import make_thumbnail
 from pipelines.report import reduced_image
+from pipelines.samples import DISPLAY_P3_NAME, display_p3_profile
 from training.colour import as_shown, profile_name, to_srgb
 from training.data import decode_bucket, decode_crop
 
@@ -191,3 +192,16 @@ def test_curation_thumbnails_and_report_show_srgb(fmt):
         small = np.asarray(Image.fromarray(want.astype(np.uint8)).resize((128, 96)), np.int16)
         assert np.abs(thumb.astype(np.int16) - small).mean() < 4
         assert saturation(thumb) > 1.12 * saturation(arr)
+
+
+def test_display_p3_as_phones_save_it():
+    """sRGB's primaries and neutrals written in Display P3 (the demo's built profile: no file
+    needed) come back as sRGB's primaries and the same neutrals."""
+    profile = display_p3_profile()
+    assert profile_name(profile) == DISPLAY_P3_NAME
+    p3 = np.array([[[234, 51, 35], [117, 251, 76], [0, 0, 245], [128, 128, 128],
+                    [255, 255, 255], [0, 0, 0]]], np.uint8)
+    data = saved(np.repeat(p3, 4, axis=0), "PNG", profile)
+    got = decode_bucket(data, (0, 0, 6, 4), (6, 4), name="p3.png")[0].astype(int)
+    want = [[255, 0, 0], [0, 255, 0], [0, 0, 255], [128, 128, 128], [255, 255, 255], [0, 0, 0]]
+    assert np.abs(got - np.array(want)).max() <= 3, got
