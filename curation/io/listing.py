@@ -118,9 +118,9 @@ def _iter_local(
     folder: str, exclude: str | None = None, unlisted: list[str] | None = None
 ) -> Iterator[str]:
     """Every file under a local folder, lazily; linked folders are not descended (no loops),
-    nor hidden ones (`.git/`, `.Trash-1000/`: `in_hidden_folder`), nor the folder ``exclude``
-    (compared by real path: a link to either side is seen through); folders that cannot be
-    listed go to ``unlisted``.
+    nor hidden or system ones (`.git/`, `.Trash-1000/`, `@eaDir`: `skipped_folder`), nor the
+    folder ``exclude`` (compared by real path: a link to either side is seen through);
+    folders that cannot be listed go to ``unlisted``.
 
     A walk with its own stack, not `os.walk`, which recurses once per level in this Python
     and failed the listing of a folder nested about a thousand levels deep.
@@ -145,21 +145,36 @@ def _iter_local(
                 yield entry.path
             elif (
                 not is_link
-                and not entry.name.startswith(".")
+                and not skipped_folder(entry.name)
                 and (exclude is None or os.path.realpath(entry.path) != exclude)
             ):
                 stack.append(entry.path)
 
 
+SYSTEM_FOLDERS = frozenset({"@eadir", "#recycle", "#snapshot", "$recycle.bin", "recycler",
+                            "system volume information", "__macosx"})
+"""Folders (compared case-insensitively) that storage systems keep beside the pictures, left
+out of a folder walk as hidden ones are: a Synology NAS's thumbnail store (`@eaDir/<picture>/
+SYNOPHOTO_THUMB_*.jpg`, five per picture), recycle bin (`#recycle`) and snapshots
+(`#snapshot`: a second copy of the share), Windows' recycle bins and volume metadata, and the
+resource forks of a zip made on a Mac (`__MACOSX`)."""
+
+
+def skipped_folder(name: str) -> bool:
+    """Whether a folder walk leaves out a folder of this name: hidden (`.git`, `.Trash-1000`,
+    `.thumbnails`) or one of `SYSTEM_FOLDERS`."""
+    return name.startswith(".") or name.casefold() in SYSTEM_FOLDERS
+
+
 def in_hidden_folder(path: str, root: str) -> bool:
-    """Whether `path` lies in a hidden folder (a name starting with `.`) below `root`.
+    """Whether `path` lies in a folder below `root` that a walk leaves out (`skipped_folder`).
 
     A folder walk lists no file there, as it lists no hidden file: a version-control store,
-    a desktop's trash of deleted pictures (`.Trash-1000/files/`), thumbnail caches. Naming
-    such a folder as an INPUT lists it.
+    a desktop's trash of deleted pictures (`.Trash-1000/files/`), thumbnail caches, a NAS's
+    recycle bin. Naming such a folder as an INPUT lists it.
     """
     inner = path[len(root) :].strip("/").split("/")[:-1]
-    return any(part.startswith(".") for part in inner)
+    return any(skipped_folder(part) for part in inner)
 
 
 def _walk_local(folder: str, exclude: str | None = None) -> tuple[list[str], list[str]]:
@@ -351,7 +366,7 @@ def _reached(
     """Whether a folder walk from `folder` reaches every folder down to `inner`: none of the
     ones between is hidden (`in_hidden_folder`), and locally each is `readable` (one that is
     not becomes an `unreadable` row instead)."""
-    if any(part.startswith(".") for part in inner[len(folder) :]):
+    if any(skipped_folder(part) for part in inner[len(folder) :]):
         return False
     if scheme:
         return True

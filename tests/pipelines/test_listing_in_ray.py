@@ -14,7 +14,8 @@ from pipelines.curate import KIND, SIDECAR, list_job
 
 NAMES = st.lists(
     st.tuples(
-        st.sampled_from(["", "sub/", "sub/deeper/", ".hidden/", "sub/.git/objects/"]),
+        st.sampled_from(["", "sub/", "sub/deeper/", ".hidden/", "sub/.git/objects/",
+                         "@eaDir/a.jpg/", "sub/#recycle/"]),
         st.sampled_from(["a", "b", "c d", "ünï", "x#y"]),
         st.sampled_from([".jpg", ".png", ".txt", ".json", ".tar", ".webp"]),
     ),

@@ -927,3 +927,40 @@ def test_files_in_hidden_folders_are_not_inputs_unless_named(tmp_path, s3_server
     assert names(["s3://hidden-walk/in"]) == ["a.jpg", "sub/b.png", "v.1/c.jpg"]
     assert names(["s3://hidden-walk/in", "s3://hidden-walk/in/.git"]) == [
         ".git/objects/x.jpg", "a.jpg", "sub/b.png", "v.1/c.jpg"]
+
+
+def test_storage_systems_folders_are_not_inputs_unless_named(tmp_path, s3_server):
+    """A Synology share holds five thumbnails per picture in `@eaDir/<picture>/`, its deleted
+    pictures in `#recycle/` and a copy of everything in `#snapshot/`; Windows drives hold
+    `$RECYCLE.BIN/` (`$Recycle.Bin` since Vista); a zip made on a Mac holds `__MACOSX/`. A walk
+    listed them all as inputs. Named as an INPUT, such a folder is listed; a file or folder
+    that merely contains such a name (`recycle/`, `my@eaDir/`) stays an input."""
+    import boto3
+    import fsspec
+
+    tree = ("in/a.jpg", "in/@eaDir/a.jpg/SYNOPHOTO_THUMB_XL.jpg", "in/#recycle/old.jpg",
+            "in/#snapshot/GMT+00-2026.12.01/a.jpg", "in/sub/$Recycle.Bin/S-1-5-21/$RX1.jpg",
+            "in/System Volume Information/x.jpg", "in/__MACOSX/sub/._b.png", "in/sub/b.png",
+            "in/recycle/c.jpg", "in/my@eaDir/d.jpg")  # fmt: skip
+    for rel in tree:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    folder = tmp_path / "in"
+    kept = ["a.jpg", "my@eaDir/d.jpg", "recycle/c.jpg", "sub/b.png"]
+
+    def names(inputs: list[str]) -> list[str]:
+        return sorted(i.uri.rsplit("/in/", 1)[-1] for i in list_inputs(inputs))
+
+    assert names([str(folder)]) == kept
+    assert names([str(folder / "#recycle")]) == ["#recycle/old.jpg"]
+    assert few_local_files(plan_inputs([str(folder)]), 4)
+    assert not few_local_files(plan_inputs([str(folder)]), 3)
+    boto3.client("s3").create_bucket(
+        Bucket="nas-walk", CreateBucketConfiguration={"LocationConstraint": "us-west-2"}
+    )
+    fs = fsspec.filesystem("s3")
+    for rel in tree:
+        fs.pipe(f"nas-walk/{rel}", b"x")
+    assert names(["s3://nas-walk/in"]) == kept
+    assert names(["s3://nas-walk/in", "s3://nas-walk/in/@eaDir"]) == [
+        "@eaDir/a.jpg/SYNOPHOTO_THUMB_XL.jpg", *kept]
