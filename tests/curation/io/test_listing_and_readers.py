@@ -953,6 +953,7 @@ def test_storage_systems_folders_are_not_inputs_unless_named(tmp_path, s3_server
 
     assert names([str(folder)]) == kept
     assert names([str(folder / "#recycle")]) == ["#recycle/old.jpg"]
+    assert names([str(folder), str(folder / "#recycle")]) == ["#recycle/old.jpg", *kept]
     assert few_local_files(plan_inputs([str(folder)]), 4)
     assert not few_local_files(plan_inputs([str(folder)]), 3)
     boto3.client("s3").create_bucket(
