@@ -65,8 +65,6 @@ MAX_PROFILE_BYTES = 4 * 2**20
 _CACHED = 32  # profiles remembered per process, by digest: the caches hold no profile bytes
 _transforms: OrderedDict[tuple[bytes, str], ImageCms.ImageCmsTransform | None] = OrderedDict()
 _names: OrderedDict[bytes, str | None] = OrderedDict()
-
-
 _lock = threading.Lock()
 
 
@@ -152,9 +150,11 @@ def to_srgb(im: Image.Image, icc: bytes | None = None) -> Image.Image:
     """
     if icc is None:
         icc = im.info.get("icc_profile")
-    if not converts(icc, im.mode):
+    if not isinstance(icc, bytes) or not icc or im.mode not in _SPACES:
         return im
     transform = _transform(icc, im.mode)
+    if transform is None:
+        return im
     try:
         return ImageCms.applyTransform(im, transform)
     except (ImageCms.PyCMSError, OSError, ValueError) as e:
