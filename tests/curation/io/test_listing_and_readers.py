@@ -888,22 +888,35 @@ def test_a_tar_read_to_its_end_is_not_opened_again_once_all_its_rows_are_done(
     assert "opened again" in again[schema.DETAIL]
 
 
+def _walk_tree(tmp_path, bucket: str, tree: tuple[str, ...]):
+    """`tree`'s files (one byte each) under `tmp_path` and in a new S3 bucket; returns the
+    local `in` folder and a function naming what `list_inputs` lists, relative to `in/`."""
+    import boto3
+    import fsspec
+
+    fs = fsspec.filesystem("s3")
+    boto3.client("s3").create_bucket(
+        Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": "us-west-2"}
+    )
+    for rel in tree:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+        fs.pipe(f"{bucket}/{rel}", b"x")
+
+    def names(inputs: list[str]) -> list[str]:
+        return sorted(i.uri.rsplit("/in/", 1)[-1] for i in list_inputs(inputs))
+
+    return tmp_path / "in", names
+
+
 def test_files_in_hidden_folders_are_not_inputs_unless_named(tmp_path, s3_server):
     """A folder walk skipped hidden files but listed everything in hidden folders: the
     pictures a desktop's trash keeps (`.Trash-1000/files/`), a `.git` store, thumbnail caches
     (`.thumbnails/`) became inputs. Naming such a folder or file still lists it, also when
     the folder above it is an INPUT too; the small-job count and S3 prefixes agree."""
-    import fsspec
-
     tree = ("in/a.jpg", "in/.Trash-1000/files/deleted.jpg", "in/sub/.thumbnails/t.png",
             "in/sub/b.png", "in/.git/objects/x.jpg", "in/v.1/c.jpg")  # fmt: skip
-    for rel in tree:
-        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / rel).write_bytes(b"x")
-    folder = tmp_path / "in"
-
-    def names(inputs: list[str]) -> list[str]:
-        return sorted(i.uri.rsplit("/in/", 1)[-1] for i in list_inputs(inputs))
+    folder, names = _walk_tree(tmp_path, "hidden-walk", tree)
 
     assert names([str(folder)]) == ["a.jpg", "sub/b.png", "v.1/c.jpg"]
     trash = folder / ".Trash-1000"
@@ -915,15 +928,6 @@ def test_files_in_hidden_folders_are_not_inputs_unless_named(tmp_path, s3_server
                                                  "v.1/c.jpg"]  # fmt: skip
     assert few_local_files(plan_inputs([str(folder)]), 3)
     assert not few_local_files(plan_inputs([str(folder)]), 2)
-
-    import boto3
-
-    boto3.client("s3").create_bucket(
-        Bucket="hidden-walk", CreateBucketConfiguration={"LocationConstraint": "us-west-2"}
-    )
-    fs = fsspec.filesystem("s3")
-    for rel in tree:
-        fs.pipe(f"hidden-walk/{rel}", b"x")
     assert names(["s3://hidden-walk/in"]) == ["a.jpg", "sub/b.png", "v.1/c.jpg"]
     assert names(["s3://hidden-walk/in", "s3://hidden-walk/in/.git"]) == [
         ".git/objects/x.jpg", "a.jpg", "sub/b.png", "v.1/c.jpg"]
@@ -935,33 +939,17 @@ def test_storage_systems_folders_are_not_inputs_unless_named(tmp_path, s3_server
     `$RECYCLE.BIN/` (`$Recycle.Bin` since Vista); a zip made on a Mac holds `__MACOSX/`. A walk
     listed them all as inputs. Named as an INPUT, such a folder is listed; a file or folder
     that merely contains such a name (`recycle/`, `my@eaDir/`) stays an input."""
-    import boto3
-    import fsspec
-
     tree = ("in/a.jpg", "in/@eaDir/a.jpg/SYNOPHOTO_THUMB_XL.jpg", "in/#recycle/old.jpg",
             "in/#snapshot/GMT+00-2026.12.01/a.jpg", "in/sub/$Recycle.Bin/S-1-5-21/$RX1.jpg",
             "in/System Volume Information/x.jpg", "in/__MACOSX/sub/._b.png", "in/sub/b.png",
             "in/recycle/c.jpg", "in/my@eaDir/d.jpg")  # fmt: skip
-    for rel in tree:
-        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / rel).write_bytes(b"x")
-    folder = tmp_path / "in"
+    folder, names = _walk_tree(tmp_path, "nas-walk", tree)
     kept = ["a.jpg", "my@eaDir/d.jpg", "recycle/c.jpg", "sub/b.png"]
-
-    def names(inputs: list[str]) -> list[str]:
-        return sorted(i.uri.rsplit("/in/", 1)[-1] for i in list_inputs(inputs))
-
     assert names([str(folder)]) == kept
     assert names([str(folder / "#recycle")]) == ["#recycle/old.jpg"]
     assert names([str(folder), str(folder / "#recycle")]) == ["#recycle/old.jpg", *kept]
     assert few_local_files(plan_inputs([str(folder)]), 4)
     assert not few_local_files(plan_inputs([str(folder)]), 3)
-    boto3.client("s3").create_bucket(
-        Bucket="nas-walk", CreateBucketConfiguration={"LocationConstraint": "us-west-2"}
-    )
-    fs = fsspec.filesystem("s3")
-    for rel in tree:
-        fs.pipe(f"nas-walk/{rel}", b"x")
     assert names(["s3://nas-walk/in"]) == kept
     assert names(["s3://nas-walk/in", "s3://nas-walk/in/@eaDir"]) == [
         "@eaDir/a.jpg/SYNOPHOTO_THUMB_XL.jpg", *kept]
