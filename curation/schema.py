@@ -43,8 +43,9 @@ NUM_FRAMES = "num_frames"
 MODE = "mode"  # PIL mode as stored in the file (RGB, L, P, CMYK, I;16, ...)
 ORIENTATION = "orientation"  # EXIF orientation to apply after Pillow's decode (1: none; TIFF: 1)
 # The embedded ICC profile's own description ("Adobe RGB (1998)", "sRGB IEC61966-2.1", a CMYK
-# press profile), null without one; "(unreadable)" when littlecms cannot read it. The training
-# loader converts the pixels of any profile but sRGB's to sRGB (training/colour.py).
+# press profile), null without one; "(unreadable)" when littlecms cannot read it; for a camera
+# JPEG that marks Adobe RGB in its EXIF instead (DCF), `training.colour.ADOBE_RGB_DCF_NAME`.
+# The training loader converts the pixels of any profile but sRGB's to sRGB (training/colour.py).
 COLOR_PROFILE = "color_profile"
 
 # --- pixel analysis (scores) ----------------------------------------------------------------

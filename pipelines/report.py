@@ -222,10 +222,10 @@ def reduced_image(data: bytes, side: int = THUMB_SIDE, max_pixels: int | None = 
     """
     from PIL import Image, ImageOps
 
-    from training.colour import to_srgb
+    from training.colour import embedded_profile, to_srgb
 
     im = open_reduced(data, side, max_pixels)
-    icc = im.info.get("icc_profile")
+    icc = embedded_profile(im)
     im.thumbnail((side, side), reducing_gap=2.0)
     im = ImageOps.exif_transpose(im)
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):

@@ -20,6 +20,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from training.colour import SRGB_CURVE, matrix_profile
+
 REAL_PHOTO_DIRS = ("/usr/share/wallpapers", "/usr/share/backgrounds")
 # A real fake: 4224×3168 is exactly 1.294× a 3264×2448 (8 MP) camera frame, shipped by Debian's
 # lomiri-wallpapers-16.04 (see docs/native-detection.md).
@@ -334,47 +336,15 @@ def _tar_add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
 
 DISPLAY_P3_NAME = "Display P3 (native4k sample)"
 # Display P3's colorants adapted to the ICC's D50 (Bradford), as Apple's profile states them,
-# and the sRGB tone curve (IEC 61966-2-1) as an ICC parametric curve of type 3.
+# with the sRGB tone curve.
 _P3_COLORANTS = ((0.51512, 0.24120, -0.00105), (0.29198, 0.69225, 0.04189),
                  (0.15710, 0.06657, 0.78407))
-_D50 = (0.96420, 1.0, 0.82491)
-_SRGB_CURVE = (2.4, 1 / 1.055, 0.055 / 1.055, 1 / 12.92, 0.04045)
 
 
 def display_p3_profile() -> bytes:
-    """An ICC v2 display profile for Display P3, the space phones save photographs in.
-
-    Built here from the standard's numbers (a matrix/TRC profile: white point, colorants and
-    tone curves), so that the demo and tests need no profile file on the machine.
-    """
-
-    def s15(v: float) -> bytes:
-        return struct.pack(">i", round(v * 65536))
-
-    def xyz(v: tuple[float, float, float]) -> bytes:
-        return b"XYZ \0\0\0\0" + b"".join(s15(c) for c in v)
-
-    ascii_name = DISPLAY_P3_NAME.encode() + b"\0"
-    desc = (b"desc\0\0\0\0" + struct.pack(">I", len(ascii_name)) + ascii_name
-            + struct.pack(">II", 0, 0) + struct.pack(">HB", 0, 0) + bytes(67))
-    curve = b"para\0\0\0\0" + struct.pack(">HH", 3, 0) + b"".join(s15(v) for v in _SRGB_CURVE)
-    tags = [(b"desc", desc), (b"wtpt", xyz(_D50)), (b"rXYZ", xyz(_P3_COLORANTS[0])),
-            (b"gXYZ", xyz(_P3_COLORANTS[1])), (b"bXYZ", xyz(_P3_COLORANTS[2])),
-            (b"rTRC", curve), (b"gTRC", curve), (b"bTRC", curve),
-            (b"cprt", b"text\0\0\0\0No copyright, use freely\0")]
-    offset = 128 + 4 + 12 * len(tags)
-    table, data = [], b""
-    for sig, body in tags:
-        body += bytes(-len(body) % 4)
-        table.append(struct.pack(">4sII", sig, offset + len(data), len(body)))
-        data += body
-    size = offset + len(data)
-    header = (struct.pack(">I4sI4s4s4s", size, b"\0\0\0\0", 0x02100000, b"mntr", b"RGB ",
-                          b"XYZ ")
-              + struct.pack(">6H", 2026, 1, 1, 0, 0, 0) + b"acsp" + bytes(24)
-              + struct.pack(">I", 0) + b"".join(s15(c) for c in _D50))
-    header += bytes(128 - len(header))
-    return header + struct.pack(">I", len(tags)) + b"".join(table) + data
+    """An ICC profile for Display P3, the space phones save photographs in, built from the
+    standard's numbers so that the demo and tests need no profile file on the machine."""
+    return matrix_profile(DISPLAY_P3_NAME, _P3_COLORANTS, SRGB_CURVE)
 
 
 def _cmyk_jpeg(rgb: np.ndarray) -> bytes:

@@ -21,9 +21,11 @@ Pillow only; importing this module loads no torch.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import logging
+import struct
 import threading
 import warnings
 from collections import OrderedDict
@@ -31,7 +33,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageCms
+from PIL import ExifTags, Image, ImageCms
 
 logger = logging.getLogger(__name__)
 
@@ -132,6 +134,85 @@ def _name(icc: bytes) -> str | None:
     return (name or "").strip() or None
 
 
+_D50 = (0.96420, 1.0, 0.82491)  # the ICC's connection-space white
+SRGB_CURVE = (2.4, 1 / 1.055, 0.055 / 1.055, 1 / 12.92, 0.04045)
+"""sRGB's tone curve (IEC 61966-2-1) as the parameters of an ICC parametric curve of type 3."""
+ADOBE_RGB_DCF_NAME = "Adobe RGB (1998), from EXIF (DCF option colour space)"
+# Adobe RGB (1998)'s colorants adapted to D50 and its gamma of 563/256 (Adobe's specification).
+_ADOBE_COLORANTS = ((0.60974, 0.31111, 0.01947), (0.20528, 0.62567, 0.06087),
+                    (0.14919, 0.06322, 0.74457))
+_EXIF_COLOR_SPACE, _UNCALIBRATED, _INTEROP_INDEX = 0xA001, 0xFFFF, 0x0001
+
+
+def matrix_profile(name: str, colorants: tuple[tuple[float, float, float], ...],
+                   curve: tuple[float, ...]) -> bytes:
+    """An ICC v2 RGB display profile of the matrix/TRC kind, from a colour space's numbers.
+
+    Args:
+        name: the profile's description.
+        colorants: the red, green and blue primaries' XYZ, adapted to D50.
+        curve: one tone curve for the three channels, as ICC parametric-curve parameters:
+            ``(gamma,)`` (type 0) or ``(g, a, b, c, d)`` (type 3, e.g. `SRGB_CURVE`).
+    """
+
+    def s15(v: float) -> bytes:
+        return struct.pack(">i", round(v * 65536))
+
+    def xyz(v: tuple[float, float, float]) -> bytes:
+        return b"XYZ \0\0\0\0" + b"".join(s15(c) for c in v)
+
+    text = name.encode("ascii", "replace") + b"\0"
+    desc = (b"desc\0\0\0\0" + struct.pack(">I", len(text)) + text + struct.pack(">II", 0, 0)
+            + struct.pack(">HB", 0, 0) + bytes(67))
+    kind = {1: 0, 5: 3}[len(curve)]
+    trc = b"para\0\0\0\0" + struct.pack(">HH", kind, 0) + b"".join(s15(v) for v in curve)
+    tags = [(b"desc", desc), (b"wtpt", xyz(_D50)), (b"rXYZ", xyz(colorants[0])),
+            (b"gXYZ", xyz(colorants[1])), (b"bXYZ", xyz(colorants[2])),
+            (b"rTRC", trc), (b"gTRC", trc), (b"bTRC", trc),
+            (b"cprt", b"text\0\0\0\0No copyright, use freely\0")]
+    offset = 128 + 4 + 12 * len(tags)
+    table, data = [], b""
+    for sig, body in tags:
+        body += bytes(-len(body) % 4)
+        table.append(struct.pack(">4sII", sig, offset + len(data), len(body)))
+        data += body
+    header = (struct.pack(">I4sI4s4s4s", offset + len(data), bytes(4), 0x02100000, b"mntr",
+                          b"RGB ", b"XYZ ")
+              + struct.pack(">6H", 2026, 1, 1, 0, 0, 0) + b"acsp" + bytes(28)
+              + b"".join(s15(c) for c in _D50))
+    return header + bytes(128 - len(header)) + struct.pack(">I", len(tags)) + b"".join(table) + data
+
+
+@functools.cache
+def adobe_rgb_dcf_profile() -> bytes:
+    """The profile a camera JPEG means when it marks Adobe RGB the DCF way, without one."""
+    return matrix_profile(ADOBE_RGB_DCF_NAME, _ADOBE_COLORANTS, (563 / 256,))
+
+
+def embedded_profile(im: Image.Image) -> bytes | None:
+    """The ICC profile an image's file gives its pixels, or None.
+
+    That is the embedded profile; failing one, Adobe RGB (1998) for a camera JPEG set to
+    Adobe RGB that marks it the DCF way (EXIF ColorSpace "uncalibrated" and interoperability
+    index ``R03``, as Canon, Nikon and Sony cameras write it) instead of embedding a profile,
+    as colour-managed editors read such files.
+    """
+    icc = im.info.get("icc_profile")
+    if isinstance(icc, bytes) and icc:
+        return icc
+    raw = im.info.get("exif")
+    if not isinstance(raw, bytes) or b"R03" not in raw:
+        return None
+    try:
+        exif = Image.Exif()
+        exif.load(raw)
+        marked = (exif.get_ifd(ExifTags.IFD.Exif).get(_EXIF_COLOR_SPACE) == _UNCALIBRATED
+                  and exif.get_ifd(ExifTags.IFD.Interop).get(_INTEROP_INDEX) == "R03")
+    except Exception:  # a malformed EXIF block: no colour space can be read from it
+        return None
+    return adobe_rgb_dcf_profile() if marked else None
+
+
 def converts(icc: bytes | None, mode: str = "RGB") -> bool:
     """Whether `to_srgb` would convert an image of `mode` carrying the profile `icc`."""
     return (isinstance(icc, bytes) and bool(icc) and mode in _SPACES
@@ -141,7 +222,7 @@ def converts(icc: bytes | None, mode: str = "RGB") -> bool:
 def to_srgb(im: Image.Image, icc: bytes | None = None) -> Image.Image:
     """`im` converted from an ICC profile to sRGB, when the profile differs from sRGB.
 
-    ``icc`` is the profile, by default the one embedded in ``im`` (``im.info``); pass it
+    ``icc`` is the profile, by default the decoded image's own (`embedded_profile`); pass it
     explicitly for an image made from the decoded one (PIL drops ``info`` on most conversions,
     e.g. after compositing transparency over white, which callers do first). An RGB, CMYK or
     grey (``L``) image with such a profile comes back as RGB; any other image, and any image
@@ -149,7 +230,7 @@ def to_srgb(im: Image.Image, icc: bytes | None = None) -> Image.Image:
     conversion. Never raises for a bad profile.
     """
     if icc is None:
-        icc = im.info.get("icc_profile")
+        icc = embedded_profile(im)
     if not isinstance(icc, bytes) or not icc or im.mode not in _SPACES:
         return im
     transform = _transform(icc, im.mode)
@@ -165,15 +246,15 @@ def to_srgb(im: Image.Image, icc: bytes | None = None) -> Image.Image:
 _ALPHA_MODES = ("RGBA", "LA", "La", "RGBa", "PA")
 
 
-def as_shown(im: Image.Image) -> Image.Image:
+def as_shown(im: Image.Image, profile: bool = True) -> Image.Image:
     """An 8-bit image as a viewer shows it: RGB in sRGB, transparency composited over white.
 
     The compositing comes first, in the file's own colour space (its white is sRGB's white),
-    then `to_srgb` with the file's profile; without a profile to apply, CMYK, grey and palette
-    images go through PIL's conversions. High-bit modes (``I;16``, ``I``, ``F``) are the
-    caller's to reduce first.
+    then `to_srgb` with the file's profile (none with ``profile=False``: the caller converts
+    later); without a profile to apply, CMYK, grey and palette images go through PIL's
+    conversions. High-bit modes (``I;16``, ``I``, ``F``) are the caller's to reduce first.
     """
-    icc = im.info.get("icc_profile")
+    icc = embedded_profile(im) if profile else None
     if im.mode in _ALPHA_MODES or (im.mode in ("P", "L", "RGB") and "transparency" in im.info):
         with warnings.catch_warnings():  # Pillow's advice to store such palettes as RGBA
             warnings.simplefilter("ignore")
@@ -182,5 +263,6 @@ def as_shown(im: Image.Image) -> Image.Image:
         im = Image.alpha_composite(white, rgba).convert("RGB")
     elif im.mode not in _SPACES:
         im = im.convert("RGB")
-    im = to_srgb(im, icc)
+    if icc is not None:
+        im = to_srgb(im, icc)
     return im if im.mode == "RGB" else im.convert("RGB")

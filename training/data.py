@@ -61,7 +61,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image, PngImagePlugin
 
-from training.colour import as_shown, converts, to_srgb
+from training.colour import as_shown, converts, embedded_profile, to_srgb
 
 log = logging.getLogger(__name__)
 
@@ -979,12 +979,13 @@ def _load(im: Image.Image, name: str) -> None:
         raise ValueError(f"{name}: cannot decode image: {e}") from e
 
 
-def to_rgb8(im: Image.Image) -> np.ndarray:
+def to_rgb8(im: Image.Image, profile: bool = True) -> np.ndarray:
     """Any PIL mode -> uint8 RGB `[H, W, 3]`, in sRGB.
 
     16-bit grayscale keeps its high byte (PIL's own convert clips it); every other mode is
     shown as a viewer shows it (`training.colour.as_shown`): transparency over white, and an
-    embedded ICC profile (Adobe RGB, Display P3, a CMYK press profile) converted to sRGB.
+    embedded ICC profile (Adobe RGB, Display P3, a CMYK press profile) converted to sRGB
+    (``profile=False``: left for the caller to convert).
     """
     mode = im.mode
     if mode.startswith("I;16") or mode in ("I", "F"):
@@ -995,7 +996,7 @@ def to_rgb8(im: Image.Image) -> np.ndarray:
             a = np.floor(a / 256.0)
         g = np.clip(a, 0, 255).astype(np.uint8)
         return np.repeat(g[..., None], 3, axis=2)
-    return np.asarray(as_shown(im))
+    return np.asarray(as_shown(im, profile))
 
 
 def _orient(rgb: np.ndarray, orientation: int) -> np.ndarray:
@@ -1073,12 +1074,11 @@ def _rgb_and_late_profile(crop: Image.Image, target: int) -> tuple[np.ndarray, b
     convert here, on the inks and grey levels they describe, as does a crop about the target's
     size (converting later would only add copies).
     """
-    icc = crop.info.get("icc_profile")
+    icc = embedded_profile(crop)
     if (crop.mode in ("CMYK", "L") or crop.width * crop.height < 1.25 * target
             or not converts(icc)):
         return to_rgb8(crop), None
-    crop.info.pop("icc_profile")
-    return to_rgb8(crop), icc
+    return to_rgb8(crop, profile=False), icc
 
 
 def decode_crop(

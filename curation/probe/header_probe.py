@@ -12,7 +12,7 @@ from PIL import Image, TiffImagePlugin, UnidentifiedImageError
 
 from curation import schema
 from curation.base import Stage, column, pending_mask, set_columns
-from training.colour import profile_name
+from training.colour import embedded_profile, profile_name
 
 SUPPORTED_FORMATS = ("jpeg", "mpo", "png", "webp", "tiff", "bmp", "gif", "avif", "jpeg2000")
 """PIL formats the job decodes; anything else is `unsupported_format`."""
@@ -213,7 +213,7 @@ def probe(data: bytes) -> dict[str, Any]:
             mode = img.mode
             frames = int(getattr(img, "n_frames", 1) or 1)
             orientation = _orientation(img)
-            icc = img.info.get("icc_profile")
+            icc = embedded_profile(img)
     except UnidentifiedImageError:
         what = sniff_unread_format(data) or sniff_tiff_layout(data) or sniff_non_image(data)
         if what:

@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from PIL import Image, ImageCms
+from PIL import ExifTags, Image, ImageCms
 
 from curation.analyze.pixel_analyzer import make_thumbnail
+from curation.probe.header_probe import probe
 from pipelines.report import reduced_image
 from pipelines.samples import DISPLAY_P3_NAME, display_p3_profile
-from training.colour import as_shown, profile_name, to_srgb
+from training.colour import ADOBE_RGB_DCF_NAME, as_shown, embedded_profile, profile_name, to_srgb
 from training.data import decode_bucket, decode_crop
 
 GS = "/usr/share/color/icc/ghostscript"
@@ -205,3 +206,35 @@ def test_display_p3_as_phones_save_it():
     got = decode_bucket(data, (0, 0, 6, 4), (6, 4), name="p3.png")[0].astype(int)
     want = [[255, 0, 0], [0, 255, 0], [0, 0, 255], [128, 128, 128], [255, 255, 255], [0, 0, 0]]
     assert np.abs(got - np.array(want)).max() <= 3, got
+
+
+def _dcf_jpeg(arr: np.ndarray, color_space: int, interop: str) -> bytes:
+    """A camera JPEG marking its colour space in EXIF only (no embedded profile)."""
+    exif = Image.Exif()
+    exif.get_ifd(ExifTags.IFD.Exif)[0xA001] = color_space
+    exif.get_ifd(ExifTags.IFD.Exif)[0xA005] = {1: interop}
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "JPEG", quality=100, subsampling=0, exif=exif)
+    return buf.getvalue()
+
+
+def test_adobe_rgb_marked_the_dcf_way_is_converted():
+    """A camera set to Adobe RGB often embeds no profile: it sets EXIF ColorSpace to
+    "uncalibrated" and the interoperability index to R03. Such pixels convert as Adobe RGB,
+    as Ghostscript's own Adobe RGB profile converts them (the built profile's numbers agree
+    with it); sRGB (ColorSpace 1, R98), "uncalibrated" without R03, and a broken EXIF block
+    that merely contains the bytes R03 leave the pixels as they are."""
+    arr = patches()
+    box, size = (0, 0, 128, 96), (128, 96)
+    plain = decode_bucket(saved(arr, "JPEG", None, quality=100, subsampling=0), box, size)
+    got = decode_bucket(_dcf_jpeg(arr, 0xFFFF, "R03"), box, size).astype(np.int16)
+    assert np.abs(got - reference(Image.fromarray(plain), icc("a98.icc"))).max() <= 2
+    assert saturation(got) > 1.15 * saturation(plain)
+    for color_space, interop in ((1, "R98"), (0xFFFF, "R98"), (1, "R03")):
+        kept = decode_bucket(_dcf_jpeg(arr, color_space, interop), box, size)
+        assert np.array_equal(kept, plain), (color_space, interop)
+    broken = Image.open(io.BytesIO(saved(arr, "JPEG", None, quality=100, subsampling=0)))
+    broken.info["exif"] = b"Exif\0\0R03 not a TIFF header"
+    assert embedded_profile(broken) is None and to_srgb(broken) is broken
+    probed = probe(_dcf_jpeg(arr, 0xFFFF, "R03"))
+    assert probed["color_profile"] == ADOBE_RGB_DCF_NAME and "reason" not in probed
