@@ -88,10 +88,16 @@ def _digest(icc: bytes) -> bytes:
     return hashlib.blake2b(icc, digest_size=16).digest()
 
 
-def _transform(icc: bytes, mode: str) -> ImageCms.ImageCmsTransform | None:
-    """The transform from `icc` to sRGB for an image of `mode`, or None when it is not to be
-    applied (sRGB already, unreadable, too large, or the wrong colour space for the mode)."""
-    if len(icc) > MAX_PROFILE_BYTES:
+def _usable(icc: Any) -> bool:
+    """Whether `icc` is profile bytes worth reading: present and at most `MAX_PROFILE_BYTES`."""
+    return isinstance(icc, bytes) and 0 < len(icc) <= MAX_PROFILE_BYTES
+
+
+def _transform(icc: Any, mode: str) -> ImageCms.ImageCmsTransform | None:
+    """The transform from `icc` to sRGB for an image of `mode`, or None when there is none to
+    apply (no profile, sRGB already, unreadable, too large, a mode or colour space it does not
+    fit)."""
+    if not _usable(icc) or mode not in _SPACES:
         return None
     return _remember(_transforms, (_digest(icc), mode), lambda: _build(icc, mode))
 
@@ -121,7 +127,7 @@ def _build(icc: bytes, mode: str) -> ImageCms.ImageCmsTransform | None:
 def profile_name(icc: bytes | None) -> str | None:
     """The description an ICC profile gives itself ("Adobe RGB (1998)"), or None if unreadable
     or larger than `MAX_PROFILE_BYTES`."""
-    if not icc or not isinstance(icc, bytes) or len(icc) > MAX_PROFILE_BYTES:
+    if not _usable(icc):
         return None
     return _remember(_names, _digest(icc), lambda: _name(icc))
 
@@ -215,8 +221,7 @@ def embedded_profile(im: Image.Image) -> bytes | None:
 
 def converts(icc: bytes | None, mode: str = "RGB") -> bool:
     """Whether `to_srgb` would convert an image of `mode` carrying the profile `icc`."""
-    return (isinstance(icc, bytes) and bool(icc) and mode in _SPACES
-            and _transform(icc, mode) is not None)
+    return _transform(icc, mode) is not None
 
 
 def to_srgb(im: Image.Image, icc: bytes | None = None) -> Image.Image:
@@ -231,8 +236,6 @@ def to_srgb(im: Image.Image, icc: bytes | None = None) -> Image.Image:
     """
     if icc is None:
         icc = embedded_profile(im)
-    if not isinstance(icc, bytes) or not icc or im.mode not in _SPACES:
-        return im
     transform = _transform(icc, im.mode)
     if transform is None:
         return im
