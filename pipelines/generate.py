@@ -112,6 +112,12 @@ def run(args: argparse.Namespace) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print(f"error: --device {args.device}: no CUDA device here", file=sys.stderr)
         return 2
+    try:  # before the model loads: `cuda:7` on a 2-GPU host, or a backend this build lacks
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError, ImportError) as err:
+        reason = (str(err).splitlines() or [type(err).__name__])[0].split(". ")[0]
+        print(f"error: --device {args.device}: {reason}", file=sys.stderr)
+        return 2
     width, height = args.size
     embeds = {}
     try:

@@ -385,6 +385,25 @@ def test_a_bad_option_is_a_usage_error_before_any_model_loads(
         assert all(repr(m) in err for m in ROPE_METHODS), err
 
 
+@pytest.mark.parametrize("device", ["xpu", "mps", f"cuda:{max(torch.cuda.device_count(), 1) + 7}"])
+def test_an_unusable_device_is_refused_before_the_model_loads(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture, device: str,
+) -> None:
+    """`--device cuda:8` on a host with fewer GPUs (or a backend this torch build lacks) failed
+    only after the whole model had loaded: it is one line, exit 2, before anything loads."""
+    def no_load(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(UltraFluxPipeline, "from_folder", no_load)
+    argv = ["--model", str(model_dir), "--prompt", "a lake", "--out", str(tmp_path / "x.png"),
+            "--device", device]  # fmt: skip
+    assert generate.run(cli(argv)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: --device {device}: ") and "\n" not in err, err
+    assert not (tmp_path / "x.png").exists()
+
+
 def test_every_rope_method_is_an_allowed_value() -> None:
     from model.rope import ROPE_METHODS
 
