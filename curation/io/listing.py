@@ -293,7 +293,7 @@ def plan_inputs(
     for raw in inputs:
         for inp in braceexpand.braceexpand(raw):
             fs, path = filesystem(inp, **(storage_options or {}))
-            if fs.isdir(path):
+            if not _is_object(fs, inp, path) and fs.isdir(path):
                 specs.append(InputSpec(inp, "folder"))
             elif fs.exists(path):
                 if path.lower().endswith(list_exts):
@@ -305,6 +305,16 @@ def plan_inputs(
             else:
                 raise ValueError(f"input {inp!r} does not exist")
     return specs
+
+
+def _is_object(fs: fsspec.AbstractFileSystem, inp: str, path: str) -> bool:
+    """Whether a remote INPUT without a trailing `/` names an object: an object store's key
+    may also be a prefix (`a.jpg` and `a.jpg/b.jpg`), and the named object is then the input
+    (`a.jpg/` names the prefix). One request for an object, as `isdir` would cost."""
+    if _is_local(fs) or inp.endswith("/"):
+        return False
+    fs.invalidate_cache(path)  # a listing's cache may know the key only as a prefix
+    return fs.isfile(path)
 
 
 def _location(spec: InputSpec, real: Callable[[str], str]) -> tuple[str, tuple[str, ...]]:
@@ -480,8 +490,10 @@ def expand_input(
             files, unlisted = _walk_local(path, skip)
         else:
             root = path.rstrip("/")
+            # `find` lists objects. A key ending in `/` is a console's "folder" marker, no
+            # input; a key that is also a prefix (`a.jpg` and `a.jpg/b.jpg`) is an object.
             files = [
-                p for p in fs.find(path) if not in_hidden_folder(p, root) and not fs.isdir(p)
+                p for p in fs.find(path) if not p.endswith("/") and not in_hidden_folder(p, root)
             ]
             if exclude is not None and not is_local(exclude):
                 skip = fsspec.core.url_to_fs(exclude, **(storage_options or {}))[1].rstrip("/")

@@ -70,7 +70,14 @@ def open_input(uri: str) -> Any:
     """
     fs, path = filesystem(local_path(uri))
     if not isinstance(fs, LocalFileSystem):
-        return fs.open(path, "rb")
+        fh = fs.open(path, "rb")
+        if getattr(fh, "details", {}).get("type") == "directory":
+            # A listing's cache knew this key (`a.jpg`) only as the prefix of another
+            # (`a.jpg/b.jpg`) and opened 0 bytes: ask the store for the object itself.
+            fh.close()
+            fs.invalidate_cache(path)
+            fh = fs.open(path, "rb")
+        return fh
     # Non-blocking, so that opening a pipe returns at once; its type is read from the open
     # file, so the path cannot be swapped between the check and the read.
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)

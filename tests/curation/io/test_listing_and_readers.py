@@ -824,6 +824,36 @@ def test_overlapping_s3_prefixes_are_listed_once(s3_server):
                               ("in/a.jpg", "in/sub/.c.jpg", "in/sub/b.jpg", "other/o.jpg")]
 
 
+def test_an_s3_key_that_is_also_a_prefix_is_an_input_and_folder_markers_are_not(s3_server):
+    """`a.jpg` beside `a.jpg/b.jpg` was taken for a folder: the image had no manifest row and
+    its caption became an input; a console's empty "folder" key (`empty/`) was an input."""
+    import boto3
+    import fsspec
+
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket="keyprefix",
+                     CreateBucketConfiguration={"LocationConstraint": "us-west-2"})  # fmt: skip
+    objects = {"in/both.jpg": b"both", "in/both.txt": b"a caption",
+               "in/both.jpg/inner.jpg": b"inner", "in/empty/": b"", "in/full/": b"",
+               "in/full/x.jpg": b"x"}  # fmt: skip
+    for key, body in objects.items():
+        s3.put_object(Bucket="keyprefix", Key=key, Body=body)
+    fsspec.filesystem("s3").invalidate_cache()
+    base = "s3://keyprefix/in"
+    items = list(list_inputs([base]))
+    assert [(i.uri, i.sidecar) for i in items] == [
+        (f"{base}/both.jpg", f"{base}/both.txt"), (f"{base}/both.jpg/inner.jpg", None),
+        (f"{base}/full/x.jpg", None)]  # fmt: skip
+    rows = FileReader()({schema.SOURCE: [i.uri for i in items],
+                         SIDECAR: [i.sidecar for i in items]}).to_pylist()  # fmt: skip
+    assert [(r[schema.DATA], r[schema.CAPTION_EN]) for r in rows] == [
+        (b"both", "a caption"), (b"inner", None), (b"x", None)]
+    # Named, the object is the input; with a trailing slash, the prefix is.
+    assert plan_inputs([f"{base}/both.jpg"]) == [InputSpec(f"{base}/both.jpg", "file")]
+    assert plan_inputs([f"{base}/both.jpg/"]) == [InputSpec(f"{base}/both.jpg/", "folder")]
+    assert [i.uri for i in list_inputs([f"{base}/both.jpg/"])] == [f"{base}/both.jpg/inner.jpg"]
+
+
 @pytest.mark.parametrize("spelling", ["{}/./in", "{}/in/", "{}//in", "{}/in/../in"])
 def test_a_folder_spelled_with_dots_pairs_its_sidecars_as_written_plainly(tmp_path, spelling):
     """`curate ./photos` from above, or `DIR/./in`: pathlib dropped the `./` from each image's
