@@ -40,6 +40,9 @@ KIND = "kind"  # listing column: "file" | "tar"
 CAPTION_EXTS = ("txt",)
 CAPTION_ZH_EXTS = ("zh.txt",)
 META_EXTS = ("json",)
+LABEL_EXTS = ("cls", "cls2", "index", "id", "pyd", "pickle", "pth", "npy", "npz", "mp", "msgpack",
+              "ten")  # fmt: skip
+"""WebDataset members that are a sample's labels or arrays, not images: not analysed."""
 META_MAX_BYTES = 64 * 1024
 """Largest metadata JSON kept verbatim in `source_meta` (img2dataset's are under 2 KB)."""
 SIDECAR_MAX_BYTES = 16 * 1024 * 1024
@@ -361,7 +364,13 @@ class TarReader(Stage):
         # Imported here: webdataset pulls in torch (~0.7 GB per worker); only tar readers pay.
         from webdataset.tariterators import base_plus_ext
 
-        samples: dict[str, dict[str, Any]] = {}  # samples not yet emitted, in tar order
+        # Samples not yet emitted, in tar order, by (key, how many samples of that key the
+        # tar has opened): a name stored again (`tar -r` appends a newer copy) starts a new
+        # sample, as WebDataset reads it, and its rows are `tar#name#2`, `#3`, ...
+        samples: dict[tuple[str, int], dict[str, Any]] = {}
+        current: dict[str, tuple[str, int]] = {}  # key -> its sample in `samples`
+        opened: dict[str, int] = {}  # key -> samples of that key opened in the tar
+        times: dict[str, int] = {}  # member name -> times stored so far
         emitted = num_rows = 0
         held = 0  # member bytes in `samples`
         error: str | None = None
@@ -386,31 +395,37 @@ class TarReader(Stage):
                         key, ext = base_plus_ext(name)
                         if key is None:  # no extension, or a hidden name: a sample of its own
                             key, ext = name, ""
-                        if key not in samples and held >= self.max_block_bytes:
-                            rows = _rows_of(tar_uri, samples)
-                            emitted += len(samples)
-                            num_rows += len(rows)
-                            samples, held, in_block = {}, 0, {}
-                            yield rows
-                        sample = samples.setdefault(key, {"members": {}})
+                        sid = current.get(key)
+                        if sid is None or name in samples[sid]["names"]:  # a new sample
+                            if held >= self.max_block_bytes:
+                                rows = _rows_of(tar_uri, samples)
+                                emitted += len(samples)
+                                num_rows += len(rows)
+                                samples, current, held, in_block = {}, {}, 0, {}
+                                yield rows
+                            n = opened[key] = opened.get(key, 0) + 1
+                            sid = current[key] = (key, n)
+                            samples[sid] = {"members": {}, "names": set()}
+                        sample = samples[sid]
+                        sample["names"].add(name)
+                        times[name] = times.get(name, 0) + 1
+                        label = name if times[name] == 1 else f"{name}#{times[name]}"
                         members = sample["members"]
                         # A hard link is the bytes of a member stored before it (`tar` writes
                         # a hard-linked file's second name so): the same image, under its name.
                         target = stored.get(member.linkname) if member.islnk() else None
                         if not member.isfile() and target is None:
                             sample.setdefault("not_files", []).append(
-                                (name, safe_text(f"{_member_kind(member)}, not a file; not read"))
+                                (label, safe_text(f"{_member_kind(member)}, not a file; not read"))
                             )
                             continue
                         offset, size = target if target is not None else (
                             member.offset_data, member.size
                         )
+                        failed = sample.setdefault("failed", [])  # (label, reason, detail)
                         if size > self.max_file_bytes:
-                            sample["error"] = (
-                                f"{name}: {size} bytes, over the "
-                                f"{self.max_file_bytes}-byte cap; not read"
-                            )
-                            sample["too_large"] = True
+                            failed.append((label, "too_large", f"{name}: {size} bytes, over the "
+                                           f"{self.max_file_bytes}-byte cap; not read"))
                             continue
                         try:
                             if target is None:
@@ -420,22 +435,21 @@ class TarReader(Stage):
                             else:  # in a block already gone: read again at its offset
                                 data = read_bytes(f"{tar_uri}#{name}", offset, size)
                         except Exception as e:
-                            sample["error"] = safe_text(f"{name}: {type(e).__name__}: {e}")
+                            failed.append((label, "unreadable",
+                                           safe_text(f"{name}: {type(e).__name__}: {e}")))
                             continue
                         if len(data) != size:
-                            sample["error"] = f"{name}: truncated tar member"
+                            failed.append((label, "unreadable", f"{name}: truncated tar member"))
                             continue
-                        # `x.jpg` and `x.JPG` in one tar are two images, not one
+                        # `x.jpg` and `x.JPG` in one tar are two images, not one (a name
+                        # stored again is a new sample, so one of these slots is free)
                         slot = next(e for e in (ext.lower(), ext, name) if e not in members)
-                        members[slot] = (name, offset, data)
+                        members[slot] = (label, offset, data)
                         held += len(data)
                         if target is None:
                             stored[member.name] = (offset, size)
                             in_block[member.name] = data
-                    end = fh.tell()
-                    fh.seek(0, 2)
-                    if fh.tell() % 512 or fh.tell() < end:
-                        raise tarfile.ReadError(f"truncated: {fh.tell()} bytes is no whole tar")
+                    _check_end(fh, tf.offset)
         except Exception as e:
             error = safe_text(f"{type(e).__name__}: {e}")
         if compressed is not None:
@@ -524,9 +538,50 @@ def _compressed_row(tar_uri: str, compression: str) -> dict[str, Any]:
     }
 
 
-def _rows_of(tar_uri: str, samples: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """The rows of `samples` (key -> sample), in tar order."""
-    return [row for key, sample in samples.items() for row in _sample_rows(tar_uri, key, sample)]
+def _check_end(fh: Any, offset: int) -> None:
+    """Raise `tarfile.ReadError` unless the tar's end-of-archive block lies at `offset`, where
+    its member headers stopped, with no second archive after it.
+
+    A stream read ends quietly where the bytes do, so a tar cut at (or inside) a header would
+    pass for a whole one. After the end block, zero padding or bytes a tool appended are
+    ignored, but a tar header there (`cat a.tar b.tar`) names members no reader would see.
+    """
+    fh.seek(offset)
+    if fh.read(512) != bytes(512):
+        size = fh.seek(0, 2)
+        raise tarfile.ReadError(
+            f"truncated: no end-of-archive block at byte {offset} of {size} (cut short?)"
+        )
+    pos = offset + 512
+    while pos < offset + _TRAILER_SCAN and (chunk := fh.read(64 * 1024)):
+        rest = chunk.lstrip(b"\0")
+        if rest:
+            start = pos + len(chunk) - len(rest)
+            start -= (start - offset) % 512
+            fh.seek(start)
+            try:
+                tarfile.TarInfo.frombuf(fh.read(512), "utf-8", "surrogateescape")
+            except tarfile.HeaderError:
+                return  # not a header: bytes appended after the archive
+            raise tarfile.ReadError(
+                f"a second archive starts at byte {start}, after the end-of-archive block "
+                "(tars joined with `cat`?); its members are not read: write them as one tar"
+            )
+        pos += len(chunk)
+
+
+_TRAILER_SCAN = 1024 * 1024
+"""How far past a tar's end-of-archive block `_check_end` looks for a second archive (tar
+pads its last record with zeros, 10 KiB by default)."""
+
+
+def _rows_of(tar_uri: str, samples: dict[tuple[str, int], dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of `samples` ((key, n) -> sample), in tar order."""
+    return [
+        row
+        for (key, n), sample in samples.items()
+        for row in _sample_rows(tar_uri, key if n == 1 else f"{key}#{n}", sample)
+    ]
 
 
 def _member_kind(member: tarfile.TarInfo) -> str:
@@ -542,21 +597,58 @@ def _member_kind(member: tarfile.TarInfo) -> str:
     return "a special member"
 
 
-def _sample_rows(tar_uri: str, key: str, sample: dict[str, Any]) -> list[dict[str, Any]]:
-    members = sample["members"]
+def _sidecar_slot(slot: str) -> tuple[str, str] | None:
+    """(inner name, kind) of a caption, metadata or label member's slot, else None (an
+    image): `txt` -> ("", "en"), `v2.zh.txt` -> ("v2", "zh"), `json` -> ("", "meta"), `cls`
+    -> ("", "label"). WebDataset's key ends at the first dot, so `photo.v2.jpg` and
+    `photo.v2.txt` are slots `v2.jpg` and `v2.txt` of sample `photo`."""
+    slot = slot.lower()
+    for kind, exts in (("zh", CAPTION_ZH_EXTS), ("en", CAPTION_EXTS), ("meta", META_EXTS),
+                       ("label", LABEL_EXTS)):  # fmt: skip
+        for e in exts:
+            if slot == e:
+                return "", kind
+            if slot.endswith("." + e):
+                return slot[: -len(e) - 1], kind
+    return None
+
+
+def _captions(
+    sidecars: dict[tuple[str, str], bytes], image_slot: str
+) -> tuple[str | None, str | None, str | None]:
+    """(English caption, Chinese caption, `source_meta`) of one image of a sample: its own
+    sidecars (`v2.txt` for `v2.jpg`, or `jpg.txt`) before the sample's (`txt`); at each level
+    a `.txt` caption before the `.json`'s."""
+    own = image_slot.lower()
+    levels = dict.fromkeys((own, own.rsplit(".", 1)[0] if "." in own else "", ""))
     en = zh = meta = None
-    if "json" in members:
-        en, zh, meta = json_sidecar(members["json"][2])
-    for e in CAPTION_EXTS:
-        if e in members:
-            en = _text(members[e][2]) or en
-    for e in CAPTION_ZH_EXTS:
-        if e in members:
-            zh = _text(members[e][2]) or zh
-    images = [e for e in members if e not in (*CAPTION_EXTS, *CAPTION_ZH_EXTS, *META_EXTS)]
+    for inner in reversed(levels):  # the sample's first, the image's own last: it wins
+        if (raw := sidecars.get((inner, "meta"))) is not None:
+            j_en, j_zh, j_meta = json_sidecar(raw)
+            en, zh, meta = j_en or en, j_zh or zh, j_meta or meta
+        if (raw := sidecars.get((inner, "en"))) is not None:
+            en = _text(raw) or en
+        if (raw := sidecars.get((inner, "zh"))) is not None:
+            zh = _text(raw) or zh
+    return en, zh, meta
+
+
+def _sample_rows(tar_uri: str, key: str, sample: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rows of one sample: one per image member (with the captions that belong to it),
+    one per member that is no file, and one for a sample with no image or a failed read."""
+    members = sample["members"]
+    sidecars: dict[tuple[str, str], bytes] = {}
+    images = []
+    for slot, (_, _, data) in members.items():
+        kind = _sidecar_slot(slot)
+        if kind is None:
+            images.append(slot)
+        else:
+            sidecars.setdefault(kind, data)
     rows = []
-    for ext in sorted(images):
-        name, offset, data = members[ext]
+    for slot in sorted(images):
+        name, offset, data = members[slot]
+        en, zh, meta = _captions(sidecars, slot)
         rows.append(
             {
                 schema.SOURCE: f"{tar_uri}#{name}",
@@ -578,7 +670,7 @@ def _sample_rows(tar_uri: str, key: str, sample: dict[str, Any]) -> list[dict[st
                 schema.DETAIL: detail,
             }
         )
-    if not images and "error" not in sample and "not_files" not in sample:
+    if not images and not sample.get("failed") and "not_files" not in sample:
         # captions or metadata without an image
         rows.append(
             {
@@ -589,13 +681,13 @@ def _sample_rows(tar_uri: str, key: str, sample: dict[str, Any]) -> list[dict[st
                 + ", ".join(f".{e}" for e in sorted(members)),
             }
         )
-    if "error" in sample:
+    for label, reason, detail in sample.get("failed", ()):  # members that were not read
         rows.append(
             {
-                schema.SOURCE: f"{tar_uri}#{key}",
+                schema.SOURCE: f"{tar_uri}#{label}",
                 schema.STATUS: schema.STATUS_REJECTED,
-                schema.REASON: "too_large" if sample.get("too_large") else "unreadable",
-                schema.DETAIL: sample["error"][:500],
+                schema.REASON: reason,
+                schema.DETAIL: detail[:500],
             }
         )
     return rows

@@ -493,7 +493,7 @@ def test_a_tar_that_ended_in_error_is_read_again_from_its_failed_member(
     assert main(args) == 0
     rows = _rows_by_name(out, "#")
     assert {n: r["status"] if r["status"] == "kept" else r["reason"] for n, r in rows.items()} == {
-        "k0.jpg": "kept", "k1.jpg": "kept", "k2": "unreadable", "<rest>": "unreadable"
+        "k0.jpg": "kept", "k1.jpg": "kept", "k2.jpg": "unreadable", "<rest>": "unreadable"
     }  # fmt: skip
     tar.write_bytes(whole)
     capsys.readouterr()

@@ -677,6 +677,113 @@ def test_tar_rows_leave_in_bounded_blocks_and_are_the_same_rows(tmp_path, sample
         assert len(blocks) > 1
 
 
+def _rows_by_name(tar: Path, **kwargs) -> dict[str, dict]:
+    rows = TarReader(**kwargs)({schema.SOURCE: [str(tar)]}).to_pylist()
+    by = {r[schema.SOURCE].split(".tar#", 1)[1]: r for r in rows}
+    assert len(by) == len(rows), [r[schema.SOURCE] for r in rows]
+    return by
+
+
+def test_a_name_stored_again_in_a_tar_is_a_sample_of_its_own(tmp_path):
+    """`tar -r` appends a newer copy under the same name. Both copies had one source, so the
+    job kept one row and blamed an interrupted run; a third copy ended the read
+    (StopIteration), losing every later member; and the first copy's caption went with the
+    second copy. As WebDataset reads it, a name stored again starts a new sample."""
+    tar = tmp_path / "dup.tar"
+    _tar(tar, [("dup.jpg", b"first"), ("dup.txt", b"beside the first"), ("dup.jpg", b"second"),
+               ("k.jpg", b"k1"), ("k.jpg", b"k2"), ("k.jpg", b"k3"),
+               ("after.jpg", b"after"), ("after.txt", b"after's caption")])  # fmt: skip
+    by = _rows_by_name(tar)
+    assert {n: (r[schema.DATA], r[schema.CAPTION_EN]) for n, r in by.items()} == {
+        "dup.jpg": (b"first", "beside the first"), "dup.jpg#2": (b"second", None),
+        "k.jpg": (b"k1", None), "k.jpg#2": (b"k2", None), "k.jpg#3": (b"k3", None),
+        "after.jpg": (b"after", "after's caption")}  # fmt: skip
+    for r in by.values():
+        assert read_bytes(r[schema.SOURCE], r[schema.TAR_OFFSET], r[schema.SIZE_BYTES]) == (
+            r[schema.DATA])  # fmt: skip
+    # a rerun skips what it analysed by source: the first copy only
+    done = {schema.SOURCE: [str(tar)], "done_members": [[f"{tar}#dup.jpg", f"{tar}#k.jpg#2"]]}
+    left = {r[schema.SOURCE].split("#", 1)[1] for r in TarReader()(done).to_pylist()}
+    assert left == {"dup.jpg#2", "k.jpg", "k.jpg#3", "after.jpg"}
+
+
+_NAMES = ["a.jpg", "a.txt", "a.JPG", "b.png", "b.json", "a.v2.jpg", "a.v2.txt", "c.cls", "noext"]
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(names=st.lists(st.sampled_from(_NAMES), max_size=14), block=st.integers(1, 64))
+def test_every_image_member_of_a_tar_is_one_row_with_its_own_bytes(tmp_path, names, block):
+    """Whatever the names repeat and however the rows are cut into blocks, each member that is
+    no caption, metadata or label is exactly one row, whose offset reads its bytes again."""
+    tar = Path(tempfile.mkdtemp(dir=tmp_path)) / "t.tar"
+    members = [(n, f"{i}:{n}".encode()) for i, n in enumerate(names)]
+    _tar(tar, members)
+    rows = [r for b in TarReader(max_block_bytes=block).blocks({schema.SOURCE: [str(tar)]})
+            for r in b.to_pylist()]  # fmt: skip
+    sources = [r[schema.SOURCE] for r in rows]
+    assert len(sources) == len(set(sources))
+    images = [d for n, d in members if not n.endswith((".txt", ".json", ".cls"))]
+    got = [r[schema.DATA] for r in rows if r[schema.DATA] is not None]
+    assert sorted(got) == sorted(images)
+    for r in rows:
+        if r[schema.DATA] is not None:
+            assert read_bytes(r[schema.SOURCE], r[schema.TAR_OFFSET], r[schema.SIZE_BYTES]) == (
+                r[schema.DATA])  # fmt: skip
+        else:  # only captions, metadata or labels: one row that says so
+            assert r[schema.REASON] == "unsupported_format", r
+    if not names:
+        assert [r[schema.DETAIL] for r in rows] == ["tar holds no sample"]
+
+
+def test_captions_pair_with_dotted_names_and_labels_are_no_images(tmp_path):
+    """WebDataset's key ends at the first dot: `photo.2023.v2.txt` was no caption of
+    `photo.2023.v2.jpg` (a folder pairs them) but a rejected input of its own; a class label
+    (`x.cls`) was analysed as an image and rejected, once per sample."""
+    tar = tmp_path / "d.tar"
+    _tar(tar, [("photo.2023.v2.jpg", b"P"), ("photo.2023.v2.txt", b"the photo"),
+               ("photo.2023.v2.json", json.dumps({"url": "u"}).encode()),
+               ("x.jpg", b"X"), ("x.depth.png", b"D"), ("x.txt", b"x itself"),
+               ("x.depth.txt", b"x's depth"), ("x.cls", b"7"),
+               ("y.jpg", b"Y"), ("y.jpg.txt", b"y, named with its extension"),
+               ("z.cls", b"3"), ("z.notes.txt", b"notes of nothing")])  # fmt: skip
+    by = _rows_by_name(tar)
+    assert {n: r[schema.CAPTION_EN] for n, r in by.items() if r[schema.DATA]} == {
+        "photo.2023.v2.jpg": "the photo", "x.jpg": "x itself", "x.depth.png": "x's depth",
+        "y.jpg": "y, named with its extension"}  # fmt: skip
+    assert json.loads(by["photo.2023.v2.jpg"][schema.SOURCE_META]) == {"url": "u"}
+    assert by["z"][schema.REASON] == "unsupported_format"
+    assert by["z"][schema.DETAIL] == "sample has no image member, only .cls, .notes.txt"
+    assert len(by) == 5
+
+
+def test_a_tar_is_whole_only_with_its_end_block_and_a_joined_one_says_so(tmp_path):
+    """The end check took a file whose size was no multiple of 512 for a cut one: a whole tar
+    with bytes appended (a download tool's) got an `unreadable` row and was read again by
+    every rerun, while a tar cut at a member's end passed for whole."""
+    tar = tmp_path / "t.tar"
+    _tar(tar, [("a.jpg", b"A" * 700), ("b.jpg", b"B" * 10)])
+    raw = tar.read_bytes()
+    notes = tmp_path / "notes"
+
+    def rows(data: bytes) -> dict[str, dict]:
+        tar.write_bytes(data)
+        return _rows_by_name(tar, done_folder=str(notes))
+
+    got = rows(raw + b"garbage!" * 10)
+    assert set(got) == {"a.jpg", "b.jpg"} and len(list(notes.iterdir())) == 1  # read to its end
+    for data in (raw[: 512 + 1024], raw[: 512 + 1024 + 100]):  # cut after a, or in b's header
+        got = rows(data)
+        assert set(got) == {"a.jpg", "<rest>"}, got
+        assert "no end-of-archive block" in got["<rest>"][schema.DETAIL]
+    other = tmp_path / "o.tar"
+    _tar(other, [("c.jpg", b"C")])
+    got = rows(raw + other.read_bytes())  # `cat t.tar o.tar`
+    assert set(got) == {"a.jpg", "b.jpg", "<rest>"}
+    assert "a second archive starts at byte 10240" in got["<rest>"][schema.DETAIL]
+
+
 @pytest.mark.parametrize("mode,words", [("w:gz", "gzip"), ("w:bz2", "bzip2"), ("w:xz", "xz")])
 def test_a_compressed_tar_is_one_row_that_says_to_decompress_it(tmp_path, mode, words):
     """`r|*` read a compressed `.tar`, but its offsets were into the decompressed stream, so
