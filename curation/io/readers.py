@@ -273,8 +273,10 @@ class TarReader(Stage):
     A tar is read as a stream and its rows leave in blocks of about `max_block_bytes` of
     member bytes (`blocks`, which the job maps), so a worker holds one block and one member,
     not the whole tar. The members of a sample lie next to each other, as WebDataset writes
-    them; a caption stored more than a block after its image is a row of its own. Resources:
-    1 CPU; one tar per batch.
+    them; a caption stored more than a block after its image is a row of its own. A name
+    stored again starts a new sample (rows `#name#2`, ...); `.cls`, `.npy` and other label
+    members are no images; a tar is whole only with its end-of-archive block where its members
+    stop (`_check_end`). Resources: 1 CPU; one tar per batch.
     """
 
     name: ClassVar[str] = "read_tar"
