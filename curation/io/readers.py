@@ -470,12 +470,20 @@ class TarReader(Stage):
         if error is None and emitted:
             self._finish(tar_uri, num_rows + len(rows), version)
         if not emitted:  # a tar with no sample still gets its row: no input vanishes
+            reason, detail = (
+                ("unsupported_format", "tar holds no sample")
+                if error is None
+                # 0 bytes, as an empty image is: no read to try again
+                else ("decode_error", "empty file (0 bytes)")
+                if error == "ReadError: empty file"
+                else ("unreadable", f"cannot read tar: {error}")
+            )
             rows.append(
                 {
                     schema.SOURCE: tar_uri,
                     schema.STATUS: schema.STATUS_REJECTED,
-                    schema.REASON: "unreadable" if error else "unsupported_format",
-                    schema.DETAIL: f"cannot read tar: {error}" if error else "tar holds no sample",
+                    schema.REASON: reason,
+                    schema.DETAIL: detail,
                 }
             )
         elif error is not None:

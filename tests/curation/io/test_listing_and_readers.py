@@ -166,6 +166,10 @@ def test_tar_reader_groups_members_keeps_offsets_and_reports_truncation(tmp_path
     bad.write_bytes(b"not a tar at all" * 10)
     rows = TarReader()({schema.SOURCE: [str(bad)]}).to_pylist()
     assert len(rows) == 1 and rows[0][schema.REASON] == "unreadable"
+    # 0 bytes is an empty file, as an image of 0 bytes is, not a read to try again
+    bad.write_bytes(b"")
+    (row,) = TarReader()({schema.SOURCE: [str(bad)]}).to_pylist()
+    assert (row[schema.REASON], row[schema.DETAIL]) == ("decode_error", "empty file (0 bytes)")
 
 
 @settings(
