@@ -466,6 +466,8 @@ def parse_uri_line(line: str, base: str | None = None) -> Iterator[InputItem]:
                     continue
                 u = os.path.join(base, u)
             u = local_source(u)
+        elif u.startswith("file://"):  # as a folder lists it: the path, unless not UTF-8
+            u = local_source(local_path(u))
         yield InputItem(u, kind)
 
 

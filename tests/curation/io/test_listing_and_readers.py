@@ -9,6 +9,7 @@ import tarfile
 import tempfile
 import threading
 from pathlib import Path
+from urllib.parse import quote
 
 import pyarrow as pa
 import pytest
@@ -911,6 +912,16 @@ def test_a_list_naming_a_file_twice_lists_it_once(tmp_path):
     lst.write_text(f"a.jpg\n{tmp_path}/a.jpg\n./a.jpg\nb-{{1..2}}.jpg\nb-2.jpg\n\n# a.jpg\n")
     listed = [i.uri for i in list_inputs([str(lst)])]
     assert listed == [str(tmp_path / n) for n in ("a.jpg", "b-1.jpg", "b-2.jpg")]
+    # a file:// URI of a UTF-8 path is that path (it was analysed twice, once as a copy of
+    # itself); one of a name that is no UTF-8 stays the URI a folder lists it by
+    weird = os.fsdecode(b"c\xff.jpg")
+    (tmp_path / weird).write_bytes(b"c")
+    quoted = quote(str(tmp_path / "100%.jpg"))
+    lst.write_text(f"100%.jpg\nfile://{quoted}\n{weird}\n", errors="surrogateescape")
+    listed = [i.uri for i in list_inputs([str(lst)])]
+    (named,) = list_inputs([str(tmp_path / weird)])
+    assert listed == [str(tmp_path / "100%.jpg"), named.uri]
+    assert listed[1].startswith("file://")
 
 
 def test_overlapping_s3_prefixes_are_listed_once(s3_server):
