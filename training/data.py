@@ -48,6 +48,7 @@ import logging
 import math
 import os
 import re
+import signal
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -703,10 +704,20 @@ def _count(values: list[Any]) -> dict[Any, int]:
     return out
 
 
+WORKER_IGNORED_SIGNALS: tuple[str, ...] = ("SIGTERM", "SIGUSR1")
+"""Signals a loader's worker processes ignore. A preemption that signals the whole process group
+(Slurm's `--signal`, systemd's stop) is the main process's to act on: the trainer checkpoints
+the step in progress (`trainer.STOP_SIGNALS`), which a worker killed by the same signal turned
+into a crash with no checkpoint. A worker still ends with its main process."""
+
+
 def _worker_init(_: int) -> None:
     import cv2
 
     cv2.setNumThreads(1)
+    for name in WORKER_IGNORED_SIGNALS:
+        if (sig := getattr(signal, name, None)) is not None:
+            signal.signal(sig, signal.SIG_IGN)
 
 
 def _finish(raw: dict[str, Any], epoch: int) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageOps
 
-from training.data import BucketedLoader, DataConfig
+from training.data import WORKER_IGNORED_SIGNALS, BucketedLoader, DataConfig
 
 pytestmark = [pytest.mark.ray]
 
@@ -272,6 +272,32 @@ def test_workers_split_batches_without_duplicates_in_the_same_order(curated_shar
     assert [b["keys"] for b in multi] == [b["keys"] for b in single]
     assert all(bool((a["pixels"] == b["pixels"]).all()) for a, b in zip(single, multi, strict=True))
     assert state["batches_consumed"] == 4
+
+
+def test_a_stop_signal_to_the_process_group_leaves_the_workers_running(curated_shards):
+    """Slurm's `--signal` or systemd's stop signals every process of the job: the loader's
+    workers died of it ('DataLoader worker ... is killed by signal: Terminated'), so the
+    trainer, which checkpoints on that signal, crashed instead. The workers ignore it."""
+    import multiprocessing
+    import os
+    import signal
+
+    from training.trainer import STOP_SIGNALS
+
+    assert set(STOP_SIGNALS) <= set(WORKER_IGNORED_SIGNALS)
+    kw = dict(root=str(curated_shards), batch_size=1, resolution_divisor=16, seed=5)
+    single = _epoch(BucketedLoader(DataConfig(**kw)))
+    loader = BucketedLoader(DataConfig(**kw, num_workers=2))
+    it = iter(loader)
+    got = [next(it)]
+    workers = multiprocessing.active_children()
+    assert len(workers) == 2
+    for w in workers:
+        for name in STOP_SIGNALS:
+            os.kill(w.pid, getattr(signal, name))
+    got += list(it)
+    assert [b["keys"] for b in got] == [b["keys"] for b in single]
+    assert all(w.exitcode is not None for w in workers)  # gone with the epoch, not before
 
 
 @pytest.mark.parametrize("ascending", [False, True])
