@@ -441,7 +441,6 @@ class BucketedLoader:
             }
             t = t.take(pa.array(keep, pa.int64()))
         selected = _count(_column(t, "bucket"))
-        self._check_sizes(t, selected)
         weights = cfg.bucket_weights
         unknown = sorted(set(weights) - set(available))
         if unknown:
@@ -469,6 +468,8 @@ class BucketedLoader:
         if dropped:
             keep_mask = pc.invert(pc.is_in(t.column("bucket"), pa.array(sorted(dropped))))
             t = t.filter(keep_mask)
+        # the buckets it trains on: one left out (weight 0, dropped) may be any size
+        self._check_sizes(t, {b: n for b, n in selected.items() if b not in dropped})
         t = t.sort_by([("bucket", "ascending"), ("shard", "ascending"), ("key", "ascending")])
         self._report["buckets"] = {
             b: {

@@ -409,6 +409,19 @@ def test_unfinished_output_and_unknown_column_are_clear_errors(curated_shards, t
         BucketedLoader(DataConfig(root=str(curated_shards), mode="crop", crop_size=768))
     with pytest.raises(ValueError, match=r"'resolution_divisor' \(24\) shrinks bucket"):
         BucketedLoader(DataConfig(root=str(curated_shards), resolution_divisor=24))
+    # The trainer's advice for such buckets, weight 0, leaves them out of the checks too.
+    rows = _rows(curated_shards).values()
+    for kw, too_small in (
+        (dict(resolution_divisor=24), {r["bucket"] for r in rows
+                                       if min(map(int, r["bucket"].split("x"))) // 24 < 32}),
+        (dict(mode="crop", crop_size=768), {r["bucket"] for r in rows
+                                            if min(r["width"], r["height"]) < 768}),
+    ):  # fmt: skip
+        assert too_small and too_small != {r["bucket"] for r in rows}
+        loader = BucketedLoader(DataConfig(root=str(curated_shards), small_buckets="pad",
+                                           bucket_weights=dict.fromkeys(too_small, 0), **kw))
+        report = loader.report()["buckets"]
+        assert {b for b, r in report.items() if r["dropped"] == "weight 0"} == too_small
     empty = tmp_path / "empty"  # a job that kept nothing
     shutil.copytree(curated_shards, empty)
     manifest = pq.read_table(empty / "manifest")
