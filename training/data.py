@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import hashlib
 import io
 import itertools
 import json
@@ -369,6 +370,19 @@ class BucketedLoader:
             "world_size": world_size,
         }
         self._plan_cache: tuple[int, list[_Batch]] | None = None
+        self._selection_digest = self._digest()
+
+    def _digest(self) -> str:
+        """What orders an epoch's batches, as a digest: the selected samples (key, bucket) and
+        the settings that group and shuffle them; the seed and world size are stated apart."""
+        h = hashlib.sha256()
+        cfg = self.cfg
+        plan = (cfg.batch_size, cfg.shuffle_window, sorted(cfg.bucket_weights.items()),
+                cfg.min_bucket_samples, cfg.small_buckets)  # fmt: skip
+        h.update(repr(plan).encode())
+        for key, bucket in zip(self._samples.key, self._samples.bucket, strict=True):
+            h.update(f"\n{bucket}\t{key}".encode())
+        return h.hexdigest()[:16]
 
     # ----- selection and small buckets --------------------------------------------------
 
@@ -664,6 +678,7 @@ class BucketedLoader:
             "seed": self.cfg.seed,
             "world_size": self.world_size,
             "batches_per_epoch": self._len,
+            "selection": self._selection_digest,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -672,12 +687,18 @@ class BucketedLoader:
         Raises:
             ValueError: the state comes from another seed, world size or data selection.
         """
-        for k in ("seed", "world_size", "batches_per_epoch"):
+        for k in ("seed", "world_size", "selection", "batches_per_epoch"):
             mine = self.state_dict()[k]
             if k in state and state[k] != mine:
+                what = (
+                    "selected samples or batching settings (select_*, bucket_weights, "
+                    "batch_size, shuffle_window, small_buckets) differ"
+                    if k == "selection"
+                    else f"loader state has {k}={state[k]} but this loader has {k}={mine}"
+                )
                 raise ValueError(
-                    f"loader state has {k}={state[k]} but this loader has {k}={mine}: "
-                    "an exact resume needs the same seed, world size and data selection"
+                    f"{what}: an exact resume needs the same seed, world size and data "
+                    "selection"
                 )
         consumed = int(state["batches_consumed"])
         if not 0 <= consumed <= self._len:

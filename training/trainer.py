@@ -395,7 +395,13 @@ class Trainer:
         stage = self._stage_of(step)
         loader = self.loaders[stage]
         if loader_state is not None:
-            loader.load_state_dict(loader_state)
+            try:
+                loader.load_state_dict(loader_state)
+            except ValueError as err:  # the data or its batching changed since the checkpoint
+                if info.is_main:
+                    print(f"{self.task.name}: {err}; epoch {loader_state['epoch']} starts "
+                          "again over this selection", flush=True)  # fmt: skip
+                loader.load_state_dict({"epoch": loader_state["epoch"], "batches_consumed": 0})
         batches = iter(loader)
 
         def next_batch() -> dict:

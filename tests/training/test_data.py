@@ -256,6 +256,14 @@ def test_resume_mid_epoch_yields_exactly_the_remaining_batches(curated_shards, m
             assert bool((b["pixels"] == want["pixels"]).all())
     with pytest.raises(ValueError, match="seed"):
         BucketedLoader(DataConfig(**{**kw, "seed": 12})).load_state_dict(state)
+    # Another selection or shuffle with as many batches was taken as the same plan: samples
+    # were repeated or skipped without a word.
+    for change in ({"select_column": "native_score", "select_top": 0.5},
+                   {"shuffle_window": 1}, {"bucket_weights": {run[0]["bucket"]: 2.0}}):  # fmt: skip
+        other = BucketedLoader(DataConfig(**{**kw, **change}))
+        with pytest.raises(ValueError, match="selected samples or batching settings"):
+            other.load_state_dict(state)
+    BucketedLoader(DataConfig(**{**kw, "num_workers": 1})).load_state_dict(state)  # no change
 
 
 def test_workers_split_batches_without_duplicates_in_the_same_order(curated_shards):

@@ -579,6 +579,16 @@ def test_vae_resume_is_bit_identical(
     assert ("resuming with changed settings (the optimizer's apply from the next step): "
             "optim.lr: 0.001 → 0.0005\n") in out
     assert trainer.step_lr == 5e-4  # constant schedule, no warm-up
+    # Another batching on resume: no exact position exists in the new plan, so the epoch
+    # starts again over it, with a line that says so, instead of a crash or a silent skip.
+    train_vae(config(tmp_path / "d"), stop_after=2)
+    regrouped = config(tmp_path / "d")
+    regrouped = dataclasses.replace(regrouped, data=dataclasses.replace(regrouped.data,
+                                                                        shuffle_window=1))
+    capsys.readouterr()
+    assert train_vae(regrouped).step == 4
+    assert ("train-vae: selected samples or batching settings (select_*, bucket_weights, "
+            "batch_size, shuffle_window, small_buckets) differ") in capsys.readouterr().out
 
 
 def test_config_errors_are_clear(curated_shards: Path, parts: dict, tmp_path: Path) -> None:
