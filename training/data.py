@@ -50,6 +50,7 @@ import math
 import os
 import re
 import signal
+import tarfile
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -940,7 +941,13 @@ class _MemberReader:
             with self.fs.open(url, "rb", block_size=8 * 1024 * 1024) as fh:
                 files = wds.tariterators.tar_file_iterator(fh, select_files=select)
                 files = ({**f, "__url__": url} for f in files)
-                yield from wds.tariterators.group_by_keys(files)
+                try:
+                    yield from wds.tariterators.group_by_keys(files)
+                except tarfile.TarError as e:  # named by its file object alone
+                    raise ValueError(
+                        f"{url}: cannot read the shard ({e.args[0] if e.args else e}); cut "
+                        "short? `native4k verify` checks every shard"
+                    ) from e
 
         return samples()
 

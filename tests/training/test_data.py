@@ -6,6 +6,7 @@ import io
 import json
 import math
 import pickle
+import re
 import shutil
 import struct
 import subprocess
@@ -473,6 +474,20 @@ def test_a_pickle_member_in_a_shard_is_never_unpickled(curated_shards, tmp_path)
         for _ in loader:
             pass
     assert not marker.exists()
+
+
+def test_a_shard_cut_short_is_named_in_the_error(curated_shards, tmp_path):
+    """A truncated shard failed with `ReadError: unexpected end of data @ <LocalFileOpener
+    object at 0x...>`: nothing said which of thousands of shards to fetch again."""
+    root = tmp_path / "copy"
+    shutil.copytree(curated_shards, root)
+    shard = max((root / "shards").rglob("*.tar"), key=lambda p: p.stat().st_size)
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2 + 100])
+    loader = BucketedLoader(DataConfig(root=str(root), resolution_divisor=16, small_buckets="pad"))
+    name = str(shard.relative_to(root))
+    with pytest.raises(ValueError, match=rf"{re.escape(name)}: cannot read the shard .*verify"):
+        for _ in loader:
+            pass
 
 
 def test_reads_shards_from_s3(curated_shards, s3_server):
