@@ -149,6 +149,9 @@ def load_checkpoint(
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Restore model, optimizer and EMA in place; return this rank's state and RNG states.
 
+    The state's `ema_restored` is False when an EMA was asked for but the checkpoint holds
+    none (a run that turns it on at a resume): ``ema`` is then left as it is.
+
     Raises:
         FileNotFoundError: ``folder`` is not a complete checkpoint.
         ValueError: It was written by a different number of ranks (loader positions are per
@@ -169,6 +172,10 @@ def load_checkpoint(
             f"{info.world_size}: resume with the same number of processes"
         )
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_OPTIONS)
+    saved = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    if ema is not None and not any(k.startswith("ema.") for k in saved):
+        ema = None  # a run that turns the EMA on at a resume: the caller starts it afresh
+    rank_state["ema_restored"] = ema is not None
     state = {"model": model_sd, "optim": optim_sd, "ema": dict(ema or {})}
     dcp.load(state, checkpoint_id=str(folder))
     set_state_dict(

@@ -375,6 +375,13 @@ class Trainer:
                 resumed, model=self.model, optimizer=self.optimizer, ema=self.ema, info=info
             )
             step, epoch = state["step"], state["epoch"]
+            if self.ema is not None and not state["ema_restored"]:
+                with torch.no_grad():  # turned on at this resume: it starts from the weights
+                    for name, p in self.params.items():
+                        self.ema[name].copy_(p.detach().float())
+                if info.is_main:
+                    print(f"{self.task.name}: {resumed} holds no EMA (loop.ema_decay was 0); "
+                          "the EMA starts from its weights", flush=True)  # fmt: skip
             self.scheduler.load_state_dict(state["scheduler"])
             self._apply_optim_settings(step)
             if state["stage"] == self._stage_of(step):

@@ -589,6 +589,14 @@ def test_vae_resume_is_bit_identical(
     assert train_vae(regrouped).step == 4
     assert ("train-vae: selected samples or batching settings (select_*, bucket_weights, "
             "batch_size, shuffle_window, small_buckets) differ") in capsys.readouterr().out
+    # The EMA turned on at a resume failed in torch's checkpoint loader ('Missing key in
+    # checkpoint state_dict: ema....'): it starts from the checkpoint's weights.
+    no_ema = config(tmp_path / "e")
+    no_ema = dataclasses.replace(no_ema, loop=dataclasses.replace(no_ema.loop, ema_decay=0.0))
+    train_vae(no_ema, stop_after=2)
+    assert train_vae(config(tmp_path / "e")).step == 4
+    assert "holds no EMA (loop.ema_decay was 0); the EMA starts from its weights" in (
+        capsys.readouterr().out)  # fmt: skip
 
 
 def test_config_errors_are_clear(curated_shards: Path, parts: dict, tmp_path: Path) -> None:
