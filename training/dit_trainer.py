@@ -264,13 +264,22 @@ class DitTask:
 
     def make_loader(self, stage: int, info: DistInfo) -> Any:
         """The shard loader with the stage's data filter."""
-        data = dataclasses.replace(self.cfg.data, **self.cfg.stage_list()[stage].data_overrides())
+        overrides = self.cfg.stage_list()[stage].data_overrides()
+        data = dataclasses.replace(self.cfg.data, **overrides)
         factory = self.loader_factory
         if factory is None:
             from training.data import BucketedLoader
 
             factory = BucketedLoader
-        loader = factory(data, rank=info.rank, world_size=info.world_size)
+        try:
+            loader = factory(data, rank=info.rank, world_size=info.world_size)
+        except ValueError as e:
+            if not overrides:
+                raise
+            said = str(e)  # the stage's own keys, not the data section's, are at fault
+            for key in overrides:
+                said = said.replace(f"data config key '{key}'", f"stages[{stage}].{key}")
+            raise ValueError(f"stage {self.stage_name(stage)!r}: {said}") from e
         self._check_bucket_sizes(data, loader, stage)
         if self.cfg.text.source == "cache":
             self._check_text_cache(data, getattr(loader, "keys", None), stage)

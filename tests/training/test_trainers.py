@@ -645,6 +645,15 @@ def test_config_errors_are_clear(curated_shards: Path, parts: dict, tmp_path: Pa
     bad = {**tree, "data": {**tree["data"], "bucket_weights": {"4096x4096": 2.0}}}
     with pytest.raises(ValueError, match="4096x4096"):
         train_dit(load_train_config(DitTrainConfig, data=bad))
+    # A stage's own data filter is named as the stage's ('data config key ...' named a key
+    # the data section does not have, and no stage).
+    staged = {**tree, "loop": {**tree["loop"], "max_steps": 2},
+              "stages": [{"name": "all", "steps": 1},
+                         {"name": "best", "steps": 1, "select_column": "beauty",
+                          "select_top": 0.5}]}  # fmt: skip
+    with pytest.raises(ValueError, match=r"^stage 'best': stages\[1\]\.select_column: the "
+                                         r"manifest has no 'beauty'"):  # fmt: skip
+        train_dit(load_train_config(DitTrainConfig, data=staged))
     vae_tree = {
         "data": {"root": str(curated_shards), "mode": "crop", "crop_size": 32},
         "model": {"architecture": TINY_VAE},
