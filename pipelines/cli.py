@@ -91,7 +91,7 @@ def _stop_ray() -> None:
     ray.shutdown()
 
 
-def _storage_errors() -> tuple[type[Exception], ...]:
+def storage_errors() -> tuple[type[Exception], ...]:
     """Errors of reading or writing OUT that are the storage's, not the program's: OSError,
     and botocore's own (no credentials, an unreachable endpoint), which are not OSErrors."""
     try:
@@ -113,7 +113,7 @@ def _stats(args: argparse.Namespace) -> int:
 
     try:
         stats = output_stats(args.output, by=args.by)
-    except (ValueError, *_storage_errors()) as e:
+    except (ValueError, *storage_errors()) as e:
         return _audit_error(args.output, e)
     print(stats_json(stats) if args.json else stats_text(stats))
     return 0
@@ -125,7 +125,7 @@ def _verify(args: argparse.Namespace) -> int:
 
     try:
         res = run_verify(args.output, deep=args.deep, workers=args.workers, progress=True)
-    except (ValueError, *_storage_errors()) as e:
+    except (ValueError, *storage_errors()) as e:
         return _audit_error(args.output, e)
     for p in res.findings:
         print(f"MISMATCH {printable(p)}")  # a finding quotes names, which may hold escapes
@@ -147,7 +147,7 @@ def _report(args: argparse.Namespace) -> int:
 
     try:
         print(write_report(args.output, samples=args.samples))
-    except (ValueError, *_storage_errors()) as e:
+    except (ValueError, *storage_errors()) as e:
         return _audit_error(args.output, e)
     return 0
 

@@ -58,6 +58,13 @@ def _run_training(args: argparse.Namespace, which: str) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"native4k: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # S3's own errors (no credentials, no endpoint): one line
+        from pipelines.cli import storage_errors
+
+        if isinstance(e, OSError) or not isinstance(e, storage_errors()):
+            raise
+        print(f"native4k: cannot read {cfg.data.root}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         from training.checkpoint import latest_checkpoint
 

@@ -599,6 +599,29 @@ def test_vae_resume_is_bit_identical(
         capsys.readouterr().out)  # fmt: skip
 
 
+def test_shards_on_s3_without_credentials_are_one_line(
+    curated_shards: Path, parts: dict, tmp_path: Path
+) -> None:
+    """botocore's NoCredentialsError is no OSError: it came out as a traceback."""
+    import subprocess
+    import sys
+
+    tree = dit_config(curated_shards, parts, tmp_path / "run", loop={"max_steps": 1})
+    tree["data"]["root"] = "s3://no-such-bucket/run"
+    config = tmp_path / "dit.yaml"
+    config.write_text(yaml.safe_dump(tree))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_EC2_METADATA_DISABLED="true", AWS_CONFIG_FILE=str(tmp_path / "none"),
+               AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"))  # fmt: skip
+    cmd = [sys.executable, "-m", "pipelines.cli", "train-dit", "--config", str(config)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1] == (
+        "native4k: cannot read s3://no-such-bucket/run: NoCredentialsError: Unable to locate "
+        "credentials")
+    assert "Traceback" not in done.stderr
+
+
 def test_config_errors_are_clear(curated_shards: Path, parts: dict, tmp_path: Path) -> None:
     tree = dit_config(curated_shards, parts, tmp_path, loop={"max_steps": 1})
     # A folder of another part, and an empty weights file, are named before any work.
