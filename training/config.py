@@ -334,6 +334,11 @@ class DitTrainConfig:
                 f"{key}.select_column",
                 "select_column and select_top go together",
             )
+            _check(
+                st.select_ascending is None or (st.select_column or self.data.select_column),
+                f"{key}.select_ascending",
+                "ranks a column, but neither the stage nor data.select_column names one",
+            )
         if self.stages:
             total = sum(st.steps for st in self.stages)
             _check(

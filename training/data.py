@@ -191,6 +191,8 @@ class DataConfig:
                 raise bad("select_top", f"must be in (0, 1], got {self.select_top}")
         if not isinstance(self.select_ascending, bool):
             raise bad("select_ascending", "must be true or false")
+        if self.select_ascending and self.select_column is None:
+            raise bad("select_ascending", "ranks select_column, which is not set")
         if not isinstance(self.bucket_weights, dict):
             raise bad("bucket_weights", "must map 'WxH' bucket names to weights")
         for b, w in self.bucket_weights.items():

@@ -72,6 +72,11 @@ def test_a_stage_ranks_its_own_column_descending_unless_told(tmp_path: Path) -> 
         ("aesthetic", 0.05, True),
     ]
     assert StageConfig(select_ascending=True).data_overrides() == {"select_ascending": True}
+    # A stage's direction with no column to rank, its own or the data's, did nothing.
+    del tree["data"]["select_column"], tree["data"]["select_top"], tree["data"]["select_ascending"]
+    tree["stages"][0]["select_ascending"] = True
+    with pytest.raises(TrainConfigError, match=r"'stages\[0\]\.select_ascending' ranks a column"):
+        load_train_config(DitTrainConfig, data=tree, check_files=False)
 
 
 def test_learning_rate_defaults_are_the_papers(tmp_path: Path) -> None:

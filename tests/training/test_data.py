@@ -396,6 +396,7 @@ def test_bucket_weights_repeat_subsample_and_exclude(curated_shards):
         (dict(worker_start="thread"), "worker_start"),
         (dict(shuffle_window=0), "shuffle_window"),
         (dict(resample="nearest"), "resample"),
+        (dict(select_ascending=True), "select_ascending"),  # ranked nothing, silently
     ],
 )
 def test_config_errors_name_the_key(kw, key):
