@@ -335,7 +335,7 @@ class DitTrainConfig:
                 "select_column and select_top go together",
             )
             _check(
-                st.select_ascending is None or (st.select_column or self.data.select_column),
+                st.select_ascending is None or bool(st.select_column or self.data.select_column),
                 f"{key}.select_ascending",
                 "ranks a column, but neither the stage nor data.select_column names one",
             )
