@@ -109,6 +109,8 @@ class PyiqaScorer(Stage):
             kwargs["pretrained_model_path"] = self.weights
         try:
             self._metric = pyiqa.create_metric(self.metric, device=self.device, **kwargs)
+            if "pretrained_model_path" in kwargs:
+                _check_weights_used(self._metric, self.weights)
         except Exception as e:
             if not self.weights:
                 raise
@@ -137,3 +139,55 @@ class PyiqaScorer(Stage):
                 # and the manifest would hold a NaN where the shard's `.json` holds null
                 scores[i] = float(v) if math.isfinite(v) else None
         return set_columns(table, {schema.QUALITY: scores})
+
+
+def _check_weights_used(metric: Any, path: str) -> None:
+    """Raise unless the metric's network now holds the file's tensors.
+
+    Several pyiqa metrics load their file with `strict=False`, so an empty or wrong file (or
+    one nested where the metric does not look) left the network at its random initialisation,
+    and its scores were written as real ones. The file passes when nearly all of its tensors
+    are, by name (a sub-module's names included) and by value, tensors of the network. A file
+    torch cannot read safely is left to pyiqa.
+    """
+    import torch
+
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # pickled objects besides tensors: pyiqa read it as it does
+        return
+    tensors: dict[str, torch.Tensor] = {}
+
+    def collect(obj: Any, prefix: str, depth: int) -> None:
+        if isinstance(obj, torch.Tensor):
+            tensors[prefix.removeprefix("module.")] = obj
+        elif isinstance(obj, dict) and depth < 3:  # `params`, `state_dict`, ... wrappers
+            for k, v in obj.items():
+                collect(v, f"{prefix}.{k}" if prefix else str(k), depth + 1)
+
+    collect(saved, "", 0)
+    by_suffix: dict[str, list[torch.Tensor]] = {}  # every dotted suffix of the net's names
+    for name, t in getattr(metric, "net", metric).state_dict().items():
+        parts = name.split(".")
+        for i in range(len(parts)):
+            by_suffix.setdefault(".".join(parts[i:]), []).append(t)
+
+    def loaded(name: str, value: torch.Tensor) -> bool:
+        parts = name.split(".")
+        return any(
+            t.shape == value.shape and torch.equal(t.detach().cpu(), value)
+            for i in range(len(parts))
+            for t in by_suffix.get(".".join(parts[i:]), ())
+        )
+
+    # Only tensors that are not one value throughout tell: a fresh network's norm layers and
+    # biases already equal a file's ones and zeros.
+    telling = {
+        n: v for n, v in tensors.items() if v.numel() > 1 and not bool((v == v.flatten()[0]).all())
+    }
+    matched = sum(loaded(n, v) for n, v in telling.items())
+    if not telling or matched < 0.9 * len(telling):
+        raise ValueError(
+            f"only {matched} of its {len(telling)} weight tensors are in the network: its "
+            "scores would come from random weights"
+        )

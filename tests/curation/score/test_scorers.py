@@ -1,4 +1,5 @@
 import io
+import math
 from pathlib import Path
 
 import numpy as np
@@ -211,6 +212,32 @@ def test_a_model_file_that_does_not_load_is_named_with_its_setting(tmp_path, tin
     build_open_clip(tmp_path / "after", "tiny-clip-after-garbage")
     with pytest.raises(ModelFileError, match=rf"^models\.pyiqa_weights: {garbage} "):
         PyiqaScorer(metric="brisque", weights=str(garbage)).setup()
+
+
+def test_a_pyiqa_file_that_leaves_the_network_random_is_refused(tmp_path, real_thumbnails):
+    """pyiqa loads MetaIQA's file with `strict=False`: an empty file, another model's, or its
+    own weights nested where it does not look left the network random, and those scores went
+    into the manifest as real ones. The network's own weights still load, and score."""
+    import torch
+    from pyiqa.archs.metaiqa_arch import MetaIQA
+
+    from curation.base import ModelFileError
+
+    torch.manual_seed(0)
+    weights = MetaIQA(pretrained=False).state_dict()
+    files = {"own.pth": weights, "module.pth": {f"module.{k}": v for k, v in weights.items()},
+             "empty.pth": {}, "nested.pth": {"params": weights},
+             "other.pth": {"fc.weight": torch.randn(1, 768), "fc.bias": torch.randn(2)}}
+    for name, content in files.items():
+        torch.save(content, tmp_path / name)
+    for name in ("own.pth", "module.pth"):
+        stage = PyiqaScorer(metric="metaiqa", weights=str(tmp_path / name), input_size=256)
+        scores = stage({schema.THUMBNAIL: real_thumbnails[:2]})[schema.QUALITY].to_pylist()
+        assert all(math.isfinite(v) for v in scores), name
+    for name in ("empty.pth", "nested.pth", "other.pth"):
+        path = tmp_path / name
+        with pytest.raises(ModelFileError, match=rf"^models\.pyiqa_weights: {path} .*random"):
+            PyiqaScorer(metric="metaiqa", weights=str(path)).setup()
 
 
 def test_a_panorama_far_wider_than_3_to_1_gets_a_quality_score():
