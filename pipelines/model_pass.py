@@ -829,7 +829,16 @@ def _first_per_source(t: pa.Table) -> pa.Table:
 
 
 def _with_thumbnail(t: pa.Table) -> pa.Table:
+    if schema.THUMBNAIL not in t.column_names:  # no thumbnails made (thumbnail_size 0)
+        return t.slice(0, 0)
     return t.filter(pc.is_valid(t[schema.THUMBNAIL]))
+
+
+def _no_thumbnail(t: pa.Table) -> pa.Table:
+    """The rows without thumbnail bytes (a null column): what translation alone needs."""
+    if schema.THUMBNAIL in t.column_names:
+        t = t.drop_columns([schema.THUMBNAIL])
+    return t.append_column(schema.THUMBNAIL, pa.nulls(t.num_rows, pa.binary()))
 
 
 def _candidates_only(t: pa.Table) -> pa.Table:
@@ -935,15 +944,21 @@ def run_model_pass(
             slim, thumbs, "left_outer", partitions(num_slim), on=(schema.SOURCE,)
         )
     matched = matched.map_batches(_first_per_source, batch_format="pyarrow", batch_size=None)
-    # Candidates without a thumbnail: pass 1 makes JPEG thumbnails only for rows that passed
-    # its thresholds, so a rerun that re-tuned one reads the newly passing files again.
-    if cfg.analyze.thumbnail_size:
-        matched = matched.map_batches(
-            ThumbnailMaker(size=cfg.analyze.thumbnail_size, rows="all"), batch_format="pyarrow"
+    if not (plan.scores or plan.caption):  # translation alone reads captions, no image
+        scored, num_scored = matched.map_batches(
+            _no_thumbnail, batch_format="pyarrow", batch_size=None
+        ), num_slim
+    else:
+        # Candidates without a thumbnail: pass 1 makes JPEG thumbnails only for rows that
+        # passed its thresholds, so a rerun that re-tuned one reads the newly passing files.
+        if cfg.analyze.thumbnail_size:
+            matched = matched.map_batches(
+                ThumbnailMaker(size=cfg.analyze.thumbnail_size, rows="all"),
+                batch_format="pyarrow",
+            )
+        scored, num_scored = _nonempty(
+            matched.map_batches(_with_thumbnail, batch_format="pyarrow", batch_size=None)
         )
-    scored, num_scored = _nonempty(
-        matched.map_batches(_with_thumbnail, batch_format="pyarrow", batch_size=None)
-    )
     if num_scored < num_slim:
         result.notes.append(
             f"{num_slim - num_scored} of {num_slim} candidates have no thumbnail (file gone or "

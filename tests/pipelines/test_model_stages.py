@@ -101,6 +101,23 @@ def _manifest(out: Path) -> list[dict]:
     return pq.read_table(out / "manifest").to_pylist()
 
 
+def test_translation_alone_needs_no_thumbnail(local_ray, inputs, models, tmp_path):
+    """Translating sidecar captions reads no image: with `analyze.thumbnail_size=0` the
+    model pass failed ('Field "thumbnail" does not exist'), and with thumbnails it decoded
+    every 4K source again to make them."""
+    from pipelines.cli import main
+
+    out = tmp_path / "out"
+    args = ["curate", str(inputs), "--output", str(out), *RELAXED,
+            "--set", "score.enabled=false", "--set", "analyze.thumbnail_size=0",
+            "--set", f"models.translation_model={models['mt']}",
+            "--set", "caption.translation_max_new_tokens=5"]  # fmt: skip
+    assert main(args) == 0
+    rows = {Path(r[schema.SOURCE]).name: r for r in _manifest(out)}
+    sunset = rows["sunset_by_Aitzol_Berasategi.jpg"]
+    assert sunset[schema.CAPTION_EN] == "a sunset over the hills" and sunset[schema.CAPTION_ZH]
+
+
 def test_every_model_stage_through_the_cli(local_ray, inputs, models, tmp_path, capsys):
     from pipelines.cli import main
 
