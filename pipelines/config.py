@@ -378,12 +378,30 @@ class JobConfig:
     ray: RayConfig = field(default_factory=RayConfig)
 
     def _model_checks(self) -> list[tuple[bool, str, str]]:
+        from curation.score.nudenet_detector import nudenet_available
+
         m, s, c = self.models, self.score, self.caption
         thumbs = self.analyze.thumbnail_size
-        uses_thumbs = s.enabled and (
-            bool(m.clip_weights or s.quality_metric or m.caption_model) or m.nudenet == "always"
+        named_nudenet = "nudenet" in (s.person_model, s.safety_model)
+        nudenet_runs = s.enabled and (
+            m.nudenet == "always"
+            or named_nudenet
+            or (m.nudenet == "auto" and "auto" in (s.person_model, s.safety_model)
+                and nudenet_available())
+        )
+        # The captioner runs with the scores off too; every stage but translation sees only
+        # the thumbnails.
+        uses_thumbs = bool(m.caption_model) or nudenet_runs or (
+            s.enabled and bool(m.clip_weights or s.quality_metric)
         )
         return [
+            (
+                not (s.enabled and named_nudenet)
+                or (m.nudenet != "never" and nudenet_available()),
+                "score.person_model" if s.person_model == "nudenet" else "score.safety_model",
+                "is nudenet, which needs the nsfw extra installed (pip install -e '.[nsfw]') "
+                "and models.nudenet auto or always",
+            ),
             (thumbs >= 0, "analyze.thumbnail_size", "must be >= 0"),
             (
                 thumbs >= 64 or not uses_thumbs,

@@ -123,6 +123,25 @@ def test_a_job_without_models_needs_no_thumbnail_sizes():
     assert big.models.nudenet_resolution == 640
 
 
+def test_stages_that_see_thumbnails_need_them_whatever_turns_them_on():
+    """The captioner runs with the scores off, and nudenet through `models.nudenet=auto`:
+    neither was counted, so 16-px (or no) thumbnails passed the check and the model pass
+    failed after the whole analysis, or nudenet judged 16-px images."""
+    for sets in (["score.enabled=false", "models.caption_model=/m/vlm"],
+                 ["score.quality_metric="]):  # nudenet (installed for the tests) on its own
+        with pytest.raises(ConfigError, match=r"'analyze\.thumbnail_size' must be at least 64"):
+            load_config(None, [*sets, "analyze.thumbnail_size=16"])
+    with pytest.raises(ConfigError, match=r"'models\.nudenet_resolution' must be a multiple"):
+        load_config(None, ["score.quality_metric=", "models.nudenet_resolution=640"])
+    # Translation alone reads captions, no image.
+    load_config(None, ["score.enabled=false", "models.translation_model=/m/mt",
+                       "analyze.thumbnail_size=0"])  # fmt: skip
+    # A stage named nudenet with nudenet off was taken and failed (or ran) after the analysis.
+    for which in ("person_model", "safety_model"):
+        with pytest.raises(ConfigError, match=rf"'score\.{which}' is nudenet, which needs"):
+            load_config(None, [f"score.{which}=nudenet", "models.nudenet=never"])
+
+
 def _settings(cls=JobConfig, prefix=""):
     """(dotted key, annotated type) of every setting of the job's configuration."""
     import dataclasses
