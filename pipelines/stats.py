@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import math
 import unicodedata
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import fsspec
 import numpy as np
@@ -38,9 +39,35 @@ def finished_fs(output: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, root
 
 
+_T = TypeVar("_T")
+
+
 def manifest_files(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
-    """The manifest's Parquet files, sorted."""
-    return sorted(fs.glob(f"{root}/manifest/*.parquet"))
+    """The manifest's Parquet files, sorted: listed, not globbed (OUT may be `run [v2]`), and
+    without hidden files (`._part-0.parquet`, the AppleDouble copy macOS writes beside each
+    file it copies onto exFAT or SMB)."""
+    folder = f"{root.rstrip('/')}/manifest"
+    names = fs.ls(folder, detail=False) if fs.isdir(folder) else []
+    return sorted(
+        f for f in names
+        if (name := f.rstrip("/").rsplit("/", 1)[-1]).endswith(".parquet")
+        and not name.startswith(".")
+    )  # fmt: skip
+
+
+def _parquet(fs: fsspec.AbstractFileSystem, files: list[str], read: Callable[[], _T]) -> _T:
+    """`read()` of the manifest's parts; when it fails, the error names the first part that
+    is no Parquet file (cut short, replaced): Arrow's own ('Parquet magic bytes not found in
+    footer') names none."""
+    try:
+        return read()
+    except (pa.ArrowException, OSError):
+        for f in files:
+            try:
+                pq.read_metadata(f, filesystem=fs)
+            except (pa.ArrowException, OSError) as e:
+                raise ValueError(f"{f} is no readable Parquet file ({e})") from None
+        raise
 
 
 def read_manifest(output: str, columns: list[str] | None = None) -> pa.Table:
@@ -60,13 +87,13 @@ def read_manifest(output: str, columns: list[str] | None = None) -> pa.Table:
     files = manifest_files(fs, root)
     if not files:
         raise ValueError(f"{output} has no manifest (manifest/*.parquet)")
-    present = set(pq.read_schema(files[0], filesystem=fs).names)
+    present = set(_parquet(fs, files, lambda: pq.read_schema(files[0], filesystem=fs)).names)
     for required in (schema.SOURCE, schema.STATUS):
         if required not in present:
             raise ValueError(f"{files[0]} is not a manifest: it has no '{required}' column")
     wanted = columns if columns is not None else sorted(present)
     read = [c for c in wanted if c in present]
-    table = pq.ParquetDataset(files, filesystem=fs).read(columns=read)
+    table = _parquet(fs, files, lambda: pq.ParquetDataset(files, filesystem=fs).read(columns=read))
     recorded = _success_rows(fs, root)
     if recorded is not None and recorded != table.num_rows:
         raise ValueError(
@@ -261,7 +288,7 @@ def stats_columns(output: str, by: str | None) -> list[str]:
     files = manifest_files(fs, root)
     if not files:
         raise ValueError(f"{output} has no manifest (manifest/*.parquet)")
-    sch = pq.read_schema(files[0], filesystem=fs)
+    sch = _parquet(fs, files, lambda: pq.read_schema(files[0], filesystem=fs))
     base = [schema.STATUS, schema.REASON, schema.BUCKET, schema.SHARD, schema.SIZE_BYTES]
     floats = [f.name for f in sch if pa.types.is_floating(f.type)]
     if by is not None and by not in sch.names:

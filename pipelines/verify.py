@@ -437,12 +437,13 @@ def run_verify(
     findings.extend(_manifest_findings(t))
 
     # Hidden files are no shards (nothing reads them): a `.DS_Store` that Finder leaves in a
-    # folder it showed was a stray shard that could not be read as a tar.
+    # folder it showed was a stray shard that could not be read as a tar. Nor is an object
+    # store's folder marker (a 0-byte key ending in `/`, the console's "Create folder").
     on_disk = (
         {
             f[len(root) + 1 :]
             for f in fs.find(f"{root}/shards")
-            if not f.rsplit("/", 1)[-1].startswith(".")
+            if not f.endswith("/") and not f.rsplit("/", 1)[-1].startswith(".")
         }
         if fs.exists(f"{root}/shards")
         else set()

@@ -301,7 +301,11 @@ def read_manifest(root: str, columns: tuple[str, ...]) -> pa.Table:
     # Listed, not globbed: a folder name may hold glob characters ("run [v2]", "a*b").
     manifest = f"{path}/manifest"
     names = fs.ls(manifest, detail=False) if fs.isdir(manifest) else []
-    files = sorted(f for f in names if f.rstrip("/").rsplit("/", 1)[-1].endswith(".parquet"))
+    files = sorted(
+        f for f in names  # not hidden: macOS's `._part-0.parquet` copies are no Parquet
+        if (name := f.rstrip("/").rsplit("/", 1)[-1]).endswith(".parquet")
+        and not name.startswith(".")
+    )  # fmt: skip
     if not files:
         raise ValueError(f"{root} has no manifest/*.parquet")
     tables = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 import tarfile
 from collections.abc import Callable
@@ -361,12 +362,40 @@ def test_s3_output_in_parallel(job, s3_server):
     )
     fs = fsspec.filesystem("s3")
     fs.put(str(out) + "/", "audit-verify/job", recursive=True)
+    # the console's "Create folder" keys: no shards, no findings
+    for key in ("job/shards/", f"job/shards/{BUCKETS[0]}/"):
+        boto3.client("s3").put_object(Bucket="audit-verify", Key=key, Body=b"")
+    fs.invalidate_cache()
     assert run_verify("s3://audit-verify/job", workers=2, deep=True).findings == []
     shard = _shards(out)[0]
     _rewrite(shard, lambda ms: [(m, d) for m, d in ms if not m.name.endswith(".jpg")])
     fs.put_file(str(shard), f"audit-verify/job/{shard.relative_to(out).as_posix()}")
     findings = run_verify("s3://audit-verify/job", workers=2).findings
     _one(findings, shard.relative_to(out).as_posix(), "no .jpg image member")
+
+
+def test_an_output_named_with_glob_characters_or_holding_mac_copies_is_audited(job, tmp_path):
+    """`run [v2]` was read as a glob pattern ('has no manifest'), and the `._part-0.parquet`
+    that macOS writes beside each file it copies onto exFAT or SMB was read as a manifest
+    part ('Parquet magic bytes not found'): stats, report and verify all failed a good job."""
+    from pipelines.stats import output_stats
+    from training.data import read_manifest
+
+    out, _ = job
+    odd = tmp_path / "run [v2]"
+    shutil.copytree(out, odd)
+    for part in list((odd / "manifest").iterdir()):
+        (part.parent / f"._{part.name}").write_bytes(b"\x00\x05\x16\x07" * 1024)
+    for shard in _shards(odd):
+        (shard.parent / f"._{shard.name}").write_bytes(b"\x00\x05\x16\x07" * 1024)
+    assert verify(str(odd)) == verify(str(out)) == []
+    assert output_stats(str(odd)) == output_stats(str(out))
+    assert read_manifest(str(odd), ("key",)).equals(read_manifest(str(out), ("key",)))
+    # A part cut short is named (Arrow's 'Parquet magic bytes not found' names no file).
+    part = sorted((odd / "manifest").glob("part-*.parquet"))[0]
+    part.write_bytes(part.read_bytes()[: part.stat().st_size // 2])
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(part))} is no readable Parquet"):
+        output_stats(str(odd))
 
 
 def test_a_path_that_is_no_output_is_refused_not_audited(job, tmp_path, capsys):
