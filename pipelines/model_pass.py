@@ -298,6 +298,7 @@ class ModelPlan:
 
     clip: bool = False
     clip_person: bool = False
+    clip_safety: bool = False
     quality: bool = False
     nudenet_person: bool = False
     nudenet_safety: bool = False
@@ -343,6 +344,7 @@ def plan_models(cfg: JobConfig) -> ModelPlan:
     return ModelPlan(
         clip=clip,
         clip_person=person == "clip",
+        clip_safety=safety == "clip",
         quality=bool(s.quality_metric),
         nudenet_person=person == "nudenet",
         nudenet_safety=safety == "nudenet",
@@ -857,7 +859,7 @@ def model_chain(cfg: JobConfig, plan: ModelPlan) -> list[tuple[type[Stage], dict
                     "model": m.clip_model,
                     "weights": m.clip_weights,
                     "aesthetic_weights": m.aesthetic_weights,
-                    "safety_weights": m.safety_weights,
+                    "safety_weights": m.safety_weights if plan.clip_safety else "",
                     "person_prompts": list(s.person_prompts) if plan.clip_person else [],
                     "other_prompts": list(s.other_prompts) if plan.clip_person else [],
                     "character_threshold": s.character_threshold,

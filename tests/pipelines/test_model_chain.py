@@ -68,3 +68,24 @@ def test_warm_loads_every_stage_once() -> None:
     out = chain(pa.table({schema.SOURCE: ["a"], schema.WIDTH: [4000]}))
     assert out[schema.QUALITY].to_pylist() == [4001.0]
     assert _Quality.loads == ["cpu"]  # and not again at the first batch
+
+
+def test_a_safety_model_of_none_keeps_the_clip_safety_head_out(tmp_path) -> None:
+    """`score.safety_model=none` with `models.safety_weights` set: the head still ran, filled
+    `nsfw` and rejected images as `unsafe`."""
+    from pipelines.config import load_config
+    from pipelines.model_pass import model_chain, plan_models
+
+    files = {n: tmp_path / n for n in ("clip.bin", "safety.pth")}
+    for f in files.values():
+        f.write_bytes(b"x")
+    base = [f"models.clip_weights={files['clip.bin']}",
+            f"models.safety_weights={files['safety.pth']}", "models.nudenet=never"]  # fmt: skip
+    for safety, head in (("auto", str(files["safety.pth"])), ("clip", str(files["safety.pth"])),
+                         ("none", "")):  # fmt: skip
+        cfg = load_config(overrides=[*base, f"score.safety_model={safety}"])
+        plan = plan_models(cfg)
+        (stage, kwargs), *_ = model_chain(cfg, plan)
+        assert stage.__name__ == "ClipEmbedder"
+        assert kwargs["safety_weights"] == head, safety
+        assert plan.clip_safety == bool(head)
