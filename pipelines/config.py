@@ -395,12 +395,11 @@ class JobConfig:
             s.enabled and bool(m.clip_weights or s.quality_metric)
         )
         return [
-            (
-                not (s.enabled and named_nudenet)
-                or (m.nudenet != "never" and nudenet_available()),
+            (  # (models.nudenet 'never' beside it: the check on models.nudenet below)
+                not (s.enabled and named_nudenet) or m.nudenet == "never" or nudenet_available(),
                 "score.person_model" if s.person_model == "nudenet" else "score.safety_model",
-                "is nudenet, which needs the nsfw extra installed (pip install -e '.[nsfw]') "
-                "and models.nudenet auto or always",
+                "is nudenet, which is not installed: install the nsfw extra "
+                "(pip install -e '.[nsfw]') or choose another model",
             ),
             (thumbs >= 0, "analyze.thumbnail_size", "must be >= 0"),
             (
@@ -470,6 +469,13 @@ class JobConfig:
                 s.person_model != "clip" or (bool(m.clip_weights) and bool(s.person_prompts)),
                 "score.person_model",
                 "'clip' needs models.clip_weights and score.person_prompts",
+            ),
+            (
+                bool(s.other_prompts) or not s.person_prompts
+                or not (s.person_model == "clip" or (s.person_model == "auto" and m.clip_weights)),
+                "score.other_prompts",
+                "must not be empty beside score.person_prompts (person_score is the prompts' "
+                "share against these: with none it is 1 for every image)",
             ),
             (
                 s.safety_model != "clip" or bool(m.safety_weights),

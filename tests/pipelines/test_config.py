@@ -136,10 +136,19 @@ def test_stages_that_see_thumbnails_need_them_whatever_turns_them_on():
     # Translation alone reads captions, no image.
     load_config(None, ["score.enabled=false", "models.translation_model=/m/mt",
                        "analyze.thumbnail_size=0"])  # fmt: skip
-    # A stage named nudenet with nudenet off was taken and failed (or ran) after the analysis.
-    for which in ("person_model", "safety_model"):
-        with pytest.raises(ConfigError, match=rf"'score\.{which}' is nudenet, which needs"):
-            load_config(None, [f"score.{which}=nudenet", "models.nudenet=never"])
+    # A stage named nudenet, nudenet not installed: taken, then failed after the analysis.
+    import curation.score.nudenet_detector as detector
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(detector, "nudenet_available", lambda: False)
+        for which in ("person_model", "safety_model"):
+            with pytest.raises(ConfigError, match=rf"'score\.{which}' is nudenet, which is not"):
+                load_config(None, [f"score.{which}=nudenet"])
+        load_config(None, ["score.person_model=none", "score.safety_model=none"])
+    # Person prompts against no other prompts: person_score was 1 for every image.
+    with pytest.raises(ConfigError, match=r"'score\.other_prompts' must not be empty"):
+        load_config(None, ["score.other_prompts=[]", "models.clip_weights=/m/clip.bin"])
+    load_config(None, ["score.other_prompts=[]"])  # no CLIP: no person_score from prompts
 
 
 def _settings(cls=JobConfig, prefix=""):
