@@ -336,6 +336,11 @@ def plan_models(cfg: JobConfig) -> ModelPlan:
             "opt-in extra (pip install -e '.[nsfw]'; its licence file is AGPL-3.0, see README) "
             "or configure models.clip_weights with score.person_model / models.safety_weights"
         )
+    elif safety == "none":
+        notes.append(
+            "no safety model (score.safety_model, models.nudenet, models.safety_weights): "
+            "`nsfw` stays null and no image is rejected as unsafe"
+        )
     if not clip:
         notes.append(
             "no embedding model (models.clip_weights unset): `aesthetic` stays null and no "
@@ -357,7 +362,12 @@ def plan_models(cfg: JobConfig) -> ModelPlan:
 def model_rules(cfg: JobConfig) -> list[Rule]:
     """Absolute thresholds over the model scores, in the order their reasons take precedence."""
     s = cfg.score
-    rules = [Rule(column=schema.NSFW, reason="unsafe", max=s.max_nsfw, setting="score.max_nsfw")]
+    plan = plan_models(cfg)
+    rules = []
+    if plan.clip_safety or plan.nudenet_safety:  # no safety model: no `nsfw`, no such rule
+        rules.append(
+            Rule(column=schema.NSFW, reason="unsafe", max=s.max_nsfw, setting="score.max_nsfw")
+        )
     if s.min_quality is not None or s.max_quality is not None:
         rules.append(
             Rule(

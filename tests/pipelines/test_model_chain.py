@@ -89,3 +89,17 @@ def test_a_safety_model_of_none_keeps_the_clip_safety_head_out(tmp_path) -> None
         assert stage.__name__ == "ClipEmbedder"
         assert kwargs["safety_weights"] == head, safety
         assert plan.clip_safety == bool(head)
+
+
+def test_without_a_safety_model_the_job_says_so_and_has_no_unsafe_rule() -> None:
+    """`models.nudenet=never` without a safety head: `nsfw` was null on every row with no
+    word, and stats.json still listed the rule `nsfw > 0.5` as if images had been screened."""
+    from pipelines.config import load_config
+    from pipelines.model_pass import model_rules, plan_models, rule_summary
+
+    cfg = load_config(overrides=["models.nudenet=never"])
+    assert any("no safety model" in n and "`nsfw` stays null" in n
+               for n in plan_models(cfg).notes)  # fmt: skip
+    assert "unsafe" not in rule_summary(cfg) and all(r.reason != "unsafe" for r in model_rules(cfg))
+    screened = load_config(overrides=["models.nudenet=always"])
+    assert rule_summary(screened)["unsafe"]["setting"] == "score.max_nsfw"
