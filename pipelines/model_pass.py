@@ -30,7 +30,9 @@ same fingerprint takes them for rows whose bytes (and input captions) are unchan
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import importlib.util
 import json
 import os
 import time
@@ -168,6 +170,17 @@ def configured_models(cfg: JobConfig) -> list[ModelEntry]:
                     how="write the open_clip model config JSON there, or name a built-in model",
                 )
             )
+        elif (builtin := _open_clip_architectures()) is not None:
+            out.append(
+                ModelEntry(
+                    setting="models.clip_model",
+                    path=m.clip_model,
+                    purpose="open_clip built-in architecture",
+                    present=m.clip_model in builtin,
+                    how="name one of open_clip's architectures (e.g. ViT-L-14; its "
+                    "model_configs folder lists them) or an architecture config JSON",
+                )
+            )
         out.append(
             ModelEntry(
                 setting="models.clip_weights",
@@ -219,8 +232,14 @@ def configured_models(cfg: JobConfig) -> list[ModelEntry]:
                 ),
             )
         )
-    if s.enabled and m.nudenet != "never":
-        installed = nudenet_available()
+    plan = plan_models(cfg)
+    installed = nudenet_available()
+    # Listed when the job runs it, or would if installed: not when the person and safety
+    # models are none or CLIP's (a missing file of a model never run stopped the job).
+    if (plan.nudenet_person or plan.nudenet_safety) or (
+        s.enabled and m.nudenet == "auto" and not installed
+        and "auto" in (s.person_model, s.safety_model)
+    ):  # fmt: skip
         wheel = "(nudenet's bundled 320n.onnx)"
         out.append(
             ModelEntry(
@@ -254,6 +273,17 @@ def configured_models(cfg: JobConfig) -> list[ModelEntry]:
                 )
             )
     return out
+
+
+@functools.cache
+def _open_clip_architectures() -> frozenset[str] | None:
+    """The names of open_clip's built-in architectures (its `model_configs/*.json`), found
+    without importing it (which imports torch); None when open_clip is not installed."""
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    configs = Path(next(iter(spec.submodule_search_locations))) / "model_configs"
+    return frozenset(p.stem for p in configs.glob("*.json"))
 
 
 def _absence(path: str) -> str:

@@ -345,6 +345,18 @@ def test_models_command_lists_files_and_their_presence(tmp_path, capsys):
     assert main(["models", "--set", f"models.translation_model={folder}"]) == 1
     lacking = folder / "config.json"
     assert f"MISSING  models.translation_model   {lacking}" in capsys.readouterr().out
+    # An architecture open_clip does not have was 'present'; curate failed after the analysis.
+    bogus = ["models", "--set", f"models.clip_weights={weights}", "--set",
+             "models.clip_model=ViT-Bogus-99", "--set", "score.quality_metric="]  # fmt: skip
+    assert main(bogus) == 1
+    assert "MISSING  models.clip_model" in capsys.readouterr().out
+    assert main([*bogus[:-4], "--set", "models.clip_model=ViT-L-14"]) == 0
+    assert "present  models.clip_model" in capsys.readouterr().out
+    # nudenet is listed (and its file required) only where the job would run it
+    weights_set = ["--set", "models.nudenet=always", "--set", f"models.nudenet_weights={missing}"]
+    assert main(["models", *weights_set, "--set", "score.person_model=none", "--set",
+                 "score.safety_model=none"]) == 0  # fmt: skip
+    assert "  models.nudenet" not in capsys.readouterr().out  # no line of its own
 
 
 def test_models_command_says_the_defaults_need_nothing_without_nudenet(capsys, monkeypatch):
