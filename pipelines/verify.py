@@ -38,6 +38,7 @@ import pyarrow.compute as pc
 
 from curation import schema
 from curation.io.atomic import join
+from curation.io.readers import check_tar_end
 from curation.probe.header_probe import allow_png_text
 from curation.shard.shard_writer import sample_key
 from pipelines.stats import manifest_files
@@ -165,6 +166,7 @@ def check_shard(uri: str, shard: str, rows: pa.Table | None, deep: bool = False)
                 if ext in members[key]:
                     find(f"member {name!r} appears twice")
                 members[key][ext] = data
+            check_tar_end(fh, tf.offset)  # a stream read ends quietly at a corrupt header
     except Exception as e:  # a truncated or corrupt tar is a finding, not a crash
         find(f"cannot be read as a tar: {type(e).__name__}: {e}")
     res.keys = sorted(members)

@@ -276,7 +276,7 @@ class TarReader(Stage):
     them; a caption stored more than a block after its image is a row of its own. A name
     stored again starts a new sample (rows `#name#2`, ...); `.cls`, `.npy` and other label
     members are no images; a tar is whole only with its end-of-archive block where its members
-    stop (`_check_end`). Resources: 1 CPU; one tar per batch.
+    stop (`check_tar_end`). Resources: 1 CPU; one tar per batch.
     """
 
     name: ClassVar[str] = "read_tar"
@@ -451,7 +451,7 @@ class TarReader(Stage):
                         if target is None:
                             stored[member.name] = (offset, size)
                             in_block[member.name] = data
-                    _check_end(fh, tf.offset)
+                    check_tar_end(fh, tf.offset)
         except Exception as e:
             error = safe_text(f"{type(e).__name__}: {e}")
         if compressed is not None:
@@ -548,7 +548,7 @@ def _compressed_row(tar_uri: str, compression: str) -> dict[str, Any]:
     }
 
 
-def _check_end(fh: Any, offset: int) -> None:
+def check_tar_end(fh: Any, offset: int) -> None:
     """Raise `tarfile.ReadError` unless the tar's end-of-archive block lies at `offset`, where
     its member headers stopped, with no second archive after it.
 
@@ -560,7 +560,8 @@ def _check_end(fh: Any, offset: int) -> None:
     if fh.read(512) != bytes(512):
         size = fh.seek(0, 2)
         raise tarfile.ReadError(
-            f"truncated: no end-of-archive block at byte {offset} of {size} (cut short?)"
+            f"its members stop at byte {offset} of {size} with no end-of-archive block there "
+            "(cut short, or a corrupt header)"
         )
     pos = offset + 512
     while pos < offset + _TRAILER_SCAN and (chunk := fh.read(64 * 1024)):
@@ -581,7 +582,7 @@ def _check_end(fh: Any, offset: int) -> None:
 
 
 _TRAILER_SCAN = 1024 * 1024
-"""How far past a tar's end-of-archive block `_check_end` looks for a second archive (tar
+"""How far past a tar's end-of-archive block `check_tar_end` looks for a second archive (tar
 pads its last record with zeros, 10 KiB by default)."""
 
 

@@ -296,8 +296,21 @@ def test_shards_on_disk_and_in_the_manifest_must_match(job):
 def test_truncated_shard_is_a_finding_not_a_crash(job):
     out, _ = job
     shard = _shards(out)[0]
-    shard.write_bytes(shard.read_bytes()[:700])
+    whole = shard.read_bytes()
+    shard.write_bytes(whole[:700])
     _one(verify(str(out)), shard.relative_to(out).as_posix(), "cannot be read as a tar")
+    # Cut after its last member (the end blocks gone), or a header spoilt: a stream read ends
+    # there without a word, so the shard passed, or only 'lacks sample ...' was said.
+    with tarfile.open(fileobj=io.BytesIO(whole)) as tf:
+        last = tf.getmembers()[-1]
+        second = tf.getmembers()[1]
+    header = bytearray(whole)
+    header[second.offset + 5] ^= 0xFF  # a byte of its name: the checksum fails
+    for spoilt in (whole[: last.offset_data + -(-last.size // 512) * 512], bytes(header)):
+        shard.write_bytes(spoilt)
+        findings = verify(str(out))
+        assert any("no end-of-archive block there (cut short, or a corrupt header)" in f
+                   for f in findings), findings  # fmt: skip
 
 
 def test_deep_decodes_what_sha256_cannot_see(audit_output, audit_jpeg):
