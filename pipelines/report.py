@@ -720,6 +720,11 @@ def write_report(output: str, *, samples: int = DEFAULT_SAMPLES, workers: int | 
             t = t.append_column(c, pa.nulls(t.num_rows, schema.FIELDS[c]))
     config = _read_document(fs, f"{root}/config.yaml", yaml.safe_load, output)
     job = _read_document(fs, f"{root}/stats.json", json.loads, output)
+    for key, valid in (("rules", lambda v: isinstance(v, dict)),
+                       ("stage_seconds", lambda v: isinstance(v, int | float))):  # fmt: skip
+        section = job.get(key, {})
+        if not isinstance(section, dict) or not all(map(valid, section.values())):
+            raise ValueError(f"{output}: stats.json's {key} is not the mapping a job writes")
     s = job_stats(t)
     scores = score_columns(t)
     kept_mask = pc.fill_null(pc.equal(t.column(schema.STATUS), schema.STATUS_KEPT), False)

@@ -348,8 +348,9 @@ def _summary_findings(
     """`_SUCCESS` and `stats.json` against the manifest and the shards as found."""
     kept = t.filter(pc.fill_null(pc.equal(t.column(schema.STATUS), schema.STATUS_KEPT), False))
     if success is not None:
-        if success.get("rows") != t.num_rows:
-            yield f"_SUCCESS says {success.get('rows')} rows, the manifest has {t.num_rows}"
+        rows = success.get("rows")
+        if rows != t.num_rows or not isinstance(rows, int):
+            yield f"_SUCCESS says {rows!r} rows, the manifest has {t.num_rows}"
         v = success.get("manifest_version")
         if not isinstance(v, int) or not 1 <= v <= schema.MANIFEST_VERSION:
             yield (
@@ -372,6 +373,9 @@ def _summary_findings(
         .to_pylist()
     )
     got = stats.get("reasons", {})
+    if not isinstance(got, dict):
+        yield f"stats.json's reasons are {type(got).__name__}, not an object"
+        got = {}
     for r in sorted(set(reasons) | set(got), key=str):
         if got.get(r, 0) != reasons.get(r, 0):
             yield f"stats.json says {got.get(r, 0)} rejected as {r}, the manifest has {reasons[r]}"
@@ -387,8 +391,14 @@ def _summary_findings(
             found[parts[1]]["count"] += len(res.keys)
             found[parts[1]]["bytes"] += res.image_bytes
     buckets = stats.get("buckets", {})
+    if not isinstance(buckets, dict):
+        yield f"stats.json's buckets are {type(buckets).__name__}, not an object"
+        buckets = {}
     for b in sorted(set(found) | set(buckets)):
         s = buckets.get(b, {"count": 0, "bytes": 0, "shards": 0})
+        if not isinstance(s, dict):
+            yield f"stats.json's bucket {b} is {type(s).__name__}, not an object"
+            s = {}
         f = found.get(b, {"count": 0, "bytes": 0, "shards": 0})
         for k, what in (("count", "samples"), ("shards", "shards"), ("bytes", "image bytes")):
             if s.get(k) != f[k]:

@@ -279,6 +279,26 @@ def test_summary_files_disagreeing_with_the_shards(job):
     _one(verify(str(out)), "_SUCCESS is missing", "did not complete")
 
 
+def test_summary_files_of_another_shape_are_findings_not_crashes(job):
+    """stats.json's `reasons` or `buckets` as a list crashed verify (AttributeError), its
+    `rules` as a list crashed report; `_SUCCESS` saying rows "6" (text) read '6 rows, the
+    manifest has 6'."""
+    from pipelines.report import write_report
+
+    out, _ = job
+    good = json.loads((out / "stats.json").read_text())
+    for key in ("reasons", "buckets"):
+        (out / "stats.json").write_text(json.dumps({**good, key: list(good[key])}))
+        _one(verify(str(out)), f"stats.json's {key} are list, not an object")
+    (out / "stats.json").write_text(json.dumps({**good, "rules": []}))
+    with pytest.raises(ValueError, match=r"stats\.json's rules is not the mapping a job writes"):
+        write_report(str(out))
+    (out / "stats.json").write_text(json.dumps(good))
+    success = json.loads((out / "_SUCCESS").read_text())
+    (out / "_SUCCESS").write_text(json.dumps({**success, "rows": str(success["rows"])}))
+    _one(verify(str(out)), f"_SUCCESS says '{success['rows']}' rows")
+
+
 def test_shards_on_disk_and_in_the_manifest_must_match(job):
     out, _written = job
     a, b = _shards(out)[:2]
