@@ -137,7 +137,7 @@ def _verify(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
-    deep = ", every image decoded" if args.deep else ""
+    deep = ", every image decoded" if args.deep and res.samples else ""
     print(f"native4k verify: {args.output} agrees with its manifest ({checked}{deep})")
     return 0
 

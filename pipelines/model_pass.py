@@ -70,6 +70,7 @@ from curation.shard.shard_writer import sample_key
 from curation.threshold_filter import Rule, ThresholdFilter
 from pipelines import grouping
 from pipelines.config import ConfigError, JobConfig
+from pipelines.stats import count_text
 
 MODEL_COLUMNS = (
     schema.AESTHETIC,
@@ -1087,7 +1088,8 @@ def run_model_pass(
         exact = all(float(w.max(initial=1)) == 1.0 for _, w in sketches)
         result.notes.append(
             f"{setting}={share}: {col} cut {cut:.4g} over "
-            f"{int(sum(w.sum() for _, w in sketches))} candidates in {len(sketches)} blocks "
+            f"{int(sum(w.sum() for _, w in sketches))} candidates in "
+            f"{count_text(len(sketches), 'block')} "
             f"({'exact' if exact else f'approximate: within 1/{k} of them in rank'})"
         )
         rule = Rule(

@@ -23,6 +23,7 @@ import io
 import json
 import math
 import os
+import re
 import tarfile
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -40,7 +41,14 @@ from curation.io.atomic import atomic_write, is_local, join
 from curation.io.listing import local_path, split_tar_source
 from curation.io.readers import open_input
 from curation.probe.header_probe import allow_png_text
-from pipelines.stats import finished_fs, inputs_text, job_stats, read_manifest, score_columns
+from pipelines.stats import (
+    count_text,
+    finished_fs,
+    inputs_text,
+    job_stats,
+    read_manifest,
+    score_columns,
+)
 
 THUMB_SIDE = 240
 """Longest side of a contact-sheet thumbnail, in pixels."""
@@ -281,7 +289,9 @@ def make_thumbnails(
                 thumb = thumbnail_bytes(data, side, max_pixels)
                 out.append(("data:image/jpeg;base64," + base64.b64encode(thumb).decode(), None))
             except Exception as e:  # the report shows why, it never fails on one image
-                out.append((None, f"{type(e).__name__}: {str(e)[:160]}"))
+                # PIL names the buffer it read by its memory address: no words for a reader
+                said = re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e))
+                out.append((None, f"{type(e).__name__}: {said[:160]}"))
     finally:
         if tar is not None:
             tar.close()
@@ -869,7 +879,8 @@ def write_report(output: str, *, samples: int = DEFAULT_SAMPLES, workers: int | 
 <h1>native4k curation report</h1>
 <p><b>{_e(output)}</b>: {inputs_text(s["total"])} ({s["bytes"] / 1e6:.1f} MB),
 <b>{s["kept"]} kept</b>
-({s["kept_bytes"] / 1e6:.1f} MB) in {len(s["groups"])} buckets, {s["rejected"]} rejected.
+({s["kept_bytes"] / 1e6:.1f} MB) in {count_text(len(s["groups"]), "bucket")},
+{s["rejected"]} rejected.
 Manifest version {_e(job.get("manifest_version", "?"))}; wall time
 {_e(job.get("wall_seconds", "?"))} s.</p>
 <nav>{nav}</nav>

@@ -73,7 +73,7 @@ UNSAFE_EXTENSIONS = frozenset(
 )
 """Member extensions that can carry code or pickled objects: never allowed in a shard."""
 IMAGE_EXTENSIONS = frozenset(
-    ["jpg", "jpeg", "png", "webp", "tif", "tiff", "bmp", "gif", "avif", "jxl", "heic"]
+    ["jpg", "jpeg", "png", "webp", "tif", "tiff", "bmp", "gif", "avif", "jp2", "jxl", "heic"]
 )
 MAX_PER_SHARD = 200
 """Findings kept per shard (a shard that is wholly wrong says so without flooding)."""
