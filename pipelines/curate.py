@@ -1840,11 +1840,13 @@ def outcome_lines(stats: dict[str, Any]) -> list[str]:
         if count > DOMINANT_SHARE * total:
             share = f"{count} of {inputs_text(total)} ({count / total:.0%})"
             rule = rules.get(reason)
-            if rule:
+            if rule and rule.get("setting"):
                 lines.append(
                     f"'{reason}' rejected {share}: the rule is {rule['rule']}; "
                     f"change it with --set {rule['setting'].split(' / ')[0]}=VALUE"
                 )
+            elif rule:  # no setting moves it (exact copies)
+                lines.append(f"'{reason}' rejected {share}: the rule is {rule['rule']}")
             else:
                 lines.append(f"'{reason}' rejected {share}")
     return lines
@@ -1869,10 +1871,18 @@ def rule_summary(
             names = out[reason]["setting"].split(" / ")
             names.sort(key=lambda n: -counts.get(n, 0))  # stable: ties keep their order
             out[reason]["setting"] = " / ".join(names)
-    out["duplicate"] = {
-        "rule": f"pHash within {cfg.dedup.max_hamming} bits of a better copy, or the same bytes",
-        "setting": "dedup.max_hamming / dedup.enabled",
-    }
+    out["duplicate"] = (
+        {
+            "rule": f"the same bytes as a better copy, or pHash within {cfg.dedup.max_hamming} "
+            "bits of one",
+            "setting": "dedup.max_hamming / dedup.enabled",
+        }
+        if cfg.dedup.enabled
+        else {  # exact copies are dropped whatever the settings: nothing to change
+            "rule": "the same bytes as a kept copy (near-duplicate matching is off)",
+            "setting": "",
+        }
+    )
     return out
 
 
@@ -1892,9 +1902,10 @@ def duplicate_rule(cfg: JobConfig, semantic: int, duplicates: int) -> dict[str, 
     base = rule_summary(cfg)["duplicate"]
     threshold = cfg.score.semantic_threshold
     rule = f"{base['rule']}, or an image embedding at cosine >= {threshold} to a better copy's"
-    if 2 * semantic >= duplicates:
-        return {"rule": rule, "setting": f"score.semantic_threshold / {base['setting']}"}
-    return {"rule": rule, "setting": f"{base['setting']} / score.semantic_threshold"}
+    order = ["score.semantic_threshold", base["setting"]]
+    if 2 * semantic < duplicates:
+        order.reverse()
+    return {"rule": rule, "setting": " / ".join(s for s in order if s)}
 
 
 def _reset_if_changed(work: str, inputs: Sequence[str], cfg: JobConfig) -> list[str]:

@@ -390,7 +390,7 @@ def test_semantic_duplicates_name_their_own_setting_in_the_summary():
     the rule is pHash within 6 bits ...; change it with --set dedup.max_hamming", a setting
     that moves none of them."""
     from pipelines.config import load_config
-    from pipelines.curate import duplicate_rule, outcome_lines
+    from pipelines.curate import duplicate_rule, outcome_lines, rule_summary
 
     cfg = load_config(overrides=["score.semantic_threshold=0.9"])
     rule = duplicate_rule(cfg, semantic=8, duplicates=9)
@@ -401,6 +401,16 @@ def test_semantic_duplicates_name_their_own_setting_in_the_summary():
     assert lines[-1].endswith("change it with --set score.semantic_threshold=VALUE")
     mostly_phash = duplicate_rule(cfg, semantic=1, duplicates=9)
     assert mostly_phash["setting"].startswith("dedup.max_hamming")
+    # With pHash matching off only exact copies go, which no setting moves: no '--set' advice
+    # (it named dedup.max_hamming, which changes nothing then).
+    off = load_config(overrides=["dedup.enabled=false"])
+    rule = rule_summary(off)["duplicate"]
+    lines = outcome_lines(
+        {"total": 3, "kept": 1, "reasons": {"duplicate": 2}, "rules": {"duplicate": rule}}
+    )
+    assert lines == ["'duplicate' rejected 2 of 3 inputs (67%): the rule is the same bytes as a "
+                     "kept copy (near-duplicate matching is off)"]  # fmt: skip
+    assert duplicate_rule(off, semantic=1, duplicates=2)["setting"] == "score.semantic_threshold"
 
 
 def test_home_relative_model_paths_mean_the_same_file_everywhere(tmp_path, monkeypatch):
