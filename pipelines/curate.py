@@ -1703,6 +1703,8 @@ def _decide_and_write(
         _write_manifest(rd, final, output)
         _remove_leftover_temporaries(output)
         stats["rules"] = {**rule_summary(cfg, stats.pop("bound_counts")), **models.rules}
+        if models.cuts:  # where a top-share rule cut each score (the report draws them)
+            stats["share_cuts"] = {col: float(cut) for col, cut in sorted(models.cuts.items())}
         semantic = models.counts.get("semantic_duplicates", 0)
         if semantic:
             stats["rules"]["duplicate"] = duplicate_rule(

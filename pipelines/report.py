@@ -751,6 +751,10 @@ def write_report(output: str, *, samples: int = DEFAULT_SAMPLES, workers: int | 
         if k.size + r.size == 0:
             continue
         lines = thresholds(config, score)
+        cuts = job.get("share_cuts")
+        cut = cuts.get(score) if isinstance(cuts, dict) else None
+        if isinstance(cut, int | float) and math.isfinite(cut):  # a top-share rule's cut
+            lines.append((f"score.{score}_top_share cut", float(cut)))
         caption = ", ".join(f"{n} = {v:g}" for n, v in lines) or "no threshold configured"
         unscored = rej_t.num_rows - r.size
         if unscored and r.size:  # e.g. analyses that stopped at an earlier rule

@@ -151,9 +151,15 @@ def test_every_model_stage_through_the_cli(local_ray, inputs, models, tmp_path, 
     stdout = capsys.readouterr().out
     assert "semantic de-duplication (flat index" in stdout
     share = re.search(
-        r"aesthetic_top_share=0.5: aesthetic cut \S+ over 4 candidates in (\d+) blocks", stdout
+        r"aesthetic_top_share=0.5: aesthetic cut (\S+) over 4 candidates in (\d+) blocks", stdout
     )
-    assert share and int(share.group(1)) >= 2, stdout  # a job-wide cut over several blocks
+    assert share and int(share.group(2)) >= 2, stdout  # a job-wide cut over several blocks
+    # The cut is in stats.json, so the report draws it on the aesthetic histogram (it said
+    # 'no threshold configured').
+    cut = json.loads((out / "stats.json").read_text())["share_cuts"]["aesthetic"]
+    assert f"{cut:.4g}" == share.group(1)
+    assert main(["report", str(out)]) == 0
+    assert "aesthetic: score.aesthetic_top_share cut = " in (out / "report.html").read_text()
     rows = {Path(r[schema.SOURCE]).name: r for r in _manifest(out)}
     assert len(rows) == len(PHOTOS) + 2
 
