@@ -1922,16 +1922,24 @@ def _reset_if_changed(work: str, inputs: Sequence[str], cfg: JobConfig) -> list[
         "thumbnails": thumbnail_size(cfg),  # a rerun that adds a model needs them
         "input": to_dict(cfg.input),
     }
-    job = json.dumps({"inputs": list(inputs), "analysis": settings}, sort_keys=True)
     marker = join(work, "job.json")
     fs, path = fsspec.core.url_to_fs(marker)
     notes = []
     if fs.exists(path):
         with fs.open(path, "r") as fh:
-            if fh.read() != job:
-                _clear_work(work)
-                notes.append("inputs or configuration changed since the last run: analysing afresh")
-    _write_text(marker, job)
+            before = fh.read()
+        same = settings
+        with contextlib.suppress(ValueError, TypeError, KeyError):
+            # Models turned off (0) or on: the analysis stands. Thumbnails made before stay
+            # for a later run with models; missing ones the model pass makes from the files.
+            earlier = int(json.loads(before)["analysis"]["thumbnails"])
+            if 0 in (earlier, settings["thumbnails"]):
+                same = {**settings, "thumbnails": earlier}
+                settings = {**settings, "thumbnails": max(earlier, settings["thumbnails"])}
+        if before != json.dumps({"inputs": list(inputs), "analysis": same}, sort_keys=True):
+            _clear_work(work)
+            notes.append("inputs or configuration changed since the last run: analysing afresh")
+    _write_text(marker, json.dumps({"inputs": list(inputs), "analysis": settings}, sort_keys=True))
     return notes
 
 

@@ -267,6 +267,33 @@ def test_a_model_the_early_actor_cannot_load_is_one_error_line(local_ray, models
     assert "\n" not in msg and "weights_only" not in msg
 
 
+def test_models_turned_off_and_on_keep_the_analysis_and_the_scores(
+    local_ray, inputs, tmp_path, capsys
+):
+    """A quick look with `score.enabled=false` changed the thumbnail size the analysis was
+    keyed on (to 0): that run and the next with the models analysed every image afresh, and
+    the scores kept from the first were deleted and computed again."""
+    from pipelines.cli import main
+
+    args = ["curate", str(inputs), "--output", str(tmp_path / "out"), *RELAXED,
+            "--set", "dedup.enabled=false", "--set", "models.nudenet=never"]  # fmt: skip
+    off = [*args, "--set", "score.enabled=false"]
+    assert main(off) == 0  # no thumbnails made
+    assert main(args) == 0  # the model pass makes them from the files
+    said = capsys.readouterr().out
+    assert "analysing afresh" not in said and "analysed 0 inputs in this run" in said
+    scored = {r[schema.SOURCE]: r[schema.QUALITY] for r in _manifest(tmp_path / "out")}
+    assert sum(q is not None for q in scored.values()) >= len(PHOTOS)
+    assert main(off) == 0 and main(args) == 0
+    said = capsys.readouterr().out
+    assert "analysing afresh" not in said and "analysed 0 inputs in this run" in said
+    assert re.search(r"scores of (\d+) of \1 candidates taken from an earlier run", said), said
+    assert {r[schema.SOURCE]: r[schema.QUALITY] for r in _manifest(tmp_path / "out")} == scored
+    # Thumbnails of another size are another analysis: the models would see the old ones.
+    assert main([*args, "--set", "analyze.thumbnail_size=640"]) == 0
+    assert "analysing afresh" in capsys.readouterr().out
+
+
 def test_offline_defaults_score_real_photographs(local_ray, inputs, tmp_path, capsys, monkeypatch):
     """A small job scores and writes its shards on the actor it started with the job
     (`WarmWorker`); a job too large for that scores on a Ray Data actor pool and writes in a
