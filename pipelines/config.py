@@ -248,8 +248,10 @@ class ScoreConfig:
     batch_size: int = _f(32, "Images per model call.")
     quality_metric: str = _f(
         "piqe",
-        "pyiqa metric for `quality` (piqe needs no weights; musiq, topiq_nr, qalign, laion_aes, "
-        "... need models.pyiqa_weights). Empty: no quality score.",
+        "pyiqa metric for `quality` (piqe needs no weights; musiq, metaiqa, ... need "
+        "models.pyiqa_weights; topiq_nr, hyperiqa, nima, laion_aes and qalign also fetch a "
+        "backbone from a model hub, which must be in the local caches). Empty: no quality "
+        "score.",
     )
     quality_size: int = _f(
         512,

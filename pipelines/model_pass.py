@@ -64,6 +64,7 @@ from curation.score.pyiqa_scorer import (
     PyiqaScorer,
     check_no_reference,
     lower_better,
+    takes_weight_file,
 )
 from curation.score.quantiles import share_cut, sketch
 from curation.shard.shard_writer import sample_key
@@ -217,13 +218,15 @@ def configured_models(cfg: JobConfig) -> list[ModelEntry]:
                 )
             )
     if s.enabled and s.quality_metric:
-        needs = s.quality_metric not in WEIGHTLESS_METRICS
+        needs = takes_weight_file(s.quality_metric)
         out.append(
             ModelEntry(
                 setting="models.pyiqa_weights" if needs else "score.quality_metric",
                 path=(m.pyiqa_weights or "(not set)")
                 if needs
-                else f"(pyiqa {s.quality_metric}: no weights)",
+                else f"(pyiqa {s.quality_metric}: no weights)"
+                if s.quality_metric in WEIGHTLESS_METRICS
+                else f"(pyiqa {s.quality_metric}: from the Hugging Face cache, HF_HOME)",
                 purpose=f"pyiqa {s.quality_metric} (quality at {s.quality_size} px)",
                 present=(not needs) or (bool(m.pyiqa_weights) and _exists(m.pyiqa_weights)),
                 how=(

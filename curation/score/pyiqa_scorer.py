@@ -20,6 +20,16 @@ from curation.base import ModelFileError, Stage, column, set_columns
 WEIGHTLESS_METRICS = frozenset({"piqe", "entropy"})
 """pyiqa metrics that need no weight file (everything else loads one)."""
 
+HUB_ARCHS = ("QAlign", "QReAlign")
+"""pyiqa architectures that take no weight file but load a model from the Hugging Face cache."""
+
+
+def takes_weight_file(metric: str) -> bool:
+    """Whether pyiqa's `metric` loads `models.pyiqa_weights` (read from pyiqa's table, without
+    importing it): not the weightless ones, nor Q-Align's family (its cache, HF_HOME)."""
+    arch = _pyiqa_configs().get(metric, {}).get("metric_opts", {}).get("type", "")
+    return metric not in WEIGHTLESS_METRICS and arch not in HUB_ARCHS
+
 
 @functools.cache
 def _pyiqa_configs() -> dict[str, dict[str, Any]]:
@@ -105,13 +115,21 @@ class PyiqaScorer(Stage):
         import pyiqa
 
         kwargs: dict[str, Any] = {}
-        if self.weights and self.metric not in WEIGHTLESS_METRICS:  # piqe takes no file
+        if self.weights and takes_weight_file(self.metric):  # piqe takes no file
             kwargs["pretrained_model_path"] = self.weights
         try:
             self._metric = pyiqa.create_metric(self.metric, device=self.device, **kwargs)
             if "pretrained_model_path" in kwargs:
                 _check_weights_used(self._metric, self.weights)
         except Exception as e:
+            if _from_a_hub(e):  # the file may be right: the metric wants more than it
+                raise ModelFileError(
+                    f"score.quality_metric: pyiqa's {self.metric} fetches files from a model "
+                    f"hub (a backbone, or its whole model), which is out of reach "
+                    f"({type(e).__name__}); put them in the local caches (TORCH_HOME, HF_HOME) "
+                    "from a machine with internet access, or choose a metric that needs only "
+                    "models.pyiqa_weights (musiq, metaiqa) or none (piqe)"
+                ) from e
             if not self.weights:
                 raise
             raise ModelFileError.of(
@@ -139,6 +157,20 @@ class PyiqaScorer(Stage):
                 # and the manifest would hold a NaN where the shard's `.json` holds null
                 scores[i] = float(v) if math.isfinite(v) else None
         return set_columns(table, {schema.QUALITY: scores})
+
+
+def _from_a_hub(error: BaseException) -> bool:
+    """Whether a metric failed to load because it tried to download something (a backbone
+    from torchvision's, timm's or Hugging Face's hub): no file of the user's is at fault."""
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if type(e).__name__ in ("LocalEntryNotFoundError", "OfflineModeIsEnabled", "URLError",
+                                "ConnectionError", "ConnectTimeout", "MaxRetryError"):  # fmt: skip
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _check_weights_used(metric: Any, path: str) -> None:

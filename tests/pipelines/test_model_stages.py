@@ -369,6 +369,10 @@ def test_models_command_lists_files_and_their_presence(tmp_path, capsys):
     assert "MISSING  models.pyiqa_weights" in out and "musiq" in out
     assert main(["models"]) == 0  # the defaults need no file
     assert "pyiqa piqe" in capsys.readouterr().out
+    assert main(["models", "--set", "score.quality_metric=qalign"]) == 0  # no file to give
+    assert "(pyiqa qalign: from the Hugging Face cache, HF_HOME)" in capsys.readouterr().out
+    assert main(["models"]) == 0
+    assert "pyiqa piqe" in capsys.readouterr().out
     # as curate would: an unknown metric is a configuration error, not a missing download
     assert main(["models", "--set", "score.quality_metric=bogus_metric"]) == 2
     assert "unknown pyiqa metric 'bogus_metric'" in capsys.readouterr().err

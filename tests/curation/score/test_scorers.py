@@ -240,6 +240,15 @@ def test_a_pyiqa_file_that_leaves_the_network_random_is_refused(tmp_path, real_t
             PyiqaScorer(metric="metaiqa", weights=str(path)).setup()
 
 
+def test_which_pyiqa_metrics_take_a_weight_file():
+    """Q-Align's family loads from the Hugging Face cache and takes no file: `native4k models`
+    asked for a models.pyiqa_weights file, which then failed with a TypeError."""
+    from curation.score.pyiqa_scorer import takes_weight_file
+
+    assert takes_weight_file("musiq") and takes_weight_file("metaiqa")
+    assert not takes_weight_file("piqe") and not takes_weight_file("qalign")
+
+
 def test_a_panorama_far_wider_than_3_to_1_gets_a_quality_score():
     """With `probe.max_aspect` raised for panoramas, a 100:1 image's 512-px thumbnail is 5
     px high and piqe failed on it ('maximum size for tensor at dimension 2 is 10'), failing
