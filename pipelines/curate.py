@@ -1919,9 +1919,13 @@ def _reset_if_changed(work: str, inputs: Sequence[str], cfg: JobConfig) -> list[
     settings = {
         "probe": to_dict(cfg.probe),
         "flat": [cfg.analyze.flat_patch, cfg.analyze.flat_variance],
-        "thumbnails": thumbnail_size(cfg),  # a rerun that adds a model needs them
+        "thumbnails": thumbnail_size(cfg),  # the models see pass 1's: a size of their own
         "input": to_dict(cfg.input),
     }
+
+    def job(analysis: dict[str, Any]) -> str:
+        return json.dumps({"inputs": list(inputs), "analysis": analysis}, sort_keys=True)
+
     marker = join(work, "job.json")
     fs, path = fsspec.core.url_to_fs(marker)
     notes = []
@@ -1936,10 +1940,10 @@ def _reset_if_changed(work: str, inputs: Sequence[str], cfg: JobConfig) -> list[
             if 0 in (earlier, settings["thumbnails"]):
                 same = {**settings, "thumbnails": earlier}
                 settings = {**settings, "thumbnails": max(earlier, settings["thumbnails"])}
-        if before != json.dumps({"inputs": list(inputs), "analysis": same}, sort_keys=True):
+        if before != job(same):
             _clear_work(work)
             notes.append("inputs or configuration changed since the last run: analysing afresh")
-    _write_text(marker, json.dumps({"inputs": list(inputs), "analysis": settings}, sort_keys=True))
+    _write_text(marker, job(settings))
     return notes
 
 

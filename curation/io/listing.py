@@ -293,9 +293,10 @@ def plan_inputs(
     for raw in inputs:
         for inp in braceexpand.braceexpand(raw):
             fs, path = filesystem(inp, **(storage_options or {}))
-            if not _is_object(fs, inp, path) and fs.isdir(path):
+            named_object = _is_object(fs, inp, path)
+            if not named_object and fs.isdir(path):
                 specs.append(InputSpec(inp, "folder"))
-            elif fs.exists(path):
+            elif named_object or fs.exists(path):  # an object found needs no second look
                 if path.lower().endswith(list_exts):
                     specs.append(InputSpec(inp, "list"))
                 elif path.lower().endswith(TAR_EXTENSIONS):
