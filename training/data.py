@@ -40,6 +40,7 @@ stops the loader with an error naming it, and nothing from a shard is ever unpic
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -664,7 +665,8 @@ class BucketedLoader:
                 worker_init_fn=_worker_init,
                 multiprocessing_context=self.cfg.worker_start,
             )
-            it = iter(loader)
+            with _worker_signals_blocked():
+                it = iter(loader)  # starts the workers
         else:
             it = iter(stream)
         try:
@@ -740,13 +742,45 @@ the step in progress (`trainer.STOP_SIGNALS`), which a worker killed by the same
 into a crash with no checkpoint. A worker still ends with its main process."""
 
 
+def _ignored_signals() -> list[signal.Signals]:
+    return [s for n in WORKER_IGNORED_SIGNALS if (s := getattr(signal, n, None)) is not None]
+
+
+@contextlib.contextmanager
+def _worker_signals_blocked() -> Iterator[None]:
+    """Block `WORKER_IGNORED_SIGNALS` in this thread while it starts workers.
+
+    A started process inherits the mask (through fork and exec), so a stop signal that comes
+    while a worker is still importing, before `_worker_init` ignores it, waits instead of
+    killing the worker; ignoring it then discards it. The main process gets its own copy when
+    the block ends. (A `forkserver` started before the first loader does not inherit it.)
+
+    The standard library's resource tracker unblocks SIGTERM in the calling thread after it
+    launches (`spawn`'s first queue or process does that), which left the second worker
+    unguarded; it is started first.
+    """
+    sigs = _ignored_signals()
+    if not sigs or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
 def _worker_init(_: int) -> None:
     import cv2
-
     cv2.setNumThreads(1)
-    for name in WORKER_IGNORED_SIGNALS:
-        if (sig := getattr(signal, name, None)) is not None:
-            signal.signal(sig, signal.SIG_IGN)
+    sigs = _ignored_signals()
+    for sig in sigs:
+        signal.signal(sig, signal.SIG_IGN)  # discards one already pending
+    if sigs and hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, sigs)
 
 
 def _finish(raw: dict[str, Any], epoch: int) -> dict[str, Any]:

@@ -309,6 +309,40 @@ def test_a_stop_signal_to_the_process_group_leaves_the_workers_running(curated_s
     assert all(w.exitcode is not None for w in workers)  # gone with the epoch, not before
 
 
+def test_a_stop_signal_while_workers_start_waits_for_their_init(tmp_path):
+    """CI caught the window: a worker still importing (spawn) when the group's stop signal came
+    died of it, before `_worker_init` could ignore it. Workers start with the signals blocked:
+    the signal waits, the init ignores (discards) it, and the worker lives on. A fresh
+    interpreter, because the first spawn also launches the resource tracker, which unblocked
+    SIGTERM for every worker started after it."""
+    import os
+
+    script = tmp_path / "start.py"
+    script.write_text(
+        "import multiprocessing, os, signal\n"
+        "from training.data import WORKER_IGNORED_SIGNALS, _worker_init, _worker_signals_blocked\n"
+        "if __name__ == '__main__':\n"
+        "    ctx = multiprocessing.get_context('spawn')\n"
+        "    with _worker_signals_blocked():\n"
+        "        kids = [ctx.Process(target=_worker_init, args=(i,)) for i in range(3)]\n"
+        "        for k in kids:\n"
+        "            k.start()\n"
+        "    for k in kids:  # long before any child has imported anything\n"
+        "        for name in WORKER_IGNORED_SIGNALS:\n"
+        "            os.kill(k.pid, getattr(signal, name))\n"
+        "    for k in kids:\n"
+        "        k.join(120)\n"
+        "    blocked = set(signal.pthread_sigmask(signal.SIG_BLOCK, []))\n"
+        "    print([k.exitcode for k in kids], sorted(blocked))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    out = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[0, 0, 0] []"
+
+
 @pytest.mark.parametrize("ascending", [False, True])
 def test_selection_keeps_the_top_share_by_a_column(curated_shards, ascending):
     rows = _rows(curated_shards)
