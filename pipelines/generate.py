@@ -135,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     if args.fp8:
-        convert_linears_to_fp8(pipe.transformer)
+        convert_linears_to_fp8(pipe.transformer, out_dtype=dtype)  # the blocks keep --dtype
     if args.compile:
         pipe.transformer.compile_repeated_blocks()
     tiled = {"auto": None, "on": True, "off": False}[args.tiled_decode]

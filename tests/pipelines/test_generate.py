@@ -167,6 +167,33 @@ def test_generate_writes_an_image_of_the_bucket_size(
     assert pixels.std() > 0  # a real decode, not a constant fill
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_fp8_layers_return_the_dtype_asked_for(
+    model_dir: Path, embeds_file: Path, tmp_path: Path, dtype: str
+) -> None:
+    """`--fp8` made every converted layer return bf16 whatever `--dtype` said: fp16 crashed
+    with a dtype mismatch at the output projection, fp32 silently ran its blocks in bf16."""
+    from model.fp8 import Fp8Linear
+
+    seen: set[torch.dtype] = set()
+
+    def record(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
+        if isinstance(module, Fp8Linear):
+            seen.add(output.dtype)
+
+    handle = torch.nn.modules.module.register_module_forward_hook(record)
+    out = tmp_path / "img.png"
+    argv = ["--model", str(model_dir), "--size", "1024x1024", "--steps", "1", "--out", str(out)]
+    argv += ["--dtype", dtype, "--device", "cpu", "--fp8", "--prompt-embeds", str(embeds_file)]
+    try:
+        assert generate.run(cli(argv)) == 0
+    finally:
+        handle.remove()
+    assert seen == {getattr(torch, generate._DTYPES[dtype])}
+    with Image.open(out) as image:
+        assert image.size == (1024, 1024)
+
+
 def test_pipeline_without_text_encoders_and_determinism(tmp_path: Path) -> None:
     save_tiny_model(tmp_path, text_encoders=False)
     pipe = UltraFluxPipeline.from_folder(tmp_path, torch_dtype=torch.float32)
