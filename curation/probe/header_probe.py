@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import pyarrow as pa
-from PIL import Image, TiffImagePlugin, UnidentifiedImageError
+from PIL import Image, TiffImagePlugin, UnidentifiedImageError, features
 
 from curation import schema
 from curation.base import Stage, column, pending_mask, set_columns
@@ -122,6 +122,20 @@ HEIF_BRANDS = frozenset({b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b
 """ISOBMFF brands of HEIF/HEIC files (``mif1``/``msf1`` only when no AVIF brand is listed)."""
 
 
+def _iso_brands(data: bytes) -> set[bytes]:
+    """The major and compatible brands of an ISO media file's `ftyp` box (empty if none)."""
+    if data[4:8] != b"ftyp":
+        return set()
+    size = int.from_bytes(data[:4], "big")
+    end = min(len(data), size if 16 <= size <= 4096 else 64)
+    return {data[8:12], *(data[i : i + 4] for i in range(16, end - 3, 4))}
+
+
+def is_avif(data: bytes) -> bool:
+    """Whether the bytes begin as an AVIF image (brand `avif` or `avis`)."""
+    return bool(_iso_brands(data) & {b"avif", b"avis"})
+
+
 def sniff_unread_format(data: bytes) -> str | None:
     """Words for raster formats the job does not read (HEIF/HEIC, JPEG XL), else None.
 
@@ -130,12 +144,10 @@ def sniff_unread_format(data: bytes) -> str | None:
     """
     if data[:2] == b"\xff\x0a" or data[:12] == b"\x00\x00\x00\x0cJXL \r\n\x87\n":
         return "JPEG XL image: not read"
-    if data[4:8] != b"ftyp":
-        return None
-    size = int.from_bytes(data[:4], "big")
-    end = min(len(data), size if 16 <= size <= 4096 else 64)
-    brands = {data[8:12], *(data[i : i + 4] for i in range(16, end - 3, 4))}
+    brands = _iso_brands(data)
     if brands & {b"avif", b"avis"}:
+        if features.check("avif"):  # it reads AVIF, so this one is broken (`probe`)
+            return None
         return "AVIF image: this Pillow build has no AVIF decoder"
     if brands & HEIF_BRANDS:
         return "HEIF/HEIC image (HEVC-coded): not read"
@@ -215,6 +227,9 @@ def probe(data: bytes) -> dict[str, Any]:
             orientation = _orientation(img)
             icc = embedded_profile(img)
     except UnidentifiedImageError:
+        if is_avif(data) and features.check("avif"):
+            return {"reason": "decode_error", "detail": "AVIF image that does not read: "
+                    "truncated or corrupt"}
         what = sniff_unread_format(data) or sniff_tiff_layout(data) or sniff_non_image(data)
         if what:
             return {"reason": "unsupported_format", "detail": what}

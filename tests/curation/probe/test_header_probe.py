@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from PIL import Image
+from PIL import Image, features
 
 from curation import schema
+from curation.probe import header_probe
 from curation.probe.header_probe import HEIF_BRANDS, HeaderProbe, probe
 from pipelines.samples import png_bomb
 from training.colour import MAX_PROFILE_BYTES
@@ -105,6 +106,28 @@ def test_an_avif_brand_is_not_taken_for_heif():
     assert probe(buf.getvalue())["format"] == "avif"  # Pillow reads it
     broken = probe(_ftyp(b"mif1", [b"mif1", b"avif"], b"\0" * 64))
     assert not broken.get("detail", "").startswith("HEIF")
+
+
+@pytest.mark.skipif(not features.check("avif"), reason="this Pillow reads no AVIF")
+@pytest.mark.parametrize("keep", [0.5, 0.1, 2000])
+def test_a_truncated_avif_is_a_decode_error_where_pillow_reads_avif(keep, monkeypatch):
+    """A partial download of an AVIF was `unsupported_format`, telling the user to get a
+    decoder this Pillow already has."""
+    rng = np.random.default_rng(3)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (240, 320, 3), dtype=np.uint8)).save(buf, "AVIF")
+    whole = buf.getvalue()
+    cut = whole[: keep if isinstance(keep, int) else int(len(whole) * keep)]
+    assert probe(whole)["format"] == "avif"
+    row = probe(cut)
+    assert row["reason"] == "decode_error", row
+    assert "AVIF" in row["detail"] and "truncated or corrupt" in row["detail"]
+    # where Pillow has no AVIF decoder, the same bytes name the missing decoder instead
+    monkeypatch.setattr(header_probe.features, "check", lambda name: False)
+    assert probe(cut) == {
+        "reason": "unsupported_format",
+        "detail": "AVIF image: this Pillow build has no AVIF decoder",
+    }
 
 
 @pytest.mark.parametrize(
