@@ -88,13 +88,20 @@ def default_table(tier_scales: Sequence[float] = (1.0, 0.875, 0.75, 0.6875)) -> 
     return sorted(table, key=lambda b: (-b.width * b.height, b.aspect))
 
 
+def _div_round(num: Any, den: Any) -> Any:
+    """`num / den` rounded half up, in integers (ints or int arrays): exact, so an image and
+    its transpose get transposed crops (float `h * aspect` and `w / aspect` could round a
+    half apart, and put the two in different buckets)."""
+    return (2 * num + den) // (2 * den)
+
+
 def crop_box(width: int, height: int, bucket: Bucket) -> tuple[int, int, int, int]:
     """The centered box (left, top, right, bottom) of `width`×`height` at the bucket's AR."""
     if width * bucket.height > height * bucket.width:  # image wider than the bucket
-        cw = min(width, round(height * bucket.aspect))
+        cw = min(width, _div_round(height * bucket.width, bucket.height))
         left = (width - cw) // 2
         return left, 0, left + cw, height
-    ch = min(height, round(width / bucket.aspect))
+    ch = min(height, _div_round(width * bucket.height, bucket.width))
     top = (height - ch) // 2
     return 0, top, width, top + ch
 
@@ -134,11 +141,9 @@ def fits_any(widths: np.ndarray, heights: np.ndarray, table: Sequence[Bucket]) -
     h = np.asarray(heights, dtype=np.int64)[:, None]
     bw = np.array([b.width for b in table], dtype=np.int64)[None, :]
     bh = np.array([b.height for b in table], dtype=np.int64)[None, :]
-    aspect = bw / bh
     wider = w * bh > h * bw
-    # np.round rounds half to even, as Python's round() in crop_box does.
-    crop_w = np.minimum(w, np.round(h * aspect).astype(np.int64))
-    crop_h = np.minimum(h, np.round(w / aspect).astype(np.int64))
+    crop_w = np.minimum(w, _div_round(h * bw, bh))  # as in crop_box
+    crop_h = np.minimum(h, _div_round(w * bh, bw))
     ok = np.where(wider, (crop_w >= bw) & (h >= bh), (w >= bw) & (crop_h >= bh))
     return ok.any(axis=1)
 

@@ -1,6 +1,6 @@
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from curation import schema
@@ -45,6 +45,26 @@ def test_vectorised_fit_check_agrees_with_assign(shapes, custom):
         ws, hs = np.array([w for w, _ in shapes]), np.array([h for _, h in shapes])
         got = fits_any(ws, hs, table).tolist()
         assert got == [assign(w, h, table) is not None for w, h in shapes]
+
+
+def _transposed(box: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+    left, top, right, bottom = box
+    return top, left, bottom, right
+
+
+@settings(max_examples=300, deadline=None)
+@given(w=st.integers(1000, 16000), h=st.integers(1000, 16000))
+@example(w=5219, h=3605)  # an exact crop of 3530.5 px
+def test_a_transposed_image_gets_the_transposed_bucket_and_crop(w, h):
+    """5219x3605 went to 4352x2944 but 3605x5219 to 2560x3648: float rounding of a crop of
+    exactly 3530.5 px differed between the axes and tipped the crop tolerance."""
+    table = default_table()
+    assert {(b.height, b.width) for b in table} == {(b.width, b.height) for b in table}
+    one, other = assign(w, h, table), assign(h, w, table)
+    assert (one is None) == (other is None)
+    if one is not None:
+        assert (one[0].height, one[0].width) == (other[0].width, other[0].height)
+        assert _transposed(one[1]) == other[1]
 
 
 @pytest.mark.parametrize(
