@@ -100,7 +100,8 @@ from pipelines.model_pass import (
     thumbnail_folder,
     thumbnail_size,
 )
-from pipelines.stats import inputs_text
+from pipelines.model_pass import rule_summary as model_rule_summary
+from pipelines.stats import count_text, inputs_text
 
 log = logging.getLogger("native4k")
 
@@ -487,6 +488,11 @@ def _finalize(t: pa.Table) -> pa.Table:
     return set_columns(t, {schema.STATUS: status, schema.KEY: keys, schema.EXTENSION: exts})
 
 
+EXACT_COPY_OF = "exact copy of "
+NEAR_DUPLICATE_OF = "near duplicate of "
+"""How a `duplicate` row's detail begins (pass 2); the model pass's own begin otherwise."""
+
+
 def _apply_duplicates(t: pa.Table) -> pa.Table:
     """Rows with a resolved parent become `duplicate` rejections pointing at its key."""
     parents = column(t, "root")
@@ -500,9 +506,9 @@ def _apply_duplicates(t: pa.Table) -> pa.Table:
     for i, root in enumerate(parents):
         if root is None or status[i] is not None:
             continue
-        kind = "exact copy" if roots_sha[i] == shas[i] else "near duplicate"
+        kind = EXACT_COPY_OF if roots_sha[i] == shas[i] else NEAR_DUPLICATE_OF
         status[i], reason[i] = schema.STATUS_REJECTED, "duplicate"
-        detail[i] = f"{kind} of {root}"
+        detail[i] = f"{kind}{root}"
         dup_of[i] = sample_key(roots_sha[i])
     t = set_columns(
         t,
@@ -644,9 +650,16 @@ def _hashed_pending(t: pa.Table) -> pa.Table:
     )
 
 
-def dedup_decisions(rows: Any, cfg: JobConfig, partitions_for: Partitioning) -> Any | None:
+def dedup_decisions(
+    rows: Any,
+    cfg: JobConfig,
+    partitions_for: Partitioning,
+    not_roots: frozenset[str] = frozenset(),
+) -> Any | None:
     """Distributed duplicate resolution: (source → root source, root sha256) per duplicate.
 
+    `not_roots`: sample keys that may stand for nothing but their exact copies (a model rule
+    rejected them: their near duplicates are judged in their place).
     Returns None when the job has no duplicate (nothing to join back).
     """
     k = cfg.dedup.max_hamming
@@ -661,6 +674,10 @@ def dedup_decisions(rows: Any, cfg: JobConfig, partitions_for: Partitioning) -> 
     edges, num_edges = nonempty(
         group_map(banded, BAND, lambda g: match_band(g, k), partitions_for(num_banded))
     )
+    if edges is not None and not_roots:
+        edges, num_edges = nonempty(
+            edges.map_batches(_other_parents(not_roots), batch_format="pyarrow")
+        )
     if edges is None:
         return None
     parts = partitions_for(num_edges)
@@ -683,6 +700,69 @@ def dedup_decisions(rows: Any, cfg: JobConfig, partitions_for: Partitioning) -> 
         if moved == 0:
             break
     return parents.rename_columns({PARENT: "root", PARENT_SHA256: "root_sha256"})
+
+
+def _other_parents(not_roots: frozenset[str]) -> Callable[[pa.Table], pa.Table]:
+    """Drop the edges to a parent in `not_roots` (sample keys) but from its exact copies."""
+
+    def run(t: pa.Table) -> pa.Table:
+        shas, parents = column(t, schema.SHA256), column(t, PARENT_SHA256)
+        keep = [p == s or sample_key(p) not in not_roots for s, p in zip(shas, parents,
+                                                                          strict=True)]
+        return t.filter(pa.array(keep, pa.bool_()))
+
+    return run
+
+
+def _near_duplicate_pointers(t: pa.Table) -> pa.Table:
+    """`duplicate_of` of pass 2's near duplicates (not exact copies, not the model pass's)."""
+    detail = column(t, schema.DETAIL)
+    near = [
+        r == "duplicate" and (d or "").startswith(NEAR_DUPLICATE_OF)
+        for r, d in zip(column(t, schema.REASON), detail, strict=True)
+    ]
+    return t.filter(pa.array(near, pa.bool_())).select([schema.DUPLICATE_OF])
+
+
+def _rejected_keys(reasons: frozenset[str]) -> Callable[[pa.Table], pa.Table]:
+    """The sample keys of the rows the model pass rejected for one of `reasons`."""
+
+    def run(t: pa.Table) -> pa.Table:
+        keys = [
+            sample_key(sha)
+            for st, r, sha in zip(column(t, schema.STATUS), column(t, schema.REASON),
+                                  column(t, schema.SHA256), strict=True)
+            if st == schema.STATUS_REJECTED and r in reasons and sha
+        ]
+        return pa.table({"rejected_key": pa.array(keys, pa.string())})
+
+    return run
+
+
+def orphaned_roots(rows: Any, cfg: JobConfig, partitions_for: Partitioning) -> set[str]:
+    """Sample keys that pass 2 kept for near duplicates and a model rule then rejected.
+
+    Those duplicates were never scored, and one of them may pass every rule: the job judges
+    them again without that root (`dedup_decisions(not_roots=...)`).
+    """
+    reasons = frozenset(model_rule_summary(cfg))
+    if not reasons:
+        return set()
+    near, num_near = nonempty(rows.map_batches(_near_duplicate_pointers, batch_format="pyarrow"))
+    if near is None:
+        return set()
+    rejected, num_rejected = nonempty(
+        rows.select_columns([schema.STATUS, schema.REASON, schema.SHA256]).map_batches(
+            _rejected_keys(reasons), batch_format="pyarrow"
+        )
+    )
+    if rejected is None:
+        return set()
+    hit = grouping.join(
+        near, rejected, "left_semi", partitions_for(num_near + num_rejected),
+        on=(schema.DUPLICATE_OF,), right_on=("rejected_key",),
+    )
+    return {r[schema.DUPLICATE_OF] for r in hit.take_all()}
 
 
 _ROOT_SCHEMA = pa.schema(
@@ -1590,6 +1670,20 @@ def lost_to_the_cluster(exc: BaseException | None) -> bool:
     return False
 
 
+MAX_DEDUP_ROUNDS = 4
+"""Model passes at most per job: each after the first judges the near duplicates of roots the
+one before rejected (`orphaned_roots`); a model pass takes the earlier rounds' scores from its
+cache."""
+
+
+def _with_decisions(rows: Any, decisions: Any | None, parts: int) -> Any:
+    """The rows with pass 2's duplicates rejected (`decisions`: source → root)."""
+    if decisions is None:
+        return rows
+    rows = grouping.join(rows, decisions, "left_outer", parts, on=(schema.SOURCE,))
+    return rows.map_batches(_apply_duplicates, batch_format="pyarrow")
+
+
 def _decide_and_write(
     rd: Any,
     cfg: JobConfig,
@@ -1632,31 +1726,50 @@ def _decide_and_write(
                 f"native4k: {num_repeats} stored analysis rows repeated a source another row "
                 f"holds ({_repeat_cause(listing, partitions_for)}): one row per source kept"
             )
+        rows = rows.materialize()
+        analysed = rows
         decisions = (
             dedup_decisions(rows, cfg, partitions_for)
             if cfg.dedup.enabled
             else exact_copy_decisions(rows, partitions_for)
         )
-        if decisions is not None:
-            parts = partitions_for(num_rows)
-            rows = grouping.join(rows, decisions, "left_outer", parts, on=(schema.SOURCE,))
-            rows = rows.map_batches(_apply_duplicates, batch_format="pyarrow")
+        rows = _with_decisions(rows, decisions, partitions_for(num_rows))
 
     # Model pass: scores, model rules, semantic duplicates, captions (pipelines/model_pass.py).
-    with passes.run("models", num_rows):
-        models = run_model_pass(
-            rd,
-            rows,
-            cfg,
-            output=output,
-            work=join(output, "_work"),
-            partitions=partitions_for,
-            cpus=partitions_for.cpus,
-            warm=warm,
-        )
-        rows = models.rows
-        for note in models.notes:
-            passes.echo(f"native4k: {note}")
+    # A near duplicate stands for its root; when a model rule rejects that root, its near
+    # duplicates were never scored, so they are judged again without it: the best of them
+    # takes its place (scores and captions of rows judged before come from the caches).
+    not_roots: set[str] = set()
+    for round_ in range(MAX_DEDUP_ROUNDS):
+        with passes.run("models", num_rows):
+            models = run_model_pass(
+                rd,
+                rows,
+                cfg,
+                output=output,
+                work=join(output, "_work"),
+                partitions=partitions_for,
+                cpus=partitions_for.cpus,
+                warm=warm,
+            )
+            if round_ == 0:
+                for note in models.notes:
+                    passes.echo(f"native4k: {note}")
+            if decisions is None or not cfg.dedup.enabled:
+                break
+            new = orphaned_roots(models.rows, cfg, partitions_for) - not_roots
+            if not new or round_ == MAX_DEDUP_ROUNDS - 1:
+                break
+            not_roots |= new
+            passes.echo(
+                f"native4k: a model rule rejected {count_text(len(new), 'image')} that "
+                "near duplicates stood for: judging those duplicates without "
+                f"{'it' if len(new) == 1 else 'them'}"
+            )
+        with passes.run("dedup", num_inputs):
+            decisions = dedup_decisions(analysed, cfg, partitions_for, frozenset(not_roots))
+            rows = _with_decisions(analysed, decisions, partitions_for(num_rows))
+    rows = models.rows
 
     # Pass 3: buckets, shard plan, shards.
     records = _changed_records(output) if retry_changed else {}

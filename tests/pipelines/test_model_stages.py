@@ -659,3 +659,49 @@ def test_kept_results_count_only_for_the_rows_they_were_computed_from():
             assert not [c for c in r if c.startswith((MATCH, KEPT))]
 
     check()
+
+
+def test_a_duplicate_takes_the_place_of_a_root_a_model_rule_rejects(local_ray, tmp_path, capsys):
+    """pHash de-duplication runs before the models, so it kept the larger copy (a noisy
+    re-encode) for the pair; piqe then rejected it, and the clean copy, never scored, was lost
+    as a `duplicate` of a sample that is not in the shards. The near duplicates of a root a
+    model rule rejects are judged again without it."""
+    from pipelines.cli import main
+    from pipelines.samples import encode, render
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    clean = render(512, 320, 91)
+    noise = np.random.default_rng(0).normal(0, 25, clean.shape)
+    noisy = np.clip(clean.astype(np.float32) + noise, 0, 255).astype(np.uint8)
+    files = {
+        "clean.jpg": encode(clean, "JPEG", quality=93),
+        "noisy.jpg": encode(noisy, "JPEG", quality=97),  # larger: pass 2 prefers it
+        "other.jpg": encode(render(448, 320, 7), "JPEG", quality=93),
+    }
+    files["noisy_copy.jpg"] = files["noisy.jpg"]  # an exact copy stays the root's copy
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    small = ["--set", "probe.min_pixels=65536",
+             "--set", "bucket.tier_scales=[1.0,0.5,0.25,0.125,0.0625,0.05]"]  # fmt: skip
+
+    def job(out: Path, *more: str) -> dict[str, dict]:
+        assert main(["curate", str(folder), "--output", str(out), *small, *more]) == 0
+        return {Path(r[schema.SOURCE]).name: r for r in _manifest(out)}
+
+    plain = job(tmp_path / "plain")  # no quality rule: the noisy copy stands for the pair
+    assert {n for n, r in plain.items() if r[schema.STATUS] == "kept"} == {"noisy.jpg", "other.jpg"}
+    assert plain["clean.jpg"][schema.DETAIL].startswith("near duplicate of ")
+    capsys.readouterr()
+    rows = job(tmp_path / "ruled", "--set", "score.max_quality=30")
+    out = capsys.readouterr().out
+    assert rows["noisy.jpg"][schema.REASON] == "low_quality"
+    assert rows["noisy.jpg"][schema.QUALITY] > 30 >= rows["clean.jpg"][schema.QUALITY]
+    assert rows["clean.jpg"][schema.STATUS] == "kept"
+    assert rows["other.jpg"][schema.STATUS] == "kept"
+    assert rows["noisy_copy.jpg"][schema.DETAIL].startswith("exact copy of ")
+    kept = {r[schema.KEY] for r in rows.values() if r[schema.STATUS] == "kept"}
+    near = [r for r in rows.values() if (r[schema.DETAIL] or "").startswith("near duplicate")]
+    assert all(r[schema.DUPLICATE_OF] in kept for r in near)
+    assert "a model rule rejected 1 image that near duplicates stood for" in out
+    assert "2 kept" in out
