@@ -349,6 +349,10 @@ class CaptionConfig:
     translation_max_new_tokens: int = _f(128, "Longest translation, in generated tokens.")
 
 
+MIN_OBJECT_STORE_BYTES = 75 * 1024 * 1024
+"""The smallest object store `ray.init` accepts."""
+
+
 @dataclass(kw_only=True)
 class RayConfig:
     """How the job uses Ray."""
@@ -450,6 +454,17 @@ class JobConfig:
             (0 <= s.character_threshold <= 1, "score.character_threshold", "must be in [0, 1]"),
             (-1 <= s.semantic_threshold <= 1, "score.semantic_threshold", "must be in [-1, 1]"),
             (s.quantile_points >= 2, "score.quantile_points", "must be at least 2"),
+            (s.semantic_exact_max >= 0, "score.semantic_exact_max", "must be >= 0"),
+            (
+                s.min_quality is None or s.max_quality is None or s.min_quality < s.max_quality,
+                "score.min_quality",
+                "must be below score.max_quality (with both, an image must lie between them)",
+            ),
+            (
+                c.translation_max_new_tokens >= 1,
+                "caption.translation_max_new_tokens",
+                "must be at least 1",
+            ),
             (
                 bool(m.clip_weights) or not (m.aesthetic_weights or m.safety_weights),
                 "models.clip_weights",
@@ -502,13 +517,23 @@ class JobConfig:
                 "probe.min_aspect",
                 "must be in (0, probe.max_aspect)",
             ),
+            (p.max_file_bytes > 0, "probe.max_file_bytes", "must be positive"),
             (a.flat_patch >= 8, "analyze.flat_patch", "must be at least 8"),
+            (a.flat_variance >= 0, "analyze.flat_variance", "must be >= 0"),
+            (0 <= a.min_native_score <= 1, "analyze.min_native_score", "must be in [0, 1]"),
             (0 <= a.max_flat_fraction <= 1, "analyze.max_flat_fraction", "must be in [0, 1]"),
             (0 <= a.min_entropy <= 8, "analyze.min_entropy", "must be in [0, 8] bits"),
             (0 <= self.dedup.max_hamming < 32, "dedup.max_hamming", "must be in [0, 31]"),
             (self.shard.max_samples > 0, "shard.max_samples", "must be positive"),
             (self.shard.max_bytes > 0, "shard.max_bytes", "must be positive"),
             (self.ray.num_cpus >= 0, "ray.num_cpus", "must be >= 0"),
+            (
+                self.ray.object_store_memory == 0
+                or self.ray.object_store_memory >= MIN_OBJECT_STORE_BYTES,
+                "ray.object_store_memory",
+                f"must be 0 (Ray's default) or at least {MIN_OBJECT_STORE_BYTES} bytes (75 MiB, "
+                "Ray's minimum)",
+            ),
             (self.ray.rows_per_partition > 0, "ray.rows_per_partition", "must be positive"),
             (bool(self.bucket.tier_scales), "bucket.tier_scales", "must not be empty"),
             (all(s > 0 for s in self.bucket.tier_scales), "bucket.tier_scales", "must be positive"),

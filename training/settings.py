@@ -66,7 +66,9 @@ def apply_overrides(
         node = tree
         parts = dotted.strip().split(".")
         for p in parts[:-1]:
-            node = node.setdefault(p, {})
+            if node.get(p) is None:  # absent, or an empty section (`probe:` alone): defaults
+                node[p] = {}
+            node = node[p]
             if not isinstance(node, dict):
                 raise error(f"config key '{dotted}' does not name a setting")
         if not raw.strip():

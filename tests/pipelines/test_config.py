@@ -43,6 +43,14 @@ def test_yaml_and_overrides_apply(tmp_path):
         # nudenet's 640m model at 640 px needs thumbnails that large; its side is on the grid
         ("models:\n  nudenet_resolution: 640\n", "models.nudenet_resolution"),
         ("models:\n  nudenet_resolution: 300\n", "models.nudenet_resolution"),
+        # each of these made the job reject every input, or fail at Ray's start
+        ("probe:\n  max_file_bytes: 0\n", "probe.max_file_bytes"),
+        ("score:\n  min_quality: 50\n  max_quality: 10\n", "score.min_quality"),
+        ("analyze:\n  min_native_score: 1.5\n", "analyze.min_native_score"),
+        ("analyze:\n  flat_variance: -1\n", "analyze.flat_variance"),
+        ("ray:\n  object_store_memory: 1000\n", "ray.object_store_memory"),
+        ("score:\n  semantic_exact_max: -5\n", "score.semantic_exact_max"),
+        ("caption:\n  translation_max_new_tokens: 0\n", "caption.translation_max_new_tokens"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path, text, key):
@@ -50,6 +58,16 @@ def test_bad_config_names_the_key(tmp_path, text, key):
     f.write_text(text)
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(f)
+
+
+def test_an_empty_section_takes_overrides(tmp_path):
+    """`probe:` alone (every key of `native4k config`'s output commented out) is the section's
+    defaults; `--set probe.min_pixels=...` said it named no setting."""
+    f = tmp_path / "c.yaml"
+    f.write_text("probe:\nanalyze:\n  # min_entropy: 6\n")
+    cfg = load_config(f, overrides=["probe.min_pixels=1000", "analyze.min_entropy=5"])
+    assert (cfg.probe.min_pixels, cfg.analyze.min_entropy) == (1000, 5)
+    assert cfg.probe.max_pixels == JobConfig().probe.max_pixels
 
 
 def test_dump_is_documented_and_round_trips(tmp_path):
