@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from curation.io.atomic import storage_errors
 from pipelines.arguments import at_least
 
 
@@ -53,6 +54,9 @@ def _run_and_report(args: argparse.Namespace, cfg: Any) -> int:
     except ValueError as e:
         print(f"native4k: {e}", file=sys.stderr)
         return 2
+    except storage_errors() as e:  # outside a pass: OUT's or an INPUT's storage said no
+        print(f"native4k: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
     for note in result.notes:
         print(f"native4k: {note}")
     print()
@@ -89,16 +93,6 @@ def _stop_ray() -> None:
             info.process.kill()
             info.process.wait(timeout=1)
     ray.shutdown()
-
-
-def storage_errors() -> tuple[type[Exception], ...]:
-    """Errors of reading or writing OUT that are the storage's, not the program's: OSError,
-    and botocore's own (no credentials, an unreachable endpoint), which are not OSErrors."""
-    try:
-        from botocore.exceptions import BotoCoreError, ClientError
-    except ImportError:  # no S3 support installed
-        return (OSError,)
-    return (OSError, BotoCoreError, ClientError)
 
 
 def _audit_error(output: str, e: Exception) -> int:

@@ -60,7 +60,7 @@ from curation.dedup.near_dup import (
     pick_parent,
     with_captioned,
 )
-from curation.io.atomic import atomic_write, is_local, join, part_name
+from curation.io.atomic import atomic_write, is_local, join, part_name, storage_errors
 from curation.io.listing import (
     TAR_EXTENSIONS,
     InputSpec,
@@ -1434,16 +1434,46 @@ def _check_output_folder(output: str) -> None:
             is not writable.
     """
     if not is_local(output):
+        _check_output_store(output)
         return
     path = local_path(output)
     existing = path
     while not os.path.lexists(existing) and os.path.dirname(existing) != existing:
         existing = os.path.dirname(existing)
+    if os.path.islink(existing) and not os.path.exists(existing):
+        raise ValueError(
+            f"the output {output} cannot be created: {existing} is a link to "
+            f"{os.readlink(existing)}, which does not exist (a storage not mounted?)"
+        )
     if os.path.exists(existing) and not os.path.isdir(existing):
         where = "it is a file" if existing == path else f"{existing} is a file"
         raise ValueError(f"the output {output} is not a folder ({where}); give OUT a folder")
     if os.path.isdir(existing) and not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"the output {output} cannot be written ({existing} is read-only)")
+    try:  # the job creates it anyway; a system folder (/proc, /sys) says no only here
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"the output {output} cannot be created: {e.strerror or e}") from None
+
+
+def _check_output_store(output: str) -> None:
+    """An object-store OUT must answer (credentials, endpoint, bucket) before Ray starts.
+
+    Raises:
+        ValueError: one line with the store's own words.
+    """
+    try:
+        fs, path = fsspec.core.url_to_fs(output)
+        bucket = path.split("/", 1)[0]
+        try:
+            fs.info(bucket)  # `exists` says False for missing credentials too
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no bucket {bucket!r} there") from None
+        except PermissionError:  # a policy for some prefixes only: the writes will tell
+            pass
+    except (ImportError, *storage_errors()) as e:
+        words = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"the output {output} cannot be used: {words}") from None
 
 
 LOCK = "lock"

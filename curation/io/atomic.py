@@ -19,6 +19,16 @@ STAGING_DEPTH = 4
 """How many folders above a target are searched for the output's `_work` folder."""
 
 
+def storage_errors() -> tuple[type[Exception], ...]:
+    """Errors of reading or writing OUT that are the storage's, not the program's: OSError,
+    and botocore's own (no credentials, an unreachable endpoint), which are not OSErrors."""
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+    except ImportError:  # no S3 support installed
+        return (OSError,)
+    return (OSError, BotoCoreError, ClientError)
+
+
 def is_local(uri: str) -> bool:
     """True for plain paths and file:// URIs."""
     return "://" not in uri or uri.startswith("file://")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import tarfile
+import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -176,6 +178,34 @@ def test_an_output_that_cannot_be_a_folder_is_one_line_before_any_work(tmp_path,
         assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
         assert err.startswith(f"native4k: the output {out} ") and "not a folder" in err, err
     assert afile.read_text() == "not a folder"
+
+
+def test_an_output_that_cannot_be_created_or_reached_is_one_line_before_any_work(
+    s3_server, tmp_path, capsys
+):
+    """A link to an unmounted storage, a system folder, or a bucket that is not there: a
+    traceback from `os.makedirs`, or botocore's after Ray's start-up and the listing."""
+    from pipelines.cli import main
+    from pipelines.samples import encode, render
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(encode(render(512, 320, 1), "JPEG", quality=90))
+    (tmp_path / "nas").symlink_to("/mnt/native4k-not-mounted")
+    cases = {
+        str(tmp_path / "nas"): "link to /mnt/native4k-not-mounted, which does not exist",
+        str(tmp_path / "nas" / "out"): "link to /mnt/native4k-not-mounted, which does not",
+        "/proc/native4k-out": "cannot be created",
+        "s3://native4k-no-such-bucket/out": "no bucket 'native4k-no-such-bucket' there",
+    }
+    for out, words in cases.items():
+        started = time.monotonic()
+        assert main(["curate", str(folder), "--output", out]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        assert err.startswith(f"native4k: the output {out} ") and words in err, err
+        assert time.monotonic() - started < 10  # before Ray starts
+    assert not os.path.lexists("/mnt/native4k-not-mounted")
 
 
 def test_a_second_job_on_an_output_in_use_is_refused(tmp_path, capsys):
