@@ -96,6 +96,7 @@ from pipelines.model_pass import (
     WARM_MAX_INPUTS,
     ThumbnailSink,
     WarmWorker,
+    plan_models,
     run_model_pass,
     thumbnail_folder,
     thumbnail_size,
@@ -863,6 +864,23 @@ def check_ray_address(address: str, timeout: float = CLUSTER_PROBE_SECONDS) -> N
         ) from None
 
 
+def gpu_shortfall(cfg: JobConfig, gpus: float) -> str:
+    """Words for the model stages' GPUs (`score.num_gpus`, `caption.num_gpus`) that a cluster
+    with `gpus` GPUs in all cannot give; "" when it can (or no stage that runs asks)."""
+    plan = plan_models(cfg)
+    asks = [
+        (key, n)
+        for key, n, runs in (
+            ("score.num_gpus", cfg.score.num_gpus, plan.scores),
+            ("caption.num_gpus", cfg.caption.num_gpus, plan.caption or plan.translate),
+        )
+        if runs and n > gpus
+    ]
+    return "; ".join(
+        f"{key}={n:g} asks for GPUs the cluster lacks ({gpus:g} in all)" for key, n in asks
+    )
+
+
 def init_ray(cfg: JobConfig, address: str | None) -> Any:
     """Connect to a cluster (`address`) or start a local Ray instance."""
     import ray
@@ -1564,6 +1582,12 @@ def run_curate(
             rd = ray.data
             configure_progress(rd, sys.stdout.isatty())
             cpus = int(ray.cluster_resources().get("CPU", 1))
+            short = gpu_shortfall(cfg, ray.cluster_resources().get("GPU", 0.0))
+            if short and not ray_address:  # a local instance never grows: its actors would wait
+                raise ClusterUnreachable(f"{short}; this machine's Ray has none to give")
+            if short:
+                echo(f"native4k: {short}: the model pass waits for a node that has them (an "
+                     "autoscaler adds one if the cluster config names GPU nodes)")
             partitions_for = Partitioning(cpus, cfg.ray.rows_per_partition)
             # A small job's actor starts now: its imports overlap the listing and the analysis.
             warm = WarmWorker.start(cfg) if few_local_files(specs, WARM_MAX_INPUTS) else None

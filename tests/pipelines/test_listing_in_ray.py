@@ -285,3 +285,28 @@ def test_a_tar_leaves_its_ray_task_in_several_blocks(local_ray, tmp_path):
         f"{i:02d}.jpg" for i in range(40)
     ]
     assert all(r[schema.CAPTION_EN] == "c" for r in rows)
+
+
+def test_model_gpus_a_local_ray_lacks_are_refused_not_waited_for(local_ray, tmp_path, capsys):
+    """`score.num_gpus=1` on a machine without a GPU: the job printed its analysis, then its
+    scoring actor waited for a GPU forever, saying nothing."""
+    from pipelines.cli import main
+    from pipelines.config import load_config
+    from pipelines.curate import gpu_shortfall
+    from pipelines.samples import encode, render
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(encode(render(512, 320, 1), "JPEG", quality=90))
+    for key in ("score.num_gpus", "caption.num_gpus"):
+        cfg = load_config(overrides=[f"{key}=1", "models.caption_model=/nowhere"])
+        assert gpu_shortfall(cfg, 0.0).startswith(f"{key}=1 asks for GPUs the cluster lacks")
+        assert gpu_shortfall(cfg, 1.0) == ""
+    off = load_config(overrides=["score.num_gpus=2", "score.enabled=false"])
+    assert gpu_shortfall(off, 0.0) == ""  # no stage that runs asks
+    out = tmp_path / "out"
+    assert main(["curate", str(folder), "--output", str(out), *_SMALL,
+                 "--set", "score.enabled=true", "--set", "score.num_gpus=1"]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "score.num_gpus=1 asks for GPUs the cluster lacks (0 in all)" in err
