@@ -2077,6 +2077,13 @@ def duplicate_rule(cfg: JobConfig, semantic: int, duplicates: int) -> dict[str, 
     return {"rule": rule, "setting": " / ".join(s for s in order if s)}
 
 
+def _input_identity(uri: str) -> str:
+    """An INPUT as a rerun must match it: a local path resolved (`in`, `./in/` and its absolute
+    path are one input), an object-store URI as typed (`s3://b/a.jpg/` is a prefix, `a.jpg`
+    an object)."""
+    return os.path.realpath(local_path(uri)) if is_local(uri) else uri
+
+
 def _reset_if_changed(work: str, inputs: Sequence[str], cfg: JobConfig) -> list[str]:
     """Forget an earlier run's analysis when it ran on other inputs or analysis settings.
 
@@ -2090,8 +2097,10 @@ def _reset_if_changed(work: str, inputs: Sequence[str], cfg: JobConfig) -> list[
         "input": to_dict(cfg.input),
     }
 
-    def job(analysis: dict[str, Any]) -> str:
-        return json.dumps({"inputs": list(inputs), "analysis": analysis}, sort_keys=True)
+    named = sorted({_input_identity(u) for u in inputs})
+
+    def job(analysis: dict[str, Any], given: list[str] = named) -> str:
+        return json.dumps({"inputs": given, "analysis": analysis}, sort_keys=True)
 
     marker = join(work, "job.json")
     fs, path = fsspec.core.url_to_fs(marker)
@@ -2107,7 +2116,7 @@ def _reset_if_changed(work: str, inputs: Sequence[str], cfg: JobConfig) -> list[
             if 0 in (earlier, settings["thumbnails"]):
                 same = {**settings, "thumbnails": earlier}
                 settings = {**settings, "thumbnails": max(earlier, settings["thumbnails"])}
-        if before != job(same):
+        if before not in (job(same), job(same, list(inputs))):  # (as typed: before 2026-12-07)
             _clear_work(work)
             notes.append("inputs or configuration changed since the last run: analysing afresh")
     _write_text(marker, job(settings))

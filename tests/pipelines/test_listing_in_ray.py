@@ -310,3 +310,28 @@ def test_model_gpus_a_local_ray_lacks_are_refused_not_waited_for(local_ray, tmp_
     err = capsys.readouterr().err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert "score.num_gpus=1 asks for GPUs the cluster lacks (0 in all)" in err
+
+
+def test_the_same_input_typed_another_way_keeps_the_analysis(
+    local_ray, tmp_path, capsys, monkeypatch
+):
+    """`in` then `in/` (or a relative path, or the INPUTs in another order) counted as
+    changed inputs: the rerun deleted all of `_work`, cached model scores and captions too."""
+    from pipelines.cli import main
+    from pipelines.samples import encode, render
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / f"{name}.jpg").write_bytes(
+            encode(render(512, 320, ord(name)), "JPEG", quality=90)
+        )
+    out = tmp_path / "out"
+    typed = [[str(tmp_path / "a"), str(tmp_path / "b")], ["a/", "./b"], ["b", str(tmp_path / "a/")]]
+    for i, inputs in enumerate(typed):
+        assert main(["curate", *inputs, "--output", str(out), *_SMALL]) == 0
+        said = capsys.readouterr().out
+        assert "analysing afresh" not in said
+        assert f"{0 if i == 0 else 2} rows already analysed by an earlier run" in said, said
+    assert main(["curate", "a", "--output", str(out), *_SMALL]) == 0  # another job
+    assert "inputs or configuration changed" in capsys.readouterr().out
