@@ -280,6 +280,10 @@ class DitTrainConfig:
             "give exactly one of model.pretrained (a folder) and model.architecture (random init)",
         )
         _check(bool(m.vae), "model.vae", "is required: the F16 VAE folder that encodes pixels")
+        if m.architecture:
+            from model.transformer import UltraFluxTransformer2DModel
+
+            _check_architecture(m.architecture, UltraFluxTransformer2DModel, "model.architecture")
         _check_attention_backend(m.attention_backend)
         if m.rope_method is not None:
             from model.rope import ROPE_METHODS
@@ -428,6 +432,10 @@ class VaeTrainConfig:
             "model.pretrained",
             "give exactly one of model.pretrained (a folder) and model.architecture (random init)",
         )
+        if m.architecture:
+            from model.vae import AutoencoderKLF16
+
+            _check_architecture(m.architecture, AutoencoderKLF16, "model.architecture")
         _check(self.loop.max_steps > 0, "loop.max_steps", "must be positive")
         _check(
             min(lo.l2_weight, lo.wavelet_weight, lo.perceptual_weight) >= 0,
@@ -472,6 +480,7 @@ def _validate_common(optim: OptimConfig, loop: LoopConfig, par: ParallelConfig) 
     _check(optim.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
     _check(0 <= optim.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
     _check(loop.max_steps >= 0, "loop.max_steps", "must be >= 0")
+    _check_output_dir(loop.output_dir)
     _check(loop.grad_accum_steps >= 1, "loop.grad_accum_steps", "must be >= 1")
     _check(0 <= loop.ema_decay < 1, "loop.ema_decay", "must be in [0, 1)")
     _check(loop.log_every >= 1, "loop.log_every", "must be >= 1")
@@ -488,6 +497,31 @@ def _validate_common(optim: OptimConfig, loop: LoopConfig, par: ParallelConfig) 
         "parallel.compile",
         "needs a CUDA device (set loop.device: cuda or auto on a GPU machine)",
     )
+
+
+def _check_output_dir(output_dir: str) -> None:
+    """`loop.output_dir` must be a folder the run can create: not a file, nor under one."""
+    path = Path(output_dir)
+    existing = path
+    while not existing.exists() and not existing.is_symlink() and existing.parent != existing:
+        existing = existing.parent
+    where = "it is a file" if existing == path else f"{existing} is a file"
+    _check(existing.is_dir() or not existing.exists(), "loop.output_dir",
+           f"must be a folder ({where})")
+    _check(not (existing.is_symlink() and not existing.exists()), "loop.output_dir",
+           f"cannot be created ({existing} is a link to a path that does not exist)")
+
+
+def _check_architecture(arch: dict[str, Any], cls: type, key: str) -> None:
+    """Every `model.architecture` key is an argument of the model class; no size is negative."""
+    import inspect
+
+    known = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    unknown = sorted(set(arch) - set(known))
+    _check(not unknown, key, f"has unknown key(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    bad = sorted(k for k, v in arch.items()
+                 if isinstance(v, int) and not isinstance(v, bool) and v < 0)
+    _check(not bad, key, f"sizes must not be negative: {', '.join(f'{k}={arch[k]}' for k in bad)}")
 
 
 def _check(ok: bool, key: str, message: str) -> None:

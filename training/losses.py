@@ -163,13 +163,22 @@ def _load_state_dict(path: str | Path, what: str, how: str) -> dict[str, torch.T
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} weight file {path} not found: {how}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        return load_file(str(path))
-    loaded = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(loaded, dict):
-        raise ValueError(f"{path} does not hold a state dict of tensors")
+            return load_file(str(path))
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # not a weight file: pickle, zip and safetensors each say it otherwise
+        words = (str(e).splitlines() or [""])[0][:200]
+        raise ValueError(
+            f"{what} weight file {path} does not read as weights ({type(e).__name__}: "
+            f"{words}): {how}"
+        ) from None
+    if not isinstance(loaded, dict) or not all(
+        isinstance(v, torch.Tensor) for v in loaded.values()
+    ):
+        raise ValueError(f"{what} weight file {path} does not hold a state dict of tensors: {how}")
     return loaded
 
 
@@ -196,7 +205,7 @@ class PerceptualLoss(nn.Module):
             vgg_weights,
             "VGG16",
             "copy torchvision's vgg16-397923af.pth (ImageNet VGG16) to this machine and name it "
-            "in the config (perceptual.vgg_weights)",
+            "in the config (loss.vgg_weights)",
         )
         state = {k.removeprefix("features."): v for k, v in state.items() if "classifier" not in k}
         missing, unexpected = self.features.load_state_dict(state, strict=False)
@@ -211,7 +220,7 @@ class PerceptualLoss(nn.Module):
                 lpips_weights,
                 "LPIPS",
                 "copy the LPIPS release's weights/v0.1/vgg.pth to this machine, or leave "
-                "perceptual.lpips_weights empty for uniform channel weights",
+                "loss.lpips_weights empty for uniform channel weights",
             )
             try:
                 lin = [heads[f"lin{i}.model.1.weight"].float() for i in range(5)]

@@ -123,6 +123,13 @@ def test_an_override_that_is_not_yaml_is_its_text(tmp_path: Path) -> None:
         ("dit", "stages=[{steps: 2, t_max: 0.0005}]", r"'stages\[0\].t_min' the band"),
         # a token count below one: the resolution shift's line ran through a negative count
         ("dit", "timesteps.base_image_seq_len=-1", r"'timesteps.base_image_seq_len' must be at"),
+        # a traceback from the model's constructor, or a DiT of -1 layers that trained
+        ("dit", "model.architecture.bogus=1", r"'model.architecture' has unknown key\(s\) bogus"),
+        ("vae", "model.architecture.bogus=1", r"'model.architecture' has unknown key\(s\) bogus"),
+        ("dit", "model.architecture.num_layers=-1", r"must not be negative: num_layers=-1"),
+        # FileExistsError from mkdir once the run began
+        ("dit", "loop.output_dir=FILE", r"'loop.output_dir' must be a folder \(it is a file\)"),
+        ("vae", "loop.output_dir=FILE/run", r"'loop.output_dir' must be a folder \(.* is a file"),
     ],
 )
 def test_settings_that_cannot_train_are_refused_up_front(
@@ -134,6 +141,8 @@ def test_settings_that_cannot_train_are_refused_up_front(
     if override.startswith("data.crop_size"):
         tree["data"]["mode"] = "crop"
     load_train_config(cls, data=tree, check_files=False)  # the tree itself is fine
+    (tmp_path / "a_file").write_text("not a folder")
+    override = override.replace("FILE", str(tmp_path / "a_file"))
     with pytest.raises(TrainConfigError, match=message):
         load_train_config(cls, data=tree, overrides=[override], check_files=False)
 

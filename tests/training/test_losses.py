@@ -145,6 +145,15 @@ def test_perceptual_loss_from_local_file(vgg_file: Path, tmp_path: Path) -> None
     assert torch.allclose(weighted(x, noisy), 2 * d_noisy, rtol=1e-5)
     with pytest.raises(FileNotFoundError, match=r"missing\.pth.*vgg16-397923af"):
         PerceptualLoss(tmp_path / "missing.pth")
+    # a file that is no weight file was a KeyError (or a safetensors error) traceback
+    (tmp_path / "notes.pth").write_text("not weights")
+    (tmp_path / "notes.safetensors").write_text("not weights")
+    torch.save({"weights": [1, 2]}, tmp_path / "listed.pth")
+    for name in ("notes.pth", "notes.safetensors", "listed.pth"):
+        with pytest.raises(ValueError, match=rf"VGG16 weight file .*{name} does not .*vgg16-3979"):
+            PerceptualLoss(tmp_path / name)
+    with pytest.raises(ValueError, match=r"notes\.pth does not read as weights"):
+        PerceptualLoss(vgg_file, tmp_path / "notes.pth")
 
 
 def test_vae_loss_terms(vgg_file: Path) -> None:
