@@ -1566,7 +1566,7 @@ def run_curate(
     table = bucket_table(cfg)
     output = output if not is_local(output) else os.path.abspath(output.removeprefix("file://"))
     passes = _Passes(output, echo)
-    with passes.run("listing", len(inputs), user_errors=(ValueError, OSError)):
+    with passes.run("listing", len(inputs), user_errors=(ValueError, *storage_errors())):
         specs = plan_inputs(inputs, list_extensions=cfg.input.list_extensions)
         _check_output_apart(specs, output)
         specs, covered = drop_covered_inputs(

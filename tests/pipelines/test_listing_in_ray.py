@@ -335,3 +335,23 @@ def test_the_same_input_typed_another_way_keeps_the_analysis(
         assert f"{0 if i == 0 else 2} rows already analysed by an earlier run" in said, said
     assert main(["curate", "a", "--output", str(out), *_SMALL]) == 0  # another job
     assert "inputs or configuration changed" in capsys.readouterr().out
+
+
+def test_an_s3_input_without_credentials_is_a_usage_error_not_a_failed_pass(tmp_path):
+    """botocore's NoCredentialsError is no OSError: the listing pass 'failed' with a log of
+    its traceback and the advice to rerun, which cannot help."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_EC2_METADATA_DISABLED="true", AWS_CONFIG_FILE=str(tmp_path / "none"),
+               AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), RAY_AUTH_MODE="disabled")
+    done = subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", "curate", "s3://native4k-nocreds/in",
+         "--output", str(tmp_path / "out")],
+        capture_output=True, text=True, env=env, timeout=300, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    err = done.stderr.strip()
+    assert done.returncode == 2, err
+    assert err.splitlines()[-1] == "native4k: NoCredentialsError: Unable to locate credentials"
+    assert "rerun" not in err and "Traceback" not in err
