@@ -520,7 +520,11 @@ class JobConfig:
             (p.max_file_bytes > 0, "probe.max_file_bytes", "must be positive"),
             (a.flat_patch >= 8, "analyze.flat_patch", "must be at least 8"),
             (a.flat_variance >= 0, "analyze.flat_variance", "must be >= 0"),
-            (0 <= a.min_native_score <= 1, "analyze.min_native_score", "must be in [0, 1]"),
+            (
+                a.min_native_score <= 1,
+                "analyze.min_native_score",
+                "must be at most 1 (native_score lies in [0, 1]; 0 or less keeps every image)",
+            ),
             (0 <= a.max_flat_fraction <= 1, "analyze.max_flat_fraction", "must be in [0, 1]"),
             (0 <= a.min_entropy <= 8, "analyze.min_entropy", "must be in [0, 8] bits"),
             (0 <= self.dedup.max_hamming < 32, "dedup.max_hamming", "must be in [0, 31]"),
