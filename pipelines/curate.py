@@ -1780,8 +1780,7 @@ def _decide_and_write(
                 f"native4k: {num_repeats} stored analysis rows repeated a source another row "
                 f"holds ({_repeat_cause(listing, partitions_for)}): one row per source kept"
             )
-        rows = rows.materialize()
-        analysed = rows
+        analysed = rows  # materialised (`one_row_per_source`): each round reads it again
         decisions = (
             dedup_decisions(rows, cfg, partitions_for)
             if cfg.dedup.enabled

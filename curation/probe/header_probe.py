@@ -145,9 +145,7 @@ def sniff_unread_format(data: bytes) -> str | None:
     if data[:2] == b"\xff\x0a" or data[:12] == b"\x00\x00\x00\x0cJXL \r\n\x87\n":
         return "JPEG XL image: not read"
     brands = _iso_brands(data)
-    if brands & {b"avif", b"avis"}:
-        if features.check("avif"):  # it reads AVIF, so this one is broken (`probe`)
-            return None
+    if brands & {b"avif", b"avis"}:  # (where Pillow reads AVIF, `probe` calls it broken first)
         return "AVIF image: this Pillow build has no AVIF decoder"
     if brands & HEIF_BRANDS:
         return "HEIF/HEIC image (HEVC-coded): not read"
