@@ -92,11 +92,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Generate one image as ``args`` say; return the exit status (0 ok, 1 load, 2 usage)."""
     if (args.prompt is None) == (args.prompt_embeds is None):
-        print("error: give exactly one of --prompt and --prompt-embeds", file=sys.stderr)
+        print("native4k: give exactly one of --prompt and --prompt-embeds", file=sys.stderr)
         return 2
     problem = _output_problem(args.out)
     if problem:  # found before the models load, not after the sampling
-        print(f"error: --out {args.out}: {problem}", file=sys.stderr)
+        print(f"native4k: --out {args.out}: {problem}", file=sys.stderr)
         return 2
     import torch
 
@@ -107,16 +107,16 @@ def run(args: argparse.Namespace) -> int:
     try:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError as err:
-        print(f"error: --device {args.device}: {err}", file=sys.stderr)
+        print(f"native4k: --device {args.device}: {err}", file=sys.stderr)
         return 2
     if device.type == "cuda" and not torch.cuda.is_available():
-        print(f"error: --device {args.device}: no CUDA device here", file=sys.stderr)
+        print(f"native4k: --device {args.device}: no CUDA device here", file=sys.stderr)
         return 2
     try:  # before the model loads: `cuda:7` on a 2-GPU host, or a backend this build lacks
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError, ImportError) as err:
         reason = (str(err).splitlines() or [type(err).__name__])[0].split(". ")[0]
-        print(f"error: --device {args.device}: {reason}", file=sys.stderr)
+        print(f"native4k: --device {args.device}: {reason}", file=sys.stderr)
         return 2
     width, height = args.size
     embeds = {}
@@ -132,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
         _check_prompt_embeds(embeds, pipe.transformer.config, args.prompt_embeds)
         pipe.to(device)
     except (OSError, KeyError, ValueError, RuntimeError) as err:  # a file the model can't use
-        print(f"error: {err}", file=sys.stderr)
+        print(f"native4k: {err}", file=sys.stderr)
         return 1
     if args.fp8:
         convert_linears_to_fp8(pipe.transformer, out_dtype=dtype)  # the blocks keep --dtype
@@ -154,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
             **embeds,
         )
     except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"native4k: {err}", file=sys.stderr)
         return 2
     _save(images[0], args.out)
     print(f"{args.out}: {width}x{height}, {args.steps} steps, {time.perf_counter() - start:.1f} s")

@@ -682,6 +682,8 @@ def _check_type(value: Any, typ: Any, key: str) -> Any:
 
 
 def _build(cls: type, data: Any, prefix: str) -> Any:
+    if data is None:  # an empty section (`timesteps:` alone, or `--set timesteps=`): defaults
+        data = {}
     if not isinstance(data, dict):
         raise TrainConfigError(f"config key '{prefix or '<root>'}' must be a mapping")
     hints = typing.get_type_hints(cls)
@@ -743,6 +745,8 @@ def load_train_config(
             raise TrainConfigError(f"config file {path} must hold a mapping")
         tree.update(loaded or {})
     apply_overrides(tree, overrides, cls, TrainConfigError)
+    if cls is VaeTrainConfig and tree.get("data", {}) is None:
+        tree["data"] = {}  # an empty `data:` section is its defaults, the crop mode included
     if cls is VaeTrainConfig and isinstance(tree.get("data"), dict):
         # The VAE post-trains on random native-pixel crops: its data mode defaults to `crop`.
         tree["data"].setdefault("mode", "crop")

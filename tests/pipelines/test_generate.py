@@ -427,7 +427,7 @@ def test_an_unusable_device_is_refused_before_the_model_loads(
             "--device", device]  # fmt: skip
     assert generate.run(cli(argv)) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith(f"error: --device {device}: ") and "\n" not in err, err
+    assert err.startswith(f"native4k: --device {device}: ") and "\n" not in err, err
     assert not (tmp_path / "x.png").exists()
 
 

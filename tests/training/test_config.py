@@ -289,3 +289,26 @@ def test_an_empty_override_means_the_empty_text_or_none_or_is_one_clear_error(
         assert "got None" not in str(outcome(""))
     else:
         assert str(outcome(" ")).startswith(f"config key '{key}' needs a value after '=' (")
+
+
+def test_an_empty_section_is_its_defaults(tmp_path: Path) -> None:
+    """`timesteps:` with every key commented out, or `--set timesteps=`, failed "config key
+    'timesteps' must be a mapping", where curation's configuration reads it as the section's
+    defaults; a VAE's empty `data:` section keeps the VAE's crop mode."""
+    tree = dit_tree(tmp_path)
+    tree["timesteps"] = None
+    from_yaml = load_train_config(DitTrainConfig, data=tree, check_files=False)
+    from_set = load_train_config(
+        DitTrainConfig, data=dit_tree(tmp_path), overrides=["timesteps="], check_files=False
+    )
+    default = load_train_config(DitTrainConfig, data=dit_tree(tmp_path), check_files=False)
+    assert from_yaml.timesteps == from_set.timesteps == default.timesteps
+    tree = vae_tree(tmp_path)
+    tree["data"] = None
+    with pytest.raises(TrainConfigError, match=r"data\.root"):  # required, not "a mapping"
+        load_train_config(VaeTrainConfig, data=tree, check_files=False)
+    cfg = load_train_config(
+        VaeTrainConfig, data=tree, overrides=[f"data.root={tmp_path / 'curated'}"],
+        check_files=False,
+    )  # fmt: skip
+    assert cfg.data.mode == "crop"
