@@ -27,6 +27,7 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
+from model.files import describe_missing, missing_shards
 from model.transformer import UltraFluxTransformer2DModel
 from model.vae import AutoencoderKLF16
 
@@ -396,6 +397,9 @@ def _require_model_files(folder: Path, what: str) -> None:
             "(or its sharded index); copy the weight files of the checkpoint's "
             f"{what}/ folder there"
         )
+    missing = missing_shards(folder)
+    if missing:
+        raise FileNotFoundError(describe_missing(folder, missing))
 
 
 def _require_all_weights(model: torch.nn.Module, folder: Path) -> None:

@@ -29,6 +29,8 @@ from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.upsampling import Upsample2D
 from torch import nn
 
+from model.files import describe_missing, missing_shards
+
 FLUX_VAE_CONFIG: dict = {
     "in_channels": 3,
     "out_channels": 3,
@@ -226,6 +228,9 @@ def _require_weights(folder: Path) -> None:
             f"no weights in {folder}: expected diffusion_pytorch_model.safetensors there; copy "
             "the VAE weights of the checkpoint into that folder"
         )
+    missing = missing_shards(folder)
+    if missing:
+        raise FileNotFoundError(describe_missing(folder, missing))
 
 
 # ----------------------------------------------------------------------------------------------

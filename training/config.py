@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 import yaml
 
+from model.files import describe_missing, missing_shards
 from training.data import DataConfig
 from training.settings import apply_overrides
 
@@ -594,6 +595,12 @@ def _require_model_folder(folder: str, key: str, kind: str | None = None) -> Non
             f"config key '{key}': {root} holds a {name or 'model of unknown class'}, not "
             f"an {kind} (the folder of another part?)"
         )
+    try:
+        missing = missing_shards(root)
+    except ValueError as e:
+        raise TrainConfigError(f"config key '{key}': {e}") from e
+    if missing:
+        raise TrainConfigError(f"config key '{key}': {describe_missing(root, missing)}")
     from safetensors import safe_open
 
     for w in weights:

@@ -116,7 +116,8 @@ class DataConfig:
     """Samples per batch on each rank; every batch holds one bucket."""
     resolution_divisor: int = 1
     """Train below the bucket size (CPU demos and tests): the target is the bucket's sides
-    divided by this, rounded down to multiples of 32."""
+    divided by this, rounded down to multiples of 32. `crop` mode has no bucket size and takes
+    `crop_size` as it is."""
     select_column: str | None = None
     """A numeric manifest column to select by (e.g. `aesthetic`, `flat_fraction`)."""
     select_top: float | None = None

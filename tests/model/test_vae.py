@@ -1,5 +1,6 @@
 """Tests for model/vae.py: the F16 VAE and its partitioned (tiled) decode."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -100,4 +101,19 @@ def test_missing_weights_give_a_clear_error(tmp_path: Path) -> None:
     for weights in tmp_path.glob("diffusion_pytorch_model*"):
         weights.unlink()
     with pytest.raises(FileNotFoundError, match=r"diffusion_pytorch_model\.safetensors"):
+        AutoencoderKLF16.from_f8(tmp_path)
+
+
+def test_a_sharded_checkpoint_missing_a_shard_names_it(tmp_path: Path) -> None:
+    """A shard left behind by an interrupted copy failed deep inside diffusers' loader; the
+    folder is checked against its index first, and a complete sharded folder still loads."""
+    AutoencoderKL(**TINY_VAE).save_pretrained(tmp_path, max_shard_size="20KB")
+    shards = sorted(tmp_path.glob("diffusion_pytorch_model-*.safetensors"))
+    assert len(shards) >= 2
+    assert isinstance(AutoencoderKLF16.from_f8(tmp_path), AutoencoderKLF16)
+    shards[-1].unlink()
+    with pytest.raises(FileNotFoundError, match=rf"names {re.escape(shards[-1].name)}, not there"):
+        AutoencoderKLF16.from_f8(tmp_path)
+    (tmp_path / "diffusion_pytorch_model.safetensors.index.json").write_text("{")
+    with pytest.raises(ValueError, match=r"index\.json is no weight index"):
         AutoencoderKLF16.from_f8(tmp_path)

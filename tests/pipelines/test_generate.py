@@ -280,6 +280,27 @@ def test_missing_files_give_one_clear_error(
     assert "config.json" in capsys.readouterr().err
 
 
+def test_a_transformer_missing_one_shard_is_one_clear_error(
+    tmp_path: Path, embeds_file: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """An interrupted copy of a sharded transformer failed inside diffusers' loader; the
+    folder is checked against its index first and the missing shard is named."""
+    save_tiny_model(tmp_path, text_encoders=False)
+    folder = tmp_path / "transformer"
+    model = UltraFluxTransformer2DModel.from_pretrained(folder)
+    for f in folder.glob("diffusion_pytorch_model*"):
+        f.unlink()
+    model.save_pretrained(folder, max_shard_size="50KB")
+    shards = sorted(folder.glob("diffusion_pytorch_model-*.safetensors"))
+    assert len(shards) >= 2
+    shards[0].unlink()
+    args = cli(["--model", str(tmp_path), "--prompt-embeds", str(embeds_file), "--out", "x.png"])
+    assert generate.run(args) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("native4k: ") and "\n" not in err, err
+    assert f"names {shards[0].name}" in err and "not there" in err, err
+
+
 def test_f8_vae_folder_is_converted_on_load(tmp_path: Path) -> None:
     save_tiny_model(tmp_path, text_encoders=False)
     f8_config = {k: v for k, v in VAE.items()}

@@ -640,6 +640,16 @@ def test_config_errors_are_clear(curated_shards: Path, parts: dict, tmp_path: Pa
     (empty / "diffusion_pytorch_model.safetensors").write_bytes(b"")
     with pytest.raises(TrainConfigError, match=r"'model.vae': cannot read the weights file"):
         load_train_config(DitTrainConfig, data=with_vae(empty))
+    from model.vae import AutoencoderKLF16
+
+    sharded = tmp_path / "sharded_vae"  # an interrupted copy: one shard of the index missing
+    AutoencoderKLF16.from_pretrained(parts["vae"]).save_pretrained(sharded, max_shard_size="20KB")
+    shards = sorted(sharded.glob("diffusion_pytorch_model-*.safetensors"))
+    assert len(shards) >= 2
+    load_train_config(DitTrainConfig, data=with_vae(sharded))  # complete: accepted
+    shards[1].unlink()
+    with pytest.raises(TrainConfigError, match=rf"'model.vae': .*names {shards[1].name}, not"):
+        load_train_config(DitTrainConfig, data=with_vae(sharded))
     with pytest.raises(TrainConfigError, match=r"unknown config key 'loop.max_step'"):
         load_train_config(DitTrainConfig, data={**tree, "loop": {"max_step": 1}})
     with pytest.raises(TrainConfigError, match=r"'optim.lr' must be a number"):
