@@ -15,7 +15,8 @@ Steps, each a barrier (materialised) so that one actor pool holds the cluster at
 3. absolute thresholds, then semantic duplicates over the embeddings (faiss, job-wide: a
    duplicate takes no place in a share), then share thresholds from a global quantile
    sketch over the candidates left (`curation/score/quantiles.py`: off by at most
-   1/`score.quantile_points` of them in rank, exact when every block is smaller);
+   1/`score.quantile_points` of them in rank, exact when every block is smaller); a
+   semantic duplicate whose kept copy a share cut, and that passes the cuts, takes its place;
 4. captions and translations of the rows still kept (last);
 5. embeddings to `OUT/embeddings/part-*.parquet` (atomic files, moved into place), and the
    results joined back onto every row, so scores reach the manifest also for rows that a
@@ -53,7 +54,7 @@ from curation.analyze.thumbnail_maker import ThumbnailMaker
 from curation.base import Stage, column, pending_mask, set_columns, to_table
 from curation.caption.captioner import VlmCaptioner, input_caption_source
 from curation.caption.translator import CaptionTranslator
-from curation.dedup.near_dup import captioned, colour
+from curation.dedup.near_dup import captioned, colour, rank_key
 from curation.dedup.semantic_dedup import SemanticDedup
 from curation.io.atomic import atomic_write, join, part_name
 from curation.score.chain import ModelChain, WarmActor
@@ -1075,6 +1076,7 @@ def run_model_pass(
             f"{len(dups)} duplicates"
         )
     specs = _share_specs(cfg)
+    share_rules: list[Rule] = []
     for reason, col, share, setting in specs:
         lower = s.quality_metric and col == schema.QUALITY and lower_better(s.quality_metric)
         k = s.quantile_points
@@ -1102,10 +1104,22 @@ def run_model_pass(
             max=cut if lower else None,
             setting=setting,
         )
+        share_rules.append(rule)
         scored = scored.map_batches(
             ThresholdFilter(rules=[rule]), batch_format="pyarrow", batch_size=None
         )
         scored = scored.materialize()
+    if plan.clip and s.semantic_dedup and dups and share_rules:
+        promoted = semantic_promotions(_semantic_rows(scored, dups, share_rules), dups,
+                                       share_rules)  # fmt: skip
+        if promoted:
+            scored = scored.map_batches(
+                _mark_promoted(promoted, dups), batch_format="pyarrow", batch_size=None
+            ).materialize()
+            result.notes.append(
+                f"{count_text(len(promoted), 'semantic duplicate')} kept in place of the copy "
+                "a top-share rule cut"
+            )
     if plan.caption or plan.translate:
         scored = _caption(rd, scored, cfg, plan, work, partitions, result.notes)
     if plan.clip:
@@ -1167,6 +1181,106 @@ def _semantic_duplicates(scored: Any, s: Any) -> tuple[dict[str, tuple[str, str,
     )
     out = {sources[mt.index]: (sources[mt.root], shas[mt.root], mt.similarity) for mt in matches}
     return out, dedup.index_kind(table.num_rows)
+
+
+_RANK_COLUMNS = (
+    schema.SOURCE,
+    schema.SHA256,
+    schema.WIDTH,
+    schema.HEIGHT,
+    schema.SIZE_BYTES,
+    schema.SHARPNESS,
+    schema.NATIVE_SCORE,
+    schema.MODE,
+    schema.CAPTION_EN,
+    schema.CAPTION_ZH,
+)
+
+
+def _semantic_rows(
+    scored: Any, dups: dict[str, tuple[str, str, float]], rules: list[Rule]
+) -> pa.Table:
+    """The rows of the semantic duplicates and of the copies they point at, with the columns
+    `semantic_promotions` reads."""
+    wanted = pa.array(sorted({*dups, *(root for root, _, _ in dups.values())}), pa.string())
+    cols = list(dict.fromkeys(
+        (*_RANK_COLUMNS, *schema.DECISION_COLUMNS, *(r.column for r in rules))
+    ))  # fmt: skip
+    parts = [
+        b.filter(pc.is_in(b[schema.SOURCE], value_set=wanted))
+        for b in scored.select_columns(cols).iter_batches(
+            batch_format="pyarrow", batch_size=65_536
+        )
+    ]
+    return pa.concat_tables(parts) if parts else pa.table({c: [] for c in cols})
+
+
+def semantic_promotions(
+    t: pa.Table, dups: dict[str, tuple[str, str, float]], rules: list[Rule]
+) -> dict[str, tuple[str, str]]:
+    """Semantic duplicates that take the place of the copy they pointed at, when a top-share
+    rule (`rules`) then cut that copy: duplicate's source → (the cut copy's source, the
+    duplicate's sha256).
+
+    The duplicates took no place in the shares; the cut copy frees one. Of its duplicates, the
+    best ranked (`near_dup.rank_key`, as semantic de-duplication ranks) that passes every
+    share cut is kept instead. `t` holds the rows of the duplicates and of their copies.
+    """
+    reasons = {r.reason for r in rules}
+    rows = {r[schema.SOURCE]: r for r in t.to_pylist()}
+    cut = {
+        root for root, _, _ in dups.values()
+        if root in rows and rows[root][schema.STATUS] == schema.STATUS_REJECTED
+        and rows[root][schema.REASON] in reasons
+    }  # fmt: skip
+    candidates = [s for s, (root, _, _) in dups.items() if root in cut and s in rows]
+    if not candidates:
+        return {}
+    pending = pa.Table.from_pylist([rows[s] for s in candidates], schema=t.schema)
+    pending = set_columns(pending, {c: [None] * pending.num_rows for c in schema.DECISION_COLUMNS})
+    judged = ThresholdFilter(rules=rules).process(pending)
+    passing = [s for s, ok in zip(candidates, pending_mask(judged), strict=True) if ok]
+    best: dict[str, tuple[tuple, str]] = {}
+    for s in passing:
+        r = rows[s]
+        key = rank_key(
+            (r[schema.WIDTH] or 0) * (r[schema.HEIGHT] or 0), r[schema.SIZE_BYTES],
+            r[schema.SHARPNESS], r[schema.NATIVE_SCORE], s, colour(r[schema.MODE]),
+            int(bool(r[schema.CAPTION_EN]) or bool(r[schema.CAPTION_ZH])),
+        )  # fmt: skip
+        root = dups[s][0]
+        if root not in best or key < best[root][0]:
+            best[root] = (key, s)
+    return {s: (root, rows[s][schema.SHA256]) for root, (_, s) in best.items()}
+
+
+def _mark_promoted(
+    promoted: dict[str, tuple[str, str]], dups: dict[str, tuple[str, str, float]]
+) -> Callable[[pa.Table], pa.Table]:
+    """Keep (pending again) each promoted duplicate; its group's other duplicates point at it."""
+    instead = {root: (s, sha) for s, (root, sha) in promoted.items()}
+
+    def run(t: pa.Table) -> pa.Table:
+        status, reason, detail = (column(t, c) for c in schema.DECISION_COLUMNS)
+        dup_of = column(t, schema.DUPLICATE_OF)
+        for i, src in enumerate(column(t, schema.SOURCE)):
+            if src in promoted:
+                status[i] = reason[i] = detail[i] = dup_of[i] = None
+            elif src in dups and dups[src][0] in instead and reason[i] == "duplicate":
+                new, sha = instead[dups[src][0]]
+                detail[i] = f"{detail[i]}, which a top-share rule cut; kept in its place: {new}"
+                dup_of[i] = sample_key(sha)
+        return set_columns(
+            t,
+            {
+                schema.STATUS: status,
+                schema.REASON: reason,
+                schema.DETAIL: detail,
+                schema.DUPLICATE_OF: dup_of,
+            },
+        )
+
+    return run
 
 
 def _mark_semantic(dups: dict[str, tuple[str, str, float]]) -> Any:

@@ -298,7 +298,8 @@ def _manifest_findings(t: pa.Table) -> Iterable[str]:
 def _duplicate_findings(t: pa.Table) -> Iterable[str]:
     """Every `duplicate` row names, in `duplicate_of`, the key of another row of the manifest
     (the copy kept; for an exact copy, or a semantic duplicate whose copy a top-share rule
-    then cut, one a later rule rejected: its key is still its content's)."""
+    then cut and none of whose group passed the cut, one a later rule rejected: its key is
+    still its content's)."""
     if schema.DUPLICATE_OF not in t.column_names:
         return
     reason = t.column(schema.REASON)
