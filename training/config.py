@@ -291,6 +291,9 @@ class DitTrainConfig:
 
             _check(m.rope_method in ROPE_METHODS, "model.rope_method",
                    f"must be one of {', '.join(ROPE_METHODS)}")
+        for key, value in (("text.cache", tx.cache), ("text.encoders", tx.encoders),
+                           ("model.vae", m.vae), ("model.pretrained", m.pretrained)):
+            _check_local(value, key)
         _check(tx.max_sequence_length > 0, "text.max_sequence_length", "must be positive")
         _check(0 <= tx.caption_dropout < 1, "text.caption_dropout", "must be in [0, 1)")
         if tx.source == "cache":
@@ -458,6 +461,10 @@ class VaeTrainConfig:
         )
         _check(self.eval.size > 0 and self.eval.size % 16 == 0, "eval.size", "multiple of 16")
         _check(self.eval.every >= 0, "eval.every", "must be >= 0")
+        for key, value in (("model.pretrained", m.pretrained), ("loss.vgg_weights", lo.vgg_weights),
+                           ("loss.lpips_weights", lo.lpips_weights),
+                           ("eval.images", self.eval.images)):
+            _check_local(value, key)
         _check(self.eval.max_images >= 1, "eval.max_images", "must be at least 1")
         if check_files:
             _require_resume_folder(self.loop.resume)
@@ -482,6 +489,7 @@ def _validate_common(optim: OptimConfig, loop: LoopConfig, par: ParallelConfig) 
     _check(0 <= optim.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
     _check(loop.max_steps >= 0, "loop.max_steps", "must be >= 0")
     _check_output_dir(loop.output_dir)
+    _check_local(loop.resume, "loop.resume")
     _check(loop.grad_accum_steps >= 1, "loop.grad_accum_steps", "must be >= 1")
     _check(0 <= loop.ema_decay < 1, "loop.ema_decay", "must be in [0, 1)")
     _check(loop.log_every >= 1, "loop.log_every", "must be >= 1")
@@ -500,8 +508,19 @@ def _validate_common(optim: OptimConfig, loop: LoopConfig, par: ParallelConfig) 
     )
 
 
+def _check_local(value: Any, key: str) -> None:
+    """A path setting the run reads or writes with the local file system (only `data.root`
+    may be an `s3://` prefix): a URL would become a local folder named `s3:`."""
+    values = value if isinstance(value, list | tuple) else [value]
+    for v in values:
+        _check(not (isinstance(v, str) and "://" in v), key,
+               f"must be a local path, got {v!r} (only data.root may be a URL; mount the "
+               "store or copy the files to this machine)")  # fmt: skip
+
+
 def _check_output_dir(output_dir: str) -> None:
     """`loop.output_dir` must be a folder the run can create: not a file, nor under one."""
+    _check_local(output_dir, "loop.output_dir")
     path = Path(output_dir)
     existing = path
     while not existing.exists() and not existing.is_symlink() and existing.parent != existing:

@@ -78,6 +78,8 @@ CAPTIONS = {"en": ("caption_en", "txt"), "zh": ("caption_zh", "zh.txt")}
 PICKLE_SUFFIXES = frozenset({"pyd", "pickle", "pkl", "pth", "pt", "ckpt", "joblib"})
 SIDE_MULTIPLE = 32
 """Training sizes below the bucket size are rounded down to multiples of this."""
+_WDS_SUFFIX = re.compile(r" @ <[^>]*>$")
+"""What webdataset appends to a tar error's message: the file object it read."""
 
 _BUCKET_RE = re.compile(r"^(\d+)x(\d+)$")
 _MANIFEST_COLUMNS = (
@@ -116,8 +118,9 @@ class DataConfig:
     """Samples per batch on each rank; every batch holds one bucket."""
     resolution_divisor: int = 1
     """Train below the bucket size (CPU demos and tests): the target is the bucket's sides
-    divided by this, rounded down to multiples of 32. `crop` mode has no bucket size and takes
-    `crop_size` as it is."""
+    divided by this, rounded down to multiples of 32, and the crop box is trimmed (centred) to
+    the target's shape, so the picture is not stretched. `crop` mode has no bucket size and
+    takes `crop_size` as it is."""
     select_column: str | None = None
     """A numeric manifest column to select by (e.g. `aesthetic`, `flat_fraction`)."""
     select_top: float | None = None
@@ -247,6 +250,28 @@ class DataConfig:
         return tw, th
 
 
+def fit_aspect(box: tuple[int, ...], target: tuple[int, int]) -> tuple[int, int, int, int]:
+    """The centred part of a crop `box` with the aspect ratio of `target` (width, height).
+
+    Below the bucket size (`resolution_divisor`), each side is rounded down to a multiple of
+    32 on its own, so the target's shape differs from the bucket's (4 turns 1024×576 into
+    256×128): resizing the whole box would stretch the picture. Never smaller than `target`
+    when the box is not.
+    """
+    left, top, right, bottom = box
+    bw, bh = right - left, bottom - top
+    tw, th = target
+    if bw * th > bh * tw:  # wider than the target: trim the sides
+        w = max(min(bw, round(bh * tw / th)), 1)
+        left += (bw - w) // 2
+        return left, top, left + w, bottom
+    if bw * th < bh * tw:  # taller: trim top and bottom
+        h = max(min(bh, round(bw * th / tw)), 1)
+        top += (bh - h) // 2
+        return left, top, right, top + h
+    return left, top, right, bottom
+
+
 def parse_bucket(name: str) -> tuple[int, int]:
     """`"WxH"` -> (W, H)."""
     m = _BUCKET_RE.match(name)
@@ -292,7 +317,19 @@ class _Samples:
 
 
 def read_manifest(root: str, columns: tuple[str, ...]) -> pa.Table:
-    """The manifest of a finished curation output (only `columns` that exist)."""
+    """The manifest of a finished curation output (only `columns` that exist).
+
+    Raises:
+        ValueError: not a finished output, or its storage refused a read (an S3 403 is a
+            PermissionError) or failed: one line naming `root`.
+    """
+    try:
+        return _read_manifest(root, columns)
+    except OSError as e:
+        raise ValueError(f"cannot read {root}: {type(e).__name__}: {e}") from e
+
+
+def _read_manifest(root: str, columns: tuple[str, ...]) -> pa.Table:
     fs, path = fsspec.core.url_to_fs(root)
     path = path.rstrip("/")
     if not fs.exists(f"{path}/_SUCCESS"):
@@ -326,6 +363,32 @@ def _column(t: pa.Table, name: str, default: Any = None) -> list[Any]:
 
 
 # --- the epoch plan -------------------------------------------------------------------------
+
+
+def _once_per_batch(seq: list[int], batch_size: int) -> list[int]:
+    """`seq` with a sample that repeats inside a batch (where two rounds of a bucket weighted
+    above 1 meet) swapped with the nearest later (else earlier) draw whose batch does not hold
+    it and that its own batch does not hold; unchanged where there is none (a bucket smaller
+    than a batch)."""
+    seq = list(seq)
+    n = len(seq)
+
+    def members(q: int) -> set[int]:
+        lo = q // batch_size * batch_size
+        return set(seq[lo : lo + batch_size])
+
+    for lo in range(0, n, batch_size):
+        hi = min(lo + batch_size, n)
+        held: set[int] = set()
+        for p in range(lo, hi):
+            if seq[p] in held:
+                here = set(seq[lo:hi])
+                for q in (*range(hi, n), *range(lo - 1, -1, -1)):
+                    if seq[q] not in here and seq[p] not in members(q):
+                        seq[p], seq[q] = seq[q], seq[p]
+                        break
+            held.add(seq[p])
+    return seq
 
 
 @dataclass(frozen=True)
@@ -566,18 +629,21 @@ class BucketedLoader:
             one_pass = [i for sh in order for i in by_bucket[b][sh]]
             n = len(one_pass)
             whole = int(float(cfg.bucket_weights.get(b, 1.0)))
-            seq = one_pass * whole
+            rounds = [one_pass] * whole
             k = self._draws_per_bucket[b] - whole * n
             if k > 0:  # a seeded subset, kept in shard order
                 pick = np.sort(rng.choice(n, size=k, replace=False))
-                seq += [one_pass[j] for j in pick]
+                rounds.append([one_pass[j] for j in pick])
             win = cfg.shuffle_window
-            start = int(rng.integers(0, win)) if len(seq) > win else 0
-            bounds = [0, *range(start or win, len(seq), win), len(seq)]
             shuffled: list[int] = []
-            for lo, hi in itertools.pairwise(bounds):
-                part = seq[lo:hi]
-                shuffled += [part[j] for j in rng.permutation(len(part))]
+            for seq in rounds:  # each round on its own: a sample once per round
+                start = int(rng.integers(0, win)) if len(seq) > win else 0
+                bounds = [0, *range(start or win, len(seq), win), len(seq)]
+                for lo, hi in itertools.pairwise(bounds):
+                    part = seq[lo:hi]
+                    shuffled += [part[j] for j in rng.permutation(len(part))]
+            if len(rounds) > 1:
+                shuffled = _once_per_batch(shuffled, cfg.batch_size)
             padded = [False] * len(shuffled)
             short = -len(shuffled) % cfg.batch_size
             if short:
@@ -673,6 +739,9 @@ class BucketedLoader:
         try:
             for raw in it:
                 assert raw["index"] == self._consumed, (raw["index"], self._consumed)
+                if "error" in raw:  # a worker's data error (see `_EpochStream.__iter__`)
+                    storage, message = raw["error"]
+                    raise (OSError if storage else ValueError)(message)
                 self._consumed += 1
                 yield _finish(raw, epoch)
         finally:
@@ -827,7 +896,15 @@ class _EpochStream(torch.utils.data.IterableDataset):
         reader = _MemberReader(self.cfg, self.samples, [b for _, b in mine])
         try:
             for j, batch in mine:
-                yield self._decode(j, batch, reader)
+                try:
+                    yield self._decode(j, batch, reader)
+                except (ValueError, OSError) as e:
+                    if info is None:
+                        raise
+                    # torch re-raises a worker's error with its whole traceback as the
+                    # message: hand the message back and let the main process raise it.
+                    yield {"error": (isinstance(e, OSError), str(e)), "index": self.first_index + j}
+                    return
         finally:
             reader.close()
 
@@ -842,17 +919,30 @@ class _EpochStream(torch.utils.data.IterableDataset):
                     f"{s.shard[i]}: sample {s.key[i]} has no '.{s.extension[i]}' member"
                 )
             if "json" in members:
-                meta = json.loads(members["json"])
+                try:
+                    meta = json.loads(members["json"])
+                except ValueError as e:  # not JSON, or not UTF-8
+                    raise ValueError(
+                        f"{s.shard[i]}: member {s.key[i]}.json is not JSON ({e}); run "
+                        "`native4k verify`"
+                    ) from e
+                if not isinstance(meta, dict):
+                    raise ValueError(
+                        f"{s.shard[i]}: member {s.key[i]}.json is not a JSON object; run "
+                        "`native4k verify`"
+                    )
                 if meta.get("key") != s.key[i] or meta.get("bucket") != s.bucket[i]:
                     raise ValueError(
                         f"{s.shard[i]}: member {s.key[i]}.json disagrees with the manifest "
                         "(run `native4k verify`)"
                     )
             if cfg.mode == "bucket":
+                target = cfg.target_size(s.bucket[i])
+                box = tuple(int(v) for v in s.box[i])
                 img = decode_bucket(
                     data,
-                    tuple(int(v) for v in s.box[i]),
-                    cfg.target_size(s.bucket[i]),
+                    box if cfg.resolution_divisor == 1 else fit_aspect(box, target),
+                    target,
                     resample=cfg.resample,
                     draft=cfg.jpeg_draft,
                     name=f"{s.shard[i]}:{s.key[i]}",
@@ -863,8 +953,15 @@ class _EpochStream(torch.utils.data.IterableDataset):
                 img = decode_crop(data, cfg.crop_size, rng, name=f"{s.shard[i]}:{s.key[i]}",
                                   orientation=int(s.orientation[i]) or None)
             images.append(img)
-            text = members.get(CAPTIONS[cfg.caption_language][1])
-            captions.append(text.decode("utf-8") if text is not None else s.caption[i])
+            suffix = CAPTIONS[cfg.caption_language][1]
+            text = members.get(suffix)
+            try:
+                captions.append(text.decode("utf-8") if text is not None else s.caption[i])
+            except UnicodeDecodeError as e:
+                raise ValueError(
+                    f"{s.shard[i]}: member {s.key[i]}.{suffix} is not UTF-8 text ({e.reason} "
+                    f"at byte {e.start}); run `native4k verify`"
+                ) from e
         return {
             "pixels": torch.from_numpy(np.stack(images)),
             "keys": [s.key[i] for i in batch.ids],
@@ -960,7 +1057,10 @@ class _MemberReader:
                 if j is not None and self._needed_soon(j, here):
                     self.stash[j] = members
             self.streams.pop(bucket)  # exhausted without finding it: reopen once
-        raise ValueError(f"{shard}: sample {key} is in the manifest but not in the shard")
+        raise ValueError(
+            f"{shard}: sample {key} is in the manifest but not in the shard (cut short or "
+            "rewritten? `native4k verify` checks every shard)"
+        )
 
     def _open(self, shard: str) -> Iterator[dict[str, Any]]:
         import webdataset as wds
@@ -979,16 +1079,20 @@ class _MemberReader:
             return key in wanted and suffix.lower() in suffixes
 
         def samples() -> Iterator[dict[str, Any]]:
-            with self.fs.open(url, "rb", block_size=8 * 1024 * 1024) as fh:
-                files = wds.tariterators.tar_file_iterator(fh, select_files=select)
-                files = ({**f, "__url__": url} for f in files)
-                try:
+            try:
+                with self.fs.open(url, "rb", block_size=8 * 1024 * 1024) as fh:
+                    files = wds.tariterators.tar_file_iterator(fh, select_files=select)
+                    files = ({**f, "__url__": url} for f in files)
                     yield from wds.tariterators.group_by_keys(files)
-                except tarfile.TarError as e:  # named by its file object alone
-                    raise ValueError(
-                        f"{url}: cannot read the shard ({e.args[0] if e.args else e}); cut "
-                        "short? `native4k verify` checks every shard"
-                    ) from e
+            except tarfile.TarError as e:
+                # webdataset appends " @ <file object>" to the message: the URL says more
+                text = _WDS_SUFFIX.sub("", str(e.args[0]) if e.args else str(e))
+                raise ValueError(
+                    f"{url}: cannot read the shard ({text}); cut short? `native4k verify` "
+                    "checks every shard"
+                ) from e
+            except OSError as e:  # the store refused (an S3 403) or failed the read
+                raise ValueError(f"{url}: cannot read the shard: {type(e).__name__}: {e}") from e
 
         return samples()
 
@@ -1013,6 +1117,9 @@ _ORIENT = {
 # them: Pillow's own 1 MB cap made a kept PNG with a larger chunk undecodable here.
 PNG_TEXT_BYTES = 64 * 2**20
 PngImagePlugin.MAX_TEXT_CHUNK = max(PngImagePlugin.MAX_TEXT_CHUNK, PNG_TEXT_BYTES)
+# Curation's `probe.max_pixels` admitted every kept image (up to 120 MP by default, more when
+# set): Pillow's own bomb limit would warn above 89 MP and refuse a kept image above 179 MP.
+Image.MAX_IMAGE_PIXELS = None
 
 
 def _open(data: bytes, name: str, orientation: int | None = None) -> tuple[Image.Image, int]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -312,3 +313,22 @@ def test_an_empty_section_is_its_defaults(tmp_path: Path) -> None:
         check_files=False,
     )  # fmt: skip
     assert cfg.data.mode == "crop"
+
+
+@pytest.mark.parametrize(
+    ("cls", "key"),
+    [(DitTrainConfig, "loop.output_dir"), (DitTrainConfig, "loop.resume"),
+     (DitTrainConfig, "text.cache"), (DitTrainConfig, "model.vae"),
+     (VaeTrainConfig, "loop.output_dir"), (VaeTrainConfig, "loss.lpips_weights")],
+)  # fmt: skip
+def test_a_url_where_a_local_path_is_read_is_refused(tmp_path: Path, cls: type, key: str) -> None:
+    """`loop.output_dir: s3://bucket/runs` was accepted, and the checkpoints went to a local
+    folder named `s3:`; only `data.root` is read through fsspec."""
+    tree = dit_tree(tmp_path) if cls is DitTrainConfig else vae_tree(tmp_path)
+    with pytest.raises(TrainConfigError, match=rf"'{re.escape(key)}' must be a local path, got "
+                                               r"'s3://bucket/runs'"):  # fmt: skip
+        load_train_config(cls, data=tree, overrides=[f"{key}=s3://bucket/runs"],
+                          check_files=False)  # fmt: skip
+    cfg = load_train_config(cls, data=tree, overrides=["data.root=s3://bucket/run"],
+                            check_files=False)  # fmt: skip
+    assert cfg.data.root == "s3://bucket/run"
