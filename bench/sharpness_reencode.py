@@ -48,6 +48,9 @@ def changes(rgb: np.ndarray) -> dict[str, float]:
 
 
 def main() -> None:
+    import argparse
+
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()  # --help
     table: dict[str, list[float]] = {}
     for path in PHOTOS:
         rgb = np.asarray(Image.open(path).convert("RGB"))[:2304, :4096]

@@ -42,7 +42,8 @@ class InputConfig:
     sidecar_extensions: list[str] = _f(
         ["txt", "json"],
         "Extensions of sidecar files (<stem>.txt caption, or <stem>.json with a 'caption' field); "
-        "they travel with their image and are not inputs themselves.",
+        "they travel with their image (a .txt with no image of its stem is an input, rejected "
+        "as unsupported_format; a lone .json is a crawl's metadata, skipped).",
     )
     list_extensions: list[str] = _f(
         ["lst", "list", "uris"],

@@ -65,7 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--shift", type=positive_float,
-        help="fixed timestep shift (default: resolution-dependent)",
+        help="fixed timestep shift (default: the model folder's scheduler settings; Flux's and a "
+        "DiT trained with the resolution shift: resolution-dependent)",
     )
     parser.add_argument(
         "--max-sequence-length", type=at_least(1), default=512, help="T5 tokens (default 512)"

@@ -21,8 +21,16 @@ def test_ray_cluster_config_is_valid_for_the_cluster_launcher():
 
     config = prepare_config(yaml.safe_load((ROOT / "ray_cluster.yaml").read_text()))
     validate_config(config)
-    # every node builds its own .venv from the pinned project, without the test extra
-    assert any("pip install -q -e ." in c for c in config["setup_commands"])
+    # every node builds its own .venv from the pinned project, without the test extra; with
+    # the cluster extra, whose packages the job API (`ray job submit`, the dashboard's) and the
+    # AWS autoscaler on the head import
+    assert any('pip install -q -e ".[cluster]"' in c for c in config["setup_commands"])
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]["cluster"]  # fmt: skip
+    assert any(e.startswith("ray[") and "default" in e for e in extras)
+    assert any(e.startswith("boto3==") for e in extras)
     assert not any("[test]" in c or "make setup" in c for c in config["setup_commands"])
     # and never receives this machine's .venv, outputs or scratch files (.gitignore filters)
     assert ".gitignore" in config["rsync_filter"]
