@@ -44,6 +44,7 @@ from curation.probe.header_probe import allow_png_text
 from pipelines.stats import (
     count_text,
     finished_fs,
+    format_table,
     inputs_text,
     job_stats,
     read_manifest,
@@ -167,13 +168,6 @@ def native_rows(t: pa.Table) -> list[list[Any]]:
     ]  # fmt: skip
 
 
-def format_table(header: list[str], rows: list[list[str]]) -> str:
-    """A plain-text table with aligned columns."""
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
-    line = lambda r: "  ".join(str(x).ljust(w) for x, w in zip(r, widths, strict=True))  # noqa: E731
-    return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)])
-
-
 def summary_text(stats: dict[str, Any]) -> str:
     """The end-of-job summary: per-bucket and per-reason tables."""
     parts = [
@@ -209,6 +203,7 @@ def open_reduced(data: bytes, side: int, max_pixels: int | None = None) -> Any:
     from PIL import Image
 
     allow_png_text()
+    Image.MAX_IMAGE_PIXELS = None  # the cap is `max_pixels` (the job's), not Pillow's 179 MP
     im = Image.open(io.BytesIO(data))
     if max_pixels is not None and im.size[0] * im.size[1] > max_pixels:
         raise ValueError(f"{im.size[0]}x{im.size[1]} is over the decode cap")
@@ -400,7 +395,8 @@ def funnel_steps(total: int, reasons: dict[str, int]) -> list[tuple[str, int, in
 
 def funnel_plot(steps: list[tuple[str, int, int]]) -> str:
     """Horizontal bars: what remains after each step, with what the step removed."""
-    fig = _figure(8, 0.42 * len(steps) + 1.0, left=1.3, top=0.15)
+    longest = max((len(s[0]) for s in steps), default=0)  # "unsupported_format" was cut off
+    fig = _figure(8, 0.42 * len(steps) + 1.0, left=max(1.3, 0.085 * longest + 0.25), top=0.15)
     ax = fig.add_subplot()
     names = [s[0] for s in steps]
     remaining = [s[2] for s in steps]
@@ -530,10 +526,11 @@ def size_scatter(t: pa.Table, config: dict[str, Any]) -> str | None:
                 label=f"{name} ({int(m.sum())})",
                 rasterized=True,
                 linewidths=0,
+                zorder=3 if name == "kept" else 2,  # over the duplicates of its own size
             )
     ax.set_xscale("log")
     ax.set_yscale("log")
-    min_px = config.get("probe", {}).get("min_pixels")
+    min_px = _section(config, "probe").get("min_pixels")
     if isinstance(min_px, int | float) and min_px > 0:
         xs = np.geomspace(max(16, w.min() * 0.8), w.max() * 1.25, 200)
         ax.plot(xs, min_px / xs, color="#555555", ls=":", lw=1, label=f"w×h = {min_px:g}")
@@ -681,6 +678,12 @@ SCRIPT = """
 """
 
 
+def _section(config: dict[str, Any], name: str) -> dict[str, Any]:
+    """One section of OUT's `config.yaml`; {} where it is missing or no mapping (edited)."""
+    section = config.get(name)
+    return section if isinstance(section, dict) else {}
+
+
 def _read_text(fs: Any, path: str) -> str | None:
     try:
         with fs.open(path, "r") as fh:
@@ -695,16 +698,22 @@ def _read_document(fs: Any, path: str, parse: Any, output: str) -> dict[str, Any
     Raises:
         ValueError: the file is there but is not a YAML/JSON mapping (the message names it).
     """
-    text = _read_text(fs, path)
-    if not text:
-        return {}
     import yaml
 
     name = path.rsplit("/", 1)[-1]
     try:
+        text = _read_text(fs, path)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{output}: {name} cannot be read (not UTF-8 text: {e.reason} at "
+                         f"byte {e.start})") from e  # fmt: skip
+    if not text:
+        return {}
+    try:
         data = parse(text)
     except (ValueError, yaml.YAMLError) as e:  # JSON's errors are ValueErrors
-        raise ValueError(f"{output}: {name} cannot be read ({e})") from e
+        where = getattr(e, "problem_mark", None)  # YAML's: a multi-line text with a caret
+        why = f"{e.problem} at line {where.line + 1}" if where is not None else str(e)
+        raise ValueError(f"{output}: {name} cannot be read ({why})") from e
     if not isinstance(data, dict):
         raise ValueError(f"{output}: {name} is not a mapping")
     return data
@@ -768,7 +777,7 @@ def write_report(output: str, *, samples: int = DEFAULT_SAMPLES, workers: int | 
     bplot = bucket_plot(s["groups"])
 
     # contact sheets: kept by bucket, rejected by reason
-    max_px = config.get("probe", {}).get("max_pixels")
+    max_px = _section(config, "probe").get("max_pixels")
     max_px = int(max_px) if isinstance(max_px, int | float) else None
     sheets: list[tuple[str, str, list[dict[str, Any]]]] = []
     for title, table, col in (("bucket", kept_t, schema.BUCKET), ("reason", rej_t, schema.REASON)):

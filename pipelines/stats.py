@@ -323,26 +323,42 @@ def inputs_text(n: int) -> str:
     return count_text(n, "input")
 
 
-_UNPRINTABLE = ("Cc", "Zl", "Zp")  # control characters and line/paragraph separators
+_UNPRINTABLE = ("Cc", "Zl", "Zp", "Cs")
+"""Control characters, line/paragraph separators, and lone surrogates (a name's bytes that are
+not UTF-8, as Python decodes file and tar member names: a strict UTF-8 terminal refuses them)."""
+_BIDI = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+"""Bidirectional overrides and isolates, which would reorder the rest of a printed line."""
 
 
 def printable(text: str) -> str:
     """`text` for a terminal: control characters (a crawled name's escape codes or line
-    breaks) shown as escapes, never sent to the terminal."""
+    breaks), bytes that are not UTF-8 and bidirectional overrides shown as escapes, never sent
+    to the terminal."""
     return "".join(c.encode("unicode_escape").decode()
-                   if unicodedata.category(c) in _UNPRINTABLE else c for c in text)  # fmt: skip
+                   if unicodedata.category(c) in _UNPRINTABLE or c in _BIDI else c
+                   for c in text)  # fmt: skip
 
 
 def _label(v: Any) -> str:
     return NULL_LABEL if v is None else printable(str(v))
 
 
+def display_width(text: str) -> int:
+    """Terminal columns `text` takes: 2 for a wide (CJK) character, 0 for a combining mark."""
+    return sum(0 if unicodedata.combining(c) else
+               2 if unicodedata.east_asian_width(c) in ("W", "F") else 1
+               for c in text)  # fmt: skip
+
+
 def format_table(header: list[str], rows: list[list[str]]) -> str:
-    """A plain-text table with aligned columns."""
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
+    """A plain-text table with aligned columns (by display width: a CJK name takes two
+    columns a character)."""
+    table = [[str(x) for x in r] for r in [header, *rows]]
+    widths = [max(display_width(x) for x in col) for col in zip(*table, strict=True)]
+    pad = lambda x, w: x + " " * (w - display_width(x))  # noqa: E731
     return "\n".join(
-        "  ".join(str(x).ljust(w) for x, w in zip(r, widths, strict=True)).rstrip()
-        for r in [header, ["-" * w for w in widths], *rows]
+        "  ".join(pad(x, w) for x, w in zip(r, widths, strict=True)).rstrip()
+        for r in [table[0], ["-" * w for w in widths], *table[1:]]
     )
 
 

@@ -120,6 +120,9 @@ def _decoded_size(data: bytes) -> tuple[int, int]:
     from PIL import Image
 
     allow_png_text()
+    # The job's `probe.max_pixels` admitted this image; Pillow's own bomb limit (179 MP) would
+    # call a kept 182 MP photograph undecodable.
+    Image.MAX_IMAGE_PIXELS = None
     with Image.open(io.BytesIO(data)) as im:
         im.load()
         return im.size
@@ -171,52 +174,57 @@ def check_shard(uri: str, shard: str, rows: pa.Table | None, deep: bool = False)
         find(f"cannot be read as a tar: {type(e).__name__}: {e}")
     res.keys = sorted(members)
     for key in res.keys:
-        got = members[key]
-        if not KEY_RE.match(key):
-            find(f"sample key {key!r} is not [0-9a-z_-]")
-        row = expected.get(key)
-        if row is None:
-            res.image_bytes += sum(len(d) for e, d in got.items() if e.lower() in IMAGE_EXTENSIONS)
-            if rows is not None:
-                find(f"holds sample {key} that the manifest does not place here")
-            continue
-        img_ext = row[schema.EXTENSION]
-        allowed = {img_ext, *TEXT_MEMBERS}
-        for ext in sorted(set(got) - allowed):
-            kind = "image" if ext.lower() in IMAGE_EXTENSIONS else "unknown"
-            find(f"sample {key} has an unexpected {kind} member .{ext}")
-        data = got.get(img_ext)
-        if data is None:
-            find(f"sample {key} has no .{img_ext} image member")
-        else:
-            res.image_bytes += len(data)
-            digest = hashlib.sha256(data).hexdigest()
-            if digest != row[schema.SHA256]:
-                find(
-                    f"sample {key}: .{img_ext} bytes have sha256 {digest[:16]}…, "
-                    f"the manifest says {str(row[schema.SHA256])[:16]}…"
+        try:
+            got = members[key]
+            if not KEY_RE.match(key):
+                find(f"sample key {key!r} is not [0-9a-z_-]")
+            row = expected.get(key)
+            if row is None:
+                res.image_bytes += sum(
+                    len(d) for e, d in got.items() if e.lower() in IMAGE_EXTENSIONS
                 )
-            if deep:
-                try:
-                    w, h = _decoded_size(data)
-                except Exception as e:
-                    find(f"sample {key}: .{img_ext} does not decode: {type(e).__name__}: {e}")
-                else:
-                    if row.get(schema.ORIENTATION) in (5, 6, 7, 8):
-                        w, h = h, w
-                    if (w, h) != (row[schema.WIDTH], row[schema.HEIGHT]):
-                        find(
-                            f"sample {key}: decodes to {w}x{h}, the manifest says "
-                            f"{row[schema.WIDTH]}x{row[schema.HEIGHT]}"
-                        )
-        _check_json(key, got.get("json"), row, find)
-        for ext, col in (("txt", schema.CAPTION_EN), ("zh.txt", schema.CAPTION_ZH)):
-            text = got.get(ext)
-            want = row.get(col)
-            if text is None and want:
-                find(f"sample {key} lacks its .{ext} member ({col} is set)")
-            elif text is not None and text.decode("utf-8", "replace") != want:
-                find(f"sample {key}: .{ext} differs from the manifest's {col}")
+                if rows is not None:
+                    find(f"holds sample {key} that the manifest does not place here")
+                continue
+            img_ext = row[schema.EXTENSION]
+            allowed = {img_ext, *TEXT_MEMBERS}
+            for ext in sorted(set(got) - allowed):
+                kind = "image" if ext.lower() in IMAGE_EXTENSIONS else "unknown"
+                find(f"sample {key} has an unexpected {kind} member .{ext}")
+            data = got.get(img_ext)
+            if data is None:
+                find(f"sample {key} has no .{img_ext} image member")
+            else:
+                res.image_bytes += len(data)
+                digest = hashlib.sha256(data).hexdigest()
+                if digest != row[schema.SHA256]:
+                    find(
+                        f"sample {key}: .{img_ext} bytes have sha256 {digest[:16]}…, "
+                        f"the manifest says {str(row[schema.SHA256])[:16]}…"
+                    )
+                if deep:
+                    try:
+                        w, h = _decoded_size(data)
+                    except Exception as e:
+                        find(f"sample {key}: .{img_ext} does not decode: {type(e).__name__}: {e}")
+                    else:
+                        if row.get(schema.ORIENTATION) in (5, 6, 7, 8):
+                            w, h = h, w
+                        if (w, h) != (row[schema.WIDTH], row[schema.HEIGHT]):
+                            find(
+                                f"sample {key}: decodes to {w}x{h}, the manifest says "
+                                f"{row[schema.WIDTH]}x{row[schema.HEIGHT]}"
+                            )
+            _check_json(key, got.get("json"), row, find)
+            for ext, col in (("txt", schema.CAPTION_EN), ("zh.txt", schema.CAPTION_ZH)):
+                text = got.get(ext)
+                want = row.get(col)
+                if text is None and want:
+                    find(f"sample {key} lacks its .{ext} member ({col} is set)")
+                elif text is not None and text.decode("utf-8", "replace") != want:
+                    find(f"sample {key}: .{ext} differs from the manifest's {col}")
+        except Exception as e:  # any other surprise in a member is a finding, not a crash
+            find(f"sample {key!r} cannot be checked: {type(e).__name__}: {e}")
     for key, row in expected.items():
         if key not in members:
             find(f"lacks sample {key} ({row[schema.SOURCE]})")
@@ -229,8 +237,8 @@ def _check_json(key: str, raw: bytes | None, row: dict[str, Any], find: Callable
         return
     try:
         meta = json.loads(raw)
-    except ValueError as e:
-        find(f"sample {key}: .json is not JSON ({e})")
+    except (ValueError, RecursionError) as e:  # RecursionError: nested deeper than Python's stack
+        find(f"sample {key}: .json is not JSON ({type(e).__name__}: {e})")
         return
     if not isinstance(meta, dict):
         find(f"sample {key}: .json is not an object")

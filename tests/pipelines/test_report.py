@@ -621,3 +621,23 @@ def test_contact_sheets_never_read_a_pipe_and_open_sources_as_the_manifest_names
     (pipe,), (named,) = out[0]
     assert pipe[0] is None and "named pipe" in pipe[1]
     assert named[0] is not None and named[0].startswith("data:image/jpeg"), named
+
+
+def test_an_edited_config_section_or_a_non_utf8_summary_is_no_traceback(
+    audit_output, capsys
+):
+    """`probe: null` in config.yaml crashed the report (AttributeError); a config.yaml or
+    stats.json that is not UTF-8 gave an error that did not name the file; a YAML error
+    printed five lines with a caret."""
+    out, _ = audit_output([], [{"source": "/gone.jpg", "reason": "too_small"}])
+    config = (out / "config.yaml").read_text()
+    (out / "config.yaml").write_text(config + "\nprobe: null\n")
+    assert main(["report", str(out)]) == 0
+    (out / "config.yaml").write_bytes(b"\xff\xfe garbage")
+    assert main(["report", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "config.yaml cannot be read (not UTF-8 text" in err, err
+    (out / "config.yaml").write_text("analyze:\n  min_entropy: [1,\n")
+    assert main(["report", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "config.yaml cannot be read (" in err and "\n" not in err, err

@@ -240,3 +240,15 @@ def test_a_manifest_that_disagrees_with_success_is_refused(audit_output, audit_j
     pq.write_table(pq.read_table(part).drop_columns(["status"]), part)
     assert main(["stats", str(out)]) == 2
     assert "has no 'status' column" in capsys.readouterr().err
+
+
+def test_tables_align_wide_characters_by_display_width():
+    """Column widths were counted in characters, so a CJK name (two columns each) pushed the
+    rest of its row out of line."""
+    from pipelines.stats import display_width, format_table
+
+    text = format_table(["source", "kept"], [["/in/日本の山.jpg", "1"], ["/in/lake.jpg", "12"]])
+    rows = text.splitlines()
+    starts = {display_width(r[: r.rindex(" ") + 1]) for r in (rows[0], rows[2], rows[3])}
+    assert len(starts) == 1, text  # the second column starts at one display column
+    assert display_width("日本") == 4 and display_width("e\u0301") == 1

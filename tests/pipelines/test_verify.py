@@ -497,3 +497,36 @@ def test_hidden_files_under_shards_are_no_shards(job):
     assert verify(str(out)) == []
     (shard.parent / "notes.txt").write_text("a stray file")
     _one(verify(str(out)), "notes.txt", "names no sample in it")
+
+
+def test_hostile_member_names_and_json_are_findings_not_crashes(job, capsys, monkeypatch):
+    """A member name that is not UTF-8 reached the terminal as raw bytes (a traceback on a
+    strict UTF-8 stdout), and a .json nested 200,000 deep crashed with RecursionError."""
+    out, _ = job
+    shard = _shards(out)[0]
+    with tarfile.open(shard) as tf:
+        key = tf.getnames()[0].split(".")[0]
+    bad = b"\xff\xfeabc.jpg".decode("utf-8", "surrogateescape")  # how tarfile names it
+    deep = b"[" * 200_000 + b"]" * 200_000
+
+    def add(ms):
+        return [(m, deep if m.name == f"{key}.json" else d) for m, d in ms] + [_member(bad, b"x")]
+
+    _rewrite(shard, add)
+    findings = verify(str(out))
+    _one(findings, key, ".json is not JSON (RecursionError")
+    _one(findings, "abc", "does not place here")
+    assert main(["verify", str(out)]) == 1
+    printed = capsys.readouterr().out
+    printed.encode("utf-8")  # strict: no lone surrogate reaches the terminal
+    assert "\\udcff\\udcfeabc" in printed
+
+
+def test_deep_decodes_a_kept_image_over_pillows_own_bomb_limit(job, monkeypatch):
+    """A kept 182 MP photograph (`probe.max_pixels` raised) failed `verify --deep` with
+    DecompressionBombError: Pillow's default limit, not the job's, applied."""
+    from PIL import Image
+
+    out, _ = job
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # the job's images are 1,536+ px
+    assert verify(str(out), deep=True) == []
