@@ -168,8 +168,13 @@ def test_generate_writes_an_image_of_the_bucket_size(
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+@pytest.mark.parametrize("device", [
+    "cpu",
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs CUDA")]),
+])  # fmt: skip
 def test_fp8_layers_return_the_dtype_asked_for(
-    model_dir: Path, embeds_file: Path, tmp_path: Path, dtype: str
+    model_dir: Path, embeds_file: Path, tmp_path: Path, dtype: str, device: str
 ) -> None:
     """`--fp8` made every converted layer return bf16 whatever `--dtype` said: fp16 crashed
     with a dtype mismatch at the output projection, fp32 silently ran its blocks in bf16."""
@@ -184,7 +189,7 @@ def test_fp8_layers_return_the_dtype_asked_for(
     handle = torch.nn.modules.module.register_module_forward_hook(record)
     out = tmp_path / "img.png"
     argv = ["--model", str(model_dir), "--size", "1024x1024", "--steps", "1", "--out", str(out)]
-    argv += ["--dtype", dtype, "--device", "cpu", "--fp8", "--prompt-embeds", str(embeds_file)]
+    argv += ["--dtype", dtype, "--device", device, "--fp8", "--prompt-embeds", str(embeds_file)]
     try:
         assert generate.run(cli(argv)) == 0
     finally:
