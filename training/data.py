@@ -76,6 +76,9 @@ RESAMPLERS = ("lanczos", "area")
 CAPTIONS = {"en": ("caption_en", "txt"), "zh": ("caption_zh", "zh.txt")}
 # Suffixes whose usual readers unpickle (webdataset's `.pyd`/`.pickle`, torch's `.pth`/`.pt`, …).
 PICKLE_SUFFIXES = frozenset({"pyd", "pickle", "pkl", "pth", "pt", "ckpt", "joblib"})
+BAD_SAMPLES = ("stop", "skip")
+SKIPPED_LISTED = 100
+"""Skipped samples the loader's report names (it counts them all)."""
 SIDE_MULTIPLE = 32
 """Training sizes below the bucket size are rounded down to multiples of this."""
 _WDS_SUFFIX = re.compile(r" @ <[^>]*>$")
@@ -154,6 +157,12 @@ class DataConfig:
     jpeg_draft: bool = True
     """Let libjpeg decode JPEGs at 1/2, 1/4 or 1/8 scale when the target is at least twice that
     much smaller than the crop box (`bucket` mode with `lanczos`; Lanczos then finishes)."""
+    bad_samples: str = "stop"
+    """A sample that cannot be read or decoded (a corrupt member, a shard cut short): `stop`
+    ends training with one line naming it (`native4k verify` lists every such sample); `skip`
+    leaves it out, a repeat of another sample of its batch taking its place (flagged
+    `padded`), warns naming it, and counts it in the loader's report (`skipped`). A shard that
+    fails is not read again in that epoch: its later samples are skipped at once."""
 
     def __post_init__(self) -> None:
         def bad(key: str, msg: str) -> ValueError:
@@ -177,6 +186,8 @@ class DataConfig:
             raise bad("root", "must name a curation output (folder or s3:// prefix)")
         if self.mode not in MODES:
             raise bad("mode", f"must be one of {MODES}, got {self.mode!r}")
+        if self.bad_samples not in BAD_SAMPLES:
+            raise bad("bad_samples", f"must be one of {BAD_SAMPLES}, got {self.bad_samples!r}")
         if self.crop_size <= 0 or self.crop_size % 16:
             raise bad("crop_size", f"must be a positive multiple of 16, got {self.crop_size}")
         if self.batch_size < 1:
@@ -435,6 +446,7 @@ class BucketedLoader:
                              f"out ({left_out})")
         self._batches_total = total
         self._len = math.ceil(total / world_size)
+        self._report["skipped"] = {"samples": 0, "first": []}  # `bad_samples: skip`
         self._report["epoch"] = {
             "batches_total": total,
             "batches_per_rank": self._len,
@@ -743,11 +755,21 @@ class BucketedLoader:
                     storage, message = raw["error"]
                     raise (OSError if storage else ValueError)(message)
                 self._consumed += 1
+                self._note_skipped(raw["skipped"])
                 yield _finish(raw, epoch)
         finally:
             shutdown = getattr(it, "_shutdown_workers", None)
             if shutdown:
                 shutdown()
+
+    def _note_skipped(self, skipped: list[str]) -> None:
+        """Warn about and count the samples a batch left out (`bad_samples: skip`)."""
+        report = self._report["skipped"]
+        for why in skipped:
+            report["samples"] += 1
+            if len(report["first"]) < SKIPPED_LISTED:
+                report["first"].append(why)
+            log.warning("skipped a sample that cannot be used (data.bad_samples=skip): %s", why)
 
     def state_dict(self) -> dict[str, Any]:
         """The position: epoch and batches consumed on this rank, plus what must not change."""
@@ -888,6 +910,7 @@ class _EpochStream(torch.utils.data.IterableDataset):
         super().__init__()
         self.cfg, self.samples, self.plan = cfg, samples, plan
         self.epoch, self.first_index = epoch, first_index
+        self.last_good: dict[str, tuple[np.ndarray, str, int]] = {}  # per bucket, for `skip`
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
@@ -909,68 +932,106 @@ class _EpochStream(torch.utils.data.IterableDataset):
             reader.close()
 
     def _decode(self, j: int, batch: _Batch, reader: _MemberReader) -> dict[str, Any]:
-        cfg, s = self.cfg, self.samples
-        images, captions = [], []
+        s = self.samples
+        images: list[np.ndarray | None] = []
+        captions: list[str] = []
+        ids, padded = list(batch.ids), list(batch.padded)
+        skipped: list[str] = []
         for slot, i in enumerate(batch.ids):
-            members = reader.get(i)
-            data = members.get(s.extension[i])
-            if data is None:
-                raise ValueError(
-                    f"{s.shard[i]}: sample {s.key[i]} has no '.{s.extension[i]}' member"
-                )
-            if "json" in members:
-                try:
-                    meta = json.loads(members["json"])
-                except ValueError as e:  # not JSON, or not UTF-8
-                    raise ValueError(
-                        f"{s.shard[i]}: member {s.key[i]}.json is not JSON ({e}); run "
-                        "`native4k verify`"
-                    ) from e
-                if not isinstance(meta, dict):
-                    raise ValueError(
-                        f"{s.shard[i]}: member {s.key[i]}.json is not a JSON object; run "
-                        "`native4k verify`"
-                    )
-                if meta.get("key") != s.key[i] or meta.get("bucket") != s.bucket[i]:
-                    raise ValueError(
-                        f"{s.shard[i]}: member {s.key[i]}.json disagrees with the manifest "
-                        "(run `native4k verify`)"
-                    )
-            if cfg.mode == "bucket":
-                target = cfg.target_size(s.bucket[i])
-                box = tuple(int(v) for v in s.box[i])
-                img = decode_bucket(
-                    data,
-                    box if cfg.resolution_divisor == 1 else fit_aspect(box, target),
-                    target,
-                    resample=cfg.resample,
-                    draft=cfg.jpeg_draft,
-                    name=f"{s.shard[i]}:{s.key[i]}",
-                    orientation=int(s.orientation[i]) or None,
-                )
-            else:
-                rng = np.random.default_rng([cfg.seed, self.epoch, batch.uid, slot])
-                img = decode_crop(data, cfg.crop_size, rng, name=f"{s.shard[i]}:{s.key[i]}",
-                                  orientation=int(s.orientation[i]) or None)
-            images.append(img)
-            suffix = CAPTIONS[cfg.caption_language][1]
-            text = members.get(suffix)
             try:
-                captions.append(text.decode("utf-8") if text is not None else s.caption[i])
-            except UnicodeDecodeError as e:
+                img, caption = self._sample(i, slot, batch, reader)
+            except ValueError as e:
+                if self.cfg.bad_samples != "skip":
+                    raise ValueError(f"{e} (data.bad_samples=skip trains on without such a "
+                                     "sample)") from e  # fmt: skip
+                skipped.append(str(e))
+                img, caption = None, ""
+            else:
+                self.last_good[batch.bucket] = (img, caption, i)
+            images.append(img)
+            captions.append(caption)
+        good = [k for k, img in enumerate(images) if img is not None]
+        for n, k in enumerate(k for k, img in enumerate(images) if img is None):
+            if good:  # a repeat of a sample of this batch, as the `pad` policy repeats
+                src = good[n % len(good)]
+                images[k], captions[k], ids[k] = images[src], captions[src], ids[src]
+            elif batch.bucket in self.last_good:  # every sample failed: this bucket's last
+                images[k], captions[k], ids[k] = self.last_good[batch.bucket]
+            else:
                 raise ValueError(
-                    f"{s.shard[i]}: member {s.key[i]}.{suffix} is not UTF-8 text ({e.reason} "
-                    f"at byte {e.start}); run `native4k verify`"
-                ) from e
+                    f"every sample of a {batch.bucket} batch failed and none of that bucket "
+                    f"was read before to take their place; the first: {skipped[0]}"
+                )
+            padded[k] = True
         return {
             "pixels": torch.from_numpy(np.stack(images)),
-            "keys": [s.key[i] for i in batch.ids],
+            "keys": [s.key[i] for i in ids],  # a skipped sample's slot: its stand-in's key
             "bucket": batch.bucket,
             "captions": captions,
-            "aesthetic": torch.tensor(s.aesthetic[list(batch.ids)], dtype=torch.float32),
-            "padded": torch.tensor(batch.padded, dtype=torch.bool),
+            "aesthetic": torch.tensor(s.aesthetic[ids], dtype=torch.float32),
+            "padded": torch.tensor(padded, dtype=torch.bool),
+            "skipped": skipped,
             "index": self.first_index + j,
         }
+
+    def _sample(
+        self, i: int, slot: int, batch: _Batch, reader: _MemberReader
+    ) -> tuple[np.ndarray, str]:
+        """Sample `i`'s pixels (uint8 `[H, W, 3]`) and caption; ValueError names what failed."""
+        cfg, s = self.cfg, self.samples
+        members = reader.get(i)
+        data = members.get(s.extension[i])
+        if data is None:
+            raise ValueError(
+                f"{s.shard[i]}: sample {s.key[i]} has no '.{s.extension[i]}' member"
+            )
+        if "json" in members:
+            try:
+                meta = json.loads(members["json"])
+            except ValueError as e:  # not JSON, or not UTF-8
+                raise ValueError(
+                    f"{s.shard[i]}: member {s.key[i]}.json is not JSON ({e}); run "
+                    "`native4k verify`"
+                ) from e
+            if not isinstance(meta, dict):
+                raise ValueError(
+                    f"{s.shard[i]}: member {s.key[i]}.json is not a JSON object; run "
+                    "`native4k verify`"
+                )
+            if meta.get("key") != s.key[i] or meta.get("bucket") != s.bucket[i]:
+                raise ValueError(
+                    f"{s.shard[i]}: member {s.key[i]}.json disagrees with the manifest "
+                    "(run `native4k verify`)"
+                )
+        if cfg.mode == "bucket":
+            target = cfg.target_size(s.bucket[i])
+            box = tuple(int(v) for v in s.box[i])
+            img = decode_bucket(
+                data,
+                box if cfg.resolution_divisor == 1 else fit_aspect(box, target),
+                target,
+                resample=cfg.resample,
+                draft=cfg.jpeg_draft,
+                name=f"{s.shard[i]}:{s.key[i]}",
+                orientation=int(s.orientation[i]) or None,
+            )
+        else:
+            rng = np.random.default_rng([cfg.seed, self.epoch, batch.uid, slot])
+            img = decode_crop(data, cfg.crop_size, rng, name=f"{s.shard[i]}:{s.key[i]}",
+                              orientation=int(s.orientation[i]) or None)
+        suffix = CAPTIONS[cfg.caption_language][1]
+        text = members.get(suffix)
+        try:
+            return img, text.decode("utf-8") if text is not None else s.caption[i]
+        except UnicodeDecodeError as e:
+            raise ValueError(
+                f"{s.shard[i]}: member {s.key[i]}.{suffix} is not UTF-8 text ({e.reason} "
+                f"at byte {e.start}); run `native4k verify`"
+            ) from e
+
+
+class _MissingSample(ValueError):
+    """A sample the manifest places in a shard that the shard does not hold (its others may)."""
 
 
 class _MemberReader:
@@ -1006,6 +1067,7 @@ class _MemberReader:
         self.streams: dict[str, tuple[str, Iterator[dict[str, Any]]]] = {}  # bucket -> shard
         self.stash: dict[int, dict[str, bytes]] = {}
         self.opened = 0  # shard opens (a reopen counts again)
+        self.broken: dict[str, str] = {}  # shard -> why it could not be read (not read again)
 
     @staticmethod
     def _ids(batches: list[_Batch]) -> Iterator[int]:
@@ -1038,6 +1100,18 @@ class _MemberReader:
             return members
         s = self.s
         bucket, shard, key = s.bucket[i], s.shard[i], s.key[i]
+        if shard in self.broken:
+            raise ValueError(f"{self.broken[shard]} (sample {key} is in it)")
+        try:
+            return self._find(i, here, bucket, shard, key)
+        except _MissingSample:
+            raise
+        except ValueError as e:  # cut short, refused, unsafe: the rest of it would fail too
+            self.broken[shard] = str(e)
+            self.streams.pop(bucket, None)
+            raise
+
+    def _find(self, i: int, here: int, bucket: str, shard: str, key: str) -> dict[str, bytes]:
         for attempt in range(2):
             current = self.streams.get(bucket)
             if current is None or current[0] != shard or attempt:
@@ -1057,7 +1131,7 @@ class _MemberReader:
                 if j is not None and self._needed_soon(j, here):
                     self.stash[j] = members
             self.streams.pop(bucket)  # exhausted without finding it: reopen once
-        raise ValueError(
+        raise _MissingSample(
             f"{shard}: sample {key} is in the manifest but not in the shard (cut short or "
             "rewritten? `native4k verify` checks every shard)"
         )

@@ -502,6 +502,15 @@ class Trainer:
                     break
         if progress is not None:
             progress.close()
+        skipped = sum(  # a loader of the caller's own (`loader_factory`) may keep no report
+            ld.report().get("skipped", {}).get("samples", 0)
+            for ld in self.loaders if hasattr(ld, "report")
+        )  # fmt: skip
+        skipped = round(all_reduce_mean(float(skipped), info.device) * info.world_size)
+        if skipped and info.is_main:
+            print(f"{self.task.name}: skipped {skipped} sample(s) that could not be used "
+                  "(data.bad_samples=skip; the warnings name them, `native4k verify` finds "
+                  "them in the shards)", flush=True)  # fmt: skip
         result = TrainResult(step=step, losses=losses, checkpoint=last_ckpt, export=None,
                              stopped_by=stopped_by)
         if step >= self.total_steps:

@@ -18,6 +18,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -782,3 +783,86 @@ def test_repeated_rounds_never_put_a_sample_twice_in_a_batch(n, rounds, batch, s
         for lo in range(0, len(out), batch):
             part = out[lo : lo + batch]
             assert len(set(part)) == len(part), (seq, out)
+
+
+def _replace_member(shard: Path, name: str, payload: bytes) -> None:
+    with tarfile.open(shard) as tf:
+        members = [(m, tf.extractfile(m).read()) for m in tf]
+    with tarfile.open(shard, "w") as tf:
+        for m, data in members:
+            if m.name == name:
+                data = payload
+                m.size = len(payload)
+            tf.addfile(m, io.BytesIO(data))
+
+
+def test_a_bad_sample_stops_training_or_is_skipped_as_asked(curated_shards, tmp_path):
+    """Hours into a run, one corrupt image ended training; `data.bad_samples=skip` trains on:
+    the sample's place in its batch goes to a repeat of another (its key, flagged padded),
+    a warning names it and the loader's report counts it."""
+    root = tmp_path / "copy"
+    shutil.copytree(curated_shards, root)
+    rows = _rows(root)
+    bucket = "576x1024"
+    bad = sorted(k for k, r in rows.items() if r["bucket"] == bucket)[1]
+    shard = root / rows[bad]["shard"]
+    _replace_member(shard, f"{bad}.{rows[bad]['extension']}", b"not an image at all")
+    only = {b: (1.0 if b == bucket else 0.0) for b in {r["bucket"] for r in rows.values()}}
+    kw = dict(root=str(root), resolution_divisor=16, batch_size=3, bucket_weights=only)
+    with pytest.raises(ValueError, match=rf"{bad}: cannot decode image.*bad_samples=skip"):
+        _epoch(BucketedLoader(DataConfig(**kw)))
+    for workers in (0, 1):
+        loader = BucketedLoader(DataConfig(**kw, bad_samples="skip", num_workers=workers))
+        (batch,) = _epoch(loader)
+        assert bad not in batch["keys"] and len(batch["keys"]) == 3
+        slot = [k for k, p in zip(batch["keys"], batch["padded"].tolist(), strict=True) if p]
+        assert len(slot) == 1 and batch["keys"].count(slot[0]) == 2  # a repeat stands in
+        same = [i for i, k in enumerate(batch["keys"]) if k == slot[0]]
+        assert bool((batch["pixels"][same[0]] == batch["pixels"][same[1]]).all())
+        report = loader.report()["skipped"]
+        assert report["samples"] == 1 and bad in report["first"][0]
+
+
+def test_a_shard_cut_short_is_skipped_past_without_reading_it_again(curated_shards, tmp_path):
+    """With `skip`, the samples behind the cut are skipped at once (the shard is not read
+    again from its start for each of them), each standing in with a sample read before."""
+    root = tmp_path / "copy"
+    shutil.copytree(curated_shards, root)
+    rows = _rows(root)
+    bucket = "576x1024"  # three samples: put them in one shard, in key order
+    keys = sorted(k for k, r in rows.items() if r["bucket"] == bucket)
+    shards = sorted({rows[k]["shard"] for k in keys})
+    members: list[tuple[tarfile.TarInfo, bytes]] = []
+    for name in shards:
+        with tarfile.open(root / name) as tf:
+            members += [(m, tf.extractfile(m).read()) for m in tf]
+        (root / name).unlink()
+    members.sort(key=lambda m: m[0].name)
+    shard = root / shards[0]
+    with tarfile.open(shard, "w") as tf:
+        for m, data in members:
+            tf.addfile(m, io.BytesIO(data))
+    for part in (root / "manifest").glob("*.parquet"):
+        t = pq.read_table(part)
+        moved = pc.is_in(t.column("key"), value_set=pa.array(keys))
+        t = t.set_column(t.schema.get_field_index("shard"), "shard",
+                         pc.if_else(moved, shards[0], t.column("shard")))  # fmt: skip
+        pq.write_table(t, part)
+    with tarfile.open(shard) as tf:
+        listed = tf.getmembers()
+    first_key = listed[0].name.split(".")[0]
+    # webdataset hands a sample on once it reads the next one's first member: a cut inside the
+    # third sample loses the second and the third
+    third = next(m for m in listed if m.name.split(".")[0] == keys[2])
+    shard.write_bytes(shard.read_bytes()[: third.offset_data + third.size // 2])
+    only = {b: (1.0 if b == bucket else 0.0) for b in {r["bucket"] for r in rows.values()}}
+    cfg = DataConfig(root=str(root), resolution_divisor=16, bucket_weights=only,
+                     shuffle_window=1, bad_samples="skip")  # shard order: the intact one first
+    loader = BucketedLoader(cfg)
+    batches = _epoch(loader)
+    assert batches[0]["keys"] == [first_key] and not bool(batches[0]["padded"].any())
+    assert all(b["keys"] == [first_key] and bool(b["padded"].all()) for b in batches[1:])
+    skipped = loader.report()["skipped"]
+    assert skipped["samples"] == len(batches) - 1 == 2
+    assert all("cannot read the shard" in why for why in skipped["first"])
+    assert skipped["first"][1].endswith(f"(sample {keys[2]} is in it)")  # known broken: not read
