@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -276,6 +277,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     return int(args.func(args) or 0)
 
 
+def _stopped(code: int) -> None:
+    """End a stopped command: one line (how to resume a `curate`), exit 130 or 143."""
+    resume = "; rerun the same command to resume" if sys.argv[1:2] == ["curate"] else ""
+    word = "interrupted" if code == 130 else "stopped (SIGTERM)"
+    print(f"\nnative4k: {word}{resume}", file=sys.stderr)
+    sys.exit(code)
+
+
 def console() -> None:
     """Entry point of the `native4k` console script.
 
@@ -289,11 +298,14 @@ def console() -> None:
     except BrokenPipeError:  # `native4k stats OUT | head`: the reader left, nothing is wrong
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
-    except KeyboardInterrupt:  # Ctrl-C: one line, not the traceback of wherever it landed
-        resume = sys.argv[1:2] == ["curate"]
-        print(f"\nnative4k: interrupted{'; rerun the same command to resume' if resume else ''}",
-              file=sys.stderr)  # fmt: skip
-        sys.exit(130)
+    except KeyboardInterrupt as e:  # Ctrl-C: one line, not the traceback of wherever it landed
+        curate = sys.modules.get("pipelines.curate")  # its SIGTERM handler raises `Terminated`
+        term = curate is not None and isinstance(e, curate.Terminated)
+        _stopped(128 + signal.SIGTERM if term else 130)
+    except SystemExit as e:
+        if e.code != signal.SIGTERM:
+            raise
+        _stopped(128 + signal.SIGTERM)  # SIGTERM inside `ray.init`: Ray's handler exits 15
     if _STOPPED_OWN_RAY:
         sys.stdout.flush()
         sys.stderr.flush()

@@ -904,7 +904,29 @@ def init_ray(cfg: JobConfig, address: str | None) -> Any:
             kwargs["object_store_memory"] = cfg.ray.object_store_memory
         cpus = cfg.ray.num_cpus or os.cpu_count() or 1
         ray.init(runtime_env=runtime_env, _system_config=local_ray_system_config(cpus), **kwargs)
+    _stop_on_sigterm()
     return ray
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's or `kill`'s stop), raised where the driver is, as Ctrl-C is."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated(signum)
+
+
+def _stop_on_sigterm() -> None:
+    """After `ray.init`: SIGTERM stops the job the way Ctrl-C does (one line, a rerun resumes).
+
+    `ray.init` leaves a SIGTERM handler of its own (`sys.exit(15)`: no word, and a teardown of
+    about 30 s), and Ray's core then aborts with a stack dump on SIGTERM.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_terminated)
 
 
 def _arrow_fs(uri: str) -> tuple[Any, str]:
@@ -1402,10 +1424,11 @@ class _Passes:
         start = time.perf_counter()
         try:
             fault = os.environ.get(FAULT_ENV)
-            if fault in (f"{step}:kill", f"{step}:interrupt"):
+            if fault in (f"{step}:kill", f"{step}:interrupt", f"{step}:term"):
                 import signal
 
-                os.kill(os.getpid(), signal.SIGKILL if fault.endswith("kill") else signal.SIGINT)
+                sig = {"kill": signal.SIGKILL, "interrupt": signal.SIGINT, "term": signal.SIGTERM}
+                os.kill(os.getpid(), sig[fault.rsplit(":", 1)[1]])
             if fault == step:
                 raise RuntimeError(f"fault injected by {FAULT_ENV}={step}")
             if fault == f"{step}:lost" and step not in self.lost:

@@ -179,6 +179,49 @@ def test_ctrl_c_is_one_line_and_a_rerun_resumes(inputs, reference, tmp_path, job
     assert job_outcome(out) == job_outcome(reference)
 
 
+@pytest.mark.parametrize("step", ["start", "analysis"])
+def test_sigterm_is_one_line_and_a_rerun_resumes(inputs, reference, tmp_path, job_outcome, step):
+    """SIGTERM (a scheduler's stop) during Ray's start-up exited 15 after about 30 s without a
+    word; later, Ray's core aborted with a stack dump (SIGABRT). Now it stops as Ctrl-C does:
+    exit 143, one line saying how to resume."""
+    out = tmp_path / "out"
+    if step == "start":  # inside `ray.init`, where Ray's own handler answers
+        proc = subprocess.Popen(
+            [CLI, "curate", str(inputs), "--output", str(out), *SMALL],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 120
+            while not _ray_started_by(proc.pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGTERM)
+            _, stderr = proc.communicate(timeout=300)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        rc = proc.returncode
+    else:
+        rc, _, stderr = run_cli("curate", str(inputs), "--output", str(out), *SMALL,
+                                env={"NATIVE4K_FAULT": f"{step}:term"})  # fmt: skip
+    assert rc == 143, (rc, stderr[-2000:])
+    assert "Traceback" not in stderr and "SIGTERM received" not in stderr, stderr[-2000:]
+    assert stderr.rstrip().splitlines()[-1] == (
+        "native4k: stopped (SIGTERM); rerun the same command to resume"
+    )
+    rc, _ = _quiet_main("curate", str(inputs), "--output", str(out), *SMALL)
+    assert rc == 0
+    assert job_outcome(out) == job_outcome(reference)
+
+
+def _ray_started_by(pid: int) -> bool:
+    """Whether the driver `pid` has begun starting Ray (a child process of Ray's is up)."""
+    with contextlib.suppress(psutil.Error):
+        return any("ray" in " ".join(c.cmdline()) for c in psutil.Process(pid).children())
+    return False
+
+
 def _task_workers(root: psutil.Process) -> list[psutil.Process]:
     """This process's Ray workers that are running one of the job's pass-1 tasks."""
     found = []
