@@ -54,6 +54,10 @@ def filesystem(uri: str, **storage_options: object) -> tuple[fsspec.AbstractFile
     """
     if "://" not in uri:
         return LocalFileSystem(), make_path_posix(uri)
+    protocol = uri.partition("://")[0]
+    if "::" in uri and protocol.isalnum():  # an S3 key may hold `::`: no URL chaining here
+        fs = fsspec.filesystem(protocol.lower(), **storage_options)
+        return fs, fs._strip_protocol(uri)
     fs, path = fsspec.core.url_to_fs(uri, **storage_options)
     return fs, path
 
@@ -162,7 +166,10 @@ resource forks of a zip made on a Mac (`__MACOSX`)."""
 
 def skipped_folder(name: str) -> bool:
     """Whether a folder walk leaves out a folder of this name: hidden (`.git`, `.Trash-1000`,
-    `.thumbnails`) or one of `SYSTEM_FOLDERS`."""
+    `.thumbnails`) or one of `SYSTEM_FOLDERS`. `.` and `..` are no hidden folders: an S3 key
+    may hold them as segments (`p/./a.jpg`), and a local walk never yields them."""
+    if name in (".", ".."):
+        return False
     return name.startswith(".") or name.casefold() in SYSTEM_FOLDERS
 
 
@@ -324,8 +331,9 @@ def _location(spec: InputSpec, real: Callable[[str], str]) -> tuple[str, tuple[s
     A local folder by its real path (`./`, `..`, trailing slashes and links resolved); a local
     file by its folder's real path and its own name (a linked file is listed under its link's
     name, so the link itself is not resolved); a remote prefix or object by its path, trailing
-    slashes dropped (an S3 key holding `./` is a key of its own). `real`: `os.path.realpath`,
-    cached over the INPUTs (brace patterns name thousands of files in a few folders).
+    slash dropped (an S3 key is what it says: `d//b.jpg` and `p/./a.jpg` are keys of their own,
+    not `d/b.jpg` and `p/a.jpg`). `real`: `os.path.realpath`, cached over the INPUTs (brace
+    patterns name thousands of files in a few folders).
     """
     if is_local(spec.uri):
         path = os.path.abspath(local_path(spec.uri))
@@ -335,7 +343,10 @@ def _location(spec: InputSpec, real: Callable[[str], str]) -> tuple[str, tuple[s
             path = os.path.join(real(os.path.dirname(path)), os.path.basename(path))
         return "", tuple(p for p in path.split(os.sep) if p)
     scheme, _, rest = spec.uri.partition("://")
-    return scheme.lower(), tuple(p for p in rest.split("/") if p)
+    parts = rest.split("/")
+    if len(parts) > 1 and parts[-1] == "":  # a prefix's trailing slash
+        parts.pop()
+    return scheme.lower(), tuple(parts)
 
 
 def _path_of(scheme: str, parts: tuple[str, ...]) -> str:
@@ -410,12 +421,14 @@ def drop_covered_inputs(
     for loc, spec in located:
         if spec.kind == "folder":
             folders.setdefault(loc, spec)
-    seen: dict[tuple[str, tuple[str, ...]], int] = {}
+    seen: dict[tuple[str, tuple[str, ...], bool], int] = {}
     kept: list[InputSpec] = []
     said: list[str] = []
     for i, ((scheme, parts), spec) in enumerate(located):
-        first = specs[seen.setdefault((scheme, parts), i)]
-        if seen[(scheme, parts)] != i:
+        # On S3 an object `x.jpg` and the prefix `x.jpg/` are two inputs with one path.
+        same = (scheme, parts, bool(scheme) and spec.kind == "folder")
+        first = specs[seen.setdefault(same, i)]
+        if seen[same] != i:
             said.append(f"{spec.uri} is given twice" if spec.uri == first.uri
                         else f"{spec.uri} is the same as {first.uri}")  # fmt: skip
             continue

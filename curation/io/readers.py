@@ -425,6 +425,11 @@ class TarReader(Stage):
                             member.offset_data, member.size
                         )
                         failed = sample.setdefault("failed", [])  # (label, reason, detail)
+                        if member.issparse():
+                            # its bytes lie in chunks after a map: no offset to read again
+                            failed.append((label, "unsupported_format", f"{name}: a sparse tar "
+                                           "member (tar --sparse); store it as a plain file"))
+                            continue
                         if size > self.max_file_bytes:
                             failed.append((label, "too_large", f"{name}: {size} bytes, over the "
                                            f"{self.max_file_bytes}-byte cap; not read"))
@@ -654,8 +659,8 @@ def _sample_rows(tar_uri: str, key: str, sample: dict[str, Any]) -> list[dict[st
         kind = _sidecar_slot(slot)
         if kind is None:
             images.append(slot)
-        else:
-            sidecars.setdefault(kind, data)
+        else:  # over the cap, as a sidecar file over it: no caption
+            sidecars.setdefault(kind, data if len(data) <= SIDECAR_MAX_BYTES else b"")
     rows = []
     for slot in sorted(images):
         name, offset, data = members[slot]

@@ -1105,3 +1105,68 @@ def test_storage_systems_folders_are_not_inputs_unless_named(tmp_path, s3_server
     assert names(["s3://nas-walk/in"]) == kept
     assert names(["s3://nas-walk/in", "s3://nas-walk/in/@eaDir"]) == [
         "@eaDir/a.jpg/SYNOPHOTO_THUMB_XL.jpg", *kept]
+
+
+def test_a_sparse_member_is_refused_and_a_huge_caption_member_is_no_caption(tmp_path):
+    """A `tar --sparse` member was analysed (tarfile fills its holes) but recorded at an
+    offset that holds the sparse map, so its shard write failed on every rerun and an exact
+    copy elsewhere was lost with it; a 20 MB `.txt` member became a 20 MB caption, where a
+    sidecar file over 16 MiB is none."""
+    from curation.io.readers import SIDECAR_MAX_BYTES
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    holey = folder / "holey.jpg"
+    with holey.open("wb") as fh:
+        fh.write(b"\xff\xd8\xff\xe0" + b"x" * 1000)
+        fh.seek(4 * 2**20)  # a hole the file system keeps unallocated
+        fh.write(b"\xff\xd9")
+    (folder / "holey.txt").write_text("a caption")
+    sparse = tmp_path / "sparse.tar"
+    subprocess.run(["tar", "--sparse", "-cf", str(sparse), "-C", str(folder), "holey.jpg",
+                    "holey.txt"], check=True)  # fmt: skip
+    with tarfile.open(sparse) as tf:
+        if not tf.getmember("holey.jpg").issparse():
+            pytest.skip("this file system keeps no holes: tar stored the file whole")
+    (row,) = TarReader()({schema.SOURCE: [str(sparse)]}).to_pylist()
+    assert row[schema.SOURCE] == f"{sparse}#holey.jpg"
+    assert row[schema.REASON] == "unsupported_format" and "sparse" in row[schema.DETAIL]
+
+    big = tmp_path / "big.tar"
+    _tar(big, [("a.jpg", b"\xff\xd8 an image"), ("a.txt", b"w" * (SIDECAR_MAX_BYTES + 1)),
+               ("b.jpg", b"\xff\xd8 another"), ("b.txt", b"a short caption")])  # fmt: skip
+    rows = {r[schema.SOURCE].rsplit("#", 1)[1]: r
+            for r in TarReader()({schema.SOURCE: [str(big)]}).to_pylist()}  # fmt: skip
+    assert rows["a.jpg"][schema.CAPTION_EN] is None
+    assert rows["b.jpg"][schema.CAPTION_EN] == "a short caption"
+
+
+def test_s3_keys_are_taken_as_written(s3_server):
+    """`p/./a.jpg` and `p/../b.jpg` were hidden folders (no row); `x.jpg` and the prefix
+    `x.jpg/` named together, or `d/b.jpg` and `d//b.jpg`, were called the same INPUT and one
+    was never read; a key holding `::` was read as fsspec's URL chaining (a TypeError)."""
+    import boto3
+    import fsspec
+
+    from curation.io.listing import drop_covered_inputs
+
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket="as-written",
+                     CreateBucketConfiguration={"LocationConstraint": "us-west-2"})  # fmt: skip
+    keys = ["p/./dot.jpg", "p/../up.jpg", "p/c/../e.jpg", "p/col::on.jpg", "x.jpg",
+            "x.jpg/y.jpg", "d/b.jpg", "d//b.jpg"]  # fmt: skip
+    for key in keys:
+        s3.put_object(Bucket="as-written", Key=key, Body=key.encode())
+    fsspec.filesystem("s3").invalidate_cache()
+    base = "s3://as-written"
+    assert sorted(i.uri for i in list_inputs([f"{base}/p"])) == [
+        f"{base}/p/../up.jpg", f"{base}/p/./dot.jpg", f"{base}/p/c/../e.jpg",
+        f"{base}/p/col::on.jpg"]  # fmt: skip
+    args = [f"{base}/x.jpg", f"{base}/x.jpg/", f"{base}/d/b.jpg", f"{base}/d//b.jpg"]
+    kept, note = drop_covered_inputs(plan_inputs(args))
+    assert [s.uri for s in kept] == args and note is None
+    assert sorted(i.uri for i in list_inputs(args)) == sorted(
+        [f"{base}/x.jpg", f"{base}/x.jpg/y.jpg", f"{base}/d/b.jpg", f"{base}/d//b.jpg"])
+    uris = [f"{base}/{k}" for k in keys]
+    rows = FileReader()({schema.SOURCE: uris, SIDECAR: [None] * len(uris)}).to_pylist()
+    assert [r[schema.DATA] for r in rows] == [k.encode() for k in keys]
