@@ -373,6 +373,7 @@ class TarReader(Stage):
         current: dict[str, tuple[str, int]] = {}  # key -> its sample in `samples`
         opened: dict[str, int] = {}  # key -> samples of that key opened in the tar
         times: dict[str, int] = {}  # member name -> times stored so far
+        labels: set[str] = set()  # the rows' member names so far: each names one row
         emitted = num_rows = 0
         held = 0  # member bytes in `samples`
         error: str | None = None
@@ -412,6 +413,10 @@ class TarReader(Stage):
                         sample["names"].add(name)
                         times[name] = times.get(name, 0) + 1
                         label = name if times[name] == 1 else f"{name}#{times[name]}"
+                        k = 2
+                        while label in labels:  # a member named as a repeat was: `x.jpg#2`
+                            label, k = f"{name}#{k}", k + 1
+                        labels.add(label)
                         members = sample["members"]
                         # A hard link is the bytes of a member stored before it (`tar` writes
                         # a hard-linked file's second name so): the same image, under its name.

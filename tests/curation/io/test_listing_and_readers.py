@@ -1170,3 +1170,15 @@ def test_s3_keys_are_taken_as_written(s3_server):
     uris = [f"{base}/{k}" for k in keys]
     rows = FileReader()({schema.SOURCE: uris, SIDECAR: [None] * len(uris)}).to_pylist()
     assert [r[schema.DATA] for r in rows] == [k.encode() for k in keys]
+
+
+def test_a_member_named_as_a_repeat_is_named_gets_a_row_of_its_own(tmp_path):
+    """A name stored twice gives its second row `x.jpg#2`; a member literally named `x.jpg#2`
+    got the same source, and one of the two images had no manifest row."""
+    tar = tmp_path / "repeats.tar"
+    _tar(tar, [("x.jpg", b"\xff\xd8 1"), ("x.jpg", b"\xff\xd8 2"), ("x.jpg#2", b"\xff\xd8 3"),
+               ("x.jpg", b"\xff\xd8 4")])  # fmt: skip
+    rows = TarReader()({schema.SOURCE: [str(tar)]}).to_pylist()
+    sources = [r[schema.SOURCE] for r in rows]
+    assert len(set(sources)) == len(sources) == 4, sources
+    assert sorted(r[schema.DATA][-1:] for r in rows) == [b"1", b"2", b"3", b"4"]
