@@ -486,6 +486,10 @@ class TarReader(Stage):
                 # 0 bytes, as an empty image is: no read to try again
                 else ("decode_error", "empty file (0 bytes)")
                 if error == "ReadError: empty file"
+                # its first block is no tar header: read whole, it is no tar (nor an image),
+                # and reading it again on every rerun would not change that
+                else ("decode_error", f"not a tar (nor an image): {error}")
+                if error in NOT_A_TAR
                 else ("unreadable", f"cannot read tar: {error}")
             )
             rows.append(
@@ -520,6 +524,13 @@ class TarReader(Stage):
         except Exception:  # not an image either: the tar's own verdict stands
             return None
         return {schema.SOURCE: uri, **row}
+
+
+NOT_A_TAR = frozenset(
+    f"ReadError: {m}" for m in ("invalid header", "bad checksum", "truncated header")
+)
+"""What tarfile says of a file whose first block is no tar header (a tar cut short inside a
+member says "unexpected end of data", and stays `unreadable`: a copy again may mend it)."""
 
 
 _COMPRESSIONS = (

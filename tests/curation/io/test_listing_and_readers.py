@@ -166,7 +166,7 @@ def test_tar_reader_groups_members_keeps_offsets_and_reports_truncation(tmp_path
     bad = tmp_path / "bad.tar"
     bad.write_bytes(b"not a tar at all" * 10)
     rows = TarReader()({schema.SOURCE: [str(bad)]}).to_pylist()
-    assert len(rows) == 1 and rows[0][schema.REASON] == "unreadable"
+    assert len(rows) == 1 and rows[0][schema.REASON] == "decode_error"  # read whole: no tar
     # 0 bytes is an empty file, as an image of 0 bytes is, not a read to try again
     bad.write_bytes(b"")
     (row,) = TarReader()({schema.SOURCE: [str(bad)]}).to_pylist()
@@ -312,7 +312,8 @@ def test_tar_json_members_become_source_meta(tmp_path):
 
 def test_an_image_named_tar_is_judged_by_its_bytes(tmp_path):
     """A JPEG saved as `photo.tar` was `unreadable` ("cannot read tar: invalid header"); a
-    file that is neither a tar nor an image keeps the tar's verdict."""
+    file that is neither a tar nor an image is a `decode_error` (it was `unreadable`, read
+    again by every rerun), while a tar cut short stays `unreadable` (a copy again mends it)."""
     from PIL import Image
 
     buf = io.BytesIO()
@@ -329,7 +330,13 @@ def test_an_image_named_tar_is_judged_by_its_bytes(tmp_path):
         buf.getvalue()
     )
     (row,) = TarReader()({schema.SOURCE: [str(junk)]}).to_pylist()
-    assert row[schema.REASON] == "unreadable" and row[schema.DETAIL].startswith("cannot read tar")
+    assert row[schema.REASON] == "decode_error", row
+    assert row[schema.DETAIL] == "not a tar (nor an image): ReadError: invalid header"
+    cut = tmp_path / "cut.tar"
+    _tar(cut, [("a.jpg", buf.getvalue())])
+    cut.write_bytes(cut.read_bytes()[:600])  # the header whole, the member's bytes not
+    rows = TarReader()({schema.SOURCE: [str(cut)]}).to_pylist()
+    assert {r[schema.REASON] for r in rows} == {"unreadable"}, rows  # the member and the rest
 
 
 @given(encoding=st.sampled_from(["utf-8-sig", "utf-16", "utf-16-le", "utf-8"]),
