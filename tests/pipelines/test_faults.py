@@ -129,10 +129,21 @@ def run_cli(*args: str, env: dict[str, str] | None = None,
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)  # Ray processes a killed driver left behind
+        kill_session(proc.pid)
         proc.wait()
     return proc.returncode, stdout, stderr
+
+
+def kill_session(sid: int) -> None:
+    """Kill every process of the session `sid` (a driver started with `start_new_session`):
+    the Ray processes a killed driver left behind. Ray's workers move to process groups of
+    their own, so killing the driver's group alone leaves them running."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(sid, signal.SIGKILL)
+    for p in psutil.process_iter():
+        with contextlib.suppress(OSError, psutil.Error):
+            if os.getsid(p.pid) == sid:
+                p.kill()
 
 
 def test_driver_killed_at_every_pass_then_rerun(inputs, reference, tmp_path, job_outcome):
@@ -198,8 +209,7 @@ def test_sigterm_is_one_line_and_a_rerun_resumes(inputs, reference, tmp_path, jo
             proc.send_signal(signal.SIGTERM)
             _, stderr = proc.communicate(timeout=300)
         finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
+            kill_session(proc.pid)
             proc.wait()
         rc = proc.returncode
     else:
@@ -400,8 +410,7 @@ def test_s3_outage_mid_job_and_no_credential_leaks(
         try:
             stdout, stderr = proc.communicate(timeout=600)
         finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
+            kill_session(proc.pid)
             watcher.join()
         assert outage.is_set(), "the job ended before the outage could start"
         assert proc.returncode == 0, stderr[-3000:]

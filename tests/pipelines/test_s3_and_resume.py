@@ -98,7 +98,9 @@ def test_killed_job_reruns_to_the_same_result(samples, curated, tmp_path):
     deadline = time.time() + 300
     while time.time() < deadline and not list(analysis.glob("part-*.parquet")):
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its Ray processes, mid-job
+    # The driver's group, mid-job; Ray's workers (groups of their own) may still finish a
+    # batch after the rerun listed its work, which the rerun must absorb (one row per source).
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (out / "_SUCCESS").exists()
     assert main(["curate", str(folder), "--output", str(out)]) == 0
