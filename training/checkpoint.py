@@ -17,8 +17,11 @@ same batch, noise and timesteps as an uninterrupted run would (bit-identical on 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +43,17 @@ _OPTIONS = StateDictOptions(ignore_frozen_params=True)
 # own state dict is not matched strictly; every trainable tensor still is (`dcp.load` fails on
 # any key of the state it fills that the checkpoint lacks).
 _LOAD_OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)
+
+
+@contextlib.contextmanager
+def _single_process_quiet() -> Iterator[None]:
+    """Without a process group, DCP warns on every save and load that it "assumes the intent
+    is to save in a single process": that is this run's intent, so the warning only adds noise
+    to a one-process run's log."""
+    with warnings.catch_warnings():
+        if not (dist.is_available() and dist.is_initialized()):
+            warnings.filterwarnings("ignore", message=r"torch\.distributed is disabled")
+        yield
 
 
 def checkpoint_dir(output_dir: str | Path) -> Path:
@@ -121,7 +135,8 @@ def save_checkpoint(
     barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_OPTIONS)
     state = {"model": model_sd, "optim": optim_sd, "ema": dict(ema or {})}
-    dcp.save(state, checkpoint_id=str(partial))
+    with _single_process_quiet():
+        dcp.save(state, checkpoint_id=str(partial))
     (partial / f"rank{info.rank}.json").write_text(
         json.dumps({**rank_state, "world_size": info.world_size}, default=_json_default)
     )
@@ -177,7 +192,8 @@ def load_checkpoint(
         ema = None  # a run that turns the EMA on at a resume: the caller starts it afresh
     rank_state["ema_restored"] = ema is not None
     state = {"model": model_sd, "optim": optim_sd, "ema": dict(ema or {})}
-    dcp.load(state, checkpoint_id=str(folder))
+    with _single_process_quiet():
+        dcp.load(state, checkpoint_id=str(folder))
     set_state_dict(
         model,
         optimizer,
