@@ -13,7 +13,8 @@ What is checked, each finding naming the shard, the sample and the value that di
   match its sha256; its `.json` member equals its manifest row; captions match; with `--deep`
   every image also decodes whole, to the manifest's size;
 - `_SUCCESS` and `stats.json` agree with the manifest and with what the shards hold (rows,
-  kept, rejected, reasons, per-bucket samples, bytes and shards).
+  kept, rejected, reasons, per-bucket samples, bytes and shards);
+- `buckets.json` and `config.yaml` are there, and every kept sample's bucket is in the table.
 """
 
 from __future__ import annotations
@@ -327,6 +328,19 @@ _JOB_ENTRIES = ("_SUCCESS", "stats.json", "manifest", "shards", "_work")
 """What a curation job writes into OUT; a folder with none of them is not an output."""
 
 
+def _bucket_table_findings(table: dict[str, Any] | None, kept: pa.Table) -> Iterable[str]:
+    """Every kept sample's bucket is one of `buckets.json`'s (the table the job used)."""
+    if table is None:
+        return
+    entries = table.get("buckets")
+    if not isinstance(entries, list) or not all(isinstance(b, dict) for b in entries):
+        yield "buckets.json's buckets are not a list of objects"
+        return
+    known = {b.get("name") for b in entries}
+    for bucket in sorted(set(kept.column(schema.BUCKET).to_pylist()) - known, key=str):
+        yield f"kept samples are in bucket {bucket}, which buckets.json does not hold"
+
+
 def _read_json(fs: Any, path: str, what: str, findings: list[str]) -> dict[str, Any] | None:
     try:
         with fs.open(path, "rb") as fh:
@@ -452,6 +466,9 @@ def run_verify(
     if success is None and findings:
         findings[-1] += ": the job did not complete"
     stats = _read_json(fs, f"{root}/stats.json", "stats.json", findings)
+    table = _read_json(fs, f"{root}/buckets.json", "buckets.json", findings)
+    if not fs.isfile(f"{root}/config.yaml"):
+        findings.append("config.yaml is missing (a finished job writes its configuration)")
     files = manifest_files(fs, root)
     # Every row with the columns the checks need; whole rows only for kept ones (which the
     # shards' JSON members are compared with): most rows of a job are rejected.
@@ -474,6 +491,7 @@ def run_verify(
     is_kept = pc.fill_null(pc.equal(kept.column(schema.STATUS), schema.STATUS_KEPT), False)
     kept = kept.filter(is_kept).filter(pc.is_valid(kept.filter(is_kept).column(schema.SHARD)))
     named = set(kept.column(schema.SHARD).to_pylist())
+    findings.extend(_bucket_table_findings(table, kept))
     for extra in sorted(on_disk - named):
         findings.append(f"{extra} is under shards/ but the manifest names no sample in it")
     for missing in sorted(named - on_disk):

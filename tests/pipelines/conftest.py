@@ -135,6 +135,10 @@ def write_audit_output(
         "wall_seconds": 1.0,
     }
     (out / "config.yaml").write_text(dump_yaml(load_config(None, config_overrides)))
+    names = sorted({r["bucket"] for r in kept if r.get("bucket")})
+    table = [{"name": n, "width": int(n.split("x")[0]), "height": int(n.split("x")[1])}
+             for n in names]  # fmt: skip
+    (out / "buckets.json").write_text(json.dumps({"buckets": table}, indent=1))
     (out / "stats.json").write_text(json.dumps(stats, indent=2, sort_keys=True))
     (out / "_SUCCESS").write_text(
         json.dumps({"manifest_version": schema.MANIFEST_VERSION, "rows": len(final)})

@@ -530,3 +530,20 @@ def test_deep_decodes_a_kept_image_over_pillows_own_bomb_limit(job, monkeypatch)
     out, _ = job
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # the job's images are 1,536+ px
     assert verify(str(out), deep=True) == []
+
+
+def test_the_bucket_table_and_the_configuration_belong_to_a_finished_job(job):
+    """The contract lists `buckets.json` and `config.yaml` in every finished job; an output
+    without them, or whose kept samples lie in a bucket its table lacks, passed verify."""
+    out, _ = job
+    assert verify(str(out)) == []
+    table = json.loads((out / "buckets.json").read_text())
+    assert {b["name"] for b in table["buckets"]} == set(BUCKETS)
+    (out / "buckets.json").write_text(json.dumps({"buckets": table["buckets"][:1]}))
+    _one(verify(str(out)), f"bucket {BUCKETS[1]}, which buckets.json does not hold")
+    (out / "buckets.json").unlink()
+    (out / "config.yaml").unlink()
+    findings = verify(str(out))
+    _one(findings, "buckets.json is missing")
+    _one(findings, "config.yaml is missing")
+    assert len(findings) == 2
