@@ -7,7 +7,9 @@ rank reads the same config; set ``parallel.strategy: fsdp`` or ``ddp``).
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+from typing import Any
 
 from pipelines.arguments import at_least
 
@@ -70,7 +72,7 @@ def _run_training(args: argparse.Namespace, which: str) -> int:
 
         last = latest_checkpoint(cfg.loop.output_dir)
         where = f"from {last}" if last is not None else "from the start (no checkpoint yet)"
-        print(f"native4k train-{which}: interrupted; rerun the same command to resume {where}",
+        print(f"native4k train-{which}: interrupted; {_rerun(cfg)} to resume {where}",
               file=sys.stderr)
         return 130
     import torch.distributed as dist
@@ -80,7 +82,7 @@ def _run_training(args: argparse.Namespace, which: str) -> int:
 
         if not dist.is_initialized() or dist.get_rank() == 0:
             print(f"native4k train-{which}: stopped by {result.stopped_by} after step "
-                  f"{result.step}; rerun the same command to resume from {result.checkpoint}",
+                  f"{result.step}; {_rerun(cfg)} to resume from {result.checkpoint}",
                   file=sys.stderr)
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -136,6 +138,7 @@ def encode_text_cmd(args: argparse.Namespace) -> int:
         return 2
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if use_cuda else "cpu")
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # so the staging folder goes
     try:
         encoders = TextEncoders(
             args.encoders, device=device, dtype=torch.bfloat16 if use_cuda else torch.float32
@@ -156,6 +159,13 @@ def encode_text_cmd(args: argparse.Namespace) -> int:
     except RuntimeError as e:  # transformers on an encoder folder it cannot use
         print(f"native4k: cannot use the encoders in {args.encoders}: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: nothing half-written is left
+        term = bool(e.args) and e.args[0] == signal.SIGTERM
+        print(f"native4k encode-text: {'stopped (SIGTERM)' if term else 'interrupted'}; "
+              f"{args.output} is as it was; rerun the same command", file=sys.stderr)  # fmt: skip
+        return 128 + signal.SIGTERM if term else 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     column = f"caption_{args.language}"
     print(f"native4k encode-text: {meta['num_samples']} samples, {meta['captioned']} with a "
           f"{column} -> {args.output}")  # fmt: skip
@@ -163,3 +173,15 @@ def encode_text_cmd(args: argparse.Namespace) -> int:
         print(f"native4k: no sample has a {column}: each gets the empty caption's embedding",
               file=sys.stderr)  # fmt: skip
     return 0
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(signum)
+
+
+def _rerun(cfg: Any) -> str:
+    """How to resume a stopped run: the same command, unless `loop.resume` names a checkpoint
+    (or `never`), which would then refuse the run's own newer checkpoints."""
+    if cfg.loop.resume == "auto":
+        return "rerun the same command"
+    return "rerun the same command with --set loop.resume=auto"

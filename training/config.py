@@ -285,7 +285,7 @@ class DitTrainConfig:
             from model.transformer import UltraFluxTransformer2DModel
 
             _check_architecture(m.architecture, UltraFluxTransformer2DModel, "model.architecture")
-        _check_attention_backend(m.attention_backend)
+        _check_attention_backend(m.attention_backend, self.loop.device)
         if m.rope_method is not None:
             from model.rope import ROPE_METHODS
 
@@ -549,7 +549,14 @@ def _check(ok: bool, key: str, message: str) -> None:
         raise TrainConfigError(f"config key '{key}' {message}")
 
 
-def _check_attention_backend(name: str) -> None:
+CPU_ATTENTION = ("native", "_native_math")
+"""Attention backends that run on a CPU (the others are CUDA kernels)."""
+
+
+def _check_attention_backend(name: str, device: str) -> None:
+    """A backend diffusers knows, whose package is installed and that runs on `device`."""
+    import torch
+    from diffusers.models import attention_dispatch
     from diffusers.models.attention_dispatch import AttentionBackendName
 
     known = [b.value for b in AttentionBackendName]
@@ -560,6 +567,14 @@ def _check_attention_backend(name: str) -> None:
         f"{name!r} downloads its kernel from a model hub, which is not reachable; install the "
         "kernel's package and name its local backend (e.g. '_flash_3' for flash_attn_3)",
     )
+    try:  # flash-attn, sageattention, xformers...: the package this backend needs
+        attention_dispatch._check_attention_backend_requirements(AttentionBackendName(name))
+    except RuntimeError as e:
+        raise TrainConfigError(f"config key 'model.attention_backend': {e}") from None
+    on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    _check(not on_cpu or name in CPU_ATTENTION, "model.attention_backend",
+           f"{name!r} is a CUDA kernel and this run is on the CPU; use one of "
+           f"{', '.join(CPU_ATTENTION)}")  # fmt: skip
 
 
 def _require_file(path: str | None, key: str, how: str) -> None:

@@ -1261,6 +1261,18 @@ def to_rgb8(im: Image.Image, profile: bool = True) -> np.ndarray:
     return np.asarray(as_shown(im, profile))
 
 
+def decode_image(data: bytes, name: str = "image") -> np.ndarray:
+    """A whole image as training sees its pixels: EXIF-oriented uint8 RGB `[H, W, 3]` in sRGB,
+    16-bit grey by its high byte, transparency over white (`to_rgb8`).
+
+    Raises:
+        ValueError: `data` is no image Pillow decodes (the message starts with `name`).
+    """
+    im, orientation = _open(data, name)
+    _load(im, name)
+    return _orient(to_rgb8(im), orientation)
+
+
 def _orient(rgb: np.ndarray, orientation: int) -> np.ndarray:
     if orientation == 1:
         return np.ascontiguousarray(rgb)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import signal
 import threading
 import time
@@ -27,6 +28,7 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 
 from training.checkpoint import (
     latest_checkpoint,
@@ -226,9 +228,19 @@ class Trainer:
                 if changed:
                     print(f"{self.task.name}: resuming with changed settings (the optimizer's "
                           "apply from the next step): " + "; ".join(changed), flush=True)
-            saved.write_text(yaml.safe_dump(self.config_dict, sort_keys=False))
         self.writer = None  # opened in `run`, once the step it continues from is known
         self.micro_batches = 0  # batches trained on this rank (the sample record's lines)
+
+    def _write_config(self) -> None:
+        """`train_config.yaml`: this run's settings (written atomically, on the main rank)."""
+        if not (self.info.is_main and self.config_dict):
+            return
+        import yaml
+
+        saved = Path(self.loop.output_dir) / "train_config.yaml"
+        tmp = saved.with_name(f".{saved.name}.tmp-{os.getpid()}")
+        tmp.write_text(yaml.safe_dump(self.config_dict, sort_keys=False))
+        os.replace(tmp, saved)
 
     def _rng_state(self) -> dict[str, torch.Tensor]:
         state = {"trainer": self.generator.get_state(), "torch": torch.get_rng_state()}
@@ -371,9 +383,18 @@ class Trainer:
         loader_state = None
         resumed = self._resume_from()
         if resumed is not None:
-            state, rng = load_checkpoint(
-                resumed, model=self.model, optimizer=self.optimizer, ema=self.ema, info=info
-            )
+            try:
+                state, rng = load_checkpoint(
+                    resumed, model=self.model, optimizer=self.optimizer, ema=self.ema, info=info
+                )
+            except (RuntimeError, ValueError, KeyError, CheckpointException) as e:
+                lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+                why = next((ln for ln in reversed(lines) if "Error" in ln or "key" in ln),
+                           lines[-1] if lines else type(e).__name__)  # fmt: skip
+                raise ValueError(
+                    f"{resumed} does not fit this model or optimizer ({why[:300]}); was "
+                    "model.* changed? Train a changed model into a new loop.output_dir"
+                ) from e
             step, epoch = state["step"], state["epoch"]
             if self.ema is not None and not state["ema_restored"]:
                 with torch.no_grad():  # turned on at this resume: it starts from the weights
@@ -392,13 +413,16 @@ class Trainer:
             if info.is_main:
                 print(f"{self.task.name}: resumed from {resumed} at step {step} (stage "
                       f"{self.task.stage_name(self._stage_of(step))!r})", flush=True)
+        else:  # from the start: what a process killed before its first checkpoint recorded
+            self._rewind_sample_record(0)  # is trained again, and recorded again
+        self._write_config()  # after the checkpoint loaded: the settings this run trains with
         if info.is_main and loop.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            # After a resume, TensorBoard hides what an earlier process logged past the
-            # checkpoint (those steps are trained again): one value per step, not two.
+            # TensorBoard hides what an earlier process logged past the checkpoint (or, from
+            # the start, every step it logged): those steps are trained again, one value each.
             self.writer = SummaryWriter(str(Path(loop.output_dir) / "tensorboard"),
-                                        purge_step=step + 1 if resumed is not None else None)
+                                        purge_step=step + 1)
         stage = self._stage_of(step)
         loader = self.loaders[stage]
         if loader_state is not None:

@@ -28,7 +28,12 @@ from training.losses import PerceptualLoss, VaeLoss, psnr
 from training.parallel import DistInfo, unwrap
 from training.trainer import StepOutput, Trainer
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp"}
+
+def image_suffixes() -> set[str]:
+    """The file suffixes Pillow opens here (AVIF, JPEG 2000, ... where its build reads them)."""
+    from PIL import Image
+
+    return {s.lower() for s in Image.registered_extensions()}
 
 
 class DecoderOnly(nn.Module):
@@ -177,31 +182,35 @@ def _load_eval_images(paths: list[str], size: int, limit: int) -> list[torch.Ten
         ValueError: images were named but none is usable (no metric would ever be computed).
     """
     import numpy as np
-    from PIL import Image, ImageOps
+
+    from training.data import decode_image
 
     files: list[Path] = []
+    suffixes = image_suffixes()
     for p in paths:
         path = Path(p)
         if path.is_dir():
-            files += sorted(f for f in path.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+            files += sorted(f for f in path.rglob("*") if f.suffix.lower() in suffixes)
         else:
             files.append(path)
+    if paths and not files:
+        raise ValueError(f"eval.images: no image file in {', '.join(map(str, paths))}")
     out: list[torch.Tensor] = []
     unreadable, small = [], []
     for f in files:
         if len(out) >= limit:
             break
-        try:
-            with Image.open(f) as im:
-                im = ImageOps.exif_transpose(im).convert("RGB")
-        except Exception:
+        try:  # decoded as the training batches are: 16-bit grey, alpha, ICC profiles
+            rgb = decode_image(f.read_bytes(), f.name)
+        except (OSError, ValueError):
             unreadable.append(f.name)
             continue
-        if min(im.size) < size:
+        h, w = rgb.shape[:2]
+        if min(w, h) < size:
             small.append(f.name)
             continue
-        left, top = (im.width - size) // 2, (im.height - size) // 2
-        crop = np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.float32)
+        left, top = (w - size) // 2, (h - size) // 2
+        crop = rgb[top : top + size, left : left + size].astype(np.float32)
         out.append(torch.from_numpy(crop).permute(2, 0, 1) / 127.5 - 1)
     skipped = [f"{len(unreadable)} unreadable ({', '.join(unreadable[:3])})"] if unreadable else []
     skipped += [f"{len(small)} smaller than {size}px ({', '.join(small[:3])})"] if small else []

@@ -332,3 +332,17 @@ def test_a_url_where_a_local_path_is_read_is_refused(tmp_path: Path, cls: type, 
     cfg = load_train_config(cls, data=tree, overrides=["data.root=s3://bucket/run"],
                             check_files=False)  # fmt: skip
     assert cfg.data.root == "s3://bucket/run"
+
+
+def test_a_stopped_run_says_how_to_resume_it(tmp_path: Path) -> None:
+    """With `loop.resume` naming a checkpoint, "rerun the same command" was refused by the
+    run's own newer checkpoints (or, in a new output_dir, as another run's)."""
+    from pipelines.train import _rerun
+
+    for resume, words in (("auto", "rerun the same command"),
+                          ("never", "rerun the same command with --set loop.resume=auto"),
+                          (str(tmp_path / "ckpt" / "step-00000006"),
+                           "rerun the same command with --set loop.resume=auto")):  # fmt: skip
+        cfg = load_train_config(DitTrainConfig, data=dit_tree(tmp_path),
+                                overrides=[f"loop.resume={resume}"], check_files=False)  # fmt: skip
+        assert _rerun(cfg) == words

@@ -126,6 +126,44 @@ def test_a_resume_after_a_crash_logs_and_records_each_step_once(tmp_path: Path) 
     assert len(record) == 6
 
 
+def test_a_run_killed_before_its_first_checkpoint_is_recorded_once_by_its_rerun(
+    tmp_path: Path,
+) -> None:
+    """With no checkpoint to resume from, the rerun trains from step 1 again, but kept the
+    killed process's sample record and TensorBoard steps: steps 1-3 appeared twice."""
+    full, _task = run(tmp_path / "full", record_samples=True)
+    out = tmp_path / "killed"
+    run(out, stop_after=3, checkpoint_every=0, record_samples=True)
+    shutil.rmtree(out / "checkpoints")  # killed before its first checkpoint
+    rerun, _task = run(out, record_samples=True)
+    assert rerun.losses == full.losses
+    assert [s for s, _ in _scalars(out / "tensorboard", "train/loss")] == [1, 2, 3, 4, 5, 6]
+    record = (out / "samples-rank0.txt").read_text().splitlines()
+    assert record == (tmp_path / "full" / "samples-rank0.txt").read_text().splitlines()
+
+
+class WiderTask(ToyTask):
+    """The toy model with another shape: a changed `model.*` setting."""
+
+    def build(self, info) -> nn.Module:
+        self.model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 1))
+        return self.model
+
+
+def test_a_checkpoint_of_another_model_is_one_clear_error(tmp_path: Path) -> None:
+    """Resuming with a changed architecture printed DCP's traceback ("Missing key in
+    checkpoint state_dict ...")."""
+    run(tmp_path, checkpoint_every=2)
+    loop_cfg = LoopConfig(output_dir=str(tmp_path), mixed_precision="no", device="cpu",
+                          progress=False)  # fmt: skip
+    trainer = Trainer(WiderTask(6), optim=OptimConfig(lr=1e-2), loop=loop_cfg,
+                      parallel=ParallelConfig())  # fmt: skip
+    with pytest.raises(ValueError, match=r"step-00000006 does not fit this model or optimizer"
+                                         r" \(.+\); was model\.\* changed\?") as e:  # fmt: skip
+        trainer.run()
+    assert "\n" not in str(e.value)
+
+
 def test_resuming_from_an_older_checkpoint_beside_newer_ones_is_refused(tmp_path: Path) -> None:
     """`loop.resume: .../step-00000002` beside step 4 and 6 trained a second continuation into
     the same folder: pruning then kept the old continuation's step 6 over the new step 4, and

@@ -510,8 +510,9 @@ def test_encode_text_refuses_what_it_cannot_encode(
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(text_cache.TextEncoders, "encode", interrupted)
-        with pytest.raises(KeyboardInterrupt):  # the console entry point makes it one line
-            encode(curated_shards, "--max-sequence-length", "8", "--batch-size", "2")
+        assert encode(curated_shards, "--max-sequence-length", "8", "--batch-size", "2") == 130
+    assert capsys.readouterr().err.endswith("interrupted; " + str(tmp_path / "cache") +
+                                            " is as it was; rerun the same command\n")
     assert {p.name: p.read_bytes() for p in (tmp_path / "cache").iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "nothing"]  # no staging
     # a folder holding other files, or a file, is never replaced by a cache
@@ -661,10 +662,14 @@ def test_config_errors_are_clear(curated_shards: Path, parts: dict, tmp_path: Pa
     assert written.optim.lr == 1e-4
     with pytest.raises(TrainConfigError, match=r"'model.vae'.*config\.json"):
         load_train_config(DitTrainConfig, data={**tree, "model": {**tree["model"], "vae": "/no"}})
-    for backend, why in (("fast", "must be one of"), ("flash_hub", "model hub")):
+    # A backend whose package is missing (flash-attn is not installed here) or a CUDA kernel
+    # on the CPU passed validation and ended in a traceback at the first step.
+    for backend, why in (("fast", "must be one of"), ("flash_hub", "model hub"),
+                         ("flash", "install `flash-attn"), ("_native_cudnn", "on the CPU")):
         model = {**tree["model"], "attention_backend": backend}
+        loop = {**tree["loop"], "device": "cpu"}
         with pytest.raises(TrainConfigError, match=rf"'model.attention_backend'.*{why}"):
-            load_train_config(DitTrainConfig, data={**tree, "model": model})
+            load_train_config(DitTrainConfig, data={**tree, "model": model, "loop": loop})
     for keep in ("keep_attention", "keep_matmuls"):
         with pytest.raises(TrainConfigError, match=rf"'parallel.{keep}' needs"):
             load_train_config(DitTrainConfig, data={**tree, "parallel": {keep: True}})
@@ -820,6 +825,31 @@ def test_held_out_images_that_cannot_serve_are_named(tmp_path: Path, capsys) -> 
         _load_eval_images([str(tmp_path)], 64, 8)
 
 
+def test_held_out_images_are_decoded_as_training_batches_are(tmp_path: Path) -> None:
+    """Held-out images went through PIL's `convert("RGB")`, which clips 16-bit grey: a grey
+    PNG was evaluated as a white square, and PSNR/SSIM were reported on it. A folder of only
+    AVIF (or of no image at all) gave no held-out image and no word."""
+    import numpy as np
+    from PIL import Image
+
+    from training.data import to_rgb8
+    from training.vae_trainer import _load_eval_images, image_suffixes
+
+    grey = (np.arange(96 * 96, dtype=np.uint16).reshape(96, 96) * 7).astype(np.uint16)
+    Image.fromarray(grey).save(tmp_path / "grey16.png")  # 16-bit grey (I;16)
+    (crop,) = _load_eval_images([str(tmp_path / "grey16.png")], 64, 8)
+    with Image.open(tmp_path / "grey16.png") as im:
+        want = to_rgb8(im)[16:80, 16:80].astype(np.float32) / 127.5 - 1
+    assert np.allclose(crop.permute(1, 2, 0).numpy(), want)
+    assert float(crop.std()) > 0.1  # not a flat white square
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no image here")
+    with pytest.raises(ValueError, match=r"eval.images: no image file in .*empty"):
+        _load_eval_images([str(empty)], 64, 8)
+    assert {".png", ".jpg", ".webp", ".tif"} <= image_suffixes()
+
+
 def test_train_demo_runs_again(curated_shards: Path, tmp_path: Path, capsys) -> None:
     """`make train-demo` twice: the second run trains afresh instead of being refused by the
     guard against training over another run's checkpoints."""
@@ -878,3 +908,23 @@ def test_sigterm_to_torchrun_checkpoints_both_ranks_at_one_step(
                           text=True, env=env, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"at step {step}" in done.stdout and f"train-dit: {step + 1} steps" in done.stdout
+
+
+def test_a_killed_encode_text_leaves_no_staging_folder_behind(tmp_path: Path) -> None:
+    """A SIGTERM'd `encode-text` left `.cache.tmp-PID` (gigabytes for a large dataset) that
+    no later run removed; a write of a process that is gone is removed by the next one."""
+    import os
+    import subprocess
+
+    from training.text_cache import _remove_orphans
+
+    proc = subprocess.Popen(["true"])
+    proc.wait()  # its pid is now nobody's
+    dead = tmp_path / f".cache.tmp-{proc.pid}"
+    live = tmp_path / f".cache.tmp-{os.getpid()}"
+    other = tmp_path / f".cache2.tmp-{proc.pid}"  # another cache's: not this write's to judge
+    for folder in (dead, live, other, tmp_path / f".cache.old-{proc.pid}"):
+        folder.mkdir()
+        (folder / "embeds-0.safetensors").write_bytes(b"x")
+    _remove_orphans(tmp_path / "cache")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name])
