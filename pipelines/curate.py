@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -1828,9 +1829,6 @@ def _decide_and_write(
                 cpus=partitions_for.cpus,
                 warm=warm,
             )
-            if round_ == 0:
-                for note in models.notes:
-                    passes.echo(f"native4k: {note}")
             if decisions is None or not cfg.dedup.enabled:
                 break
             new = orphaned_roots(models.rows, cfg, partitions_for) - not_roots
@@ -1845,6 +1843,8 @@ def _decide_and_write(
         with passes.run("dedup", num_inputs):
             decisions = dedup_decisions(analysed, cfg, partitions_for, frozenset(not_roots))
             rows = _with_decisions(analysed, decisions, partitions_for(num_rows))
+    for note in models.notes:  # the last round's: its share cuts are the job's (stats.json)
+        passes.echo(f"native4k: {note}")
     rows = models.rows
 
     # Pass 3: buckets, shard plan, shards.
@@ -1893,7 +1893,9 @@ def _decide_and_write(
         _remove_leftover_temporaries(output)
         stats["rules"] = {**rule_summary(cfg, stats.pop("bound_counts")), **models.rules}
         if models.cuts:  # where a top-share rule cut each score (the report draws them)
-            stats["share_cuts"] = {col: float(cut) for col, cut in sorted(models.cuts.items())}
+            # null where the share keeps no value at all (the cut is ±inf: no valid JSON)
+            stats["share_cuts"] = {col: float(cut) if math.isfinite(cut) else None
+                                   for col, cut in sorted(models.cuts.items())}  # fmt: skip
         semantic = models.counts.get("semantic_duplicates", 0)
         if semantic:
             stats["rules"]["duplicate"] = duplicate_rule(
@@ -1968,7 +1970,8 @@ def _copies_of_unwritten(final: Any, partitions_for: Partitioning) -> tuple[int,
 
 def _remove_leftover_temporaries(output: str) -> None:
     """Delete the temporary files left in a local output's `_work/tmp` (`atomic_write`),
-    and the manifests staged in `_work/manifest-*` by runs killed while moving them.
+    and the manifests and embeddings staged in `_work/manifest-*` and `_work/embeddings-*` by
+    runs killed while moving them.
 
     Every write of this job has been renamed into place by now, so what is left there was
     left by a writer that was killed midway, or is being written by a worker of a killed run
@@ -1978,10 +1981,11 @@ def _remove_leftover_temporaries(output: str) -> None:
     if not is_local(output):
         return  # object stores publish whole objects: no temporaries
     work = os.path.join(output, "_work")
-    if os.path.isdir(work):  # manifests staged by killed runs (`_write_manifest`)
-        with os.scandir(work) as it:
+    if os.path.isdir(work):  # manifests and embeddings staged by killed runs
+        with os.scandir(work) as it:  # (`_write_manifest`, `model_pass._write_embeddings`)
             for entry in it:
-                if entry.name.startswith("manifest-") and entry.is_dir(follow_symlinks=False):
+                if (entry.name.startswith(("manifest-", "embeddings-"))
+                        and entry.is_dir(follow_symlinks=False)):  # fmt: skip
                     shutil.rmtree(entry.path, ignore_errors=True)
     staging = os.path.join(work, "tmp")
     if not os.path.isdir(staging):

@@ -528,13 +528,15 @@ def test_a_rerun_leaves_no_empty_bucket_folder(tmp_path):
 
 
 def test_a_manifest_staged_by_a_killed_run_is_removed(tmp_path):
-    """A driver killed while moving the manifest into place left its staged copy
-    (`_work/manifest-<pid>-<time>/`, a whole manifest) for good; the next run removes it."""
+    """A driver killed while moving the manifest (or the embeddings) into place left its
+    staged copy (`_work/manifest-<pid>-<time>/`, `_work/embeddings-<pid>-<time>/`: gigabytes
+    of embeddings at scale) for good; the next run removes it."""
     from pipelines.curate import _remove_leftover_temporaries
 
-    staged = tmp_path / "_work" / "manifest-4242-1765000000"
-    staged.mkdir(parents=True)
-    (staged / "part-00000.parquet").write_bytes(b"PAR1")
+    for name in ("manifest-4242-1765000000", "embeddings-4242-1765000000"):
+        staged = tmp_path / "_work" / name
+        staged.mkdir(parents=True)
+        (staged / "part-00000.parquet").write_bytes(b"PAR1")
     (tmp_path / "_work" / "tmp").mkdir()
     (tmp_path / "_work" / "tmp" / ".x.tar.tmp-0123").write_bytes(b"partial")
     _remove_leftover_temporaries(str(tmp_path))

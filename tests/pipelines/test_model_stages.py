@@ -705,3 +705,20 @@ def test_a_duplicate_takes_the_place_of_a_root_a_model_rule_rejects(local_ray, t
     assert all(r[schema.DUPLICATE_OF] in kept for r in near)
     assert "a model rule rejected 1 image that near duplicates stood for" in out
     assert "2 kept" in out
+    # A share over the rounds: the summary printed the first round's cut (over 1 candidate,
+    # keeping none: an infinite cut) while the job applied the last round's (over 2); and a
+    # share that keeps nothing wrote `Infinity` into stats.json, which is no JSON.
+    def strict(text: str) -> dict:
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in stats.json"))
+
+    capsys.readouterr()
+    rows = job(tmp_path / "share", "--set", "score.max_quality=30",
+               "--set", "score.quality_top_share=0.5")  # fmt: skip
+    out = capsys.readouterr().out
+    cut = strict((tmp_path / "share" / "stats.json").read_text())["share_cuts"]["quality"]
+    note = re.search(r"quality_top_share=0.5: quality cut (\S+) over (\d+) candidates", out)
+    assert note and note.group(2) == "2" and float(note.group(1)) == pytest.approx(cut, rel=1e-3)
+    capsys.readouterr()
+    job(tmp_path / "none", "--set", "score.quality_top_share=0.01")  # keeps no candidate
+    assert strict((tmp_path / "none" / "stats.json").read_text())["share_cuts"] == {
+        "quality": None}
