@@ -3,7 +3,7 @@
 It runs between exact/near de-duplication and the shard pass, on the candidates only (rows
 that no cheap rule rejected; `score.score_all` also scores every decodable image for audits,
 without changing earlier verdicts). Models never decode the 4K file: they read the small RGB
-thumbnails pass 1 made from its one decode (`_work/thumbnails/part-*.parquet`, written by
+thumbnails pass 1 made from its one decode (`_work/thumbnails-v2/part-*.parquet`, written by
 `ThumbnailSink`).
 
 Steps, each a barrier (materialised) so that one actor pool holds the cluster at a time:
@@ -119,7 +119,10 @@ again from the source for a row that has none)."""
 
 PREFIX = "model__"
 SCORED = "model__scored"
-THUMBNAILS = "thumbnails"
+THUMBNAILS = "thumbnails-v2"
+"""Pass 1's thumbnails by (source, sha256). Before 2026-12-07 `thumbnails/` held them by source
+alone, so an input whose bytes changed between runs could be scored from its old picture; a
+rerun of such an output makes its candidates' thumbnails again (the old folder is removed)."""
 """Folder under `_work` of the thumbnail side files."""
 SCORES = "scores"
 """Folder under `_work` of the score side files, one sub-folder per scorer fingerprint."""
@@ -475,14 +478,14 @@ def thumbnail_folder(analysis: str) -> str:
 class ThumbnailSink(Stage):
     """Move each batch's thumbnails to one atomic side file; the rows travel on without them.
 
-    Written as `part-<digest>.parquet` (source, thumbnail) with the digest of the batch's
+    Written as `part-<digest>.parquet` (source, sha256, thumbnail) with the digest of the batch's
     sources, as pass 1's analysis files, so a retried batch rewrites the same file. Rows
     without a thumbnail (rejected before the decode, undecodable) are not written.
     """
 
     name: ClassVar[str] = "thumbnails"
     batch_size: ClassVar[int | None] = None
-    reads: ClassVar[tuple[str, ...]] = (schema.SOURCE, schema.THUMBNAIL)
+    reads: ClassVar[tuple[str, ...]] = (schema.SOURCE, schema.SHA256, schema.THUMBNAIL)
     folder: str = ""
 
     def output_schema(self, input_schema: pa.Schema) -> pa.Schema:
@@ -493,7 +496,7 @@ class ThumbnailSink(Stage):
     def process(self, t: pa.Table) -> pa.Table:
         if schema.THUMBNAIL not in t.column_names:
             return t
-        thumbs = t.select([schema.SOURCE, schema.THUMBNAIL]).filter(
+        thumbs = t.select([schema.SOURCE, schema.SHA256, schema.THUMBNAIL]).filter(
             pc.is_valid(t[schema.THUMBNAIL])
         )
         if thumbs.num_rows:
@@ -867,6 +870,30 @@ def _to_score(score_all: bool) -> Any:
     return select
 
 
+def join_thumbnails(rd: Any, slim: Any, work: str, num_partitions: int) -> Any:
+    """`slim` rows with the thumbnail pass 1 made of their bytes (`thumbnail` null where none).
+
+    Matched by source and sha256: a source whose bytes changed between runs has a thumbnail
+    of each, and only the one of its present bytes is its picture. A rerun after a crash
+    between the two sinks of pass 1 can leave two files of one picture; the join is
+    partitioned by its keys, so the copies meet in one block and one is kept.
+    """
+    fs, tpath = fsspec.core.url_to_fs(join(work, THUMBNAILS))
+    with contextlib.suppress(OSError):  # the folder of thumbnails by source alone
+        old = fsspec.core.url_to_fs(join(work, "thumbnails"))[1]
+        if fs.isdir(old):
+            fs.rm(old, recursive=True)
+    matched = slim
+    if fs.exists(tpath) and fs.glob(tpath.rstrip("/") + "/part-*.parquet"):
+        from pipelines.curate import _read_parquet
+
+        thumbs = _read_parquet(rd, join(work, THUMBNAILS))
+        matched = grouping.join(
+            slim, thumbs, "left_outer", num_partitions, on=(schema.SOURCE, schema.SHA256)
+        )
+    return matched.map_batches(_first_per_source, batch_format="pyarrow", batch_size=None)
+
+
 def _first_per_source(t: pa.Table) -> pa.Table:
     sources = column(t, schema.SOURCE)
     first = {src: i for i, src in reversed(list(enumerate(sources)))}
@@ -956,7 +983,7 @@ def run_model_pass(
         rows: every row of the job after de-duplication (status null: still a candidate).
         cfg: the job's configuration (models checked by `check_models` before the job).
         output: OUT, where `embeddings/` goes.
-        work: OUT/_work, holding `thumbnails/`.
+        work: OUT/_work, holding `thumbnails-v2/`.
         partitions: shuffle partitions for a number of rows (the job's `Partitioning`).
         cpus: the cluster's CPUs (at most 16 model batches per CPU are planned).
         warm: the job's actor if it was started with the job (`WarmWorker.start`): it
@@ -978,19 +1005,7 @@ def run_model_pass(
     if slim is None:
         result.rows = rows.map_batches(_caption_sources, batch_format="pyarrow", batch_size=None)
         return result
-    thumbs_dir = join(work, THUMBNAILS)
-    fs, tpath = fsspec.core.url_to_fs(thumbs_dir)
-    matched = slim
-    if fs.exists(tpath) and fs.glob(tpath.rstrip("/") + "/part-*.parquet"):
-        from pipelines.curate import _read_parquet
-
-        # A rerun after a crash between the two sinks of pass 1 can leave two thumbnail files
-        # for a source; the join is partitioned by source, so its copies meet in one block.
-        thumbs = _read_parquet(rd, thumbs_dir)
-        matched = grouping.join(
-            slim, thumbs, "left_outer", partitions(num_slim), on=(schema.SOURCE,)
-        )
-    matched = matched.map_batches(_first_per_source, batch_format="pyarrow", batch_size=None)
+    matched = join_thumbnails(rd, slim, work, partitions(num_slim))
     if not (plan.scores or plan.caption):  # translation alone reads captions, no image
         scored, num_scored = matched.map_batches(
             _no_thumbnail, batch_format="pyarrow", batch_size=None

@@ -511,7 +511,9 @@ def test_jpeg_thumbnails_wait_for_the_thresholds_and_a_retune_makes_them(
     no_dedup = ["--set", "dedup.enabled=false"]
     assert main(["curate", str(inputs), "--output", str(out), *no_dedup]) == 0
     first = {r[schema.SOURCE]: r for r in _manifest(out)}
-    thumbs = out / "_work" / "thumbnails"
+    from pipelines.model_pass import THUMBNAILS
+
+    thumbs = out / "_work" / THUMBNAILS
     made = set()
     if thumbs.exists():
         made = set(pq.read_table(thumbs).column(schema.SOURCE).to_pylist())
@@ -722,3 +724,27 @@ def test_a_duplicate_takes_the_place_of_a_root_a_model_rule_rejects(local_ray, t
     job(tmp_path / "none", "--set", "score.quality_top_share=0.01")  # keeps no candidate
     assert strict((tmp_path / "none" / "stats.json").read_text())["share_cuts"] == {
         "quality": None}
+
+
+def test_a_changed_input_is_scored_from_the_picture_of_its_present_bytes(local_ray, tmp_path):
+    """Thumbnails were matched by source alone: an input whose bytes changed between runs
+    had one of each, and whichever the join met first was scored, perhaps the old picture
+    (under the new bytes' sha256, in the kept scores too)."""
+    import ray
+
+    from pipelines.model_pass import THUMBNAILS, join_thumbnails
+
+    work = tmp_path / "_work"
+    (work / THUMBNAILS).mkdir(parents=True)
+    (work / "thumbnails").mkdir()  # by source alone (before 2026-12-07): removed
+    (work / "thumbnails" / "part-old.parquet").write_bytes(b"PAR1")
+    for name, sha, thumb in (("a", "new", b"new picture"), ("b", "old", b"old picture"),
+                             ("c", "x", b"another input")):  # fmt: skip
+        pq.write_table(pa.table({schema.SOURCE: ["/in/p.jpg" if name != "c" else "/in/q.jpg"],
+                                 schema.SHA256: [sha], schema.THUMBNAIL: [thumb]}),
+                       work / THUMBNAILS / f"part-{name}.parquet")  # fmt: skip
+    for sha, want in (("new", b"new picture"), ("old", b"old picture"), ("gone", None)):
+        slim = ray.data.from_arrow(pa.table({schema.SOURCE: ["/in/p.jpg"], schema.SHA256: [sha]}))
+        (row,) = join_thumbnails(ray.data, slim, str(work), 1).take_all()
+        assert row[schema.THUMBNAIL] == want, (sha, row)
+    assert not (work / "thumbnails").exists()
