@@ -54,7 +54,7 @@ from curation.analyze.thumbnail_maker import ThumbnailMaker
 from curation.base import Stage, column, pending_mask, set_columns, to_table
 from curation.caption.captioner import VlmCaptioner, input_caption_source
 from curation.caption.translator import CaptionTranslator
-from curation.dedup.near_dup import captioned, colour, rank_key
+from curation.dedup.near_dup import HASH_COLUMNS, captioned, colour, rank_key
 from curation.dedup.semantic_dedup import SemanticDedup
 from curation.io.atomic import atomic_write, join, part_name
 from curation.score.chain import ModelChain, WarmActor
@@ -1157,19 +1157,7 @@ def _sketcher(col: str, k: int) -> Any:
 
 def _semantic_duplicates(scored: Any, s: Any) -> tuple[dict[str, tuple[str, str, float]], str]:
     """source → (root source, root sha256, similarity) of every semantic duplicate."""
-    cols = [
-        schema.SOURCE,
-        schema.SHA256,
-        schema.WIDTH,
-        schema.HEIGHT,
-        schema.SIZE_BYTES,
-        schema.SHARPNESS,
-        schema.NATIVE_SCORE,
-        schema.MODE,
-        schema.CAPTION_EN,
-        schema.CAPTION_ZH,
-        schema.EMBEDDING,
-    ]
+    cols = [*_RANK_COLUMNS, schema.EMBEDDING]
     parts = []
     for batch in scored.select_columns([*cols, schema.STATUS]).iter_batches(
         batch_format="pyarrow", batch_size=65_536
@@ -1199,17 +1187,11 @@ def _semantic_duplicates(scored: Any, s: Any) -> tuple[dict[str, tuple[str, str,
 
 
 _RANK_COLUMNS = (
-    schema.SOURCE,
-    schema.SHA256,
-    schema.WIDTH,
-    schema.HEIGHT,
-    schema.SIZE_BYTES,
-    schema.SHARPNESS,
-    schema.NATIVE_SCORE,
-    schema.MODE,
+    *(c for c in HASH_COLUMNS if c != schema.PHASH),
     schema.CAPTION_EN,
     schema.CAPTION_ZH,
 )
+"""What `near_dup.rank_key` ranks a copy by (its captions give `captioned`)."""
 
 
 def _semantic_rows(
@@ -1285,17 +1267,15 @@ def _mark_promoted(
                 new, sha = instead[dups[src][0]]
                 detail[i] = f"{detail[i]}, which a top-share rule cut; kept in its place: {new}"
                 dup_of[i] = sample_key(sha)
-        return set_columns(
-            t,
-            {
-                schema.STATUS: status,
-                schema.REASON: reason,
-                schema.DETAIL: detail,
-                schema.DUPLICATE_OF: dup_of,
-            },
-        )
+        return _set_verdicts(t, status, reason, detail, dup_of)
 
     return run
+
+
+def _set_verdicts(t: pa.Table, status: list, reason: list, detail: list, dup_of: list) -> pa.Table:
+    """`t` with its decision columns and `duplicate_of` replaced."""
+    return set_columns(t, {schema.STATUS: status, schema.REASON: reason, schema.DETAIL: detail,
+                           schema.DUPLICATE_OF: dup_of})  # fmt: skip
 
 
 def _mark_semantic(dups: dict[str, tuple[str, str, float]]) -> Any:
@@ -1308,15 +1288,7 @@ def _mark_semantic(dups: dict[str, tuple[str, str, float]]) -> Any:
                 status[i], reason[i] = schema.STATUS_REJECTED, "duplicate"
                 detail[i] = f"semantic near duplicate of {root} (cosine {sim:.3f})"
                 dup_of[i] = sample_key(root_sha)
-        return set_columns(
-            t,
-            {
-                schema.STATUS: status,
-                schema.REASON: reason,
-                schema.DETAIL: detail,
-                schema.DUPLICATE_OF: dup_of,
-            },
-        )
+        return _set_verdicts(t, status, reason, detail, dup_of)
 
     return run
 
