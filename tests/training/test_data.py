@@ -581,17 +581,9 @@ def test_a_corrupt_metadata_or_caption_member_names_its_sample(
 def test_a_store_that_refuses_the_reads_is_one_clear_error(curated_shards, s3_server):
     """An S3 403 (a key without rights, or expired credentials) is a PermissionError from
     s3fs, which `native4k train-*` printed as a traceback."""
-    import boto3
-    import fsspec
     from moto.core.authorization import enable_iam_authentication
 
-    boto3.client("s3").create_bucket(
-        Bucket="train-denied", CreateBucketConfiguration={"LocationConstraint": "us-west-2"}
-    )
-    fs = fsspec.filesystem("s3")
-    for p in sorted(curated_shards.rglob("*")):
-        if p.is_file():
-            fs.put_file(str(p), f"train-denied/run/{p.relative_to(curated_shards)}")
+    _upload(curated_shards, "train-denied")
     cfg = DataConfig(root="s3://train-denied/run", resolution_divisor=16, small_buckets="pad")
     with enable_iam_authentication(), pytest.raises(  # moto checks the keys: 403 to each
         ValueError, match=r"^cannot read s3://train-denied/run: PermissionError"
@@ -605,17 +597,22 @@ def test_a_store_that_refuses_the_reads_is_one_clear_error(curated_shards, s3_se
             pass
 
 
-def test_reads_shards_from_s3(curated_shards, s3_server):
+def _upload(curated: Path, bucket: str) -> None:
+    """A new bucket holding the curation output `curated` under `run/`."""
     import boto3
     import fsspec
 
     boto3.client("s3").create_bucket(
-        Bucket="train", CreateBucketConfiguration={"LocationConstraint": "us-west-2"}
+        Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": "us-west-2"}
     )
     fs = fsspec.filesystem("s3")
-    for p in sorted(curated_shards.rglob("*")):
+    for p in sorted(curated.rglob("*")):
         if p.is_file():
-            fs.put_file(str(p), f"train/run/{p.relative_to(curated_shards)}")
+            fs.put_file(str(p), f"{bucket}/run/{p.relative_to(curated)}")
+
+
+def test_reads_shards_from_s3(curated_shards, s3_server):
+    _upload(curated_shards, "train")
     kw = dict(batch_size=2, resolution_divisor=16, small_buckets="pad", seed=2)
     local = _epoch(BucketedLoader(DataConfig(root=str(curated_shards), **kw), rank=1, world_size=2))
     remote = _epoch(BucketedLoader(DataConfig(root="s3://train/run", **kw), rank=1, world_size=2))
