@@ -11,7 +11,7 @@ A checkpoint is a folder ``<output_dir>/checkpoints/step-00000100/``:
   ``weights_only=True``; nothing is unpickled).
 
 It is written to ``step-….partial`` and renamed once every rank has finished, so a folder
-without the suffix is always complete. Resuming restores all of it, so the next step sees the
+without the suffix is always complete (the next save clears any that a kill left). Resuming restores all of it, so the next step sees the
 same batch, noise and timesteps as an uninterrupted run would (bit-identical on the CPU).
 """
 
@@ -145,6 +145,9 @@ def save_checkpoint(
     if info.is_main:
         shutil.rmtree(final, ignore_errors=True)
         partial.rename(final)
+        # Saves cut off at other steps (a kill mid-save) are never resumed from: clear them.
+        for cut in root.glob(f"{_PREFIX}*.partial"):
+            shutil.rmtree(cut, ignore_errors=True)
         if keep > 0:
             done = sorted(_complete(root), key=_step_of)
             for old in done[:-keep]:

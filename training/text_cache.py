@@ -20,7 +20,6 @@ unpickled). The padded T5 sequence is stored whole (Flux attends to the padding 
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
@@ -31,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from training.folders import replace_folder, staging_folder
 
 ENCODER_PARTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
 
@@ -173,17 +174,13 @@ def write_text_cache(
         raise ValueError(
             f"{target} holds files that are not a text cache: name a new or empty folder"
         )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_orphans(target)
-    out = target.parent / f".{target.name}.tmp-{os.getpid()}"
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir()
+    out = staging_folder(target)
     try:
         meta = _encode_into(out, keys, captions, encoders, max_sequence_length=max_sequence_length,
                              language=language, batch_size=batch_size, rows_per_file=rows_per_file,
                              data_root=data_root, encoders_folder=encoders_folder,
                              progress=progress)  # fmt: skip
-        _replace_folder(out, target)
+        replace_folder(out, target)
     finally:
         shutil.rmtree(out, ignore_errors=True)
     return meta
@@ -195,34 +192,6 @@ _CACHE_FILE = re.compile(r"(meta\.json|index\.parquet|empty\.safetensors|embeds-
 def _is_cache_or_empty(folder: Path) -> bool:
     """Whether `folder` holds nothing but a text cache's files."""
     return all(_CACHE_FILE.fullmatch(p.name) for p in folder.iterdir())
-
-
-def _remove_orphans(target: Path) -> None:
-    """Remove the staging folders (`.NAME.tmp-PID`, `.NAME.old-PID`) of writes whose process
-    is gone (killed mid-write): a full cache of a large dataset is gigabytes."""
-    for p in target.parent.glob(f".{glob.escape(target.name)}.*-*"):
-        kind, _, pid = p.name.removeprefix(f".{target.name}.").partition("-")
-        if kind in ("tmp", "old") and pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(p, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process: alive
-        return True
-    return True
-
-
-def _replace_folder(new: Path, target: Path) -> None:
-    """Put the finished folder `new` in `target`'s place (the old one is removed after)."""
-    old = target.parent / f".{target.name}.old-{os.getpid()}"
-    if target.exists():
-        target.rename(old)
-    new.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _encode_into(

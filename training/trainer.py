@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import shutil
 import signal
 import threading
 import time
@@ -37,6 +38,7 @@ from training.checkpoint import (
     save_checkpoint,
 )
 from training.config import LoopConfig, OptimConfig, ParallelConfig
+from training.folders import replace_folder, staging_folder
 from training.parallel import (
     DistInfo,
     all_reduce_mean,
@@ -627,7 +629,14 @@ class Trainer:
                     full[name] = value.detach().cpu().to(full[name].dtype)
         folder = Path(self.loop.output_dir) / "final"
         if self.info.is_main:
-            self.task.export(full, folder)
+            # Built beside it and swapped in: a run killed mid-export leaves the previous
+            # `final/` (or none), never a folder of some of the new files.
+            staging = staging_folder(folder)
+            try:
+                self.task.export(full, staging)
+                replace_folder(staging, folder)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
         barrier()
         return folder
 

@@ -280,3 +280,53 @@ def test_a_stop_signal_checkpoints_the_step_in_progress_and_a_rerun_resumes(
     resumed, task = run(tmp_path / "out", checkpoint_every=100)
     assert resumed.stopped_by == "" and resumed.losses == full.losses[3:]
     assert task.exported
+
+
+class FileTask(ToyTask):
+    """ToyTask whose export writes two files, and can fail between them."""
+
+    def __init__(self, steps: int, fail: bool = False) -> None:
+        super().__init__(steps)
+        self.fail = fail
+
+    def export(self, state_dict: dict[str, torch.Tensor], folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save(state_dict, folder / "weights.pt")
+        if self.fail:
+            raise OSError("disk full")
+        (folder / "config.json").write_text(f'{{"steps": {self.steps}}}')
+
+
+def test_an_export_cut_off_leaves_the_previous_final_folder_whole(tmp_path: Path) -> None:
+    """`final/` was written in place: an export that failed (or was killed) between its files
+    left a folder of new weights with the old config. Now it is swapped in whole."""
+    def train(task: FileTask) -> None:
+        loop_cfg = LoopConfig(output_dir=str(tmp_path), mixed_precision="no", device="cpu",
+                              progress=False, checkpoint_every=2)  # fmt: skip
+        Trainer(task, optim=OptimConfig(lr=1e-2), loop=loop_cfg, parallel=ParallelConfig()).run()
+
+    train(FileTask(4))
+    first = torch.load(tmp_path / "final" / "weights.pt")
+    with pytest.raises(OSError, match="disk full"):
+        train(FileTask(6, fail=True))  # resumes at step 4, trains 2 more, fails mid-export
+    assert (tmp_path / "final" / "config.json").read_text() == '{"steps": 4}'
+    assert torch.equal(torch.load(tmp_path / "final" / "weights.pt")["weight"], first["weight"])
+    assert sorted(p.name for p in tmp_path.iterdir() if "final" in p.name) == ["final"]
+    train(FileTask(6))
+    assert (tmp_path / "final" / "config.json").read_text() == '{"steps": 6}'
+    assert not torch.equal(torch.load(tmp_path / "final" / "weights.pt")["weight"],
+                           first["weight"])  # fmt: skip
+
+
+def test_a_save_cut_off_by_a_kill_is_cleared_by_the_next_save(tmp_path: Path) -> None:
+    """A `step-….partial` folder left by a kill mid-save (full model and optimizer state) was
+    kept for ever: only the partial of the step being saved was cleared."""
+    from training.checkpoint import checkpoint_dir
+
+    run(tmp_path, steps=4, stop_after=2, checkpoint_every=2, keep_checkpoints=0)
+    cut = checkpoint_dir(tmp_path) / "step-00000003.partial"
+    cut.mkdir()
+    (cut / ".metadata").write_bytes(b"half")
+    run(tmp_path, steps=4, checkpoint_every=2, keep_checkpoints=0)
+    assert sorted(p.name for p in checkpoint_dir(tmp_path).iterdir()) == [
+        "step-00000002", "step-00000004"]

@@ -916,15 +916,39 @@ def test_a_killed_encode_text_leaves_no_staging_folder_behind(tmp_path: Path) ->
     import os
     import subprocess
 
-    from training.text_cache import _remove_orphans
+    from training.folders import remove_orphans
 
     proc = subprocess.Popen(["true"])
     proc.wait()  # its pid is now nobody's
     dead = tmp_path / f".cache.tmp-{proc.pid}"
     live = tmp_path / f".cache.tmp-{os.getpid()}"
     other = tmp_path / f".cache2.tmp-{proc.pid}"  # another cache's: not this write's to judge
-    for folder in (dead, live, other, tmp_path / f".cache.old-{proc.pid}"):
+    for folder in (tmp_path / "cache", dead, live, other, tmp_path / f".cache.old-{proc.pid}"):
         folder.mkdir()
         (folder / "embeds-0.safetensors").write_bytes(b"x")
-    _remove_orphans(tmp_path / "cache")
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name])
+    remove_orphans(tmp_path / "cache")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["cache", live.name, other.name])
+
+
+def test_a_writer_killed_between_its_renames_gets_its_previous_folder_back(
+    tmp_path: Path,
+) -> None:
+    """Killed after moving the old folder aside and before moving the new one in: the target
+    is missing, and the next writer puts the old version back rather than deleting it."""
+    import subprocess
+
+    from training.folders import remove_orphans, replace_folder, staging_folder
+
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    aside = tmp_path / f".final.old-{proc.pid}"
+    aside.mkdir()
+    (aside / "weights").write_text("previous")
+    new = staging_folder(tmp_path / "final")  # clears orphans first: the old one is restored
+    assert (tmp_path / "final" / "weights").read_text() == "previous"
+    (new / "weights").write_text("next")
+    replace_folder(new, tmp_path / "final")
+    assert (tmp_path / "final" / "weights").read_text() == "next"
+    assert [p.name for p in tmp_path.iterdir()] == ["final"]
+    remove_orphans(tmp_path / "final")  # nothing left to clear
+    assert [p.name for p in tmp_path.iterdir()] == ["final"]
