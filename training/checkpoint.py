@@ -11,8 +11,9 @@ A checkpoint is a folder ``<output_dir>/checkpoints/step-00000100/``:
   ``weights_only=True``; nothing is unpickled).
 
 It is written to ``step-….partial`` and renamed once every rank has finished, so a folder
-without the suffix is always complete (the next save clears any that a kill left). Resuming restores all of it, so the next step sees the
-same batch, noise and timesteps as an uninterrupted run would (bit-identical on the CPU).
+without the suffix is always complete (the next save clears any that a kill left). Resuming
+restores all of it, so the next step sees the same batch, noise and timesteps as an
+uninterrupted run would (bit-identical on the CPU).
 """
 
 from __future__ import annotations
