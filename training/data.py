@@ -140,7 +140,8 @@ class DataConfig:
     """What to do with small buckets: `error` (stop, naming them), `drop` (leave them out,
     reported and logged) or `pad` (keep them, repeating samples to fill a batch; reported)."""
     seed: int = 0
-    """Seed of every random choice; epoch `e` is planned from `(seed, e)`."""
+    """Seed of every random choice; epoch `e` is planned from `(seed, e)`. A DiT curriculum's
+    first stage uses it as is, each later stage a seed drawn from `(seed, stage)`."""
     num_workers: int = 0
     """torch DataLoader worker processes decoding batches (0: decode in this process)."""
     worker_start: str = "spawn"

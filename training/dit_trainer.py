@@ -263,9 +263,11 @@ class DitTask:
         return self.cfg.stage_list()[stage].name
 
     def make_loader(self, stage: int, info: DistInfo) -> Any:
-        """The shard loader with the stage's data filter."""
+        """The shard loader with the stage's data filter, shuffled by a seed of its own: two
+        stages over the same data do not replay the same order."""
         overrides = self.cfg.stage_list()[stage].data_overrides()
-        data = dataclasses.replace(self.cfg.data, **overrides)
+        data = dataclasses.replace(self.cfg.data, **overrides,
+                                   seed=stage_seed(self.cfg.data.seed, stage))  # fmt: skip
         factory = self.loader_factory
         if factory is None:
             from training.data import BucketedLoader
@@ -453,6 +455,16 @@ class DitTask:
         save_diffusers(self.transformer, state_dict, folder / "transformer")
         scheduler = FlowMatchEulerDiscreteScheduler(**sampling_schedule(self.cfg.timesteps))
         scheduler.save_pretrained(folder / "scheduler")
+
+
+def stage_seed(seed: int, stage: int) -> int:
+    """The data seed of curriculum stage `stage`: `seed` itself for the first stage, a
+    different seed drawn from `(seed, stage)` for each later one."""
+    if stage == 0:
+        return seed
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, stage]).generate_state(1)[0])
 
 
 def save_diffusers(model: Any, state_dict: dict[str, torch.Tensor], folder: Path) -> None:

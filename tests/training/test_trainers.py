@@ -952,3 +952,28 @@ def test_a_writer_killed_between_its_renames_gets_its_previous_folder_back(
     assert [p.name for p in tmp_path.iterdir()] == ["final"]
     remove_orphans(tmp_path / "final")  # nothing left to clear
     assert [p.name for p in tmp_path.iterdir()] == ["final"]
+
+
+def test_two_stages_over_the_same_data_draw_different_orders(
+    curated_shards: Path, parts: dict, tmp_path: Path
+) -> None:
+    """Each stage builds a fresh loader from epoch 0; with one data seed, a stage over the
+    same data as the one before it replayed exactly the same sample order."""
+    from training.config import DitTrainConfig, load_train_config
+    from training.dit_trainer import DitTask, stage_seed
+    from training.parallel import DistInfo
+
+    tree = dit_config(curated_shards, parts, tmp_path / "out", data={"seed": 7},
+                      loop={"max_steps": 4})  # fmt: skip
+    tree["stages"] = [{"name": "a", "steps": 2}, {"name": "b", "steps": 2}]
+    cfg = load_train_config(DitTrainConfig, data=tree)
+    task = DitTask(cfg)
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    orders = []
+    for stage in (0, 1):
+        loader = task.make_loader(stage, info)
+        orders.append([key for batch in loader for key in batch["keys"]])
+    assert sorted(orders[0]) == sorted(orders[1]) and len(orders[0]) > 3
+    assert orders[0] != orders[1]
+    assert stage_seed(7, 0) == 7  # the first stage keeps the configured seed
+    assert len({stage_seed(7, s) for s in range(50)}) == 50
