@@ -116,6 +116,11 @@ class Stage:
     reads: ClassVar[tuple[str, ...]] = ()
     writes: ClassVar[tuple[str, ...]] = ()
 
+    def sets(self) -> tuple[str, ...]:
+        """The columns this stage, as configured, gives values (a subset of `writes`; the
+        others pass through as they came)."""
+        return self.writes
+
     def setup(self) -> None:
         """Load heavy state once per worker (models, tokenizers)."""
 

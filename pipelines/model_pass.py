@@ -22,10 +22,11 @@ Steps, each a barrier (materialised) so that one actor pool holds the cluster at
    results joined back onto every row, so scores reach the manifest also for rows that a
    model rule rejected.
 
-Steps 2 and 4 keep each batch's results in side files (`ResultSink`: `_work/scores/` and
-`_work/captions/`, one folder per `fingerprint` of the models and settings); a rerun with the
-same fingerprint takes them for rows whose bytes (and input captions) are unchanged
-(`split_cached`), and runs the models on the others only.
+Steps 2 and 4 keep each batch's results in side files (`ResultSink`: `_work/scores/`, one
+folder per scorer and `fingerprint` of its model and settings, and `_work/captions/`, one per
+fingerprint of the captioner and translator); a rerun takes a step's results for rows whose
+bytes (and input captions) are unchanged when the step's fingerprint is (`split_cached`), and
+runs each model only on the rows it has no results for.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ from curation.caption.translator import CaptionTranslator
 from curation.dedup.near_dup import HASH_COLUMNS, captioned, colour, rank_key
 from curation.dedup.semantic_dedup import SemanticDedup
 from curation.io.atomic import atomic_write, join, part_name
-from curation.score.chain import ModelChain, WarmActor
+from curation.score.chain import SKIP_PREFIX, ModelChain, WarmActor, skip_column
 from curation.score.clip_embedder import ClipEmbedder
 from curation.score.nudenet_detector import NudeNetDetector, nudenet_available
 from curation.score.pyiqa_scorer import (
@@ -125,7 +126,8 @@ alone, so an input whose bytes changed between runs could be scored from its old
 rerun of such an output makes its candidates' thumbnails again (the old folder is removed)."""
 """Folder under `_work` of the thumbnail side files."""
 SCORES = "scores"
-"""Folder under `_work` of the score side files, one sub-folder per scorer fingerprint."""
+"""Folder under `_work` of the score side files: one sub-folder per scorer, named by the
+scorer and the fingerprint of its model and settings (`score_kept`)."""
 CAPTIONS = "captions"
 """Folder under `_work` of the caption side files, one sub-folder per captioner fingerprint."""
 MATCH = "match__"
@@ -133,7 +135,7 @@ MATCH = "match__"
 KEPT = "kept__"
 """Prefix, in a side file, of the results it kept."""
 CACHED = "model__cached"
-SCORE_CACHE_VERSION = 1
+SCORE_CACHE_VERSION = 2
 """Part of every fingerprint (`fingerprint`): raise it when a model step's code changes its
 results."""
 _MODEL_PACKAGES = ("torch", "open_clip_torch", "pyiqa", "nudenet", "onnxruntime", "transformers")
@@ -597,12 +599,24 @@ class ResultSink(Stage):
     batch_size: ClassVar[int | None] = None
     reads: ClassVar[tuple[str, ...]] = (schema.SOURCE,)
     kept: Kept
+    skip: str = ""
+    """A boolean column (`skip_column`): its rows took their results from this side file's
+    folder already, and are not written again."""
 
     def output_schema(self, input_schema: pa.Schema) -> pa.Schema:
         """The input's schema without the `stamp` columns."""
         return pa.schema([f for f in input_schema if not f.name.startswith(MATCH)])
 
     def process(self, t: pa.Table) -> pa.Table:
+        self.write(t)
+        return t.drop_columns([c for c in t.column_names if c.startswith(MATCH)])
+
+    def write(self, t: pa.Table) -> None:
+        """The side file of the batch's rows (those not marked `skip`)."""
+        if self.skip in t.column_names:
+            t = t.filter(pc.invert(t[self.skip].fill_null(False)))
+        if not t.num_rows:
+            return
         k = self.kept
         results = schema.conform(t, k.columns)
         side = pa.table(
@@ -611,7 +625,6 @@ class ResultSink(Stage):
         )
         with atomic_write(join(k.folder, part_name(column(t, schema.SOURCE)))) as fh:
             pq.write_table(side, fh)
-        return t.drop_columns([c for c in t.column_names if c.startswith(MATCH)])
 
     def __call__(self, batch: Any) -> pa.Table:
         """`process` without the timing column (a sink adds nothing to the rows)."""
@@ -619,8 +632,8 @@ class ResultSink(Stage):
         return self.process(t) if t.num_rows else self.output_schema(t.schema).empty_table()
 
 
-def split_cached(t: pa.Table, kept: Kept) -> pa.Table:
-    """One row per source of a rows ⟕ side-file join, marked `model__cached`.
+def split_cached(t: pa.Table, kept: Kept, flag: str = CACHED) -> pa.Table:
+    """One row per source of a rows ⟕ side-file join, marked in the boolean column `flag`.
 
     A source takes kept results only when its `match` columns are what they were when they
     were kept (the first such row); it then carries them in place of its own. A source
@@ -649,26 +662,48 @@ def split_cached(t: pa.Table, kept: Kept) -> pa.Table:
         for c in kept.columns
     })
     out = out.drop_columns([c for c in out.column_names if c.startswith((MATCH, KEPT))])
-    return out.append_column(CACHED, cached)
+    return out.append_column(flag, cached)
 
 
 def _kept_around(
-    step: Callable[[pa.Table], pa.Table], kept: Kept | None
+    step: Callable[[pa.Table], pa.Table], kepts: list[Kept]
 ) -> Callable[[pa.Table], pa.Table]:
-    """`step`, its batches stamped before and their results kept after (`ResultSink`)."""
-    if kept is None:
+    """`step` (a `ModelChain`), its batches stamped before and each scorer's results kept
+    after (`_score_sinks`)."""
+    if not kepts:
         return step
-    before, sink = stamp(kept), ResultSink(kept=kept)
+    before, sinks = stamp(kepts[0]), _score_sinks(kepts)
 
     def run(t: pa.Table) -> pa.Table:
-        return sink(step(before(t)))
+        return sinks(step(before(t)))
 
     return run
 
 
-def _cache_rows(cached: bool, names: tuple[str, ...]) -> Callable[[pa.Table], pa.Table]:
+def _score_sinks(kepts: list[Kept]) -> Callable[[pa.Table], pa.Table]:
+    """Each scorer's side file of the rows it ran on (`ResultSink`, one per scorer of the
+    chain); the rows travel on without the stamp and skip columns."""
+    sinks = [ResultSink(kept=k, skip=skip_column(i)) for i, k in enumerate(kepts)]
+
+    def run(batch: Any) -> pa.Table:
+        t = to_table(batch)
+        for sink in sinks:
+            sink.write(t)
+        return t.drop_columns([c for c in t.column_names if c.startswith((MATCH, SKIP_PREFIX))])
+
+    return run
+
+
+def _cache_rows(
+    cached: bool, names: tuple[str, ...], flags: tuple[str, ...]
+) -> Callable[[pa.Table], pa.Table]:
+    """The rows that hold kept results of every step (`cached`), or the others."""
+
     def select(t: pa.Table) -> pa.Table:
-        t = t.filter(t[CACHED] if cached else pc.invert(t[CACHED]))
+        every = t[flags[0]]
+        for f in flags[1:]:
+            every = pc.and_(every, t[f])
+        t = t.filter(every if cached else pc.invert(every))
         return t.select([c for c in names if c in t.column_names])
 
     return select
@@ -789,7 +824,7 @@ def _pool(
     gpus: float,
     n: int,
     bs: int,
-    then: Stage | None = None,
+    then: Callable[[Any], pa.Table] | None = None,
 ) -> Any:
     """One actor pool of `cls` over `ds`, materialised (one model load per actor); `then`
     runs on each batch the pool returns, as it returns it (a sink)."""
@@ -811,43 +846,72 @@ def _pool(
 
 
 def _reuse(
-    rd: Any, ds: Any, kept: Kept, num: int, partitions: Callable[[int], int]
-) -> tuple[Any | None, Any | None, int, int]:
-    """Split the rows of `ds` into those to run a model step on and those that take the
-    results `kept` holds (`split_cached`).
+    rd: Any, ds: Any, kepts: list[Kept], num: int, partitions: Callable[[int], int]
+) -> tuple[Any | None, Any | None, int, int, list[int]]:
+    """Split the rows of `ds` into those to run the model chain on and those that take
+    every scorer's results from what `kepts` hold (`split_cached`, one join per scorer with
+    side files). A row to run carries the results it has of some scorers, marked in their
+    `skip_column`s, so the chain runs only the others on it.
 
     Returns:
-        (to run, with kept results, how many of each); a part without rows is None.
+        (to run, with kept results of every scorer, how many of each, how many rows took
+        each scorer's results); a part without rows is None.
     """
-    fs, path = fsspec.core.url_to_fs(kept.folder)
-    if not (fs.exists(path) and fs.glob(path.rstrip("/") + "/part-*.parquet")):
-        return ds, None, num, 0
     from pipelines.curate import _read_parquet
 
     names = tuple(ds.columns())
-    joined = grouping.join(
-        ds, _read_parquet(rd, kept.folder), "left_outer", partitions(num), on=(schema.SOURCE,)
-    )
-    marked = joined.map_batches(
-        split_cached, fn_kwargs={"kept": kept}, batch_format="pyarrow", batch_size=None
-    ).materialize()
-    with_all = tuple(dict.fromkeys((*names, *kept.columns)))
-    hits, num_hits = _nonempty(
-        marked.map_batches(_cache_rows(True, with_all), batch_format="pyarrow", batch_size=None)
-    )
-    misses, num_misses = _nonempty(
-        marked.map_batches(_cache_rows(False, names), batch_format="pyarrow", batch_size=None)
-    )
-    return misses, hits, num_misses, num_hits
+    marked, flags, columns = ds, [], list(names)
+    for i, kept in enumerate(kepts):
+        fs, path = fsspec.core.url_to_fs(kept.folder)
+        if not (fs.exists(path) and fs.glob(path.rstrip("/") + "/part-*.parquet")):
+            continue
+        joined = grouping.join(
+            marked, _read_parquet(rd, kept.folder), "left_outer", partitions(num),
+            on=(schema.SOURCE,),
+        )  # fmt: skip
+        marked = joined.map_batches(
+            split_cached, fn_kwargs={"kept": kept, "flag": skip_column(i)},
+            batch_format="pyarrow", batch_size=None,
+        ).materialize()  # fmt: skip
+        flags.append(skip_column(i))
+        columns += [*kept.columns, skip_column(i)]
+    if not flags:
+        return ds, None, num, 0, [0] * len(kepts)
+    taken = [int(marked.sum(skip_column(i)) or 0) if skip_column(i) in flags else 0
+             for i in range(len(kepts))]  # fmt: skip
+    if len(flags) < len(kepts):  # a scorer with nothing kept runs on every row
+        return marked, None, num, 0, taken
+    with_all = tuple(dict.fromkeys((*names, *(c for k in kepts for c in k.columns))))
+    hits, num_hits = _nonempty(marked.map_batches(
+        _cache_rows(True, with_all, tuple(flags)), batch_format="pyarrow", batch_size=None
+    ))  # fmt: skip
+    if len(kepts) == 1:  # a row to run holds no kept result
+        columns = list(names)
+    misses, num_misses = _nonempty(marked.map_batches(
+        _cache_rows(False, tuple(dict.fromkeys(columns)), tuple(flags)),
+        batch_format="pyarrow", batch_size=None,
+    ))  # fmt: skip
+    return misses, hits, num_misses, num_hits, taken
 
 
-def _remove_other_caches(cache: str) -> None:
-    """Remove the side files of the step's other fingerprints (one set is kept per step)."""
-    fs, path = fsspec.core.url_to_fs(cache)
-    parent = path.rstrip("/").rsplit("/", 1)[0]
+def score_kept(cfg: JobConfig, work: str, step: tuple[type[Stage], dict[str, Any]]) -> Kept:
+    """Where one scorer of the chain keeps its results: `_work/scores/<name>-<fingerprint>`,
+    the fingerprint of its own model and settings, so that changing one scorer's settings
+    runs that scorer again and takes the others' results."""
+    cls, kwargs = step
+    folder = join(work, SCORES, f"{cls.name}-{fingerprint(cfg, [step])}")
+    return Kept(folder, cls(**kwargs).sets())
+
+
+def _remove_other_caches(*caches: str) -> None:
+    """Remove the side files beside `caches` (one folder each, all in one parent) that are
+    none of them: other fingerprints of the same steps, or steps the job no longer runs."""
+    fs, first = fsspec.core.url_to_fs(caches[0])
+    keep = {fsspec.core.url_to_fs(c)[1].rstrip("/") for c in caches}
+    parent = first.rstrip("/").rsplit("/", 1)[0]
     if fs.exists(parent):
         for other in fs.ls(parent, detail=False):
-            if other.rstrip("/") != path.rstrip("/"):
+            if other.rstrip("/") not in keep:
                 fs.rm(other, recursive=True)
 
 
@@ -1030,15 +1094,27 @@ def run_model_pass(
         result.rows = rows.map_batches(_caption_sources, batch_format="pyarrow", batch_size=None)
         return result
     chain = model_chain(cfg, plan)
-    kept, hits = None, None
+    kepts: list[Kept] = []
+    hits = None
     if chain:
-        # Scores an earlier run of the same scorers kept (`ResultSink`) are taken, not redone.
-        kept = Kept(join(work, SCORES, fingerprint(cfg, chain)), SCORE_COLUMNS)
-        scored, hits, num_scored, num_hits = _reuse(rd, scored, kept, num_scored, partitions)
+        # Results an earlier run of a scorer with the same model and settings kept
+        # (`ResultSink`, one folder per scorer) are taken, not redone.
+        kepts = [score_kept(cfg, work, step) for step in chain]
+        scored, hits, num_scored, num_hits, taken = _reuse(
+            rd, scored, kepts, num_scored, partitions
+        )
         if num_hits:
             result.notes.append(
                 f"scores of {num_hits} of {num_hits + num_scored} candidates taken from an "
                 "earlier run with the same models and settings (_work/scores)"
+            )
+        partly = [f"{cls.name} {n - num_hits}" for (cls, _), n in zip(chain, taken, strict=True)
+                  if n > num_hits]  # fmt: skip
+        if partly:
+            result.notes.append(
+                f"of the other {num_scored} candidates, the results of some scorers were taken "
+                f"from an earlier run with the same model and settings ({', '.join(partly)}); "
+                "the scorers whose model or settings changed ran on them"
             )
     if scored is not None:
         # Blocks of one model batch each (up to 16 per CPU): an actor pool hands out whole
@@ -1053,18 +1129,18 @@ def run_model_pass(
             # side file is written by the same task (one Ray operator: a small job's time).
             warm.loaded()
             scored = scored.map_batches(
-                _kept_around(warm.runs(), kept), batch_format="pyarrow",
+                _kept_around(warm.runs(), kepts), batch_format="pyarrow",
                 batch_size=s.batch_size, num_cpus=0,
             ).materialize()
         elif chain:  # one pool for every scorer: one actor start, one pass over the rows
-            assert kept is not None
-            scored = scored.map_batches(stamp(kept), batch_format="pyarrow", batch_size=None)
-            scored = _pool(scored, ModelChain, {"stages": chain}, then=ResultSink(kept=kept),
+            scored = scored.map_batches(stamp(kepts[0]), batch_format="pyarrow",
+                                        batch_size=None)  # fmt: skip
+            scored = _pool(scored, ModelChain, {"stages": chain}, then=_score_sinks(kepts),
                            **pool)
     if warm is not None and warm.holds_gpu:
         warm.stop()  # a GPU captioner pool may need its GPU
-    if kept is not None:
-        _remove_other_caches(kept.folder)
+    if kepts:
+        _remove_other_caches(*(k.folder for k in kepts))
     if hits is not None:
         both = tuple(dict.fromkeys(
             (*SLIM_COLUMNS, schema.THUMBNAIL, *SCORE_COLUMNS, schema.STAGE_SECONDS)
@@ -1337,7 +1413,7 @@ def _caption(
     spec = Kept(join(work, CAPTIONS, fingerprint(cfg, steps)), CAPTION_COLUMNS,
                 (schema.SHA256, schema.CAPTION_EN, schema.CAPTION_ZH))
     names = tuple(dict.fromkeys((*kept.columns(), *CAPTION_COLUMNS, schema.STAGE_SECONDS)))
-    todo, hits, _, num_hits = _reuse(rd, kept, spec, num_kept, partitions)
+    todo, hits, _, num_hits, _ = _reuse(rd, kept, [spec], num_kept, partitions)
     if num_hits:
         notes.append(f"captions of {num_hits} of {num_kept} kept images taken from an earlier "
                      "run with the same models and settings (_work/captions)")

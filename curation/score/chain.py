@@ -11,9 +11,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from curation.base import Batch, Stage, to_table
+from curation import schema
+from curation.base import Batch, Stage, set_columns, to_table
 
 
 @dataclass(kw_only=True)
@@ -39,8 +42,12 @@ class ModelChain(Stage):
 
     def __call__(self, batch: Batch) -> pa.Table:
         table = to_table(batch)
-        for stage in self._chain:
-            table = stage(table)
+        for i, stage in enumerate(self._chain):
+            flag = skip_column(i)
+            if flag in table.column_names:
+                table = _run_where(stage, table, pc.invert(table[flag].fill_null(False)))
+            else:
+                table = stage(table)
         return table
 
     def warm(self) -> int:
@@ -48,6 +55,40 @@ class ModelChain(Stage):
         for stage in self._chain:
             stage.ready()
         return len(self._chain)
+
+
+SKIP_PREFIX = "chain__skip"
+
+
+def skip_column(step: int) -> str:
+    """A boolean column that, where true, tells `ModelChain` not to run stage `step` on the
+    row: it already holds that stage's results (kept by an earlier run)."""
+    return f"{SKIP_PREFIX}{step}"
+
+
+def _run_where(stage: Stage, table: pa.Table, run: pa.ChunkedArray) -> pa.Table:
+    """`stage` on the rows where `run` is true; the other rows keep their values of the
+    columns it sets (`Stage.sets`)."""
+    rows = pc.indices_nonzero(run)
+    if len(rows) == table.num_rows:
+        return stage(table)
+    out = table
+    for f in stage.output_schema(table.schema):  # the columns it adds, null until it runs
+        if f.name not in out.column_names:
+            out = out.append_column(f, pa.nulls(table.num_rows, f.type))
+    if len(rows) == 0:
+        return out
+    done = stage(table.take(rows))
+    # Row i takes its own value (position i) or, when run, the stage's (position n + k).
+    pick = np.arange(table.num_rows, dtype=np.int64)
+    pick[rows.to_numpy()] = table.num_rows + np.arange(len(rows), dtype=np.int64)
+    new = {}
+    for name in (*stage.sets(), schema.STAGE_SECONDS):
+        if name in done.column_names:
+            both = pa.chunked_array([*out[name].chunks, *done[name].cast(out[name].type).chunks],
+                                    type=out[name].type)  # fmt: skip
+            new[name] = both.take(pa.array(pick))
+    return set_columns(out, new)
 
 
 class WarmActor:

@@ -124,6 +124,15 @@ class ClipEmbedder(Stage):
             *([schema.PERSON_SCORE, schema.CHARACTER] if self._text is not None else []),
         ]
 
+    def sets(self) -> tuple[str, ...]:
+        """The embedding, and each head's column when its weights or prompts are set."""
+        return (
+            schema.EMBEDDING,
+            *([schema.AESTHETIC] if self.aesthetic_weights else []),
+            *([schema.NSFW] if self.safety_weights else []),
+            *([schema.PERSON_SCORE, schema.CHARACTER] if self.person_prompts else []),
+        )
+
     def _head(self, setting: str, path: str, load: Any, name: str, dim: int) -> Any:
         """A head over the embedding from `path` (None when unset), moved to the device."""
         if not path:

@@ -75,6 +75,11 @@ class NudeNetDetector(Stage):
     character_threshold: float = 0.5
     device: str = "cpu"
 
+    def sets(self) -> tuple[str, ...]:
+        """`person_score` and `character` when `person`, `nsfw` when `safety`."""
+        return (*((schema.PERSON_SCORE, schema.CHARACTER) if self.person else ()),
+                *((schema.NSFW,) if self.safety else ()))  # fmt: skip
+
     def setup(self) -> None:
         import nudenet
         import onnxruntime

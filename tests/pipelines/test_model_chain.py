@@ -8,10 +8,13 @@ from typing import ClassVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from curation import schema
 from curation.base import Stage, set_columns
-from curation.score.chain import ModelChain
+from curation.score.chain import ModelChain, skip_column
 
 
 @dataclass(kw_only=True)
@@ -103,3 +106,31 @@ def test_without_a_safety_model_the_job_says_so_and_has_no_unsafe_rule() -> None
     assert "unsafe" not in rule_summary(cfg) and all(r.reason != "unsafe" for r in model_rules(cfg))
     screened = load_config(overrides=["models.nudenet=always"])
     assert rule_summary(screened)["unsafe"]["setting"] == "score.max_nsfw"
+
+
+@given(
+    widths=st.lists(st.integers(1, 10_000), min_size=1, max_size=12),
+    data=st.data(),
+)
+@settings(max_examples=40, deadline=None)
+def test_a_stage_runs_only_on_the_rows_not_marked_to_skip_it(widths, data) -> None:
+    """Rows that hold a stage's results from an earlier run (its `skip_column`) keep them;
+    the stage computes the others', and later stages see both."""
+    n = len(widths)
+    skip = data.draw(st.lists(st.booleans(), min_size=n, max_size=n))
+    kept = [float(-i) for i in range(n)]  # results "from an earlier run"
+    batch = pa.table({
+        schema.SOURCE: [f"s{i}" for i in range(n)],
+        schema.WIDTH: widths,
+        schema.QUALITY: pa.array([k if s else None for k, s in zip(kept, skip, strict=True)],
+                                 pa.float32()),
+        skip_column(0): skip,
+    })  # fmt: skip
+    out = ModelChain(stages=[(_Quality, {"offset": 0.5}), (_Safety, {})])(batch)
+    want = [k if s else w + 0.5 for k, s, w in zip(kept, skip, widths, strict=True)]
+    assert out[schema.QUALITY].to_pylist() == want
+    assert out[schema.NSFW].to_pylist() == [pytest.approx(q / 1e4) for q in want]
+    assert out[schema.SOURCE].to_pylist() == batch[schema.SOURCE].to_pylist()
+    timing = [json.loads(t) if t else {} for t in out[schema.STAGE_SECONDS].to_pylist()]
+    assert ["quality" in t for t in timing] == [not s for s in skip]
+    assert all("nudenet" in t for t in timing)

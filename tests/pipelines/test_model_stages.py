@@ -598,16 +598,34 @@ def test_a_rerun_with_the_same_models_takes_their_kept_scores_and_captions(
     assert emb.num_rows == len(scored)  # the kept embeddings still reach OUT/embeddings
     assert main(["verify", str(out)]) == 0
 
+    from curation.score.nudenet_detector import nudenet_available
+
+    folders = sorted(p.name for p in (out / "_work" / "scores").iterdir())
+    assert [f.split("-")[0] for f in folders] == sorted(
+        {"embed", "quality"} | ({"nudenet"} if nudenet_available() else set()))
     build_aesthetic(head, models["dim"], seed=7)  # another aesthetic head, same path
     assert main(args) == 0
     stdout = capsys.readouterr().out
-    assert "candidates taken from an earlier run" not in stdout  # scored again...
+    assert "candidates taken from an earlier run" not in stdout  # CLIP scored again...
+    # ...but only CLIP: the quality scorer's results are taken
+    partly = rf"results of some scorers were taken .*\(quality {len(scored)}\b"
+    assert re.search(partly, stdout), stdout
     assert f"captions of {len(kept)} of {len(kept)} kept images taken" in stdout  # ...not these
     third = {r[schema.SOURCE]: r for r in _manifest(out)}
     assert [third[s][schema.AESTHETIC] for s in scored] != [
         r[schema.AESTHETIC] for r in scored.values()
     ]
-    assert len(list((out / "_work" / "scores").iterdir())) == 1  # the old scores are gone
+    assert [third[s][schema.QUALITY] for s in scored] == [
+        r[schema.QUALITY] for r in scored.values()]
+    for source in scored:
+        ran = json.loads(third[source][schema.STAGE_SECONDS])
+        assert "embed" in ran and "quality" not in ran
+    after = sorted(p.name for p in (out / "_work" / "scores").iterdir())
+    assert len(after) == len(folders)  # the old CLIP scores are gone
+    assert [f for f in after if f.startswith("embed-")] != [
+        f for f in folders if f.startswith("embed-")]
+    assert [f for f in after if not f.startswith("embed-")] == [
+        f for f in folders if not f.startswith("embed-")]
     assert len(list((out / "_work" / "captions").iterdir())) == 1
 
 
