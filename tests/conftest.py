@@ -90,3 +90,35 @@ def curated(samples, local_ray, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("curated")
     assert main(["curate", str(folder), "--output", str(out)]) == 0
     return out
+
+
+class StepLimit(AssertionError):
+    """A call ran more Python lines than its bound (`python_lines`)."""
+
+
+@pytest.fixture
+def python_lines():
+    """`run(limit, fn, *args)`: `fn(*args)`, counting the Python lines it executes in every
+    frame below it and failing once it passes `limit`. A bound on work that does not depend
+    on the machine's speed or load, where a timing bound would (timed tests are not used)."""
+    import sys
+
+    def run(limit: int, fn, *args):
+        count = 0
+
+        def tracer(frame, event, arg):
+            nonlocal count
+            if event == "line":
+                count += 1
+                if count > limit:
+                    raise StepLimit(f"{fn.__name__} ran more than {limit} Python lines")
+            return tracer
+
+        previous = sys.gettrace()
+        sys.settrace(tracer)
+        try:
+            return fn(*args)
+        finally:
+            sys.settrace(previous)
+
+    return run

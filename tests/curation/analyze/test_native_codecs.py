@@ -284,15 +284,13 @@ def test_analyzer_writes_the_evidence_columns() -> None:
     assert min(abs(fake[schema.NATIVE_PERIOD] - p) for p in (1.5, 3.0)) < 0.1
 
 
-def test_block_codec_sees_past_megabytes_of_metadata() -> None:
+def test_block_codec_sees_past_megabytes_of_metadata(python_lines) -> None:
     """A q75 JPEG whose ICC profile or Photoshop XMP fills more than 1 MB in front of its
     quantisation tables was judged with the q85-q100 ``jpeg`` model (the walk stopped at
     1 MB); a lossy WebP with such an ICCP chunk was taken for ``lossless``."""
-    import time
-
     from PIL import ImageCms
 
-    from curation.analyze.pixel_analyzer import _jpeg_quant_scale
+    from curation.analyze.pixel_analyzer import MAX_HEADER_STEPS, _jpeg_quant_scale
 
     g = _texture(48, 64)
     srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
@@ -300,7 +298,10 @@ def test_block_codec_sees_past_megabytes_of_metadata() -> None:
         icc = srgb + b"\0" * padding  # Pillow splits it over APP2 segments / one ICCP chunk
         assert block_codec(_bytes(g, "JPEG", quality=75, icc_profile=icc)) == "jpeg_low"
         assert block_codec(_bytes(g, "WEBP", quality=60, icc_profile=icc)) == "vp8"
-    start = time.perf_counter()
-    assert _jpeg_quant_scale(b"\xff\xd8" + b"\xff" * 20_000_000) is None  # fill bytes only
-    assert block_codec(b"RIFF\0\0\0\0WEBP" + b"JUNK\0\0\0\0" * 2_000_000) == "lossless"
-    assert time.perf_counter() - start < 1.0  # the walks are bounded in steps
+    # The walks are bounded in steps (MAX_HEADER_STEPS, a few lines each), not in bytes: 20
+    # million fill bytes or 2 million empty chunks would otherwise take 10^7 lines and more.
+    bound = 10 * MAX_HEADER_STEPS
+    fill = b"\xff\xd8" + b"\xff" * 20_000_000
+    assert python_lines(bound, _jpeg_quant_scale, fill) is None
+    chunks = b"RIFF\0\0\0\0WEBP" + b"JUNK\0\0\0\0" * 2_000_000
+    assert python_lines(bound, block_codec, chunks) == "lossless"
