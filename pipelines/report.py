@@ -192,6 +192,7 @@ class ThumbJob:
     member: str | None = None  # tar member name (None: the whole file)
     offset: int | None = None  # member data offset when known (no tar index needed)
     size: int | None = None  # member size with `offset`
+    orientation: int | None = None  # the manifest's EXIF orientation (None: the file's own)
 
 
 def open_reduced(data: bytes, side: int, max_pixels: int | None = None) -> Any:
@@ -207,14 +208,20 @@ def open_reduced(data: bytes, side: int, max_pixels: int | None = None) -> Any:
     im = Image.open(io.BytesIO(data))
     if max_pixels is not None and im.size[0] * im.size[1] > max_pixels:
         raise ValueError(f"{im.size[0]}x{im.size[1]} is over the decode cap")
-    if im.format == "JPEG":
+    if im.format in ("JPEG", "MPO"):  # Pillow's name for a JPEG with an MPF preview
         im.draft("RGB", (side, side))
     im.load()
     return im
 
 
-def reduced_image(data: bytes, side: int = THUMB_SIDE, max_pixels: int | None = None) -> Any:
+def reduced_image(
+    data: bytes, side: int = THUMB_SIDE, max_pixels: int | None = None,
+    orientation: int | None = None,
+) -> Any:
     """Decode `data` at reduced size: at most `side` px on the longest side, RGB, upright, sRGB.
+
+    Upright by `orientation` (1..8), the one curation recorded and the loader applies, when
+    given; else by the file's EXIF (a PNG's `eXIf` after its pixels counts only there).
 
     JPEGs decode in draft mode (DCT scaling to the smallest of 1/1…1/8 that still covers
     `side`); other formats decode once and shrink by `reduce` then `thumbnail`.
@@ -230,7 +237,12 @@ def reduced_image(data: bytes, side: int = THUMB_SIDE, max_pixels: int | None = 
     im = open_reduced(data, side, max_pixels)
     icc = embedded_profile(im)
     im.thumbnail((side, side), reducing_gap=2.0)
-    im = ImageOps.exif_transpose(im)
+    if orientation in range(1, 9):
+        from training.data import orient
+
+        im = orient(im, orientation)
+    else:
+        im = ImageOps.exif_transpose(im)
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
         im = im.convert("RGBA")
         bg = Image.new("RGBA", im.size, (128, 128, 128, 255))
@@ -242,10 +254,14 @@ def reduced_image(data: bytes, side: int = THUMB_SIDE, max_pixels: int | None = 
     return to_srgb(im, icc).convert("RGB")
 
 
-def thumbnail_bytes(data: bytes, side: int = THUMB_SIDE, max_pixels: int | None = None) -> bytes:
+def thumbnail_bytes(
+    data: bytes, side: int = THUMB_SIDE, max_pixels: int | None = None,
+    orientation: int | None = None,
+) -> bytes:
     """A JPEG thumbnail of `data` (see `reduced_image`)."""
     buf = io.BytesIO()
-    reduced_image(data, side, max_pixels).save(buf, "JPEG", quality=82, optimize=True)
+    reduced_image(data, side, max_pixels, orientation).save(buf, "JPEG", quality=82,
+                                                            optimize=True)  # fmt: skip
     return buf.getvalue()
 
 
@@ -281,7 +297,7 @@ def make_thumbnails(
                 if job.member is not None and job.offset is None and tar is None:
                     tar = tarfile.open(fileobj=fh, mode="r:")  # noqa: SIM115 (closed below)
                 data = _read_job(job, tar, fh)
-                thumb = thumbnail_bytes(data, side, max_pixels)
+                thumb = thumbnail_bytes(data, side, max_pixels, job.orientation)
                 out.append(("data:image/jpeg;base64," + base64.b64encode(thumb).decode(), None))
             except Exception as e:  # the report shows why, it never fails on one image
                 # PIL names the buffer it read by its memory address: no words for a reader
@@ -336,16 +352,19 @@ def _is_file(source: str) -> bool:
 
 def thumb_job(output: str, row: dict[str, Any]) -> ThumbJob:
     """Where a manifest row's image is: its shard member when kept, else its source."""
+    turn = row.get(schema.ORIENTATION)
     if row[schema.STATUS] == schema.STATUS_KEPT and row.get(schema.SHARD):
-        return ThumbJob(join(output, row[schema.SHARD]), f"{row[schema.KEY]}.{row['extension']}")
+        return ThumbJob(join(output, row[schema.SHARD]), f"{row[schema.KEY]}.{row['extension']}",
+                        orientation=turn)  # fmt: skip
     source = row[schema.SOURCE]
     offset = row.get(schema.TAR_OFFSET)
     # A tar member: read from a tar (its offset), or named `….tar#member` (an older manifest);
     # a file's own name may hold `#`.
     if offset is not None or (".tar#" in source.lower() and not _is_file(source)):
         uri, member = split_tar_source(source)
-        return ThumbJob(uri, member, offset, row.get(schema.SIZE_BYTES) if offset else None)
-    return ThumbJob(source)
+        return ThumbJob(uri, member, offset, row.get(schema.SIZE_BYTES) if offset else None,
+                        orientation=turn)  # fmt: skip
+    return ThumbJob(source, orientation=turn)
 
 
 # --- plots --------------------------------------------------------------------------------------

@@ -1277,7 +1277,12 @@ def decode_image(data: bytes, name: str = "image") -> np.ndarray:
 def _orient(rgb: np.ndarray, orientation: int) -> np.ndarray:
     if orientation == 1:
         return np.ascontiguousarray(rgb)
-    return np.asarray(Image.fromarray(rgb).transpose(_ORIENT[orientation]))
+    return np.asarray(orient(Image.fromarray(rgb), orientation))
+
+
+def orient(im: Image.Image, orientation: int) -> Image.Image:
+    """`im` as shown under EXIF `orientation` (1..8), as `ImageOps.exif_transpose` shows it."""
+    return im if orientation == 1 else im.transpose(_ORIENT[orientation])
 
 
 def decode_bucket(
@@ -1309,7 +1314,7 @@ def decode_bucket(
     sl, st, sr, sb = (int(v) for v in stored_box(box, orientation, (sw, sh)))
     stw, sth = (th, tw) if orientation in _TRANSPOSED else (tw, th)
     scale = 1
-    if draft and resample == "lanczos" and im.format == "JPEG":
+    if draft and resample == "lanczos" and im.format in ("JPEG", "MPO"):
         d = 8  # keep a reducing gap of 2 for the final filter, as PIL's thumbnail() does
         while d > 1 and (sr - sl < 2 * d * stw or sb - st < 2 * d * sth):
             d //= 2

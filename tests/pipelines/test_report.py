@@ -419,6 +419,42 @@ def test_reduced_decoding_and_orientation():
         reduced_image(jpeg, max_pixels=1000)
 
 
+def test_thumbnails_follow_the_orientation_the_manifest_records():
+    """A PNG whose `eXIf` chunk comes after its pixels is recorded upright (orientation 1: the
+    probe reads no chunk after the pixel data) and so is trained on; the report turned its
+    thumbnail by the chunk, a portrait picture labelled landscape."""
+    from PIL import PngImagePlugin
+
+    rgb = np.zeros((1080, 1920, 3), np.uint8)
+    rgb[:, :960] = (200, 30, 30)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "PNG")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    raw = exif.tobytes()
+    chunk = PngImagePlugin.putchunk  # a chunk with its CRC, placed before IEND
+    late = io.BytesIO()
+    chunk(late, b"eXIf", raw)
+    png = buf.getvalue()
+    png = png[:-12] + late.getvalue() + png[-12:]
+    assert Image.open(io.BytesIO(png)).getexif().get(0x0112) == 6  # Pillow finds it late
+    assert reduced_image(png).size == (135, 240)  # the file's own EXIF, as before
+    upright = reduced_image(png, orientation=1)
+    assert upright.size == (240, 135)
+    assert np.asarray(upright)[60, 20, 0] > 150  # the red half stays on the left
+    assert reduced_image(png, orientation=6).size == (135, 240)
+
+
+def test_an_mpo_thumbnail_decodes_at_reduced_scale():
+    """Pillow names a camera JPEG with an MPF preview `MPO`: it decoded at full size."""
+    rgb = np.zeros((2160, 3840, 3), np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "MPO", save_all=True,
+                              append_images=[Image.fromarray(rgb[:270, :480])])  # fmt: skip
+    assert Image.open(io.BytesIO(buf.getvalue())).format == "MPO"
+    assert open_reduced(buf.getvalue(), 240).size == (480, 270)
+
+
 def test_s3_output_and_sources(audit_output, audit_jpeg, s3_server):
     import boto3
 

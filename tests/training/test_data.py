@@ -863,3 +863,30 @@ def test_a_shard_cut_short_is_skipped_past_without_reading_it_again(curated_shar
     assert skipped["samples"] == len(batches) - 1 == 2
     assert all("cannot read the shard" in why for why in skipped["first"])
     assert skipped["first"][1].endswith(f"(sample {keys[2]} is in it)")  # known broken: not read
+
+
+def test_a_camera_jpeg_with_an_mpf_preview_decodes_at_reduced_scale(monkeypatch) -> None:
+    """Pillow names a JPEG carrying an MPF preview (many camera files) `MPO`; the loader
+    decoded it at full size, about 3 times slower, where a plain JPEG is decoded at 1/8."""
+    import io
+
+    from PIL import Image
+    from PIL.JpegImagePlugin import JpegImageFile
+
+    from training.data import decode_bucket
+
+    rgb = np.random.default_rng(0).integers(0, 255, (2160, 3840, 3), np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "MPO", save_all=True,
+                              append_images=[Image.fromarray(rgb[:270, :480])])  # fmt: skip
+    drafts: list[tuple] = []
+    draft = JpegImageFile.draft
+
+    def recording(self, mode, size):
+        drafts.append(size)
+        return draft(self, mode, size)
+
+    monkeypatch.setattr(JpegImageFile, "draft", recording)
+    out = decode_bucket(buf.getvalue(), (0, 0, 3840, 2160), (240, 135))
+    assert out.shape == (135, 240, 3)
+    assert drafts == [(480, 270)]  # 1/8: twice the 240 px target
