@@ -224,6 +224,7 @@ def probe(data: bytes) -> dict[str, Any]:
             frames = int(getattr(img, "n_frames", 1) or 1)
             orientation = _orientation(img)
             icc = embedded_profile(img)
+            previews = fmt == "tiff" and frames > 1 and _pages_smaller_than_first(img, frames)
     except UnidentifiedImageError:
         if is_avif(data) and features.check("avif"):
             return {"reason": "decode_error", "detail": "AVIF image that does not read: "
@@ -256,11 +257,32 @@ def probe(data: bytes) -> dict[str, Any]:
         row.update(
             reason="unsupported_format", detail=f"format {fmt or 'unknown'} is not supported"
         )
-    elif frames > 1 and fmt != "mpo":
+    elif frames > 1 and fmt != "mpo" and not previews:
         what = f"multi-page {fmt} ({frames} pages)" if fmt == "tiff" else (
             f"animated {fmt} ({frames} frames)")
         row.update(reason="unsupported_format", detail=what)
     return row
+
+
+MAX_TIFF_PAGES = 64
+"""Pages of a TIFF whose sizes the probe reads, at most (each is one directory, no pixels)."""
+
+
+def _pages_smaller_than_first(img: Image.Image, frames: int) -> bool:
+    """Whether every page of a multi-page TIFF after the first is smaller on both sides: the
+    previews or reduced-resolution copies cameras, scanners and GIS tools add, as an MPO's
+    preview frame. The image is then its first page (what Pillow decodes); pages of equal size
+    (a document or a stack) or a larger later one leave the file unsupported."""
+    if frames > MAX_TIFF_PAGES:
+        return False
+    width, height = img.size
+    for page in range(1, frames):
+        img.seek(page)
+        w, h = img.size
+        if w >= width or h >= height:
+            return False
+    img.seek(0)
+    return True
 
 
 @dataclass(kw_only=True)

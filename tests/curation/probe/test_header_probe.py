@@ -47,6 +47,17 @@ def test_probe_names_what_is_wrong():
     buf = io.BytesIO()
     frames[0].save(buf, "TIFF", save_all=True, append_images=frames[1:])
     assert probe(buf.getvalue())["detail"] == "multi-page tiff (2 pages)"
+    # A first page with smaller pages after it (previews, reduced-resolution copies) is read
+    # as its first page, as an MPO is; a larger later page leaves the file unsupported.
+    big, small = Image.new("RGB", (64, 48), "red"), Image.new("RGB", (16, 12), "blue")
+    buf = io.BytesIO()
+    big.save(buf, "TIFF", save_all=True, append_images=[small, small])
+    assert probe(buf.getvalue()) | {"color_profile": None} == {
+        "format": "tiff", "width": 64, "height": 48, "mode": "RGB", "num_frames": 3,
+        "orientation": 1, "color_profile": None}
+    buf = io.BytesIO()
+    small.save(buf, "TIFF", save_all=True, append_images=[big])
+    assert probe(buf.getvalue())["detail"] == "multi-page tiff (2 pages)"
     import gzip
     import tarfile
 
