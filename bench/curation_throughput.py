@@ -10,7 +10,9 @@ Measures, on one run over the same files:
 2. the same stages on Ray Data with N CPUs (`map_batches` with each stage's `ray_options()`, as
    pass 1 of `pipelines/curate.py` does) against a `multiprocessing.Pool(N)` running the same
    stage functions on the same files; Ray start-up timed apart; peak RSS of every worker;
-3. the whole `run_curate` job on the set, end to end, for context.
+3. the whole job on the set as a user runs it: a fresh `native4k curate` process (its own
+   Ray start-up) against a plain decode of the same files on as many processes, before and
+   after it.
 
 The set (built once in `--scratch`, reused): the JPEGs of at least 3840×2160 from Debian's
 plasma-workspace-wallpapers and mate-backgrounds as they are, plus 3840×2160 crops of them saved
@@ -52,7 +54,7 @@ if TYPE_CHECKING:
 THREAD_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 SOURCE_DIRS = ("/usr/share/wallpapers", "/usr/share/backgrounds")
 UHD = (3840, 2160)
-SET_VERSION = 2
+SET_VERSION = 3
 PHOTOS = (  # checked by eye: camera photographs (the other files there are renders or paintings)
     "BytheWater", "ColdRipple", "ColorfulCups", "DarkestHour", "EveningGlow", "FallenLeaf",
     "Grey", "Kite", "OneStandsOut", "Path", "summer_1am", "Aqua", "Garden", "LadyBird",
@@ -104,7 +106,8 @@ def _jpeg_info(path: Path) -> tuple[int, int, bool] | None:
 
 
 def build_set(scratch: Path) -> list[dict[str, Any]]:
-    """The ≥4K JPEGs as they are plus 3840×2160 q95 crops (baseline, progressive); cached."""
+    """The ≥4K JPEGs as they are plus 3840×2160 crops: JPEG q95 (baseline, progressive) and
+    lossy WebP q90; cached."""
     from PIL import Image
 
     index = scratch / "set.json"
@@ -141,6 +144,10 @@ def build_set(scratch: Path) -> list[dict[str, Any]]:
                 crop.save(dst, "JPEG", quality=95, progressive=progressive)
                 files.append({"path": str(dst), "source": str(src), "kind": "crop q95",
                               "progressive": progressive, "width": UHD[0], "height": UHD[1]})
+            dst = scratch / f"crop{i}-webp-{slug}.webp"
+            crop.save(dst, "WEBP", quality=90, method=4)  # lossy WebP, as web pools hold it
+            files.append({"path": str(dst), "source": str(src), "kind": "crop WebP q90",
+                          "progressive": False, "width": UHD[0], "height": UHD[1]})
     for f in files:
         f["bytes"] = os.path.getsize(f["path"])
     # Interleave the four kinds so that `--images N` keeps a mix.
@@ -193,6 +200,24 @@ def camera_set() -> list[dict[str, Any]]:
     return out
 
 
+def camera_webp_set(camera: list[dict[str, Any]], scratch: Path) -> list[dict[str, Any]]:
+    """The camera photographs re-encoded at full size as lossy WebP q90 (cached in
+    `scratch`): what a web pool holds of such photographs."""
+    from PIL import Image
+
+    out = []
+    for f in camera:
+        dst = scratch / f"camera-{Path(f['path']).stem}.webp"
+        if not dst.exists():
+            with Image.open(f["path"]) as im:
+                im.convert("RGB").save(dst.with_suffix(".tmp.webp"), "WEBP", quality=90,
+                                       method=4)  # fmt: skip
+            dst.with_suffix(".tmp.webp").rename(dst)
+        out.append({**f, "path": str(dst), "kind": "camera 4K WebP q90", "progressive": False,
+                    "bytes": dst.stat().st_size})
+    return out
+
+
 def photo_set() -> list[dict[str, Any]]:
     """Real camera photographs from the same packages, as they are (≤2560 px; a control)."""
     out = []
@@ -205,6 +230,8 @@ def photo_set() -> list[dict[str, Any]]:
 
 
 def _group(f: dict[str, Any]) -> str:
+    if f["path"].endswith(".webp"):
+        return str(f["kind"])
     return f"{f['kind']}, {'progressive' if f['progressive'] else 'baseline'}"
 
 
@@ -410,6 +437,8 @@ def measure_breakdown(files: list[dict[str, Any]], repeats: int) -> dict[str, An
         for n in names:
             times[n].append(best[n])
         kind = "progressive" if f["progressive"] else "baseline"
+        if f["path"].endswith(".webp"):
+            continue  # the alternatives are JPEG decoders
         for n, v in alt_best.items():
             slot = alt.setdefault(f"{n} [{kind}]", {"ms": [], "ref_ms": [], "max_diff": []})
             slot["ms"].append(v)
@@ -558,7 +587,7 @@ def ray_pass1(
 
 def measure_cores(files: list[dict[str, Any]], cores: int, rounds: int,
                   scratch: Path, run_job: bool, repeat: int = 1) -> dict[str, Any]:
-    """Pool vs Ray Data on `cores` CPUs, alternating, then the whole job end to end.
+    """Pool vs Ray Data on `cores` CPUs, alternating, then the whole job (`measure_job`).
 
     `repeat` > 1 feeds the list of files that many times over (a longer run of the same work,
     so that fixed costs weigh as they do in a real job).
@@ -573,7 +602,7 @@ def measure_cores(files: list[dict[str, Any]], cores: int, rounds: int,
     if hasattr(ray, "cloudpickle") and __name__ != "__main__":
         ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     from pipelines.config import load_config
-    from pipelines.curate import init_ray, run_curate
+    from pipelines.curate import init_ray
 
     paths = [f["path"] for f in files] * repeat
     chunks = [paths[i : i + 4] for i in range(0, len(paths), 4)]
@@ -666,28 +695,42 @@ def measure_cores(files: list[dict[str, Any]], cores: int, rounds: int,
         "outcomes": outcomes,
     }
     if run_job:
-        job_out = scratch / "job-out"
-        shutil.rmtree(job_out, ignore_errors=True)
-        load = os.getloadavg()[0]
-        marks: list[float] = []
-        t0 = time.perf_counter()
-        try:
-            res = run_curate(paths, str(job_out), cfg,
-                             echo=lambda s: marks.append(time.perf_counter() - t0))
-        except Exception as e:  # the job is context here; its failure is reported, not fatal
-            first = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).splitlines()[0]
-            out["job_error"] = f"{type(e).__name__}: {first[:200]}"
-            ray.shutdown()
-            return out
-        wall = time.perf_counter() - t0
-        ray.shutdown()
-        out["job"] = {"seconds": round(wall, 2), "job_seconds": round(res.seconds, 2),
-                      "load1": load, "kept": res.stats.get("kept"),
-                      "rejected": res.stats.get("rejected"),
-                      "images_per_s": round(len(paths) / wall, 2),
-                      # echo marks: after listing, after pass 1 (analysis)
-                      "listed_s": round(marks[0], 2), "analysed_s": round(marks[1], 2)}
+        out["job"] = measure_job(paths, cores, scratch)
+        if "error" in out["job"]:
+            out["job_error"] = out["job"].pop("error")
+            del out["job"]
     return out
+
+
+def measure_job(paths: list[str], cores: int, scratch: Path) -> dict[str, Any]:
+    """A fresh `native4k curate` process over the set, as a user runs it (its own Ray
+    start-up), against a plain `cores`-process decode of the same files in the same run."""
+    import subprocess
+
+    from bench.memory_scale import plain_decode_rate
+
+    job_out = scratch / "job-out"
+    shutil.rmtree(job_out, ignore_errors=True)
+    listing = scratch / "job-inputs.txt"  # a URI list: one INPUT per line
+    listing.write_text("".join(f"{p}\n" for p in paths))
+    before = plain_decode_rate(paths, cores)
+    load = os.getloadavg()[0]
+    cmd = [str(Path(sys.executable).with_name("native4k")), "curate", str(listing),
+           "--output", str(job_out), "--set", f"ray.num_cpus={cores}"]
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, env={**os.environ, "RAY_AUTH_MODE": "disabled"},
+                          capture_output=True, text=True)  # fmt: skip
+    wall = time.perf_counter() - t0
+    after = plain_decode_rate(paths, cores)
+    if done.returncode:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": f"exit {done.returncode}: {last[:200]}"}
+    stats = json.loads((job_out / "stats.json").read_text())
+    rate = len(paths) / wall
+    return {"seconds": round(wall, 2), "load1": load, "kept": stats.get("kept"),
+            "images_per_s": round(rate, 2), "decode_per_s": [round(before, 2), round(after, 2)],
+            "of_decode": round(rate / ((before + after) / 2), 3),
+            "stage_seconds": stats.get("stage_seconds", {})}
 
 
 # --- the report ----------------------------------------------------------------------------
@@ -735,8 +778,8 @@ def render(runs: list[dict[str, Any]]) -> str:
     first, last = runs[0], runs[-1]
     lines = [
         f"Measured {first['date']} by `bench/curation_throughput.py` on a {first['machine']} "
-        "dev box shared with other agents' jobs: other processes were running throughout (see "
-        "the load averages; 2.0 would mean both cores busy). Software: " + first["software"] + ". "
+        "dev box; the load averages before and after each run are below (their number of "
+        "cores would mean every core busy). Software: " + first["software"] + ". "
         "Code: " + ", ".join(dict.fromkeys(f"`{r.get('code', '?')}`" for r in runs)) + ".",
         "",
         "Command: `" + first["command"] + "`" + (f", {len(runs)} runs." if len(runs) > 1 else "."),
@@ -751,10 +794,11 @@ def render(runs: list[dict[str, Any]]) -> str:
                       for g, v in _one(first)["groups"].items())
     lines += [
         "",
-        f"**Set.** {_one(first)['n']} JPEGs in `{first['scratch']}`, none upscaled — {kinds}. "
+        f"**Set.** {_one(first)['n']} files in `{first['scratch']}`, none upscaled — {kinds}. "
         "The originals are the ≥3840×2160 JPEGs of plasma-workspace-wallpapers and "
         "mate-backgrounds as they are (5120×2880, 5640×3172, one 3840×2160); the crops are "
-        "3840×2160 windows of them saved at q95. Caveat: those files are digital renders and a "
+        "3840×2160 windows of them saved as JPEG q95 and as lossy WebP q90. Caveat: those "
+        "files are digital renders and a "
         "painting, not camera photographs (the packages' photographs are at most 2560 px wide), "
         "so the real photographs are measured apart as a control, as they are, with "
         "`probe.min_pixels` lowered so that they reach the pixel analyses; and so are camera "
@@ -781,6 +825,13 @@ def render(runs: list[dict[str, Any]]) -> str:
         lambda r: f"{_one(r)['batched_mean']:.0f} / {_one(r)['batched_cpu_mean']:.0f}")
     row("**ratio stage set / decode, batched, by CPU time** — goal ≤ 1.5×",
         lambda r: f"**{_one(r)['batched_ratio_cpu']:.2f}×**")
+    if all("one_core_all" in r for r in runs):
+        row("**every analysis on every image** (`analyze.score_all=true`; the job stops at "
+            "the first rule an image fails): stages batched, CPU mean ms; **ratio**",
+            lambda r: f"{r['one_core_all']['batched_cpu_mean']:.0f}; "
+                      f"**{r['one_core_all']['batched_ratio_cpu']:.2f}×**")
+        row("reasons in the default run (the analyses each image reached depend on them)",
+            lambda r: ", ".join(f"{k} {v}" for k, v in sorted(_one(r)["outcomes"].items())))
     row("same by wall time; per file by CPU time; per file by wall (means; medians)",
         lambda r: f"{_one(r)['batched_ratio']:.2f}×; {_one(r)['ratio_cpu']:.2f}×; "
                   f"{_one(r)['ratio_mean']:.2f}×; {_one(r)['ratio_median']:.2f}×")
@@ -805,6 +856,9 @@ def render(runs: list[dict[str, Any]]) -> str:
     if "camera" in last:
         row("camera photographs ≥ 4K pixels as they are (Lomiri's, 9.8–20 MP): decode / stages "
             "batched, CPU mean ms, ratio", apart("camera"))
+    if "camera_webp" in last:
+        row("the same camera photographs as lossy WebP q90, full size: decode / stages "
+            "batched, CPU mean ms, ratio", apart("camera_webp"))
     lines += ["", f"| kind ({heads[-1]}, per file, CPU time) | n | MP | MB | decode median / "
               "mean ms | stages median / mean ms | ratio of means |",
               "|---|---|---|---|---|---|---|"]
@@ -812,10 +866,13 @@ def render(runs: list[dict[str, Any]]) -> str:
         lines.append(f"| {g} | {v['n']} | {v['mpix']} | {v['mb']} | {_ms_pair(v['decode'])} | "
                      f"{_ms_pair(v['stages'])} | {v['ratio_mean']:.2f}× |")
     total = _one(last)["stages"]["mean"]
-    total_cpu = _one(last)["stages_cpu_mean"]
+    steps = last["breakdown"]["analyses"]
+    total_cpu = sum(v["mean"] for v in steps.values())
     lines += ["", f"Where the time goes ({heads[-1]}): first the job's own `stage_seconds` "
-              "(wall time) in the per-file chain, then each step timed on its own in CPU time "
-              "(fastest of the repeats); shares are of the stage set's mean wall / CPU time:", "",
+              "(wall time) in the per-file chain, as a share of that chain's mean wall time "
+              "(images stop at their first failed rule), then each step timed on its own on "
+              "every image in CPU time (fastest of the repeats), as a share of those steps' "
+              "sum:", "",
               "| step | median ms | mean ms | share of the stage set |", "|---|---|---|---|"]
     for name, v in _one(last)["per_stage"].items():
         lines.append(f"| stage `{name}` (wall) | {v['median']:.1f} | {v['mean']:.1f} | "
@@ -888,12 +945,19 @@ def render(runs: list[dict[str, Any]]) -> str:
             lambda r: ", ".join(map(str, r["cores"]["ray_worker_hwm_mb"])) or "—")
         row("peak RSS of the Ray workers that ran the sink (`ru_maxrss` inside), MB",
             lambda r: ", ".join(map(str, r["cores"]["ray_sink_rss_mb"])))
-        row("whole job `run_curate`, end to end (own Ray start-up, dedup, shards, manifest); "
-            "of which listing + Ray start-up + pass 1",
-            lambda r: f"{r['cores']['job']['seconds']:.0f} s "
-                      f"({r['cores']['job']['images_per_s']:.2f} images/s); "
-                      f"{r['cores']['job'].get('analysed_s', float('nan')):.0f} s"
-            if "job" in r["cores"] else f"failed: `{r['cores'].get('job_error', 'not run')}`")
+        def job(r: dict[str, Any]) -> str:
+            j = r["cores"].get("job")
+            if j is None:
+                return f"failed: `{r['cores'].get('job_error', 'not run')}`"
+            if "of_decode" not in j:  # a run saved before 2026-12-07 (in-process job)
+                return f"{j['seconds']:.0f} s ({j['images_per_s']:.2f} images/s), in-process"
+            return (f"{j['seconds']:.0f} s, {j['images_per_s']:.2f} images/s; plain decode "
+                    f"{' / '.join(map(str, j['decode_per_s']))} images/s; "
+                    f"**{j['of_decode']:.2f}×** of it")
+
+        row("whole job: a fresh `native4k curate` process over the set (its own Ray start-up, "
+            "dedup, shards, manifest) against a plain decode on as many processes, before / "
+            "after it", job)
         row("load average (1 min) at the start of the pool, Ray, … and job runs",
             lambda r: " / ".join(f"{x['load1']:.1f}" for x in r["cores"]["rounds"])
             + (f" / {r['cores']['job']['load1']:.1f}" if "job" in r["cores"] else ""))
@@ -916,7 +980,14 @@ def render(runs: list[dict[str, Any]]) -> str:
               + ("; real photographs (control) " + f"{last['photos']['batched_ratio_cpu']:.2f}×"
                  if "photos" in last else "")
               + ("; camera photographs ≥ 4K " + f"{last['camera']['batched_ratio_cpu']:.2f}×"
-                 if "camera" in last else "") + "."]
+                 if "camera" in last else "")
+              + ("; the same as WebP q90 " + f"{last['camera_webp']['batched_ratio_cpu']:.2f}×"
+                 if "camera_webp" in last else "") + "."
+              + (" With every analysis on every image (`analyze.score_all=true`), the cost the "
+                 "native test adds where no earlier rule stops an image: " + ", ".join(
+                     f"{r['one_core_all']['batched_ratio_cpu']:.2f}×" for r in runs)
+                 + f" (**{'within' if last['one_core_all']['batched_ratio_cpu'] <= 1.5 else 'over'}"
+                 "** the 1.5× goal)." if "one_core_all" in last else "")]
     if has_cores:
         ov = [r["cores"]["overhead_warm"] for r in runs]
         ok = ov[-1] <= 0.2
@@ -960,7 +1031,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--scratch", default="/tmp/native4k-bench", help="where the set is built")
     ap.add_argument("--repeats", type=int, default=3, help="timings per file on one core")
     ap.add_argument("--rounds", type=int, default=3, help="alternating pool/Ray runs")
-    ap.add_argument("--no-photos", action="store_true", help="skip the real-photograph control")
+    ap.add_argument("--no-photos", action="store_true",
+                    help="skip the real photographs: the 2560-px control and the camera 4K sets")
     ap.add_argument("--no-job", action="store_true", help="skip the end-to-end job")
     ap.add_argument("--long", type=int, default=4, metavar="K",
                     help="also compare Ray and the pool on the set fed K times over (0: skip)")
@@ -1000,6 +1072,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     run["one_core"] = measure_one_core(files, args.repeats)
     print(f"one core: decode {run['one_core']['decode']}, stages {run['one_core']['stages']}, "
           f"ratio {run['one_core']['batched_ratio']}", flush=True)
+    # The job stops an image's analyses at the first rule it fails (most renders here are
+    # `flat`): the same set with every analysis on every image is the detector's full cost.
+    run["one_core_all"] = measure_one_core(files, args.repeats, ["analyze.score_all=true"])
+    print(f"one core, every analysis: ratio {run['one_core_all']['batched_ratio_cpu']}",
+          flush=True)
     run["breakdown"] = measure_breakdown(files, args.repeats)
     if not args.no_photos:
         photos = photo_set()
@@ -1009,6 +1086,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if camera:
             run["camera"] = measure_one_core(camera, args.repeats)
             print(f"camera 4K: ratio {run['camera']['batched_ratio_cpu']}", flush=True)
+            webp = camera_webp_set(camera, scratch)
+            run["camera_webp"] = measure_one_core(webp, args.repeats)
+            print(f"camera 4K as WebP: ratio {run['camera_webp']['batched_ratio_cpu']}",
+                  flush=True)
     run["cores"] = measure_cores(files, cores, args.rounds, scratch, not args.no_job)
     if args.long > 1:
         run["cores_long"] = measure_cores(files, cores, args.rounds, scratch, False, args.long)

@@ -163,25 +163,27 @@ def plain_decode_rate(paths: list[str], procs: int) -> float:
 
 
 class Sampler(threading.Thread):
-    """Peak RSS per process of the driver and of everything under the raylet."""
+    """Peak RSS per process of the driver and of this benchmark's Ray cluster: the processes
+    started with its `--temp-dir` (raylet, GCS) and everything under them (the workers).
+    Another Ray instance on the machine is not counted."""
 
-    def __init__(self, driver: psutil.Process) -> None:
+    def __init__(self, driver: psutil.Process, temp_dir: Path) -> None:
         super().__init__(daemon=True)
         self.driver, self.stop = driver, threading.Event()
+        self.temp_dir = str(temp_dir)
         self.peak: dict[int, tuple[str, int]] = {}
         self.peak_total = 0
 
     def run(self) -> None:
         while not self.stop.is_set():
             total = 0
-            procs = [self.driver]
-            for p in psutil.process_iter(["name", "cmdline"]):
-                cmd = " ".join(p.info["cmdline"] or [])
-                if "raylet" in (p.info["name"] or "") or cmd.startswith("ray::") or (
-                    "default_worker.py" in cmd
-                ):
-                    procs.append(p)
-            for p in procs:
+            procs = {self.driver.pid: self.driver}
+            for p in psutil.process_iter(["cmdline"]):
+                if self.temp_dir in " ".join(p.info["cmdline"] or []):
+                    with contextlib.suppress(psutil.Error):
+                        for q in (p, *p.children(recursive=True)):
+                            procs[q.pid] = q
+            for p in procs.values():
                 try:
                     rss = p.memory_info().rss
                     cmd = p.cmdline()
@@ -239,7 +241,7 @@ def main() -> None:
                              str(out), "--ray-address", address, *extra],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             cwd=args.code)
-    sampler = Sampler(psutil.Process(proc.pid))
+    sampler = Sampler(psutil.Process(proc.pid), tmp)
     sampler.start()
     log, _ = proc.communicate()
     wall = time.perf_counter() - start
