@@ -57,6 +57,20 @@ def _single_process_quiet() -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def _interrupts_as_such() -> Iterator[None]:
+    """Ctrl-C during a save or load: DCP catches the KeyboardInterrupt and raises its own
+    CheckpointException (a traceback, exit 1); it is raised again as the interrupt it was."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        yield
+    except CheckpointException as e:
+        if any(isinstance(exc, KeyboardInterrupt) for exc, _ in e.failures.values()):
+            raise KeyboardInterrupt from e
+        raise
+
+
 def checkpoint_dir(output_dir: str | Path) -> Path:
     """Where a run's checkpoints live."""
     return Path(output_dir) / "checkpoints"
@@ -136,7 +150,7 @@ def save_checkpoint(
     barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_OPTIONS)
     state = {"model": model_sd, "optim": optim_sd, "ema": dict(ema or {})}
-    with _single_process_quiet():
+    with _single_process_quiet(), _interrupts_as_such():
         dcp.save(state, checkpoint_id=str(partial))
     (partial / f"rank{info.rank}.json").write_text(
         json.dumps({**rank_state, "world_size": info.world_size}, default=_json_default)
@@ -196,7 +210,7 @@ def load_checkpoint(
         ema = None  # a run that turns the EMA on at a resume: the caller starts it afresh
     rank_state["ema_restored"] = ema is not None
     state = {"model": model_sd, "optim": optim_sd, "ema": dict(ema or {})}
-    with _single_process_quiet():
+    with _single_process_quiet(), _interrupts_as_such():
         dcp.load(state, checkpoint_id=str(folder))
     set_state_dict(
         model,

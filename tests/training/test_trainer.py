@@ -330,3 +330,35 @@ def test_a_save_cut_off_by_a_kill_is_cleared_by_the_next_save(tmp_path: Path) ->
     run(tmp_path, steps=4, checkpoint_every=2, keep_checkpoints=0)
     assert sorted(p.name for p in checkpoint_dir(tmp_path).iterdir()) == [
         "step-00000002", "step-00000004"]
+
+
+@pytest.mark.parametrize("when", ["save", "load"])
+def test_ctrl_c_inside_a_checkpoint_save_or_load_is_an_interrupt(
+    tmp_path: Path, monkeypatch, when: str
+) -> None:
+    """DCP turns a KeyboardInterrupt inside `dcp.save` into its own CheckpointException: the
+    CLI printed a traceback and exited 1 instead of its one line and 130."""
+    import traceback
+
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    import training.checkpoint as ck
+
+    if when == "load":
+        run(tmp_path, steps=4, stop_after=2, checkpoint_every=2)
+
+    def interrupted(*args, **kwargs):
+        raise CheckpointException("reduce_scatter", {0: (KeyboardInterrupt(),
+                                                         traceback.StackSummary())})
+
+    monkeypatch.setattr(ck.dcp, when, interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, steps=4, checkpoint_every=2)
+
+    def failed(*args, **kwargs):
+        raise CheckpointException("reduce_scatter", {0: (OSError("disk"),
+                                                         traceback.StackSummary())})
+
+    monkeypatch.setattr(ck.dcp, when, failed)
+    with pytest.raises(CheckpointException if when == "save" else ValueError):
+        run(tmp_path, steps=4, checkpoint_every=2)
