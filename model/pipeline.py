@@ -60,6 +60,35 @@ def resolution_shift(num_tokens: int, scheduler_config: Any) -> float:
     return base_shift + slope * (num_tokens - base_len)
 
 
+MAX_RESOLUTION_SHIFT = 6.9
+"""Largest resolution shift `mu` sampling takes: the sigmas are shifted by exp(mu), and past
+exp(6.9) ≈ 1000 every step of a 28-step schedule but the last stays above 0.97 (full noise:
+the image is never denoised); far past it the schedule is NaN, then an OverflowError."""
+
+
+def check_resolution_shift(num_tokens: int, scheduler_config: Any, size: str = "") -> float:
+    """`resolution_shift`, or a ValueError that says why the size cannot be sampled with it.
+
+    Raises:
+        ValueError: the shift extrapolated to `num_tokens` is over `MAX_RESOLUTION_SHIFT`.
+    """
+    mu = resolution_shift(num_tokens, scheduler_config)
+    if mu > MAX_RESOLUTION_SHIFT:
+        get = (scheduler_config.get if hasattr(scheduler_config, "get")
+               else scheduler_config.__getitem__)  # fmt: skip
+        base_len, max_len = get("base_image_seq_len", 256), get("max_image_seq_len", 4096)
+        base_shift, max_shift = get("base_shift", 0.5), get("max_shift", 1.15)
+        most = base_len + (MAX_RESOLUTION_SHIFT - base_shift) * (max_len - base_len) / (
+            max_shift - base_shift)
+        raise ValueError(
+            f"{size or 'this size'} is {num_tokens} image tokens: the scheduler's resolution "
+            f"shift extrapolated there (mu {mu:.1f}) would keep every step but the last at "
+            f"full noise; give a fixed --shift, or a size of at most about {int(most)} tokens "
+            "(32x32 px each)"
+        )
+    return mu
+
+
 def pack_latents(latents_BCHW: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) latents → (B, H/2·W/2, 4C) tokens, each a 2×2 patch (Flux's packing)."""
     b, c, h, w = latents_BCHW.shape
@@ -245,7 +274,7 @@ class UltraFluxPipeline(DiffusionPipeline):
             )
             scheduler.set_timesteps(sigmas=sigmas, device=device)
         elif scheduler.config.get("use_dynamic_shifting", False):
-            mu = resolution_shift(num_tokens, scheduler.config)
+            mu = check_resolution_shift(num_tokens, scheduler.config)
             scheduler.set_timesteps(sigmas=sigmas, mu=mu, device=device)
         else:
             scheduler.set_timesteps(sigmas=sigmas, device=device)

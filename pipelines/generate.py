@@ -120,6 +120,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"native4k: --device {args.device}: {reason}", file=sys.stderr)
         return 2
     width, height = args.size
+    problem = _shift_problem(args.model, width, height, args.shift)
+    if problem:  # before the models load
+        print(f"native4k: {problem}", file=sys.stderr)
+        return 2
     embeds = {}
     try:
         if args.prompt_embeds is not None:
@@ -160,6 +164,29 @@ def run(args: argparse.Namespace) -> int:
     _save(images[0], args.out)
     print(f"{args.out}: {width}x{height}, {args.steps} steps, {time.perf_counter() - start:.1f} s")
     return 0
+
+
+def _shift_problem(folder: Path, width: int, height: int, shift: float | None) -> str | None:
+    """Why the model folder's resolution shift cannot sample `width`×`height` (None: it can,
+    a fixed `shift` is given, or the scheduler is unread here and judged when it loads)."""
+    import json
+
+    from model.pipeline import check_resolution_shift
+
+    try:
+        config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if shift is not None or not isinstance(config, dict) or not config.get(
+            "use_dynamic_shifting"):
+        return None
+    try:
+        check_resolution_shift((width // 32) * (height // 32), config, f"{width}x{height}")
+    except ValueError as err:
+        return str(err)
+    except (TypeError, ZeroDivisionError):  # settings the scheduler itself will refuse
+        return None
+    return None
 
 
 def _image_format(path: Path) -> str | None:

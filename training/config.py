@@ -447,6 +447,12 @@ class VaeTrainConfig:
             "loss weights must be >= 0",
         )
         _check(
+            max(lo.l2_weight, lo.wavelet_weight, lo.perceptual_weight) > 0,
+            "loss.l2_weight",
+            "and loss.wavelet_weight and loss.perceptual_weight are all 0: there is nothing "
+            "to train on (the paper's weights are 1.0, 0.2 and 0.1)",
+        )
+        _check(
             lo.perceptual_weight == 0 or lo.vgg_weights is not None,
             "loss.vgg_weights",
             "is required when loss.perceptual_weight > 0 (a local VGG16 weight file, e.g. "
@@ -488,6 +494,9 @@ def _validate_common(optim: OptimConfig, loop: LoopConfig, par: ParallelConfig) 
     _check(optim.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
     _check(0 <= optim.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
     _check(loop.max_steps >= 0, "loop.max_steps", "must be >= 0")
+    _check(0 <= loop.seed < 2**63, "loop.seed", "must be in [0, 2^63)")
+    _check(bool(str(loop.output_dir).strip()), "loop.output_dir",
+           "is empty: name the run's folder (an empty value would write into the current one)")
     _check_output_dir(loop.output_dir)
     _check_local(loop.resume, "loop.resume")
     _check(loop.grad_accum_steps >= 1, "loop.grad_accum_steps", "must be >= 1")
@@ -532,16 +541,58 @@ def _check_output_dir(output_dir: str) -> None:
            f"cannot be created ({existing} is a link to a path that does not exist)")
 
 
+ARCHITECTURE_COUNTS = frozenset({"num_layers", "num_single_layers"})
+"""Integer arguments of the model classes that may be 0 (a stack left out); every other
+integer is a size or a count that must be at least 1."""
+
+
 def _check_architecture(arch: dict[str, Any], cls: type, key: str) -> None:
-    """Every `model.architecture` key is an argument of the model class; no size is negative."""
+    """Every `model.architecture` key is an argument of the model class, with a value of the
+    type its annotation names; integer sizes are >= 1 (`ARCHITECTURE_COUNTS` >= 0)."""
     import inspect
 
-    known = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-    unknown = sorted(set(arch) - set(known))
-    _check(not unknown, key, f"has unknown key(s) {', '.join(unknown)}; known: {', '.join(known)}")
-    bad = sorted(k for k, v in arch.items()
-                 if isinstance(v, int) and not isinstance(v, bool) and v < 0)
-    _check(not bad, key, f"sizes must not be negative: {', '.join(f'{k}={arch[k]}' for k in bad)}")
+    params = {n: p for n, p in inspect.signature(cls.__init__, eval_str=True).parameters.items()
+              if n != "self"}  # fmt: skip
+    unknown = sorted(set(arch) - set(params))
+    _check(not unknown, key,
+           f"has unknown key(s) {', '.join(unknown)}; known: {', '.join(params)}")  # fmt: skip
+    for name, value in arch.items():
+        want = _argument_problem(value, params[name].annotation, name in ARCHITECTURE_COUNTS)
+        _check(want is None, f"{key}.{name}", f"must be {want}, got {value!r}")
+
+
+def _argument_problem(value: Any, annotation: Any, count: bool = False) -> str | None:
+    """What `value` should be for a model argument annotated `annotation` (None: it is)."""
+    import types
+    import typing
+
+    args = typing.get_args(annotation)
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        if value is None and type(None) in args:
+            return None
+        problems = [_argument_problem(value, a, count) for a in args if a is not type(None)]
+        return None if None in problems else " or ".join(p for p in problems if p)
+    origin = typing.get_origin(annotation) or annotation
+    if origin is bool:
+        return None if isinstance(value, bool) else "true or false"
+    if origin is int:
+        low = 0 if count else 1
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= low
+        return None if ok else f"an integer >= {low}"
+    if origin is float:
+        ok = (isinstance(value, int | float) and not isinstance(value, bool)
+              and math.isfinite(value))  # fmt: skip
+        return None if ok else "a finite number"
+    if origin is str:
+        return None if isinstance(value, str) else "a string"
+    if origin is tuple:
+        inner = args[0] if args else Any
+        if not isinstance(value, list | tuple) or not value:
+            return "a non-empty list"
+        problems = [_argument_problem(v, inner) for v in value]
+        bad = next((p for p in problems if p), None)
+        return None if bad is None else f"a list of items each {bad}"
+    return None  # a type this check does not know: the model class judges it
 
 
 def _check(ok: bool, key: str, message: str) -> None:

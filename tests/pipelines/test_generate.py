@@ -465,3 +465,33 @@ def test_every_rope_method_is_an_allowed_value() -> None:
         assert cli([*base, "--rope-method", method]).rope_method == method
     assert cli(base).rope_method is None
     assert cli([*base, "--seed", "-5"]).seed == -5  # torch takes it
+
+
+def test_a_size_past_the_resolution_shift_is_refused_before_the_models_load(
+    model_dir: Path, embeds_file: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """65536² gave diffusers' OverflowError traceback; 32768² sampled NaN at every step and
+    16384² never denoised (every shifted sigma but the last at 1.0)."""
+    from model import pipeline as mp
+
+    pipe = UltraFluxPipeline.from_folder(model_dir, torch_dtype=torch.float32,
+                                         load_text_encoders=False)  # fmt: skip
+    cpu = torch.device("cpu")
+    for side in (8192, 16384, 65536):
+        tokens = (side // 32) ** 2
+        with pytest.raises(ValueError, match=rf"{tokens} image tokens: .*give a fixed --shift"):
+            pipe.timesteps_for(28, tokens, None, cpu)
+        assert torch.isfinite(pipe.timesteps_for(28, tokens, 3.0, cpu)).all()  # a fixed shift
+    limit = mp.MAX_RESOLUTION_SHIFT  # the largest square below it still samples
+    side = 32 * int(math.sqrt(256 + (limit - 0.5) * 3840 / 0.65))
+    assert torch.isfinite(pipe.timesteps_for(28, (side // 32) ** 2, None, cpu)).all()
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(UltraFluxPipeline, "from_folder", no_load)
+    base = ["--model", str(model_dir), "--prompt-embeds", str(embeds_file),
+            "--out", str(tmp_path / "a.png")]  # fmt: skip
+    assert generate.run(cli([*base, "--size", "65536x65536", "--steps", "1"])) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("native4k: 65536x65536 is 4194304 image tokens")

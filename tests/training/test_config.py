@@ -127,7 +127,27 @@ def test_an_override_that_is_not_yaml_is_its_text(tmp_path: Path) -> None:
         # a traceback from the model's constructor, or a DiT of -1 layers that trained
         ("dit", "model.architecture.bogus=1", r"'model.architecture' has unknown key\(s\) bogus"),
         ("vae", "model.architecture.bogus=1", r"'model.architecture' has unknown key\(s\) bogus"),
-        ("dit", "model.architecture.num_layers=-1", r"must not be negative: num_layers=-1"),
+        ("dit", "model.architecture.num_layers=-1",
+         r"'model.architecture.num_layers' must be an integer >= 0, got -1"),
+        # a TypeError or ZeroDivisionError traceback after the data was planned
+        ("dit", "model.architecture.num_layers=1.5",
+         r"'model.architecture.num_layers' must be an integer >= 0, got 1.5"),
+        ("dit", "model.architecture.attention_head_dim=0",
+         r"'model.architecture.attention_head_dim' must be an integer >= 1, got 0"),
+        ("dit", "model.architecture.axes_dims_rope=[4, six, 6]",
+         r"'model.architecture.axes_dims_rope' must be a list of items each an integer >= 1"),
+        ("dit", "model.architecture.guidance_embeds=1",
+         r"'model.architecture.guidance_embeds' must be true or false"),
+        ("vae", "model.architecture.stride=0",
+         r"'model.architecture.stride' must be an integer >= 1, got 0"),
+        ("vae", "model.architecture.shift_factor=abc",
+         r"'model.architecture.shift_factor' must be a finite number, got 'abc'"),
+        # torch.manual_seed's overflow once the loaders were planned, naming no key
+        ("dit", "loop.seed=99999999999999999999999", r"'loop.seed' must be in \[0, 2\^63\)"),
+        # the run was written into the current folder
+        ("vae", "loop.output_dir=", r"'loop.output_dir' is empty"),
+        # a zero loss trained
+        ("vae", "loss.perceptual_weight=0", None),
         # FileExistsError from mkdir once the run began
         ("dit", "loop.output_dir=FILE", r"'loop.output_dir' must be a folder \(it is a file\)"),
         ("vae", "loop.output_dir=FILE/run", r"'loop.output_dir' must be a folder \(.* is a file"),
@@ -144,6 +164,12 @@ def test_settings_that_cannot_train_are_refused_up_front(
     load_train_config(cls, data=tree, check_files=False)  # the tree itself is fine
     (tmp_path / "a_file").write_text("not a folder")
     override = override.replace("FILE", str(tmp_path / "a_file"))
+    if message is None:  # one weight at 0 is fine, all of them are not
+        overrides = [override, "loss.l2_weight=0", "loss.wavelet_weight=0"]
+        with pytest.raises(TrainConfigError, match=r"all 0: there is nothing to train on"):
+            load_train_config(cls, data=tree, overrides=overrides, check_files=False)
+        load_train_config(cls, data=tree, overrides=overrides[:2], check_files=False)
+        return
     with pytest.raises(TrainConfigError, match=message):
         load_train_config(cls, data=tree, overrides=[override], check_files=False)
 
