@@ -73,18 +73,22 @@ def check_resolution_shift(num_tokens: int, scheduler_config: Any, size: str = "
         ValueError: the shift extrapolated to `num_tokens` is over `MAX_RESOLUTION_SHIFT`.
     """
     mu = resolution_shift(num_tokens, scheduler_config)
+    get = (scheduler_config.get if hasattr(scheduler_config, "get")
+           else scheduler_config.__getitem__)  # fmt: skip
+    if get("time_shift_type", "exponential") != "exponential":  # mu is then the shift itself
+        return mu
     if mu > MAX_RESOLUTION_SHIFT:
-        get = (scheduler_config.get if hasattr(scheduler_config, "get")
-               else scheduler_config.__getitem__)  # fmt: skip
         base_len, max_len = get("base_image_seq_len", 256), get("max_image_seq_len", 4096)
         base_shift, max_shift = get("base_shift", 0.5), get("max_shift", 1.15)
-        most = base_len + (MAX_RESOLUTION_SHIFT - base_shift) * (max_len - base_len) / (
-            max_shift - base_shift)
+        most = "a smaller size"
+        if max_shift > base_shift:
+            slope = (max_shift - base_shift) / (max_len - base_len)
+            tokens = int(base_len + (MAX_RESOLUTION_SHIFT - base_shift) / slope)
+            most = f"a size of at most about {tokens} tokens (32x32 px each)"
         raise ValueError(
             f"{size or 'this size'} is {num_tokens} image tokens: the scheduler's resolution "
             f"shift extrapolated there (mu {mu:.1f}) would keep every step but the last at "
-            f"full noise; give a fixed --shift, or a size of at most about {int(most)} tokens "
-            "(32x32 px each)"
+            f"full noise; give a fixed --shift, or {most}"
         )
     return mu
 

@@ -494,7 +494,7 @@ def _validate_common(optim: OptimConfig, loop: LoopConfig, par: ParallelConfig) 
     _check(optim.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
     _check(0 <= optim.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
     _check(loop.max_steps >= 0, "loop.max_steps", "must be >= 0")
-    _check(0 <= loop.seed < 2**63, "loop.seed", "must be in [0, 2^63)")
+    _check(0 <= loop.seed < 2**32, "loop.seed", "must be in [0, 2^32)")  # torch: < 2^64
     _check(bool(str(loop.output_dir).strip()), "loop.output_dir",
            "is empty: name the run's folder (an empty value would write into the current one)")
     _check_output_dir(loop.output_dir)

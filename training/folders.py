@@ -26,7 +26,10 @@ def remove_orphans(target: Path) -> None:
     version as `.NAME.old-PID`: that one is put back instead of removed."""
     for p in sorted(target.parent.glob(f".{glob.escape(target.name)}.*-*")):
         kind, _, pid = p.name.removeprefix(f".{target.name}.").partition("-")
-        if kind not in ("tmp", "old") or not pid.isdigit() or _alive(int(pid)):
+        # One of this process's own pid is another's that had it (a container's restarts
+        # repeat pids): this process has not begun its write yet.
+        if kind not in ("tmp", "old") or not pid.isdigit() or (
+                int(pid) != os.getpid() and _alive(int(pid))):
             continue
         if kind == "old" and not target.exists():
             p.rename(target)
@@ -34,9 +37,17 @@ def remove_orphans(target: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def replace_folder(new: Path, target: Path) -> None:
-    """Put the finished folder `new` in `target`'s place (the old one is removed after)."""
+def replace_folder(new: Path, target: Path, *, carry_over: bool = False) -> None:
+    """Put the finished folder `new` in `target`'s place (the old one is removed after).
+
+    `carry_over`: the entries of the old folder that `new` does not hold are moved into it
+    first (files a user put beside the written ones stay)."""
     old = target.parent / f".{target.name}.old-{os.getpid()}"
+    shutil.rmtree(old, ignore_errors=True)
+    if carry_over and target.is_dir():
+        for entry in target.iterdir():
+            if not (new / entry.name).exists() and not (new / entry.name).is_symlink():
+                entry.rename(new / entry.name)
     if target.exists():
         target.rename(old)
     new.rename(target)

@@ -630,11 +630,12 @@ class Trainer:
         folder = Path(self.loop.output_dir) / "final"
         if self.info.is_main:
             # Built beside it and swapped in: a run killed mid-export leaves the previous
-            # `final/` (or none), never a folder of some of the new files.
+            # `final/` (or none), never a folder of some of the new files. Entries the export
+            # does not write (files a user added) are carried over.
             staging = staging_folder(folder)
             try:
                 self.task.export(full, staging)
-                replace_folder(staging, folder)
+                replace_folder(staging, folder, carry_over=True)  # a user's files stay
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
         barrier()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
 from dataclasses import dataclass
@@ -276,13 +277,18 @@ def _pages_smaller_than_first(img: Image.Image, frames: int) -> bool:
     if frames > MAX_TIFF_PAGES:
         return False
     width, height = img.size
-    for page in range(1, frames):
-        img.seek(page)
-        w, h = img.size
-        if w >= width or h >= height:
-            return False
-    img.seek(0)
-    return True
+    try:
+        for page in range(1, frames):
+            img.seek(page)
+            w, h = img.size
+            if w >= width or h >= height:
+                return False
+        return True
+    except Exception:  # a later page that does not read: left unsupported, as before
+        return False
+    finally:
+        with contextlib.suppress(Exception):
+            img.seek(0)
 
 
 @dataclass(kw_only=True)

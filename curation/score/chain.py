@@ -85,8 +85,9 @@ def _run_where(stage: Stage, table: pa.Table, run: pa.ChunkedArray) -> pa.Table:
     new = {}
     for name in (*stage.sets(), schema.STAGE_SECONDS):
         if name in done.column_names:
-            both = pa.chunked_array([*out[name].chunks, *done[name].cast(out[name].type).chunks],
-                                    type=out[name].type)  # fmt: skip
+            typ = schema.arrow_type(name)  # both sides as the schema types it (one may be null)
+            both = pa.chunked_array([*out[name].cast(typ).chunks, *done[name].cast(typ).chunks],
+                                    type=typ)  # fmt: skip
             new[name] = both.take(pa.array(pick))
     return set_columns(out, new)
 

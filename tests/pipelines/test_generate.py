@@ -495,3 +495,19 @@ def test_a_size_past_the_resolution_shift_is_refused_before_the_models_load(
     assert generate.run(cli([*base, "--size", "65536x65536", "--steps", "1"])) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("native4k: 65536x65536 is 4194304 image tokens")
+
+
+def test_the_shift_bound_reads_the_schedulers_own_settings() -> None:
+    """A linear time shift takes mu as the shift itself (no exp): no bound of exp(mu) applies;
+    a flat line of shifts (base == max) still gives the one clear error, not a ZeroDivision."""
+    from model.pipeline import check_resolution_shift
+
+    flux = {"base_image_seq_len": 256, "max_image_seq_len": 4096, "base_shift": 0.5,
+            "max_shift": 1.15}  # fmt: skip
+    assert check_resolution_shift(16384, flux) == pytest.approx(3.23, abs=0.01)  # 4096²
+    with pytest.raises(ValueError, match=r"at most about \d+ tokens"):
+        check_resolution_shift(65536, flux)
+    assert check_resolution_shift(65536, {**flux, "time_shift_type": "linear"}) > 6.9
+    flat = {**flux, "base_shift": 8.0, "max_shift": 8.0}
+    with pytest.raises(ValueError, match=r"give a fixed --shift, or a smaller size"):
+        check_resolution_shift(1024, flat)

@@ -143,7 +143,8 @@ def test_an_override_that_is_not_yaml_is_its_text(tmp_path: Path) -> None:
         ("vae", "model.architecture.shift_factor=abc",
          r"'model.architecture.shift_factor' must be a finite number, got 'abc'"),
         # torch.manual_seed's overflow once the loaders were planned, naming no key
-        ("dit", "loop.seed=99999999999999999999999", r"'loop.seed' must be in \[0, 2\^63\)"),
+        ("dit", "loop.seed=99999999999999999999999", r"'loop.seed' must be in \[0, 2\^32\)"),
+        ("dit", "loop.seed=200000000000000", r"'loop.seed' must be in \[0, 2\^32\)"),
         # the run was written into the current folder
         ("vae", "loop.output_dir=", r"'loop.output_dir' is empty"),
         # a zero loss trained

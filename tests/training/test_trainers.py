@@ -920,14 +920,22 @@ def test_a_killed_encode_text_leaves_no_staging_folder_behind(tmp_path: Path) ->
 
     proc = subprocess.Popen(["true"])
     proc.wait()  # its pid is now nobody's
-    dead = tmp_path / f".cache.tmp-{proc.pid}"
-    live = tmp_path / f".cache.tmp-{os.getpid()}"
-    other = tmp_path / f".cache2.tmp-{proc.pid}"  # another cache's: not this write's to judge
-    for folder in (tmp_path / "cache", dead, live, other, tmp_path / f".cache.old-{proc.pid}"):
-        folder.mkdir()
-        (folder / "embeds-0.safetensors").write_bytes(b"x")
-    remove_orphans(tmp_path / "cache")
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["cache", live.name, other.name])
+    writer = subprocess.Popen(["sleep", "60"])  # another process, writing
+    try:
+        dead = tmp_path / f".cache.tmp-{proc.pid}"
+        live = tmp_path / f".cache.tmp-{writer.pid}"
+        other = tmp_path / f".cache2.tmp-{proc.pid}"  # another cache's: not this one's to judge
+        mine = tmp_path / f".cache.tmp-{os.getpid()}"  # this pid's, before this write began
+        for folder in (tmp_path / "cache", dead, live, other, mine,
+                       tmp_path / f".cache.old-{proc.pid}"):  # fmt: skip
+            folder.mkdir()
+            (folder / "embeds-0.safetensors").write_bytes(b"x")
+        remove_orphans(tmp_path / "cache")
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+            ["cache", live.name, other.name])
+    finally:
+        writer.kill()
+        writer.wait()
 
 
 def test_a_writer_killed_between_its_renames_gets_its_previous_folder_back(
@@ -977,3 +985,31 @@ def test_two_stages_over_the_same_data_draw_different_orders(
     assert orders[0] != orders[1]
     assert stage_seed(7, 0) == 7  # the first stage keeps the configured seed
     assert len({stage_seed(7, s) for s in range(50)}) == 50
+
+
+def test_a_leftover_of_this_very_pid_is_cleared_and_a_users_files_are_carried_over(
+    tmp_path: Path,
+) -> None:
+    """Containers repeat pids across restarts: a `.final.old-<pid>` left by a killed run with
+    this process's pid was taken for this process's own and kept, and the next swap failed
+    on it (`Directory not empty`). And files a user put in `final/` beside the export stay."""
+    import os
+
+    from training.folders import replace_folder, staging_folder
+
+    target = tmp_path / "final"
+    (target / "transformer").mkdir(parents=True)
+    (target / "transformer" / "w").write_text("old weights")
+    (target / "text_encoder").mkdir()
+    (target / "text_encoder" / "t").write_text("the user's")
+    stale = tmp_path / f".final.old-{os.getpid()}"
+    stale.mkdir()
+    (stale / "x").write_text("a killed run's")
+    new = staging_folder(target)
+    assert not stale.exists()  # cleared, not taken for this write's own
+    (new / "transformer").mkdir()
+    (new / "transformer" / "w").write_text("new weights")
+    replace_folder(new, target, carry_over=True)
+    assert (target / "transformer" / "w").read_text() == "new weights"
+    assert (target / "text_encoder" / "t").read_text() == "the user's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
