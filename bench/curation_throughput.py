@@ -707,6 +707,7 @@ def measure_job(paths: list[str], cores: int, scratch: Path) -> dict[str, Any]:
     start-up), against a plain `cores`-process decode of the same files in the same run."""
     import subprocess
 
+    from bench.job_throughput import NATIVE4K
     from bench.memory_scale import plain_decode_rate
 
     job_out = scratch / "job-out"
@@ -715,7 +716,7 @@ def measure_job(paths: list[str], cores: int, scratch: Path) -> dict[str, Any]:
     listing.write_text("".join(f"{p}\n" for p in paths))
     before = plain_decode_rate(paths, cores)
     load = os.getloadavg()[0]
-    cmd = [str(Path(sys.executable).with_name("native4k")), "curate", str(listing),
+    cmd = [NATIVE4K, "curate", str(listing),
            "--output", str(job_out), "--set", f"ray.num_cpus={cores}"]
     t0 = time.perf_counter()
     done = subprocess.run(cmd, env={**os.environ, "RAY_AUTH_MODE": "disabled"},

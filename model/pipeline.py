@@ -53,11 +53,23 @@ def resolution_shift(num_tokens: int, scheduler_config: Any) -> float:
     (``base_image_seq_len``, ``base_shift``) and (``max_image_seq_len``, ``max_shift``) points
     and extrapolates beyond them (4096² → 16,384 tokens → mu ≈ 3.2 with Flux-dev's settings).
     """
-    get = scheduler_config.get if hasattr(scheduler_config, "get") else scheduler_config.__getitem__
-    base_len, max_len = get("base_image_seq_len", 256), get("max_image_seq_len", 4096)
-    base_shift, max_shift = get("base_shift", 0.5), get("max_shift", 1.15)
+    base_len, max_len, base_shift, max_shift = _shift_points(scheduler_config)
     slope = (max_shift - base_shift) / (max_len - base_len)
     return base_shift + slope * (num_tokens - base_len)
+
+
+def _setting(scheduler_config: Any, key: str, default: Any) -> Any:
+    """One scheduler setting, from a diffusers config (a FrozenDict) or a plain dict."""
+    return scheduler_config.get(key, default) if hasattr(scheduler_config, "get") else (
+        scheduler_config[key])
+
+
+def _shift_points(scheduler_config: Any) -> tuple[Any, Any, Any, Any]:
+    """(base_image_seq_len, max_image_seq_len, base_shift, max_shift), Flux's defaults."""
+    return (_setting(scheduler_config, "base_image_seq_len", 256),
+            _setting(scheduler_config, "max_image_seq_len", 4096),
+            _setting(scheduler_config, "base_shift", 0.5),
+            _setting(scheduler_config, "max_shift", 1.15))  # fmt: skip
 
 
 MAX_RESOLUTION_SHIFT = 6.9
@@ -73,13 +85,10 @@ def check_resolution_shift(num_tokens: int, scheduler_config: Any, size: str = "
         ValueError: the shift extrapolated to `num_tokens` is over `MAX_RESOLUTION_SHIFT`.
     """
     mu = resolution_shift(num_tokens, scheduler_config)
-    get = (scheduler_config.get if hasattr(scheduler_config, "get")
-           else scheduler_config.__getitem__)  # fmt: skip
-    if get("time_shift_type", "exponential") != "exponential":  # mu is then the shift itself
-        return mu
+    if _setting(scheduler_config, "time_shift_type", "exponential") != "exponential":
+        return mu  # a linear time shift takes mu as the shift itself
     if mu > MAX_RESOLUTION_SHIFT:
-        base_len, max_len = get("base_image_seq_len", 256), get("max_image_seq_len", 4096)
-        base_shift, max_shift = get("base_shift", 0.5), get("max_shift", 1.15)
+        base_len, max_len, base_shift, max_shift = _shift_points(scheduler_config)
         most = "a smaller size"
         if max_shift > base_shift:
             slope = (max_shift - base_shift) / (max_len - base_len)
