@@ -563,7 +563,12 @@ class BucketedLoader:
                 dropped[b] = "weight 0"
             elif b in small and cfg.small_buckets == "drop":
                 dropped[b] = f"small ({selected[b]} < {small_at})"
-                log.warning("dropping small bucket %s: %d samples", b, selected[b])
+        gone = [b for b, why in dropped.items() if why.startswith("small")]
+        if gone:  # one line for them all (a large dataset may have hundreds)
+            named = ", ".join(f"{b} ({selected[b]})" for b in gone[:8])
+            more = f" and {len(gone) - 8} more" if len(gone) > 8 else ""
+            log.warning("dropping %d small bucket%s (< %d samples): %s%s", len(gone),
+                        "" if len(gone) == 1 else "s", small_at, named, more)
         if dropped:
             keep_mask = pc.invert(pc.is_in(t.column("bucket"), pa.array(sorted(dropped))))
             t = t.filter(keep_mask)

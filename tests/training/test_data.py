@@ -375,13 +375,18 @@ def test_selection_keeps_the_top_share_by_a_column(curated_shards, ascending):
     assert sel["cutoff"] == pytest.approx(cutoff)
 
 
-def test_small_bucket_policies(curated_shards):
+def test_small_bucket_policies(curated_shards, caplog):
     root = str(curated_shards)
     with pytest.raises(ValueError, match="1024x1024 \\(1\\), 640x960 \\(1\\)"):
         BucketedLoader(DataConfig(root=root, batch_size=2))
-    drop = BucketedLoader(
-        DataConfig(root=root, batch_size=2, small_buckets="drop", resolution_divisor=16)
-    )
+    with caplog.at_level("WARNING", logger="training.data"):
+        drop = BucketedLoader(
+            DataConfig(root=root, batch_size=2, small_buckets="drop", resolution_divisor=16)
+        )
+    # one line for every bucket it leaves out (it was a line each, and again each stage)
+    said = [r.getMessage() for r in caplog.records if "small bucket" in r.getMessage()]
+    assert said == [f"dropping {len(SMALL)} small buckets (< 2 samples): "
+                    + ", ".join(f"{b} (1)" for b in SMALL)]  # fmt: skip
     rep = drop.report()
     assert rep["small_buckets"]["buckets"] == SMALL
     assert all(rep["buckets"][b]["dropped"].startswith("small") for b in SMALL)
