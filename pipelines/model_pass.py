@@ -134,7 +134,6 @@ MATCH = "match__"
 """Prefix, in a side file, of what a row must still be to take its results (`Kept`)."""
 KEPT = "kept__"
 """Prefix, in a side file, of the results it kept."""
-CACHED = "model__cached"
 SCORE_CACHE_VERSION = 2
 """Part of every fingerprint (`fingerprint`): raise it when a model step's code changes its
 results."""
@@ -632,7 +631,7 @@ class ResultSink(Stage):
         return self.process(t) if t.num_rows else self.output_schema(t.schema).empty_table()
 
 
-def split_cached(t: pa.Table, kept: Kept, flag: str = CACHED) -> pa.Table:
+def split_cached(t: pa.Table, kept: Kept, flag: str) -> pa.Table:
     """One row per source of a rows ⟕ side-file join, marked in the boolean column `flag`.
 
     A source takes kept results only when its `match` columns are what they were when they
