@@ -16,6 +16,7 @@ import pyarrow as pa
 from PIL import Image
 
 from curation import schema
+from curation.analyze.jpeg_scans import without_luma_ac
 from curation.analyze.native import native_score
 from curation.analyze.sharpness import sharpness_score
 from curation.analyze.texture import flat_fraction, gray_entropy
@@ -209,13 +210,39 @@ def make_thumbnail(data: bytes, orientation: int, size: int) -> bytes | None:
 
 
 def _safe_thumbnail(data: bytes, orientation: int, size: int) -> bytes | None:
-    """A JPEG's thumbnail by a reduced-size DCT decode; None when that decode fails."""
+    """A JPEG's thumbnail by a reduced-size DCT decode; None when that decode fails.
+
+    A progressive JPEG decoded at 1/8 scale is decoded without its luma AC scans
+    (`jpeg_scans.without_luma_ac`): the same pixels for a fraction of the entropy decoding."""
     try:
         small = Image.open(io.BytesIO(data))
-        small.draft("RGB", thumbnail_box(small.size, size))
+        full = small.size
+        box = thumbnail_box(full, size)
+        drafted = small.draft("RGB", box)
+        if (drafted is not None and small.format == "JPEG" and small.info.get("progressive")
+                and round(full[0] / drafted[1][2]) == 8):
+            small = _without_luma_ac(data, small, box)
         return _thumbnail(as_shown(small), orientation, size)
     except (ValueError, OSError):  # the full decode below decides the image's verdict
         return None
+
+
+def _without_luma_ac(data: bytes, drafted: Image.Image, box: tuple[int, int]) -> Image.Image:
+    """The 1/8-scale decode of `data` (drafted for `box`, not loaded, as `drafted`) without its
+    luma AC scans, loaded; `drafted` itself when the file cannot be shortened or the result
+    differs in size or mode."""
+    short = without_luma_ac(data)
+    if short is None:
+        return drafted
+    try:
+        head = Image.open(io.BytesIO(short))
+        head.draft("RGB", box)
+        if head.size != drafted.size or head.mode != drafted.mode:
+            return drafted
+        head.load()
+    except (ValueError, OSError):  # the whole file decides, as for any other JPEG
+        return drafted
+    return head
 
 
 def thumbnail_box(image_size: tuple[int, int], size: int) -> tuple[int, int]:

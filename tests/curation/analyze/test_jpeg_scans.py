@@ -1,0 +1,105 @@
+"""Progressive JPEGs without their luma AC scans decode to the same 1/8-scale image."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from curation.analyze.jpeg_scans import without_luma_ac
+from curation.analyze.pixel_analyzer import (
+    _safe_thumbnail,
+    _thumbnail,
+    make_thumbnail,
+    thumbnail_box,
+)
+from training.colour import as_shown
+
+
+def _picture(seed: int, w: int, h: int) -> Image.Image:
+    """Colour fields with texture and sharp edges (AC energy in every component)."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (h // 48 + 2, w // 48 + 2, 3), dtype=np.uint8)
+    base = np.asarray(Image.fromarray(small).resize((w, h), Image.Resampling.NEAREST), float)
+    noise = rng.normal(0, 10, (h, w, 3))
+    return Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8))
+
+
+def _jpeg(img: Image.Image, **kw: object) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", **kw)
+    return buf.getvalue()
+
+
+def _eighth(data: bytes, box: tuple[int, int]) -> np.ndarray:
+    img = Image.open(io.BytesIO(data))
+    img.draft("RGB", box)
+    return np.asarray(img.convert("RGB"))
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    width=st.integers(520, 900),
+    height=st.integers(64, 700),
+    quality=st.integers(40, 95),  # Pillow cannot write noisy progressive q100 small files
+    subsampling=st.sampled_from([0, 1, 2]),
+)
+def test_the_eighth_scale_image_is_the_whole_files(
+    seed: int, width: int, height: int, quality: int, subsampling: int
+) -> None:
+    data = _jpeg(_picture(seed, width, height), quality=quality, progressive=True,
+                 subsampling=subsampling)
+    short = without_luma_ac(data)
+    assert short is not None and len(short) < len(data)
+    box = thumbnail_box((width, height), 64)
+    assert (width + 7) // 8 >= box[0]  # libjpeg takes its 1/8 scale for this request
+    assert np.array_equal(_eighth(short, box), _eighth(data, box))
+
+
+@settings(max_examples=6, deadline=None)
+@given(seed=st.integers(0, 2**16), orientation=st.integers(1, 8))
+def test_a_progressive_thumbnail_is_byte_for_byte_the_whole_files(
+    seed: int, orientation: int
+) -> None:
+    data = _jpeg(_picture(seed, 1100, 620), quality=92, progressive=True)
+    img = Image.open(io.BytesIO(data))
+    img.draft("RGB", thumbnail_box(img.size, 128))  # the whole file, drafted as the job did
+    reference = _thumbnail(as_shown(img), orientation, 128)
+    assert without_luma_ac(data) is not None
+    assert _safe_thumbnail(data, orientation, 128) == reference
+    assert make_thumbnail(data, orientation, 128) == reference
+
+
+def test_only_progressive_huffman_files_with_a_luma_table_of_their_own_are_shortened() -> None:
+    img = _picture(3, 640, 480)
+    assert without_luma_ac(_jpeg(img, quality=90)) is None  # baseline
+    png = io.BytesIO()
+    img.save(png, format="PNG")
+    assert without_luma_ac(png.getvalue()) is None
+    gray = _jpeg(img.convert("L"), quality=90, progressive=True)
+    short = without_luma_ac(gray)  # one component: every AC scan is the luma's
+    assert short is not None
+    assert np.array_equal(_eighth(short, (80, 60)), _eighth(gray, (80, 60)))
+    table = list(range(1, 65))
+    shared = _jpeg(img, progressive=True, qtables=[table], subsampling=0)
+    assert Image.open(io.BytesIO(shared)).quantization.keys() == {0}
+    assert without_luma_ac(shared) is None  # zeroing its AC quantiser would touch chroma
+
+
+@pytest.mark.parametrize("cut", [2, 3, 11, 200, 0.3, 0.6, -2])
+def test_cut_or_garbled_files_give_none_or_a_decodable_file_never_an_error(cut: float) -> None:
+    data = _jpeg(_picture(5, 800, 600), quality=90, progressive=True)
+    end = int(len(data) * cut) if isinstance(cut, float) else cut
+    cut_data = data[:end]
+    out = without_luma_ac(cut_data)
+    assert out is None  # no end-of-image marker: the markers cannot be followed to the end
+    garbled = bytearray(data)
+    garbled[len(data) // 2 : len(data) // 2 + 40] = b"\xff\x12" * 20
+    short = without_luma_ac(bytes(garbled))
+    assert short is None or short.endswith(b"\xff\xd9")
+    assert without_luma_ac(b"") is None and without_luma_ac(b"\xff\xd8\xff") is None
