@@ -881,9 +881,10 @@ def render(runs: list[dict[str, Any]]) -> str:
     for name, v in last["breakdown"]["analyses"].items():
         lines.append(f"| {name} (CPU) | {v['median']:.1f} | {v['mean']:.1f} | "
                      f"{v['mean'] / total_cpu * 100:.0f}% |")
-    lines += ["", "Grayscale decoders the job does not use, on the same files (`decode_gray` is "
-              "the job's: libjpeg luma only for baseline JPEGs, a full RGB decode and "
-              "`cv2.cvtColor` for progressive ones):", "",
+    lines += ["", "Grayscale decoders beside the job's, on the same files (`decode_gray` is the "
+              "job's: Pillow's luma-only libjpeg decode, `draft('L')`, for baseline and "
+              "progressive JPEGs alike, with the orientation applied and the array exported; "
+              "the first decoder is that decode alone, the second OpenCV's):", "",
               "| decoder [kind] | n | median CPU ms | `decode_gray` median CPU ms | "
               "max abs difference from `decode_gray` |", "|---|---|---|---|---|"]
     for name, v in last["breakdown"]["alternatives"].items():
