@@ -114,11 +114,9 @@ def _cpu_chunk(chunk: list[int]) -> bytes:
     return np.stack([_cpu_decode(_read(i)) for i in chunk]).tobytes()
 
 
-_SOF_OTHER = {0xC0, 0xC1, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
-
-
 def dc_scans_only(data: bytes) -> bytes | None:
-    """A progressive JPEG without its AC scans, for a 1/8-scale decode (None for any other file).
+    """A progressive JPEG without its AC scans, for a 1/8-scale decode (None for any other file,
+    or one whose markers cannot be followed to its end).
 
     At 1/8 scale libjpeg's IDCT reads only each block's DC coefficient (and, for a 2x2
     subsampled file, three AC coefficients of the chroma blocks), which a progressive file
@@ -127,61 +125,30 @@ def dc_scans_only(data: bytes) -> bytes | None:
     anyway, and libjpeg then skips its block smoothing (which would invent AC coefficients
     and cost a third of the decode), so the result equals the whole file's 1/8 decode except
     for those chroma AC terms of a 2x2 subsampled file (0.5 levels on average in the bench
-    files).
+    files). The job's thumbnails keep the chroma AC scans and are exact
+    (`curation.analyze.jpeg_scans.without_luma_ac`).
     """
+    from curation.analyze import jpeg_scans
+
     if data[:2] != b"\xff\xd8":
         return None
-    out, i, n, progressive = [data[:2]], 2, len(data), False
-    while i + 4 <= n:
-        if data[i] != 0xFF:
+    try:
+        parts = list(jpeg_scans.segments(data))
+        frames = [m for m, _, _ in parts
+                  if m == jpeg_scans.PROGRESSIVE_HUFFMAN or m in jpeg_scans.OTHER_FRAMES]
+        if frames != [jpeg_scans.PROGRESSIVE_HUFFMAN]:
             return None
-        marker = data[i + 1]
-        if marker == 0xFF:
-            i += 1
-            continue
-        if marker == 0xD9 or marker in _SOF_OTHER:
-            break
-        end = i + 2 + int.from_bytes(data[i + 2 : i + 4], "big")
-        progressive |= marker == 0xC2
-        if marker == 0xDB:
-            out.append(_zero_first_ac_quantiser(data[i:end]))
-            i = end
-            continue
-        if marker != 0xDA:
-            out.append(data[i:end])
-            i = end
-            continue
-        if end > n:  # a truncated scan header
-            return None
-        ss = data[i + 5 + 2 * data[i + 4]]  # spectral start: 0 for a DC scan
-        j = end  # entropy-coded data runs to the next marker but a stuffed 0 or a restart
-        while (j := data.find(b"\xff", j)) >= 0 and j + 1 < n:
-            nxt = data[j + 1]
-            if nxt == 0 or 0xD0 <= nxt <= 0xD7:
-                j += 2
-            elif nxt == 0xFF:
-                j += 1
-            else:
-                break
-        j = n if j < 0 or j + 1 >= n else j
-        if ss == 0:
-            out.append(data[i:j])
-        i = j
-    return b"".join([*out, b"\xff\xd9"]) if progressive else None
-
-
-def _zero_first_ac_quantiser(segment: bytes) -> bytes:
-    """A DQT segment with entry 1 (zig-zag order) of every table set to 0."""
-    out = bytearray(segment)
-    j = 4
-    while j < len(out):
-        wide = out[j] >> 4  # 0: 8-bit entries, 1: 16-bit
-        if wide:
-            out[j + 3 : j + 5] = b"\0\0"
-        elif j + 2 < len(out):
-            out[j + 2] = 0
-        j += 1 + 64 * (2 if wide else 1)
-    return bytes(out)
+        out = [data[:2]]
+        for marker, start, end in parts:
+            chunk = data[start:end]
+            if marker == jpeg_scans.SOS and data[start + 5 + 2 * data[start + 4]] != 0:
+                continue  # an AC scan (spectral start > 0)
+            if marker == jpeg_scans.DQT:
+                chunk = jpeg_scans.zero_first_ac(chunk)[0]
+            out.append(chunk)
+    except (ValueError, IndexError):
+        return None
+    return b"".join([*out, b"\xff\xd9"])
 
 
 def _dc_eligible(data: bytes, side: int = 224) -> bool:

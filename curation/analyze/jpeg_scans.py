@@ -25,14 +25,14 @@ from collections.abc import Iterator
 
 PROGRESSIVE_HUFFMAN = 0xC2
 """SOF2: progressive DCT, Huffman-coded (the only frame type shortened)."""
-_OTHER_FRAMES = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC, PROGRESSIVE_HUFFMAN}
+OTHER_FRAMES = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC, PROGRESSIVE_HUFFMAN}
 _STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})
 _MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
 """A marker after entropy-coded data (not a stuffed 0xFF00, a restart marker or a fill byte)."""
 SOS, DQT, EOI = 0xDA, 0xDB, 0xD9
 
 
-def _segments(data: bytes) -> Iterator[tuple[int, int, int]]:
+def segments(data: bytes) -> Iterator[tuple[int, int, int]]:
     """(marker, start, end) of each marker segment after SOI, up to EOI; a scan's
     end includes its entropy-coded data. Raises ValueError where the markers cannot be
     followed."""
@@ -49,7 +49,9 @@ def _segments(data: bytes) -> Iterator[tuple[int, int, int]]:
             continue
         if marker == EOI:
             return
-        header_end = i + 2 + struct.unpack(">H", data[i + 2 : i + 4])[0]  # struct.error if cut
+        if i + 4 > n:
+            raise ValueError("a segment header cut short")
+        header_end = i + 2 + struct.unpack(">H", data[i + 2 : i + 4])[0]
         if header_end > n:
             raise ValueError("a segment runs past the end of the data")
         end = header_end
@@ -71,14 +73,14 @@ def without_luma_ac(data: bytes) -> bytes | None:
         return None
     try:
         return _shorten(data)
-    except (ValueError, IndexError, struct.error):
+    except (ValueError, IndexError):
         return None
 
 
 def _shorten(data: bytes) -> bytes | None:
     """`without_luma_ac` on data that starts with SOI."""
-    segments = list(_segments(data))
-    frames = [(m, s) for m, s, _ in segments if m == PROGRESSIVE_HUFFMAN or m in _OTHER_FRAMES]
+    parts = list(segments(data))
+    frames = [(m, s) for m, s, _ in parts if m == PROGRESSIVE_HUFFMAN or m in OTHER_FRAMES]
     if len(frames) != 1 or frames[0][0] != PROGRESSIVE_HUFFMAN:
         return None
     start = frames[0][1]
@@ -88,7 +90,7 @@ def _shorten(data: bytes) -> bytes | None:
     if any(table == luma_table for _, table in components[1:]):
         return None  # zeroing its AC quantiser would change a chroma component
     out, dropped, zeroed = [data[:2]], 0, False
-    for marker, start, end in segments:
+    for marker, start, end in parts:
         chunk = data[start:end]
         if marker == SOS:
             ids = list(data[start + 5 : start + 5 + 2 * data[start + 4] : 2])
@@ -97,7 +99,7 @@ def _shorten(data: bytes) -> bytes | None:
                 dropped += 1
                 continue
         elif marker == DQT:
-            chunk, hit = _zero_first_ac(chunk, luma_table)
+            chunk, hit = zero_first_ac(chunk, luma_table)
             zeroed |= hit
         out.append(chunk)
     if not dropped or not zeroed:
@@ -106,17 +108,18 @@ def _shorten(data: bytes) -> bytes | None:
     return b"".join(out)
 
 
-def _zero_first_ac(segment: bytes, table_id: int) -> tuple[bytes, bool]:
-    """A DQT segment with entry 1 (zigzag order) of table `table_id` set to 0, and whether the
-    segment defines that table."""
+def zero_first_ac(segment: bytes, table_id: int | None = None) -> tuple[bytes, bool]:
+    """A DQT segment with entry 1 (zigzag order) of table `table_id` (None: of every table)
+    set to 0, and whether the segment defines such a table. Raises ValueError for a segment
+    of the wrong length."""
     out, j, hit = bytearray(segment), 4, False
     while j < len(out):
         precision, table = out[j] >> 4, out[j] & 0x0F
         width = 2 if precision else 1
-        if table == table_id:
+        if j + 1 + 64 * width > len(out):
+            raise ValueError("a quantisation segment of the wrong length")
+        if table_id is None or table == table_id:
             out[j + 1 + width : j + 1 + 2 * width] = bytes(width)
             hit = True
         j += 1 + 64 * width
-    if j != len(out):
-        raise ValueError("a quantisation segment of the wrong length")
     return bytes(out), hit

@@ -103,3 +103,23 @@ def test_cut_or_garbled_files_give_none_or_a_decodable_file_never_an_error(cut: 
     short = without_luma_ac(bytes(garbled))
     assert short is None or short.endswith(b"\xff\xd9")
     assert without_luma_ac(b"") is None and without_luma_ac(b"\xff\xd8\xff") is None
+
+
+_PROGRESSIVE = _jpeg(_picture(7, 640, 400), quality=85, progressive=True)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    edits=st.lists(st.tuples(st.integers(0, len(_PROGRESSIVE) - 1), st.integers(0, 255)),
+                   max_size=6),
+    cut=st.integers(0, len(_PROGRESSIVE)),
+)
+def test_edited_files_never_raise(edits: list[tuple[int, int]], cut: int) -> None:
+    data = bytearray(_PROGRESSIVE)
+    for at, value in edits:
+        data[at] = value
+    for candidate in (bytes(data), bytes(data[:cut])):
+        out = without_luma_ac(candidate)
+        assert out is None or (out.startswith(b"\xff\xd8") and out.endswith(b"\xff\xd9"))
+        thumb = make_thumbnail(candidate, 1, 64)  # None or a thumbnail, never an error
+        assert thumb is None or thumb.startswith(b"\xff\xd8")
