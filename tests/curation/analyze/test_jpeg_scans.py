@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from native_images import texture
 from PIL import Image
 
 from curation.analyze.jpeg_scans import without_luma_ac
@@ -21,18 +22,14 @@ from training.colour import as_shown
 
 
 def _picture(seed: int, w: int, h: int) -> Image.Image:
-    """Colour fields with texture and sharp edges (AC energy in every component)."""
-    rng = np.random.default_rng(seed)
-    small = rng.integers(0, 256, (h // 48 + 2, w // 48 + 2, 3), dtype=np.uint8)
-    base = np.asarray(Image.fromarray(small).resize((w, h), Image.Resampling.NEAREST), float)
-    noise = rng.normal(0, 10, (h, w, 3))
-    return Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8))
+    """A colour picture with 1/f texture in every channel (AC energy in every component)."""
+    return Image.fromarray(np.dstack([texture(h, w, seed + k) for k in range(3)]))
 
 
 def _jpeg(img: Image.Image, **kw: object) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", **kw)
-    return buf.getvalue()
+    out = io.BytesIO()
+    img.save(out, "JPEG", **kw)
+    return out.getvalue()
 
 
 def _eighth(data: bytes, box: tuple[int, int]) -> np.ndarray:
