@@ -6,13 +6,18 @@ decode entropy-decodes every scan, so it costs about what the analysis's luma de
 subsampled file are scaled by a larger IDCT that reads their AC too), and in a progressive
 file the luma AC coefficients travel in scans of their own, most of the file's bytes.
 `without_luma_ac` drops those scans and keeps every other one (the DC scans with their
-refinements, the chroma scans), so the 1/8-scale decode is the whole file's, pixel for pixel:
+refinements, the chroma scans), so the 1/8-scale decode is the whole file's, pixel for pixel,
+where these conditions hold (each is checked; otherwise the result is None):
 
 - libjpeg smooths the blocks of a progressive image whose AC coefficients it has not received
   (estimating AC terms, and the DC too when a component has no AC at all); it skips smoothing
   when a quantiser it needs is 0. The first AC quantiser of the luma table is set to 0: the luma
   AC coefficients are all 0 here anyway. A file whose luma table also serves a chroma
   component is left whole.
+- The whole file must send every coefficient of every component to its last bit: libjpeg also
+  smooths a file whose scans stop short (a cut download with an end marker, a custom scan
+  script), and the shortened one would not be. The luma must be sampled at the largest
+  factors: a luma sampled below a chroma component is scaled by a larger IDCT, which reads AC.
 - Anything else (baseline or arithmetic-coded files, a marker that cannot be followed) is left
   whole too: `without_luma_ac` returns None and the caller decodes the file as it is.
 """
@@ -84,26 +89,36 @@ def _shorten(data: bytes) -> bytes | None:
     if len(frames) != 1 or frames[0][0] != PROGRESSIVE_HUFFMAN:
         return None
     start = frames[0][1]
-    count = data[start + 9]
-    components = [(data[start + 10 + 3 * k], data[start + 12 + 3 * k]) for k in range(count)]
-    luma_id, luma_table = components[0]
-    if any(table == luma_table for _, table in components[1:]):
+    # (id, sampling factors h << 4 | v, quantisation table) of each component
+    components = [tuple(data[start + 10 + 3 * k : start + 13 + 3 * k])
+                  for k in range(data[start + 9])]
+    luma_id, luma_sampling, luma_table = components[0]
+    if any(table == luma_table for _, _, table in components[1:]):
         return None  # zeroing its AC quantiser would change a chroma component
+    if (luma_sampling >> 4 < max(c[1] >> 4 for c in components)
+            or luma_sampling & 0x0F < max(c[1] & 0x0F for c in components)):
+        return None  # a luma sampled below a chroma is scaled by a larger IDCT, which reads AC
     out, dropped, zeroed = [data[:2]], 0, False
+    missing = {(c[0], k): 99 for c in components for k in range(64)}  # low bits not yet sent
     for marker, start, end in parts:
         chunk = data[start:end]
         if marker == SOS:
-            ids = list(data[start + 5 : start + 5 + 2 * data[start + 4] : 2])
-            first_coefficient = data[start + 5 + 2 * data[start + 4]]
-            if first_coefficient > 0 and ids == [luma_id]:
+            count = data[start + 4]
+            ids = list(data[start + 5 : start + 5 + 2 * count : 2])
+            first, last, bits = data[start + 5 + 2 * count : start + 8 + 2 * count]
+            for c in ids:
+                for k in range(first, min(last, 63) + 1):
+                    if (c, k) in missing:
+                        missing[(c, k)] = min(missing[(c, k)], bits & 0x0F)
+            if first > 0 and ids == [luma_id]:
                 dropped += 1
                 continue
         elif marker == DQT:
             chunk, hit = zero_first_ac(chunk, luma_table)
             zeroed |= hit
         out.append(chunk)
-    if not dropped or not zeroed:
-        return None
+    if not dropped or not zeroed or any(missing.values()):
+        return None  # an incomplete file is smoothed by libjpeg; the shortened one would not be
     out.append(b"\xff\xd9")
     return b"".join(out)
 

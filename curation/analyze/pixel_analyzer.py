@@ -216,11 +216,10 @@ def _safe_thumbnail(data: bytes, orientation: int, size: int) -> bytes | None:
     (`jpeg_scans.without_luma_ac`): the same pixels for a fraction of the entropy decoding."""
     try:
         small = Image.open(io.BytesIO(data))
-        full = small.size
-        box = thumbnail_box(full, size)
+        box = thumbnail_box(small.size, size)
         drafted = small.draft("RGB", box)
         if (drafted is not None and small.format == "JPEG" and small.info.get("progressive")
-                and round(full[0] / drafted[1][2]) == 8):
+                and small.decoderconfig[:1] == (8,)):  # libjpeg decodes at 1/8 scale
             small = _without_luma_ac(data, small, box)
         return _thumbnail(as_shown(small), orientation, size)
     except (ValueError, OSError):  # the full decode below decides the image's verdict
@@ -237,7 +236,8 @@ def _without_luma_ac(data: bytes, drafted: Image.Image, box: tuple[int, int]) ->
     try:
         head = Image.open(io.BytesIO(short))
         head.draft("RGB", box)
-        if head.size != drafted.size or head.mode != drafted.mode:
+        if (head.size, head.mode, head.decoderconfig) != (
+                drafted.size, drafted.mode, drafted.decoderconfig):
             return drafted
         head.load()
     except (ValueError, OSError):  # the whole file decides, as for any other JPEG
