@@ -47,6 +47,7 @@ from pipelines.stats import (
     format_table,
     inputs_text,
     job_stats,
+    read_document,
     read_manifest,
     score_columns,
 )
@@ -703,41 +704,6 @@ def _section(config: dict[str, Any], name: str) -> dict[str, Any]:
     return section if isinstance(section, dict) else {}
 
 
-def _read_text(fs: Any, path: str) -> str | None:
-    try:
-        with fs.open(path, "r") as fh:
-            return fh.read()
-    except FileNotFoundError:
-        return None
-
-
-def _read_document(fs: Any, path: str, parse: Any, output: str) -> dict[str, Any]:
-    """OUT's `config.yaml` or `stats.json` as a mapping ({} when absent).
-
-    Raises:
-        ValueError: the file is there but is not a YAML/JSON mapping (the message names it).
-    """
-    import yaml
-
-    name = path.rsplit("/", 1)[-1]
-    try:
-        text = _read_text(fs, path)
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{output}: {name} cannot be read (not UTF-8 text: {e.reason} at "
-                         f"byte {e.start})") from e  # fmt: skip
-    if not text:
-        return {}
-    try:
-        data = parse(text)
-    except (ValueError, yaml.YAMLError) as e:  # JSON's errors are ValueErrors
-        where = getattr(e, "problem_mark", None)  # YAML's: a multi-line text with a caret
-        why = f"{e.problem} at line {where.line + 1}" if where is not None else str(e)
-        raise ValueError(f"{output}: {name} cannot be read ({why})") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"{output}: {name} is not a mapping")
-    return data
-
-
 def write_report(output: str, *, samples: int = DEFAULT_SAMPLES, workers: int | None = None) -> str:
     """Write `OUT/report.html` for auditors and return its URI.
 
@@ -756,8 +722,8 @@ def write_report(output: str, *, samples: int = DEFAULT_SAMPLES, workers: int | 
     for c in schema.MANIFEST_COLUMNS:
         if c not in t.column_names:
             t = t.append_column(c, pa.nulls(t.num_rows, schema.FIELDS[c]))
-    config = _read_document(fs, f"{root}/config.yaml", yaml.safe_load, output)
-    job = _read_document(fs, f"{root}/stats.json", json.loads, output)
+    config = read_document(fs, f"{root}/config.yaml", yaml.safe_load, output)
+    job = read_document(fs, f"{root}/stats.json", json.loads, output)
     for key, valid in (("rules", lambda v: isinstance(v, dict)),
                        ("stage_seconds", lambda v: isinstance(v, int | float))):  # fmt: skip
         section = job.get(key, {})

@@ -35,8 +35,47 @@ def finished_fs(output: str) -> tuple[fsspec.AbstractFileSystem, str]:
     fs, root = fsspec.core.url_to_fs(output)
     root = root.rstrip("/")
     if not fs.exists(f"{root}/_SUCCESS"):
+        if not fs.exists(root):
+            raise ValueError(f"{output} does not exist")
+        if not fs.isdir(root):
+            raise ValueError(f"{output} is a file, not a job's folder")
         raise ValueError(f"{output} holds no finished curation job (no _SUCCESS)")
     return fs, root
+
+
+def _read_text(fs: Any, path: str) -> str | None:
+    try:
+        with fs.open(path, "r") as fh:
+            return fh.read()
+    except FileNotFoundError:
+        return None
+
+
+def read_document(fs: Any, path: str, parse: Any, output: str) -> dict[str, Any]:
+    """OUT's `config.yaml` or `stats.json` as a mapping ({} when absent or empty).
+
+    Raises:
+        ValueError: the file is there but is not a YAML/JSON mapping (the message names it).
+    """
+    import yaml
+
+    name = path.rsplit("/", 1)[-1]
+    try:
+        text = _read_text(fs, path)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{output}: {name} cannot be read (not UTF-8 text: {e.reason} at "
+                         f"byte {e.start})") from e  # fmt: skip
+    if not text:
+        return {}
+    try:
+        data = parse(text)
+    except (ValueError, yaml.YAMLError) as e:  # JSON's errors are ValueErrors
+        where = getattr(e, "problem_mark", None)  # YAML's: a multi-line text with a caret
+        why = f"{e.problem} at line {where.line + 1}" if where is not None else str(e)
+        raise ValueError(f"{output}: {name} cannot be read ({why})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{output}: {name} is not a mapping")
+    return data
 
 
 _T = TypeVar("_T")

@@ -14,7 +14,8 @@ What is checked, each finding naming the shard, the sample and the value that di
   every image also decodes whole, to the manifest's size;
 - `_SUCCESS` and `stats.json` agree with the manifest and with what the shards hold (rows,
   kept, rejected, reasons, per-bucket samples, bytes and shards);
-- `buckets.json` and `config.yaml` are there, and every kept sample's bucket is in the table.
+- `buckets.json` and `config.yaml` are there (`config.yaml` a YAML mapping, as `report` reads
+  it), and every kept sample's bucket is in the table.
 """
 
 from __future__ import annotations
@@ -36,13 +37,14 @@ from typing import Any
 import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
+import yaml
 
 from curation import schema
 from curation.io.atomic import join
 from curation.io.readers import check_tar_end
 from curation.probe.header_probe import allow_png_text
 from curation.shard.shard_writer import sample_key
-from pipelines.stats import manifest_files
+from pipelines.stats import manifest_files, read_document
 
 KEY_RE = re.compile(r"^[0-9a-z_-]+$")
 TEXT_MEMBERS = {"json": None, "txt": schema.CAPTION_EN, "zh.txt": schema.CAPTION_ZH}
@@ -458,10 +460,14 @@ def run_verify(
     if not fs.isdir(root):
         raise ValueError(f"{output} is a file, not a job's folder" if fs.exists(root)
                          else f"{output} does not exist")  # fmt: skip
-    if not any(fs.exists(f"{root}/{name}") for name in _JOB_ENTRIES):
+    present = {name for name in _JOB_ENTRIES if fs.exists(f"{root}/{name}")}
+    if not present:
         raise ValueError(
             f"{output} is not a curation job's output (none of {', '.join(_JOB_ENTRIES)})"
         )
+    if present == {"_work"}:  # a run that stopped before writing anything, e.g. no inputs
+        raise ValueError(f"{output} holds no finished curation job (only an unfinished run's "
+                         "_work: `native4k curate` with the same inputs and OUT finishes it)")
     success = _read_json(fs, f"{root}/_SUCCESS", "_SUCCESS", findings)
     if success is None and findings:
         findings[-1] += ": the job did not complete"
@@ -469,6 +475,11 @@ def run_verify(
     table = _read_json(fs, f"{root}/buckets.json", "buckets.json", findings)
     if not fs.isfile(f"{root}/config.yaml"):
         findings.append("config.yaml is missing (a finished job writes its configuration)")
+    else:
+        try:
+            read_document(fs, f"{root}/config.yaml", yaml.safe_load, output)
+        except ValueError as e:  # `report` reads the thresholds from it
+            findings.append(str(e).removeprefix(f"{output}: "))
     files = manifest_files(fs, root)
     # Every row with the columns the checks need; whole rows only for kept ones (which the
     # shards' JSON members are compared with): most rows of a job are rejected.

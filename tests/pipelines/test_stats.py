@@ -172,6 +172,17 @@ def test_unfinished_output_is_refused(audit_output, audit_jpeg, capsys):
     assert "no finished curation job" in capsys.readouterr().err
 
 
+def test_a_typo_or_a_file_is_named_as_such(tmp_path, capsys):
+    """A path that is not there is not called an unfinished job (stats and report alike)."""
+    afile = tmp_path / "afile.txt"
+    afile.write_text("hi")
+    for command in ("stats", "report"):
+        for path, words in ((tmp_path / "nope", "does not exist"), (afile, "is a file")):
+            assert main([command, str(path)]) == 2
+            err = capsys.readouterr().err
+            assert words in err and "no finished" not in err
+
+
 def test_s3_output_gives_the_same_tables(audit_output, audit_jpeg, s3_server):
     import boto3
 

@@ -451,6 +451,31 @@ def test_a_path_that_is_no_output_is_refused_not_audited(job, tmp_path, capsys):
     assert exit_.value.code == 2 and "--workers: must be at least 1" in capsys.readouterr().err
 
 
+def test_an_unfinished_runs_work_alone_is_no_finished_job(tmp_path, capsys):
+    """`curate` on an empty folder stops (exit 2) after taking its lock in OUT/_work: verify
+    says there is no finished job (exit 2, as stats and report do), not five mismatches."""
+    out = tmp_path / "out"
+    (out / "_work").mkdir(parents=True)
+    (out / "_work" / "lock").write_text("")
+    assert main(["verify", str(out)]) == 2
+    printed = capsys.readouterr()
+    assert "holds no finished curation job" in printed.err and "MISMATCH" not in printed.out
+    assert main(["stats", str(out)]) == 2 and main(["report", str(out)]) == 2
+
+
+@pytest.mark.parametrize(
+    "text,words",
+    [("analyze: [", "config.yaml cannot be read"), ("- a list\n", "config.yaml is not a mapping"),
+     (b"\xff\xfe", "config.yaml cannot be read (not UTF-8")],
+)  # fmt: skip
+def test_a_config_yaml_report_cannot_read_is_a_finding(job, text, words):
+    out, _ = job
+    assert verify(str(out)) == []
+    path = out / "config.yaml"
+    path.write_bytes(text) if isinstance(text, bytes) else path.write_text(text)
+    _one(verify(str(out)), words)
+
+
 def test_s3_without_credentials_is_one_line(job, s3_server, monkeypatch, capsys):
     """botocore's errors are not OSErrors: no credentials is a message, not a traceback."""
     import s3fs
