@@ -35,11 +35,22 @@ def finished_fs(output: str) -> tuple[fsspec.AbstractFileSystem, str]:
     fs, root = fsspec.core.url_to_fs(output)
     root = root.rstrip("/")
     if not fs.exists(f"{root}/_SUCCESS"):
-        if not fs.exists(root):
-            raise ValueError(f"{output} does not exist")
-        if not fs.isdir(root):
-            raise ValueError(f"{output} is a file, not a job's folder")
+        output_folder(output)  # a path that is not there, or a file, is named as such
         raise ValueError(f"{output} holds no finished curation job (no _SUCCESS)")
+    return fs, root
+
+
+def output_folder(output: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem and root path of OUT, a folder (local or a prefix).
+
+    Raises:
+        ValueError: OUT does not exist or is a file.
+    """
+    fs, root = fsspec.core.url_to_fs(output)
+    root = root.rstrip("/")
+    if not fs.isdir(root):
+        raise ValueError(f"{output} is a file, not a job's folder" if fs.exists(root)
+                         else f"{output} does not exist")  # fmt: skip
     return fs, root
 
 

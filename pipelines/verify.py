@@ -44,7 +44,7 @@ from curation.io.atomic import join
 from curation.io.readers import check_tar_end
 from curation.probe.header_probe import allow_png_text
 from curation.shard.shard_writer import sample_key
-from pipelines.stats import manifest_files, read_document
+from pipelines.stats import manifest_files, output_folder, read_document
 
 KEY_RE = re.compile(r"^[0-9a-z_-]+$")
 TEXT_MEMBERS = {"json": None, "txt": schema.CAPTION_EN, "zh.txt": schema.CAPTION_ZH}
@@ -455,11 +455,7 @@ def run_verify(
         ValueError: OUT does not exist, is a file, or holds nothing a curation job writes.
     """
     findings: list[str] = []
-    fs, root = fsspec.core.url_to_fs(output)
-    root = root.rstrip("/")
-    if not fs.isdir(root):
-        raise ValueError(f"{output} is a file, not a job's folder" if fs.exists(root)
-                         else f"{output} does not exist")  # fmt: skip
+    fs, root = output_folder(output)
     present = {name for name in _JOB_ENTRIES if fs.exists(f"{root}/{name}")}
     if not present:
         raise ValueError(
