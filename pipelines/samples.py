@@ -43,14 +43,12 @@ class Expected:
     color_profile: str | None = None  # the embedded ICC profile's name (`color_profile`)
 
 
-def render(width: int, height: int, seed: int) -> np.ndarray:
-    """A photo-like RGB uint8 image rendered natively at `width`×`height`.
+def colour_ramps(width: int, height: int, rng: np.random.Generator) -> np.ndarray:
+    """A float32 `height`×`width`×3 image of linear ramps, three draws of ``rng`` per channel.
 
-    Linear colour ramps, anti-aliased shapes at every scale and fine sensor-like grain,
-    all drawn at the target resolution: no resampling anywhere, so the pixels are native.
+    1-D coordinates, broadcast: the same values, term by term, as full coordinate grids give,
+    in a fraction of the time.
     """
-    rng = np.random.default_rng(seed)
-    # 1-D coordinates broadcast to the same float32 values a full grid would give, term by term
     xx = np.arange(width, dtype=np.float32)[None, :]
     yy = np.arange(height, dtype=np.float32)[:, None]
     diagonal = xx + yy
@@ -58,7 +56,17 @@ def render(width: int, height: int, seed: int) -> np.ndarray:
     for c in range(3):
         a, b, d = rng.uniform(-120, 120, 3)
         img[..., c] = 128 + a * xx / width + b * yy / height + d * diagonal / (width + height)
-    del xx, yy, diagonal
+    return img
+
+
+def render(width: int, height: int, seed: int) -> np.ndarray:
+    """A photo-like RGB uint8 image rendered natively at `width`×`height`.
+
+    Linear colour ramps, anti-aliased shapes at every scale and fine sensor-like grain,
+    all drawn at the target resolution: no resampling anywhere, so the pixels are native.
+    """
+    rng = np.random.default_rng(seed)
+    img = colour_ramps(width, height, rng)
     scale = min(width, height)
     for _ in range(int(rng.integers(350, 450))):
         color = tuple(float(v) for v in rng.uniform(0, 255, 3))
