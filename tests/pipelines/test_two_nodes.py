@@ -58,7 +58,7 @@ def _stop(marks: tuple[str, ...]) -> None:
     for p in procs:
         with contextlib.suppress(psutil.Error):
             p.terminate()
-    _, alive = psutil.wait_procs(procs, timeout=10)
+    _, alive = psutil.wait_procs(procs, timeout=3)  # the test is over: no need to wait long
     for p in alive:
         with contextlib.suppress(psutil.Error):
             p.kill()
